@@ -1,0 +1,119 @@
+"""The schema of an `lm` run: every field, its default and what it means.
+
+Recipes start from `get_config()` and override values. The returned config is locked:
+a recipe or a command-line override that names a field not listed here fails at once
+with a "did you mean" hint, instead of being silently ignored.
+
+    python -m lm.main --config=configs/base.py --workdir=/tmp/lm_base
+
+trains a small character model on the embedded Shakespeare corpus (the same run as
+`configs/shakespeare_char.py`, whose docstring gives the expected result).
+"""
+
+import ml_collections
+
+from lm.data import corpora
+
+# Logical axis -> mesh axes. Parameters use `vocab, embed, heads, head_dim, mlp, fused,
+# position, norm`; activations use `batch, length` and the `act_*` names, so FSDP can
+# shard a parameter's `embed` dimension without also sharding the activations' model
+# dimension. One table serves pure data parallel, FSDP and tensor parallel: a mesh axis
+# of size 1 is a no-op.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("fused", None),
+    ("position", None),
+    ("norm", None),
+)
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # One seed for initialisation, data order and dropout: a run is a function of
+    # (config, seed), so a resumed run repeats the batches and noise it would have seen.
+    c.seed = 0
+
+    c.data = d = ml_collections.ConfigDict()
+    d.name = "tinyshakespeare"  # corpus name; names the built TFDS dataset
+    d.files = (corpora.path("tinyshakespeare"),)  # text files or glob patterns (UTF-8)
+    d.validation_fraction = 0.1  # the last fraction of each file's text is validation
+    d.tokenizer = "char"  # "char" (vocabulary from the train split) or "byte" (UTF-8)
+    d.seq_len = 64  # tokens per row: the model's context length
+    # Built datasets and token caches; "" means $LM_DATA_DIR, else ~/.cache/lm/data.
+    d.data_dir = ""
+    d.num_threads = 2  # Grain read threads that assemble batches ahead of the step
+    d.prefetch = 4  # batches Grain keeps ready
+
+    c.model = m = ml_collections.ConfigDict()
+    m.family = "decoder"  # decoder-only transformer (GPT / LLaMA style)
+    m.num_layers = 4
+    m.num_heads = 4
+    m.d_model = 128
+    m.head_dim = 0  # 0: d_model // num_heads
+    m.d_ff = 0  # MLP hidden size; 0: 4 * d_model (GELU) or 8/3 * d_model rounded (SwiGLU)
+    m.vocab_size = 0  # 0: the tokenizer's vocabulary size
+    m.positions = "learned"  # "learned" absolute embeddings or "rope" (rotary)
+    m.rope_theta = 10_000.0  # rotary base frequency
+    m.norm = "layernorm"  # "layernorm" or "rmsnorm" (pre-norm blocks, final norm)
+    m.norm_eps = 1e-5
+    m.activation = "gelu"  # MLP: "gelu" (exact), "gelu_tanh" or "swiglu"
+    m.use_bias = False  # biases in dense layers and LayerNorm
+    m.tie_embeddings = True  # output projection shares the token embedding
+    m.dropout = 0.0  # on attention outputs, MLP outputs and embeddings
+    m.dtype = "float32"  # compute dtype ("bfloat16" on accelerators); params stay float32
+    m.init_std = 0.02  # normal init; residual projections get init_std / sqrt(2 * num_layers)
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.lr = 1e-3  # peak learning rate
+    o.schedule = "cosine"  # "cosine", "linear", "constant" or "rsqrt", after linear warmup
+    o.warmup_steps = 100
+    o.decay_steps = 0  # steps of warmup + decay; 0: train.steps
+    o.final_lr = 1e-4  # learning rate at the end of the cosine or linear decay
+    o.b1 = 0.9
+    o.b2 = 0.99  # nanoGPT's choice for small models; 0.95 is usual at scale
+    o.eps = 1e-8
+    o.weight_decay = 0.1  # decoupled (AdamW); never applied to norms or biases
+    o.grad_clip = 1.0  # global-norm clip; 0 disables
+
+    c.train = t = ml_collections.ConfigDict()
+    t.steps = 2000
+    t.batch_size = 12  # global rows per step, across all devices and processes
+    t.log_every = 10  # steps between metric records (JSONL, TensorBoard, progress bar)
+    t.eval_every = 250  # steps between validation passes; 0: only at the end
+    t.checkpoint_every = 250  # steps between checkpoints; one is always written at the end
+    t.keep_checkpoints = 3  # most recent checkpoints kept on disk
+
+    c.eval = e = ml_collections.ConfigDict()
+    e.batch_size = 64  # rows per validation batch
+    e.num_batches = 0  # 0: the whole validation split, in order, without overlap
+
+    c.sample = s = ml_collections.ConfigDict()
+    s.prompt = "\n"  # printed sample at the end of training starts from this text
+    s.max_new_tokens = 300
+    s.temperature = 0.8
+    s.top_k = 200  # 0: sample from the full distribution
+
+    c.mesh = ml_collections.ConfigDict()
+    # Devices per mesh axis; -1 takes the devices the other axes leave. data x fsdp
+    # splits the batch; fsdp also shards parameters; tensor shards heads and MLP.
+    c.mesh.shape = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # CPU only: how many XLA devices to split the host into. One device per core runs
+    # the step's ops in parallel (XLA's CPU runtime executes each op on one core);
+    # 0 picks the core count, lowered to divide train and eval batch sizes.
+    c.mesh.cpu_devices = 0
+
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.rules = DEFAULT_RULES
+
+    c.lock()
+    return c

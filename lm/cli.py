@@ -1,0 +1,29 @@
+"""What every `lm` command-line tool shares: one-line errors and quiet logging.
+
+Defines no flags, so any entry point can import it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
+from absl import flags, logging
+
+USAGE_ERROR = 2  # exit status for a wrong config, flag or path; the message says the fix
+
+
+def exit_with_error(message: str) -> NoReturn:
+    print(f"lm: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(USAGE_ERROR)
+
+
+def quiet_logging() -> None:
+    """Warnings and errors only, unless --verbosity asks for more (0 shows orbax's INFO)."""
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
+def reject_positional(argv: list[str]) -> None:
+    if len(argv) > 1:
+        exit_with_error(f"unexpected arguments {argv[1:]}; every option is a --flag.")

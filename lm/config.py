@@ -1,0 +1,168 @@
+"""Config validation: one pass before any work, with errors that name the field and the fix.
+
+`validate(config)` checks values that need nothing but the config and the filesystem.
+Checks that need the devices (mesh shape, batch divisibility) live in `lm.sharding`
+and raise the same `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any, Iterable
+
+import ml_collections
+
+TOKENIZERS = ("char", "byte")
+FAMILIES = ("decoder",)
+POSITIONS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
+DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULES = ("cosine", "linear", "constant", "rsqrt")
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. The message names the field, its value and the fix."""
+
+
+def fail(field: str, value: Any, problem: str, fix: str) -> None:
+    raise ConfigError(f"config.{field}={value!r} {problem}. Fix: {fix}.")
+
+
+def require_choice(config: ml_collections.ConfigDict, field: str, choices: Iterable[str]) -> None:
+    value = _get(config, field)
+    if value not in choices:
+        fail(field, value, "is not a known choice", f"use one of {', '.join(map(repr, choices))}")
+
+
+def require_positive(config: ml_collections.ConfigDict, field: str, allow_zero: bool = False) -> None:
+    value = _get(config, field)
+    if not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
+        fail(field, value, "must be " + ("zero or positive" if allow_zero else "positive"),
+             "set a value " + (">= 0" if allow_zero else "> 0"))
+
+
+def _get(config: ml_collections.ConfigDict, field: str) -> Any:
+    node = config
+    for part in field.split("."):
+        node = node[part]
+    return node
+
+
+def resolve_files(patterns: Iterable[str]) -> list[str]:
+    """Expands `data.files` (paths or globs, `~` allowed) to a sorted list of files.
+
+    Raises ConfigError naming the pattern that matched nothing.
+    """
+    files: list[str] = []
+    for pattern in patterns:
+        expanded = os.path.abspath(os.path.expanduser(pattern))
+        matches = sorted(p for p in glob.glob(expanded) if os.path.isfile(p))
+        if not matches:
+            fail("data.files", pattern, f"matches no file (looked for {expanded})",
+                 "point data.files at existing text files, e.g. "
+                 "--config.data.files='(\"/path/to/corpus.txt\",)'")
+        files.extend(matches)
+    return files
+
+
+def head_dim(model: ml_collections.ConfigDict) -> int:
+    return model.head_dim or model.d_model // model.num_heads
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for the first value that cannot run."""
+    _validate_data(config)
+    _validate_model(config)
+    _validate_optim(config)
+    _validate_train(config)
+    _validate_mesh_fields(config)
+
+
+def _validate_data(config: ml_collections.ConfigDict) -> None:
+    d = config.data
+    if isinstance(d.files, str) or not d.files:
+        fail("data.files", d.files, "must be a non-empty tuple of paths or globs",
+             "write it as a tuple, e.g. ('corpus.txt',)")
+    resolve_files(d.files)
+    if not 0.0 < d.validation_fraction < 1.0:
+        fail("data.validation_fraction", d.validation_fraction, "must lie strictly between 0 and 1",
+             "hold out a fraction such as 0.1")
+    require_choice(config, "data.tokenizer", TOKENIZERS)
+    require_positive(config, "data.seq_len")
+    require_positive(config, "data.num_threads", allow_zero=True)
+    if not d.name or not d.name.replace("_", "").isalnum():
+        fail("data.name", d.name, "must be a non-empty name of letters, digits and _",
+             "name the corpus e.g. 'my_corpus'")
+
+
+def _validate_model(config: ml_collections.ConfigDict) -> None:
+    m = config.model
+    require_choice(config, "model.family", FAMILIES)
+    for field in ("num_layers", "num_heads", "d_model"):
+        require_positive(config, f"model.{field}")
+    for field in ("head_dim", "d_ff", "vocab_size"):
+        require_positive(config, f"model.{field}", allow_zero=True)
+    if not m.head_dim and m.d_model % m.num_heads:
+        nearest = m.num_heads * max(1, round(m.d_model / m.num_heads))
+        fail("model.d_model", m.d_model, f"is not divisible by config.model.num_heads={m.num_heads}",
+             f"choose d_model a multiple of num_heads (e.g. {nearest}), or set model.head_dim explicitly")
+    require_choice(config, "model.positions", POSITIONS)
+    if m.positions == "rope" and head_dim(m) % 2:
+        fail("model.head_dim", head_dim(m), "must be even for rotary positions",
+             "choose an even head_dim or use model.positions='learned'")
+    require_choice(config, "model.norm", NORMS)
+    require_choice(config, "model.activation", ACTIVATIONS)
+    require_choice(config, "model.dtype", DTYPES)
+    if not 0.0 <= m.dropout < 1.0:
+        fail("model.dropout", m.dropout, "must lie in [0, 1)", "use e.g. 0.0 or 0.1")
+    require_positive(config, "model.init_std")
+
+
+def _validate_optim(config: ml_collections.ConfigDict) -> None:
+    o = config.optim
+    require_choice(config, "optim.schedule", SCHEDULES)
+    require_positive(config, "optim.lr")
+    require_positive(config, "optim.final_lr", allow_zero=True)
+    require_positive(config, "optim.warmup_steps", allow_zero=True)
+    require_positive(config, "optim.decay_steps", allow_zero=True)
+    require_positive(config, "optim.weight_decay", allow_zero=True)
+    require_positive(config, "optim.grad_clip", allow_zero=True)
+    for field in ("b1", "b2"):
+        if not 0.0 <= o[field] < 1.0:
+            fail(f"optim.{field}", o[field], "must lie in [0, 1)", "use e.g. 0.9")
+    decay_steps = o.decay_steps or config.train.steps
+    if o.warmup_steps > decay_steps:
+        fail("optim.warmup_steps", o.warmup_steps, f"exceeds the decay length ({decay_steps} steps)",
+             "shorten the warmup or lengthen optim.decay_steps / train.steps")
+
+
+def _validate_train(config: ml_collections.ConfigDict) -> None:
+    for field in ("train.steps", "train.batch_size", "train.log_every", "eval.batch_size",
+                  "train.keep_checkpoints"):
+        require_positive(config, field)
+    for field in ("train.eval_every", "train.checkpoint_every", "eval.num_batches",
+                  "sample.max_new_tokens", "sample.top_k", "sample.temperature"):
+        require_positive(config, field, allow_zero=True)
+
+
+def _validate_mesh_fields(config: ml_collections.ConfigDict) -> None:
+    shape = dict(config.mesh.shape)
+    if set(shape) != set(MESH_AXES):
+        fail("mesh.shape", shape, f"must name exactly the axes {MESH_AXES}",
+             "give a size for each, e.g. dict(data=-1, fsdp=1, tensor=1)")
+    for axis, size in shape.items():
+        if not isinstance(size, int) or (size < 1 and size != -1):
+            fail(f"mesh.shape.{axis}", size, "must be a positive device count or -1",
+                 "use -1 for 'the devices the other axes leave'")
+    if list(shape.values()).count(-1) > 1:
+        fail("mesh.shape", shape, "has more than one axis set to -1", "give explicit sizes to all but one")
+    require_positive(config, "mesh.cpu_devices", allow_zero=True)
+    for rule in config.sharding.rules:
+        axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+        unknown = [a for a in axes if a is not None and a not in MESH_AXES]
+        if unknown:
+            fail("sharding.rules", rule, f"maps to unknown mesh axes {unknown}",
+                 f"map logical axes to {MESH_AXES} or None")

@@ -1,0 +1,60 @@
+"""`ModelConfig`: the resolved, hashable model description a Flax module can hold."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import ml_collections
+
+from lm.config import head_dim as resolve_head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    max_len: int
+    num_layers: int
+    num_heads: int
+    d_model: int
+    head_dim: int
+    d_ff: int
+    positions: str = "learned"
+    rope_theta: float = 10_000.0
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    activation: str = "gelu"
+    use_bias: bool = False
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    dtype: str = "float32"
+    init_std: float = 0.02
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def residual_init_std(self) -> float:
+        """GPT-2's scaling of the projections that write into the residual stream."""
+        return self.init_std / (2 * self.num_layers) ** 0.5
+
+    @classmethod
+    def from_config(cls, model: ml_collections.ConfigDict, vocab_size: int, max_len: int) -> "ModelConfig":
+        """Resolves the config's zero defaults (head_dim, d_ff, vocab_size)."""
+        d_ff = model.d_ff
+        if not d_ff:
+            # SwiGLU has three matrices; 8/3 keeps its parameters equal to a 4x GELU MLP.
+            d_ff = 4 * model.d_model if model.activation != "swiglu" else _round_up(8 * model.d_model // 3, 64)
+        return cls(
+            vocab_size=model.vocab_size or vocab_size, max_len=max_len,
+            num_layers=model.num_layers, num_heads=model.num_heads, d_model=model.d_model,
+            head_dim=resolve_head_dim(model), d_ff=d_ff, positions=model.positions,
+            rope_theta=model.rope_theta, norm=model.norm, norm_eps=model.norm_eps,
+            activation=model.activation, use_bias=model.use_bias,
+            tie_embeddings=model.tie_embeddings, dropout=model.dropout, dtype=model.dtype,
+            init_std=model.init_std)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple

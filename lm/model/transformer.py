@@ -1,0 +1,112 @@
+"""Decoder-only transformer (GPT / LLaMA style), pre-norm, in flax.linen.
+
+`Decoder.apply({'params': p}, tokens_BL, positions_BL)` is a pure function returning
+float32 logits [batch, length, vocab]. Activations carry logical-axis sharding
+constraints at block boundaries; under a mesh and `nn.logical_axis_rules` they place
+the computation, outside one they are no-ops.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lm.model.config import ModelConfig
+from lm.model.layers import ACTIVATIONS, Dense, Embed, norm
+
+Array = jax.Array
+
+
+def rotary(x_BLHK: Array, positions_BL: Array, theta: float) -> Array:
+    """Rotary position embedding (RoFormer), rotating the two halves of each head."""
+    half = x_BLHK.shape[-1] // 2
+    inv_freq_K2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles_BLK2 = positions_BL[..., None].astype(jnp.float32) * inv_freq_K2
+    sin_BL1K2, cos_BL1K2 = jnp.sin(angles_BLK2)[:, :, None], jnp.cos(angles_BLK2)[:, :, None]
+    x1, x2 = jnp.split(x_BLHK.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos_BL1K2 - x2 * sin_BL1K2, x2 * cos_BL1K2 + x1 * sin_BL1K2], -1)
+    return rotated.astype(x_BLHK.dtype)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BLD: Array, positions_BL: Array, deterministic: bool) -> Array:
+        c = self.cfg
+        qkv_BL3HK = Dense((3, c.num_heads, c.head_dim), ("embed", "fused", "heads", "head_dim"),
+                          init_std=c.init_std, use_bias=c.use_bias, dtype=c.compute_dtype, name="qkv")(x_BLD)
+        q_BLHK, k_BLHK, v_BLHK = (qkv_BL3HK[:, :, i] for i in range(3))
+        if c.positions == "rope":
+            q_BLHK = rotary(q_BLHK, positions_BL, c.rope_theta)
+            k_BLHK = rotary(k_BLHK, positions_BL, c.rope_theta)
+        q_BLHK = nn.with_logical_constraint(q_BLHK, ("batch", "length", "act_heads", "head_dim"))
+        out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, is_causal=True)
+        out_BLD = Dense((c.d_model,), ("heads", "head_dim", "embed"), in_dims=2,
+                        init_std=c.residual_init_std, use_bias=c.use_bias, dtype=c.compute_dtype,
+                        name="out")(out_BLHK)
+        return nn.Dropout(c.dropout)(out_BLD, deterministic=deterministic)
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BLD: Array, deterministic: bool) -> Array:
+        c = self.cfg
+        if c.activation == "swiglu":
+            gate_up_BL2F = Dense((2, c.d_ff), ("embed", "fused", "mlp"), init_std=c.init_std,
+                                 use_bias=c.use_bias, dtype=c.compute_dtype, name="wi")(x_BLD)
+            h_BLF = jax.nn.silu(gate_up_BL2F[:, :, 0]) * gate_up_BL2F[:, :, 1]
+        else:
+            h_BLF = ACTIVATIONS[c.activation](Dense(
+                (c.d_ff,), ("embed", "mlp"), init_std=c.init_std, use_bias=c.use_bias,
+                dtype=c.compute_dtype, name="wi")(x_BLD))
+        h_BLF = nn.with_logical_constraint(h_BLF, ("batch", "length", "act_mlp"))
+        out_BLD = Dense((c.d_model,), ("mlp", "embed"), init_std=c.residual_init_std,
+                        use_bias=c.use_bias, dtype=c.compute_dtype, name="wo")(h_BLF)
+        return nn.Dropout(c.dropout)(out_BLD, deterministic=deterministic)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BLD: Array, positions_BL: Array, deterministic: bool) -> Array:
+        c = self.cfg
+        h_BLD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "attn_norm")(x_BLD)
+        x_BLD = x_BLD + Attention(c, name="attn")(h_BLD, positions_BL, deterministic)
+        h_BLD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "mlp_norm")(x_BLD)
+        x_BLD = x_BLD + MLP(c, name="mlp")(h_BLD, deterministic)
+        return nn.with_logical_constraint(x_BLD, ("batch", "length", "act_embed"))
+
+
+class Decoder(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BL: Array, positions_BL: Array | None = None,
+                 deterministic: bool = True) -> Array:
+        c = self.cfg
+        if positions_BL is None:
+            positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+        embed = Embed(c.vocab_size, c.d_model, c.init_std, c.compute_dtype, name="embed")
+        x_BLD = embed(tokens_BL)
+        if c.positions == "learned":
+            table_LD = self.param("pos_embed", nn.with_logical_partitioning(
+                nn.initializers.normal(c.init_std), ("position", "embed")), (c.max_len, c.d_model))
+            x_BLD = x_BLD + jnp.take(table_LD, positions_BL, axis=0).astype(c.compute_dtype)
+        x_BLD = nn.Dropout(c.dropout)(x_BLD, deterministic=deterministic)
+        x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "act_embed"))
+        for i in range(c.num_layers):
+            x_BLD = Block(c, name=f"layer_{i}")(x_BLD, positions_BL, deterministic)
+        x_BLD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "final_norm")(x_BLD)
+        if c.tie_embeddings:
+            logits_BLV = embed.attend(x_BLD)
+        else:
+            logits_BLV = Dense((c.vocab_size,), ("embed", "vocab"), init_std=c.init_std,
+                               dtype=c.compute_dtype, name="unembed")(x_BLD)
+        return nn.with_logical_constraint(logits_BLV.astype(jnp.float32), ("batch", "length", "act_vocab"))

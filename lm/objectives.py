@@ -1,0 +1,46 @@
+"""Pretraining objectives: pure, jit-friendly maps from token rows to model inputs,
+targets and loss weights, plus the weighted loss they share.
+
+Only the causal objective exists so far; prefix LM, masked LM and span corruption
+arrive with issue 4 behind the same `(batch) -> Example` signature.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class Example(NamedTuple):
+    inputs_BL: Array  # int32 token ids fed to the model
+    targets_BL: Array  # int32 ids the model must predict at each position
+    weights_BL: Array  # float32 loss weight per position (0 on padding)
+
+
+def causal_lm(tokens_BL1: Array, pad_id: int) -> Example:
+    """Next-token prediction (GPT): predict token t+1 from tokens <= t."""
+    targets_BL = tokens_BL1[:, 1:]
+    return Example(tokens_BL1[:, :-1], targets_BL, (targets_BL != pad_id).astype(jnp.float32))
+
+
+def weighted_cross_entropy(logits_BLV: Array, targets_BL: Array, weights_BL: Array) -> tuple[Array, Array]:
+    """(sum of weighted token losses, sum of weights), computed in float32.
+
+    Returning sums rather than a mean lets callers normalise over a whole global batch
+    or a whole evaluation split.
+    """
+    logits_BLV = logits_BLV.astype(jnp.float32)
+    log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
+    target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
+    return jnp.sum((log_z_BL - target_logit_BL) * weights_BL), jnp.sum(weights_BL)
+
+
+def loss_metrics(loss: float, bytes_per_token: float) -> dict[str, float]:
+    """Mean loss in nats per token, its perplexity, and bits per UTF-8 byte."""
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+            "bits_per_byte": loss / math.log(2) / bytes_per_token}

@@ -1,0 +1,65 @@
+"""Process setup that must happen before JAX starts its backends.
+
+Call `setup(config)` first thing in an entry point (before any JAX operation).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import ml_collections
+from absl import logging
+
+FORCED_DEVICES_FLAG = "xla_force_host_platform_device_count"
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def cpu_device_count(config: ml_collections.ConfigDict, cores: int | None = None) -> int:
+    """How many XLA CPU devices to split this host into.
+
+    An explicit `mesh.cpu_devices` wins; a mesh with no -1 axis needs exactly the product
+    of its sizes; otherwise one device per core, lowered until it divides the train and
+    eval batch sizes (each device then runs a slice of the batch on its own core).
+    """
+    if config.mesh.cpu_devices:
+        return config.mesh.cpu_devices
+    sizes = list(config.mesh.shape.values())
+    if -1 not in sizes:
+        return math.prod(sizes)
+    fixed = math.prod(s for s in sizes if s != -1)
+    for n in range(max((cores or available_cores()) // fixed, 1), 0, -1):
+        batch_shards = math.prod(n if size == -1 else size
+                                 for axis, size in config.mesh.shape.items() if axis != "tensor")
+        if config.train.batch_size % batch_shards == 0 and config.eval.batch_size % batch_shards == 0:
+            return n * fixed
+    return fixed
+
+
+def setup(config: ml_collections.ConfigDict, compilation_cache: bool = True) -> None:
+    """Sets the CPU device count and the persistent compilation cache."""
+    if compilation_cache:
+        enable_compilation_cache()
+    if FORCED_DEVICES_FLAG in os.environ.get("XLA_FLAGS", ""):
+        return  # the caller (tests, a launch script) fixed the device count itself
+    count = cpu_device_count(config)
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:
+        logging.warning("JAX backends already started; keeping %d devices (wanted %d CPU devices).",
+                        jax.device_count(), count)
+
+
+def enable_compilation_cache(path: str | None = None) -> None:
+    """Persistent XLA cache: a repeated run or test skips recompiling its step."""
+    path = path or os.environ.get("LM_COMPILATION_CACHE",
+                                  os.path.join(os.path.expanduser("~"), ".cache", "lm", "xla"))
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

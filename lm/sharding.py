@@ -1,0 +1,89 @@
+"""Device mesh and shardings, from the config's mesh shape and logical axis rules.
+
+Every parameter and activation carries logical axis names; `config.sharding.rules`
+maps them onto the mesh axes `data, fsdp, tensor`. Data parallel, FSDP and tensor
+parallel are different rule tables and mesh shapes, never different code paths.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from lm.config import MESH_AXES, ConfigError
+
+Rules = Sequence[tuple[str, Any]]
+
+
+def mesh_shape(shape: dict[str, int], num_devices: int) -> tuple[int, ...]:
+    """Resolves a -1 axis and checks the product equals the device count."""
+    sizes = {axis: shape[axis] for axis in MESH_AXES}
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    described = _describe(sizes)
+    if -1 in sizes.values():
+        if num_devices % fixed:
+            raise ConfigError(
+                f"config.mesh.shape ({described}) cannot fill {num_devices} devices: the fixed axes "
+                f"multiply to {fixed}, which does not divide {num_devices}. Fix: choose axis sizes "
+                f"whose product divides {num_devices}.")
+        sizes = {a: (num_devices // fixed if s == -1 else s) for a, s in sizes.items()}
+    elif fixed != num_devices:
+        raise ConfigError(
+            f"config.mesh.shape ({described}) needs {fixed} devices, but {num_devices} are available. "
+            f"Fix: make the sizes multiply to {num_devices}, or set one axis to -1.")
+    return tuple(sizes.values())
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh of `config.mesh.shape` over `devices` (default: all devices, all processes)."""
+    devices = list(devices) if devices is not None else jax.devices()
+    shape = mesh_shape(dict(config.mesh.shape), len(devices))
+    # Auto axes: GSPMD propagates shardings from the logical constraints, so no op has
+    # to name its output sharding (Explicit axes would demand that of every matmul).
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def rules_from_config(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
+    """The rule table as hashable tuples (a config read back from JSON holds lists)."""
+    as_axes = lambda axes: tuple(axes) if isinstance(axes, (list, tuple)) else axes
+    return tuple((str(name), as_axes(axes)) for name, axes in config.sharding.rules)
+
+
+def batch_shards(mesh: Mesh, rules: Rules) -> int:
+    """How many ways the batch dimension is split (the product of its mesh axes)."""
+    spec = nn.logical_to_mesh_axes(("batch",), rules)[0]
+    axes = spec if isinstance(spec, tuple) else (spec,) if spec else ()
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def check_batch_sizes(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    shards = batch_shards(mesh, rules_from_config(config))
+    for field in ("train.batch_size", "eval.batch_size"):
+        section, name = field.split(".")
+        value = config[section][name]
+        if value % shards:
+            raise ConfigError(
+                f"config.{field}={value} is not divisible by the {shards} batch shards of the mesh "
+                f"({_describe(mesh.shape)}). Fix: use a multiple of {shards}, or change config.mesh.shape.")
+
+
+def _describe(sizes: Mapping[str, int]) -> str:
+    return " x ".join(f"{axis}={size}" for axis, size in sizes.items())
+
+
+def logical_sharding(mesh: Mesh, rules: Rules, axes: Sequence[str | None]) -> NamedSharding:
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(axes, rules))
+
+
+def tree_shardings(mesh: Mesh, rules: Rules, boxed_tree: Any) -> Any:
+    """NamedShardings for a tree whose leaves are `nn.Partitioned` boxes (or abstract ones)."""
+    return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_tree), mesh, rules)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

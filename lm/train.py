@@ -1,0 +1,297 @@
+"""Train state, the pure train and eval steps, the `Trainer` that compiles them over a
+mesh, and the training loop (the one place that knows every module)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+import lm
+from lm import checkpoint, decode, objectives, optim, sharding
+from lm.config import ConfigError
+from lm.data import pipeline
+from lm.logs import MetricWriter, Progress
+from lm.model import ModelConfig, build
+from lm.model.counting import abstract_params, param_counts, train_flops_per_token
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: updates applied so far
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # uint32 key data; step t draws its noise from fold_in(rng, t)
+
+
+def train_step(state: TrainState, batch: Batch, *, model: nn.Module, optimizer: optax.GradientTransformation,
+               schedule: optax.Schedule, pad_id: int) -> tuple[TrainState, Metrics]:
+    """One optimizer update on a global batch; a pure function of (state, batch)."""
+    example = objectives.causal_lm(batch["tokens"], pad_id)
+    dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def loss_fn(params):
+        logits_BLV = model.apply({"params": params}, example.inputs_BL, deterministic=False,
+                                 rngs={"dropout": dropout_rng})
+        loss_sum, weight_sum = objectives.weighted_cross_entropy(logits_BLV, example.targets_BL,
+                                                                 example.weights_BL)
+        return loss_sum / jnp.maximum(weight_sum, 1.0)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+
+
+def eval_step(params: Any, batch: Batch, *, model: nn.Module, pad_id: int) -> tuple[jax.Array, jax.Array]:
+    """(sum of token losses, number of scored tokens) on one batch."""
+    example = objectives.causal_lm(batch["tokens"], pad_id)
+    logits_BLV = model.apply({"params": params}, example.inputs_BL)
+    return objectives.weighted_cross_entropy(logits_BLV, example.targets_BL, example.weights_BL)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """The model, optimizer and steps of one run, compiled over `mesh`.
+
+    Parameters and optimizer state are created already sharded (`init` is jitted with
+    the state's shardings as outputs); the step donates the old state.
+    """
+
+    model: nn.Module
+    model_cfg: ModelConfig
+    mesh: Mesh
+    rules: tuple
+    state_shardings: TrainState
+    batch_sharding: NamedSharding
+    _init: Callable[[], TrainState]
+    _step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+    _eval: Callable[[Any, Batch], tuple[jax.Array, jax.Array]]
+
+    def init(self) -> TrainState:
+        return self._init()
+
+    def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return self._step(state, batch)
+
+    def eval_step(self, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return self._eval(params, batch)
+
+    def abstract_state(self) -> TrainState:
+        """ShapeDtypeStructs with shardings: the target a checkpoint restores onto."""
+        return checkpoint.abstract_like(jax.eval_shape(self._init), self.state_shardings)
+
+
+def make_trainer(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: Mesh, pad_id: int) -> Trainer:
+    model = build(model_cfg)
+    schedule = optim.schedule(config.optim, config.train.steps)
+    optimizer = optim.make(config.optim, config.train.steps)
+    rules = sharding.rules_from_config(config)
+    replicated = sharding.replicated(mesh)
+
+    boxed = abstract_params(model, config.data.seq_len)
+    param_shardings = sharding.tree_shardings(mesh, rules, boxed)
+    abstract_opt_state = jax.eval_shape(optimizer.init, nn.meta.unbox(boxed))
+    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt_state, param_shardings,
+                                          transform_non_params=lambda _: replicated)
+    state_shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
+                                 rng=replicated)
+    batch_sharding = sharding.logical_sharding(mesh, rules, ("batch", "length"))
+
+    def init_state() -> TrainState:
+        init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+        dummy = jnp.zeros((1, config.data.seq_len), jnp.int32)
+        params = nn.meta.unbox(model.init(init_rng, dummy)["params"])
+        return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
+                          rng=jax.random.key_data(train_rng))
+
+    step_fn = functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule, pad_id=pad_id)
+    eval_fn = functools.partial(eval_step, model=model, pad_id=pad_id)
+    return Trainer(
+        model=model, model_cfg=model_cfg, mesh=mesh, rules=rules, state_shardings=state_shardings,
+        batch_sharding=batch_sharding,
+        _init=jax.jit(init_state, out_shardings=state_shardings),
+        _step=jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+                      out_shardings=(state_shardings, replicated), donate_argnums=0),
+        _eval=jax.jit(eval_fn, in_shardings=(param_shardings, batch_sharding), out_shardings=replicated))
+
+
+def evaluate(trainer: Trainer, params: Any, dataset) -> float:
+    """Mean token loss over every batch of `dataset` (summed on device, fetched once)."""
+    loss_sum, weight_sum = jnp.float32(0), jnp.float32(0)
+    for local_batch in dataset:
+        batch_loss, batch_weight = trainer.eval_step(params, pipeline.to_global(local_batch, trainer.batch_sharding))
+        loss_sum, weight_sum = loss_sum + batch_loss, weight_sum + batch_weight
+    return float(loss_sum) / max(float(weight_sum), 1.0)
+
+
+@dataclasses.dataclass
+class Run:
+    """What the loop needs besides the trainer: data, outputs and the workdir."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    corpus: pipeline.Corpus
+    trainer: Trainer
+    writer: MetricWriter
+    checkpointer: checkpoint.Checkpointer
+    is_main: bool
+
+    def eval_metrics(self, params: Any) -> dict[str, float]:
+        dataset = pipeline.eval_dataset(
+            self.corpus.tokens["validation"], self.config.data.seq_len, self.config.eval.batch_size,
+            self.corpus.tokenizer.pad_id, self.config.eval.num_batches, jax.process_index(), jax.process_count())
+        loss = evaluate(self.trainer, params, dataset)
+        return objectives.loss_metrics(loss, self.corpus.bytes_per_token["validation"])
+
+
+def setup_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Run:
+    """Validates the config against the devices, prepares data and compiles nothing yet."""
+    mesh = sharding.make_mesh(config, devices)
+    sharding.check_batch_sizes(config, mesh)
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    corpus = pipeline.prepare(config, os.path.join(workdir, "tokenizer.json"))
+    model_cfg = ModelConfig.from_config(config.model, corpus.tokenizer.vocab_size, config.data.seq_len)
+    if model_cfg.vocab_size < corpus.tokenizer.vocab_size:
+        raise ConfigError(
+            f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+            f"{corpus.tokenizer.vocab_size} ids. Fix: set it to 0 to use the tokenizer's size.")
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    trainer = make_trainer(config, model_cfg, mesh, corpus.tokenizer.pad_id)
+    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
+    return Run(config, workdir, corpus, trainer, MetricWriter(workdir, enabled=is_main), checkpointer, is_main)
+
+
+def restore_or_init(run: Run, data_iterator) -> TrainState:
+    """The latest checkpoint in the workdir (moving `data_iterator` with it), or a fresh state."""
+    step = run.checkpointer.latest_step()
+    if step is None:
+        return run.trainer.init()
+    try:
+        state, _ = run.checkpointer.restore(step, run.trainer.abstract_state(), data_iterator)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(
+            f"the checkpoint at step {step} in {run.workdir} does not fit this config ({e}). "
+            "Fix: use a new --workdir, or the config that wrote the checkpoint.") from e
+    return state
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains `config` in `workdir` (resuming from its latest checkpoint), evaluates,
+    checkpoints and samples. Returns the final validation metrics."""
+    run = setup_run(config, workdir)
+    t, c = run.trainer, config.train
+    train_data = pipeline.train_dataset(run.corpus.tokens["train"], config.data.seq_len, c.batch_size,
+                                        config.seed, jax.process_index(), jax.process_count())
+    data_iterator = pipeline.iterate(train_data, config.data.num_threads, config.data.prefetch)
+    state = restore_or_init(run, data_iterator)
+    start = int(state.step)
+    progress = Progress(c.steps, start, enabled=run.is_main)
+    _describe_run(run, progress, start)
+
+    tokens_per_step = c.batch_size * config.data.seq_len
+    flops_per_token = train_flops_per_token(t.model_cfg, config.data.seq_len)
+    pending: tuple[int, Metrics] | None = None
+    last_log = (start, time.perf_counter())
+    for step in range(start, c.steps):
+        batch = pipeline.to_global(next(data_iterator), t.batch_sharding)
+        state, metrics = t.step(state, batch)
+        done = step + 1
+        if pending is not None:  # fetch the previous step's metrics: the host never waits on this one
+            last_log = _log_train(run, progress, *pending, last_log, tokens_per_step, flops_per_token)
+            pending = None
+        if done % c.log_every == 0 or done == c.steps:
+            pending = (done, metrics)
+        paused = time.perf_counter()
+        if c.eval_every and done % c.eval_every == 0 and done != c.steps:
+            _log_eval(run, progress, done, state.params)
+        if c.checkpoint_every and done % c.checkpoint_every == 0 and done != c.steps:
+            _save(run, state, data_iterator)
+        last_log = (last_log[0], last_log[1] + time.perf_counter() - paused)  # tokens/s excludes these
+    if pending is not None:
+        _log_train(run, progress, *pending, last_log, tokens_per_step, flops_per_token)
+    final = _log_eval(run, progress, c.steps, state.params)
+    if run.checkpointer.latest_step() != c.steps:
+        _save(run, state, data_iterator)
+    run.checkpointer.wait()
+    progress.close()
+    _finish(run, state, final)
+    return final
+
+
+def _describe_run(run: Run, progress: Progress, start: int) -> None:
+    counts = param_counts(run.trainer.abstract_state().params)
+    mesh = " x ".join(f"{a}={s}" for a, s in run.trainer.mesh.shape.items())
+    progress.message(
+        f"lm {lm.__version__}: {counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding); "
+        f"{jax.device_count()} {jax.devices()[0].platform} devices, mesh {mesh}; "
+        f"vocab {run.corpus.tokenizer.vocab_size} ({run.corpus.tokenizer.kind}); "
+        f"{len(run.corpus.tokens['train']):,} train / {len(run.corpus.tokens['validation']):,} validation tokens")
+    if start:
+        progress.message(f"resuming from the checkpoint at step {start} in {run.workdir}")
+
+
+def _log_train(run: Run, progress: Progress, step: int, metrics: Metrics, last_log: tuple[int, float],
+               tokens_per_step: int, flops_per_token: float) -> tuple[int, float]:
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    now = time.perf_counter()
+    last_step, last_time = last_log
+    if step > last_step:
+        values["tokens_per_second"] = (step - last_step) * tokens_per_step / (now - last_time)
+        values["tflops_per_second"] = values["tokens_per_second"] * flops_per_token / 1e12
+    run.writer.write(step, "train", values)
+    status = f"loss {values['loss']:.4f}"
+    if "tokens_per_second" in values:
+        status += f" | {values['tokens_per_second']:,.0f} tok/s"
+    progress.update(step, status)
+    return step, now
+
+
+def _log_eval(run: Run, progress: Progress, step: int, params: Any) -> dict[str, float]:
+    metrics = run.eval_metrics(params)
+    run.writer.write(step, "validation", metrics)
+    progress.message(f"step {step}: validation loss {metrics['loss']:.4f}, "
+                     f"perplexity {metrics['perplexity']:.2f}, {metrics['bits_per_byte']:.4f} bits/byte")
+    return metrics
+
+
+def _save(run: Run, state: TrainState, data_iterator) -> None:
+    step = int(state.step)
+    run.checkpointer.save(step, state, data_iterator, {"step": step, "lm_version": lm.__version__})
+
+
+def _finish(run: Run, state: TrainState, final: dict[str, float]) -> None:
+    """Prints a sample and the final validation loss, and stores the sample."""
+    s = run.config.sample
+    text = decode.sample_text(run.trainer.model, state.params, run.corpus.tokenizer, s.prompt,
+                              max_new_tokens=s.max_new_tokens, max_len=run.config.data.seq_len,
+                              temperature=s.temperature, top_k=s.top_k, seed=run.config.seed)
+    if run.is_main:
+        with open(os.path.join(run.workdir, "samples.txt"), "a", encoding="utf-8") as f:
+            f.write(f"--- step {int(state.step)}, prompt {s.prompt!r}\n{s.prompt}{text}\n")
+        print(f"\n--- sample (step {int(state.step)}) ---\n{s.prompt}{text}\n---", flush=True)
+        print(f"final validation loss {final['loss']:.4f} "
+              f"(perplexity {final['perplexity']:.2f}, {final['bits_per_byte']:.4f} bits/byte)", flush=True)
+        with open(os.path.join(run.workdir, "final_metrics.json"), "w", encoding="utf-8") as f:
+            json.dump({"step": int(state.step), **{f"validation/{k}": v for k, v in final.items()}}, f, indent=2)
+    run.writer.close()

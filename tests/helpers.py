@@ -1,0 +1,54 @@
+"""Shared test helpers: tiny configs and running the CLI as a user would."""
+
+import os
+import subprocess
+import sys
+
+import ml_collections
+
+from lm.configs import shakespeare_char
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = {
+    "model.num_layers": 2, "model.num_heads": 2, "model.d_model": 32, "data.seq_len": 16,
+    "train.batch_size": 8, "train.steps": 6, "train.log_every": 2, "train.eval_every": 0,
+    "train.checkpoint_every": 0, "optim.warmup_steps": 2, "eval.batch_size": 8, "eval.num_batches": 2,
+    "sample.max_new_tokens": 16,
+}
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+    """The Shakespeare recipe shrunk to compile and train in seconds.
+
+    Overrides use dotted names with `__` for the dot: tiny_config(train__steps=3).
+    """
+    config = shakespeare_char.get_config()
+    settings = dict(TINY, **{k.replace("__", "."): v for k, v in overrides.items()})
+    for key, value in settings.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    return config
+
+
+def cli_flags(**overrides) -> list[str]:
+    """`--config.x.y=v` flags for the tiny config (plus overrides) on the command line."""
+    settings = dict(TINY, **{k.replace("__", "."): v for k, v in overrides.items()})
+    return [f"--config.{key}={value}" for key, value in settings.items()]
+
+
+def cli_env() -> dict:
+    """A user's shell environment: no fake-device flag, but the session's caches."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def run_cli(module: str, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Runs `python -m module args...` from the repository root, as the README does."""
+    result = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=cli_env(),
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{module} exited {result.returncode}\nstdout:\n{result.stdout}\n"
+                             f"stderr:\n{result.stderr}")
+    return result

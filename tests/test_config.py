@@ -1,0 +1,88 @@
+"""Configs: every recipe validates, and bad input fails up front with the field and the fix."""
+
+import os
+
+import jax
+import pytest
+
+from helpers import REPO, cli_flags, run_cli, tiny_config
+from lm import config as config_lib
+from lm import runtime, sharding
+from lm.configs import base, shakespeare_char
+
+
+def test_base_and_recipe_validate():
+    config_lib.validate(base.get_config())
+    config_lib.validate(shakespeare_char.get_config())
+
+
+def test_recipe_has_nanogpt_cpu_settings():
+    c = shakespeare_char.get_config()
+    assert (c.model.num_layers, c.model.num_heads, c.model.d_model, c.data.seq_len) == (4, 4, 128, 64)
+    assert (c.train.batch_size, c.train.steps, c.train.eval_every) == (12, 2000, 250)
+    assert (c.optim.lr, c.optim.warmup_steps, c.optim.final_lr, c.optim.schedule) == (1e-3, 100, 1e-4, "cosine")
+    assert (c.optim.weight_decay, c.optim.grad_clip, c.model.dropout) == (0.1, 1.0, 0.0)
+
+
+def test_d_model_not_divisible_by_heads_names_both_and_the_fix():
+    config = tiny_config(model__d_model=30, model__num_heads=4)
+    with pytest.raises(config_lib.ConfigError, match=r"config\.model\.d_model=30 is not divisible by "
+                                                     r"config\.model\.num_heads=4.*Fix:"):
+        config_lib.validate(config)
+
+
+def test_unknown_field_is_rejected_with_a_suggestion():
+    config = base.get_config()
+    with pytest.raises(AttributeError, match='Did you mean "steps"'):
+        config.train.stepz = 5
+
+
+def test_missing_corpus_file_names_the_path():
+    config = tiny_config(data__files=("/no/such/corpus.txt",))
+    with pytest.raises(config_lib.ConfigError, match=r"config\.data\.files.*/no/such/corpus\.txt.*Fix:"):
+        config_lib.validate(config)
+
+
+def test_bad_choice_lists_the_allowed_values():
+    with pytest.raises(config_lib.ConfigError, match=r"config\.optim\.schedule='cosin'.*'cosine'"):
+        config_lib.validate(tiny_config(optim__schedule="cosin"))
+
+
+def test_mesh_that_does_not_match_the_devices_names_both_numbers():
+    config = tiny_config()
+    config.mesh.shape.data = 3
+    with pytest.raises(config_lib.ConfigError, match=r"data=3 x fsdp=1 x tensor=1\) needs 3 devices, but 8"):
+        sharding.make_mesh(config, jax.devices())
+
+
+def test_batch_not_divisible_by_the_data_axes_names_both_numbers():
+    config = tiny_config(train__batch_size=12)
+    mesh = sharding.make_mesh(config, jax.devices())  # data=8
+    with pytest.raises(config_lib.ConfigError, match=r"train\.batch_size=12 is not divisible by the 8 batch"):
+        sharding.check_batch_sizes(config, mesh)
+
+
+def test_cpu_devices_default_to_cores_that_divide_the_batch():
+    config = tiny_config(train__batch_size=12, eval__batch_size=64)
+    assert runtime.cpu_device_count(config, cores=2) == 2
+    assert runtime.cpu_device_count(config, cores=8) == 4  # 8, 7, 6, 5 do not divide both 12 and 64
+    config.mesh.shape.update(dict(data=2, fsdp=4, tensor=1))
+    assert runtime.cpu_device_count(config, cores=2) == 8  # a fixed mesh needs its own size
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--config.model.d_model=33"], "config.model.d_model=33 is not divisible by config.model.num_heads=2"),
+    (["--config.train.stepz=5"], 'Did you mean "steps"'),
+    (["--config.data.files=('/no/such/corpus.txt',)"], "config.data.files='/no/such/corpus.txt' matches no file"),
+    (["--config.mesh.shape.data=3", "--config.mesh.cpu_devices=2"], "needs 3 devices, but 2 are available"),
+])
+def test_cli_fails_before_training_with_one_clear_message(tmp_path, flags, expected):
+    workdir = tmp_path / "run"
+    result = run_cli("lm.main", f"--config={os.path.join(REPO, 'configs', 'shakespeare_char.py')}",
+                     f"--workdir={workdir}", *cli_flags(), *flags, check=False)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lm: error:")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr
+    assert "Fix" in errors[0] or "Did you mean" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())

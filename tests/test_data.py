@@ -1,0 +1,122 @@
+"""Data: the TFDS builder, tokenizers and the Grain pipeline (batch = f(seed, step))."""
+
+import numpy as np
+import pytest
+
+from helpers import tiny_config
+from lm.config import ConfigError
+from lm.data import corpora, pipeline, text_files, tokenizers
+
+
+def test_char_tokenizer_round_trips_and_maps_unknown_characters():
+    tok = tokenizers.CharTokenizer.train(["hello world\n", "ünïcode"])
+    text = "hello ünïcode\n"
+    assert tok.decode(tok.encode(text)) == text
+    ids = tok.encode("hex!")
+    assert ids[-1] == tok.unk_id and ids.dtype == np.int32
+    assert min(tok.encode("hello")) >= 3  # 0, 1, 2 are <pad>, <eos>, <unk>
+    assert tokenizers.from_json(tok.to_json()).encode(text).tolist() == tok.encode(text).tolist()
+
+
+def test_byte_tokenizer_round_trips_any_text():
+    tok = tokenizers.ByteTokenizer()
+    text = "naïve café, 東京\n"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.vocab_size == 259
+
+
+def test_shakespeare_split_matches_nanogpt(tmp_path):
+    corpus = pipeline.prepare(tiny_config(), str(tmp_path / "tokenizer.json"))
+    assert len(corpus.tokens["train"]) == 1_003_854
+    assert len(corpus.tokens["validation"]) == 111_540
+    assert corpus.tokenizer.vocab_size == 65 + 3
+    assert corpus.bytes_per_token["validation"] == 1.0  # ASCII, one character per token
+    text = open(corpora.path("tinyshakespeare"), encoding="utf-8").read()
+    assert corpus.tokenizer.decode(corpus.tokens["validation"][:200]) == text[1_003_854:1_004_054]
+    # A second run reuses the saved tokenizer and the cached token streams.
+    again = pipeline.prepare(tiny_config(), str(tmp_path / "tokenizer.json"))
+    assert np.array_equal(again.tokens["train"][-100:], corpus.tokens["train"][-100:])
+
+
+def test_builder_records_rebuild_the_text_in_order(tmp_path):
+    path = tmp_path / "doc.txt"
+    text = "".join(f"line {i}\n" for i in range(30_000))
+    path.write_text(text)
+    builder = text_files.builder("doc", [str(path)], 0.25, str(tmp_path / "data"))
+    builder.download_and_prepare()
+    sources = builder.as_data_source()
+    splits = {s: "".join(r["text"].decode() for r in sources[s]) for s in ("train", "validation")}
+    assert len(sources["train"]) > 1  # chunked into several records
+    assert splits["train"] + splits["validation"] == text
+    assert len(splits["validation"]) == len(text) - int(len(text) * 0.75)
+
+
+def test_non_utf8_file_fails_with_a_fix(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("café\n".encode("latin-1") * 100)
+    config = tiny_config(data__files=(str(path),), data__name="latin1")
+    with pytest.raises(ValueError, match=r"latin1\.txt is not valid UTF-8.*Fix"):
+        pipeline.prepare(config, str(tmp_path / "tokenizer.json"))
+
+
+def test_too_little_text_for_one_row_is_a_config_error(tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text("just a few words of text\n" * 3)
+    config = tiny_config(data__files=(str(path),), data__name="tiny", data__seq_len=64)
+    with pytest.raises(ConfigError, match=r"validation split.*fewer than one row"):
+        pipeline.prepare(config, str(tmp_path / "tokenizer.json"))
+
+
+STREAM = np.arange(10_000, dtype=np.int32)
+
+
+def test_train_batches_are_a_function_of_seed_and_step():
+    a = pipeline.train_dataset(STREAM, 16, 8, seed=7)
+    b = pipeline.train_dataset(STREAM, 16, 8, seed=7)
+    c = pipeline.train_dataset(STREAM, 16, 8, seed=8)
+    for step in (0, 5, 1234):
+        assert np.array_equal(a[step]["tokens"], b[step]["tokens"])
+        assert not np.array_equal(a[step]["tokens"], c[step]["tokens"])
+    assert a[3]["tokens"].shape == (8, 17)
+    rows = a[3]["tokens"]
+    assert np.all(np.diff(rows, axis=1) == 1)  # contiguous windows of the stream
+
+
+def test_each_epoch_visits_every_window_once_at_its_own_shift():
+    seq_len, per_epoch = 16, (len(STREAM) - 16) // 16
+    rows = pipeline.train_dataset(STREAM, seq_len, 1, seed=0)
+    for epoch in range(2):
+        starts = np.sort([rows[epoch * per_epoch + i]["tokens"][0, 0] for i in range(per_epoch)])
+        assert len(set(starts)) == per_epoch and set(np.diff(starts)) == {seq_len}
+        assert starts[0] < seq_len and starts[-1] + seq_len + 1 <= len(STREAM)
+
+
+def test_processes_read_disjoint_rows_whose_union_is_the_global_batch():
+    whole = pipeline.train_dataset(STREAM, 16, 8, seed=3)
+    parts = [pipeline.train_dataset(STREAM, 16, 8, seed=3, process_index=p, process_count=2) for p in range(2)]
+    for step in (0, 9):
+        np.testing.assert_array_equal(np.concatenate([p[step]["tokens"] for p in parts]), whole[step]["tokens"])
+
+
+def test_iterator_state_resumes_at_the_same_batch():
+    dataset = pipeline.train_dataset(STREAM, 16, 4, seed=1)
+    it = pipeline.iterate(dataset, num_threads=2, prefetch=4)
+    for _ in range(5):
+        next(it)
+    state = it.get_state()
+    expected = next(it)["tokens"]
+    resumed = pipeline.iterate(dataset, num_threads=2, prefetch=4)
+    resumed.set_state(state)
+    np.testing.assert_array_equal(next(resumed)["tokens"], expected)
+
+
+def test_eval_covers_every_target_once_and_pads_with_zero_weight_rows():
+    stream = np.arange(3, 1003, dtype=np.int32)  # ids >= 3: no special tokens
+    dataset = pipeline.eval_dataset(stream, 16, 8, pad_id=0)
+    rows = np.concatenate([dataset[i]["tokens"] for i in range(len(dataset))])
+    real = rows[rows[:, 0] != 0]
+    targets = real[:, 1:].ravel()
+    assert np.array_equal(targets, stream[1:1 + len(targets)])  # in order, no overlap, no gap
+    assert len(stream) - 1 - len(targets) < 16  # only a partial last window is dropped
+    assert np.all(rows[rows[:, 0] == 0] == 0) and len(rows) % 8 == 0
+    assert len(pipeline.eval_dataset(stream, 16, 8, pad_id=0, num_batches=2)) == 2

@@ -1,0 +1,90 @@
+"""The CLI end to end, as the README runs it: outputs, exact resume after kill -9, sampling."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import REPO, cli_env, cli_flags, run_cli
+
+CONFIG = f"--config={os.path.join(REPO, 'configs', 'shakespeare_char.py')}"
+
+pytestmark = pytest.mark.slow
+
+
+def read_metrics(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_a_run_writes_checkpoints_metrics_events_config_and_a_sample(tmp_path):
+    workdir = tmp_path / "run"
+    result = run_cli("lm.main", CONFIG, f"--workdir={workdir}",
+                     *cli_flags(train__steps=8, train__eval_every=4, train__checkpoint_every=4))
+    assert "final validation loss" in result.stdout and "--- sample (step 8) ---" in result.stdout
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "8"]
+    records = read_metrics(workdir)
+    assert [r["step"] for r in records if "train/loss" in r] == [2, 4, 6, 8]
+    assert [r["step"] for r in records if "validation/loss" in r] == [4, 8]
+    assert {"validation/perplexity", "validation/bits_per_byte"} <= set(records[-1])
+    assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 8
+    assert (workdir / "samples.txt").read_text().startswith("--- step 8")
+    final = json.loads((workdir / "final_metrics.json").read_text())
+    assert f"{final['validation/loss']:.4f}" in result.stdout
+
+    from tensorboard.backend.event_processing import event_accumulator
+
+    events = event_accumulator.EventAccumulator(str(workdir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8]
+    assert [e.step for e in events.Scalars("validation/loss")] == [4, 8]
+
+
+def test_sample_cli_continues_a_prompt_from_the_latest_checkpoint(tmp_path):
+    workdir = tmp_path / "run"
+    run_cli("lm.main", CONFIG, f"--workdir={workdir}", *cli_flags(train__steps=4))
+    result = run_cli("lm.sample", f"--workdir={workdir}", "--prompt=ROMEO:", "--max_new_tokens=30",
+                     "--temperature=0.8", "--top_k=5", "--num_samples=2")
+    samples = result.stdout.split("--- sample ")[1:]
+    assert len(samples) == 2
+    for sample in samples:
+        assert "(checkpoint step 4)" in sample
+        body = sample.split("---\n", 1)[1].rstrip("\n")
+        assert body.startswith("ROMEO:") and len(body) == len("ROMEO:") + 30
+    missing = run_cli("lm.sample", f"--workdir={tmp_path / 'nothing'}", check=False)
+    assert missing.returncode == 2 and "lm: error:" in missing.stderr
+
+
+def wait_for_checkpoint(process: subprocess.Popen, directory, step: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not (directory / str(step)).exists():  # orbax renames a finished save into place
+        assert process.poll() is None, "the run ended before it was killed"
+        assert time.monotonic() < deadline, f"no checkpoint {step} after {timeout} s"
+        time.sleep(0.05)
+
+
+def test_a_run_killed_and_restarted_ends_exactly_like_an_uninterrupted_one(tmp_path):
+    flags = cli_flags(train__steps=40, train__log_every=1, train__eval_every=20, train__checkpoint_every=10)
+    whole = tmp_path / "uninterrupted"
+    expected = run_cli("lm.main", CONFIG, f"--workdir={whole}", *flags)
+
+    resumed = tmp_path / "killed"
+    command = [sys.executable, "-m", "lm.main", CONFIG, f"--workdir={resumed}", *flags]
+    process = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    wait_for_checkpoint(process, resumed / "checkpoints", 20)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished = run_cli("lm.main", CONFIG, f"--workdir={resumed}", *flags)
+
+    assert "resuming from the checkpoint at step" in finished.stdout
+    final_line = lambda out: [l for l in out.splitlines() if l.startswith("final validation loss")][0]
+    assert final_line(finished.stdout) == final_line(expected.stdout)
+    by_step = lambda records: {r["step"]: r for r in records if "train/loss" in r}
+    want, got = by_step(read_metrics(whole)), by_step(read_metrics(resumed))
+    for step in range(21, 41):  # every step after the restart repeats the same loss, bit for bit
+        assert got[step]["train/loss"] == want[step]["train/loss"], step

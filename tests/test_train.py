@@ -1,0 +1,73 @@
+"""The train step: one code path for 1 device and 8, with the same losses."""
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import tiny_config
+from lm import objectives, sharding, train
+from lm.data import pipeline
+from lm.model import ModelConfig
+
+STREAM = np.arange(3, 20_003, dtype=np.int32) % 60 + 3
+
+
+def three_step_losses(mesh_shape: dict, devices) -> list[float]:
+    config = tiny_config(train__batch_size=16)
+    config.mesh.shape.update(mesh_shape)
+    mesh = sharding.make_mesh(config, devices)
+    sharding.check_batch_sizes(config, mesh)
+    model_cfg = ModelConfig.from_config(config.model, 64, config.data.seq_len)
+    trainer = train.make_trainer(config, model_cfg, mesh, pad_id=0)
+    state = trainer.init()
+    data = pipeline.train_dataset(STREAM, config.data.seq_len, 16, seed=0)
+    losses = []
+    for step in range(3):
+        state, metrics = trainer.step(state, pipeline.to_global(data[step], trainer.batch_sharding))
+        losses.append(float(metrics["loss"]))
+    return losses
+
+
+@pytest.fixture(scope="module")
+def single_device_losses():
+    return three_step_losses(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh_shape", [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=4, tensor=1)],
+                         ids=["data8", "data2_fsdp4"])
+def test_sharded_training_matches_a_single_device(single_device_losses, mesh_shape):
+    losses = three_step_losses(mesh_shape, jax.devices())
+    np.testing.assert_allclose(losses, single_device_losses, rtol=0, atol=1e-5)
+    assert losses[2] < losses[0]  # and it learns
+
+
+def test_fsdp_shards_parameters_and_optimizer_state_along_embed():
+    config = tiny_config(train__batch_size=16)
+    config.mesh.shape.update(dict(data=2, fsdp=4, tensor=1))
+    mesh = sharding.make_mesh(config, jax.devices())
+    trainer = train.make_trainer(config, ModelConfig.from_config(config.model, 64, 16), mesh, pad_id=0)
+    state = trainer.init()
+    kernel = state.params["layer_0"]["mlp"]["wi"]["kernel"]  # [embed, mlp]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert len(kernel.addressable_shards) == 8 and kernel.addressable_shards[0].data.shape == (8, 128)
+    adam_mu = state.opt_state[1][0].mu["layer_0"]["mlp"]["wi"]["kernel"]
+    assert adam_mu.sharding == kernel.sharding
+
+
+def test_causal_objective_shifts_targets_and_puts_no_weight_on_padding():
+    tokens = np.array([[5, 6, 7, 0, 0]], np.int32)
+    example = objectives.causal_lm(tokens, pad_id=0)
+    assert example.inputs_BL.tolist() == [[5, 6, 7, 0]]
+    assert example.targets_BL.tolist() == [[6, 7, 0, 0]]
+    assert example.weights_BL.tolist() == [[1.0, 1.0, 0.0, 0.0]]
+
+
+def test_weighted_cross_entropy_ignores_zero_weight_positions():
+    logits = jax.random.normal(jax.random.key(0), (1, 4, 10))
+    targets = np.array([[1, 2, 3, 4]])
+    full, n_full = objectives.weighted_cross_entropy(logits, targets, np.ones((1, 4), np.float32))
+    half, n_half = objectives.weighted_cross_entropy(logits, targets, np.array([[1, 1, 0, 0]], np.float32))
+    first_two, _ = objectives.weighted_cross_entropy(logits[:, :2], targets[:, :2], np.ones((1, 2), np.float32))
+    assert float(n_full) == 4 and float(n_half) == 2
+    np.testing.assert_allclose(half, first_two, rtol=1e-6)
+    assert float(full) > float(half)
