@@ -37,6 +37,8 @@ from lm.train import make_trainer  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe to measure.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 200, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 20, "Untimed steps after compilation.")
+_PROFILE = flags.DEFINE_string("profile", "", "If set, a directory for a Perfetto trace of 10 steps; "
+                                "the script then prints the ops that take the most time.")
 _CACHE = flags.DEFINE_bool("compilation_cache", False, "Use the persistent compilation cache "
                            "(off by default, so compile seconds are real).")
 
@@ -77,6 +79,38 @@ def timed_steps(trainer, state, data_iterator, warmup: int, steps: int):
     return first, per_step
 
 
+def profile_steps(trainer, state, data_iterator, directory: str, steps: int = 10, top: int = 25) -> None:
+    """Traces `steps` steps and prints where device time goes, op by op and by kind."""
+    import collections
+    import glob
+    import gzip
+    import json
+    import re
+
+    for _ in range(3):  # warm: the trace should hold steady-state steps only
+        state, metrics = trainer.step(state, pipeline.to_global(next(data_iterator), trainer.batch_sharding))
+    float(metrics["loss"])
+    with jax.profiler.trace(directory, create_perfetto_trace=True):
+        for _ in range(steps):
+            state, metrics = trainer.step(state, pipeline.to_global(next(data_iterator), trainer.batch_sharding))
+        float(metrics["loss"])
+    trace = json.load(gzip.open(sorted(glob.glob(f"{directory}/**/*.trace.json.gz", recursive=True))[-1]))
+    names = {(e["pid"], e["tid"]): e["args"]["name"] for e in trace["traceEvents"]
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    by_op, by_kind = collections.Counter(), collections.Counter()
+    for e in trace["traceEvents"]:
+        thread = names.get((e.get("pid"), e.get("tid")), "")
+        if e.get("ph") != "X" or not thread.startswith("tf_XLA") or e["name"].startswith(("ThunkExecutor", "end:")):
+            continue
+        by_op[e["name"]] += e["dur"] / steps / 1e3
+        by_kind[re.sub(r"[._]\d+$", "", e["name"])] += e["dur"] / steps / 1e3
+    print(f"device busy time per step (ms, summed over threads): {sum(by_op.values()):.1f}")
+    print("by kind: " + ", ".join(f"{k} {v:.1f}" for k, v in by_kind.most_common(12)))
+    for name, ms in by_op.most_common(top):
+        print(f"  {ms:6.2f} ms  {name}")
+    print(f"trace: {directory} (open the .trace.json.gz in https://ui.perfetto.dev)")
+
+
 def main(argv):
     reject_positional(argv)
     quiet_logging()
@@ -98,6 +132,9 @@ def main(argv):
                                   config.seed, jax.process_index(), jax.process_count())
     data_iterator = pipeline.iterate(data, config.data.num_threads, config.data.prefetch)
 
+    if _PROFILE.value:
+        profile_steps(trainer, trainer.init(), data_iterator, _PROFILE.value)
+        return
     first, per_step = timed_steps(trainer, trainer.init(), data_iterator, _WARMUP.value, _STEPS.value)
     step_s = float(np.median(per_step))
     tokens_per_step = config.train.batch_size * config.data.seq_len

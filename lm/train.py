@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
@@ -58,11 +59,19 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, optimizer: 
     return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
 
 
-def eval_step(params: Any, batch: Batch, *, model: nn.Module, pad_id: int) -> tuple[jax.Array, jax.Array]:
-    """(sum of token losses, number of scored tokens) on one batch."""
+EvalTotals = tuple[jax.Array, jax.Array]  # (sum of token losses, number of scored tokens)
+
+
+def eval_step(params: Any, batch: Batch, totals: EvalTotals, *, model: nn.Module, pad_id: int) -> EvalTotals:
+    """Adds one batch's token losses and token count to the running `totals`.
+
+    Carrying the totals through the step chains consecutive eval steps by data
+    dependency, so the device runs them in order, with no eager ops between them.
+    """
     example = objectives.causal_lm(batch["tokens"], pad_id)
     logits_BLV = model.apply({"params": params}, example.inputs_BL)
-    return objectives.weighted_cross_entropy(logits_BLV, example.targets_BL, example.weights_BL)
+    loss_sum, weight_sum = objectives.weighted_cross_entropy(logits_BLV, example.targets_BL, example.weights_BL)
+    return totals[0] + loss_sum, totals[1] + weight_sum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +90,7 @@ class Trainer:
     batch_sharding: NamedSharding
     _init: Callable[[], TrainState]
     _step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
-    _eval: Callable[[Any, Batch], tuple[jax.Array, jax.Array]]
+    _eval: Callable[[Any, Batch, EvalTotals], EvalTotals]
 
     def init(self) -> TrainState:
         return self._init()
@@ -90,9 +99,9 @@ class Trainer:
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             return self._step(state, batch)
 
-    def eval_step(self, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    def eval_step(self, params: Any, batch: Batch, totals: EvalTotals) -> EvalTotals:
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            return self._eval(params, batch)
+            return self._eval(params, batch, totals)
 
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs with shardings: the target a checkpoint restores onto."""
@@ -130,15 +139,16 @@ def make_trainer(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh
         _init=jax.jit(init_state, out_shardings=state_shardings),
         _step=jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
                       out_shardings=(state_shardings, replicated), donate_argnums=0),
-        _eval=jax.jit(eval_fn, in_shardings=(param_shardings, batch_sharding), out_shardings=replicated))
+        _eval=jax.jit(eval_fn, in_shardings=(param_shardings, batch_sharding, replicated),
+                      out_shardings=replicated, donate_argnums=2))
 
 
 def evaluate(trainer: Trainer, params: Any, dataset) -> float:
     """Mean token loss over every batch of `dataset` (summed on device, fetched once)."""
-    loss_sum, weight_sum = jnp.float32(0), jnp.float32(0)
+    totals = tuple(jax.device_put(np.zeros((), np.float32), sharding.replicated(trainer.mesh)) for _ in range(2))
     for local_batch in dataset:
-        batch_loss, batch_weight = trainer.eval_step(params, pipeline.to_global(local_batch, trainer.batch_sharding))
-        loss_sum, weight_sum = loss_sum + batch_loss, weight_sum + batch_weight
+        totals = trainer.eval_step(params, pipeline.to_global(local_batch, trainer.batch_sharding), totals)
+    loss_sum, weight_sum = jax.device_get(totals)
     return float(loss_sum) / max(float(weight_sum), 1.0)
 
 

@@ -86,3 +86,13 @@ def test_cli_fails_before_training_with_one_clear_message(tmp_path, flags, expec
     assert "Fix" in errors[0] or "Did you mean" in errors[0]
     assert "Traceback" not in result.stderr
     assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
+
+
+def test_a_recipe_takes_an_argument_from_the_command_line(tmp_path):
+    gpu = shakespeare_char.get_config("gpu")
+    config_lib.validate(gpu)
+    assert (gpu.model.num_layers, gpu.model.d_model, gpu.data.seq_len, gpu.model.dropout) == (6, 384, 256, 0.2)
+    result = run_cli("lm.main", f"--config={os.path.join(REPO, 'configs', 'shakespeare_char.py')}:tpu",
+                     f"--workdir={tmp_path}", check=False)
+    assert result.returncode == 2
+    assert "unknown variant 'tpu'" in result.stderr and "shakespeare_char.py:gpu" in result.stderr

@@ -88,3 +88,15 @@ def test_a_run_killed_and_restarted_ends_exactly_like_an_uninterrupted_one(tmp_p
     want, got = by_step(read_metrics(whole)), by_step(read_metrics(resumed))
     for step in range(21, 41):  # every step after the restart repeats the same loss, bit for bit
         assert got[step]["train/loss"] == want[step]["train/loss"], step
+
+
+def test_throughput_benchmark_prints_its_figures():
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", "train_throughput.py"), CONFIG, "--steps=3", "--warmup=2",
+         *cli_flags()], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    figures = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    for name in ("ms_per_step", "tokens_per_second", "compile_seconds", "peak_rss_mib", "mfu"):
+        assert name in figures, result.stdout
+    assert float(figures["tokens_per_second"].replace(",", "")) > 0
+    assert 0 < float(figures["mfu"]) < 1

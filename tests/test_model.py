@@ -118,3 +118,23 @@ def test_train_flops_are_six_n_plus_causal_attention():
     cfg = ModelConfig(vocab_size=68, max_len=64, num_layers=4, num_heads=4, d_model=128, head_dim=32, d_ff=512)
     matmul_params = 4 * 12 * 128 ** 2 + 68 * 128
     assert train_flops_per_token(cfg, 64) == 6 * matmul_params + 12 * 4 * 64 * 128 / 2
+
+
+def test_dropout_is_active_in_training_and_off_in_evaluation():
+    cfg = small(dropout=0.3)
+    model, params = init(cfg)
+    tokens = jnp.ones((2, cfg.max_len), jnp.int32) * 5
+    train = lambda seed: model.apply({"params": params}, tokens, deterministic=False,
+                                     rngs={"dropout": jax.random.key(seed)})
+    assert not np.allclose(train(0), train(1))
+    np.testing.assert_array_equal(train(0), train(0))  # the noise is a function of the key
+    np.testing.assert_array_equal(model.apply({"params": params}, tokens), model.apply({"params": params}, tokens))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits_close_to_float32():
+    model32, params = init(small())
+    model16 = build(small(dtype="bfloat16"))
+    tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 37)
+    logits16 = model16.apply({"params": params}, tokens)
+    assert logits16.dtype == jnp.float32 and all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    np.testing.assert_allclose(logits16, model32.apply({"params": params}, tokens), atol=5e-2)

@@ -71,3 +71,24 @@ def test_weighted_cross_entropy_ignores_zero_weight_positions():
     assert float(n_full) == 4 and float(n_half) == 2
     np.testing.assert_allclose(half, first_two, rtol=1e-6)
     assert float(full) > float(half)
+
+
+def test_evaluation_is_the_mean_loss_over_every_target_once_on_any_mesh():
+    config = tiny_config(eval__batch_size=16, eval__num_batches=0)
+    stream = STREAM[:1000]
+    model_cfg = ModelConfig.from_config(config.model, 64, config.data.seq_len)
+    losses = []
+    for shape, devices in [(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
+                           (dict(data=2, fsdp=4, tensor=1), jax.devices())]:
+        config.mesh.shape.update(shape)
+        trainer = train.make_trainer(config, model_cfg, sharding.make_mesh(config, devices), pad_id=0)
+        params = trainer.init().params
+        losses.append(train.evaluate(trainer, params, pipeline.eval_dataset(stream, 16, 16, pad_id=0)))
+    windows = (len(stream) - 1) // 16
+    rows = np.stack([stream[i * 16:i * 16 + 17] for i in range(windows)])
+    example = objectives.causal_lm(rows, pad_id=0)
+    total, count = objectives.weighted_cross_entropy(
+        trainer.model.apply({"params": jax.device_get(params)}, example.inputs_BL), example.targets_BL,
+        example.weights_BL)
+    assert float(count) == windows * 16
+    np.testing.assert_allclose(losses, float(total) / float(count), rtol=1e-5)
