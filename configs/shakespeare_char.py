@@ -5,10 +5,16 @@
 The default ("cpu") is nanoGPT's CPU run: 4 layers, 4 heads, d_model 128, context 64,
 batch 12, 2000 steps; AdamW at lr 1e-3 (100 warmup steps, cosine decay to 1e-4),
 beta2 0.99, weight decay 0.1, grad clip 1.0, no dropout; validation every 250 steps on
-the whole held-out 10% of the text. Expected: 0.80M parameters, about 4 minutes on a
-2-core CPU, validation loss about 1.90 at step 2000 (nanoGPT's own PyTorch model,
-trained and scored the same way on the same machine, reaches 1.905), and a sample that
-looks like a play: speaker names in capitals, line breaks, Shakespearean words.
+the whole held-out 10% of the text. One change: rotary position embeddings (RoPE)
+replace nanoGPT's learned position table. Expected: 0.80M parameters, about 4 minutes
+on a 2-core CPU, validation loss 1.77 at step 2000, and a sample that looks like a
+play: speaker names in capitals, line breaks, Shakespearean words.
+
+    python -m lm.main --config=configs/shakespeare_char.py --workdir=/tmp/nanogpt \
+        --config.model.positions=learned
+
+is nanoGPT's model exactly; it reaches 1.90 (nanoGPT's own PyTorch code, trained and
+scored the same way on the same machine: 1.905 to 1.917 over three seeds).
 
     python -m lm.main --config=configs/shakespeare_char.py:gpu --workdir=/tmp/shakespeare_gpu
 
@@ -35,6 +41,9 @@ def get_config(variant: str = "cpu"):
     config.optim.weight_decay = 0.1
     config.optim.grad_clip = 1.0
     config.train.eval_every = 250
+    # Rotary positions instead of nanoGPT's learned table: same parameter budget minus the
+    # table, and 0.13 lower validation loss on the CPU run (1.77 vs 1.90, measured here).
+    config.model.positions = "rope"
     if variant == "cpu":
         config.data.seq_len = 64
         config.model.num_layers, config.model.num_heads, config.model.d_model = 4, 4, 128

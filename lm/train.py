@@ -45,14 +45,16 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, optimizer: 
     example = objectives.causal_lm(batch["tokens"], pad_id)
     dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
-    def loss_fn(params):
+    def loss_sum_fn(params):
         logits_BLV = model.apply({"params": params}, example.inputs_BL, deterministic=False,
                                  rngs={"dropout": dropout_rng})
-        loss_sum, weight_sum = objectives.weighted_cross_entropy(logits_BLV, example.targets_BL,
-                                                                 example.weights_BL)
-        return loss_sum / jnp.maximum(weight_sum, 1.0)
+        return objectives.weighted_cross_entropy(logits_BLV, example.targets_BL, example.weights_BL)[0]
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    # Differentiate the loss *sum* and divide afterwards: the token count's all-reduce then
+    # joins the gradients' at the end of the step instead of syncing devices mid-forward.
+    loss_sum, grads_sum = jax.value_and_grad(loss_sum_fn)(state.params)
+    scale = 1.0 / jnp.maximum(jnp.sum(example.weights_BL), 1.0)
+    loss, grads = loss_sum * scale, jax.tree.map(lambda g: g * scale.astype(g.dtype), grads_sum)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state)

@@ -70,7 +70,7 @@ def test_fenced_activation_gradient_equals_autodiff(name):
 
 
 def numpy_reference(params, tokens: np.ndarray, cfg: ModelConfig) -> np.ndarray:
-    """A plain NumPy GPT (learned positions, LayerNorm without bias, exact GELU, tied)."""
+    """A plain NumPy GPT (learned or rotary positions, LayerNorm without bias, exact GELU, tied)."""
     p = jax.tree.map(np.asarray, params)
     erf = np.vectorize(math.erf)
 
@@ -78,14 +78,24 @@ def numpy_reference(params, tokens: np.ndarray, cfg: ModelConfig) -> np.ndarray:
         mean = x.mean(-1, keepdims=True)
         return (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + cfg.norm_eps) * scale
 
+    def rotate(x_bhlk):  # RoFormer: pairs (i, i + K/2) turn by position * theta^(-2i/K)
+        half = x_bhlk.shape[-1] // 2
+        angle = np.arange(length)[:, None] * cfg.rope_theta ** (-np.arange(half) / half)
+        x1, x2 = x_bhlk[..., :half], x_bhlk[..., half:]
+        return np.concatenate([x1 * np.cos(angle) - x2 * np.sin(angle),
+                               x2 * np.cos(angle) + x1 * np.sin(angle)], -1)
+
     length = tokens.shape[1]
-    x = p["embed"]["embedding"][tokens] + p["pos_embed"][:length]
+    x = p["embed"]["embedding"][tokens]
+    if cfg.positions == "learned":
+        x = x + p["pos_embed"][:length]
     mask = np.tril(np.ones((length, length), bool))
     for i in range(cfg.num_layers):
         layer = p[f"layer_{i}"]
         h = layer_norm(x, layer["attn_norm"]["scale"])
         qkv = np.einsum("bld,dthk->tbhlk", h, layer["attn"]["qkv"]["kernel"])
-        scores = np.einsum("bhlk,bhmk->bhlm", qkv[0], qkv[1]) / np.sqrt(cfg.head_dim)
+        q, k = (rotate(qkv[0]), rotate(qkv[1])) if cfg.positions == "rope" else (qkv[0], qkv[1])
+        scores = np.einsum("bhlk,bhmk->bhlm", q, k) / np.sqrt(cfg.head_dim)
         scores = np.where(mask, scores, -np.inf)
         probs = np.exp(scores - scores.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
@@ -97,8 +107,9 @@ def numpy_reference(params, tokens: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     return x @ p["embed"]["embedding"].T
 
 
-def test_logits_match_a_numpy_reference():
-    cfg = small()
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_logits_match_a_numpy_reference(positions):
+    cfg = small(positions=positions)
     model, params = init(cfg, seed=3)
     tokens = np.asarray(jax.random.randint(jax.random.key(4), (2, 12), 0, cfg.vocab_size))
     ours = np.asarray(model.apply({"params": params}, jnp.asarray(tokens)))
