@@ -128,8 +128,7 @@ def main(argv):
         corpus = pipeline.prepare(config, os.path.join(tmp, "tokenizer.json"))
     model_cfg = ModelConfig.from_config(config.model, corpus.tokenizer.vocab_size, config.data.seq_len)
     trainer = make_trainer(config, model_cfg, mesh, corpus.tokenizer.pad_id)
-    data = pipeline.train_dataset(corpus.tokens["train"], config.data.seq_len, config.train.batch_size,
-                                  config.seed, jax.process_index(), jax.process_count())
+    data = pipeline.train_data(config, corpus)
     data_iterator = pipeline.iterate(data, config.data.num_threads, config.data.prefetch)
 
     if _PROFILE.value:

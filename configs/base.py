@@ -45,9 +45,48 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.data = d = ml_collections.ConfigDict()
     d.name = "tinyshakespeare"  # corpus name; names the built TFDS dataset
-    d.files = (corpora.path("tinyshakespeare"),)  # text files or glob patterns (UTF-8)
-    d.validation_fraction = 0.1  # the last fraction of each file's text is validation
-    d.tokenizer = "char"  # "char" (vocabulary from the train split) or "byte" (UTF-8)
+    # Files, directories or glob patterns (`**` recurses): .txt, .jsonl (a "text" field
+    # per line, one document each) and their .gz forms, UTF-8.
+    d.files = (corpora.path("tinyshakespeare"),)
+    d.unit = "file"  # a .txt file's documents: "file" (one), "paragraph" or "line"
+    d.normalize = "none"  # Unicode normal form: "none", "NFC" or "NFKC"
+    # "tail": validation is the last validation_fraction of each file (nanoGPT's split);
+    # "hash": each document goes to validation when its content hash says so.
+    d.split = "tail"
+    d.validation_fraction = 0.1
+    # Quality rules, each dropping a document that breaks it; 0 turns a rule off.
+    # `lm.data.cleaning.GOPHER_RULES` holds Gopher's values for web text.
+    d.filters = f = ml_collections.ConfigDict()
+    f.min_chars = 0
+    f.max_chars = 0
+    f.min_words = 0
+    f.max_words = 0
+    f.max_non_alpha_fraction = 0.0  # of non-space characters that are not letters
+    f.max_duplicate_line_fraction = 0.0  # of a document's lines repeating an earlier line
+    f.max_top_bigram_fraction = 0.0  # of word characters in the most frequent word bigram
+    f.max_duplicate_ngram_fraction = 0.0  # of word characters in repeated word n-grams
+    f.duplicate_ngram_size = 5  # n for max_duplicate_ngram_fraction
+    # Deduplication across both splits; the first copy of a document is kept.
+    d.dedup = dd = ml_collections.ConfigDict()
+    dd.exact = True  # identical documents
+    dd.near_threshold = 0.0  # MinHash LSH Jaccard threshold, e.g. 0.8; 0 turns it off
+    dd.num_perm = 128  # MinHash permutations (accuracy vs. memory)
+    dd.shingle_words = 5  # word n-gram shingles compared by MinHash
+    # "char" (vocabulary of the train split), "byte" (UTF-8) or "sentencepiece".
+    d.tokenizer = "char"
+    # SentencePiece: an existing .model file, or "" to train one on the train split with
+    # the settings below (cached by corpus and settings; `python -m lm.data.tokenizer`).
+    d.sentencepiece = sp = ml_collections.ConfigDict()
+    sp.model = ""
+    sp.model_type = "bpe"  # "bpe" or "unigram"
+    sp.vocab_size = 2000
+    sp.byte_fallback = True  # unknown characters become bytes, so any text round-trips
+    sp.user_defined_symbols = ()  # e.g. sentinels ("<extra_id_0>", ...) kept whole
+    sp.max_sentences = 1_000_000  # documents sampled to train on
+    # Rows: "stream" cuts windows from the split's documents joined by <eos> (nanoGPT);
+    # "pack" packs whole documents (+ <eos>) into rows with segment ids and positions
+    # that restart per document, so attention never crosses documents.
+    d.packing = "stream"
     d.seq_len = 64  # tokens per row: the model's context length
     # Built datasets and token caches; "" means $LM_DATA_DIR, else ~/.cache/lm/data.
     d.data_dir = ""

@@ -13,7 +13,12 @@ from typing import Any, Iterable
 
 import ml_collections
 
-TOKENIZERS = ("char", "byte")
+from lm.data.documents import NORMAL_FORMS, SUFFIXES as CORPUS_SUFFIXES, UNITS
+
+TOKENIZERS = ("char", "byte", "sentencepiece")
+SPLIT_MODES = ("tail", "hash")
+PACKINGS = ("stream", "pack")
+SP_MODEL_TYPES = ("bpe", "unigram")
 FAMILIES = ("decoder",)
 POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
@@ -59,9 +64,13 @@ def resolve_files(patterns: Iterable[str]) -> list[str]:
     files: list[str] = []
     for pattern in patterns:
         expanded = os.path.abspath(os.path.expanduser(pattern))
-        matches = sorted(p for p in glob.glob(expanded) if os.path.isfile(p))
+        if os.path.isdir(expanded):
+            expanded = os.path.join(expanded, "**", "*")
+        matches = sorted(p for p in glob.glob(expanded, recursive=True)
+                         if os.path.isfile(p) and p.endswith(CORPUS_SUFFIXES))
         if not matches:
-            fail("data.files", pattern, f"matches no file (looked for {expanded})",
+            fail("data.files", pattern, f"matches no corpus file (looked for {expanded} "
+                 f"ending in {', '.join(CORPUS_SUFFIXES)})",
                  "point data.files at existing text files, e.g. "
                  "--config.data.files='(\"/path/to/corpus.txt\",)'")
         files.extend(matches)
@@ -90,7 +99,28 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
     if not 0.0 < d.validation_fraction < 1.0:
         fail("data.validation_fraction", d.validation_fraction, "must lie strictly between 0 and 1",
              "hold out a fraction such as 0.1")
+    require_choice(config, "data.unit", UNITS)
+    require_choice(config, "data.normalize", NORMAL_FORMS)
+    require_choice(config, "data.split", SPLIT_MODES)
+    require_choice(config, "data.packing", PACKINGS)
+    for field, value in d.filters.items():
+        require_positive(config, f"data.filters.{field}", allow_zero=True)
+        if field.endswith("_fraction") and value > 1:
+            fail(f"data.filters.{field}", value, "is a fraction above 1", "use a value in [0, 1]; 0 is off")
+    if not 0.0 <= d.dedup.near_threshold <= 1.0:
+        fail("data.dedup.near_threshold", d.dedup.near_threshold, "must lie in [0, 1]",
+             "use e.g. 0.8, or 0 to turn near-duplicate removal off")
+    require_positive(config, "data.dedup.num_perm")
+    require_positive(config, "data.dedup.shingle_words")
     require_choice(config, "data.tokenizer", TOKENIZERS)
+    if d.tokenizer == "sentencepiece":
+        require_choice(config, "data.sentencepiece.model_type", SP_MODEL_TYPES)
+        require_positive(config, "data.sentencepiece.vocab_size")
+        require_positive(config, "data.sentencepiece.max_sentences")
+        if d.sentencepiece.model and not os.path.isfile(os.path.expanduser(d.sentencepiece.model)):
+            fail("data.sentencepiece.model", d.sentencepiece.model, "is not a file",
+                 "train one with `python -m lm.data.tokenizer train`, or set it to '' to train "
+                 "one from the corpus automatically")
     require_positive(config, "data.seq_len")
     require_positive(config, "data.num_threads", allow_zero=True)
     if not d.name or not d.name.replace("_", "").isalnum():

@@ -20,12 +20,24 @@ class Example(NamedTuple):
     inputs_BL: Array  # int32 token ids fed to the model
     targets_BL: Array  # int32 ids the model must predict at each position
     weights_BL: Array  # float32 loss weight per position (0 on padding)
+    segment_ids_BL: Array | None = None  # packed rows: document of each input (0 = padding)
+    positions_BL: Array | None = None  # packed rows: position of each input in its document
 
 
-def causal_lm(tokens_BL1: Array, pad_id: int) -> Example:
-    """Next-token prediction (GPT): predict token t+1 from tokens <= t."""
+def causal_lm(batch: dict[str, Array], pad_id: int) -> Example:
+    """Next-token prediction (GPT): predict token t+1 from tokens <= t.
+
+    In packed rows (with `segment_ids`), a target counts only when it belongs to the
+    same document as its input, so nothing is predicted across a document boundary.
+    """
+    tokens_BL1 = batch["tokens"]
     targets_BL = tokens_BL1[:, 1:]
-    return Example(tokens_BL1[:, :-1], targets_BL, (targets_BL != pad_id).astype(jnp.float32))
+    if "segment_ids" not in batch:
+        return Example(tokens_BL1[:, :-1], targets_BL, (targets_BL != pad_id).astype(jnp.float32))
+    segments_BL1 = batch["segment_ids"]
+    same_document_BL = (segments_BL1[:, 1:] == segments_BL1[:, :-1]) & (segments_BL1[:, 1:] > 0)
+    return Example(tokens_BL1[:, :-1], targets_BL, same_document_BL.astype(jnp.float32),
+                   segments_BL1[:, :-1], batch["positions"][:, :-1])
 
 
 def weighted_cross_entropy(logits_BLV: Array, targets_BL: Array, weights_BL: Array) -> tuple[Array, Array]:

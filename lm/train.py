@@ -42,12 +42,12 @@ class TrainState:
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module, optimizer: optax.GradientTransformation,
                schedule: optax.Schedule, pad_id: int) -> tuple[TrainState, Metrics]:
     """One optimizer update on a global batch; a pure function of (state, batch)."""
-    example = objectives.causal_lm(batch["tokens"], pad_id)
+    example = objectives.causal_lm(batch, pad_id)
     dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def loss_sum_fn(params):
-        logits_BLV = model.apply({"params": params}, example.inputs_BL, deterministic=False,
-                                 rngs={"dropout": dropout_rng})
+        logits_BLV = model.apply({"params": params}, example.inputs_BL, example.positions_BL,
+                                 example.segment_ids_BL, deterministic=False, rngs={"dropout": dropout_rng})
         return objectives.weighted_cross_entropy(logits_BLV, example.targets_BL, example.weights_BL)[0]
 
     # Differentiate the loss *sum* and divide afterwards: the token count's all-reduce then
@@ -70,8 +70,8 @@ def eval_step(params: Any, batch: Batch, totals: EvalTotals, *, model: nn.Module
     Carrying the totals through the step chains consecutive eval steps by data
     dependency, so the device runs them in order, with no eager ops between them.
     """
-    example = objectives.causal_lm(batch["tokens"], pad_id)
-    logits_BLV = model.apply({"params": params}, example.inputs_BL)
+    example = objectives.causal_lm(batch, pad_id)
+    logits_BLV = model.apply({"params": params}, example.inputs_BL, example.positions_BL, example.segment_ids_BL)
     loss_sum, weight_sum = objectives.weighted_cross_entropy(logits_BLV, example.targets_BL, example.weights_BL)
     return totals[0] + loss_sum, totals[1] + weight_sum
 
@@ -167,10 +167,7 @@ class Run:
     is_main: bool
 
     def eval_metrics(self, params: Any) -> dict[str, float]:
-        dataset = pipeline.eval_dataset(
-            self.corpus.tokens["validation"], self.config.data.seq_len, self.config.eval.batch_size,
-            self.corpus.tokenizer.pad_id, self.config.eval.num_batches, jax.process_index(), jax.process_count())
-        loss = evaluate(self.trainer, params, dataset)
+        loss = evaluate(self.trainer, params, pipeline.validation_data(self.config, self.corpus))
         return objectives.loss_metrics(loss, self.corpus.bytes_per_token["validation"])
 
 
@@ -213,8 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpoints and samples. Returns the final validation metrics."""
     run = setup_run(config, workdir)
     t, c = run.trainer, config.train
-    train_data = pipeline.train_dataset(run.corpus.tokens["train"], config.data.seq_len, c.batch_size,
-                                        config.seed, jax.process_index(), jax.process_count())
+    train_data = pipeline.train_data(config, run.corpus)
     data_iterator = pipeline.iterate(train_data, config.data.num_threads, config.data.prefetch)
     state = restore_or_init(run, data_iterator)
     start = int(state.step)

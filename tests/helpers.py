@@ -26,8 +26,11 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
     config = shakespeare_char.get_config()
     settings = dict(TINY, **{k.replace("__", "."): v for k, v in overrides.items()})
     for key, value in settings.items():
-        section, name = key.split(".")
-        config[section][name] = value
+        *sections, name = key.split(".")
+        node = config
+        for section in sections:
+            node = node[section]
+        node[name] = value
     return config
 
 

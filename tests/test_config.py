@@ -73,7 +73,7 @@ def test_cpu_devices_default_to_cores_that_divide_the_batch():
 @pytest.mark.parametrize("flags, expected", [
     (["--config.model.d_model=33"], "config.model.d_model=33 is not divisible by config.model.num_heads=2"),
     (["--config.train.stepz=5"], 'Did you mean "steps"'),
-    (["--config.data.files=('/no/such/corpus.txt',)"], "config.data.files='/no/such/corpus.txt' matches no file"),
+    (["--config.data.files=('/no/such/corpus.txt',)"], "config.data.files='/no/such/corpus.txt' matches no corpus file"),
     (["--config.mesh.shape.data=3", "--config.mesh.cpu_devices=2"], "needs 3 devices, but 2 are available"),
 ])
 def test_cli_fails_before_training_with_one_clear_message(tmp_path, flags, expected):

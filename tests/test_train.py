@@ -56,10 +56,21 @@ def test_fsdp_shards_parameters_and_optimizer_state_along_embed():
 
 def test_causal_objective_shifts_targets_and_puts_no_weight_on_padding():
     tokens = np.array([[5, 6, 7, 0, 0]], np.int32)
-    example = objectives.causal_lm(tokens, pad_id=0)
+    example = objectives.causal_lm({"tokens": tokens}, pad_id=0)
     assert example.inputs_BL.tolist() == [[5, 6, 7, 0]]
     assert example.targets_BL.tolist() == [[6, 7, 0, 0]]
     assert example.weights_BL.tolist() == [[1.0, 1.0, 0.0, 0.0]]
+
+
+def test_causal_objective_on_packed_rows_predicts_nothing_across_documents():
+    batch = {"tokens": np.array([[5, 6, 1, 8, 9, 1, 0, 0]], np.int32),  # two documents + <eos>, padding
+             "segment_ids": np.array([[1, 1, 1, 2, 2, 2, 0, 0]], np.int32),
+             "positions": np.array([[0, 1, 2, 0, 1, 2, 0, 0]], np.int32)}
+    example = objectives.causal_lm(batch, pad_id=0)
+    assert example.targets_BL.tolist() == [[6, 1, 8, 9, 1, 0, 0]]
+    assert example.weights_BL.tolist() == [[1, 1, 0, 1, 1, 0, 0]]  # 1 -> 8 crosses; padding scores 0
+    assert example.segment_ids_BL.tolist() == [[1, 1, 1, 2, 2, 2, 0]]
+    assert example.positions_BL.tolist() == [[0, 1, 2, 0, 1, 2, 0]]
 
 
 def test_weighted_cross_entropy_ignores_zero_weight_positions():

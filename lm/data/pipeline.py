@@ -1,13 +1,20 @@
 """From config to batches: build the TFDS dataset, fit the tokenizer, tokenize each
 split once, and serve fixed-length rows through Grain.
 
-Training rows are windows of `seq_len + 1` tokens of the split's token stream. Epoch
-`e` starts the windows at a shift drawn from (seed, e) and visits them in a permutation
-drawn from (seed, e), so every token is seen once per epoch and the batch of step `s`
-is a pure function of (seed, s): a resumed run reads exactly the batches it would have.
+Each split is cached as one token stream, its documents joined by `<eos>`, plus each
+document's (start, length). Rows have `seq_len + 1` tokens; there are two layouts:
 
-Each JAX process reads only its own contiguous slice of every global batch
-(`batch(local)[process::processes]`), and `to_global` assembles the global array.
+- `stream` (nanoGPT): windows of the stream. Epoch `e` starts the windows at a shift
+  drawn from (seed, e) and visits them in a permutation drawn from (seed, e).
+- `pack`: documents, each followed by `<eos>` (cut into pieces if longer than a row),
+  packed first-fit into rows in an order drawn from (seed, e). Rows carry
+  `segment_ids` (1, 2, ... per piece, 0 on padding) and `positions` that restart at
+  each piece, so attention never crosses documents.
+
+Either way the batch of step `s` is a pure function of (seed, s): a resumed run reads
+exactly the batches it would have. Each JAX process reads only its own contiguous
+slice of every global batch (`batch(local)[process::processes]`), and `to_global`
+assembles the global array.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 from typing import Iterator
 
 import grain
@@ -27,17 +35,20 @@ import tensorflow_datasets as tfds
 
 from lm.config import ConfigError, resolve_files
 from lm.data import text_files, tokenizers
+from lm.data.documents import CorpusError
 
 SPLITS = ("train", "validation")
 
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    """A tokenized corpus: the tokenizer and each split's token stream."""
+    """A tokenized corpus: the tokenizer and each split's token stream and documents."""
 
     tokenizer: tokenizers.Tokenizer
-    tokens: dict[str, np.ndarray]  # split -> int32 stream (memory-mapped from the cache)
+    tokens: dict[str, np.ndarray]  # split -> int32 stream, documents joined by <eos> (memory-mapped)
+    documents: dict[str, np.ndarray]  # split -> int64 [num_documents, 2]: (start, length) in `tokens`
     bytes_per_token: dict[str, float]  # split -> UTF-8 bytes per token, for bits per byte
+    report: dict  # the cleaning report of the built dataset (`lm.data.cleaning.Report`)
 
 
 def data_dir(config: ml_collections.ConfigDict) -> str:
@@ -45,38 +56,74 @@ def data_dir(config: ml_collections.ConfigDict) -> str:
                               or os.path.join("~", ".cache", "lm", "data"))
 
 
-def prepare(config: ml_collections.ConfigDict, tokenizer_path: str) -> Corpus:
-    """Builds the corpus dataset (once per content) and its token streams.
-
-    The tokenizer is fitted to the train split and saved at `tokenizer_path`; if that
-    file exists (a resumed run), it is loaded instead, so ids never change under a run.
-    """
-    root = data_dir(config)
+def build(config: ml_collections.ConfigDict) -> text_files.TextFiles:
+    """Builds (once per content and options) the corpus's TFDS dataset; returns its builder."""
     builder = text_files.builder(config.data.name, resolve_files(config.data.files),
-                                 config.data.validation_fraction, root)
+                                 text_files.corpus_options(config.data), data_dir(config))
     tfds.disable_progress_bar()
-    builder.download_and_prepare()
+    try:
+        builder.download_and_prepare()
+    except CorpusError as e:
+        raise ConfigError(str(e)) from None
+    return builder
+
+
+def prepare(config: ml_collections.ConfigDict, tokenizer_path: str) -> Corpus:
+    """Builds the corpus dataset and its token streams.
+
+    The tokenizer is fitted to the train split (or loaded from data.sentencepiece.model)
+    and saved at `tokenizer_path`; if that file exists (a resumed run), it is loaded
+    instead, so ids never change under a run.
+    """
+    builder = build(config)
     sources = builder.as_data_source()
     if os.path.exists(tokenizer_path):
         tokenizer = tokenizers.load(tokenizer_path)
     else:
-        tokenizer = tokenizers.train(config.data.tokenizer, _texts(sources["train"]))
+        tokenizer = fit_tokenizer(config, builder, sources["train"])
         tokenizers.save(tokenizer, tokenizer_path)
-    cache = os.path.join(root, "tokens", builder.builder_config.name, _tokenizer_id(tokenizer))
-    tokens, bytes_per_token = {}, {}
+    cache = os.path.join(data_dir(config), "tokens", builder.builder_config.name, _tokenizer_id(tokenizer))
+    tokens, documents, bytes_per_token = {}, {}, {}
     for split in SPLITS:
-        tokens[split], num_bytes = _token_stream(sources[split], tokenizer, cache, split,
-                                                 config.data.num_threads)
-        if len(tokens[split]) < config.data.seq_len + 1:
+        tokens[split], documents[split], num_bytes = _token_stream(
+            sources[split], tokenizer, cache, split, config.data.num_threads)
+        if len(tokens[split]) < config.data.seq_len + 1 and config.data.packing == "stream":
             raise ConfigError(
                 f"the {split} split of config.data.files has {len(tokens[split])} tokens, fewer than "
                 f"one row of config.data.seq_len + 1 = {config.data.seq_len + 1}. Fix: use more text, "
                 "a shorter seq_len, or a different data.validation_fraction.")
-        bytes_per_token[split] = num_bytes / len(tokens[split])
-    return Corpus(tokenizer, tokens, bytes_per_token)
+        if not len(documents[split]):
+            raise ConfigError(f"the {split} split of config.data.files has no documents. Fix: use more "
+                              "text, or a different data.validation_fraction / data.split.")
+        bytes_per_token[split] = num_bytes / max(len(tokens[split]), 1)
+    return Corpus(tokenizer, tokens, documents, bytes_per_token, text_files.report(builder))
 
 
-def _texts(source) -> Iterator[str]:
+def fit_tokenizer(config: ml_collections.ConfigDict, builder, train_source) -> tokenizers.Tokenizer:
+    """The config's tokenizer, trained on the train split where it needs training."""
+    d = config.data
+    if d.tokenizer != "sentencepiece":
+        return tokenizers.train(d.tokenizer, texts(train_source))
+    if d.sentencepiece.model:
+        return tokenizers.SentencePieceTokenizer.from_file(d.sentencepiece.model)
+    settings = d.sentencepiece.to_dict()
+    settings["user_defined_symbols"] = list(settings["user_defined_symbols"])
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    path = os.path.join(data_dir(config), "tokenizers", builder.builder_config.name, f"{key}.model")
+    if not os.path.exists(path):
+        try:
+            tokenizer = tokenizers.train_sentencepiece(
+                texts(train_source), d.sentencepiece.vocab_size, d.sentencepiece.model_type,
+                d.sentencepiece.byte_fallback, d.sentencepiece.user_defined_symbols,
+                d.sentencepiece.max_sentences, max(d.num_threads, 1))
+        except ValueError as e:
+            raise ConfigError(f"config.data.sentencepiece.vocab_size={d.sentencepiece.vocab_size}: {e}") from None
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _atomic_write(path, lambda f: f.write(tokenizer.model_proto))
+    return tokenizers.SentencePieceTokenizer.from_file(path)
+
+
+def texts(source) -> Iterator[str]:
     for i in range(len(source)):
         yield source[i]["text"].decode("utf-8")
 
@@ -87,24 +134,28 @@ def _tokenizer_id(tokenizer: tokenizers.Tokenizer) -> str:
 
 
 def _token_stream(source, tokenizer, cache_dir: str, split: str, num_threads: int):
-    """The split's records tokenized in order and concatenated; cached as .npy."""
-    path = os.path.join(cache_dir, f"{split}.npy")
-    meta_path = os.path.join(cache_dir, f"{split}.json")
-    if not (os.path.exists(path) and os.path.exists(meta_path)):
+    """(stream, documents, UTF-8 bytes) of the split, tokenized in order; cached as .npy."""
+    paths = {name: os.path.join(cache_dir, f"{split}.{name}") for name in ("tokens.npy", "docs.npy", "json")}
+    if not all(os.path.exists(p) for p in paths.values()):
         encode = functools.partial(_encode_record, tokenizer)
         pieces = grain.MapDataset.source(source).map(encode).to_iter_dataset(
             grain.ReadOptions(num_threads=max(num_threads, 1), prefetch_buffer_size=16))
-        ids, num_bytes = [], 0
+        ids, lengths, num_bytes = [], [], 0
         for piece_ids, piece_bytes in pieces:
-            ids.append(piece_ids)
+            ids.extend((piece_ids, np.array([tokenizer.eos_id], np.int32)))
+            lengths.append(len(piece_ids))
             num_bytes += piece_bytes
-        stream = np.concatenate(ids) if ids else np.zeros((0,), np.int32)
+        stream = np.concatenate(ids[:-1]) if ids else np.zeros((0,), np.int32)
+        lengths = np.asarray(lengths, np.int64)
+        docs = np.stack([np.cumsum(lengths + 1) - lengths - 1, lengths], axis=1) if len(lengths) else \
+            np.zeros((0, 2), np.int64)
         os.makedirs(cache_dir, exist_ok=True)
-        _atomic_write(path, lambda f: np.save(f, stream))
-        _atomic_write(meta_path, lambda f: f.write(json.dumps({"bytes": num_bytes}).encode()))
-    with open(meta_path) as f:
+        _atomic_write(paths["tokens.npy"], lambda f: np.save(f, stream))
+        _atomic_write(paths["docs.npy"], lambda f: np.save(f, docs))
+        _atomic_write(paths["json"], lambda f: f.write(json.dumps({"bytes": num_bytes}).encode()))
+    with open(paths["json"]) as f:
         num_bytes = json.load(f)["bytes"]
-    return np.load(path, mmap_mode="r"), num_bytes
+    return np.load(paths["tokens.npy"], mmap_mode="r"), np.load(paths["docs.npy"]), num_bytes
 
 
 def _encode_record(tokenizer: tokenizers.Tokenizer, record: dict) -> tuple[np.ndarray, int]:
@@ -134,9 +185,15 @@ class _EpochWindow(grain.experimental.MapWithIndexTransform):
 
 
 def train_dataset(tokens: np.ndarray, seq_len: int, global_batch: int, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-    """Batches of `{'tokens': int32[local_batch, seq_len + 1]}`; element `s` is step `s`."""
+                  process_index: int = 0, process_count: int = 1, packing: str = "stream",
+                  documents: np.ndarray | None = None, eos_id: int = tokenizers.EOS_ID,
+                  pad_id: int = tokenizers.PAD_ID) -> grain.MapDataset:
+    """Batches of `{'tokens': int32[local_batch, seq_len + 1]}` (plus `segment_ids` and
+    `positions` when packing); element `s` is step `s`."""
     local_batch = _local_batch(global_batch, process_count)
+    if packing == "pack":
+        rows = grain.MapDataset.source(_PackedRows(tokens, documents, seq_len, seed, eos_id, pad_id))
+        return rows.batch(local_batch, drop_remainder=True)[process_index::process_count]
     per_epoch = (len(tokens) - seq_len) // seq_len  # room for any shift in [0, seq_len)
     if per_epoch < 1:
         raise ConfigError(f"the train split has {len(tokens)} tokens, too few for one shifted row of "
@@ -144,6 +201,96 @@ def train_dataset(tokens: np.ndarray, seq_len: int, global_batch: int, seed: int
     rows = (grain.MapDataset.range(per_epoch).shuffle(seed=seed).repeat()
             .map_with_index(_EpochWindow(tokens, seq_len, seed, per_epoch)))
     return rows.batch(local_batch, drop_remainder=True)[process_index::process_count]
+
+
+def pack(lengths: np.ndarray, row_len: int, max_open: int = 64) -> list[list[tuple[int, int, int]]]:
+    """First-fit packing of documents of `lengths` tokens (each + <eos>) into rows.
+
+    Returns rows of pieces `(document, offset, length)`; a document longer than a row is
+    cut into row-sized pieces. At most `max_open` rows are open at once (the fullest is
+    closed first), which bounds the work per piece and keeps the order local.
+    """
+    rows: list[list[tuple[int, int, int]]] = []
+    open_rows: list[list[tuple[int, int, int]]] = []
+    free = np.zeros(0, np.int64)
+    for doc, length in enumerate(lengths):
+        total = int(length) + 1  # the document and its <eos>
+        for offset in range(0, total, row_len):
+            size = min(row_len, total - offset)
+            fits = np.flatnonzero(free >= size)
+            if len(fits):
+                i = int(fits[0])
+            else:
+                if len(open_rows) == max_open:
+                    fullest = int(np.argmin(free))
+                    rows.append(open_rows.pop(fullest))
+                    free = np.delete(free, fullest)
+                open_rows.append([])
+                free = np.append(free, row_len)
+                i = len(open_rows) - 1
+            open_rows[i].append((doc, offset, size))
+            free[i] -= size
+    return rows + open_rows
+
+
+def packed_row(tokens: np.ndarray, documents: np.ndarray, pieces: list[tuple[int, int, int]],
+               row_len: int, eos_id: int, pad_id: int) -> dict[str, np.ndarray]:
+    """One packed row: tokens, segment ids (0 = padding) and per-piece positions."""
+    row = {"tokens": np.full(row_len, pad_id, np.int32), "segment_ids": np.zeros(row_len, np.int32),
+           "positions": np.zeros(row_len, np.int32)}
+    at = 0
+    for segment, (doc, offset, size) in enumerate(pieces, start=1):
+        start, length = documents[doc]
+        body = np.asarray(tokens[start + offset:start + min(offset + size, length)], np.int32)
+        row["tokens"][at:at + len(body)] = body
+        row["tokens"][at + len(body):at + size] = eos_id  # the piece that ends the document
+        row["segment_ids"][at:at + size] = segment
+        row["positions"][at:at + size] = np.arange(size)
+        at += size
+    return row
+
+
+class _PackedRows:
+    """Row `i` of the endless sequence of packed epochs; epoch `e` shuffles with (seed, e)."""
+
+    def __init__(self, tokens, documents, seq_len: int, seed: int, eos_id: int, pad_id: int):
+        if documents is None or not len(documents):
+            raise ConfigError("packing needs the split's documents; the train split has none. "
+                              "Fix: use more text, or config.data.packing='stream'.")
+        self.tokens, self.documents, self.row_len = tokens, documents, seq_len + 1
+        self.seed, self.eos_id, self.pad_id = seed, eos_id, pad_id
+        self.epoch_ends: list[int] = []  # cumulative rows at the end of each planned epoch
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    @functools.lru_cache(maxsize=2)
+    def epoch(self, e: int) -> list[list[tuple[int, int, int]]]:
+        rng = np.random.default_rng([self.seed, e])
+        order = rng.permutation(len(self.documents))
+        rows = pack(self.documents[order, 1], self.row_len)
+        rows = [[(int(order[d]), o, n) for d, o, n in rows[i]] for i in rng.permutation(len(rows))]
+        return rows
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        while not self.epoch_ends or self.epoch_ends[-1] <= i:
+            previous = self.epoch_ends[-1] if self.epoch_ends else 0
+            self.epoch_ends.append(previous + len(self.epoch(len(self.epoch_ends))))
+        e = int(np.searchsorted(self.epoch_ends, i, side="right"))
+        first = self.epoch_ends[e - 1] if e else 0
+        return packed_row(self.tokens, self.documents, self.epoch(e)[i - first], self.row_len,
+                          self.eos_id, self.pad_id)
+
+
+def packing_efficiency(documents: np.ndarray, seq_len: int, epochs: int = 1, seed: int = 0) -> float:
+    """Non-padding tokens over all tokens of the packed rows of `epochs` epochs."""
+    rows = _PackedRows(np.zeros(0, np.int32), documents, seq_len, seed, 1, 0)
+    used = total = 0
+    for e in range(epochs):
+        plan = rows.epoch(e)
+        used += sum(n for row in plan for _, _, n in row)
+        total += len(plan) * (seq_len + 1)
+    return used / total
 
 
 class _EvalWindows:
@@ -163,16 +310,41 @@ class _EvalWindows:
         return {"tokens": np.asarray(self.tokens[start:start + self.seq_len + 1], np.int32)}
 
 
+class _PackedEvalRows:
+    """The split's documents packed in order (no shuffle), padded with empty rows."""
+
+    def __init__(self, tokens, documents, seq_len: int, num_rows: int, eos_id: int, pad_id: int):
+        self.tokens, self.documents, self.row_len = tokens, documents, seq_len + 1
+        self.eos_id, self.pad_id = eos_id, pad_id
+        self.rows = pack(documents[:, 1], self.row_len, max_open=1)[:num_rows]
+        self.num_rows = num_rows
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        pieces = self.rows[i] if i < len(self.rows) else []
+        return packed_row(self.tokens, self.documents, pieces, self.row_len, self.eos_id, self.pad_id)
+
+
 def eval_dataset(tokens: np.ndarray, seq_len: int, global_batch: int, pad_id: int,
-                 num_batches: int = 0, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-    """The validation split in order; `num_batches=0` covers all of it."""
+                 num_batches: int = 0, process_index: int = 0, process_count: int = 1,
+                 packing: str = "stream", documents: np.ndarray | None = None,
+                 eos_id: int = tokenizers.EOS_ID) -> grain.MapDataset:
+    """The validation split in order, each token scored once; `num_batches=0` covers all of it."""
     local_batch = _local_batch(global_batch, process_count)
-    windows = (len(tokens) - 1) // seq_len
-    batches = -(-windows // global_batch)
+    if packing == "pack":
+        rows_needed = len(pack(documents[:, 1], seq_len + 1, max_open=1))
+    else:
+        rows_needed = (len(tokens) - 1) // seq_len
+    batches = -(-rows_needed // global_batch)
     if num_batches:
         batches = min(batches, num_batches)
-    rows = grain.MapDataset.source(_EvalWindows(tokens, seq_len, batches * global_batch, pad_id))
-    return rows.batch(local_batch)[process_index::process_count]
+    if packing == "pack":
+        source = _PackedEvalRows(tokens, documents, seq_len, batches * global_batch, eos_id, pad_id)
+    else:
+        source = _EvalWindows(tokens, seq_len, batches * global_batch, pad_id)
+    return grain.MapDataset.source(source).batch(local_batch)[process_index::process_count]
 
 
 def _local_batch(global_batch: int, process_count: int) -> int:
@@ -191,3 +363,18 @@ def iterate(dataset: grain.MapDataset, num_threads: int, prefetch: int) -> grain
 def to_global(local_batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
     """Assembles each process's rows into global arrays sharded along the batch."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def train_data(config: ml_collections.ConfigDict, corpus: Corpus) -> grain.MapDataset:
+    """This process's training batches for `config` (step `s` is element `s`)."""
+    return train_dataset(corpus.tokens["train"], config.data.seq_len, config.train.batch_size, config.seed,
+                         jax.process_index(), jax.process_count(), config.data.packing,
+                         corpus.documents["train"], corpus.tokenizer.eos_id, corpus.tokenizer.pad_id)
+
+
+def validation_data(config: ml_collections.ConfigDict, corpus: Corpus) -> grain.MapDataset:
+    """This process's validation batches for `config`, covering the split once."""
+    return eval_dataset(corpus.tokens["validation"], config.data.seq_len, config.eval.batch_size,
+                        corpus.tokenizer.pad_id, config.eval.num_batches, jax.process_index(),
+                        jax.process_count(), config.data.packing, corpus.documents["validation"],
+                        corpus.tokenizer.eos_id)

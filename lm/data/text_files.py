@@ -1,86 +1,126 @@
-"""A TFDS builder over local UTF-8 text files, written as array_record (no TensorFlow).
+"""A TFDS builder over local corpus files, written as array_record (no TensorFlow needed).
 
-Each file's text is split at a character index: the first `1 - validation_fraction`
-goes to `train`, the rest to `validation` (nanoGPT's split of tiny Shakespeare). Each
-split is stored in order as records of whole lines, at most `CHUNK_CHARS` long, so a
-reader can rebuild the exact text stream or read it in pieces.
+Building reads the files as documents (`lm.data.documents`), assigns each to `train` or
+`validation`, cleans them (`lm.data.cleaning`: quality rules, exact and near
+deduplication across both splits) and stores one record per document, in order. The
+cleaning report is saved in the dataset's metadata (`builder.info.metadata["report"]`).
 
-The dataset's config name carries a fingerprint of the files' contents and the split,
-so changing a file builds a new dataset instead of reusing a stale one.
+Validation is either the tail of each file (`split="tail"`: the last
+`validation_fraction` of a text file's characters, or of a JSONL file's documents;
+nanoGPT's split of tiny Shakespeare) or chosen by document hash (`split="hash"`: stable
+under reordering, adding or removing other documents).
+
+The dataset's config name carries a fingerprint of the files' contents and of every
+option, so a change builds a new dataset instead of reusing a stale one. TFDS writes
+into a temporary directory and renames it only on success, so a failed build leaves
+nothing that looks complete.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 from typing import Iterator, Sequence
 
+import ml_collections
 import tensorflow_datasets as tfds
 from absl import logging
 
-CHUNK_CHARS = 1 << 16
+from lm.data import cleaning, documents
+from lm.data.documents import CorpusError, Document
 
 
 @dataclasses.dataclass
 class TextFilesConfig(tfds.core.BuilderConfig):
     files: tuple[str, ...] = ()
-    validation_fraction: float = 0.1
+    options: str = "{}"  # JSON of the cleaning options (`corpus_options`)
+
+
+def corpus_options(data: ml_collections.ConfigDict) -> dict:
+    """The part of `config.data` that decides the built dataset's contents."""
+    return {"unit": data.unit, "normalize": data.normalize, "split": data.split,
+            "validation_fraction": data.validation_fraction,
+            "filters": data.filters.to_dict(), "dedup": data.dedup.to_dict()}
 
 
 class TextFiles(tfds.core.GeneratorBasedBuilder):
-    """Local text files as a TFDS dataset with `train` and `validation` splits."""
+    """Local corpus files as a TFDS dataset with `train` and `validation` splits."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Tail-fraction validation split; records of whole lines."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {"1.0.0": "Tail-fraction validation split; records of whole lines.",
+                     "2.0.0": "One record per document; cleaning, deduplication, hash split."}
 
     def _info(self) -> tfds.core.DatasetInfo:
         # Built from `builder=self` directly: `dataset_info_from_configs` looks for
         # package metadata a builder outside a registered package does not have.
         return tfds.core.DatasetInfo(
             builder=self,
-            description="Local UTF-8 text files, split by character position.",
+            description="Local text/JSONL files as cleaned, deduplicated documents.",
             features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
-            disable_shuffling=True,  # records stay in text order
+            disable_shuffling=True,  # records stay in corpus order
+            metadata=tfds.core.MetadataDict(),
         )
 
     def _split_generators(self, dl_manager) -> dict:
-        return {"train": self._generate_examples("train"),
-                "validation": self._generate_examples("validation")}
+        kept = self._clean()
+        return {split: self._generate_examples(kept[split]) for split in ("train", "validation")}
 
-    def _generate_examples(self, split: str) -> Iterator[tuple[str, dict]]:
-        for file_index, path in enumerate(self.builder_config.files):
-            text = read_text(path)
-            cut = int(len(text) * (1.0 - self.builder_config.validation_fraction))
-            part = text[:cut] if split == "train" else text[cut:]
-            for chunk_index, chunk in enumerate(line_chunks(part, CHUNK_CHARS)):
-                yield f"{file_index:06d}-{chunk_index:09d}", {"text": chunk}
+    def _generate_examples(self, docs: list[Document]) -> Iterator[tuple[str, dict]]:
+        for i, doc in enumerate(docs):
+            yield f"{i:012d}", {"text": doc.text}
 
-
-def read_text(path: str) -> str:
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 8]!r}). "
-                         "Fix: convert the file to UTF-8, e.g. `iconv -f latin1 -t utf-8`.") from None
-
-
-def line_chunks(text: str, max_chars: int) -> Iterator[str]:
-    """Splits `text` into consecutive pieces of whole lines (a longer line is cut)."""
-    start = 0
-    while start < len(text):
-        end = min(start + max_chars, len(text))
-        if end < len(text):
-            newline = text.rfind("\n", start, end)
-            end = newline + 1 if newline >= start else end
-        yield text[start:end]
-        start = end
+    def _clean(self) -> dict[str, list[Document]]:
+        options = json.loads(self.builder_config.options)
+        report = cleaning.Report()
+        by_split: dict[str, list[Document]] = {"train": [], "validation": []}
+        tagged = list(_documents_with_splits(self.builder_config.files, options))
+        rules = ml_collections.ConfigDict(options["filters"])
+        dedup = ml_collections.ConfigDict(options["dedup"])
+        order = (doc for doc, _ in tagged)
+        splits = {id(doc): split for doc, split in tagged}
+        for doc in cleaning.clean(order, rules, dedup, report):
+            by_split[splits[id(doc)]].append(doc)
+        if not any(by_split.values()):
+            raise CorpusError(f"no document of {', '.join(self.builder_config.files)} survived cleaning "
+                              f"({report.read.documents} read). Fix: check the files have text, or relax "
+                              "config.data.filters / config.data.dedup.")
+        for split, docs in by_split.items():
+            if not docs:
+                raise CorpusError(f"the {split} split is empty ({report.kept.documents} documents kept in "
+                                  "all). Fix: use more documents, or change config.data.validation_fraction "
+                                  "or config.data.split.")
+        self.info.metadata["report"] = {**report.to_json(), "splits": {
+            s: {"documents": len(d), "chars": sum(len(x.text) for x in d)} for s, d in by_split.items()}}
+        return by_split
 
 
-def fingerprint(files: Sequence[str], validation_fraction: float) -> str:
-    digest = hashlib.sha256(repr(validation_fraction).encode())
+def _documents_with_splits(files: Sequence[str], options: dict) -> Iterator[tuple[Document, str]]:
+    fraction = options["validation_fraction"]
+    for path in files:
+        if options["split"] == "hash":
+            for doc in documents.read_documents(path, options["unit"], options["normalize"]):
+                yield doc, "validation" if _unit_hash(doc.text) < fraction else "train"
+        elif path.endswith((".jsonl", ".jsonl.gz")):
+            docs = list(documents.read_documents(path, options["unit"], options["normalize"]))
+            cut = int(len(docs) * (1.0 - fraction))
+            yield from ((doc, "train" if i < cut else "validation") for i, doc in enumerate(docs))
+        else:
+            text = documents.normalize(documents.decode_utf8(documents.read_bytes(path), path),
+                                       options["normalize"])
+            cut = int(len(text) * (1.0 - fraction))
+            for split, part in (("train", text[:cut]), ("validation", text[cut:])):
+                yield from ((Document(t, path), split) for t in documents.split_units(part, options["unit"]))
+
+
+def _unit_hash(text: str) -> float:
+    """A document's hash as a number in [0, 1): its split depends on nothing else."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2 ** 64
+
+
+def fingerprint(files: Sequence[str], options: dict) -> str:
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
     for path in files:
         with open(path, "rb") as f:
             digest.update(hashlib.sha256(f.read()).digest())
@@ -97,9 +137,14 @@ class _DropCustomConfigWarning(logging.logging.Filter):
 logging.get_absl_logger().addFilter(_DropCustomConfigWarning())
 
 
-def builder(name: str, files: Sequence[str], validation_fraction: float, data_dir: str) -> TextFiles:
+def builder(name: str, files: Sequence[str], options: dict, data_dir: str) -> TextFiles:
     """The builder of corpus `name`; `download_and_prepare()` writes it once per content."""
     files = tuple(os.path.abspath(f) for f in files)
-    config = TextFilesConfig(name=f"{name}_{fingerprint(files, validation_fraction)}",
-                             files=files, validation_fraction=validation_fraction)
+    config = TextFilesConfig(name=f"{name}_{fingerprint(files, options)}", files=files,
+                             options=json.dumps(options, sort_keys=True))
     return TextFiles(config=config, data_dir=data_dir, file_format="array_record")
+
+
+def report(built: TextFiles) -> dict:
+    """The cleaning report of a built dataset."""
+    return dict(built.info.metadata.get("report", {}))

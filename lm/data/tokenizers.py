@@ -7,11 +7,15 @@ evaluation rebuild exactly the vocabulary the model was trained with.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
-from typing import Iterable, Protocol
+import re
+from typing import Iterable, Iterator, Protocol
 
 import numpy as np
+import sentencepiece as spm
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 NUM_SPECIAL = 3
@@ -88,8 +92,71 @@ class ByteTokenizer:
         return {"kind": self.kind}
 
 
+class SentencePieceTokenizer:
+    """A trained SentencePiece model (BPE or unigram); ids 0, 1, 2 are <pad>, <eos>, <unk>.
+
+    Trained with identity normalisation, no dummy prefix and whitespace kept, so
+    `decode(encode(text)) == text` for any text the model covers (all text, with byte
+    fallback).
+    """
+
+    kind = "sentencepiece"
+    pad_id, eos_id, unk_id = PAD_ID, EOS_ID, UNK_ID
+
+    def __init__(self, model_proto: bytes):
+        self.model_proto = model_proto
+        self.processor = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.vocab_size = self.processor.get_piece_size()
+        specials = (self.processor.pad_id(), self.processor.eos_id(), self.processor.unk_id())
+        if specials != (PAD_ID, EOS_ID, UNK_ID):
+            raise ValueError(f"SentencePiece model has <pad>, <eos>, <unk> ids {specials}, not (0, 1, 2). "
+                             "Fix: train it with `python -m lm.data.tokenizer train` (or pad_id=0, "
+                             "eos_id=1, unk_id=2, bos_id=-1).")
+
+    @classmethod
+    def from_file(cls, path: str) -> "SentencePieceTokenizer":
+        with open(os.path.expanduser(path), "rb") as f:
+            return cls(f.read())
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.processor.encode(text), np.int32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.processor.decode([int(i) for i in ids if int(i) > EOS_ID])
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "model": base64.b64encode(self.model_proto).decode("ascii")}
+
+
+_TOO_MANY = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
+
+
+def train_sentencepiece(texts: Iterator[str], vocab_size: int, model_type: str = "bpe",
+                        byte_fallback: bool = True, user_defined_symbols: Iterable[str] = (),
+                        max_sentences: int = 1_000_000, num_threads: int = 2) -> SentencePieceTokenizer:
+    """Trains SentencePiece on `texts` (documents; newlines inside them are kept)."""
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+            model_type=model_type, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
+            byte_fallback=byte_fallback, user_defined_symbols=list(user_defined_symbols),
+            normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True, character_coverage=1.0, max_sentence_length=1 << 24,
+            input_sentence_size=max_sentences, shuffle_input_sentence=True, num_threads=num_threads,
+            minloglevel=2)
+    except RuntimeError as e:
+        too_many = _TOO_MANY.search(str(e))
+        if too_many:
+            raise ValueError(f"a SentencePiece vocabulary of {too_many[1]} pieces is more than this corpus "
+                             f"supports. Fix: set the vocab size to at most {too_many[2]}, or train on "
+                             "more text.") from None
+        raise ValueError(f"SentencePiece training failed: {e}") from None
+    return SentencePieceTokenizer(model.getvalue())
+
+
 def train(kind: str, texts: Iterable[str]) -> Tokenizer:
-    """A tokenizer of `kind` fitted to `texts` (the training split)."""
+    """A char or byte tokenizer fitted to `texts` (the training split)."""
     if kind == "char":
         return CharTokenizer.train(texts)
     if kind == "byte":
@@ -102,6 +169,8 @@ def from_json(spec: dict) -> Tokenizer:
         return CharTokenizer(spec["chars"])
     if spec["kind"] == "byte":
         return ByteTokenizer()
+    if spec["kind"] == "sentencepiece":
+        return SentencePieceTokenizer(base64.b64decode(spec["model"]))
     raise ValueError(f"unknown tokenizer kind {spec['kind']!r}")
 
 

@@ -1,7 +1,9 @@
 """Decoder-only transformer (GPT / LLaMA style), pre-norm, in flax.linen.
 
-`Decoder.apply({'params': p}, tokens_BL, positions_BL)` is a pure function returning
-float32 logits [batch, length, vocab]. Activations carry logical-axis sharding
+`Decoder.apply({'params': p}, tokens_BL, positions_BL, segment_ids_BL)` is a pure
+function returning float32 logits [batch, length, vocab]. With `segment_ids` (packed
+rows; 0 marks padding) attention is block-diagonal causal: a token attends only to
+earlier tokens of its own document. Activations carry logical-axis sharding
 constraints at block boundaries; under a mesh and `nn.logical_axis_rules` they place
 the computation, outside one they are no-ops.
 """
@@ -44,7 +46,8 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BLD: Array, positions_BL: Array, deterministic: bool) -> Array:
+    def __call__(self, x_BLD: Array, positions_BL: Array, segment_ids_BL: Array | None,
+                 deterministic: bool) -> Array:
         c = self.cfg
         qkv_BL3HK = Dense((3, c.num_heads, c.head_dim), ("embed", "fused", "heads", "head_dim"),
                           init_std=c.init_std, use_bias=c.use_bias, dtype=c.compute_dtype, name="qkv")(x_BLD)
@@ -54,7 +57,10 @@ class Attention(nn.Module):
             q_BLHK = rotary(q_BLHK, sin_BLK2, cos_BLK2)
             k_BLHK = rotary(k_BLHK, sin_BLK2, cos_BLK2)
         q_BLHK = nn.with_logical_constraint(q_BLHK, ("batch", "length", "act_heads", "head_dim"))
-        out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, is_causal=True)
+        mask_B1LL = None
+        if segment_ids_BL is not None:  # packed rows: a token sees only its own document
+            mask_B1LL = (segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :])
+        out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, mask=mask_B1LL, is_causal=True)
         out_BLD = Dense((c.d_model,), ("heads", "head_dim", "embed"), in_dims=2,
                         init_std=c.residual_init_std, use_bias=c.use_bias, dtype=c.compute_dtype,
                         name="out")(out_BLHK)
@@ -87,10 +93,11 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BLD: Array, positions_BL: Array, deterministic: bool) -> Array:
+    def __call__(self, x_BLD: Array, positions_BL: Array, segment_ids_BL: Array | None,
+                 deterministic: bool) -> Array:
         c = self.cfg
         h_BLD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "attn_norm")(x_BLD)
-        x_BLD = x_BLD + Attention(c, name="attn")(h_BLD, positions_BL, deterministic)
+        x_BLD = x_BLD + Attention(c, name="attn")(h_BLD, positions_BL, segment_ids_BL, deterministic)
         h_BLD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "mlp_norm")(x_BLD)
         x_BLD = x_BLD + MLP(c, name="mlp")(h_BLD, deterministic)
         return nn.with_logical_constraint(x_BLD, ("batch", "length", "act_embed"))
@@ -101,7 +108,7 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BL: Array, positions_BL: Array | None = None,
-                 deterministic: bool = True) -> Array:
+                 segment_ids_BL: Array | None = None, deterministic: bool = True) -> Array:
         c = self.cfg
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
@@ -114,7 +121,7 @@ class Decoder(nn.Module):
         x_BLD = nn.Dropout(c.dropout)(x_BLD, deterministic=deterministic)
         x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "act_embed"))
         for i in range(c.num_layers):
-            x_BLD = Block(c, name=f"layer_{i}")(x_BLD, positions_BL, deterministic)
+            x_BLD = Block(c, name=f"layer_{i}")(x_BLD, positions_BL, segment_ids_BL, deterministic)
         x_BLD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "final_norm")(x_BLD)
         if c.tie_embeddings:
             logits_BLV = embed.attend(x_BLD)

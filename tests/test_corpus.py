@@ -1,0 +1,137 @@
+"""Real corpora: reading .txt/.jsonl(.gz), quality rules, deduplication, hash split, report."""
+
+import gzip
+import json
+import os
+import random
+import string
+
+import pytest
+
+from helpers import tiny_config
+from lm.config import ConfigError
+from lm.data import pipeline, text_files
+from lm.data.documents import CorpusError, read_documents
+
+PROSE = ("The quick brown fox jumps over the lazy dog while the farmer watches from the old "
+         "wooden fence near the river bank and thinks about the harvest season ahead")
+OTHER = ("A gentle rain fell over the quiet village as children ran home from school carrying "
+         "their books and laughing about the strange teacher who spoke only in riddles today")
+THIRD = ("Scientists at the northern observatory reported a faint signal from a distant galaxy "
+         "which they believe could reveal new details about how the first stars were formed")
+
+
+def fillers(count: int, seed: int = 0) -> list[str]:
+    """Distinct, clean documents of random letter-only words (no two near each other)."""
+    rng = random.Random(seed)
+    word = lambda: "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 8)))
+    return [" ".join(word() for _ in range(30)) for _ in range(count)]
+
+
+def corpus_config(tmp_path, files, **overrides):
+    defaults = dict(data__files=tuple(str(f) for f in files), data__name="test", data__split="hash",
+                    data__validation_fraction=0.2, data__data_dir=str(tmp_path / "data"))
+    return tiny_config(**{**defaults, **overrides})
+
+
+def built_texts(config) -> tuple[dict, list[str]]:
+    builder = pipeline.build(config)
+    sources = builder.as_data_source()
+    texts = [t for split in ("train", "validation") for t in pipeline.texts(sources[split])]
+    return text_files.report(builder), texts
+
+
+def test_cleaning_removes_low_quality_exact_and_near_duplicates_and_reports_them(tmp_path):
+    near = PROSE.replace("old wooden fence", "old painted fence")  # one word of 28 changed
+    docs = [PROSE, OTHER, PROSE, near, "too short", "1234 5678 #### $$$$ %%%% 9999 0000 @@@@ ++++ ====",
+            "same line\nsame line\nsame line\nsame line\nanother line here", THIRD] + fillers(40)
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    config = corpus_config(tmp_path, [path], data__filters__min_chars=20,
+                           data__filters__max_non_alpha_fraction=0.5,
+                           data__filters__max_duplicate_line_fraction=0.3,
+                           data__dedup__near_threshold=0.7, data__dedup__shingle_words=3)
+    report, texts = built_texts(config)
+    assert sorted(texts) == sorted([PROSE, OTHER, THIRD] + fillers(40))
+    assert report["read"] == {"documents": 48, "chars": sum(map(len, docs))}
+    assert report["dropped"] == {
+        "min_chars": {"documents": 1, "chars": len("too short")},
+        "max_non_alpha_fraction": {"documents": 1, "chars": len(docs[5])},
+        "max_duplicate_line_fraction": {"documents": 1, "chars": len(docs[6])}}
+    assert report["exact_duplicates"] == {"documents": 1, "chars": len(PROSE)}
+    assert report["near_duplicates"] == {"documents": 1, "chars": len(near)}
+    assert report["kept"]["documents"] == 43
+    assert sum(s["documents"] for s in report["splits"].values()) == 43
+
+
+def test_gopher_style_rules_each_catch_their_pattern():
+    from lm.data import cleaning
+    assert cleaning.duplicate_line_fraction("a\nb\na\na") == 0.5
+    assert cleaning.non_alpha_fraction("ab 12") == 0.5
+    assert cleaning.top_bigram_fraction("buy now buy now buy now") == 1.0
+    assert cleaning.duplicate_ngram_fraction(" ".join(["x y z w v"] * 3), 5) == 1.0
+    assert cleaning.duplicate_ngram_fraction(PROSE, 5) == 0.0
+
+
+def test_reads_txt_paragraphs_and_gzipped_jsonl_with_unicode_normalisation(tmp_path):
+    (tmp_path / "a.txt").write_text("First paragraph,\ntwo lines.\n\n\nSecond ﬁne paragraph.\n")
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": "Caf\u0065\u0301 in a gzip"}) + "\n\n")
+    paragraphs = [d.text for d in read_documents(str(tmp_path / "a.txt"), "paragraph", "NFKC")]
+    assert paragraphs == ["First paragraph,\ntwo lines.", "Second fine paragraph."]
+    jsonl = [d.text for d in read_documents(str(tmp_path / "b.jsonl.gz"), "file", "NFC")]
+    assert jsonl == ["Caf\u00e9 in a gzip"]
+
+
+def test_hash_split_puts_a_document_in_the_same_split_whatever_else_is_in_the_corpus(tmp_path):
+    docs = [f"document number {i} " + PROSE for i in range(200)]
+    (tmp_path / "all.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (tmp_path / "half.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[::-2]))
+
+    def validation(name):
+        builder = pipeline.build(corpus_config(tmp_path, [tmp_path / name], data__name=name.split(".")[0]))
+        return set(pipeline.texts(builder.as_data_source()["validation"]))
+
+    everything, half = validation("all.jsonl"), validation("half.jsonl")
+    assert 20 < len(everything) < 60  # about 20% of 200
+    assert half == everything & set(docs[::-2])
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"text": "fine"}\n{"body": "no text field"}\n', r"bad\.jsonl:2 has no string field \"text\""),
+    (b'{"text": "fine"}\nnot json\n', r"bad\.jsonl:2 is not valid JSON"),
+    ('{"text": "café"}\n'.encode("latin-1"), r"bad\.jsonl:1 is not valid UTF-8"),
+])
+def test_malformed_jsonl_names_the_line_and_the_fix(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(CorpusError, match=message + ".*Fix"):
+        list(read_documents(str(path)))
+
+
+def test_a_failed_build_leaves_no_dataset_that_looks_complete(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"text": PROSE}) + "\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": OTHER}) + "\n" + json.dumps({"txt": "oops"}) + "\n")
+    config = corpus_config(tmp_path, [good, bad])
+    with pytest.raises(ConfigError, match="bad.jsonl:2"):
+        pipeline.build(config)
+    built = [root for root, _, files in os.walk(tmp_path / "data") if "dataset_info.json" in files]
+    assert built == []
+
+
+def test_an_empty_corpus_is_one_clear_error(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n\n   \n")
+    with pytest.raises(ConfigError, match=r"no document .* survived cleaning.*Fix"):
+        pipeline.build(corpus_config(tmp_path, [tmp_path / "empty.txt"]))
+
+
+def test_a_directory_is_read_recursively_and_a_pattern_matching_nothing_is_an_error(tmp_path):
+    from lm.config import resolve_files
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.txt").write_text("x")
+    (tmp_path / "notes.md").write_text("not a corpus file")
+    assert resolve_files([str(tmp_path)]) == [str(tmp_path / "sub" / "a.txt")]
+    with pytest.raises(ConfigError, match=r"config\.data\.files='.*\*\.jsonl' matches no corpus file"):
+        resolve_files([str(tmp_path / "*.jsonl")])
