@@ -26,9 +26,8 @@ from absl import app, flags  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from lm import config as config_lib  # noqa: E402
 from lm import runtime, sharding  # noqa: E402
-from lm.cli import exit_with_error, quiet_logging, reject_positional  # noqa: E402
+from lm.cli import quiet_logging, reject_positional, validated_config  # noqa: E402
 from lm.data import pipeline  # noqa: E402
 from lm.model import ModelConfig  # noqa: E402
 from lm.model.counting import param_counts, train_flops_per_token  # noqa: E402
@@ -114,13 +113,7 @@ def profile_steps(trainer, state, data_iterator, directory: str, steps: int = 10
 def main(argv):
     reject_positional(argv)
     quiet_logging()
-    config = _CONFIG.value
-    if config is None:
-        exit_with_error("--config is required, e.g. --config=configs/shakespeare_char.py")
-    try:
-        config_lib.validate(config)
-    except config_lib.ConfigError as e:
-        exit_with_error(str(e))
+    config = validated_config(_CONFIG.value, "configs/shakespeare_char.py")
     runtime.setup(config, compilation_cache=_CACHE.value)
     mesh = sharding.make_mesh(config)
     sharding.check_batch_sizes(config, mesh)

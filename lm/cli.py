@@ -27,3 +27,19 @@ def quiet_logging() -> None:
 def reject_positional(argv: list[str]) -> None:
     if len(argv) > 1:
         exit_with_error(f"unexpected arguments {argv[1:]}; every option is a --flag.")
+
+
+def validated_config(config, example: str):
+    """The --config value, validated; exits with one message if missing or wrong.
+
+    `example` completes "--config is required, e.g. --config=...".
+    """
+    from lm import config as config_lib  # imported late: lm.config pulls in the data modules
+
+    if config is None:
+        exit_with_error(f"--config is required, e.g. --config={example}")
+    try:
+        config_lib.validate(config)
+    except config_lib.ConfigError as e:
+        exit_with_error(str(e))
+    return config

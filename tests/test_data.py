@@ -5,6 +5,7 @@ import pytest
 
 from helpers import tiny_config
 from lm.config import ConfigError
+from lm import objectives
 from lm.data import corpora, pipeline, text_files, tokenizers
 
 
@@ -120,3 +121,83 @@ def test_eval_covers_every_target_once_and_pads_with_zero_weight_rows():
     assert len(stream) - 1 - len(targets) < 16  # only a partial last window is dropped
     assert np.all(rows[rows[:, 0] == 0] == 0) and len(rows) % 8 == 0
     assert len(pipeline.eval_dataset(stream, 16, 8, pad_id=0, num_batches=2)) == 2
+
+
+def packed_corpus(num_docs: int = 300, seed: int = 0):
+    """A token stream of documents of varied lengths, joined by <eos> as the cache stores it."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 60, num_docs)
+    docs = [rng.integers(3, 50, n).astype(np.int32) for n in lengths]
+    pieces = [x for d in docs for x in (d, np.array([1], np.int32))][:-1]
+    starts = np.cumsum(lengths + 1) - lengths - 1
+    return np.concatenate(pieces), np.stack([starts, lengths], 1), docs
+
+
+def test_packing_places_every_document_and_its_eos_once_with_restarting_positions():
+    tokens, documents, docs = packed_corpus()
+    rows = pipeline._PackedRows(tokens, documents, 31, 3, 1, 0)
+    plan, covered = rows.epoch(0), {d: [] for d in range(len(docs))}
+    for i, pieces in enumerate(plan):
+        row = rows[i]
+        for segment, (doc, offset, size) in enumerate(pieces, start=1):
+            at = row["segment_ids"] == segment
+            expected = (docs[doc].tolist() + [1])[offset:offset + size]  # the document, then <eos>
+            assert row["tokens"][at].tolist() == expected
+            assert row["positions"][at].tolist() == list(range(size))  # restart per piece
+            covered[doc].append((offset, size))
+        assert (row["tokens"][row["segment_ids"] == 0] == 0).all()  # the rest is <pad>
+    for doc, spans in covered.items():  # each token of each document exactly once
+        assert sum(size for _, size in spans) == len(docs[doc]) + 1
+        assert sorted(o for o, _ in spans) == list(range(0, len(docs[doc]) + 1, 32))
+    batch = pipeline.train_dataset(tokens, 31, 4, seed=3, packing="pack", documents=documents)[7]
+    assert batch["tokens"].shape == batch["segment_ids"].shape == batch["positions"].shape == (4, 32)
+
+
+def test_packed_batches_are_a_function_of_seed_and_step_and_split_over_processes():
+    tokens, documents, _ = packed_corpus()
+    a = pipeline.train_dataset(tokens, 31, 8, seed=7, packing="pack", documents=documents)
+    b = pipeline.train_dataset(tokens, 31, 8, seed=7, packing="pack", documents=documents)
+    halves = [pipeline.train_dataset(tokens, 31, 8, seed=7, process_index=p, process_count=2,
+                                     packing="pack", documents=documents) for p in (0, 1)]
+    for step in (0, 3, 500):  # 500 is several epochs in
+        for key in ("tokens", "segment_ids", "positions"):
+            assert np.array_equal(a[step][key], b[step][key])
+            assert np.array_equal(np.concatenate([h[step][key] for h in halves]), a[step][key])
+
+
+def test_packed_evaluation_covers_every_validation_document_once():
+    tokens, documents, docs = packed_corpus(50)
+    data = pipeline.eval_dataset(tokens, 31, 4, pad_id=0, packing="pack", documents=documents)
+    batches = [data[i] for i in range(len(data))]
+    scored = sum(float(objectives.causal_lm(b, 0).weights_BL.sum()) for b in batches)
+    pieces = sum(-(-(len(d) + 1) // 32) for d in docs)  # the first token of each piece has no input
+    assert scored == sum(len(d) + 1 for d in docs) - pieces
+
+
+def test_sentencepiece_bpe_2000_trains_fast_and_round_trips_the_validation_text_exactly(tmp_path):
+    import time
+
+    from lm.configs import shakespeare_bpe
+    config = shakespeare_bpe.get_config()
+    builder = pipeline.build(config)
+    start = time.perf_counter()
+    tokenizer = tokenizers.train_sentencepiece(pipeline.texts(builder.as_data_source()["train"]), 2000, "bpe")
+    assert time.perf_counter() - start < 60
+    assert tokenizer.vocab_size == 2000
+    text = open(corpora.path("tinyshakespeare"), encoding="utf-8").read()
+    validation = text[int(len(text) * 0.9):]  # the text as is: newlines, blank lines, punctuation
+    ids = tokenizer.encode(validation)
+    assert tokenizer.decode(ids) == validation
+    assert 2.5 < len(validation) / len(ids) < 4  # BPE compresses; characters would give 1.0
+    assert ids.min() > tokenizer.eos_id  # no <pad>/<eos>/<unk> inside text
+    again = tokenizers.from_json(tokenizer.to_json())  # what a run's workdir stores
+    assert again.encode(validation).tolist() == ids.tolist()
+
+
+def test_sentencepiece_vocabulary_larger_than_the_corpus_supports_is_one_clear_error(tmp_path):
+    from lm.configs import shakespeare_bpe
+    config = shakespeare_bpe.get_config()
+    config.data.sentencepiece.vocab_size = 500_000
+    with pytest.raises(ConfigError, match=r"vocab_size=500000.*more than this corpus supports.*Fix: set "
+                                          r"the vocab size to at most \d+"):
+        pipeline.prepare(config, str(tmp_path / "tokenizer.json"))

@@ -12,6 +12,7 @@ import pytest
 from helpers import REPO, cli_env, cli_flags, run_cli
 
 CONFIG = f"--config={os.path.join(REPO, 'configs', 'shakespeare_char.py')}"
+BPE_CONFIG = f"--config={os.path.join(REPO, 'configs', 'shakespeare_bpe.py')}"
 
 pytestmark = pytest.mark.slow
 
@@ -67,19 +68,20 @@ def wait_for_checkpoint(process: subprocess.Popen, directory, step: int, timeout
         time.sleep(0.05)
 
 
-def test_a_run_killed_and_restarted_ends_exactly_like_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("config", [CONFIG, BPE_CONFIG], ids=["char_stream", "sentencepiece_packed"])
+def test_a_run_killed_and_restarted_ends_exactly_like_an_uninterrupted_one(tmp_path, config):
     flags = cli_flags(train__steps=40, train__log_every=1, train__eval_every=20, train__checkpoint_every=10)
     whole = tmp_path / "uninterrupted"
-    expected = run_cli("lm.main", CONFIG, f"--workdir={whole}", *flags)
+    expected = run_cli("lm.main", config, f"--workdir={whole}", *flags)
 
     resumed = tmp_path / "killed"
-    command = [sys.executable, "-m", "lm.main", CONFIG, f"--workdir={resumed}", *flags]
+    command = [sys.executable, "-m", "lm.main", config, f"--workdir={resumed}", *flags]
     process = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     wait_for_checkpoint(process, resumed / "checkpoints", 20)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    finished = run_cli("lm.main", CONFIG, f"--workdir={resumed}", *flags)
+    finished = run_cli("lm.main", config, f"--workdir={resumed}", *flags)
 
     assert "resuming from the checkpoint at step" in finished.stdout
     final_line = lambda out: [l for l in out.splitlines() if l.startswith("final validation loss")][0]

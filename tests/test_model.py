@@ -149,3 +149,18 @@ def test_bfloat16_compute_keeps_float32_params_and_logits_close_to_float32():
     logits16 = model16.apply({"params": params}, tokens)
     assert logits16.dtype == jnp.float32 and all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
     np.testing.assert_allclose(logits16, model32.apply({"params": params}, tokens), atol=5e-2)
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_a_packed_row_gives_each_document_the_logits_it_gets_alone(positions):
+    cfg = small(positions=positions)
+    model, params = init(cfg, seed=5)
+    doc_a, doc_b = [4, 9, 12, 7, 30], [22, 5, 17]
+    row = jnp.asarray([doc_a + doc_b + [0] * (cfg.max_len - 8)], jnp.int32)
+    segment_ids = jnp.asarray([[1] * 5 + [2] * 3 + [0] * (cfg.max_len - 8)], jnp.int32)
+    row_positions = jnp.asarray([list(range(5)) + list(range(3)) + [0] * (cfg.max_len - 8)], jnp.int32)
+    packed = model.apply({"params": params}, row, row_positions, segment_ids)
+    alone_a = model.apply({"params": params}, jnp.asarray([doc_a], jnp.int32))
+    alone_b = model.apply({"params": params}, jnp.asarray([doc_b], jnp.int32))
+    np.testing.assert_allclose(packed[0, :5], alone_a[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(packed[0, 5:8], alone_b[0], rtol=1e-5, atol=1e-5)

@@ -49,14 +49,6 @@ class Report:
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
-    def lines(self) -> list[str]:
-        row = lambda name, t: f"  {name:<32} {t.documents:>10,} documents {t.chars:>14,} chars"
-        out = [row("read", self.read)]
-        out += [row(f"dropped by {rule}", tally) for rule, tally in self.dropped.items()]
-        out += [row("exact duplicates removed", self.exact_duplicates),
-                row("near duplicates removed", self.near_duplicates), row("kept", self.kept)]
-        return out
-
 
 def words(text: str) -> list[str]:
     return text.split()

@@ -133,18 +133,28 @@ def _tokenizer_id(tokenizer: tokenizers.Tokenizer) -> str:
     return f"{tokenizer.kind}_{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
 
 
+RECORDS_PER_CHUNK = 256  # records read (one array_record batch read) and encoded per task
+
+
 def _token_stream(source, tokenizer, cache_dir: str, split: str, num_threads: int):
-    """(stream, documents, UTF-8 bytes) of the split, tokenized in order; cached as .npy."""
+    """(stream, documents, UTF-8 bytes) of the split, tokenized in order; cached as .npy.
+
+    Grain threads each read a chunk of records at once and encode it in one tokenizer
+    call: per-record reads and calls cost more than the tokenizing itself.
+    """
     paths = {name: os.path.join(cache_dir, f"{split}.{name}") for name in ("tokens.npy", "docs.npy", "json")}
     if not all(os.path.exists(p) for p in paths.values()):
-        encode = functools.partial(_encode_record, tokenizer)
-        pieces = grain.MapDataset.source(source).map(encode).to_iter_dataset(
-            grain.ReadOptions(num_threads=max(num_threads, 1), prefetch_buffer_size=16))
+        chunks = -(-len(source) // RECORDS_PER_CHUNK)
+        encode = functools.partial(_encode_chunk, tokenizer, source)
+        encoded = grain.MapDataset.range(chunks).map(encode).to_iter_dataset(
+            grain.ReadOptions(num_threads=max(num_threads, 1), prefetch_buffer_size=4))
         ids, lengths, num_bytes = [], [], 0
-        for piece_ids, piece_bytes in pieces:
-            ids.extend((piece_ids, np.array([tokenizer.eos_id], np.int32)))
-            lengths.append(len(piece_ids))
-            num_bytes += piece_bytes
+        eos = np.array([tokenizer.eos_id], np.int32)
+        for chunk_ids, chunk_bytes in encoded:
+            for doc_ids in chunk_ids:
+                ids.extend((doc_ids, eos))
+                lengths.append(len(doc_ids))
+            num_bytes += chunk_bytes
         stream = np.concatenate(ids[:-1]) if ids else np.zeros((0,), np.int32)
         lengths = np.asarray(lengths, np.int64)
         docs = np.stack([np.cumsum(lengths + 1) - lengths - 1, lengths], axis=1) if len(lengths) else \
@@ -158,8 +168,11 @@ def _token_stream(source, tokenizer, cache_dir: str, split: str, num_threads: in
     return np.load(paths["tokens.npy"], mmap_mode="r"), np.load(paths["docs.npy"]), num_bytes
 
 
-def _encode_record(tokenizer: tokenizers.Tokenizer, record: dict) -> tuple[np.ndarray, int]:
-    return tokenizer.encode(record["text"].decode("utf-8")), len(record["text"])
+def _encode_chunk(tokenizer: tokenizers.Tokenizer, source, chunk: int) -> tuple[list[np.ndarray], int]:
+    records = source.__getitems__(range(chunk * RECORDS_PER_CHUNK,
+                                        min((chunk + 1) * RECORDS_PER_CHUNK, len(source))))
+    texts = [r["text"] for r in records]
+    return tokenizer.encode_batch([t.decode("utf-8") for t in texts]), sum(map(len, texts))
 
 
 def _atomic_write(path: str, write) -> None:
@@ -203,7 +216,7 @@ def train_dataset(tokens: np.ndarray, seq_len: int, global_batch: int, seed: int
     return rows.batch(local_batch, drop_remainder=True)[process_index::process_count]
 
 
-def pack(lengths: np.ndarray, row_len: int, max_open: int = 64) -> list[list[tuple[int, int, int]]]:
+def pack(lengths, row_len: int, max_open: int = 64) -> list[list[tuple[int, int, int]]]:
     """First-fit packing of documents of `lengths` tokens (each + <eos>) into rows.
 
     Returns rows of pieces `(document, offset, length)`; a document longer than a row is
@@ -212,42 +225,47 @@ def pack(lengths: np.ndarray, row_len: int, max_open: int = 64) -> list[list[tup
     """
     rows: list[list[tuple[int, int, int]]] = []
     open_rows: list[list[tuple[int, int, int]]] = []
-    free = np.zeros(0, np.int64)
-    for doc, length in enumerate(lengths):
-        total = int(length) + 1  # the document and its <eos>
+    free: list[int] = []  # plain lists: per-piece NumPy calls would dominate the cost
+    for doc, length in enumerate(lengths.tolist() if hasattr(lengths, "tolist") else lengths):
+        total = length + 1  # the document and its <eos>
         for offset in range(0, total, row_len):
             size = min(row_len, total - offset)
-            fits = np.flatnonzero(free >= size)
-            if len(fits):
-                i = int(fits[0])
-            else:
+            i = next((j for j, room in enumerate(free) if room >= size), -1)
+            if i < 0:
                 if len(open_rows) == max_open:
-                    fullest = int(np.argmin(free))
+                    fullest = free.index(min(free))
                     rows.append(open_rows.pop(fullest))
-                    free = np.delete(free, fullest)
+                    free.pop(fullest)
                 open_rows.append([])
-                free = np.append(free, row_len)
+                free.append(row_len)
                 i = len(open_rows) - 1
             open_rows[i].append((doc, offset, size))
             free[i] -= size
     return rows + open_rows
 
 
-def packed_row(tokens: np.ndarray, documents: np.ndarray, pieces: list[tuple[int, int, int]],
+def packed_row(tokens: np.ndarray, documents, pieces: list[tuple[int, int, int]],
                row_len: int, eos_id: int, pad_id: int) -> dict[str, np.ndarray]:
-    """One packed row: tokens, segment ids (0 = padding) and per-piece positions."""
-    row = {"tokens": np.full(row_len, pad_id, np.int32), "segment_ids": np.zeros(row_len, np.int32),
-           "positions": np.zeros(row_len, np.int32)}
+    """One packed row: tokens, segment ids (0 = padding) and per-piece positions.
+
+    `documents` is a sequence of (start, length) pairs (a list is fastest).
+    """
+    row_tokens = np.full(row_len, pad_id, np.int32)
+    segment_ids = np.zeros(row_len, np.int32)
+    positions = np.zeros(row_len, np.int32)
     at = 0
     for segment, (doc, offset, size) in enumerate(pieces, start=1):
         start, length = documents[doc]
-        body = np.asarray(tokens[start + offset:start + min(offset + size, length)], np.int32)
-        row["tokens"][at:at + len(body)] = body
-        row["tokens"][at + len(body):at + size] = eos_id  # the piece that ends the document
-        row["segment_ids"][at:at + size] = segment
-        row["positions"][at:at + size] = np.arange(size)
+        body = min(offset + size, length) - offset  # the piece minus its <eos>, if it ends the document
+        row_tokens[at:at + body] = tokens[start + offset:start + offset + body]
+        row_tokens[at + body:at + size] = eos_id
+        segment_ids[at:at + size] = segment
+        positions[at:at + size] = _ARANGE[:size]
         at += size
-    return row
+    return {"tokens": row_tokens, "segment_ids": segment_ids, "positions": positions}
+
+
+_ARANGE = np.arange(1 << 16, dtype=np.int32)
 
 
 class _PackedRows:
@@ -257,7 +275,8 @@ class _PackedRows:
         if documents is None or not len(documents):
             raise ConfigError("packing needs the split's documents; the train split has none. "
                               "Fix: use more text, or config.data.packing='stream'.")
-        self.tokens, self.documents, self.row_len = tokens, documents, seq_len + 1
+        self.tokens, self.row_len = np.asarray(tokens).view(np.ndarray), seq_len + 1
+        self.documents, self.doc_spans = documents, documents.tolist()
         self.seed, self.eos_id, self.pad_id = seed, eos_id, pad_id
         self.epoch_ends: list[int] = []  # cumulative rows at the end of each planned epoch
 
@@ -269,8 +288,8 @@ class _PackedRows:
         rng = np.random.default_rng([self.seed, e])
         order = rng.permutation(len(self.documents))
         rows = pack(self.documents[order, 1], self.row_len)
-        rows = [[(int(order[d]), o, n) for d, o, n in rows[i]] for i in rng.permutation(len(rows))]
-        return rows
+        order = order.tolist()
+        return [[(order[d], o, n) for d, o, n in rows[i]] for i in rng.permutation(len(rows)).tolist()]
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         while not self.epoch_ends or self.epoch_ends[-1] <= i:
@@ -278,7 +297,7 @@ class _PackedRows:
             self.epoch_ends.append(previous + len(self.epoch(len(self.epoch_ends))))
         e = int(np.searchsorted(self.epoch_ends, i, side="right"))
         first = self.epoch_ends[e - 1] if e else 0
-        return packed_row(self.tokens, self.documents, self.epoch(e)[i - first], self.row_len,
+        return packed_row(self.tokens, self.doc_spans, self.epoch(e)[i - first], self.row_len,
                           self.eos_id, self.pad_id)
 
 
@@ -314,7 +333,7 @@ class _PackedEvalRows:
     """The split's documents packed in order (no shuffle), padded with empty rows."""
 
     def __init__(self, tokens, documents, seq_len: int, num_rows: int, eos_id: int, pad_id: int):
-        self.tokens, self.documents, self.row_len = tokens, documents, seq_len + 1
+        self.tokens, self.documents, self.row_len = np.asarray(tokens).view(np.ndarray), documents.tolist(), seq_len + 1
         self.eos_id, self.pad_id = eos_id, pad_id
         self.rows = pack(documents[:, 1], self.row_len, max_open=1)[:num_rows]
         self.num_rows = num_rows

@@ -29,6 +29,8 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> np.ndarray: ...
 
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]: ...
+
     def decode(self, ids: Iterable[int]) -> str: ...
 
     def to_json(self) -> dict: ...
@@ -60,6 +62,9 @@ class CharTokenizer:
         found = self._codes[np.minimum(index, len(self._codes) - 1)] == codes
         return np.where(found, index + NUM_SPECIAL, UNK_ID).astype(np.int32)
 
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [self.encode(text) for text in texts]
+
     def decode(self, ids: Iterable[int]) -> str:
         out = []
         for i in ids:
@@ -83,6 +88,9 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32) + NUM_SPECIAL
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [self.encode(text) for text in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
         data = bytes(int(i) - NUM_SPECIAL for i in ids if int(i) >= NUM_SPECIAL)
@@ -120,6 +128,9 @@ class SentencePieceTokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self.processor.encode(text), np.int32)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(ids, np.int32) for ids in self.processor.encode(texts)]  # one C++ call
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.processor.decode([int(i) for i in ids if int(i) > EOS_ID])
