@@ -332,11 +332,10 @@ class _EvalWindows:
 class _PackedEvalRows:
     """The split's documents packed in order (no shuffle), padded with empty rows."""
 
-    def __init__(self, tokens, documents, seq_len: int, num_rows: int, eos_id: int, pad_id: int):
-        self.tokens, self.documents, self.row_len = np.asarray(tokens).view(np.ndarray), documents.tolist(), seq_len + 1
+    def __init__(self, tokens, documents, rows: list, seq_len: int, num_rows: int, eos_id: int, pad_id: int):
+        self.tokens, self.documents = np.asarray(tokens).view(np.ndarray), documents.tolist()
+        self.rows, self.row_len, self.num_rows = rows[:num_rows], seq_len + 1, num_rows
         self.eos_id, self.pad_id = eos_id, pad_id
-        self.rows = pack(documents[:, 1], self.row_len, max_open=1)[:num_rows]
-        self.num_rows = num_rows
 
     def __len__(self) -> int:
         return self.num_rows
@@ -353,14 +352,15 @@ def eval_dataset(tokens: np.ndarray, seq_len: int, global_batch: int, pad_id: in
     """The validation split in order, each token scored once; `num_batches=0` covers all of it."""
     local_batch = _local_batch(global_batch, process_count)
     if packing == "pack":
-        rows_needed = len(pack(documents[:, 1], seq_len + 1, max_open=1))
+        packed = pack(documents[:, 1], seq_len + 1, max_open=1)  # in order: next-fit
+        rows_needed = len(packed)
     else:
         rows_needed = (len(tokens) - 1) // seq_len
     batches = -(-rows_needed // global_batch)
     if num_batches:
         batches = min(batches, num_batches)
     if packing == "pack":
-        source = _PackedEvalRows(tokens, documents, seq_len, batches * global_batch, eos_id, pad_id)
+        source = _PackedEvalRows(tokens, documents, packed, seq_len, batches * global_batch, eos_id, pad_id)
     else:
         source = _EvalWindows(tokens, seq_len, batches * global_batch, pad_id)
     return grain.MapDataset.source(source).batch(local_batch)[process_index::process_count]
