@@ -254,7 +254,9 @@ def _describe_run(run: Run, progress: Progress, start: int) -> None:
         f"lm {lm.__version__}: {counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding); "
         f"{jax.device_count()} {jax.devices()[0].platform} devices, mesh {mesh}; "
         f"vocab {run.corpus.tokenizer.vocab_size} ({run.corpus.tokenizer.kind}); "
-        f"{len(run.corpus.tokens['train']):,} train / {len(run.corpus.tokens['validation']):,} validation tokens")
+        f"{len(run.corpus.tokens['train']):,} train / {len(run.corpus.tokens['validation']):,} validation tokens "
+        f"in {len(run.corpus.documents['train']):,} / {len(run.corpus.documents['validation']):,} documents, "
+        f"{run.config.data.packing} rows")
     if start:
         progress.message(f"resuming from the checkpoint at step {start} in {run.workdir}")
 

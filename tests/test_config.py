@@ -88,6 +88,25 @@ def test_cli_fails_before_training_with_one_clear_message(tmp_path, flags, expec
     assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
 
 
+@pytest.mark.parametrize("name, content, flags, expected", [
+    ("bad.jsonl", b'{"text": "fine"}\n{"body": "no text"}\n', [], 'bad.jsonl:2 has no string field "text"'),
+    ("latin.txt", "caf\u00e9\n".encode("latin-1") * 50, [], "latin.txt is not valid UTF-8 (byte 3"),
+    ("empty.txt", b"\n   \n\n", [], "survived cleaning"),
+    ("small.txt", b"to be or not to be, that is the question\n" * 200,
+     ["--config.data.tokenizer=sentencepiece", "--config.data.sentencepiece.vocab_size=50000"],
+     "more than this corpus supports. Fix: set the vocab size to at most"),
+], ids=["jsonl_without_text", "not_utf8", "empty", "vocab_too_large"])
+def test_cli_rejects_a_bad_corpus_with_one_message(tmp_path, name, content, flags, expected):
+    (tmp_path / name).write_bytes(content)
+    result = run_cli("lm.main", f"--config={os.path.join(REPO, 'configs', 'shakespeare_char.py')}",
+                     f"--workdir={tmp_path / 'run'}", *cli_flags(), f"--config.data.files=('{tmp_path / name}',)",
+                     f"--config.data.name={name.split('.')[0]}", *flags, check=False)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lm: error:")]
+    assert len(errors) == 1 and expected in errors[0] and "Fix" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_recipe_takes_an_argument_from_the_command_line(tmp_path):
     gpu = shakespeare_char.get_config("gpu")
     config_lib.validate(gpu)

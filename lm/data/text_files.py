@@ -63,6 +63,13 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
             metadata=tfds.core.MetadataDict(),
         )
 
+    def _log_download_bytes(self) -> None:  # TFDS's "Downloading ... Unknown size" line
+        print(f"building corpus {self.builder_config.name} from {len(self.builder_config.files)} file(s) "
+              f"(once; reused until the files or data options change)", flush=True)
+
+    def _log_download_done(self) -> None:
+        pass
+
     def _split_generators(self, dl_manager) -> dict:
         kept = self._clean()
         return {split: self._generate_examples(kept[split]) for split in ("train", "validation")}
