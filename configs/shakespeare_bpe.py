@@ -7,6 +7,10 @@ the same text cut into paragraphs (speeches), split 90/10 by document hash. A 2,
 BPE vocabulary is trained on the train split the first time (under a second; cached),
 and documents are packed into rows of 128 tokens, each speech attending only to itself.
 Compare runs by validation bits per byte, which does not depend on the tokenizer.
+Expected: 1.04M parameters, about 11 minutes on a 2-core CPU, validation loss 3.92 per
+token = 1.92 bits per byte at step 2000 (the character recipe: 2.56 bits per byte, on
+its own validation tail; this one holds out 10% of the speeches by hash), and a sample
+of speeches separated by blank lines.
 """
 
 from lm.configs import shakespeare_char

@@ -54,4 +54,11 @@ def sample_text(model: nn.Module, params: Any, tokenizer, prompt: str, *, max_ne
     out = generate(model, params, jnp.asarray(prompt_ids, jnp.int32), jax.random.key(seed),
                    max_new_tokens=max_new_tokens, max_len=max_len, temperature=float(temperature),
                    top_k=int(top_k))
-    return tokenizer.decode(np.asarray(out)[len(prompt_ids):])
+    return decode_documents(tokenizer, np.asarray(out)[len(prompt_ids):])
+
+
+def decode_documents(tokenizer, ids: np.ndarray, separator: str = "\n\n") -> str:
+    """Text of `ids`, with each <eos> (a document's end) shown as `separator`."""
+    ends = np.flatnonzero(ids == tokenizer.eos_id)
+    pieces = np.split(ids, ends)
+    return separator.join(tokenizer.decode(p[p != tokenizer.eos_id]) for p in pieces)

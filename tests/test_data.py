@@ -201,3 +201,10 @@ def test_sentencepiece_vocabulary_larger_than_the_corpus_supports_is_one_clear_e
     with pytest.raises(ConfigError, match=r"vocab_size=500000.*more than this corpus supports.*Fix: set "
                                           r"the vocab size to at most \d+"):
         pipeline.prepare(config, str(tmp_path / "tokenizer.json"))
+
+
+def test_sampled_text_shows_each_end_of_document_as_a_paragraph_break():
+    from lm.decode import decode_documents
+    tok = tokenizers.CharTokenizer("abc")
+    ids = np.concatenate([tok.encode("ab"), [tok.eos_id], tok.encode("c")])
+    assert decode_documents(tok, ids) == "ab\n\nc"
