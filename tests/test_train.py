@@ -97,7 +97,7 @@ def test_evaluation_is_the_mean_loss_over_every_target_once_on_any_mesh():
         losses.append(train.evaluate(trainer, params, pipeline.eval_dataset(stream, 16, 16, pad_id=0)))
     windows = (len(stream) - 1) // 16
     rows = np.stack([stream[i * 16:i * 16 + 17] for i in range(windows)])
-    example = objectives.causal_lm(rows, pad_id=0)
+    example = objectives.causal_lm({"tokens": rows}, pad_id=0)
     total, count = objectives.weighted_cross_entropy(
         trainer.model.apply({"params": jax.device_get(params)}, example.inputs_BL), example.targets_BL,
         example.weights_BL)
