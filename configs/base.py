@@ -48,6 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Files, directories or glob patterns (`**` recurses): .txt, .jsonl (a "text" field
     # per line, one document each) and their .gz forms, UTF-8.
     d.files = (corpora.path("tinyshakespeare"),)
+    # Several corpora mixed in training: name -> ConfigDict(files=(...), weight=w); rows
+    # are drawn in proportion to the weights and validation scores the union. Empty:
+    # one corpus, `files`. Sources share the options below and the tokenizer.
+    d.sources = ml_collections.ConfigDict()
     d.unit = "file"  # a .txt file's documents: "file" (one), "paragraph" or "line"
     d.normalize = "none"  # Unicode normal form: "none", "NFC" or "NFKC"
     # "tail": validation is the last validation_fraction of each file (nanoGPT's split);

@@ -96,6 +96,15 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
         fail("data.files", d.files, "must be a non-empty tuple of paths or globs",
              "write it as a tuple, e.g. ('corpus.txt',)")
     resolve_files(d.files)
+    for name, source in d.sources.items():
+        if set(source.keys()) != {"files", "weight"}:
+            fail(f"data.sources.{name}", source.to_dict(), "must have exactly the fields files and weight",
+                 f"write data.sources.{name} = ml_collections.ConfigDict(dict(files=('a.txt',), weight=1.0))")
+        if isinstance(source.files, str) or not source.files:
+            fail(f"data.sources.{name}.files", source.files, "must be a non-empty tuple of paths or globs",
+                 "write it as a tuple, e.g. ('corpus.jsonl',)")
+        resolve_files(source.files)
+        require_positive(config, f"data.sources.{name}.weight")
     if not 0.0 < d.validation_fraction < 1.0:
         fail("data.validation_fraction", d.validation_fraction, "must lie strictly between 0 and 1",
              "hold out a fraction such as 0.1")

@@ -135,3 +135,40 @@ def test_a_directory_is_read_recursively_and_a_pattern_matching_nothing_is_an_er
     assert resolve_files([str(tmp_path)]) == [str(tmp_path / "sub" / "a.txt")]
     with pytest.raises(ConfigError, match=r"config\.data\.files='.*\*\.jsonl' matches no corpus file"):
         resolve_files([str(tmp_path / "*.jsonl")])
+
+
+def test_a_mixture_draws_training_rows_in_proportion_to_the_weights_and_validates_on_all(tmp_path):
+    import ml_collections
+    import numpy as np
+
+    lower, upper = tmp_path / "lower.txt", tmp_path / "upper.txt"
+    lower.write_text("\n\n".join(fillers(300, seed=1)))
+    upper.write_text("\n\n".join(fillers(300, seed=2)).upper())
+    config = corpus_config(tmp_path, [lower], data__unit="paragraph", data__packing="pack",
+                           data__seq_len=31, train__batch_size=8)
+    config.data.sources = ml_collections.ConfigDict({
+        "lower": dict(files=(str(lower),), weight=3.0), "upper": dict(files=(str(upper),), weight=1.0)})
+    corpus = pipeline.prepare(config, str(tmp_path / "tokenizer.json"))
+    decode = corpus.tokenizer.decode
+    batches = pipeline.train_data(config, corpus)
+    rows = [decode(row) for step in range(50) for row in batches[step]["tokens"]]
+    from_upper = sum(any(c.isupper() for c in row) for row in rows)
+    assert all(row.islower() or row.isupper() for row in rows)  # a row comes from one source
+    assert from_upper == len(rows) // 4  # weights 3:1
+    assert np.array_equal(pipeline.train_data(config, corpus)[17]["tokens"], batches[17]["tokens"])
+    validation = decode(corpus.tokens["validation"])
+    assert any(c.isupper() for c in validation) and any(c.islower() for c in validation)
+    assert set(corpus.reports) == {"test_lower", "test_upper"}
+
+
+def test_a_mixture_source_without_files_or_weight_is_a_config_error():
+    import ml_collections
+
+    from lm import config as config_lib
+    config = tiny_config()
+    config.data.sources = ml_collections.ConfigDict({"web": dict(files=("x.txt",))})
+    with pytest.raises(ConfigError, match=r"config\.data\.sources\.web=.*files and weight.*Fix"):
+        config_lib.validate(config)
+    config.data.sources = ml_collections.ConfigDict({"web": dict(files=("/no/such.jsonl",), weight=1.0)})
+    with pytest.raises(ConfigError, match="matches no corpus file"):
+        config_lib.validate(config)

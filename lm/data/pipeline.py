@@ -42,13 +42,19 @@ SPLITS = ("train", "validation")
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    """A tokenized corpus: the tokenizer and each split's token stream and documents."""
+    """A tokenized corpus: the tokenizer and each split's token stream and documents.
+
+    With several sources (`config.data.sources`), `tokens` and `documents` join all of
+    them (validation is scored on the union) and `mixture` keeps each source's train
+    split with its weight, for training batches drawn in those proportions.
+    """
 
     tokenizer: tokenizers.Tokenizer
     tokens: dict[str, np.ndarray]  # split -> int32 stream, documents joined by <eos> (memory-mapped)
     documents: dict[str, np.ndarray]  # split -> int64 [num_documents, 2]: (start, length) in `tokens`
     bytes_per_token: dict[str, float]  # split -> UTF-8 bytes per token, for bits per byte
-    report: dict  # the cleaning report of the built dataset (`lm.data.cleaning.Report`)
+    reports: dict[str, dict]  # source -> its cleaning report (`lm.data.cleaning.Report`)
+    mixture: tuple[tuple[float, np.ndarray, np.ndarray], ...] = ()  # (weight, train tokens, documents)
 
 
 def data_dir(config: ml_collections.ConfigDict) -> str:
@@ -56,64 +62,113 @@ def data_dir(config: ml_collections.ConfigDict) -> str:
                               or os.path.join("~", ".cache", "lm", "data"))
 
 
-def build(config: ml_collections.ConfigDict) -> text_files.TextFiles:
-    """Builds (once per content and options) the corpus's TFDS dataset; returns its builder."""
-    builder = text_files.builder(config.data.name, resolve_files(config.data.files),
-                                 text_files.corpus_options(config.data), data_dir(config))
+def sources(config: ml_collections.ConfigDict) -> list[tuple[str, tuple[str, ...], float]]:
+    """(dataset name, files, weight) of each corpus the config trains on."""
+    d = config.data
+    if not d.sources:
+        return [(d.name, tuple(d.files), 1.0)]
+    return [(f"{d.name}_{name}", tuple(src.files), float(src.weight)) for name, src in d.sources.items()]
+
+
+def builders(config: ml_collections.ConfigDict) -> dict[str, text_files.TextFiles]:
+    """Builds (once per content and options) each source's TFDS dataset; name -> builder."""
+    built = {}
     tfds.disable_progress_bar()
-    try:
-        builder.download_and_prepare()
-    except CorpusError as e:
-        raise ConfigError(str(e)) from None
-    return builder
+    for name, files, _ in sources(config):
+        builder = text_files.builder(name, resolve_files(files), text_files.corpus_options(config.data),
+                                     data_dir(config))
+        try:
+            builder.download_and_prepare()
+        except CorpusError as e:
+            raise ConfigError(str(e)) from None
+        built[name] = builder
+    return built
+
+
+def build(config: ml_collections.ConfigDict) -> text_files.TextFiles:
+    """The (first) corpus's built TFDS dataset builder."""
+    return next(iter(builders(config).values()))
+
+
+def train_texts(built: dict[str, text_files.TextFiles]) -> Iterator[str]:
+    """Every source's train documents, source after source."""
+    for builder in built.values():
+        yield from texts(builder.as_data_source()["train"])
 
 
 def prepare(config: ml_collections.ConfigDict, tokenizer_path: str) -> Corpus:
-    """Builds the corpus dataset and its token streams.
+    """Builds the corpus datasets and their token streams.
 
-    The tokenizer is fitted to the train split (or loaded from data.sentencepiece.model)
+    The tokenizer is fitted to the train split(s) (or loaded from data.sentencepiece.model)
     and saved at `tokenizer_path`; if that file exists (a resumed run), it is loaded
     instead, so ids never change under a run.
     """
-    builder = build(config)
-    sources = builder.as_data_source()
+    built = builders(config)
     if os.path.exists(tokenizer_path):
         tokenizer = tokenizers.load(tokenizer_path)
     else:
-        tokenizer = fit_tokenizer(config, builder, sources["train"])
+        tokenizer = fit_tokenizer(config, built)
         tokenizers.save(tokenizer, tokenizer_path)
-    cache = os.path.join(data_dir(config), "tokens", builder.builder_config.name, _tokenizer_id(tokenizer))
+    per_source = {split: [] for split in SPLITS}
+    for name, builder in built.items():
+        data_sources = builder.as_data_source()
+        cache = os.path.join(data_dir(config), "tokens", builder.builder_config.name, _tokenizer_id(tokenizer))
+        for split in SPLITS:
+            per_source[split].append(_token_stream(data_sources[split], tokenizer, cache, split,
+                                                   config.data.num_threads))
     tokens, documents, bytes_per_token = {}, {}, {}
     for split in SPLITS:
-        tokens[split], documents[split], num_bytes = _token_stream(
-            sources[split], tokenizer, cache, split, config.data.num_threads)
-        if len(tokens[split]) < config.data.seq_len + 1 and config.data.packing == "stream":
-            raise ConfigError(
-                f"the {split} split of config.data.files has {len(tokens[split])} tokens, fewer than "
-                f"one row of config.data.seq_len + 1 = {config.data.seq_len + 1}. Fix: use more text, "
-                "a shorter seq_len, or a different data.validation_fraction.")
-        if not len(documents[split]):
-            raise ConfigError(f"the {split} split of config.data.files has no documents. Fix: use more "
-                              "text, or a different data.validation_fraction / data.split.")
-        bytes_per_token[split] = num_bytes / max(len(tokens[split]), 1)
-    return Corpus(tokenizer, tokens, documents, bytes_per_token, text_files.report(builder))
+        tokens[split], documents[split] = _join([(t, d) for t, d, _ in per_source[split]], tokenizer.eos_id)
+        _check_split(config, split, tokens[split], documents[split])
+        bytes_per_token[split] = sum(b for _, _, b in per_source[split]) / max(len(tokens[split]), 1)
+    weights = [weight for _, _, weight in sources(config)]
+    mixture = tuple((w, t, d) for w, (t, d, _) in zip(weights, per_source["train"])) if len(weights) > 1 else ()
+    reports = {name: text_files.report(builder) for name, builder in built.items()}
+    return Corpus(tokenizer, tokens, documents, bytes_per_token, reports, mixture)
 
 
-def fit_tokenizer(config: ml_collections.ConfigDict, builder, train_source) -> tokenizers.Tokenizer:
-    """The config's tokenizer, trained on the train split where it needs training."""
+def _join(streams: list[tuple[np.ndarray, np.ndarray]], eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """One stream (joined by <eos>) and document table from several."""
+    if len(streams) == 1:
+        return streams[0]
+    pieces, tables, offset = [], [], 0
+    for tokens, documents in streams:
+        if pieces:
+            pieces.append(np.array([eos_id], np.int32))
+            offset += 1
+        pieces.append(np.asarray(tokens))
+        tables.append(documents + np.array([offset, 0]))
+        offset += len(tokens)
+    return np.concatenate(pieces), np.concatenate(tables)
+
+
+def _check_split(config: ml_collections.ConfigDict, split: str, tokens: np.ndarray, documents: np.ndarray) -> None:
+    if len(tokens) < config.data.seq_len + 1 and config.data.packing == "stream":
+        raise ConfigError(
+            f"the {split} split of config.data.files has {len(tokens)} tokens, fewer than "
+            f"one row of config.data.seq_len + 1 = {config.data.seq_len + 1}. Fix: use more text, "
+            "a shorter seq_len, or a different data.validation_fraction.")
+    if not len(documents):
+        raise ConfigError(f"the {split} split of config.data.files has no documents. Fix: use more "
+                          "text, or a different data.validation_fraction / data.split.")
+
+
+def fit_tokenizer(config: ml_collections.ConfigDict, built: dict[str, text_files.TextFiles]) -> tokenizers.Tokenizer:
+    """The config's tokenizer, trained on the train split(s) where it needs training."""
     d = config.data
     if d.tokenizer != "sentencepiece":
-        return tokenizers.train(d.tokenizer, texts(train_source))
+        return tokenizers.train(d.tokenizer, train_texts(built))
     if d.sentencepiece.model:
         return tokenizers.SentencePieceTokenizer.from_file(d.sentencepiece.model)
     settings = d.sentencepiece.to_dict()
     settings["user_defined_symbols"] = list(settings["user_defined_symbols"])
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    path = os.path.join(data_dir(config), "tokenizers", builder.builder_config.name, f"{key}.model")
+    corpus_id = "+".join(b.builder_config.name for b in built.values())
+    path = os.path.join(data_dir(config), "tokenizers", corpus_id, f"{key}.model")
     if not os.path.exists(path):
         try:
             tokenizer = tokenizers.train_sentencepiece(
-                texts(train_source), d.sentencepiece.vocab_size, d.sentencepiece.model_type,
+                train_texts(built), d.sentencepiece.vocab_size, d.sentencepiece.model_type,
                 d.sentencepiece.byte_fallback, d.sentencepiece.user_defined_symbols,
                 d.sentencepiece.max_sentences, max(d.num_threads, 1))
         except ValueError as e:
@@ -197,23 +252,35 @@ class _EpochWindow(grain.experimental.MapWithIndexTransform):
         return {"tokens": np.asarray(self.tokens[start:start + self.seq_len + 1], np.int32)}
 
 
+def train_rows(tokens: np.ndarray, seq_len: int, seed: int, packing: str = "stream",
+               documents: np.ndarray | None = None, eos_id: int = tokenizers.EOS_ID,
+               pad_id: int = tokenizers.PAD_ID) -> grain.MapDataset:
+    """The endless sequence of training rows; row `i` is a pure function of (seed, i)."""
+    if packing == "pack":
+        return grain.MapDataset.source(_PackedRows(tokens, documents, seq_len, seed, eos_id, pad_id))
+    per_epoch = (len(tokens) - seq_len) // seq_len  # room for any shift in [0, seq_len)
+    if per_epoch < 1:
+        raise ConfigError(f"the train split has {len(tokens)} tokens, too few for one shifted row of "
+                          f"config.data.seq_len={seq_len}. Fix: use more text or a shorter seq_len.")
+    return (grain.MapDataset.range(per_epoch).shuffle(seed=seed).repeat()
+            .map_with_index(_EpochWindow(tokens, seq_len, seed, per_epoch)))
+
+
+def batches(rows: grain.MapDataset, global_batch: int, process_index: int = 0,
+            process_count: int = 1) -> grain.MapDataset:
+    """Global batches of `rows`, of which this process reads its contiguous slice."""
+    local_batch = _local_batch(global_batch, process_count)
+    return rows.batch(local_batch, drop_remainder=True)[process_index::process_count]
+
+
 def train_dataset(tokens: np.ndarray, seq_len: int, global_batch: int, seed: int,
                   process_index: int = 0, process_count: int = 1, packing: str = "stream",
                   documents: np.ndarray | None = None, eos_id: int = tokenizers.EOS_ID,
                   pad_id: int = tokenizers.PAD_ID) -> grain.MapDataset:
     """Batches of `{'tokens': int32[local_batch, seq_len + 1]}` (plus `segment_ids` and
     `positions` when packing); element `s` is step `s`."""
-    local_batch = _local_batch(global_batch, process_count)
-    if packing == "pack":
-        rows = grain.MapDataset.source(_PackedRows(tokens, documents, seq_len, seed, eos_id, pad_id))
-        return rows.batch(local_batch, drop_remainder=True)[process_index::process_count]
-    per_epoch = (len(tokens) - seq_len) // seq_len  # room for any shift in [0, seq_len)
-    if per_epoch < 1:
-        raise ConfigError(f"the train split has {len(tokens)} tokens, too few for one shifted row of "
-                          f"config.data.seq_len={seq_len}. Fix: use more text or a shorter seq_len.")
-    rows = (grain.MapDataset.range(per_epoch).shuffle(seed=seed).repeat()
-            .map_with_index(_EpochWindow(tokens, seq_len, seed, per_epoch)))
-    return rows.batch(local_batch, drop_remainder=True)[process_index::process_count]
+    rows = train_rows(tokens, seq_len, seed, packing, documents, eos_id, pad_id)
+    return batches(rows, global_batch, process_index, process_count)
 
 
 def pack(lengths, row_len: int, max_open: int = 64) -> list[list[tuple[int, int, int]]]:
@@ -385,10 +452,20 @@ def to_global(local_batch: dict[str, np.ndarray], sharding: jax.sharding.Shardin
 
 
 def train_data(config: ml_collections.ConfigDict, corpus: Corpus) -> grain.MapDataset:
-    """This process's training batches for `config` (step `s` is element `s`)."""
-    return train_dataset(corpus.tokens["train"], config.data.seq_len, config.train.batch_size, config.seed,
-                         jax.process_index(), jax.process_count(), config.data.packing,
-                         corpus.documents["train"], corpus.tokenizer.eos_id, corpus.tokenizer.pad_id)
+    """This process's training batches for `config` (step `s` is element `s`).
+
+    With several sources, rows are interleaved deterministically in proportion to their
+    weights (`grain.MapDataset.mix`); each source keeps its own seeded order.
+    """
+    d, tok = config.data, corpus.tokenizer
+    if corpus.mixture:
+        parts = [train_rows(tokens, d.seq_len, config.seed + i, d.packing, documents, tok.eos_id, tok.pad_id)
+                 for i, (_, tokens, documents) in enumerate(corpus.mixture)]
+        rows = grain.MapDataset.mix(parts, [weight for weight, _, _ in corpus.mixture])
+    else:
+        rows = train_rows(corpus.tokens["train"], d.seq_len, config.seed, d.packing,
+                          corpus.documents["train"], tok.eos_id, tok.pad_id)
+    return batches(rows, config.train.batch_size, jax.process_index(), jax.process_count())
 
 
 def validation_data(config: ml_collections.ConfigDict, corpus: Corpus) -> grain.MapDataset:

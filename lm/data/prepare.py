@@ -38,19 +38,19 @@ def main(argv: list[str]) -> None:
     quiet_logging()
     config = validated_config(_CONFIG.value, "configs/shakespeare_bpe.py")
     try:
-        builder = pipeline.build(config)
+        built = pipeline.builders(config)
     except config_lib.ConfigError as e:
         exit_with_error(str(e))
-    report = text_files.report(builder)
-    print(f"corpus {config.data.name}: {len(builder.builder_config.files)} file(s)")
-    print("\n".join(report_lines(report)))
-    path = os.path.join(builder.data_dir, "cleaning_report.json")
-    if not os.path.exists(path):
-        with open(f"{path}.tmp", "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(f"{path}.tmp", path)
-    print(f"dataset: {builder.data_dir}\nreport: {path}")
-
+    for name, builder in built.items():
+        report = text_files.report(builder)
+        print(f"corpus {name}: {len(builder.builder_config.files)} file(s)")
+        print("\n".join(report_lines(report)))
+        path = os.path.join(builder.data_dir, "cleaning_report.json")
+        if not os.path.exists(path):
+            with open(f"{path}.tmp", "w") as f:
+                json.dump(report, f, indent=2)
+            os.replace(f"{path}.tmp", path)
+        print(f"dataset: {builder.data_dir}\nreport: {path}")
 
 if __name__ == "__main__":
     app.run(main)

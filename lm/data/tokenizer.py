@@ -43,11 +43,11 @@ def compression(tokenizer: tokenizers.SentencePieceTokenizer, texts: list[str]) 
 
 def train(config, output: str) -> tokenizers.SentencePieceTokenizer:
     sp = config.data.sentencepiece
-    builder = pipeline.build(config)
+    built = pipeline.builders(config)
     start = time.perf_counter()
     try:
         tokenizer = tokenizers.train_sentencepiece(
-            pipeline.texts(builder.as_data_source()["train"]), sp.vocab_size, sp.model_type,
+            pipeline.train_texts(built), sp.vocab_size, sp.model_type,
             sp.byte_fallback, sp.user_defined_symbols, sp.max_sentences, max(config.data.num_threads, 1))
     except ValueError as e:
         exit_with_error(f"config.data.sentencepiece.vocab_size={sp.vocab_size}: {e}")
@@ -61,7 +61,8 @@ def train(config, output: str) -> tokenizers.SentencePieceTokenizer:
 
 
 def report(config, tokenizer: tokenizers.SentencePieceTokenizer) -> None:
-    validation = list(pipeline.texts(pipeline.build(config).as_data_source()["validation"]))
+    validation = [text for builder in pipeline.builders(config).values()
+                  for text in pipeline.texts(builder.as_data_source()["validation"])]
     bytes_per_token, exact = compression(tokenizer, validation)
     print(f"validation: {bytes_per_token:.3f} bytes per token over {len(validation):,} documents; "
           f"decode(encode(text)) == text: {'yes' if exact else 'NO'}")
