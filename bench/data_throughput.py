@@ -40,7 +40,7 @@ def main(argv):
             corpus = pipeline.prepare(config, os.path.join(tmp, "tokenizer.json"))  # builds, trains, caches
             source = pipeline.build(config).as_data_source()["train"]
             start = time.perf_counter()
-            tokens, documents, num_bytes = pipeline._token_stream(
+            tokens, documents, num_bytes = pipeline.token_stream(
                 source, corpus.tokenizer, os.path.join(tmp, "fresh"), "train", config.data.num_threads)
             tokenize_s = time.perf_counter() - start
     except config_lib.ConfigError as e:
@@ -49,7 +49,7 @@ def main(argv):
     row_tokens = config.train.batch_size * (config.data.seq_len + 1)
     if config.data.packing == "pack":
         efficiency = pipeline.packing_efficiency(documents, config.data.seq_len)
-        rows_per_epoch = len(pipeline._PackedRows(tokens, documents, config.data.seq_len, config.seed,
+        rows_per_epoch = len(pipeline.PackedRows(tokens, documents, config.data.seq_len, config.seed,
                                                   tokenizers.EOS_ID, tokenizers.PAD_ID).epoch(0))
     else:
         efficiency, rows_per_epoch = 1.0, len(tokens) // config.data.seq_len

@@ -135,7 +135,7 @@ def packed_corpus(num_docs: int = 300, seed: int = 0):
 
 def test_packing_places_every_document_and_its_eos_once_with_restarting_positions():
     tokens, documents, docs = packed_corpus()
-    rows = pipeline._PackedRows(tokens, documents, 31, 3, 1, 0)
+    rows = pipeline.PackedRows(tokens, documents, 31, 3, 1, 0)
     plan, covered = rows.epoch(0), {d: [] for d in range(len(docs))}
     for i, pieces in enumerate(plan):
         row = rows[i]

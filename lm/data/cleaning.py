@@ -12,12 +12,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import datasketch
 import ml_collections
 
-from lm.data.documents import Document
+
+T = TypeVar("T")
 
 # Gopher's thresholds (Rae et al. 2021, appendix A) for web text; off by default here
 # because literary text (verse, plays) legitimately breaks several of them.
@@ -118,30 +119,31 @@ def minhash(text: str, size: int, num_perm: int) -> datasketch.MinHash:
     return m
 
 
-def clean(documents: Iterable[Document], rules: ml_collections.ConfigDict,
-          dedup: ml_collections.ConfigDict, report: Report) -> Iterator[Document]:
-    """The documents that pass every rule and are not a duplicate of an earlier one."""
+def clean(items: Iterable[T], rules: ml_collections.ConfigDict, dedup: ml_collections.ConfigDict,
+          report: Report, text: Callable[[T], str] = lambda doc: doc.text) -> Iterator[T]:
+    """The items (documents) whose `text` passes every rule and is not a duplicate of an earlier one."""
     checks = quality_rules(rules)
     seen: set[bytes] = set()
     lsh = (datasketch.MinHashLSH(threshold=dedup.near_threshold, num_perm=dedup.num_perm)
            if dedup.near_threshold else None)
-    for doc in documents:
-        report.read.add(doc.text)
-        failed = next((name for name, fails in checks if fails(doc.text)), None)
+    for item in items:
+        body = text(item)
+        report.read.add(body)
+        failed = next((name for name, fails in checks if fails(body)), None)
         if failed:
-            report.dropped.setdefault(failed, Tally()).add(doc.text)
+            report.dropped.setdefault(failed, Tally()).add(body)
             continue
         if dedup.exact:
-            digest = hashlib.sha256(doc.text.encode()).digest()
+            digest = hashlib.sha256(body.encode()).digest()
             if digest in seen:
-                report.exact_duplicates.add(doc.text)
+                report.exact_duplicates.add(body)
                 continue
             seen.add(digest)
         if lsh is not None:
-            signature = minhash(doc.text, dedup.shingle_words, dedup.num_perm)
+            signature = minhash(body, dedup.shingle_words, dedup.num_perm)
             if lsh.query(signature):
-                report.near_duplicates.add(doc.text)
+                report.near_duplicates.add(body)
                 continue
             lsh.insert(str(report.read.documents), signature)
-        report.kept.add(doc.text)
-        yield doc
+        report.kept.add(body)
+        yield item

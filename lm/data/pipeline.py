@@ -114,7 +114,7 @@ def prepare(config: ml_collections.ConfigDict, tokenizer_path: str) -> Corpus:
         data_sources = builder.as_data_source()
         cache = os.path.join(data_dir(config), "tokens", builder.builder_config.name, _tokenizer_id(tokenizer))
         for split in SPLITS:
-            per_source[split].append(_token_stream(data_sources[split], tokenizer, cache, split,
+            per_source[split].append(token_stream(data_sources[split], tokenizer, cache, split,
                                                    config.data.num_threads))
     tokens, documents, bytes_per_token = {}, {}, {}
     for split in SPLITS:
@@ -191,7 +191,7 @@ def _tokenizer_id(tokenizer: tokenizers.Tokenizer) -> str:
 RECORDS_PER_CHUNK = 256  # records read (one array_record batch read) and encoded per task
 
 
-def _token_stream(source, tokenizer, cache_dir: str, split: str, num_threads: int):
+def token_stream(source, tokenizer, cache_dir: str, split: str, num_threads: int):
     """(stream, documents, UTF-8 bytes) of the split, tokenized in order; cached as .npy.
 
     Grain threads each read a chunk of records at once and encode it in one tokenizer
@@ -257,7 +257,7 @@ def train_rows(tokens: np.ndarray, seq_len: int, seed: int, packing: str = "stre
                pad_id: int = tokenizers.PAD_ID) -> grain.MapDataset:
     """The endless sequence of training rows; row `i` is a pure function of (seed, i)."""
     if packing == "pack":
-        return grain.MapDataset.source(_PackedRows(tokens, documents, seq_len, seed, eos_id, pad_id))
+        return grain.MapDataset.source(PackedRows(tokens, documents, seq_len, seed, eos_id, pad_id))
     per_epoch = (len(tokens) - seq_len) // seq_len  # room for any shift in [0, seq_len)
     if per_epoch < 1:
         raise ConfigError(f"the train split has {len(tokens)} tokens, too few for one shifted row of "
@@ -335,7 +335,7 @@ def packed_row(tokens: np.ndarray, documents, pieces: list[tuple[int, int, int]]
 _ARANGE = np.arange(1 << 16, dtype=np.int32)
 
 
-class _PackedRows:
+class PackedRows:
     """Row `i` of the endless sequence of packed epochs; epoch `e` shuffles with (seed, e)."""
 
     def __init__(self, tokens, documents, seq_len: int, seed: int, eos_id: int, pad_id: int):
@@ -370,7 +370,7 @@ class _PackedRows:
 
 def packing_efficiency(documents: np.ndarray, seq_len: int, epochs: int = 1, seed: int = 0) -> float:
     """Non-padding tokens over all tokens of the packed rows of `epochs` epochs."""
-    rows = _PackedRows(np.zeros(0, np.int32), documents, seq_len, seed, 1, 0)
+    rows = PackedRows(np.zeros(0, np.int32), documents, seq_len, seed, 1, 0)
     used = total = 0
     for e in range(epochs):
         plan = rows.epoch(e)

@@ -82,13 +82,11 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
         options = json.loads(self.builder_config.options)
         report = cleaning.Report()
         by_split: dict[str, list[Document]] = {"train": [], "validation": []}
-        tagged = list(_documents_with_splits(self.builder_config.files, options))
         rules = ml_collections.ConfigDict(options["filters"])
         dedup = ml_collections.ConfigDict(options["dedup"])
-        order = (doc for doc, _ in tagged)
-        splits = {id(doc): split for doc, split in tagged}
-        for doc in cleaning.clean(order, rules, dedup, report):
-            by_split[splits[id(doc)]].append(doc)
+        tagged = _documents_with_splits(self.builder_config.files, options)
+        for doc, split in cleaning.clean(tagged, rules, dedup, report, text=lambda pair: pair[0].text):
+            by_split[split].append(doc)
         if not any(by_split.values()):
             raise CorpusError(f"no document of {', '.join(self.builder_config.files)} survived cleaning "
                               f"({report.read.documents} read). Fix: check the files have text, or relax "
