@@ -3,7 +3,8 @@
 `Decoder.apply({'params': p}, tokens_BL, positions_BL, segment_ids_BL)` is a pure
 function returning float32 logits [batch, length, vocab]. With `segment_ids` (packed
 rows; 0 marks padding) attention is block-diagonal causal: a token attends only to
-earlier tokens of its own document. Activations carry logical-axis sharding
+earlier tokens of its own document. With `prefix_BL` (prefix LM) the tokens of the
+prefix also attend to later prefix tokens. Activations carry logical-axis sharding
 constraints at block boundaries; under a mesh and `nn.logical_axis_rules` they place
 the computation, outside one they are no-ops.
 """
@@ -42,12 +43,28 @@ def rotary(x_BLHK: Array, sin_BLK2: Array, cos_BLK2: Array) -> Array:
     return rotated.astype(x_BLHK.dtype)
 
 
+def attention_mask(segment_ids_BL: Array | None, prefix_BL: Array | None, length: int) -> Array | None:
+    """bool[B, 1, L, L] of allowed (query, key) pairs beyond causality, or None.
+
+    Packed rows: a token sees only its own document. Prefix LM: the causal mask is
+    opened between prefix tokens, so the prefix attends in both directions.
+    """
+    mask_B1LL = None
+    if segment_ids_BL is not None:
+        mask_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
+    if prefix_BL is not None:
+        causal_LL = jnp.tril(jnp.ones((length, length), bool))
+        open_B1LL = causal_LL | (prefix_BL[:, None, :, None] & prefix_BL[:, None, None, :])
+        mask_B1LL = open_B1LL if mask_B1LL is None else mask_B1LL & open_B1LL
+    return mask_B1LL
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x_BLD: Array, positions_BL: Array, segment_ids_BL: Array | None,
-                 deterministic: bool) -> Array:
+                 prefix_BL: Array | None, deterministic: bool) -> Array:
         c = self.cfg
         qkv_BL3HK = Dense((3, c.num_heads, c.head_dim), ("embed", "fused", "heads", "head_dim"),
                           init_std=c.init_std, use_bias=c.use_bias, dtype=c.compute_dtype, name="qkv")(x_BLD)
@@ -57,10 +74,9 @@ class Attention(nn.Module):
             q_BLHK = rotary(q_BLHK, sin_BLK2, cos_BLK2)
             k_BLHK = rotary(k_BLHK, sin_BLK2, cos_BLK2)
         q_BLHK = nn.with_logical_constraint(q_BLHK, ("batch", "length", "act_heads", "head_dim"))
-        mask_B1LL = None
-        if segment_ids_BL is not None:  # packed rows: a token sees only its own document
-            mask_B1LL = (segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :])
-        out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, mask=mask_B1LL, is_causal=True)
+        mask_B1LL = attention_mask(segment_ids_BL, prefix_BL, x_BLD.shape[1])
+        out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, mask=mask_B1LL,
+                                                is_causal=prefix_BL is None)
         out_BLD = Dense((c.d_model,), ("heads", "head_dim", "embed"), in_dims=2,
                         init_std=c.residual_init_std, use_bias=c.use_bias, dtype=c.compute_dtype,
                         name="out")(out_BLHK)
@@ -94,10 +110,10 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x_BLD: Array, positions_BL: Array, segment_ids_BL: Array | None,
-                 deterministic: bool) -> Array:
+                 prefix_BL: Array | None, deterministic: bool) -> Array:
         c = self.cfg
         h_BLD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "attn_norm")(x_BLD)
-        x_BLD = x_BLD + Attention(c, name="attn")(h_BLD, positions_BL, segment_ids_BL, deterministic)
+        x_BLD = x_BLD + Attention(c, name="attn")(h_BLD, positions_BL, segment_ids_BL, prefix_BL, deterministic)
         h_BLD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "mlp_norm")(x_BLD)
         x_BLD = x_BLD + MLP(c, name="mlp")(h_BLD, deterministic)
         return nn.with_logical_constraint(x_BLD, ("batch", "length", "act_embed"))
@@ -108,7 +124,8 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BL: Array, positions_BL: Array | None = None,
-                 segment_ids_BL: Array | None = None, deterministic: bool = True) -> Array:
+                 segment_ids_BL: Array | None = None, deterministic: bool = True,
+                 prefix_BL: Array | None = None) -> Array:
         c = self.cfg
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
@@ -121,7 +138,7 @@ class Decoder(nn.Module):
         x_BLD = nn.Dropout(c.dropout)(x_BLD, deterministic=deterministic)
         x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "act_embed"))
         for i in range(c.num_layers):
-            x_BLD = Block(c, name=f"layer_{i}")(x_BLD, positions_BL, segment_ids_BL, deterministic)
+            x_BLD = Block(c, name=f"layer_{i}")(x_BLD, positions_BL, segment_ids_BL, prefix_BL, deterministic)
         x_BLD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "final_norm")(x_BLD)
         if c.tie_embeddings:
             logits_BLV = embed.attend(x_BLD)

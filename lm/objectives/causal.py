@@ -1,9 +1,4 @@
-"""Pretraining objectives: pure, jit-friendly maps from token rows to model inputs,
-targets and loss weights, plus the weighted loss they share.
-
-Only the causal objective exists so far; prefix LM, masked LM and span corruption
-arrive with issue 4 behind the same `(batch) -> Example` signature.
-"""
+"""The `Example` every objective produces, the causal objective, and the weighted loss."""
 
 from __future__ import annotations
 
@@ -22,6 +17,8 @@ class Example(NamedTuple):
     weights_BL: Array  # float32 loss weight per position (0 on padding)
     segment_ids_BL: Array | None = None  # packed rows: document of each input (0 = padding)
     positions_BL: Array | None = None  # packed rows: position of each input in its document
+    prefix_BL: Array | None = None  # prefix LM: inputs that attend bidirectionally within the prefix
+    decoder_inputs_BL: Array | None = None  # encoder-decoder: targets shifted right (teacher forcing)
 
 
 def causal_lm(batch: dict[str, Array], pad_id: int) -> Example:

@@ -1,0 +1,111 @@
+"""Objectives as specified by their papers: statistics over many rows, exact reconstruction,
+and where the loss and the attention may and may not look."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm.model import ModelConfig, build
+from lm.objectives import masked_lm, prefix_lm, span_corruption
+from lm.objectives.span_corruption import noise_mask
+
+SPECIALS = (0, 1, 2)  # <pad>, <eos>, <unk>
+MASK_ID, FIRST, NUM_ORDINARY = 3, 4, 1000
+
+
+def random_rows(rows=512, length=129, seed=0):
+    tokens = np.random.default_rng(seed).integers(FIRST, FIRST + NUM_ORDINARY, (rows, length))
+    tokens[:, ::16] = 1  # <eos> between documents, never selected
+    tokens[-8:, -20:] = 0  # some padding, never selected
+    return jnp.asarray(tokens, jnp.int32)
+
+
+def test_masked_lm_selects_15_percent_of_ordinary_tokens_and_replaces_them_80_10_10():
+    tokens = random_rows()
+    example = masked_lm({"tokens": tokens}, jax.random.key(0), mask_id=MASK_ID, first_ordinary_id=FIRST,
+                        num_ordinary_ids=NUM_ORDINARY)
+    original, inputs = np.asarray(tokens[:, :-1]), np.asarray(example.inputs_BL)
+    selected = np.asarray(example.weights_BL) > 0
+    ordinary = original >= FIRST
+    assert not selected[~ordinary].any()  # specials and padding are never selected
+    assert abs(selected.sum() / ordinary.sum() - 0.15) < 0.01
+    masked = (inputs == MASK_ID)[selected].mean()
+    randomised = ((inputs != original) & (inputs != MASK_ID))[selected].mean()
+    unchanged = (inputs == original)[selected].mean()
+    assert abs(masked - 0.8) < 0.02 and abs(randomised - 0.1) < 0.02 and abs(unchanged - 0.1) < 0.02
+    assert (inputs[selected & (inputs != MASK_ID)] >= FIRST).all()  # random tokens are never special
+    assert (inputs[~selected] == original[~selected]).all()
+    np.testing.assert_array_equal(example.targets_BL, original)
+
+
+def runs(mask: np.ndarray) -> int:
+    return int(mask[0]) + int(np.sum(mask[1:] & ~mask[:-1]))
+
+
+def test_span_corruption_noise_density_and_mean_span_length_follow_t5():
+    masks = [np.asarray(noise_mask(jax.random.key(i), 568, 0.15, 3.0)) for i in range(300)]
+    density = np.mean([m.mean() for m in masks])
+    mean_span = sum(m.sum() for m in masks) / sum(runs(m) for m in masks)
+    assert abs(density - 0.15) < 0.01 and abs(mean_span - 3.0) < 0.3
+    assert all(not m[0] for m in masks)  # a row starts with kept text
+    assert len({tuple(np.flatnonzero(m)) for m in masks}) > 250  # spans really are random
+
+
+def reconstruct(inputs, targets, sentinels):
+    """Undo span corruption: put each target span back where its sentinel stands."""
+    spans, current = {}, None
+    for t in targets:
+        if t in sentinels:
+            current = t
+            spans[current] = []
+        elif t != 1 and current is not None:
+            spans[current].append(t)
+    out = []
+    for t in inputs:
+        if t in sentinels:
+            out.extend(spans[t])
+        elif t != 1:
+            out.append(t)
+    return out
+
+
+def test_span_corruption_inputs_and_targets_reconstruct_the_row_exactly():
+    tokens = random_rows(rows=64, length=200)
+    tokens = jnp.where(tokens == 0, 7, tokens)  # stream rows: no padding
+    sentinels = jnp.arange(5000, 5100)
+    example = span_corruption({"tokens": tokens}, jax.random.key(3), sentinel_ids=sentinels, eos_id=1, pad_id=0)
+    sentinel_set = set(np.asarray(sentinels).tolist())
+    for row, inputs, targets in zip(np.asarray(tokens), np.asarray(example.inputs_BL), np.asarray(example.targets_BL)):
+        assert reconstruct(inputs.tolist(), targets.tolist(), sentinel_set) == [t for t in row.tolist() if t != 1]
+        assert inputs[-1] == 1 and targets[-1] == 1  # both end in <eos>
+    assert example.inputs_BL.shape[1] < tokens.shape[1] and example.targets_BL.shape[1] == 30 + 10 + 1
+    np.testing.assert_array_equal(example.decoder_inputs_BL[:, 1:], example.targets_BL[:, :-1])
+
+
+def test_prefix_lm_puts_no_loss_on_the_prefix_and_lets_the_prefix_see_itself_but_not_the_targets():
+    batch = {"tokens": jnp.asarray([[5, 6, 7, 8, 9, 10, 11, 12, 13]], jnp.int32)}
+    example = prefix_lm(batch, jax.random.key(0), pad_id=0, prefix_fraction=0.5)  # prefix: 4 of 9
+    np.testing.assert_array_equal(example.prefix_BL, [[1, 1, 1, 1, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(example.weights_BL, [[0, 0, 0, 1, 1, 1, 1, 1]])  # targets 6..8 are prefix
+
+    cfg = ModelConfig(vocab_size=32, max_len=8, num_layers=2, num_heads=2, d_model=16, head_dim=8, d_ff=32)
+    model = build(cfg)
+    params = nn.meta.unbox(model.init(jax.random.key(1), example.inputs_BL)["params"])
+    logits = lambda inputs: model.apply({"params": params}, inputs, prefix_BL=example.prefix_BL)
+    base = logits(example.inputs_BL)
+    later_prefix = logits(example.inputs_BL.at[0, 3].set(20))  # the last prefix token changes
+    target_token = logits(example.inputs_BL.at[0, 5].set(20))  # a token after the prefix changes
+    assert not np.allclose(base[0, 0], later_prefix[0, 0])  # token 0 sees prefix token 3
+    np.testing.assert_allclose(base[0, :5], target_token[0, :5], atol=1e-6)  # nobody before 5 sees it
+
+
+def test_prefix_lm_draws_a_split_inside_each_packed_document():
+    batch = {"tokens": jnp.asarray([[5, 6, 7, 1, 8, 9, 10, 11, 1, 0]] * 64, jnp.int32),
+             "segment_ids": jnp.asarray([[1, 1, 1, 1, 2, 2, 2, 2, 2, 0]] * 64, jnp.int32),
+             "positions": jnp.asarray([[0, 1, 2, 3, 0, 1, 2, 3, 4, 0]] * 64, jnp.int32)}
+    example = prefix_lm(batch, jax.random.key(2), pad_id=0)
+    prefix = np.asarray(example.prefix_BL)
+    first_doc, second_doc = prefix[:, :4].sum(1), prefix[:, 4:9].sum(1)
+    assert set(first_doc) == {1, 2, 3} and set(second_doc) <= {1, 2, 3, 4} and len(set(second_doc)) > 2
+    assert not prefix[:, 8:].any()  # padding is never prefix
