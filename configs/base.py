@@ -29,11 +29,13 @@ DEFAULT_RULES = (
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
     ("fused", None),
     ("position", None),
     ("norm", None),
+    ("layers", None),  # the stacked-layer axis of scanned parameters
 )
 
 
@@ -115,6 +117,13 @@ def get_config() -> ml_collections.ConfigDict:
     m.dropout = 0.0  # on attention outputs, MLP outputs and embeddings
     m.dtype = "float32"  # compute dtype ("bfloat16" on accelerators); params stay float32
     m.init_std = 0.02  # normal init; residual projections get init_std / sqrt(2 * num_layers)
+    m.num_kv_heads = 0  # grouped-query attention: key/value heads (divides num_heads); 0 = num_heads
+    # One nn.scan over stacked layers: compile time stays flat as depth grows (use for deep
+    # models); False unrolls a Python loop (parameters named layer_0, layer_1, ...).
+    m.scan_layers = False
+    # Recompute each layer's activations in the backward pass to save memory: "none",
+    # "full" (keep nothing), "dots_saveable" or "dots_with_no_batch_dims_saveable".
+    m.remat = "none"
 
     c.optim = o = ml_collections.ConfigDict()
     o.lr = 1e-3  # peak learning rate

@@ -24,6 +24,7 @@ POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
 DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 SCHEDULES = ("cosine", "linear", "constant", "rsqrt")
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -152,6 +153,11 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     if m.positions == "rope" and head_dim(m) % 2:
         fail("model.head_dim", head_dim(m), "must be even for rotary positions",
              "choose an even head_dim or use model.positions='learned'")
+    require_positive(config, "model.num_kv_heads", allow_zero=True)
+    if m.num_kv_heads and m.num_heads % m.num_kv_heads:
+        fail("model.num_kv_heads", m.num_kv_heads, f"does not divide config.model.num_heads={m.num_heads}",
+             "choose a divisor of num_heads (e.g. 1 for multi-query attention), or 0 for num_heads")
+    require_choice(config, "model.remat", REMAT_POLICIES)
     require_choice(config, "model.norm", NORMS)
     require_choice(config, "model.activation", ACTIVATIONS)
     require_choice(config, "model.dtype", DTYPES)

@@ -105,6 +105,12 @@ class Trainer:
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             return self._eval(params, batch, totals)
 
+    def compile_step(self, batch_size: int, seq_len: int) -> Any:
+        """Lowers and compiles the train step for abstract inputs (no state is allocated)."""
+        batch = {"tokens": jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32, sharding=self.batch_sharding)}
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return self._step.lower(self.abstract_state(), batch).compile()
+
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs with shardings: the target a checkpoint restores onto."""
         return checkpoint.abstract_like(jax.eval_shape(self._init), self.state_shardings)

@@ -102,3 +102,13 @@ def test_throughput_benchmark_prints_its_figures():
         assert name in figures, result.stdout
     assert float(figures["tokens_per_second"].replace(",", "")) > 0
     assert 0 < float(figures["mfu"]) < 1
+
+
+def test_compile_time_benchmark_prints_both_depths_with_and_without_scan():
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", "compile_time.py"), CONFIG, "--depths=1,3", *cli_flags()],
+        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = [l for l in result.stdout.splitlines() if l.startswith("compile_seconds")]
+    assert len(lines) == 4 and all(float(l.rsplit(": ", 1)[1]) > 0 for l in lines)
+    assert "ratio_3_over_1 scan_layers=True" in result.stdout

@@ -1,5 +1,6 @@
 """The decoder: causal, correct against a NumPy reference, and fully annotated for sharding."""
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -28,6 +29,7 @@ VARIANTS = [
     dict(),
     dict(positions="rope", norm="rmsnorm", activation="swiglu"),
     dict(activation="gelu_tanh", use_bias=True, tie_embeddings=False),
+    dict(num_kv_heads=1, scan_layers=True, remat="full"),
 ]
 
 
@@ -164,3 +166,38 @@ def test_a_packed_row_gives_each_document_the_logits_it_gets_alone(positions):
     alone_b = model.apply({"params": params}, jnp.asarray([doc_b], jnp.int32))
     np.testing.assert_allclose(packed[0, :5], alone_a[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(packed[0, 5:8], alone_b[0], rtol=1e-5, atol=1e-5)
+
+
+def stack_layers(loop_params, num_layers):
+    """The loop model's per-layer parameters stacked as the scanned model stores them."""
+    layers = [loop_params[f"layer_{i}"] for i in range(num_layers)]
+    scanned = {k: v for k, v in loop_params.items() if not k.startswith("layer_")}
+    scanned["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return scanned
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots_saveable"])
+def test_scanned_and_rematerialised_layers_compute_the_same_function_and_gradients(remat):
+    cfg = small(num_layers=3, positions="rope")
+    loop_model, params = init(cfg, seed=2)
+    scan_model = build(dataclasses.replace(cfg, scan_layers=True, remat=remat))
+    scanned_params = stack_layers(params, 3)
+    abstract = nn.meta.unbox(scan_model.init(jax.random.key(0), jnp.zeros((1, cfg.max_len), jnp.int32))["params"])
+    assert jax.tree.map(jnp.shape, abstract) == jax.tree.map(jnp.shape, scanned_params)
+    tokens = jax.random.randint(jax.random.key(1), (2, cfg.max_len), 0, cfg.vocab_size)
+    loss = lambda model, p: model.apply({"params": p}, tokens).mean()
+    np.testing.assert_allclose(loss(scan_model, scanned_params), loss(loop_model, params), rtol=1e-5)
+    scan_grads = jax.grad(lambda p: loss(scan_model, p))(scanned_params)
+    loop_grads = stack_layers(jax.grad(lambda p: loss(loop_model, p))(params), 3)
+    for a, b in zip(jax.tree.leaves(scan_grads), jax.tree.leaves(loop_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_grouped_query_attention_shares_key_value_heads_and_stays_causal():
+    cfg = small(num_heads=4, num_kv_heads=2, head_dim=4)
+    model, params = init(cfg)
+    assert params["layer_0"]["attn"]["kv"]["kernel"].shape == (16, 2, 2, 4)  # embed, k/v, kv_heads, head_dim
+    assert params["layer_0"]["attn"]["q"]["kernel"].shape == (16, 4, 4)
+    tokens = jnp.arange(cfg.max_len)[None] % cfg.vocab_size
+    before, after = model.apply({"params": params}, tokens), model.apply({"params": params}, tokens.at[0, 9].set(3))
+    np.testing.assert_allclose(before[0, :9], after[0, :9], atol=1e-6)

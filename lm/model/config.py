@@ -29,6 +29,13 @@ class ModelConfig:
     dropout: float = 0.0
     dtype: str = "float32"
     init_std: float = 0.02
+    num_kv_heads: int = 0  # grouped-query attention: key/value heads; 0 = num_heads
+    scan_layers: bool = False  # one scanned layer (compile time flat in depth) or a Python loop
+    remat: str = "none"  # activation rematerialisation policy of each layer (see layers.REMAT_POLICIES)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -53,7 +60,8 @@ class ModelConfig:
             rope_theta=model.rope_theta, norm=model.norm, norm_eps=model.norm_eps,
             activation=model.activation, use_bias=model.use_bias,
             tie_embeddings=model.tie_embeddings, dropout=model.dropout, dtype=model.dtype,
-            init_std=model.init_std)
+            init_std=model.init_std, num_kv_heads=model.num_kv_heads, scan_layers=model.scan_layers,
+            remat=model.remat)
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -163,3 +163,12 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "gelu_tanh": gelu_tanh,
     "swiglu": jax.nn.silu,  # the gate's nonlinearity; the MLP multiplies by the up projection
 }
+
+
+# Which activations a rematerialised layer keeps for the backward pass (the rest are
+# recomputed): "full" keeps none, the dots policies keep matmul outputs.
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}

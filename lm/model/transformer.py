@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm.model.config import ModelConfig
-from lm.model.layers import ACTIVATIONS, Dense, Embed, norm
+from lm.model.layers import ACTIVATIONS, REMAT_POLICIES, Dense, Embed, norm
 
 Array = jax.Array
 
@@ -66,9 +66,15 @@ class Attention(nn.Module):
     def __call__(self, x_BLD: Array, positions_BL: Array, segment_ids_BL: Array | None,
                  prefix_BL: Array | None, deterministic: bool) -> Array:
         c = self.cfg
-        qkv_BL3HK = Dense((3, c.num_heads, c.head_dim), ("embed", "fused", "heads", "head_dim"),
-                          init_std=c.init_std, use_bias=c.use_bias, dtype=c.compute_dtype, name="qkv")(x_BLD)
-        q_BLHK, k_BLHK, v_BLHK = (qkv_BL3HK[:, :, i] for i in range(3))
+        dense = lambda features, axes, name: Dense(features, axes, init_std=c.init_std, use_bias=c.use_bias,
+                                                   dtype=c.compute_dtype, name=name)(x_BLD)
+        if c.kv_heads == c.num_heads:  # one fused matmul for q, k and v
+            qkv_BL3HK = dense((3, c.num_heads, c.head_dim), ("embed", "fused", "heads", "head_dim"), "qkv")
+            q_BLHK, k_BLHK, v_BLHK = (qkv_BL3HK[:, :, i] for i in range(3))
+        else:  # grouped-query attention: fewer key/value heads, each shared by a group of queries
+            q_BLHK = dense((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), "q")
+            kv_BL2GK = dense((2, c.kv_heads, c.head_dim), ("embed", "fused", "kv_heads", "head_dim"), "kv")
+            k_BLHK, v_BLHK = kv_BL2GK[:, :, 0], kv_BL2GK[:, :, 1]
         if c.positions == "rope":
             sin_BLK2, cos_BLK2 = rotary_angles(positions_BL, c.head_dim, c.max_len, c.rope_theta)
             q_BLHK = rotary(q_BLHK, sin_BLK2, cos_BLK2)
@@ -104,19 +110,46 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x)).
+
+    Returns `(x, None)` so the same module serves a Python loop and `nn.scan`.
+    """
 
     cfg: ModelConfig
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x_BLD: Array, positions_BL: Array, segment_ids_BL: Array | None,
-                 prefix_BL: Array | None, deterministic: bool) -> Array:
+                 prefix_BL: Array | None) -> tuple[Array, None]:
         c = self.cfg
         h_BLD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "attn_norm")(x_BLD)
-        x_BLD = x_BLD + Attention(c, name="attn")(h_BLD, positions_BL, segment_ids_BL, prefix_BL, deterministic)
+        x_BLD = x_BLD + Attention(c, name="attn")(h_BLD, positions_BL, segment_ids_BL, prefix_BL,
+                                                  self.deterministic)
         h_BLD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "mlp_norm")(x_BLD)
-        x_BLD = x_BLD + MLP(c, name="mlp")(h_BLD, deterministic)
-        return nn.with_logical_constraint(x_BLD, ("batch", "length", "act_embed"))
+        x_BLD = x_BLD + MLP(c, name="mlp")(h_BLD, self.deterministic)
+        return nn.with_logical_constraint(x_BLD, ("batch", "length", "act_embed")), None
+
+
+def remat_block(cfg: ModelConfig) -> type:
+    """`Block`, rematerialised per `cfg.remat` (activations recomputed in the backward pass)."""
+    if cfg.remat == "none":
+        return Block
+    return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+
+def run_blocks(cfg: ModelConfig, deterministic: bool, x_BLD: Array, *context: Array | None) -> Array:
+    """Applies `cfg.num_layers` blocks inside the calling module: one `nn.scan`ned block
+    (parameters stacked on a leading `layers` axis; compile time flat in depth) or a
+    Python loop (`layer_0`, `layer_1`, ...)."""
+    block = remat_block(cfg)
+    if cfg.scan_layers:
+        scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                          in_axes=(nn.broadcast,) * len(context), length=cfg.num_layers,
+                          metadata_params={nn.PARTITION_NAME: "layers"})
+        return scanned(cfg, deterministic, name="layers")(x_BLD, *context)[0]
+    for i in range(cfg.num_layers):
+        x_BLD, _ = block(cfg, deterministic, name=f"layer_{i}")(x_BLD, *context)
+    return x_BLD
 
 
 class Decoder(nn.Module):
@@ -137,8 +170,7 @@ class Decoder(nn.Module):
             x_BLD = x_BLD + jnp.take(table_LD, positions_BL, axis=0).astype(c.compute_dtype)
         x_BLD = nn.Dropout(c.dropout)(x_BLD, deterministic=deterministic)
         x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "act_embed"))
-        for i in range(c.num_layers):
-            x_BLD = Block(c, name=f"layer_{i}")(x_BLD, positions_BL, segment_ids_BL, prefix_BL, deterministic)
+        x_BLD = run_blocks(c, deterministic, x_BLD, positions_BL, segment_ids_BL, prefix_BL)
         x_BLD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "final_norm")(x_BLD)
         if c.tie_embeddings:
             logits_BLV = embed.attend(x_BLD)
