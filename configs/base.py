@@ -125,6 +125,16 @@ def get_config() -> ml_collections.ConfigDict:
     # "full" (keep nothing), "dots_saveable" or "dots_with_no_batch_dims_saveable".
     m.remat = "none"
 
+    # The pretraining objective: "causal" (GPT) or "prefix_lm" (bidirectional prefix, loss
+    # on the rest); "masked_lm" (BERT) and "span_corruption" (T5) need the encoder and
+    # encoder-decoder families. Each sub-config holds its paper's defaults.
+    c.objective = ob = ml_collections.ConfigDict()
+    ob.name = "causal"
+    ob.z_loss = 0.0  # PaLM's log(Z)^2 coefficient (1e-4 in PaLM); 0 turns it off
+    ob.prefix_lm = ml_collections.ConfigDict(dict(prefix_fraction=0.0))  # 0: uniform random split
+    ob.masked_lm = ml_collections.ConfigDict(dict(rate=0.15, mask_prob=0.8, random_prob=0.1))
+    ob.span_corruption = ml_collections.ConfigDict(dict(noise_density=0.15, mean_span_length=3.0))
+
     c.optim = o = ml_collections.ConfigDict()
     o.lr = 1e-3  # peak learning rate
     o.schedule = "cosine"  # "cosine", "linear", "constant" or "rsqrt", after linear warmup

@@ -86,6 +86,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for the first value that cannot run."""
     _validate_data(config)
     _validate_model(config)
+    _validate_objective(config)
     _validate_optim(config)
     _validate_train(config)
     _validate_mesh_fields(config)
@@ -164,6 +165,26 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     if not 0.0 <= m.dropout < 1.0:
         fail("model.dropout", m.dropout, "must lie in [0, 1)", "use e.g. 0.0 or 0.1")
     require_positive(config, "model.init_std")
+
+
+OBJECTIVES = ("causal", "prefix_lm", "masked_lm", "span_corruption")
+OBJECTIVE_FAMILIES = {"causal": ("decoder",), "prefix_lm": ("decoder",), "masked_lm": ("encoder",),
+                      "span_corruption": ("encoder_decoder",)}
+
+
+def _validate_objective(config: ml_collections.ConfigDict) -> None:
+    ob = config.objective
+    require_choice(config, "objective.name", OBJECTIVES)
+    fits = OBJECTIVE_FAMILIES[ob.name]
+    if config.model.family not in fits:
+        fail("objective.name", ob.name, f"does not fit config.model.family={config.model.family!r}: it needs "
+             f"{' or '.join(map(repr, fits))}" + ("" if set(fits) <= set(FAMILIES) else
+                                                   ", which this version of lm does not have yet"),
+             "use objective 'causal' or 'prefix_lm' with the decoder family")
+    require_positive(config, "objective.z_loss", allow_zero=True)
+    if not 0.0 <= ob.prefix_lm.prefix_fraction < 1.0:
+        fail("objective.prefix_lm.prefix_fraction", ob.prefix_lm.prefix_fraction, "must lie in [0, 1)",
+             "use 0 for a random split point per document, or e.g. 0.5")
 
 
 def _validate_optim(config: ml_collections.ConfigDict) -> None:

@@ -40,38 +40,51 @@ class TrainState:
 
 
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module, optimizer: optax.GradientTransformation,
-               schedule: optax.Schedule, pad_id: int) -> tuple[TrainState, Metrics]:
+               schedule: optax.Schedule, make_example: objectives.MakeExample,
+               z_loss: float = 0.0) -> tuple[TrainState, Metrics]:
     """One optimizer update on a global batch; a pure function of (state, batch)."""
-    example = objectives.causal_lm(batch, pad_id)
-    dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    objective_rng, dropout_rng = jax.random.split(step_rng)
+    example = make_example(batch, objective_rng)
 
     def loss_sum_fn(params):
-        logits_BLV = model.apply({"params": params}, example.inputs_BL, example.positions_BL,
-                                 example.segment_ids_BL, deterministic=False, rngs={"dropout": dropout_rng})
-        return objectives.weighted_cross_entropy(logits_BLV, example.targets_BL, example.weights_BL)[0]
+        logits_BLV = apply(model, params, example, deterministic=False, rngs={"dropout": dropout_rng})
+        ce_sum = objectives.weighted_cross_entropy(logits_BLV, example.targets_BL, example.weights_BL)[0]
+        if not z_loss:
+            return ce_sum, ce_sum
+        return ce_sum + z_loss * objectives.z_loss_sum(logits_BLV, example.weights_BL), ce_sum
 
     # Differentiate the loss *sum* and divide afterwards: the token count's all-reduce then
     # joins the gradients' at the end of the step instead of syncing devices mid-forward.
-    loss_sum, grads_sum = jax.value_and_grad(loss_sum_fn)(state.params)
+    (_, ce_sum), grads_sum = jax.value_and_grad(loss_sum_fn, has_aux=True)(state.params)
     scale = 1.0 / jnp.maximum(jnp.sum(example.weights_BL), 1.0)
-    loss, grads = loss_sum * scale, jax.tree.map(lambda g: g * scale.astype(g.dtype), grads_sum)
+    loss, grads = ce_sum * scale, jax.tree.map(lambda g: g * scale.astype(g.dtype), grads_sum)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state)
     return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
 
 
+def apply(model: nn.Module, params: Any, example: objectives.Example, **kwargs) -> jax.Array:
+    """The model's logits for an example's inputs (with its packing and prefix, if any)."""
+    return model.apply({"params": params}, example.inputs_BL, example.positions_BL, example.segment_ids_BL,
+                       prefix_BL=example.prefix_BL, **kwargs)
+
+
 EvalTotals = tuple[jax.Array, jax.Array]  # (sum of token losses, number of scored tokens)
 
+EVAL_RNG_SEED = 0  # evaluation's objective noise (e.g. prefix split points) is the same every time
 
-def eval_step(params: Any, batch: Batch, totals: EvalTotals, *, model: nn.Module, pad_id: int) -> EvalTotals:
+
+def eval_step(params: Any, batch: Batch, totals: EvalTotals, *, model: nn.Module,
+              make_example: objectives.MakeExample) -> EvalTotals:
     """Adds one batch's token losses and token count to the running `totals`.
 
     Carrying the totals through the step chains consecutive eval steps by data
     dependency, so the device runs them in order, with no eager ops between them.
     """
-    example = objectives.causal_lm(batch, pad_id)
-    logits_BLV = model.apply({"params": params}, example.inputs_BL, example.positions_BL, example.segment_ids_BL)
+    example = make_example(batch, jax.random.key(EVAL_RNG_SEED))
+    logits_BLV = apply(model, params, example)
     loss_sum, weight_sum = objectives.weighted_cross_entropy(logits_BLV, example.targets_BL, example.weights_BL)
     return totals[0] + loss_sum, totals[1] + weight_sum
 
@@ -139,8 +152,10 @@ def make_trainer(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh
         return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
                           rng=jax.random.key_data(train_rng))
 
-    step_fn = functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule, pad_id=pad_id)
-    eval_fn = functools.partial(eval_step, model=model, pad_id=pad_id)
+    make_example = objectives.for_config(config.objective, pad_id)
+    step_fn = functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule,
+                                make_example=make_example, z_loss=config.objective.z_loss)
+    eval_fn = functools.partial(eval_step, model=model, make_example=make_example)
     return Trainer(
         model=model, model_cfg=model_cfg, mesh=mesh, rules=rules, state_shardings=state_shardings,
         batch_sharding=batch_sharding,

@@ -115,3 +115,11 @@ def test_a_recipe_takes_an_argument_from_the_command_line(tmp_path):
                      f"--workdir={tmp_path}", check=False)
     assert result.returncode == 2
     assert "unknown variant 'tpu'" in result.stderr and "shakespeare_char.py:gpu" in result.stderr
+
+
+@pytest.mark.parametrize("objective, family", [("masked_lm", "encoder"), ("span_corruption", "encoder_decoder")])
+def test_an_objective_that_does_not_fit_the_model_family_fails_validation(objective, family):
+    config = tiny_config(objective__name=objective)
+    with pytest.raises(config_lib.ConfigError, match=rf"config\.objective\.name='{objective}' does not fit "
+                                                     rf"config\.model\.family='decoder': it needs '{family}'.*Fix"):
+        config_lib.validate(config)

@@ -12,8 +12,8 @@ from lm.model import ModelConfig
 STREAM = np.arange(3, 20_003, dtype=np.int32) % 60 + 3
 
 
-def three_step_losses(mesh_shape: dict, devices) -> list[float]:
-    config = tiny_config(train__batch_size=16)
+def three_step_losses(mesh_shape: dict, devices, **overrides) -> list[float]:
+    config = tiny_config(train__batch_size=16, **overrides)
     config.mesh.shape.update(mesh_shape)
     mesh = sharding.make_mesh(config, devices)
     sharding.check_batch_sizes(config, mesh)
@@ -39,6 +39,21 @@ def test_sharded_training_matches_a_single_device(single_device_losses, mesh_sha
     losses = three_step_losses(mesh_shape, jax.devices())
     np.testing.assert_allclose(losses, single_device_losses, rtol=0, atol=1e-5)
     assert losses[2] < losses[0]  # and it learns
+
+
+VARIANTS = {  # objectives and model options beyond the default causal GPT
+    "prefix_lm_zloss": dict(objective__name="prefix_lm", objective__z_loss=1e-4),
+    "gqa_scan_remat": dict(model__num_heads=4, model__num_kv_heads=2, model__scan_layers=True,
+                           model__remat="dots_saveable"),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS.keys())
+def test_every_objective_and_model_option_trains_the_same_on_8_devices_as_on_one(variant):
+    single = three_step_losses(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1], **variant)
+    sharded = three_step_losses(dict(data=2, fsdp=4, tensor=1), jax.devices(), **variant)
+    np.testing.assert_allclose(sharded, single, rtol=0, atol=1e-5)
+    assert sharded[2] < sharded[0]
 
 
 def test_fsdp_shards_parameters_and_optimizer_state_along_embed():

@@ -49,6 +49,12 @@ def weighted_cross_entropy(logits_BLV: Array, targets_BL: Array, weights_BL: Arr
     return jnp.sum((log_z_BL - target_logit_BL) * weights_BL), jnp.sum(weights_BL)
 
 
+def z_loss_sum(logits_BLV: Array, weights_BL: Array) -> Array:
+    """Sum of weighted log(Z)^2 (PaLM's auxiliary loss, which keeps the softmax normaliser near 1)."""
+    log_z_BL = jax.nn.logsumexp(logits_BLV.astype(jnp.float32), axis=-1)
+    return jnp.sum(jnp.square(log_z_BL) * weights_BL)
+
+
 def loss_metrics(loss: float, bytes_per_token: float) -> dict[str, float]:
     """Mean loss in nats per token, its perplexity, and bits per UTF-8 byte."""
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
