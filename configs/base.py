@@ -100,7 +100,10 @@ def get_config() -> ml_collections.ConfigDict:
     d.prefetch = 4  # batches Grain keeps ready
 
     c.model = m = ml_collections.ConfigDict()
-    m.family = "decoder"  # decoder-only transformer (GPT / LLaMA style)
+    # "decoder" (GPT / LLaMA, causal), "encoder" (BERT, bidirectional, masked-LM head) or
+    # "encoder_decoder" (T5: bidirectional encoder, causal decoder with cross-attention).
+    m.family = "decoder"
+    m.num_decoder_layers = 0  # encoder_decoder: decoder depth; 0 = num_layers
     m.num_layers = 4
     m.num_heads = 4
     m.d_model = 128
@@ -111,7 +114,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.rope_theta = 10_000.0  # rotary base frequency
     m.norm = "layernorm"  # "layernorm" or "rmsnorm" (pre-norm blocks, final norm)
     m.norm_eps = 1e-5
-    m.activation = "gelu"  # MLP: "gelu" (exact), "gelu_tanh" or "swiglu"
+    m.activation = "gelu"  # MLP: "gelu" (exact), "gelu_tanh", "relu" or "swiglu"
     m.use_bias = False  # biases in dense layers and LayerNorm
     m.tie_embeddings = True  # output projection shares the token embedding
     m.dropout = 0.0  # on attention outputs, MLP outputs and embeddings

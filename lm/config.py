@@ -22,7 +22,7 @@ SP_MODEL_TYPES = ("bpe", "unigram")
 FAMILIES = ("decoder",)
 POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
-ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 SCHEDULES = ("cosine", "linear", "constant", "rsqrt")
@@ -179,7 +179,7 @@ def _validate_objective(config: ml_collections.ConfigDict) -> None:
     if config.model.family not in fits:
         fail("objective.name", ob.name, f"does not fit config.model.family={config.model.family!r}: it needs "
              f"{' or '.join(map(repr, fits))}" + ("" if set(fits) <= set(FAMILIES) else
-                                                   ", which this version of lm does not have yet"),
+                                                   ", which lm cannot train yet (the model exists; its training arrives with issue 4)"),
              "use objective 'causal' or 'prefix_lm' with the decoder family")
     require_positive(config, "objective.z_loss", allow_zero=True)
     if not 0.0 <= ob.prefix_lm.prefix_fraction < 1.0:

@@ -46,7 +46,8 @@ def test_changing_token_t_does_not_change_logits_before_t(variant):
 
 
 def test_every_parameter_has_logical_axes_matching_its_rank():
-    for variant in VARIANTS:
+    families = [dict(family="encoder"), dict(family="encoder_decoder", scan_layers=True, num_kv_heads=1)]
+    for variant in VARIANTS + families:
         boxed = abstract_params(build(small(**variant)), 16)
         leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
         assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
@@ -201,3 +202,30 @@ def test_grouped_query_attention_shares_key_value_heads_and_stays_causal():
     tokens = jnp.arange(cfg.max_len)[None] % cfg.vocab_size
     before, after = model.apply({"params": params}, tokens), model.apply({"params": params}, tokens.at[0, 9].set(3))
     np.testing.assert_allclose(before[0, :9], after[0, :9], atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["gpt2-small", "bert-base", "t5-base", "llama-1b"])
+def test_preset_parameter_counts_match_the_published_ones_within_2_percent(preset):
+    from lm.model import presets
+    counts = presets.describe(preset)  # jax.eval_shape: no parameter is allocated
+    assert abs(counts["total"] / presets.PUBLISHED_PARAMETERS[preset] - 1) < 0.02, counts
+    assert counts["non_embedding"] < counts["total"]
+
+
+def test_the_encoder_is_bidirectional_and_the_encoder_decoder_decoder_is_causal_and_reads_the_inputs():
+    enc_cfg = small(family="encoder")
+    encoder, enc_params = init(enc_cfg)
+    tokens = jnp.arange(16)[None] % enc_cfg.vocab_size
+    changed = tokens.at[0, 9].set(3)
+    before, after = encoder.apply({"params": enc_params}, tokens), encoder.apply({"params": enc_params}, changed)
+    assert not np.allclose(before[0, 0], after[0, 0])  # token 0 sees token 9
+
+    cfg = small(family="encoder_decoder", positions="rope")
+    model = build(cfg)
+    params = nn.meta.unbox(model.init(jax.random.key(0), tokens, tokens)["params"])
+    run = lambda inputs, decoder_inputs: model.apply({"params": params}, inputs, decoder_inputs)
+    base = run(tokens, tokens)
+    later_target = run(tokens, changed)
+    np.testing.assert_allclose(base[0, :9], later_target[0, :9], atol=1e-6)  # the decoder is causal
+    other_input = run(changed, tokens)
+    assert not np.allclose(base[0, 0], other_input[0, 0])  # every target position reads the whole input

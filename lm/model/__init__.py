@@ -1,12 +1,17 @@
 """Model families and their construction from config."""
 
+import flax.linen as nn
+
 from lm.model.config import ModelConfig
+from lm.model.families import Encoder, EncoderDecoder
 from lm.model.transformer import Decoder
 
-
-def build(cfg: ModelConfig) -> Decoder:
-    """The Flax module for `cfg` (the decoder family; more families arrive with issue 4)."""
-    return Decoder(cfg)
+FAMILIES = {"decoder": Decoder, "encoder": Encoder, "encoder_decoder": EncoderDecoder}
 
 
-__all__ = ["ModelConfig", "Decoder", "build"]
+def build(cfg: ModelConfig) -> nn.Module:
+    """The Flax module of `cfg.family`."""
+    return FAMILIES[cfg.family](cfg)
+
+
+__all__ = ["ModelConfig", "Decoder", "Encoder", "EncoderDecoder", "FAMILIES", "build"]

@@ -32,6 +32,8 @@ class ModelConfig:
     num_kv_heads: int = 0  # grouped-query attention: key/value heads; 0 = num_heads
     scan_layers: bool = False  # one scanned layer (compile time flat in depth) or a Python loop
     remat: str = "none"  # activation rematerialisation policy of each layer (see layers.REMAT_POLICIES)
+    family: str = "decoder"  # "decoder", "encoder" or "encoder_decoder"
+    num_decoder_layers: int = 0  # encoder-decoder: decoder depth; 0 = num_layers
 
     @property
     def kv_heads(self) -> int:
@@ -61,7 +63,7 @@ class ModelConfig:
             activation=model.activation, use_bias=model.use_bias,
             tie_embeddings=model.tie_embeddings, dropout=model.dropout, dtype=model.dtype,
             init_std=model.init_std, num_kv_heads=model.num_kv_heads, scan_layers=model.scan_layers,
-            remat=model.remat)
+            remat=model.remat, family=model.family, num_decoder_layers=model.num_decoder_layers)
 
 
 def _round_up(n: int, multiple: int) -> int:

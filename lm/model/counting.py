@@ -15,13 +15,14 @@ import jax.numpy as jnp
 
 from lm.model.config import ModelConfig
 
-EMBEDDING_PARAMS = ("embed", "pos_embed")  # top-level names of the lookup tables
+EMBEDDING_PARAMS = ("embed", "pos_embed", "encoder_pos_embed", "decoder_pos_embed")  # lookup tables
 
 
 def abstract_params(model: nn.Module, seq_len: int) -> Any:
     """The model's parameters as boxed ShapeDtypeStructs (logical axes attached)."""
     tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-    return jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+    inputs = (tokens, tokens) if model.cfg.family == "encoder_decoder" else (tokens,)
+    return jax.eval_shape(model.init, jax.random.key(0), *inputs)["params"]
 
 
 def param_counts(params: Any) -> dict[str, int]:
@@ -35,9 +36,19 @@ def param_counts(params: Any) -> dict[str, int]:
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Forward + backward FLOPs per trained token: 6·(matmul params) + causal attention."""
-    attention_proj = 4 * cfg.d_model * cfg.num_heads * cfg.head_dim  # q, k, v, output
+    """Forward + backward FLOPs per trained token: 6·(matmul params) + attention scores.
+
+    Causal self-attention counts half its score matmuls; an encoder's counts them all.
+    An encoder-decoder's figure is per pair of (input, target) tokens of equal lengths.
+    """
+    attention_proj = 2 * cfg.d_model * (cfg.num_heads + cfg.kv_heads) * cfg.head_dim  # q, out + k, v
     mlp = (3 if cfg.activation == "swiglu" else 2) * cfg.d_model * cfg.d_ff
-    matmul_params = cfg.num_layers * (attention_proj + mlp) + cfg.d_model * cfg.vocab_size  # + logits
-    attention_scores = 6 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim  # 12·n·L·D, halved
-    return 6.0 * matmul_params + attention_scores
+    scores = 12 * seq_len * cfg.num_heads * cfg.head_dim  # two score matmuls, forward and backward
+    logits = cfg.d_model * cfg.vocab_size
+    if cfg.family == "decoder":
+        return 6.0 * (cfg.num_layers * (attention_proj + mlp) + logits) + cfg.num_layers * scores / 2
+    if cfg.family == "encoder":
+        return 6.0 * (cfg.num_layers * (attention_proj + mlp) + logits) + cfg.num_layers * scores
+    decoder_layers = cfg.num_decoder_layers or cfg.num_layers
+    matmuls = cfg.num_layers * (attention_proj + mlp) + decoder_layers * (2 * attention_proj + mlp) + logits
+    return 6.0 * matmuls + cfg.num_layers * scores + decoder_layers * (scores / 2 + scores)

@@ -161,6 +161,7 @@ gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "gelu": gelu,
     "gelu_tanh": gelu_tanh,
+    "relu": jax.nn.relu,  # T5's original MLP
     "swiglu": jax.nn.silu,  # the gate's nonlinearity; the MLP multiplies by the up projection
 }
 

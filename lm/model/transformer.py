@@ -60,29 +60,31 @@ def attention_mask(segment_ids_BL: Array | None, prefix_BL: Array | None, length
 
 
 class Attention(nn.Module):
+    """Multi-head (or grouped-query) attention; `cross=True` reads keys and values from `memory`."""
+
     cfg: ModelConfig
+    cross: bool = False
 
     @nn.compact
-    def __call__(self, x_BLD: Array, positions_BL: Array, segment_ids_BL: Array | None,
-                 prefix_BL: Array | None, deterministic: bool) -> Array:
+    def __call__(self, x_BLD: Array, memory_BSD: Array | None, positions_BL: Array | None,
+                 mask_B1LS: Array | None, causal: bool, deterministic: bool) -> Array:
         c = self.cfg
-        dense = lambda features, axes, name: Dense(features, axes, init_std=c.init_std, use_bias=c.use_bias,
-                                                   dtype=c.compute_dtype, name=name)(x_BLD)
-        if c.kv_heads == c.num_heads:  # one fused matmul for q, k and v
-            qkv_BL3HK = dense((3, c.num_heads, c.head_dim), ("embed", "fused", "heads", "head_dim"), "qkv")
-            q_BLHK, k_BLHK, v_BLHK = (qkv_BL3HK[:, :, i] for i in range(3))
-        else:  # grouped-query attention: fewer key/value heads, each shared by a group of queries
-            q_BLHK = dense((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), "q")
-            kv_BL2GK = dense((2, c.kv_heads, c.head_dim), ("embed", "fused", "kv_heads", "head_dim"), "kv")
-            k_BLHK, v_BLHK = kv_BL2GK[:, :, 0], kv_BL2GK[:, :, 1]
-        if c.positions == "rope":
+        dense = lambda x, features, axes, name: Dense(features, axes, init_std=c.init_std, use_bias=c.use_bias,
+                                                      dtype=c.compute_dtype, name=name)(x)
+        if c.kv_heads == c.num_heads and not self.cross:  # one fused matmul for q, k and v
+            qkv_BL3HK = dense(x_BLD, (3, c.num_heads, c.head_dim), ("embed", "fused", "heads", "head_dim"), "qkv")
+            q_BLHK, k_BSHK, v_BSHK = (qkv_BL3HK[:, :, i] for i in range(3))
+        else:  # separate queries; grouped-query attention shares each key/value head among a group
+            q_BLHK = dense(x_BLD, (c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), "q")
+            kv_BS2GK = dense(memory_BSD if self.cross else x_BLD, (2, c.kv_heads, c.head_dim),
+                             ("embed", "fused", "kv_heads", "head_dim"), "kv")
+            k_BSHK, v_BSHK = kv_BS2GK[:, :, 0], kv_BS2GK[:, :, 1]
+        if c.positions == "rope" and not self.cross:
             sin_BLK2, cos_BLK2 = rotary_angles(positions_BL, c.head_dim, c.max_len, c.rope_theta)
             q_BLHK = rotary(q_BLHK, sin_BLK2, cos_BLK2)
-            k_BLHK = rotary(k_BLHK, sin_BLK2, cos_BLK2)
+            k_BSHK = rotary(k_BSHK, sin_BLK2, cos_BLK2)
         q_BLHK = nn.with_logical_constraint(q_BLHK, ("batch", "length", "act_heads", "head_dim"))
-        mask_B1LL = attention_mask(segment_ids_BL, prefix_BL, x_BLD.shape[1])
-        out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, mask=mask_B1LL,
-                                                is_causal=prefix_BL is None)
+        out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BSHK, v_BSHK, mask=mask_B1LS, is_causal=causal)
         out_BLD = Dense((c.d_model,), ("heads", "head_dim", "embed"), in_dims=2,
                         init_std=c.residual_init_std, use_bias=c.use_bias, dtype=c.compute_dtype,
                         name="out")(out_BLHK)
@@ -110,21 +112,30 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x)).
+    """Pre-norm residual block: x + attention(norm(x)), [x + cross-attention(norm(x), memory)],
+    then x + mlp(norm(x)). `causal=False` is an encoder block.
 
     Returns `(x, None)` so the same module serves a Python loop and `nn.scan`.
     """
 
     cfg: ModelConfig
     deterministic: bool = True
+    causal: bool = True
+    cross: bool = False
 
     @nn.compact
     def __call__(self, x_BLD: Array, positions_BL: Array, segment_ids_BL: Array | None,
-                 prefix_BL: Array | None) -> tuple[Array, None]:
+                 prefix_BL: Array | None, memory_BSD: Array | None = None,
+                 memory_mask_B1LS: Array | None = None) -> tuple[Array, None]:
         c = self.cfg
+        causal = self.causal and prefix_BL is None  # a prefix mask carries its own causality
+        mask_B1LL = attention_mask(segment_ids_BL, prefix_BL if self.causal else None, x_BLD.shape[1])
         h_BLD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "attn_norm")(x_BLD)
-        x_BLD = x_BLD + Attention(c, name="attn")(h_BLD, positions_BL, segment_ids_BL, prefix_BL,
-                                                  self.deterministic)
+        x_BLD = x_BLD + Attention(c, name="attn")(h_BLD, None, positions_BL, mask_B1LL, causal, self.deterministic)
+        if self.cross:
+            h_BLD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "cross_norm")(x_BLD)
+            x_BLD = x_BLD + Attention(c, cross=True, name="cross_attn")(
+                h_BLD, memory_BSD, None, memory_mask_B1LS, False, self.deterministic)
         h_BLD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "mlp_norm")(x_BLD)
         x_BLD = x_BLD + MLP(c, name="mlp")(h_BLD, self.deterministic)
         return nn.with_logical_constraint(x_BLD, ("batch", "length", "act_embed")), None
@@ -137,18 +148,20 @@ def remat_block(cfg: ModelConfig) -> type:
     return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
 
-def run_blocks(cfg: ModelConfig, deterministic: bool, x_BLD: Array, *context: Array | None) -> Array:
-    """Applies `cfg.num_layers` blocks inside the calling module: one `nn.scan`ned block
-    (parameters stacked on a leading `layers` axis; compile time flat in depth) or a
-    Python loop (`layer_0`, `layer_1`, ...)."""
+def run_blocks(cfg: ModelConfig, deterministic: bool, x_BLD: Array, *context: Array | None,
+               causal: bool = True, cross: bool = False, num_layers: int = 0, name: str = "layer") -> Array:
+    """Applies `num_layers` (default `cfg.num_layers`) blocks inside the calling module: one
+    `nn.scan`ned block (parameters stacked on a leading `layers` axis, in `{name}s`;
+    compile time flat in depth) or a Python loop (`{name}_0`, `{name}_1`, ...)."""
     block = remat_block(cfg)
+    num_layers = num_layers or cfg.num_layers
     if cfg.scan_layers:
         scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                          in_axes=(nn.broadcast,) * len(context), length=cfg.num_layers,
+                          in_axes=(nn.broadcast,) * len(context), length=num_layers,
                           metadata_params={nn.PARTITION_NAME: "layers"})
-        return scanned(cfg, deterministic, name="layers")(x_BLD, *context)[0]
-    for i in range(cfg.num_layers):
-        x_BLD, _ = block(cfg, deterministic, name=f"layer_{i}")(x_BLD, *context)
+        return scanned(cfg, deterministic, causal, cross, name=f"{name}s")(x_BLD, *context)[0]
+    for i in range(num_layers):
+        x_BLD, _ = block(cfg, deterministic, causal, cross, name=f"{name}_{i}")(x_BLD, *context)
     return x_BLD
 
 
@@ -160,21 +173,36 @@ class Decoder(nn.Module):
                  segment_ids_BL: Array | None = None, deterministic: bool = True,
                  prefix_BL: Array | None = None) -> Array:
         c = self.cfg
-        if positions_BL is None:
-            positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+        positions_BL = default_positions(tokens_BL) if positions_BL is None else positions_BL
         embed = Embed(c.vocab_size, c.d_model, c.init_std, c.compute_dtype, name="embed")
-        x_BLD = embed(tokens_BL)
-        if c.positions == "learned":
-            table_LD = self.param("pos_embed", nn.with_logical_partitioning(
-                nn.initializers.normal(c.init_std), ("position", "embed")), (c.max_len, c.d_model))
-            x_BLD = x_BLD + jnp.take(table_LD, positions_BL, axis=0).astype(c.compute_dtype)
-        x_BLD = nn.Dropout(c.dropout)(x_BLD, deterministic=deterministic)
-        x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "act_embed"))
+        x_BLD = embed_inputs(self, embed, tokens_BL, positions_BL, deterministic)
         x_BLD = run_blocks(c, deterministic, x_BLD, positions_BL, segment_ids_BL, prefix_BL)
         x_BLD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "final_norm")(x_BLD)
-        if c.tie_embeddings:
-            logits_BLV = embed.attend(x_BLD)
-        else:
-            logits_BLV = Dense((c.vocab_size,), ("embed", "vocab"), init_std=c.init_std,
-                               dtype=c.compute_dtype, name="unembed")(x_BLD)
-        return nn.with_logical_constraint(logits_BLV.astype(jnp.float32), ("batch", "length", "act_vocab"))
+        return output_logits(c, embed, x_BLD)
+
+
+def default_positions(tokens_BL: Array) -> Array:
+    return jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+
+
+def embed_inputs(module: nn.Module, embed: Embed, tokens_BL: Array, positions_BL: Array,
+                 deterministic: bool, table_name: str = "pos_embed") -> Array:
+    """Token embeddings plus, for learned positions, `module`'s position table; then dropout."""
+    c = module.cfg
+    x_BLD = embed(tokens_BL)
+    if c.positions == "learned":
+        table_LD = module.param(table_name, nn.with_logical_partitioning(
+            nn.initializers.normal(c.init_std), ("position", "embed")), (c.max_len, c.d_model))
+        x_BLD = x_BLD + jnp.take(table_LD, positions_BL, axis=0).astype(c.compute_dtype)
+    x_BLD = nn.Dropout(c.dropout)(x_BLD, deterministic=deterministic)
+    return nn.with_logical_constraint(x_BLD, ("batch", "length", "act_embed"))
+
+
+def output_logits(c: ModelConfig, embed: Embed, x_BLD: Array) -> Array:
+    """float32 logits: the tied embedding transposed, or a separate `unembed` matrix."""
+    if c.tie_embeddings:
+        logits_BLV = embed.attend(x_BLD)
+    else:
+        logits_BLV = Dense((c.vocab_size,), ("embed", "vocab"), init_std=c.init_std,
+                           dtype=c.compute_dtype, name="unembed")(x_BLD)
+    return nn.with_logical_constraint(logits_BLV.astype(jnp.float32), ("batch", "length", "act_vocab"))
