@@ -26,7 +26,7 @@ from absl import app, flags  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from lm import runtime, sharding  # noqa: E402
+from lm import objectives, runtime, sharding  # noqa: E402
 from lm.cli import quiet_logging, reject_positional, validated_config  # noqa: E402
 from lm.data import pipeline  # noqa: E402
 from lm.model import ModelConfig  # noqa: E402
@@ -119,8 +119,9 @@ def main(argv):
     sharding.check_batch_sizes(config, mesh)
     with tempfile.TemporaryDirectory() as tmp:
         corpus = pipeline.prepare(config, os.path.join(tmp, "tokenizer.json"))
-    model_cfg = ModelConfig.from_config(config.model, corpus.tokenizer.vocab_size, config.data.seq_len)
-    trainer = make_trainer(config, model_cfg, mesh, corpus.tokenizer.pad_id)
+    vocab_size = objectives.model_vocab_size(config.objective, corpus.tokenizer.vocab_size)
+    model_cfg = ModelConfig.from_config(config.model, vocab_size, config.data.seq_len)
+    trainer = make_trainer(config, model_cfg, mesh, corpus.tokenizer.pad_id, corpus.tokenizer.vocab_size)
     data = pipeline.train_data(config, corpus)
     data_iterator = pipeline.iterate(data, config.data.num_threads, config.data.prefetch)
 

@@ -129,11 +129,14 @@ def get_config() -> ml_collections.ConfigDict:
     m.remat = "none"
 
     # The pretraining objective: "causal" (GPT) or "prefix_lm" (bidirectional prefix, loss
-    # on the rest); "masked_lm" (BERT) and "span_corruption" (T5) need the encoder and
-    # encoder-decoder families. Each sub-config holds its paper's defaults.
+    # on the rest) for the decoder family; "masked_lm" (BERT) for the encoder;
+    # "span_corruption" (T5) for the encoder-decoder. Each sub-config holds its paper's defaults.
     c.objective = ob = ml_collections.ConfigDict()
     ob.name = "causal"
     ob.z_loss = 0.0  # PaLM's log(Z)^2 coefficient (1e-4 in PaLM); 0 turns it off
+    # Ids appended after the tokenizer's: masked LM's [MASK] is the first, span
+    # corruption's sentinels the first `n` (one per noise span of a row).
+    ob.extra_ids = 0
     ob.prefix_lm = ml_collections.ConfigDict(dict(prefix_fraction=0.0))  # 0: uniform random split
     ob.masked_lm = ml_collections.ConfigDict(dict(rate=0.15, mask_prob=0.8, random_prob=0.1))
     ob.span_corruption = ml_collections.ConfigDict(dict(noise_density=0.15, mean_span_length=3.0))

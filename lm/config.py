@@ -19,7 +19,7 @@ TOKENIZERS = ("char", "byte", "sentencepiece")
 SPLIT_MODES = ("tail", "hash")
 PACKINGS = ("stream", "pack")
 SP_MODEL_TYPES = ("bpe", "unigram")
-FAMILIES = ("decoder",)
+FAMILIES = ("decoder", "encoder", "encoder_decoder")
 POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
@@ -173,18 +173,30 @@ OBJECTIVE_FAMILIES = {"causal": ("decoder",), "prefix_lm": ("decoder",), "masked
 
 
 def _validate_objective(config: ml_collections.ConfigDict) -> None:
+    from lm.objectives import sentinels_needed  # late: lm.objectives imports jax
+
     ob = config.objective
     require_choice(config, "objective.name", OBJECTIVES)
     fits = OBJECTIVE_FAMILIES[ob.name]
     if config.model.family not in fits:
         fail("objective.name", ob.name, f"does not fit config.model.family={config.model.family!r}: it needs "
-             f"{' or '.join(map(repr, fits))}" + ("" if set(fits) <= set(FAMILIES) else
-                                                   ", which lm cannot train yet (the model exists; its training arrives with issue 4)"),
-             "use objective 'causal' or 'prefix_lm' with the decoder family")
+             f"{' or '.join(map(repr, fits))}",
+             f"set config.model.family={fits[0]!r}, or pick an objective for {config.model.family!r} "
+             f"({', '.join(o for o, f in OBJECTIVE_FAMILIES.items() if config.model.family in f)})")
     require_positive(config, "objective.z_loss", allow_zero=True)
+    require_positive(config, "objective.extra_ids", allow_zero=True)
     if not 0.0 <= ob.prefix_lm.prefix_fraction < 1.0:
         fail("objective.prefix_lm.prefix_fraction", ob.prefix_lm.prefix_fraction, "must lie in [0, 1)",
              "use 0 for a random split point per document, or e.g. 0.5")
+    needed = sentinels_needed(ob, config.data.seq_len)
+    if ob.extra_ids < needed:
+        what = "a [MASK] id" if ob.name == "masked_lm" else f"{needed} sentinel ids (one per noise span)"
+        fail("objective.extra_ids", ob.extra_ids, f"leaves no room in the vocabulary for {what} of "
+             f"objective {ob.name!r}", f"set config.objective.extra_ids={needed} (or more); they are "
+             "appended after the tokenizer's ids")
+    if ob.name == "span_corruption" and config.data.packing != "stream":
+        fail("data.packing", config.data.packing, "is not supported by span corruption (rows are corrupted "
+             "whole)", "use config.data.packing='stream'")
 
 
 def _validate_optim(config: ml_collections.ConfigDict) -> None:

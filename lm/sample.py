@@ -16,7 +16,8 @@ import jax
 import ml_collections
 from absl import app, flags
 
-from lm import checkpoint, decode, runtime, sharding
+from lm import checkpoint, decode, objectives, runtime, sharding
+from lm.configs import base
 from lm.data import tokenizers
 from lm.cli import exit_with_error, quiet_logging, reject_positional
 from lm.model import ModelConfig
@@ -37,13 +38,29 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     if not os.path.exists(path):
         exit_with_error(f"{path} does not exist. Fix: point --workdir at a directory written by lm.main.")
     with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
+        saved = json.load(f)
+    config = base.get_config()  # fields newer than the run keep their defaults
+    _merge(config, saved)
+    if config.model.family != "decoder":
+        exit_with_error(f"{workdir} holds a {config.model.family!r} model; sampling continues text with a "
+                        "decoder. Fix: point --workdir at a run with model.family='decoder'.")
+    return config
+
+
+def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:
+    with config.unlocked():
+        for key, value in saved.items():
+            if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
+                _merge(config[key], value)
+            else:
+                config[key] = value
 
 
 def load_params(config: ml_collections.ConfigDict, workdir: str):
     """(model, params, tokenizer, step) from the workdir's latest checkpoint, on one device."""
     tokenizer = tokenizers.load(os.path.join(workdir, "tokenizer.json"))
-    model_cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size, config.data.seq_len)
+    model_cfg = ModelConfig.from_config(
+        config.model, objectives.model_vocab_size(config.objective, tokenizer.vocab_size), config.data.seq_len)
     with config.unlocked():
         config.mesh.shape = dict(data=1, fsdp=1, tensor=1)
     trainer = make_trainer(config, model_cfg, sharding.make_mesh(config, jax.devices()[:1]), tokenizer.pad_id)

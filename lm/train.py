@@ -67,6 +67,8 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, optimizer: 
 
 def apply(model: nn.Module, params: Any, example: objectives.Example, **kwargs) -> jax.Array:
     """The model's logits for an example's inputs (with its packing and prefix, if any)."""
+    if example.decoder_inputs_BL is not None:  # encoder-decoder: encoder inputs, decoder inputs
+        return model.apply({"params": params}, example.inputs_BL, example.decoder_inputs_BL, **kwargs)
     return model.apply({"params": params}, example.inputs_BL, example.positions_BL, example.segment_ids_BL,
                        prefix_BL=example.prefix_BL, **kwargs)
 
@@ -129,7 +131,11 @@ class Trainer:
         return checkpoint.abstract_like(jax.eval_shape(self._init), self.state_shardings)
 
 
-def make_trainer(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: Mesh, pad_id: int) -> Trainer:
+def make_trainer(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: Mesh, pad_id: int,
+                 tokenizer_vocab_size: int = 0) -> Trainer:
+    """The compiled steps of `config` on `mesh`. Objectives' extra ids ([MASK], sentinels)
+    follow the tokenizer's `tokenizer_vocab_size` ids (default: the model's vocabulary
+    minus `config.objective.extra_ids`)."""
     model = build(model_cfg)
     schedule = optim.schedule(config.optim, config.train.steps)
     optimizer = optim.make(config.optim, config.train.steps)
@@ -148,11 +154,13 @@ def make_trainer(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh
     def init_state() -> TrainState:
         init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
         dummy = jnp.zeros((1, config.data.seq_len), jnp.int32)
-        params = nn.meta.unbox(model.init(init_rng, dummy)["params"])
+        inputs = (dummy, dummy) if model_cfg.family == "encoder_decoder" else (dummy,)
+        params = nn.meta.unbox(model.init(init_rng, *inputs)["params"])
         return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
                           rng=jax.random.key_data(train_rng))
 
-    make_example = objectives.for_config(config.objective, pad_id)
+    tokenizer_vocab = tokenizer_vocab_size or model_cfg.vocab_size - config.objective.extra_ids
+    make_example = objectives.for_config(config.objective, pad_id, tokenizer_vocab)
     step_fn = functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule,
                                 make_example=make_example, z_loss=config.objective.z_loss)
     eval_fn = functools.partial(eval_step, model=model, make_example=make_example)
@@ -199,15 +207,17 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     corpus = pipeline.prepare(config, os.path.join(workdir, "tokenizer.json"))
-    model_cfg = ModelConfig.from_config(config.model, corpus.tokenizer.vocab_size, config.data.seq_len)
-    if model_cfg.vocab_size < corpus.tokenizer.vocab_size:
+    vocab_size = objectives.model_vocab_size(config.objective, corpus.tokenizer.vocab_size)
+    model_cfg = ModelConfig.from_config(config.model, vocab_size, config.data.seq_len)
+    if model_cfg.vocab_size < vocab_size:
         raise ConfigError(
             f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
-            f"{corpus.tokenizer.vocab_size} ids. Fix: set it to 0 to use the tokenizer's size.")
+            f"{corpus.tokenizer.vocab_size} ids plus config.objective.extra_ids={config.objective.extra_ids}. "
+            f"Fix: set it to 0 to use {vocab_size}.")
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json_best_effort(indent=2))
-    trainer = make_trainer(config, model_cfg, mesh, corpus.tokenizer.pad_id)
+    trainer = make_trainer(config, model_cfg, mesh, corpus.tokenizer.pad_id, corpus.tokenizer.vocab_size)
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
     return Run(config, workdir, corpus, trainer, MetricWriter(workdir, enabled=is_main), checkpointer, is_main)
 
@@ -314,13 +324,16 @@ def _save(run: Run, state: TrainState, data_iterator) -> None:
 def _finish(run: Run, state: TrainState, final: dict[str, float]) -> None:
     """Prints a sample and the final validation loss, and stores the sample."""
     s = run.config.sample
-    text = decode.sample_text(run.trainer.model, state.params, run.corpus.tokenizer, s.prompt,
-                              max_new_tokens=s.max_new_tokens, max_len=run.config.data.seq_len,
-                              temperature=s.temperature, top_k=s.top_k, seed=run.config.seed)
-    if run.is_main:
+    samples = run.trainer.model_cfg.family == "decoder"  # encoders and T5 models do not continue text
+    if samples:
+        text = decode.sample_text(run.trainer.model, state.params, run.corpus.tokenizer, s.prompt,
+                                  max_new_tokens=s.max_new_tokens, max_len=run.config.data.seq_len,
+                                  temperature=s.temperature, top_k=s.top_k, seed=run.config.seed)
+    if run.is_main and samples:
         with open(os.path.join(run.workdir, "samples.txt"), "a", encoding="utf-8") as f:
             f.write(f"--- step {int(state.step)}, prompt {s.prompt!r}\n{s.prompt}{text}\n")
         print(f"\n--- sample (step {int(state.step)}) ---\n{s.prompt}{text}\n---", flush=True)
+    if run.is_main:
         print(f"final validation loss {final['loss']:.4f} "
               f"(perplexity {final['perplexity']:.2f}, {final['bits_per_byte']:.4f} bits/byte)", flush=True)
         with open(os.path.join(run.workdir, "final_metrics.json"), "w", encoding="utf-8") as f:

@@ -123,3 +123,14 @@ def test_an_objective_that_does_not_fit_the_model_family_fails_validation(object
     with pytest.raises(config_lib.ConfigError, match=rf"config\.objective\.name='{objective}' does not fit "
                                                      rf"config\.model\.family='decoder': it needs '{family}'.*Fix"):
         config_lib.validate(config)
+
+
+@pytest.mark.parametrize("objective, family, needed", [("masked_lm", "encoder", 1),
+                                                        ("span_corruption", "encoder_decoder", 1)])
+def test_an_objective_without_room_for_its_extra_ids_fails_validation(objective, family, needed):
+    config = tiny_config(objective__name=objective, model__family=family)
+    with pytest.raises(config_lib.ConfigError, match=rf"config\.objective\.extra_ids=0 leaves no room.*Fix: set "
+                                                     rf"config\.objective\.extra_ids={needed}"):
+        config_lib.validate(config)
+    config.objective.extra_ids = needed
+    config_lib.validate(config)

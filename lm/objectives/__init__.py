@@ -10,25 +10,60 @@ inputs, targets and loss weights, plus the weighted loss they share.
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from lm.objectives.causal import Example, causal_lm, loss_metrics, weighted_cross_entropy, z_loss_sum
 from lm.objectives.masked_lm import masked_lm
 from lm.objectives.prefix_lm import prefix_lm
-from lm.objectives.span_corruption import span_corruption
+from lm.objectives.span_corruption import span_corruption, span_counts
 
 __all__ = ["Example", "MakeExample", "causal_lm", "prefix_lm", "masked_lm", "span_corruption",
-           "weighted_cross_entropy", "z_loss_sum", "loss_metrics", "for_config"]
+           "weighted_cross_entropy", "z_loss_sum", "loss_metrics", "for_config", "model_vocab_size",
+           "sentinels_needed"]
 
 MakeExample = Callable[[dict, jax.Array], Example]  # (batch, rng) -> Example
-DECODER_OBJECTIVES = ("causal", "prefix_lm")  # trainable now; the others need their model families
 
 
-def for_config(objective: ml_collections.ConfigDict, pad_id: int) -> MakeExample:
-    """The config's objective as a pure `(batch, rng) -> Example`."""
-    if objective.name == "causal":
+def model_vocab_size(objective: ml_collections.ConfigDict, tokenizer_vocab_size: int) -> int:
+    """The tokenizer's ids plus the objective's extra ids ([MASK], then sentinels) after them."""
+    return tokenizer_vocab_size + objective.extra_ids
+
+
+def sentinels_needed(objective: ml_collections.ConfigDict, seq_len: int) -> int:
+    """Extra ids the objective needs for rows of `seq_len + 1` tokens."""
+    if objective.name == "masked_lm":
+        return 1
+    if objective.name == "span_corruption":
+        sc = objective.span_corruption
+        return span_counts(seq_len + 1, sc.noise_density, sc.mean_span_length)[1]
+    return 0
+
+
+def for_config(objective: ml_collections.ConfigDict, pad_id: int, tokenizer_vocab_size: int,
+               eos_id: int = 1, num_special: int = 3) -> MakeExample:
+    """The config's objective as a pure `(batch, rng) -> Example`.
+
+    Extra ids start at `tokenizer_vocab_size`: masked LM's [MASK] is the first; span
+    corruption's sentinels are the first `extra_ids`. Ordinary tokens are the
+    tokenizer's ids from `num_special` on.
+    """
+    name = objective.name
+    if name == "causal":
         return lambda batch, rng: causal_lm(batch, pad_id)
-    if objective.name == "prefix_lm":
+    if name == "prefix_lm":
         fraction = objective.prefix_lm.prefix_fraction
         return lambda batch, rng: prefix_lm(batch, rng, pad_id, fraction)
-    raise ValueError(f"objective {objective.name!r} has no model family to train it yet")
+    if name == "masked_lm":
+        m = objective.masked_lm
+        return lambda batch, rng: masked_lm(
+            batch, rng, mask_id=tokenizer_vocab_size, first_ordinary_id=num_special,
+            num_ordinary_ids=tokenizer_vocab_size - num_special, rate=m.rate, mask_prob=m.mask_prob,
+            random_prob=m.random_prob)
+    if name == "span_corruption":
+        sc = objective.span_corruption
+        sentinel_ids = jnp.arange(tokenizer_vocab_size, tokenizer_vocab_size + objective.extra_ids)
+        return lambda batch, rng: span_corruption(
+            batch, rng, sentinel_ids=sentinel_ids, eos_id=eos_id, pad_id=pad_id,
+            noise_density=sc.noise_density, mean_span_length=sc.mean_span_length)
+    raise ValueError(f"unknown objective {name!r}")
