@@ -45,7 +45,7 @@ class Encoder(nn.Module):
 
 class EncoderDecoder(nn.Module):
     """T5-style: a bidirectional encoder over the inputs and a causal decoder with
-    cross-attention, sharing one embedding (tied to the output, scaled by d_model^-1/2)."""
+    cross-attention, sharing one embedding (tied to the output)."""
 
     cfg: ModelConfig
 
@@ -68,6 +68,6 @@ class EncoderDecoder(nn.Module):
         y_BLD = run_blocks(c, deterministic, y_BLD, positions_BL, None, None, memory_BSD, memory_mask_B1LS,
                            cross=True, num_layers=c.num_decoder_layers or c.num_layers, name="decoder_layer")
         y_BLD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "decoder_norm")(y_BLD)
-        if c.tie_embeddings:
-            y_BLD = y_BLD * c.d_model ** -0.5  # T5's rescaling before the tied output projection
+        # No d_model^-1/2 rescaling before the tied output, unlike T5: T5 initialises its
+        # embedding with std 1; ours has init_std (0.02), like GPT-2's tied output.
         return output_logits(c, embed, y_BLD)
