@@ -208,3 +208,18 @@ def test_sampled_text_shows_each_end_of_document_as_a_paragraph_break():
     tok = tokenizers.CharTokenizer("abc")
     ids = np.concatenate([tok.encode("ab"), [tok.eos_id], tok.encode("c")])
     assert decode_documents(tok, ids) == "ab\n\nc"
+
+
+def test_packed_rows_read_from_many_threads_at_an_epoch_boundary_match_a_sequential_read():
+    from concurrent.futures import ThreadPoolExecutor
+    tokens, documents, _ = packed_corpus()
+    sequential = pipeline.PackedRows(tokens, documents, 31, 4, 1, 0)
+    first_epoch = len(sequential.epoch(0))
+    rows = list(range(first_epoch - 20, first_epoch + 20)) * 4  # straddle the boundary, repeatedly
+    expected = {i: sequential[i]["tokens"] for i in rows}
+    for _ in range(5):
+        concurrent = pipeline.PackedRows(tokens, documents, 31, 4, 1, 0)
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda i: (i, concurrent[i]["tokens"]), rows[::-1]))
+        assert all(np.array_equal(row, expected[i]) for i, row in got)
+        assert concurrent.epoch_ends == sequential.epoch_ends[:len(concurrent.epoch_ends)]

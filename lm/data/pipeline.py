@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 from typing import Iterator
 
 import grain
@@ -346,6 +347,15 @@ class PackedRows:
         self.documents, self.doc_spans = documents, documents.tolist()
         self.seed, self.eos_id, self.pad_id = seed, eos_id, pad_id
         self.epoch_ends: list[int] = []  # cumulative rows at the end of each planned epoch
+        # Grain reads rows on several threads; two extending `epoch_ends` at once would
+        # plan an epoch twice and shift every later row.
+        self._plan_lock = threading.Lock()
+
+    def __getstate__(self) -> dict:  # picklable for Grain worker processes
+        return {k: v for k, v in self.__dict__.items() if k != "_plan_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _plan_lock=threading.Lock())
 
     def __len__(self) -> int:
         return sys.maxsize
@@ -359,9 +369,10 @@ class PackedRows:
         return [[(order[d], o, n) for d, o, n in rows[i]] for i in rng.permutation(len(rows)).tolist()]
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        while not self.epoch_ends or self.epoch_ends[-1] <= i:
-            previous = self.epoch_ends[-1] if self.epoch_ends else 0
-            self.epoch_ends.append(previous + len(self.epoch(len(self.epoch_ends))))
+        with self._plan_lock:
+            while not self.epoch_ends or self.epoch_ends[-1] <= i:
+                previous = self.epoch_ends[-1] if self.epoch_ends else 0
+                self.epoch_ends.append(previous + len(self.epoch(len(self.epoch_ends))))
         e = int(np.searchsorted(self.epoch_ends, i, side="right"))
         first = self.epoch_ends[e - 1] if e else 0
         return packed_row(self.tokens, self.doc_spans, self.epoch(e)[i - first], self.row_len,
