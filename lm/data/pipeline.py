@@ -167,16 +167,22 @@ def fit_tokenizer(config: ml_collections.ConfigDict, built: dict[str, text_files
     corpus_id = "+".join(b.builder_config.name for b in built.values())
     path = os.path.join(data_dir(config), "tokenizers", corpus_id, f"{key}.model")
     if not os.path.exists(path):
-        try:
-            tokenizer = tokenizers.train_sentencepiece(
-                train_texts(built), d.sentencepiece.vocab_size, d.sentencepiece.model_type,
-                d.sentencepiece.byte_fallback, d.sentencepiece.user_defined_symbols,
-                d.sentencepiece.max_sentences, max(d.num_threads, 1))
-        except ValueError as e:
-            raise ConfigError(f"config.data.sentencepiece.vocab_size={d.sentencepiece.vocab_size}: {e}") from None
+        tokenizer = train_sentencepiece(config, built)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         _atomic_write(path, lambda f: f.write(tokenizer.model_proto))
     return tokenizers.SentencePieceTokenizer.from_file(path)
+
+
+def train_sentencepiece(config: ml_collections.ConfigDict,
+                        built: dict[str, text_files.TextFiles]) -> tokenizers.SentencePieceTokenizer:
+    """SentencePiece trained per `config.data.sentencepiece` on every source's train split."""
+    sp = config.data.sentencepiece
+    try:
+        return tokenizers.train_sentencepiece(train_texts(built), sp.vocab_size, sp.model_type, sp.byte_fallback,
+                                              sp.user_defined_symbols, sp.max_sentences,
+                                              max(config.data.num_threads, 1))
+    except ValueError as e:
+        raise ConfigError(f"config.data.sentencepiece.vocab_size={sp.vocab_size}: {e}") from None
 
 
 def texts(source) -> Iterator[str]:

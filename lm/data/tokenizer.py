@@ -41,28 +41,20 @@ def compression(tokenizer: tokenizers.SentencePieceTokenizer, texts: list[str]) 
     return num_bytes / max(num_tokens, 1), exact
 
 
-def train(config, output: str) -> tokenizers.SentencePieceTokenizer:
-    sp = config.data.sentencepiece
-    built = pipeline.builders(config)
+def train(config, built: dict, output: str) -> tokenizers.SentencePieceTokenizer:
     start = time.perf_counter()
-    try:
-        tokenizer = tokenizers.train_sentencepiece(
-            pipeline.train_texts(built), sp.vocab_size, sp.model_type,
-            sp.byte_fallback, sp.user_defined_symbols, sp.max_sentences, max(config.data.num_threads, 1))
-    except ValueError as e:
-        exit_with_error(f"config.data.sentencepiece.vocab_size={sp.vocab_size}: {e}")
+    tokenizer = pipeline.train_sentencepiece(config, built)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(f"{output}.tmp", "wb") as f:
         f.write(tokenizer.model_proto)
     os.replace(f"{output}.tmp", output)
-    print(f"trained {sp.model_type} tokenizer, {tokenizer.vocab_size:,} pieces, in "
+    print(f"trained {config.data.sentencepiece.model_type} tokenizer, {tokenizer.vocab_size:,} pieces, in "
           f"{time.perf_counter() - start:.1f} s: {output}")
     return tokenizer
 
 
-def report(config, tokenizer: tokenizers.SentencePieceTokenizer) -> None:
-    validation = [text for builder in pipeline.builders(config).values()
-                  for text in pipeline.texts(builder.as_data_source()["validation"])]
+def report(built: dict, tokenizer: tokenizers.SentencePieceTokenizer) -> None:
+    validation = [text for builder in built.values() for text in pipeline.texts(builder.as_data_source()["validation"])]
     bytes_per_token, exact = compression(tokenizer, validation)
     print(f"validation: {bytes_per_token:.3f} bytes per token over {len(validation):,} documents; "
           f"decode(encode(text)) == text: {'yes' if exact else 'NO'}")
@@ -79,11 +71,12 @@ def main(argv: list[str]) -> None:
         exit_with_error(f"{argv[1]} needs --config and --{needed.name}")
     try:
         config_lib.validate(config)
+        built = pipeline.builders(config)  # built once, for training and for the report
         if argv[1] == "train":
-            tokenizer = train(config, _OUTPUT.value)
+            tokenizer = train(config, built, _OUTPUT.value)
         else:
             tokenizer = tokenizers.SentencePieceTokenizer.from_file(_MODEL.value)
-        report(config, tokenizer)
+        report(built, tokenizer)
     except config_lib.ConfigError as e:
         exit_with_error(str(e))
     except (OSError, ValueError) as e:
