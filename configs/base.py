@@ -174,6 +174,9 @@ def get_config() -> ml_collections.ConfigDict:
     t.eval_every = 250  # steps between validation passes; 0: only at the end
     t.checkpoint_every = 250  # steps between checkpoints; one is always written at the end
     t.keep_checkpoints = 3  # most recent checkpoints kept on disk
+    # Permanent checkpoints: every step that is a multiple of this is saved and never
+    # deleted (0: none), beside the newest keep_checkpoints frequent ones.
+    t.permanent_checkpoint_every = 0
     # A step with a NaN/Inf loss or gradient never updates the state. Up to this many such
     # steps are skipped; one more stops the run (exit status 3). 0: stop at the first.
     t.max_nonfinite_steps = 0

@@ -252,7 +252,8 @@ def _validate_train(config: ml_collections.ConfigDict) -> None:
     for field in ("train.steps", "train.batch_size", "train.log_every", "eval.batch_size",
                   "train.keep_checkpoints", "train.microbatches"):
         require_positive(config, field)
-    for field in ("train.eval_every", "train.checkpoint_every", "eval.num_batches", "train.peak_flops_per_device",
+    for field in ("train.eval_every", "train.checkpoint_every", "train.permanent_checkpoint_every",
+                  "eval.num_batches", "train.peak_flops_per_device",
                   "train.max_nonfinite_steps",
                   "sample.max_new_tokens", "sample.top_k", "sample.temperature"):
         require_positive(config, field, allow_zero=True)

@@ -23,8 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-import lm
-from lm import checkpoint, decode, memory, objectives, optim, sharding
+from lm import checkpoint, decode, memory, objectives, optim, sharding, version
 from lm.config import ConfigError
 from lm.data import pipeline
 from lm.logs import MetricWriter, Progress
@@ -281,7 +280,8 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
             f.write(config.to_json_best_effort(indent=2))
     trainer = make_trainer(config, model_cfg, mesh, corpus.tokenizer.pad_id, corpus.tokenizer.vocab_size)
     estimate = check_memory(trainer, config)
-    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
+    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints,
+                                           config.train.permanent_checkpoint_every)
     return Run(config, workdir, corpus, trainer, MetricWriter(workdir, enabled=is_main), checkpointer, is_main,
                estimate, lock)
 
@@ -367,7 +367,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             paused = time.perf_counter()
             if c.eval_every and done % c.eval_every == 0 and done != c.steps:
                 _log_eval(run, progress, done, state.params)
-            if c.checkpoint_every and done % c.checkpoint_every == 0 and done != c.steps:
+            if _checkpoint_due(c, done) and done != c.steps:
                 _save(run, state, data_iterator)
             last_log = (last_log[0], last_log[1] + time.perf_counter() - paused)  # tokens/s excludes these
     if pending is not None:
@@ -458,7 +458,7 @@ def _describe_run(run: Run, progress: Progress, start: int) -> None:
     counts = param_counts(run.trainer.abstract_state().params)
     mesh = " x ".join(f"{a}={s}" for a, s in run.trainer.mesh.shape.items())
     progress.message(
-        f"lm {lm.__version__}: {counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding); "
+        f"lm {version.describe(version.code_version())}: {counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding); "
         f"{jax.device_count()} {jax.devices()[0].platform} devices, mesh {mesh}; "
         f"vocab {run.corpus.tokenizer.vocab_size} ({run.corpus.tokenizer.kind}); "
         f"{len(run.corpus.tokens['train']):,} train / {len(run.corpus.tokens['validation']):,} validation tokens "
@@ -515,10 +515,16 @@ def _log_eval(run: Run, progress: Progress, step: int, params: Any) -> dict[str,
     return metrics
 
 
+def _checkpoint_due(c: ml_collections.ConfigDict, step: int) -> bool:
+    """A frequent (kept while among the newest) or a permanent checkpoint falls on `step`."""
+    return any(every and step % every == 0 for every in (c.checkpoint_every, c.permanent_checkpoint_every))
+
+
 def _save(run: Run, state: TrainState, data_iterator) -> None:
     step = int(state.step)
     _check_finite(run.config, step, int(state.nonfinite_steps))  # never checkpoint past a divergence
-    run.checkpointer.save(step, state, data_iterator, {"step": step, "lm_version": lm.__version__})
+    meta = {"step": step, "version": version.code_version(), "config": json.loads(run.config.to_json_best_effort())}
+    run.checkpointer.save(step, state, data_iterator, meta)
 
 
 def _finish(run: Run, state: TrainState, final: dict[str, float]) -> None:

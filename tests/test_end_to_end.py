@@ -7,8 +7,12 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 
+import lm
+from lm import checkpoint, runs
 from helpers import REPO, cli_env, cli_flags, run_cli
 
 CONFIG = f"--config={os.path.join(REPO, 'configs', 'shakespeare_char.py')}"
@@ -22,10 +26,17 @@ def read_metrics(workdir) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def test_a_run_writes_checkpoints_metrics_events_config_and_a_sample(tmp_path):
-    workdir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """An 8-step run with checkpoints at 4 and 8, and its CLI output."""
+    workdir = tmp_path_factory.mktemp("finished") / "run"
     result = run_cli("lm.main", CONFIG, f"--workdir={workdir}",
                      *cli_flags(train__steps=8, train__eval_every=4, train__checkpoint_every=4))
+    return workdir, result
+
+
+def test_a_run_writes_checkpoints_metrics_events_config_and_a_sample(finished_run):
+    workdir, result = finished_run
     assert "final validation loss" in result.stdout and "--- sample (step 8) ---" in result.stdout
     assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "8"]
     records = read_metrics(workdir)
@@ -45,19 +56,45 @@ def test_a_run_writes_checkpoints_metrics_events_config_and_a_sample(tmp_path):
     assert [e.step for e in events.Scalars("validation/loss")] == [4, 8]
 
 
-def test_sample_cli_continues_a_prompt_from_the_latest_checkpoint(tmp_path):
-    workdir = tmp_path / "run"
-    run_cli("lm.main", CONFIG, f"--workdir={workdir}", *cli_flags(train__steps=4))
+def sample(workdir, *flags) -> list[str]:
     result = run_cli("lm.sample", f"--workdir={workdir}", "--prompt=ROMEO:", "--max_new_tokens=30",
-                     "--temperature=0.8", "--top_k=5", "--num_samples=2")
-    samples = result.stdout.split("--- sample ")[1:]
-    assert len(samples) == 2
-    for sample in samples:
-        assert "(checkpoint step 4)" in sample
-        body = sample.split("---\n", 1)[1].rstrip("\n")
+                     "--temperature=0.8", "--top_k=5", *flags)
+    return result.stdout.split("--- sample ")[1:]
+
+
+def test_sample_cli_continues_a_prompt_from_the_latest_or_a_chosen_checkpoint(finished_run, tmp_path):
+    workdir, _ = finished_run
+    samples = sample(workdir, "--num_samples=2")
+    assert len(samples) == 2 and all("(checkpoint step 8)" in text for text in samples)
+    at_step_4 = sample(workdir, "--step=4")
+    assert "(checkpoint step 4)" in at_step_4[0]
+    for text in samples + at_step_4:
+        body = text.split("---\n", 1)[1].rstrip("\n")
         assert body.startswith("ROMEO:") and len(body) == len("ROMEO:") + 30
     missing = run_cli("lm.sample", f"--workdir={tmp_path / 'nothing'}", check=False)
-    assert missing.returncode == 2 and "lm: error:" in missing.stderr
+    assert missing.returncode == 2 and "config.json does not exist" in missing.stderr
+    no_step = run_cli("lm.sample", f"--workdir={workdir}", "--step=5", check=False)
+    assert no_step.returncode == 2 and "no checkpoint of step 5" in no_step.stderr and "[4, 8]" in no_step.stderr
+
+
+def test_checkpoints_record_the_config_and_code_and_an_export_keeps_only_the_params(finished_run, tmp_path):
+    trained_run, _ = finished_run
+    meta = checkpoint.Checkpointer(str(trained_run / "checkpoints"), read_only=True).metadata(8)
+    assert meta["config"]["train"]["steps"] == 8 and meta["version"]["lm"] == lm.__version__
+    assert meta["version"]["git_commit"] is None or len(meta["version"]["git_commit"]) == 40
+
+    trained = runs.load(str(trained_run))
+    for dtype in ("float32", "bfloat16"):
+        out = run_cli("lm.export", f"--workdir={trained_run}", f"--output={tmp_path / dtype}", f"--dtype={dtype}")
+        assert "exported step 8: " in out.stdout and f"in {dtype} to" in out.stdout
+        exported = runs.load(str(tmp_path / dtype))
+        assert sorted(os.listdir(tmp_path / dtype)) == ["config.json", "export.json", "params", "tokenizer.json"]
+        for got, want in zip(jax.tree.leaves(exported.params), jax.tree.leaves(trained.params), strict=True):
+            assert got.dtype == dtype and np.array_equal(np.asarray(got), np.asarray(want.astype(dtype)))
+    assert sample(tmp_path / "float32") == sample(trained_run)  # same text, token for token
+
+    again = run_cli("lm.export", f"--workdir={trained_run}", f"--output={tmp_path / 'float32'}", check=False)
+    assert again.returncode == 2 and "exists and is not empty; exporting never overwrites" in again.stderr
 
 
 def wait_for_checkpoint(process: subprocess.Popen, directory, step: int, timeout: float = 240) -> None:
@@ -68,8 +105,10 @@ def wait_for_checkpoint(process: subprocess.Popen, directory, step: int, timeout
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("config", [CONFIG, BPE_CONFIG], ids=["char_stream", "sentencepiece_packed"])
-def test_a_run_killed_and_restarted_ends_exactly_like_an_uninterrupted_one(tmp_path, config):
+def test_a_packed_sentencepiece_run_killed_and_restarted_ends_exactly_like_an_uninterrupted_one(tmp_path):
+    """The packed pipeline's position survives kill -9 (test_reliability kills the
+    character recipe several times, mid-save too)."""
+    config = BPE_CONFIG
     flags = cli_flags(train__steps=40, train__log_every=1, train__eval_every=20, train__checkpoint_every=10)
     whole = tmp_path / "uninterrupted"
     expected = run_cli("lm.main", config, f"--workdir={whole}", *flags)
@@ -114,3 +153,14 @@ def test_compile_time_benchmark_prints_both_depths_with_and_without_scan():
     lines = [l for l in result.stdout.splitlines() if l.startswith("compile_seconds")]
     assert len(lines) == 4 and all(float(l.rsplit(": ", 1)[1]) > 0 for l in lines)
     assert "ratio_3_over_1 scan_layers=True" in result.stdout
+
+
+@pytest.mark.bench
+def test_checkpoint_benchmark_prints_blocked_time_of_async_and_sync_saves():
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", "checkpoint.py"), CONFIG, "--repeats=1", *cli_flags()],
+        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    figures = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    assert {"sync_blocked_seconds", "async_blocked_seconds", "async_over_sync"} <= set(figures), result.stdout
+    assert float(figures["async_over_sync"].split()[0]) > 0

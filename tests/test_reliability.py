@@ -2,6 +2,7 @@
 restoring onto a different mesh."""
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -36,6 +37,82 @@ def wait_for_step(process: subprocess.Popen, workdir, step: int, timeout: float 
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, f"step {step} not reached in {timeout} s"
         time.sleep(0.1)
+
+
+def wait_for_new_steps(process: subprocess.Popen, workdir, count: int, timeout: float = 120) -> None:
+    """Waits until the run has logged `count` steps beyond those in metrics.jsonl now."""
+    path, deadline = os.path.join(workdir, "metrics.jsonl"), time.monotonic() + timeout
+    before = len(read_metrics(workdir)) if os.path.exists(path) else 0
+    while count and (not os.path.exists(path) or
+                     sum("train/loss" in r for r in read_metrics(workdir)[before:]) < count):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{count} steps not logged in {timeout} s"
+        time.sleep(0.05)
+
+
+def finished_checkpoints(checkpoints) -> set[str]:
+    return {n for n in os.listdir(checkpoints) if n.isdigit()} if os.path.isdir(checkpoints) else set()
+
+
+def wait_for_new_checkpoint(process: subprocess.Popen, checkpoints, timeout: float = 120) -> None:
+    before, deadline = finished_checkpoints(checkpoints), time.monotonic() + timeout
+    while finished_checkpoints(checkpoints) <= before:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"no new checkpoint in {timeout} s"
+        time.sleep(0.01)
+
+
+def save_in_progress(checkpoints) -> list[str]:
+    """Orbax's temporary directories: saves begun and not yet renamed into place."""
+    return [n for n in os.listdir(checkpoints) if "tmp" in n] if os.path.isdir(checkpoints) else []
+
+
+def kill_mid_save(process: subprocess.Popen, checkpoints) -> bool:
+    """SIGKILLs the run as soon as a save is under way; True if the kill left it unfinished."""
+    while not save_in_progress(checkpoints):
+        assert process.poll() is None, "the run ended before a save could be interrupted"
+        time.sleep(0.002)
+    process.kill()
+    process.wait()
+    return bool(save_in_progress(checkpoints))
+
+
+def last_loss_per_step(workdir) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r}
+
+
+def final_params(workdir, step: int) -> list[np.ndarray]:
+    restored = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+    return [np.asarray(x) for x in jax.tree.leaves(restored["params"])]
+
+
+def test_a_run_killed_at_random_steps_and_mid_save_ends_bitwise_like_an_uninterrupted_one(tmp_path):
+    flags = cli_flags(train__steps=40, train__log_every=1, train__eval_every=20, train__checkpoint_every=5,
+                      train__keep_checkpoints=2, train__permanent_checkpoint_every=20)
+    expected = run_cli("lm.main", CONFIG, f"--workdir={tmp_path / 'whole'}", *flags)
+    # Two tiers: the 2 newest frequent checkpoints, and every 20th step kept for good.
+    assert sorted(map(int, os.listdir(tmp_path / "whole" / "checkpoints"))) == [20, 35, 40]
+
+    workdir, seed = tmp_path / "killed", random.randrange(1 << 30)
+    checkpoints, rng = workdir / "checkpoints", random.Random(seed)
+    for kill in ("at a step", "mid-save", "at a step", "mid-save"):
+        process = start_run(workdir, *flags)
+        if kill == "at a step":  # after one more finished checkpoint, so the run makes progress
+            wait_for_new_checkpoint(process, checkpoints)
+            wait_for_new_steps(process, workdir, rng.randint(0, 4))
+            process.kill()
+            process.wait()
+        else:
+            assert kill_mid_save(process, checkpoints), f"a save finished before the kill (seed {seed})"
+    finished = run_cli("lm.main", CONFIG, f"--workdir={workdir}", *flags)
+
+    assert "resuming from the checkpoint at step" in finished.stdout
+    assert not save_in_progress(checkpoints)  # interrupted saves were cleaned up, never restored
+    final_line = lambda out: [l for l in out.splitlines() if l.startswith("final validation loss")][0]
+    assert final_line(finished.stdout) == final_line(expected.stdout)
+    assert last_loss_per_step(workdir) == last_loss_per_step(tmp_path / "whole"), f"seed {seed}"
+    for got, want in zip(final_params(workdir, 40), final_params(tmp_path / "whole", 40), strict=True):
+        assert np.array_equal(got, want), f"seed {seed}"
 
 
 def test_sigterm_checkpoints_at_the_next_step_and_exits_75_and_the_rerun_resumes_there(tmp_path):

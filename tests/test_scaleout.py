@@ -59,24 +59,34 @@ def test_a_mesh_axis_that_does_not_divide_the_dimension_it_shards_fails_before_c
 
 
 @pytest.mark.slow
-def test_two_processes_train_the_same_three_steps_as_one(tmp_path):
-    flags = cli_flags(train__steps=3, train__log_every=1, train__batch_size=8, train__checkpoint_every=0)
-    single = run_cli("lm.main", "--config=configs/shakespeare_char.py", f"--workdir={tmp_path / 'one'}", *flags,
-                     "--config.mesh.shape.data=1", "--config.mesh.shape.fsdp=4", timeout=240)
+def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one_process(tmp_path):
+    flags = cli_flags(train__log_every=1, train__batch_size=8, train__checkpoint_every=0, optim__decay_steps=5)
+    one_process = ["--config=configs/shakespeare_char.py", "--config.mesh.shape.data=1", "--config.mesh.shape.fsdp=4"]
+    single = run_cli("lm.main", *one_process, f"--workdir={tmp_path / 'one'}", *flags, "--config.train.steps=5",
+                     timeout=240)
     coordinator = f"127.0.0.1:{free_port()}"
     workdir = tmp_path / "two"
     processes = [subprocess.Popen(
         [sys.executable, "-m", "lm.main", "--config=configs/shakespeare_char.py", f"--workdir={workdir}", *flags,
-         "--config.mesh.shape.data=1", "--config.mesh.shape.fsdp=2", "--config.mesh.dcn_shape.data=2",
-         f"--coordinator_address={coordinator}", "--num_processes=2", f"--process_id={i}"],
+         "--config.train.steps=3", "--config.mesh.shape.data=1", "--config.mesh.shape.fsdp=2",
+         "--config.mesh.dcn_shape.data=2", f"--coordinator_address={coordinator}", "--num_processes=2",
+         f"--process_id={i}"],
         cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outputs = [p.communicate(timeout=240)[0] for p in processes]
     assert all(p.returncode == 0 for p in processes), outputs
     assert "4 cpu devices, mesh data=2 x fsdp=2 x tensor=1" in outputs[0]
     assert "final validation loss" in outputs[0] and "final validation loss" not in outputs[1]  # process 0 reports
     one, two = train_metrics(tmp_path / "one"), train_metrics(workdir)
-    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=0, atol=1e-5)
+    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one[:3]], rtol=0, atol=1e-5)
     assert "final validation loss" in single.stdout
+
+    # The two processes' checkpoint of step 3 resumes in one process, data position included.
+    resumed = run_cli("lm.main", *one_process, f"--workdir={workdir}", *flags, "--config.train.steps=5",
+                      timeout=240)
+    assert "resuming from the checkpoint at step 3" in resumed.stdout
+    assert "written by 2 processes; this run has 1" in resumed.stderr
+    np.testing.assert_allclose([r["loss"] for r in train_metrics(workdir)[3:]], [r["loss"] for r in one[3:]],
+                               rtol=0, atol=1e-5)
 
 
 def train_metrics(workdir) -> list[dict]:

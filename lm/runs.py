@@ -1,0 +1,145 @@
+"""What a run leaves behind, read back: its config, tokenizer and parameters, from a
+training workdir (the latest or a given checkpoint) or from a params-only export.
+
+An export (`python -m lm.export`) is a directory with `params/` (an orbax checkpoint of
+the parameters alone, optionally in bfloat16), `config.json`, `tokenizer.json` and
+`export.json` (step, dtype, parameter count, the code that trained and exported it).
+It is what inference and fine-tuning load: a tenth of the train state's optimizer
+moments are gone, and it restores on any device without the run's mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+
+from lm import checkpoint, objectives, sharding, version
+from lm.config import ConfigError
+from lm.configs import base
+from lm.data import tokenizers
+from lm.data.tokenizers import Tokenizer
+from lm.model import ModelConfig, build
+from lm.model.counting import abstract_params, param_counts
+
+EXPORT_INFO = "export.json"
+EXPORT_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A model ready to run on one device."""
+
+    config: ml_collections.ConfigDict
+    model_cfg: ModelConfig
+    model: nn.Module
+    params: Any
+    tokenizer: Tokenizer
+    step: int
+
+
+def is_export(path: str) -> bool:
+    return os.path.exists(os.path.join(path, EXPORT_INFO))
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+    """The resolved config saved in a workdir or export; fields newer than the run keep
+    their defaults."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise ConfigError(f"{config_path} does not exist. Fix: point at a workdir written by lm.main or a "
+                          "directory written by lm.export.")
+    with open(config_path, encoding="utf-8") as f:
+        saved = json.load(f)
+    config = base.get_config()
+    _merge(config, saved)
+    return config
+
+
+def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:
+    with config.unlocked():
+        for key, value in saved.items():
+            if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
+                _merge(config[key], value)
+            else:
+                config[key] = value
+
+
+def load(path: str, step: int | None = None) -> Loaded:
+    """The model and parameters of a workdir (checkpoint `step`, default the latest) or
+    of an export, on the first local device."""
+    config = load_config(path)
+    tokenizer = tokenizers.load(os.path.join(path, "tokenizer.json"))
+    model_cfg = ModelConfig.from_config(
+        config.model, objectives.model_vocab_size(config.objective, tokenizer.vocab_size), config.data.seq_len)
+    if is_export(path):
+        params, step = _load_export_params(path, model_cfg, config.data.seq_len)
+    else:
+        params, step = _load_checkpoint_params(path, config, model_cfg, tokenizer, step)
+    return Loaded(config, model_cfg, build(model_cfg), params, tokenizer, step)
+
+
+def _load_checkpoint_params(workdir: str, config: ml_collections.ConfigDict, model_cfg: ModelConfig,
+                            tokenizer: Tokenizer, step: int | None) -> tuple[Any, int]:
+    from lm.train import make_trainer  # imported late: lm.train imports this package's users
+
+    with config.unlocked():
+        config.mesh.shape = dict(data=1, fsdp=1, tensor=1)
+        config.mesh.dcn_shape = dict(data=1, fsdp=1, tensor=1)
+    trainer = make_trainer(config, model_cfg, sharding.make_mesh(config, jax.local_devices()[:1]), tokenizer.pad_id)
+    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+    steps = checkpointer.all_steps()
+    if not steps:
+        raise ConfigError(f"no checkpoint in {workdir}/checkpoints yet. Fix: train first, or wait for a save.")
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        raise ConfigError(f"no checkpoint of step {step} in {workdir}/checkpoints. Fix: use one of {sorted(steps)}.")
+    return checkpointer.restore_state(step, trainer.abstract_state()).params, step
+
+
+def _load_export_params(path: str, model_cfg: ModelConfig, seq_len: int) -> tuple[Any, int]:
+    with open(os.path.join(path, EXPORT_INFO), encoding="utf-8") as f:
+        info = json.load(f)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, info["dtype"], sharding=device),
+                          nn.meta.unbox(abstract_params(build(model_cfg), seq_len)))
+    return ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, "params")), target), info["step"]
+
+
+def export(workdir: str, output: str, step: int | None = None, dtype: str = "float32") -> dict:
+    """Writes the parameters of `workdir`'s checkpoint `step` (default the latest) in
+    `dtype` to the new directory `output`, with what loading needs. Returns export.json's
+    content. The directory appears whole or not at all."""
+    if dtype not in EXPORT_DTYPES:
+        raise ConfigError(f"--dtype={dtype!r} is not supported. Fix: use one of {EXPORT_DTYPES}.")
+    if os.path.exists(output) and os.listdir(output):
+        raise ConfigError(f"{output} exists and is not empty; exporting never overwrites. Fix: choose a new "
+                          "--output, or delete the old export first.")
+    loaded = load(workdir, step)
+    params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), loaded.params)
+    meta = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).metadata(loaded.step)
+    info = {"step": loaded.step, "dtype": dtype, "parameters": param_counts(params)["total"],
+            "source": os.path.abspath(workdir), "trained_by": meta.get("version"), "exported_by": version.code_version()}
+    staging = os.path.abspath(output.rstrip("/") + f".partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(staging, "params"), params)
+    checkpointer.wait_until_finished()
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(os.path.join(workdir, name), os.path.join(staging, name))
+    with open(os.path.join(staging, EXPORT_INFO), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2)
+    if os.path.exists(output):
+        os.rmdir(output)  # empty, checked above
+    os.replace(staging, output)
+    return info
