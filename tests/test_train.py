@@ -45,7 +45,7 @@ VARIANTS = {  # objectives and model options beyond the default causal GPT
 }
 
 
-ON_REQUEST = ("t5_span_corruption", "t5_ul2_mixture", "decoder_ul2_mixture")  # ~2 min: `pytest -m families`
+ON_REQUEST = ("encoder_masked_lm", "t5_span_corruption", "t5_ul2_mixture", "decoder_ul2_mixture")  # `pytest -m families`
 
 
 @pytest.mark.parametrize("variant", [
