@@ -134,6 +134,18 @@ def test_train_flops_are_six_n_plus_causal_attention():
     assert train_flops_per_token(cfg, 64) == 6 * matmul_params + 12 * 4 * 64 * 128 / 2
 
 
+def test_gpt2_small_at_context_1024_costs_six_n_plus_half_the_attention_scores_per_token():
+    from lm.model import presets
+
+    counts = presets.describe("gpt2-small")
+    layers, d_model, d_ff, vocab, context = 12, 768, 3072, 50257, 1024
+    n_matmul = layers * (4 * d_model ** 2 + 2 * d_model * d_ff) + vocab * d_model  # the tied logits matmul too
+    attention = 12 * layers * context * d_model / 2  # QK^T and AV, forward and backward; causal: half
+    assert counts["train_flops_per_token"] == 6 * n_matmul + attention
+    assert abs(n_matmul / counts["total"] - 1) < 0.01  # 6N with N all parameters but biases, norms, positions
+    assert counts["train_flops_per_token"] == pytest.approx(6 * counts["total"] + attention, rel=0.01)
+
+
 def test_dropout_is_active_in_training_and_off_in_evaluation():
     cfg = small(dropout=0.3)
     model, params = init(cfg)

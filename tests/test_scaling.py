@@ -1,0 +1,68 @@
+"""Scaling-law fits: the Chinchilla replication recovered, and known laws recovered from
+synthetic runs by every approach, within the intervals each reports."""
+
+import csv
+import os
+
+import numpy as np
+import pytest
+
+from lm.scaling import laws
+
+DATA = os.path.join(os.path.dirname(__file__), "data", "chinchilla", "svg_extracted_data.csv")
+
+
+def chinchilla_runs() -> laws.Runs:
+    with open(DATA, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    n, c, loss = (np.array([float(r[k]) for r in rows]) for k in ("Model Size", "Training FLOP", "loss"))
+    keep = np.argsort(loss)[:-5]  # the replication drops the 5 highest-loss runs
+    return laws.Runs.of(n[keep], c[keep] / (6 * n[keep]), loss[keep], c=c[keep])
+
+
+def test_approach_3_on_the_chinchilla_runs_recovers_the_replications_estimates():
+    fit = laws.parametric(chinchilla_runs())
+    assert abs(fit.E - 1.817) < 0.01 and abs(fit.alpha - 0.347) < 0.01 and abs(fit.beta - 0.367) < 0.01
+    assert fit.A == pytest.approx(477.8, rel=0.1) and fit.B == pytest.approx(2143.9, rel=0.1)
+
+
+TRUE = laws.Parametric(E=1.7, A=400.0, B=1200.0, alpha=0.34, beta=0.30)
+
+
+def synthetic_runs(seed: int = 0, noise: float = 0.003) -> tuple[laws.Runs, laws.Runs]:
+    """(IsoFLOP design: 5 budgets x 13 sizes around the optimum; N x D grid: 8 x 8), with
+    multiplicative lognormal noise on the loss."""
+    rng = np.random.default_rng(seed)
+    budgets = np.repeat(np.logspace(18, 21, 5), 13)
+    n = TRUE.optimal(budgets)[0] * np.tile(np.logspace(-1, 1, 13), 5)
+    iso = laws.Runs.of(n, budgets / (6 * n), TRUE(n, budgets / (6 * n)), budget=budgets)
+    n, d = (x.ravel() for x in np.meshgrid(np.logspace(7, 10, 8), np.logspace(9, 12, 8)))
+    grid = laws.Runs.of(n, d, TRUE(n, d))
+    noisy = lambda r: laws.Runs(r.n, r.d, r.c, r.loss * np.exp(rng.normal(0, noise, len(r))), r.budget)
+    return noisy(iso), noisy(grid)
+
+
+def within(interval: tuple[float, float], value: float) -> bool:
+    return interval[0] <= value <= interval[1]
+
+
+def test_every_approach_recovers_the_true_exponents_of_synthetic_runs_within_its_intervals():
+    iso, grid = synthetic_runs()
+    a, b = TRUE.beta / (TRUE.alpha + TRUE.beta), TRUE.alpha / (TRUE.alpha + TRUE.beta)
+
+    approach_2 = laws.bootstrap(laws.isoflop, iso, samples=100)
+    assert within(approach_2["a"], a) and within(approach_2["b"], b), approach_2
+
+    both = laws.Runs(*(np.concatenate([getattr(iso, f), getattr(grid, f)]) for f in ("n", "d", "c", "loss", "budget")))
+    fit = laws.parametric(both)
+    approach_3 = laws.bootstrap(lambda r: laws.parametric(r, starts=2, initial=[laws.theta_of(fit)]), both,
+                                samples=60)
+    assert within(approach_3["alpha"], TRUE.alpha) and within(approach_3["beta"], TRUE.beta), approach_3
+    assert approach_3["alpha"][1] - approach_3["alpha"][0] < 0.1  # an informative interval, not a wide one
+
+    # Kaplan: L(N) and L(D) on the grid's frontiers (the other term is then a constant),
+    # L(C) on the IsoFLOP runs' frontier, where L - E falls as C^(-alpha beta / (alpha + beta)).
+    kaplan_grid = laws.bootstrap(laws.kaplan, grid, samples=100)
+    assert within(kaplan_grid["N.alpha"], TRUE.alpha) and within(kaplan_grid["D.alpha"], TRUE.beta), kaplan_grid
+    kaplan_iso = laws.bootstrap(laws.kaplan, iso, samples=100)
+    assert within(kaplan_iso["C.alpha"], TRUE.alpha * TRUE.beta / (TRUE.alpha + TRUE.beta)), kaplan_iso
