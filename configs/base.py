@@ -191,6 +191,10 @@ def get_config() -> ml_collections.ConfigDict:
     s.temperature = 0.8
     s.top_k = 200  # 0: sample from the full distribution
 
+    # Bookkeeping for scaling-law sweeps (lm.sweep), carried into the results table; no
+    # effect on training. budget: the IsoFLOP budget (FLOPs) a point belongs to, 0: none.
+    c.sweep = ml_collections.ConfigDict(dict(budget=0.0, target_parameters=0.0))
+
     c.mesh = ml_collections.ConfigDict()
     # Devices per mesh axis; -1 takes the devices the other axes leave. data x fsdp
     # splits the batch; fsdp also shards parameters; tensor shards heads and MLP.

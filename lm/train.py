@@ -527,6 +527,15 @@ def _save(run: Run, state: TrainState, data_iterator) -> None:
     run.checkpointer.save(step, state, data_iterator, meta)
 
 
+def _scale(run: Run, step: int) -> dict[str, float]:
+    """What a scaling-law fit needs of a finished run: N (total and non-embedding), D, C."""
+    counts = param_counts(run.trainer.abstract_state().params)
+    tokens = step * run.config.train.batch_size * run.config.data.seq_len
+    return {"step": step, "parameters": counts["total"], "non_embedding_parameters": counts["non_embedding"],
+            "train_tokens": tokens,
+            "train_flops": tokens * train_flops_per_token(run.trainer.model_cfg, run.config.data.seq_len)}
+
+
 def _finish(run: Run, state: TrainState, final: dict[str, float]) -> None:
     """Prints a sample and the final validation loss, and stores the sample."""
     s = run.config.sample
@@ -543,5 +552,6 @@ def _finish(run: Run, state: TrainState, final: dict[str, float]) -> None:
         print(f"final validation loss {final['loss']:.4f} "
               f"(perplexity {final['perplexity']:.2f}, {final['bits_per_byte']:.4f} bits/byte)", flush=True)
         with open(os.path.join(run.workdir, "final_metrics.json"), "w", encoding="utf-8") as f:
-            json.dump({"step": int(state.step), **{f"validation/{k}": v for k, v in final.items()}}, f, indent=2)
+            json.dump({**_scale(run, int(state.step)), **{f"validation/{k}": v for k, v in final.items()}}, f,
+                      indent=2)
     run.writer.close()

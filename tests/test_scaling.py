@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from lm.scaling import laws
+from lm.scaling import designs, laws
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "chinchilla", "svg_extracted_data.csv")
 
@@ -24,6 +24,21 @@ def test_approach_3_on_the_chinchilla_runs_recovers_the_replications_estimates()
     fit = laws.parametric(chinchilla_runs())
     assert abs(fit.E - 1.817) < 0.01 and abs(fit.alpha - 0.347) < 0.01 and abs(fit.beta - 0.367) < 0.01
     assert fit.A == pytest.approx(477.8, rel=0.1) and fit.B == pytest.approx(2143.9, rel=0.1)
+
+
+def test_isoflop_points_spend_their_budget_on_distinct_sizes_of_one_shape_family():
+    from lm.configs import shakespeare_char
+
+    config = shakespeare_char.get_config()
+    points = designs.isoflop(config, [1e12], sizes=5, vocab_size=68)
+    assert len({(p["model.num_layers"], p["model.d_model"]) for p in points}) == len(points) >= 4
+    tokens_per_step = config.train.batch_size * config.data.seq_len
+    for point in points:
+        shape = {k.split(".")[1]: v for k, v in point.items() if k.startswith("model.")}
+        spent = designs.flops_per_token(config, shape, 68) * point["train.steps"] * tokens_per_step
+        assert spent == pytest.approx(1e12, rel=0.01) and point["sweep.budget"] == 1e12
+        assert shape["d_model"] % 16 == 0 and 16 <= shape["d_model"] / shape["num_layers"] <= 64
+    assert designs.shape_for(1e6) == dict(num_layers=4, d_model=144, num_heads=9, head_dim=16, d_ff=576)
 
 
 TRUE = laws.Parametric(E=1.7, A=400.0, B=1200.0, alpha=0.34, beta=0.30)
@@ -50,19 +65,38 @@ def test_every_approach_recovers_the_true_exponents_of_synthetic_runs_within_its
     iso, grid = synthetic_runs()
     a, b = TRUE.beta / (TRUE.alpha + TRUE.beta), TRUE.alpha / (TRUE.alpha + TRUE.beta)
 
-    approach_2 = laws.bootstrap(laws.isoflop, iso, samples=100)
+    approach_2 = laws.bootstrap(laws.isoflop, iso, samples=60)
     assert within(approach_2["a"], a) and within(approach_2["b"], b), approach_2
 
     both = laws.Runs(*(np.concatenate([getattr(iso, f), getattr(grid, f)]) for f in ("n", "d", "c", "loss", "budget")))
     fit = laws.parametric(both)
     approach_3 = laws.bootstrap(lambda r: laws.parametric(r, starts=2, initial=[laws.theta_of(fit)]), both,
-                                samples=60)
+                                samples=40)
     assert within(approach_3["alpha"], TRUE.alpha) and within(approach_3["beta"], TRUE.beta), approach_3
     assert approach_3["alpha"][1] - approach_3["alpha"][0] < 0.1  # an informative interval, not a wide one
 
     # Kaplan: L(N) and L(D) on the grid's frontiers (the other term is then a constant),
     # L(C) on the IsoFLOP runs' frontier, where L - E falls as C^(-alpha beta / (alpha + beta)).
-    kaplan_grid = laws.bootstrap(laws.kaplan, grid, samples=100)
+    kaplan_grid = laws.bootstrap(laws.kaplan, grid, samples=60)
     assert within(kaplan_grid["N.alpha"], TRUE.alpha) and within(kaplan_grid["D.alpha"], TRUE.beta), kaplan_grid
-    kaplan_iso = laws.bootstrap(laws.kaplan, iso, samples=100)
+    kaplan_iso = laws.bootstrap(laws.kaplan, iso, samples=60)
     assert within(kaplan_iso["C.alpha"], TRUE.alpha * TRUE.beta / (TRUE.alpha + TRUE.beta)), kaplan_iso
+
+
+@pytest.mark.slow
+def test_the_scaling_notebook_runs_top_to_bottom_on_the_stored_sweep_results(tmp_path, monkeypatch):
+    import nbclient
+    import nbformat
+
+    notebooks = os.path.join(os.path.dirname(os.path.dirname(__file__)), "notebooks")
+    notebook = nbformat.read(os.path.join(notebooks, "scaling_laws.ipynb"), as_version=4)
+    monkeypatch.setenv("LM_PLOTS", str(tmp_path))
+    monkeypatch.setenv("LM_BOOTSTRAP", "10")
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": notebooks}}).execute()
+    printed = "".join(out.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                      for out in cell.outputs)
+    assert "Approach 2 (IsoFLOP, 3 budgets)" in printed and "Approach 3, L(N, D)" in printed
+    assert "approach_3: C=" in printed
+    assert sorted(p for p in os.listdir(tmp_path) if p.endswith(".png")) == [
+        "isoflop_profiles.png", "loss_contours.png", "loss_vs_compute.png", "optimal_allocation.png"]

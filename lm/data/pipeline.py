@@ -19,7 +19,9 @@ assembles the global array.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import json
@@ -102,8 +104,26 @@ def prepare(config: ml_collections.ConfigDict, tokenizer_path: str) -> Corpus:
 
     The tokenizer is fitted to the train split(s) (or loaded from data.sentencepiece.model)
     and saved at `tokenizer_path`; if that file exists (a resumed run), it is loaded
-    instead, so ids never change under a run.
+    instead, so ids never change under a run. Processes preparing into one data cache take
+    turns (a sweep's parallel runs): TFDS renames a finished build into place, and two
+    builds of one dataset at once collide.
     """
+    with _exclusive(data_dir(config)):
+        return _prepare(config, tokenizer_path)
+
+
+@contextlib.contextmanager
+def _exclusive(directory: str):
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, ".lock"), "a", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released by the kernel if the process dies
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _prepare(config: ml_collections.ConfigDict, tokenizer_path: str) -> Corpus:
     built = builders(config)
     if os.path.exists(tokenizer_path):
         tokenizer = tokenizers.load(tokenizer_path)

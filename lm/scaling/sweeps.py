@@ -1,0 +1,167 @@
+"""A sweep: the points of a config file's `get_sweep()`, named by their content, checked
+before anything runs, and each point's status and results read from its workdir.
+
+Layout of a sweep directory:
+    points/<name>/      the point's lm.main workdir (checkpoints, metrics, final_metrics.json)
+    points/<name>/sweep.json   its overrides, and wall seconds summed over attempts
+    results.csv, results.jsonl  one row per finished point (rows are never dropped)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import importlib.util
+import io
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+from lm.config import ConfigError
+
+SCALARS = (bool, int, float, str)
+COLUMNS = ("name", "parameters", "non_embedding_parameters", "tokens", "flops", "budget", "target_parameters",
+           "train_loss", "val_loss", "val_bits_per_byte", "wall_seconds", "overrides")
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    name: str
+    overrides: dict[str, Any]
+
+    def flags(self) -> list[str]:
+        return [f"--config.{key}={value!r}" if isinstance(value, str) else f"--config.{key}={value}"
+                for key, value in self.overrides.items()]
+
+
+def load(config_arg: str) -> tuple[ml_collections.ConfigDict, list[Point]]:
+    """The base config and the named points of `get_sweep()` in the config file `path[:arg]`."""
+    path, _, arg = config_arg.partition(":")
+    if not os.path.exists(path):
+        raise ConfigError(f"the sweep config {path} does not exist. Fix: --config=configs/scaling/<file>.py")
+    spec = importlib.util.spec_from_file_location("lm_sweep_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_sweep"):
+        raise ConfigError(f"{path} has no get_sweep(). Fix: define get_sweep() beside get_config(), returning a "
+                          "list of override dicts (see lm.scaling.designs).")
+    config = module.get_config(arg) if arg else module.get_config()
+    overrides = module.get_sweep(arg) if arg else module.get_sweep()
+    return config, name_points(overrides, config)
+
+
+def name_points(overrides: list[dict], config: ml_collections.ConfigDict) -> list[Point]:
+    """Points named by a hash of their overrides (so a point keeps its directory when the
+    sweep gains or loses others), after checking each override names a field and that no
+    two points are the same run."""
+    if not overrides:
+        raise ConfigError("get_sweep() returned no points. Fix: return a non-empty list of override dicts.")
+    points, seen = [], {}
+    for i, point in enumerate(overrides):
+        for key, value in point.items():
+            _check_override(config, key, value, i)
+        digest = hashlib.sha1(json.dumps(point, sort_keys=True).encode()).hexdigest()[:8]
+        if digest in seen:
+            raise ConfigError(f"sweep points {seen[digest]} and {i} are the same run ({json.dumps(point)}). "
+                              "Fix: remove the duplicate, or make the points differ (e.g. the seed).")
+        seen[digest] = i
+        points.append(Point(digest, dict(point)))
+    return points
+
+
+def _check_override(config: ml_collections.ConfigDict, key: str, value: Any, index: int) -> None:
+    node = config
+    *sections, field = key.split(".")
+    for section in sections:
+        node = node.get(section) if isinstance(node, ml_collections.ConfigDict) else None
+    if not isinstance(node, ml_collections.ConfigDict) or field not in node:
+        raise ConfigError(f"sweep point {index} sets {key!r}, which is not a config field. Fix: use a dotted "
+                          "field of configs/base.py, e.g. 'model.d_model'.")
+    if not isinstance(value, SCALARS):
+        raise ConfigError(f"sweep point {index} sets {key}={value!r}; a sweep overrides single values only. "
+                          "Fix: use a number, string or bool.")
+
+
+def apply(config: ml_collections.ConfigDict, point: Point) -> ml_collections.ConfigDict:
+    """A copy of `config` with the point's overrides."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    for key, value in point.overrides.items():
+        *sections, field = key.split(".")
+        node = config
+        for section in sections:
+            node = node[section]
+        node[field] = type(node[field])(value) if isinstance(node[field], float) else value
+    return config
+
+
+def point_dir(sweep_dir: str, point: Point) -> str:
+    return os.path.join(sweep_dir, "points", point.name)
+
+
+def is_finished(sweep_dir: str, point: Point, steps: int) -> bool:
+    final = _read_json(os.path.join(point_dir(sweep_dir, point), "final_metrics.json"))
+    return bool(final) and final.get("step") == steps
+
+
+def add_wall_seconds(sweep_dir: str, point: Point, seconds: float) -> None:
+    path = os.path.join(point_dir(sweep_dir, point), "sweep.json")
+    record = _read_json(path) or {"overrides": point.overrides, "wall_seconds": 0.0, "attempts": 0}
+    record["wall_seconds"] += seconds
+    record["attempts"] += 1
+    _write_atomically(path, json.dumps(record, indent=2))
+
+
+def result_row(sweep_dir: str, point: Point) -> dict[str, Any]:
+    """The results-table row of a finished point."""
+    directory = point_dir(sweep_dir, point)
+    final = _read_json(os.path.join(directory, "final_metrics.json"))
+    config = _read_json(os.path.join(directory, "config.json"))
+    record = _read_json(os.path.join(directory, "sweep.json")) or {}
+    train_loss = None
+    with open(os.path.join(directory, "metrics.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            train_loss = json.loads(line).get("train/loss", train_loss)
+    sweep = config.get("sweep", {})
+    return {"name": point.name, "parameters": final["parameters"],
+            "non_embedding_parameters": final["non_embedding_parameters"], "tokens": final["train_tokens"],
+            "flops": final["train_flops"], "budget": sweep.get("budget", 0.0),
+            "target_parameters": sweep.get("target_parameters", 0.0), "train_loss": train_loss,
+            "val_loss": final["validation/loss"], "val_bits_per_byte": final.get("validation/bits_per_byte"),
+            "wall_seconds": round(record.get("wall_seconds", 0.0), 1),
+            "overrides": json.dumps(point.overrides, sort_keys=True)}
+
+
+def write_results(sweep_dir: str, rows: list[dict[str, Any]]) -> str:
+    """Merges `rows` into the sweep's results table by name (existing rows are kept, never
+    dropped) and writes results.csv and results.jsonl, each replaced whole. Returns the CSV path."""
+    csv_path, jsonl_path = os.path.join(sweep_dir, "results.csv"), os.path.join(sweep_dir, "results.jsonl")
+    merged = {}
+    if os.path.exists(jsonl_path):
+        with open(jsonl_path, encoding="utf-8") as f:
+            merged = {row["name"]: row for row in map(json.loads, f)}
+    merged.update({row["name"]: row for row in rows})
+    ordered = sorted(merged.values(), key=lambda row: (float(row["flops"]), row["name"]))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(ordered)
+    _write_atomically(csv_path, text.getvalue())
+    _write_atomically(jsonl_path, "".join(json.dumps(row) + "\n" for row in ordered))
+    return csv_path
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(temporary, path)

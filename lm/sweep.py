@@ -1,0 +1,208 @@
+"""Run every point of a sweep and collect one results table.
+
+    python -m lm.sweep --config=configs/scaling/shakespeare_isoflop.py --workdir=/tmp/isoflop --parallel=2
+
+Each point of the config file's `get_sweep()` trains with `python -m lm.main` in
+`<workdir>/points/<name>/`; finished points are skipped and interrupted ones resume from
+their checkpoints, so rerunning the same command after a kill finishes the sweep. After
+each point, `<workdir>/results.csv` (and `.jsonl`) gains its row: N, non-embedding N,
+tokens D, FLOPs C, final train and validation loss, wall time, the overrides. Then fit:
+`python -m lm.scaling fit --results=<workdir>/results.csv`.
+
+`--launcher=slurm` submits the unfinished points as one SLURM array job instead
+(`launch/slurm_sweep.sbatch`), `--launcher=tpu_pod` runs them one after another on a TPU
+pod through `launch/tpu_pod.sh`; `--dry_run` prints what would run or be submitted.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+from lm.cli import PREEMPTED, exit_with_error, quiet_logging, reject_positional
+from lm.config import ConfigError, validate
+from lm.scaling import sweeps
+
+_CONFIG = flags.DEFINE_string("config", None, "A config file with get_config() and get_sweep(), [path[:arg]].")
+_WORKDIR = flags.DEFINE_string("workdir", None, "The sweep's directory (points/, results.csv).")
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "Points trained at once on this machine; on CPU each gets "
+                                 "cores / parallel devices.")
+_LAUNCHER = flags.DEFINE_enum("launcher", "local", ["local", "slurm", "tpu_pod"], "Where the points run.")
+_LAUNCHER_ARGS = flags.DEFINE_list("launcher_args", [], "Extra arguments for the launch script, e.g. "
+                                   "--launcher_args=--nodes=1,--gpus_per_node=8 or --name=pod,--zone=...")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them.")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main(argv: list[str]) -> None:
+    reject_positional(argv)
+    quiet_logging()
+    if not _CONFIG.value or not _WORKDIR.value:
+        exit_with_error("--config and --workdir are required, e.g. --config=configs/scaling/shakespeare_isoflop.py "
+                        "--workdir=/tmp/isoflop")
+    if _PARALLEL.value < 1:
+        exit_with_error(f"--parallel={_PARALLEL.value} must be at least 1.")
+    try:
+        points, steps = _checked_points(_CONFIG.value)
+    except ConfigError as e:
+        exit_with_error(str(e))
+    workdir = os.path.abspath(_WORKDIR.value)
+    pending = [p for p in points if not sweeps.is_finished(workdir, p, steps[p.name])]
+    print(f"sweep {_CONFIG.value}: {len(points)} points, {len(points) - len(pending)} finished, "
+          f"{len(pending)} to run", flush=True)
+    if _LAUNCHER.value == "local":
+        failed = _run_local(workdir, pending)
+    else:
+        failed = _submit(workdir, pending)
+    if not _DRY_RUN.value and _LAUNCHER.value == "local":
+        finished = [p for p in points if sweeps.is_finished(workdir, p, steps[p.name])]
+        if finished:
+            path = sweeps.write_results(workdir, [sweeps.result_row(workdir, p) for p in finished])
+            print(f"results: {len(finished)} of {len(points)} points in {path}", flush=True)
+    if failed:
+        exit_with_error(f"{len(failed)} point(s) failed: {', '.join(failed)}; each one's log is "
+                        "points/<name>/sweep.log. Rerun the same command to retry them.", code=1)
+
+
+def _checked_points(config_arg: str) -> tuple[list[sweeps.Point], dict[str, int]]:
+    """The points, each validated with its overrides applied, and their step counts."""
+    base, points = sweeps.load(config_arg)
+    steps = {}
+    for point in points:
+        config = sweeps.apply(base, point)
+        try:
+            validate(config)
+        except ConfigError as e:
+            raise ConfigError(f"sweep point {point.name}: {e}") from None
+        steps[point.name] = config.train.steps
+    return points, steps
+
+
+def command(workdir: str, point: sweeps.Point, cpu_devices: int = 0) -> list[str]:
+    """The lm.main command line that trains `point` here."""
+    return [sys.executable, "-m", "lm.main", *main_args(workdir, point, os.path.abspath(_config_path()), cpu_devices)]
+
+
+def main_args(workdir: str, point: sweeps.Point, config_path: str, cpu_devices: int = 0) -> list[str]:
+    """lm.main's arguments for `point` (the config path as given, for a launcher's hosts)."""
+    args = [f"--config={config_path}{_config_arg()}", f"--workdir={sweeps.point_dir(workdir, point)}",
+            *point.flags()]
+    if cpu_devices and "mesh.cpu_devices" not in point.overrides:
+        args.append(f"--config.mesh.cpu_devices={cpu_devices}")
+    return args
+
+
+def _config_path() -> str:
+    return _CONFIG.value.partition(":")[0]
+
+
+def _config_arg() -> str:
+    arg = _CONFIG.value.partition(":")[2]
+    return f":{arg}" if arg else ""
+
+
+def _run_local(workdir: str, pending: list[sweeps.Point]) -> list[str]:
+    """Trains the pending points, `--parallel` at a time; returns the names that failed."""
+    cpu_devices = max(1, (os.cpu_count() or 1) // _PARALLEL.value) if _PARALLEL.value > 1 else 0
+    if _DRY_RUN.value:
+        for point in pending:
+            print(shlex.join(command(workdir, point, cpu_devices)))
+        return []
+    queue, running, failed, stopping = list(pending), {}, [], []
+
+    def stop(signum, frame):  # pass a preemption on: each point checkpoints and exits 75
+        stopping.append(signum)
+        for process, _, _ in running.values():
+            process.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while running or (queue and not stopping):
+            while queue and len(running) < _PARALLEL.value and not stopping:
+                point = queue.pop(0)
+                running[point.name] = (_start(workdir, point, cpu_devices), point, time.monotonic())
+                print(f"started {point.name} ({len(pending) - len(queue)} of {len(pending)} to run): "
+                      f"{' '.join(point.flags())}", flush=True)
+            time.sleep(0.5)
+            for name, (process, point, started) in list(running.items()):
+                if process.poll() is None:
+                    continue
+                del running[name]
+                seconds = time.monotonic() - started
+                sweeps.add_wall_seconds(workdir, point, seconds)
+                if process.returncode == 0:
+                    row = sweeps.result_row(workdir, point)
+                    sweeps.write_results(workdir, [row])
+                    print(f"finished {name} in {seconds:.0f} s: N={row['parameters']:,} D={row['tokens']:,} "
+                          f"C={row['flops']:.3g} val loss {row['val_loss']:.4f}", flush=True)
+                elif not stopping:  # a point stopped by our signal resumes on the rerun
+                    failed.append(name)
+                    print(f"FAILED {name} (exit {process.returncode}); see {sweeps.point_dir(workdir, point)}"
+                          "/sweep.log", file=sys.stderr, flush=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopping:
+        exit_with_error("stopped by a signal; every running point saved a checkpoint. Rerun the same command "
+                        "to resume the sweep.", code=PREEMPTED)
+    return failed
+
+
+def _start(workdir: str, point: sweeps.Point, cpu_devices: int) -> subprocess.Popen:
+    directory = sweeps.point_dir(workdir, point)
+    os.makedirs(directory, exist_ok=True)
+    log = open(os.path.join(directory, "sweep.log"), "a", encoding="utf-8")
+    return subprocess.Popen(command(workdir, point, cpu_devices), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=_terminate_with_parent)
+
+
+def _terminate_with_parent() -> None:
+    """Linux: a point gets SIGTERM (and checkpoints) if the sweep runner dies, even by kill -9."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _submit(workdir: str, pending: list[sweeps.Point]) -> list[str]:
+    """Submits the pending points through a launch script (or prints how, with --dry_run)."""
+    if not pending:
+        return []
+    extra = list(_LAUNCHER_ARGS.value)
+    if _LAUNCHER.value == "slurm":
+        points_file = os.path.join(workdir, "slurm_points.txt")
+        lines = [shlex.join(main_args(workdir, p, _config_path())) for p in pending]
+        submit = ["sbatch", f"--array=0-{len(pending) - 1}%{_PARALLEL.value}", *extra,
+                  os.path.join(REPO, "launch", "slurm_sweep.sbatch"), points_file]
+        commands = [submit]
+        if not _DRY_RUN.value:
+            os.makedirs(workdir, exist_ok=True)
+            with open(points_file, "w", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
+        else:
+            print(f"# {points_file}, one line per array task:")
+            for line in lines:
+                print(f"#   {line}")
+    else:
+        commands = [["bash", os.path.join(REPO, "launch", "tpu_pod.sh"), *extra, "--",
+                     *main_args(workdir, p, _config_path())] for p in pending]
+    for cmd in commands:
+        print(("" if _DRY_RUN.value else "+ ") + shlex.join(cmd), flush=True)
+        if not _DRY_RUN.value:
+            subprocess.run(cmd, check=True)
+    if not _DRY_RUN.value:
+        print(f"submitted; when the points finish, rerun this command with --launcher=local to collect "
+              f"{workdir}/results.csv (finished points are not rerun).", flush=True)
+    return []
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,95 @@
+"""Sweeps: every point trained once (resuming after a kill), one results table that only
+grows, and fits with clear errors on tables that cannot support them."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import REPO, cli_env, run_cli
+from lm.scaling import sweeps
+
+SWEEP = f"--config={os.path.join(REPO, 'tests', 'data', 'tiny_sweep.py')}"
+
+
+def test_a_sweep_with_duplicate_points_or_an_unknown_field_is_refused_before_anything_runs(tmp_path):
+    duplicate = run_cli("lm.sweep", f"{SWEEP}:duplicate", f"--workdir={tmp_path}", check=False)
+    assert duplicate.returncode == 2
+    assert "sweep points 0 and 3 are the same run" in duplicate.stderr and "Fix: remove the duplicate" in duplicate.stderr
+    unknown = run_cli("lm.sweep", f"{SWEEP}:unknown_field", f"--workdir={tmp_path}", check=False)
+    assert unknown.returncode == 2 and "sets 'model.width', which is not a config field" in unknown.stderr
+    assert not os.path.exists(tmp_path / "points")
+
+
+def test_a_dry_run_prints_each_points_training_command_or_the_slurm_array_submission(tmp_path):
+    local = run_cli("lm.sweep", SWEEP, f"--workdir={tmp_path}", "--dry_run", "--parallel=2").stdout
+    commands = [l for l in local.splitlines() if " -m lm.main " in l]
+    assert len(commands) == 3 and all("--config.mesh.cpu_devices=" in c for c in commands)
+    assert "--config.model.d_model=64 --config.train.steps=12 --config.sweep.budget=1000000000.0" in local
+    slurm = run_cli("lm.sweep", SWEEP, f"--workdir={tmp_path}", "--dry_run", "--launcher=slurm",
+                    "--parallel=2", "--launcher_args=--gpus-per-node=1").stdout
+    assert "sbatch --array=0-2%2 --gpus-per-node=1 " in slurm and "launch/slurm_sweep.sbatch" in slurm
+    assert not os.path.exists(tmp_path / "points")  # a dry run writes nothing
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_midway_resumes_and_collects_one_row_per_point(tmp_path):
+    runner = subprocess.Popen([sys.executable, "-m", "lm.sweep", SWEEP, f"--workdir={tmp_path}", "--parallel=2"],
+                              cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not any(os.path.isdir(os.path.join(d, "checkpoints")) and os.listdir(os.path.join(d, "checkpoints"))
+                  for d in _point_dirs(tmp_path)):
+        assert runner.poll() is None and time.monotonic() < deadline, runner.communicate()
+        time.sleep(0.2)
+    runner.kill()  # -9: the points it started get SIGTERM (PR_SET_PDEATHSIG), checkpoint and stop
+    runner.wait()
+    stale = {"name": "earlier", "parameters": 1, "tokens": 1, "flops": 1, "val_loss": 9.9}
+    with open(tmp_path / "results.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(stale) + "\n")  # a row of a point no longer in the sweep: never dropped
+
+    finished = run_cli("lm.sweep", SWEEP, f"--workdir={tmp_path}", "--parallel=2", timeout=300)
+    assert "3 points, " in finished.stdout and "results: 3 of 3 points" in finished.stdout
+    logs = "".join(open(os.path.join(d, "sweep.log"), encoding="utf-8").read() for d in _point_dirs(tmp_path))
+    assert "resuming from the checkpoint at step" in logs
+    with open(tmp_path / "results.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and "earlier" in {r["name"] for r in rows}
+    ours = [r for r in rows if r["name"] != "earlier"]
+    assert {r["tokens"] for r in ours} == {str(40 * 8 * 16), str(12 * 8 * 16)}
+    for row in ours:
+        assert float(row["val_loss"]) > 0 and float(row["wall_seconds"]) > 0 and int(row["parameters"]) > 0
+        assert float(row["flops"]) > 6 * int(row["parameters"]) * int(row["tokens"]) * 0.5
+    again = run_cli("lm.sweep", SWEEP, f"--workdir={tmp_path}")
+    assert "3 finished, 0 to run" in again.stdout  # finished points are skipped
+
+
+def _point_dirs(sweep_dir) -> list[str]:
+    root = os.path.join(sweep_dir, "points")
+    return [os.path.join(root, d) for d in os.listdir(root)] if os.path.isdir(root) else []
+
+
+def write_table(path, rows, columns=sweeps.COLUMNS):
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_fitting_a_table_with_missing_columns_or_too_few_runs_says_what_to_fix(tmp_path):
+    write_table(tmp_path / "no_loss.csv", [{"parameters": 1e6, "tokens": 1e8}], columns=("parameters", "tokens"))
+    missing = run_cli("lm.scaling", "fit", f"--results={tmp_path / 'no_loss.csv'}", check=False)
+    assert missing.returncode == 2 and "lacks the column(s) val_loss" in missing.stderr
+    assert "Fix: name them with --n_column" in missing.stderr
+
+    rows = [{"parameters": n, "tokens": 20 * n, "flops": 120 * n * n, "val_loss": 3 - 0.1 * i}
+            for i, n in enumerate((1e6, 2e6, 4e6))]
+    write_table(tmp_path / "three.csv", rows)
+    few = run_cli("lm.scaling", "fit", f"--results={tmp_path / 'three.csv'}", check=False)
+    assert few.returncode == 2 and "L(N, D) has 5 parameters" in few.stderr
+    assert "needs at least 4 frontier points; got 3" in few.stderr
+    assert open(tmp_path / "three.csv", encoding="utf-8").read().count("\n") == 4  # the table is untouched
