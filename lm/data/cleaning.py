@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 from typing import Callable, Iterable, Iterator, TypeVar
 
-import datasketch
 import ml_collections
 
 
@@ -113,7 +112,9 @@ def shingles(text: str, size: int) -> set[bytes]:
     return {" ".join(ws[i:i + size]).encode() for i in range(len(ws) - size + 1)}
 
 
-def minhash(text: str, size: int, num_perm: int) -> datasketch.MinHash:
+def minhash(text: str, size: int, num_perm: int) -> "datasketch.MinHash":
+    import datasketch  # imported when a corpus is built: it pulls in scipy, slow to load for every run
+
     m = datasketch.MinHash(num_perm=num_perm, seed=1)
     m.update_batch(list(shingles(text, size)))
     return m
@@ -122,6 +123,8 @@ def minhash(text: str, size: int, num_perm: int) -> datasketch.MinHash:
 def clean(items: Iterable[T], rules: ml_collections.ConfigDict, dedup: ml_collections.ConfigDict,
           report: Report, text: Callable[[T], str] = lambda doc: doc.text) -> Iterator[T]:
     """The items (documents) whose `text` passes every rule and is not a duplicate of an earlier one."""
+    import datasketch  # see minhash
+
     checks = quality_rules(rules)
     seen: set[bytes] = set()
     lsh = (datasketch.MinHashLSH(threshold=dedup.near_threshold, num_perm=dedup.num_perm)

@@ -83,11 +83,11 @@ def frontier(x: np.ndarray, loss: np.ndarray) -> np.ndarray:
 def fit_power_law(x: np.ndarray, loss: np.ndarray, irreducible: bool = True) -> PowerLaw:
     """Least squares on log L of L = E + (x_c / x)^alpha (E = 0 if not `irreducible`)."""
     x, loss = np.asarray(x, np.float64), np.asarray(loss, np.float64)
-    need = 3 if irreducible else 2
-    if len(x) < need + (1 if irreducible else 0):
+    need = 4 if irreducible else 3  # one more point than parameters
+    if len(x) < need:
         raise FitError(f"a power law with{'' if irreducible else 'out'} an irreducible term needs at least "
-                       f"{need + (1 if irreducible else 0)} frontier points; got {len(x)}. Fix: add runs at "
-                       "more sizes, token counts or budgets.")
+                       f"{need} frontier points; got {len(x)}. Fix: add runs at more sizes, token counts or "
+                       "budgets.")
     log_x, log_l = np.log(x), np.log(loss)
     slope, intercept = np.polyfit(log_x, log_l, 1)  # E = 0: log L = alpha log x_c - alpha log x
     if not irreducible:
@@ -104,10 +104,19 @@ def fit_power_law(x: np.ndarray, loss: np.ndarray, irreducible: bool = True) -> 
 
 
 def kaplan(runs: Runs, irreducible: bool = True) -> dict[str, PowerLaw]:
-    """L(N), L(D) and L(C), each on its frontier."""
-    return {name: fit_power_law(x[idx], runs.loss[idx], irreducible)
-            for name, x in (("N", runs.n), ("D", runs.d), ("C", runs.c))
-            for idx in [frontier(x, runs.loss)]}
+    """L(N), L(D) and L(C), each on its frontier. A frontier too short for the offset E
+    (under 4 points, e.g. the 3 budgets of a small IsoFLOP sweep) gets Kaplan's own form,
+    E = 0; one shorter still is left out. Raises FitError only if no law can be fitted."""
+    laws, reasons = {}, []
+    for name, x in (("N", runs.n), ("D", runs.d), ("C", runs.c)):
+        idx = frontier(x, runs.loss)
+        try:
+            laws[name] = fit_power_law(x[idx], runs.loss[idx], irreducible and len(idx) >= 4)
+        except FitError as e:
+            reasons.append(f"L({name}): {e}")
+    if not laws:
+        raise FitError(" ".join(reasons))
+    return laws
 
 
 # --- Chinchilla Approach 2: IsoFLOP profiles --------------------------------------------
