@@ -41,6 +41,19 @@ def test_isoflop_points_spend_their_budget_on_distinct_sizes_of_one_shape_family
     assert designs.shape_for(1e6) == dict(num_layers=4, d_model=144, num_heads=9, head_dim=16, d_ff=576)
 
 
+def test_grid_and_learning_rate_designs_cross_every_size_with_every_token_count_and_rate():
+    from lm.configs import shakespeare_char
+
+    config = shakespeare_char.get_config()
+    grid = designs.size_by_tokens(config, [2e4, 1e5], [1e6, 4e6])
+    tokens_per_step = config.train.batch_size * config.data.seq_len
+    assert [(p["model.d_model"], p["train.steps"]) for p in grid] == [
+        (32, round(1e6 / tokens_per_step)), (32, round(4e6 / tokens_per_step)),
+        (64, round(1e6 / tokens_per_step)), (64, round(4e6 / tokens_per_step))]
+    swept = designs.learning_rates(grid[:2], [1e-3, 3e-3])
+    assert [p["optim.lr"] for p in swept] == [1e-3, 3e-3, 1e-3, 3e-3] and swept[1]["model.d_model"] == 32
+
+
 TRUE = laws.Parametric(E=1.7, A=400.0, B=1200.0, alpha=0.34, beta=0.30)
 
 
