@@ -26,6 +26,7 @@ import time
 
 from absl import app, flags
 
+from lm import runtime
 from lm.cli import PREEMPTED, exit_with_error, quiet_logging, reject_positional
 from lm.config import ConfigError, validate
 from lm.scaling import sweeps
@@ -111,7 +112,7 @@ def _config_arg() -> str:
 
 def _run_local(workdir: str, pending: list[sweeps.Point]) -> list[str]:
     """Trains the pending points, `--parallel` at a time; returns the names that failed."""
-    cpu_devices = max(1, (os.cpu_count() or 1) // _PARALLEL.value) if _PARALLEL.value > 1 else 0
+    cpu_devices = max(1, runtime.available_cores() // _PARALLEL.value) if _PARALLEL.value > 1 else 0
     if _DRY_RUN.value:
         for point in pending:
             print(shlex.join(command(workdir, point, cpu_devices)))

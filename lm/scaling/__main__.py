@@ -42,8 +42,7 @@ _BUDGET_COLUMN = flags.DEFINE_string("budget_column", "budget", "Column of the I
 def fit_all(runs: laws.Runs, samples: int, seed: int) -> tuple[dict, dict, dict]:
     """(fits, intervals, skipped reasons) for Kaplan, Approach 2 and Approach 3."""
     fits, intervals, skipped = {}, {}, {}
-    approach_3 = lambda r: laws.parametric(r)
-    for name, fit in (("kaplan", laws.kaplan), ("approach_2", laws.isoflop), ("approach_3", approach_3)):
+    for name, fit in (("kaplan", laws.kaplan), ("approach_2", laws.isoflop), ("approach_3", laws.parametric)):
         try:
             fits[name] = fit(runs)
         except laws.FitError as e:
@@ -127,7 +126,7 @@ def main(argv: list[str]) -> None:
             print(f"plot: {path}", flush=True)
     if _OUTPUT.value:
         with open(_OUTPUT.value, "w", encoding="utf-8") as f:
-            json.dump({"fits": {k: laws._scalars(v) for k, v in fits.items()}, "intervals": intervals,
+            json.dump({"fits": {k: laws.scalars(v) for k, v in fits.items()}, "intervals": intervals,
                        "skipped": skipped}, f, indent=2)
 
 

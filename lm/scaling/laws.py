@@ -251,14 +251,15 @@ def bootstrap(fit: Callable[[Runs], object], runs: Runs, samples: int = 200, see
             result = fit(runs.take(rng.integers(0, len(runs), len(runs))))
         except FitError:
             continue
-        for name, value in _scalars(result).items():
+        for name, value in scalars(result).items():
             values.setdefault(name, []).append(value)
     tail = 100 * (1 - level) / 2
     return {name: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) for name, v in values.items()}
 
 
-def _scalars(result) -> dict[str, float]:
+def scalars(result) -> dict[str, float]:
+    """A fit's float fields by name; a dict of fits (Kaplan's) as "<key>.<field>"."""
     if isinstance(result, dict):
-        return {f"{key}.{name}": value for key, part in result.items() for name, value in _scalars(part).items()}
+        return {f"{key}.{name}": value for key, part in result.items() for name, value in scalars(part).items()}
     return {f.name: getattr(result, f.name) for f in dataclasses.fields(result)
             if isinstance(getattr(result, f.name), float)}

@@ -93,7 +93,7 @@ def apply(config: ml_collections.ConfigDict, point: Point) -> ml_collections.Con
         node = config
         for section in sections:
             node = node[section]
-        node[field] = type(node[field])(value) if isinstance(node[field], float) else value
+        node[field] = value
     return config
 
 
