@@ -160,9 +160,9 @@ def _run_local(workdir: str, pending: list[sweeps.Point]) -> list[str]:
 def _start(workdir: str, point: sweeps.Point, cpu_devices: int) -> subprocess.Popen:
     directory = sweeps.point_dir(workdir, point)
     os.makedirs(directory, exist_ok=True)
-    log = open(os.path.join(directory, "sweep.log"), "a", encoding="utf-8")
-    return subprocess.Popen(command(workdir, point, cpu_devices), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                            preexec_fn=_terminate_with_parent)
+    with open(os.path.join(directory, "sweep.log"), "a", encoding="utf-8") as log:  # the child keeps its copy
+        return subprocess.Popen(command(workdir, point, cpu_devices), cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT, preexec_fn=_terminate_with_parent)
 
 
 def _terminate_with_parent() -> None:

@@ -131,36 +131,33 @@ def test_a_packed_sentencepiece_run_killed_and_restarted_ends_exactly_like_an_un
         assert got[step]["train/loss"] == want[step]["train/loss"], step
 
 
+def run_bench(script: str, *flags: str) -> tuple[str, dict[str, str]]:
+    """A benchmark's output on the tiny config, and its "name: value" figures."""
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench", script), CONFIG, *flags, *cli_flags()],
+                            cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout, dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+
+
 @pytest.mark.bench
 def test_throughput_benchmark_prints_its_figures():
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "bench", "train_throughput.py"), CONFIG, "--steps=3", "--warmup=2",
-         *cli_flags()], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    figures = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    out, figures = run_bench("train_throughput.py", "--steps=3", "--warmup=2")
     for name in ("ms_per_step", "tokens_per_second", "compile_seconds", "peak_rss_mib", "mfu"):
-        assert name in figures, result.stdout
+        assert name in figures, out
     assert float(figures["tokens_per_second"].replace(",", "")) > 0
     assert 0 < float(figures["mfu"]) < 1
 
 
 @pytest.mark.bench
 def test_compile_time_benchmark_prints_both_depths_with_and_without_scan():
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "bench", "compile_time.py"), CONFIG, "--depths=1,3", *cli_flags()],
-        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    lines = [l for l in result.stdout.splitlines() if l.startswith("compile_seconds")]
+    out, _ = run_bench("compile_time.py", "--depths=1,3")
+    lines = [l for l in out.splitlines() if l.startswith("compile_seconds")]
     assert len(lines) == 4 and all(float(l.rsplit(": ", 1)[1]) > 0 for l in lines)
-    assert "ratio_3_over_1 scan_layers=True" in result.stdout
+    assert "ratio_3_over_1 scan_layers=True" in out
 
 
 @pytest.mark.bench
 def test_checkpoint_benchmark_prints_blocked_time_of_async_and_sync_saves():
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "bench", "checkpoint.py"), CONFIG, "--repeats=1", *cli_flags()],
-        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    figures = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
-    assert {"sync_blocked_seconds", "async_blocked_seconds", "async_over_sync"} <= set(figures), result.stdout
+    out, figures = run_bench("checkpoint.py", "--repeats=1")
+    assert {"sync_blocked_seconds", "async_blocked_seconds", "async_over_sync"} <= set(figures), out
     assert float(figures["async_over_sync"].split()[0]) > 0
