@@ -115,31 +115,43 @@ def _load_export_params(path: str, model_cfg: ModelConfig, seq_len: int) -> tupl
     return ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, "params")), target), info["step"]
 
 
-def export(workdir: str, output: str, step: int | None = None, dtype: str = "float32") -> dict:
-    """Writes the parameters of `workdir`'s checkpoint `step` (default the latest) in
-    `dtype` to the new directory `output`, with what loading needs. Returns export.json's
-    content. The directory appears whole or not at all."""
-    if dtype not in EXPORT_DTYPES:
-        raise ConfigError(f"--dtype={dtype!r} is not supported. Fix: use one of {EXPORT_DTYPES}.")
+def check_new_directory(output: str) -> None:
     if os.path.exists(output) and os.listdir(output):
         raise ConfigError(f"{output} exists and is not empty; exporting never overwrites. Fix: choose a new "
                           "--output, or delete the old export first.")
-    loaded = load(workdir, step)
-    params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), loaded.params)
-    meta = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).metadata(loaded.step)
-    info = {"step": loaded.step, "dtype": dtype, "parameters": param_counts(params)["total"],
-            "source": os.path.abspath(workdir), "trained_by": meta.get("version"), "exported_by": version.code_version()}
+
+
+def write_export(output: str, params: Any, config: ml_collections.ConfigDict, tokenizer: Tokenizer,
+                 info: dict) -> None:
+    """Writes an export directory (see the module docstring); it appears whole or not at all."""
+    check_new_directory(output)
     staging = os.path.abspath(output.rstrip("/") + f".partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(staging, "params"), params)
     checkpointer.wait_until_finished()
-    for name in ("config.json", "tokenizer.json"):
-        shutil.copy(os.path.join(workdir, name), os.path.join(staging, name))
+    with open(os.path.join(staging, "config.json"), "w", encoding="utf-8") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    tokenizers.save(tokenizer, os.path.join(staging, "tokenizer.json"))
     with open(os.path.join(staging, EXPORT_INFO), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)
     if os.path.exists(output):
         os.rmdir(output)  # empty, checked above
     os.replace(staging, output)
+
+
+def export(workdir: str, output: str, step: int | None = None, dtype: str = "float32") -> dict:
+    """Writes the parameters of `workdir`'s checkpoint `step` (default the latest) in
+    `dtype` to the new directory `output`, with what loading needs. Returns export.json's
+    content. The directory appears whole or not at all."""
+    if dtype not in EXPORT_DTYPES:
+        raise ConfigError(f"--dtype={dtype!r} is not supported. Fix: use one of {EXPORT_DTYPES}.")
+    check_new_directory(output)
+    loaded = load(workdir, step)
+    params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), loaded.params)
+    meta = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).metadata(loaded.step)
+    info = {"step": loaded.step, "dtype": dtype, "parameters": param_counts(params)["total"],
+            "source": os.path.abspath(workdir), "trained_by": meta.get("version"), "exported_by": version.code_version()}
+    write_export(output, params, loaded.config, loaded.tokenizer, info)
     return info

@@ -139,6 +139,39 @@ class SentencePieceTokenizer:
         return {"kind": self.kind, "model": base64.b64encode(self.model_proto).decode("ascii")}
 
 
+class HuggingFaceTokenizer:
+    """A Hugging Face `tokenizers` tokenizer (tokenizer.json), for imported checkpoints.
+
+    Its ids are the checkpoint's own (GPT-2's byte-level BPE, LLaMA's SentencePiece BPE),
+    so the fixed ids 0, 1, 2 of the other kinds do not hold: `pad_id` and `eos_id` are
+    whatever the checkpoint declares (pad falls back to eos, as for GPT-2).
+    """
+
+    kind = "huggingface"
+
+    def __init__(self, tokenizer_json: str, eos_id: int, pad_id: int | None = None):
+        from tokenizers import Tokenizer as _HFTokenizer  # only imported checkpoints need it
+
+        self.tokenizer_json = tokenizer_json
+        self.processor = _HFTokenizer.from_str(tokenizer_json)
+        self.vocab_size = self.processor.get_vocab_size()
+        self.eos_id = eos_id
+        self.pad_id = eos_id if pad_id is None else pad_id
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.processor.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        encodings = self.processor.encode_batch(texts, add_special_tokens=False)
+        return [np.asarray(e.ids, np.int32) for e in encodings]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.processor.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "tokenizer": self.tokenizer_json, "eos_id": self.eos_id, "pad_id": self.pad_id}
+
+
 _TOO_MANY = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
 
 
@@ -182,6 +215,8 @@ def from_json(spec: dict) -> Tokenizer:
         return ByteTokenizer()
     if spec["kind"] == "sentencepiece":
         return SentencePieceTokenizer(base64.b64decode(spec["model"]))
+    if spec["kind"] == "huggingface":
+        return HuggingFaceTokenizer(spec["tokenizer"], spec["eos_id"], spec["pad_id"])
     raise ValueError(f"unknown tokenizer kind {spec['kind']!r}")
 
 
