@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from lm.config import head_dim as resolve_head_dim
+from lm.model.layers import LoRA
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,7 @@ class ModelConfig:
     remat: str = "none"  # activation rematerialisation policy of each layer (see layers.REMAT_POLICIES)
     family: str = "decoder"  # "decoder", "encoder" or "encoder_decoder"
     num_decoder_layers: int = 0  # encoder-decoder: decoder depth; 0 = num_layers
+    lora: LoRA | None = None  # fine-tuning: low-rank adapters on the matching dense layers
 
     @property
     def kv_heads(self) -> int:

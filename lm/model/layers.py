@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -41,11 +43,29 @@ def _matmul_bwd(residuals, g_NF: Array):
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+    """Low-rank adapters (Hu et al., 2021) on the dense layers whose path matches `targets`.
+
+    An adapted layer computes x W + (alpha / rank) (x A) B, with A [in, rank] and B
+    [rank, out] in the "lora" variable collection (B starts at zero, so training starts
+    from the pretrained function).
+    """
+
+    rank: int
+    alpha: float
+    targets: str  # a regex searched in the layer's path, e.g. "attn/(qkv|out)" or "mlp/w[io]"
+
+    def adapts(self, path: Sequence[str]) -> bool:
+        return re.search(self.targets, "/".join(path)) is not None
+
+
 class Dense(nn.Module):
     """A dense layer contracting the last `in_dims` input dimensions.
 
     The kernel has shape `x.shape[-in_dims:] + features` and logical axes `axes`
     (input dimensions first), so a fused QKV kernel is [embed, fused, heads, head_dim].
+    With `lora` matching its path it adds a low-rank adapter (see `LoRA`).
     """
 
     features: Sequence[int]
@@ -54,6 +74,7 @@ class Dense(nn.Module):
     init_std: float = 0.02
     use_bias: bool = False
     dtype: jnp.dtype = jnp.float32
+    lora: LoRA | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -62,14 +83,23 @@ class Dense(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(
             nn.initializers.normal(self.init_std), tuple(self.axes)), in_shape + features)
         batch_shape = x.shape[:-self.in_dims]
-        y = matmul(x.reshape(*batch_shape, math.prod(in_shape)).astype(self.dtype),
-                   kernel.reshape(math.prod(in_shape), -1).astype(self.dtype))
+        x_NI = x.reshape(*batch_shape, math.prod(in_shape)).astype(self.dtype)
+        y = matmul(x_NI, kernel.reshape(math.prod(in_shape), -1).astype(self.dtype))
+        if self.lora is not None and self.lora.adapts(self.scope.path):
+            y = y + self._adapter(x_NI, math.prod(features))
         y = y.reshape(*batch_shape, *features)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(
                 nn.initializers.zeros_init(), tuple(self.axes[self.in_dims:])), features)
             y = y + bias.astype(self.dtype)
         return y
+
+    def _adapter(self, x_NI: Array, out_features: int) -> Array:
+        rank = self.lora.rank
+        a_IR = self.variable("lora", "a", lambda: nn.initializers.normal(x_NI.shape[-1] ** -0.5)(
+            self.make_rng("params"), (x_NI.shape[-1], rank), jnp.float32)).value
+        b_RO = self.variable("lora", "b", lambda: jnp.zeros((rank, out_features), jnp.float32)).value
+        return (x_NI @ a_IR.astype(self.dtype)) @ b_RO.astype(self.dtype) * (self.lora.alpha / rank)
 
 
 class Embed(nn.Module):

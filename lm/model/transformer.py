@@ -70,7 +70,7 @@ class Attention(nn.Module):
                  mask_B1LS: Array | None, causal: bool, deterministic: bool) -> Array:
         c = self.cfg
         dense = lambda x, features, axes, name: Dense(features, axes, init_std=c.init_std, use_bias=c.use_bias,
-                                                      dtype=c.compute_dtype, name=name)(x)
+                                                      dtype=c.compute_dtype, lora=c.lora, name=name)(x)
         if c.kv_heads == c.num_heads and not self.cross:  # one fused matmul for q, k and v
             qkv_BL3HK = dense(x_BLD, (3, c.num_heads, c.head_dim), ("embed", "fused", "heads", "head_dim"), "qkv")
             q_BLHK, k_BSHK, v_BSHK = (qkv_BL3HK[:, :, i] for i in range(3))
@@ -87,7 +87,7 @@ class Attention(nn.Module):
         out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BSHK, v_BSHK, mask=mask_B1LS, is_causal=causal)
         out_BLD = Dense((c.d_model,), ("heads", "head_dim", "embed"), in_dims=2,
                         init_std=c.residual_init_std, use_bias=c.use_bias, dtype=c.compute_dtype,
-                        name="out")(out_BLHK)
+                        lora=c.lora, name="out")(out_BLHK)
         return nn.Dropout(c.dropout)(out_BLD, deterministic=deterministic)
 
 
@@ -99,15 +99,15 @@ class MLP(nn.Module):
         c = self.cfg
         if c.activation == "swiglu":
             gate_up_BL2F = Dense((2, c.d_ff), ("embed", "fused", "mlp"), init_std=c.init_std,
-                                 use_bias=c.use_bias, dtype=c.compute_dtype, name="wi")(x_BLD)
+                                 use_bias=c.use_bias, dtype=c.compute_dtype, lora=c.lora, name="wi")(x_BLD)
             h_BLF = jax.nn.silu(gate_up_BL2F[:, :, 0]) * gate_up_BL2F[:, :, 1]
         else:
             h_BLF = ACTIVATIONS[c.activation](Dense(
                 (c.d_ff,), ("embed", "mlp"), init_std=c.init_std, use_bias=c.use_bias,
-                dtype=c.compute_dtype, name="wi")(x_BLD))
+                dtype=c.compute_dtype, lora=c.lora, name="wi")(x_BLD))
         h_BLF = nn.with_logical_constraint(h_BLF, ("batch", "length", "act_mlp"))
         out_BLD = Dense((c.d_model,), ("mlp", "embed"), init_std=c.residual_init_std,
-                        use_bias=c.use_bias, dtype=c.compute_dtype, name="wo")(h_BLF)
+                        use_bias=c.use_bias, dtype=c.compute_dtype, lora=c.lora, name="wo")(h_BLF)
         return nn.Dropout(c.dropout)(out_BLD, deterministic=deterministic)
 
 
@@ -156,7 +156,7 @@ def run_blocks(cfg: ModelConfig, deterministic: bool, x_BLD: Array, *context: Ar
     block = remat_block(cfg)
     num_layers = num_layers or cfg.num_layers
     if cfg.scan_layers:
-        scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+        scanned = nn.scan(block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
                           in_axes=(nn.broadcast,) * len(context), length=num_layers,
                           metadata_params={nn.PARTITION_NAME: "layers"})
         return scanned(cfg, deterministic, causal, cross, name=f"{name}s")(x_BLD, *context)[0]
@@ -171,13 +171,17 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, tokens_BL: Array, positions_BL: Array | None = None,
                  segment_ids_BL: Array | None = None, deterministic: bool = True,
-                 prefix_BL: Array | None = None) -> Array:
+                 prefix_BL: Array | None = None, return_hidden: bool = False) -> Array:
+        """Logits [B, L, V] (float32), or with `return_hidden` the final-norm hidden
+        states [B, L, D] that fine-tuning heads read."""
         c = self.cfg
         positions_BL = default_positions(tokens_BL) if positions_BL is None else positions_BL
         embed = Embed(c.vocab_size, c.d_model, c.init_std, c.compute_dtype, name="embed")
         x_BLD = embed_inputs(self, embed, tokens_BL, positions_BL, deterministic)
         x_BLD = run_blocks(c, deterministic, x_BLD, positions_BL, segment_ids_BL, prefix_BL)
         x_BLD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "final_norm")(x_BLD)
+        if return_hidden:
+            return x_BLD
         return output_logits(c, embed, x_BLD)
 
 
@@ -204,5 +208,5 @@ def output_logits(c: ModelConfig, embed: Embed, x_BLD: Array) -> Array:
         logits_BLV = embed.attend(x_BLD)
     else:
         logits_BLV = Dense((c.vocab_size,), ("embed", "vocab"), init_std=c.init_std,
-                           dtype=c.compute_dtype, name="unembed")(x_BLD)
+                           dtype=c.compute_dtype, lora=c.lora, name="unembed")(x_BLD)
     return nn.with_logical_constraint(logits_BLV.astype(jnp.float32), ("batch", "length", "act_vocab"))

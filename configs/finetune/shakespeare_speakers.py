@@ -1,0 +1,26 @@
+"""Who speaks this speech? Four speakers of four plays, from the Shakespeare model.
+
+First pretrain (the README's first command), then compare full fine-tuning, LoRA and a
+frozen backbone:
+
+    python -m lm.main --config=configs/shakespeare_char.py --workdir=runs/shakespeare_char
+    python -m lm.finetune --config=configs/finetune/shakespeare_speakers.py --workdir=runs/speakers \
+        --config.init_from=runs/shakespeare_char
+
+Classes: ROMEO, MENENIUS, PETRUCHIO, DUKE VINCENTIO (676 speeches; 70/15/15 split). The
+table printed at the end gives each method's test accuracy and trainable parameters
+beside the majority-class baseline. Expected: see README (fine-tuning section).
+"""
+
+from lm.configs.finetune import base
+
+
+def get_config():
+    config = base.get_config()
+    config.compare = ("full", "lora", "frozen")
+    config.task.builder = "shakespeare_speakers"
+    config.task.speakers = ("ROMEO", "MENENIUS", "PETRUCHIO", "DUKE VINCENTIO")
+    config.task.seq_len = 128
+    config.finetune.steps = 400
+    config.finetune.eval_every = 25
+    return config

@@ -1,0 +1,66 @@
+"""A task's rows: from JSONL files, or built from the embedded corpus.
+
+`shakespeare_speakers`: who speaks this speech? Each speech of `task.speakers` in tiny
+Shakespeare (the text between a "NAME:" line and the next blank line) is one example,
+assigned to train / validation / test by a hash of its position (70/15/15), so the
+split never changes between runs or machines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import ml_collections
+
+from lm.config import ConfigError
+from lm.data import corpora
+from lm.finetune.tasks import read_jsonl
+
+SPLITS = ("train", "validation", "test")
+BUILDERS = ("shakespeare_speakers",)
+
+
+def rows(task: ml_collections.ConfigDict) -> dict[str, list[dict]]:
+    """{"train", "validation"[, "test"]} -> rows of the task."""
+    if task.builder:
+        if task.builder not in BUILDERS:
+            raise ConfigError(f"task.builder={task.builder!r} is not one of {BUILDERS}. Fix: pick one, or set "
+                              "task.train_file and task.validation_file instead.")
+        return shakespeare_speakers(tuple(task.speakers))
+    if not task.train_file or not task.validation_file:
+        raise ConfigError("the task has no data. Fix: set task.train_file and task.validation_file (JSONL), or "
+                          "task.builder.")
+    out = {"train": read_jsonl(task.train_file), "validation": read_jsonl(task.validation_file)}
+    if task.test_file:
+        out["test"] = read_jsonl(task.test_file)
+    return out
+
+
+def speeches(text: str) -> list[tuple[str, str]]:
+    """(speaker, speech) pairs of a play text in tiny Shakespeare's layout."""
+    out = []
+    for block in text.split("\n\n"):
+        lines = block.strip("\n").split("\n")
+        if len(lines) >= 2 and lines[0].endswith(":"):
+            out.append((lines[0][:-1], "\n".join(lines[1:])))
+    return out
+
+
+def split_of(index: int) -> str:
+    bucket = int(hashlib.sha256(str(index).encode()).hexdigest(), 16) % 100
+    return "train" if bucket < 70 else "validation" if bucket < 85 else "test"
+
+
+def shakespeare_speakers(speakers: tuple[str, ...]) -> dict[str, list[dict]]:
+    with open(corpora.path("tinyshakespeare"), encoding="utf-8") as f:
+        all_speeches = speeches(f.read())
+    known = {name for name, _ in all_speeches}
+    unknown = [s for s in speakers if s not in known]
+    if len(speakers) < 2 or unknown:
+        raise ConfigError(f"task.speakers={speakers} needs 2 or more speakers of the corpus (unknown: {unknown}). "
+                          "Fix: use names like 'ROMEO', 'MENENIUS', 'PETRUCHIO', 'DUKE VINCENTIO'.")
+    out: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    for i, (name, speech) in enumerate(all_speeches):
+        if name in speakers:
+            out[split_of(i)].append({"text": speech, "label": name})
+    return out

@@ -1,0 +1,222 @@
+"""The fine-tuning loop: load a pretrained run, attach a head (and adapters), train what
+the method trains, evaluate on validation, stop early, keep the best, test it.
+
+Fine-tuning sets are small, so a split is held in memory as arrays and the loop runs on
+one device (the local CPU, one GPU or one TPU core).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from lm import runs, version
+from lm.config import ConfigError
+from lm.evaluation import metrics as metric_fns
+from lm.finetune import datasets, lora, optim, tasks
+from lm.model import build
+from lm.model.counting import param_counts
+
+RESULTS = "finetune_results.json"
+
+
+@dataclasses.dataclass
+class Setup:
+    config: ml_collections.ConfigDict
+    base: runs.Loaded
+    model_cfg: Any
+    label_names: list[str]
+    splits: dict[str, tasks.Split]
+    params: dict
+    mask: dict
+
+
+def setup(config: ml_collections.ConfigDict) -> Setup:
+    """Everything a run needs, checked before any training."""
+    ft, task = config.finetune, config.task
+    if not config.init_from:
+        raise ConfigError("config.init_from is empty. Fix: set it to a pretrained run's workdir or an export, e.g. "
+                          "--config.init_from=runs/shakespeare_char.")
+    if task.kind not in tasks.KINDS:
+        raise ConfigError(f"task.kind={task.kind!r} is not one of {tasks.KINDS}. Fix: pick one.")
+    base = runs.load(config.init_from)
+    if base.model_cfg.family != "decoder":
+        raise ConfigError(f"init_from holds a {base.model_cfg.family!r} model; fine-tuning takes a decoder. "
+                          "Fix: point it at a decoder run.")
+    rows = datasets.rows(task)
+    names = tasks.label_names(task.kind, rows["train"], tuple(task.labels))
+    seq_len = task.seq_len or base.config.data.seq_len
+    if base.model_cfg.positions == "learned" and seq_len > base.model_cfg.max_len:
+        raise ConfigError(f"task.seq_len={seq_len} exceeds the model's {base.model_cfg.max_len} learned positions. "
+                          f"Fix: set it to at most {base.model_cfg.max_len}.")
+    model_cfg = dataclasses.replace(base.model_cfg, dropout=ft.dropout, max_len=max(seq_len, base.model_cfg.max_len))
+    rng = jax.random.key(config.seed)
+    params: dict = {"backbone": base.params}
+    if task.kind != "sft":
+        params["head"] = tasks.init_head(jax.random.fold_in(rng, 1), model_cfg.d_model, len(names))
+    if ft.method == "lora":
+        model_cfg = lora.with_lora(model_cfg, ft.lora.rank, ft.lora.alpha, ft.lora.targets)
+        params["lora"] = lora.init_adapters(model_cfg, jax.random.fold_in(rng, 2), seq_len)
+    splits = {name: tasks.encode(task.kind, split_rows, base.tokenizer, seq_len, names)
+              for name, split_rows in rows.items()}
+    mask = optim.trainable_mask(params, ft.method, ft.freeze)
+    return Setup(config, base, model_cfg, names, splits, params, mask)
+
+
+def make_steps(s: Setup):
+    """(train_step, eval_step), jitted; both take the trainable and frozen halves."""
+    model, kind, pooling = build(s.model_cfg), s.config.task.kind, s.config.task.pooling
+
+    def loss_fn(trainable, frozen, batch, dropout_rng, deterministic):
+        p = optim.combine(trainable, frozen)
+        variables = {"params": p["backbone"], **({"lora": p["lora"]} if "lora" in p else {})}
+        forward = lambda tokens, hidden: model.apply(variables, tokens, deterministic=deterministic,
+                                                     return_hidden=hidden, rngs={"dropout": dropout_rng})
+        return tasks.loss_and_stats(kind, pooling, forward, p.get("head"), batch)
+
+    optimizer = optim.make(optim.partition(s.params, s.mask)[0], s.model_cfg.num_layers, s.config.finetune)
+
+    @partial(jax.jit, donate_argnums=(0, 1))
+    def train_step(trainable, opt_state, frozen, batch, dropout_rng):
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch, dropout_rng, False)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return jax.tree.map(jnp.add, trainable, updates), opt_state, loss
+
+    @jax.jit
+    def eval_step(trainable, frozen, batch):
+        return loss_fn(trainable, frozen, batch, jax.random.key(0), True)[1]
+
+    return optimizer, train_step, eval_step
+
+
+def evaluate(eval_step, trainable, frozen, split: tasks.Split, batch_size: int, kind: str) -> dict[str, Any]:
+    """Loss and accuracy over a whole split (and, for classification, per-example predictions)."""
+    totals = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
+    predictions = []
+    for start in range(0, len(split), batch_size):
+        index = np.arange(start, start + batch_size)
+        valid = index < len(split)
+        batch = split.batch(np.minimum(index, len(split) - 1))
+        batch["valid"] = valid.astype(np.float32)
+        stats = jax.device_get(eval_step(trainable, frozen, batch))
+        for key in totals:
+            totals[key] += float(stats[key])
+        if kind == "classification":
+            predictions.extend(stats["predictions"][valid, 0].tolist())
+    result = {"loss": totals["loss_sum"] / max(totals["count"], 1), "accuracy": totals["correct"] / max(totals["count"], 1)}
+    if kind == "classification":
+        result.update(metric_fns.classification(split.labels.tolist(), predictions))
+        result["predictions"] = predictions
+    return result
+
+
+def finetune(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict[str, Any]:
+    """Trains, keeps the best validation checkpoint in `workdir/best`, and returns (and
+    writes to `workdir/finetune_results.json`) the test metrics of that checkpoint."""
+    start_time = time.time()
+    s = setup(config)
+    ft, kind = config.finetune, config.task.kind
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    trainable, frozen = optim.partition(s.params, s.mask)
+    trainable = jax.tree.map(jnp.array, trainable)  # own copies: the train step donates them
+    optimizer, train_step, eval_step = make_steps(s)
+    opt_state = optimizer.init(trainable)
+    counts = {"trainable": param_counts(trainable)["total"], "total": param_counts(s.params)["total"]}
+    log(f"fine-tuning {kind} ({ft.method}): {counts['trainable']:,} of {counts['total']:,} parameters train; "
+        f"{len(s.splits['train'])} train / {len(s.splits['validation'])} validation examples")
+    metric = "accuracy" if kind != "sft" else "loss"
+    better = (lambda a, b: a > b) if metric == "accuracy" else (lambda a, b: a < b)
+    best, best_step, evals_since_best = None, 0, 0
+    order = np.random.default_rng(config.seed)
+    permutation, cursor = order.permutation(len(s.splits["train"])), 0
+    for step in range(1, ft.steps + 1):
+        if cursor + ft.batch_size > len(permutation):
+            permutation, cursor = order.permutation(len(s.splits["train"])), 0
+        index = permutation[cursor:cursor + ft.batch_size] if len(permutation) >= ft.batch_size else \
+            order.integers(0, len(permutation), ft.batch_size)
+        cursor += ft.batch_size
+        rng = jax.random.fold_in(jax.random.key(config.seed), step)
+        trainable, opt_state, loss = train_step(trainable, opt_state, frozen, s.splits["train"].batch(index), rng)
+        if step % ft.eval_every == 0 or step == ft.steps:
+            val = evaluate(eval_step, trainable, frozen, s.splits["validation"], ft.batch_size, kind)
+            improved = best is None or better(val[metric], best[metric])
+            log(f"step {step}: train loss {float(loss):.4f}, validation loss {val['loss']:.4f}, "
+                f"{metric} {val[metric]:.4f}{' (best)' if improved else ''}")
+            if improved:
+                best, best_step, evals_since_best = val, step, 0
+                save_best(workdir, trainable, {"step": step, "validation": _scalars(val)})
+            else:
+                evals_since_best += 1
+                if ft.patience and evals_since_best >= ft.patience:
+                    log(f"early stop at step {step}: no better validation {metric} in {ft.patience} evaluations")
+                    break
+    trainable = restore_best(workdir, trainable)
+    test = evaluate(eval_step, trainable, frozen, s.splits["test"], ft.batch_size, kind) if "test" in s.splits else {}
+    results = {"method": ft.method, "kind": kind, "best_step": best_step, "labels": s.label_names,
+               "trainable_parameters": counts["trainable"], "total_parameters": counts["total"],
+               "validation": _scalars(best), "test": _scalars(test), "seconds": time.time() - start_time,
+               "version": version.code_version()}
+    if kind != "sft":
+        results["majority_baseline"] = majority_baseline(s.splits["train"], s.splits.get("test", s.splits["validation"]))
+    with open(os.path.join(workdir, RESULTS), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    if ft.export_merged:
+        export_merged(s, trainable, frozen, os.path.join(workdir, "merged"))
+    return results
+
+
+def _scalars(metrics: dict | None) -> dict[str, float]:
+    return {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+
+
+def majority_baseline(train: tasks.Split, test: tasks.Split) -> float:
+    """Accuracy of always predicting the training split's most frequent class."""
+    majority = np.bincount(train.labels).argmax()
+    return float(np.mean(test.labels == majority))
+
+
+def save_best(workdir: str, trainable: dict, info: dict) -> None:
+    """Replaces `workdir/best` with `trainable` (the old best stays on disk until the new one is whole)."""
+    best, partial_dir = os.path.join(workdir, "best"), os.path.join(workdir, "best.partial")
+    shutil.rmtree(partial_dir, ignore_errors=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.abspath(os.path.join(partial_dir, "trainable")), trainable)
+    checkpointer.wait_until_finished()
+    with open(os.path.join(partial_dir, "best.json"), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2)
+    if os.path.exists(best):
+        os.replace(best, best + ".old")
+    os.replace(partial_dir, best)
+    shutil.rmtree(best + ".old", ignore_errors=True)
+
+
+def restore_best(workdir: str, like: dict) -> dict:
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
+    return ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(workdir, "best", "trainable")), target)
+
+
+def export_merged(s: Setup, trainable: dict, frozen: dict, output: str) -> None:
+    """The fine-tuned backbone (adapters merged into their kernels) as an `lm` export, which
+    lm.sample, lm.evaluate and lm.convert read like any other."""
+    p = optim.combine(trainable, frozen)
+    backbone = lora.merge(p["backbone"], p["lora"], s.model_cfg) if "lora" in p else p["backbone"]
+    backbone = jax.tree.map(np.asarray, backbone)
+    config = s.base.config
+    info = {"step": 0, "dtype": "float32", "parameters": param_counts(backbone)["total"],
+            "source": os.path.abspath(s.config.init_from), "finetuned": s.config.finetune.method,
+            "exported_by": version.code_version()}
+    shutil.rmtree(output, ignore_errors=True)  # this run's own previous merge
+    runs.write_export(output, backbone, config, s.base.tokenizer, info)

@@ -1,0 +1,149 @@
+"""Fine-tuning: what each method trains, LoRA's merge, freezing, layerwise rates, task
+encodings, early stopping and the comparison CLI, on a tiny (untrained) Shakespeare model."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm import runs
+from lm.config import ConfigError
+from lm.configs.finetune import base as finetune_base
+from lm.data import corpora, tokenizers
+from lm.finetune import lora, optim, tasks, train
+from lm.model import ModelConfig, build
+from tests.helpers import run_cli, tiny_config
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> str:
+    """A tiny decoder with a character vocabulary, written as an export (random weights
+    stand in for pretraining: these tests check mechanics, not accuracy)."""
+    config = tiny_config(data__seq_len=48)
+    with open(corpora.path("tinyshakespeare"), encoding="utf-8") as f:
+        tokenizer = tokenizers.CharTokenizer.train([f.read()])
+    model_cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size, config.data.seq_len)
+    params = nn.meta.unbox(build(model_cfg).init(jax.random.key(0), jnp.zeros((1, 48), jnp.int32))["params"])
+    path = str(tmp_path_factory.mktemp("pretrained") / "export")
+    runs.write_export(path, jax.tree.map(np.asarray, params), config, tokenizer,
+                      {"step": 0, "dtype": "float32", "parameters": 0})
+    return path
+
+
+def speaker_config(pretrained: str, **finetune):
+    config = finetune_base.get_config()
+    config.init_from = pretrained
+    config.task.builder = "shakespeare_speakers"
+    config.task.speakers = ("ROMEO", "MENENIUS")
+    config.task.seq_len = 48
+    config.finetune.update(dict(steps=6, batch_size=8, eval_every=3, warmup_steps=1, dropout=0.0), **finetune)
+    return config
+
+
+def train_steps(setup: train.Setup, steps: int):
+    """The fine-tuning train step `steps` times; returns the whole parameter tree."""
+    trainable, frozen = optim.partition(setup.params, setup.mask)
+    trainable = jax.tree.map(jnp.array, trainable)
+    optimizer, train_step, _ = train.make_steps(setup)
+    opt_state = optimizer.init(trainable)
+    for step in range(steps):
+        batch = setup.splits["train"].batch(np.arange(step * 8, step * 8 + 8))
+        trainable, opt_state, _ = train_step(trainable, opt_state, frozen, batch, jax.random.key(step))
+    return optim.combine(trainable, frozen)
+
+
+def changed(before, after) -> dict[str, bool]:
+    flat_before = {"/".join(map(str, k)): v for k, v in jax.tree_util.tree_flatten_with_path(before)[0]}
+    flat_after = {"/".join(map(str, k)): v for k, v in jax.tree_util.tree_flatten_with_path(after)[0]}
+    return {k: not np.array_equal(flat_before[k], flat_after[k]) for k in flat_before}
+
+
+def test_lora_trains_only_the_adapters_and_head_and_its_merge_equals_the_adapted_model(pretrained):
+    setup = train.setup(speaker_config(pretrained, method="lora", learning_rate=1e-2))
+    after = train_steps(setup, 4)
+
+    moved = changed(setup.params["backbone"], after["backbone"])
+    assert moved and not any(moved.values())  # every backbone parameter bit-identical
+    assert all(changed(setup.params["lora"], after["lora"]).values())
+    assert all(changed(setup.params["head"], after["head"]).values())
+
+    tokens_BL = jnp.asarray(setup.splits["validation"].tokens_NL[:4])
+    adapted_BLV = build(setup.model_cfg).apply({"params": after["backbone"], "lora": after["lora"]}, tokens_BL)
+    plain = build(ModelConfig(**{**setup.model_cfg.__dict__, "lora": None}))
+    merged_BLV = plain.apply({"params": lora.merge(after["backbone"], after["lora"], setup.model_cfg)}, tokens_BL)
+    assert not np.allclose(adapted_BLV, plain.apply({"params": after["backbone"]}, tokens_BL), atol=1e-3)
+    np.testing.assert_allclose(merged_BLV, adapted_BLV, atol=1e-5, rtol=0)
+
+
+def test_frozen_trains_the_head_alone_and_freeze_keeps_matching_parameters_fixed(pretrained):
+    setup = train.setup(speaker_config(pretrained, method="frozen"))
+    after = train_steps(setup, 2)
+    assert not any(changed(setup.params["backbone"], after["backbone"]).values())
+    assert all(changed(setup.params["head"], after["head"]).values())
+
+    setup = train.setup(speaker_config(pretrained, method="full", freeze=r"embed|layer_0/"))
+    moved = changed(setup.params["backbone"], train_steps(setup, 2)["backbone"])
+    assert not any(v for k, v in moved.items() if "embed" in k or "layer_0" in k)
+    assert all(v for k, v in moved.items() if "layer_1" in k)
+
+
+def test_gradual_unfreezing_opens_layers_from_the_top_and_layer_decay_slows_the_bottom(pretrained):
+    setup = train.setup(speaker_config(pretrained, unfreeze_every=2))
+    first = changed(setup.params, train_steps(setup, 2))  # steps 0, 1: depth 0 only (head, final norm)
+    assert all(v for k, v in first.items() if "head" in k or "final_norm" in k)
+    assert not any(v for k, v in first.items() if "layer_" in k or "embed" in k)
+    second = changed(setup.params, train_steps(setup, 3))  # step 2: depth 1 (the top layer) opens
+    assert all(v for k, v in second.items() if "layer_1" in k) and not any(v for k, v in second.items() if "layer_0" in k)
+
+    depths = {k: optim.depth(k, 2) for k in [("head", "kernel"), ("backbone", "layer_1", "x"),
+                                               ("backbone", "layer_0", "x"), ("backbone", "embed", "embedding")]}
+    assert [int(d) for d in depths.values()] == [0, 1, 2, 3]
+    np.testing.assert_array_equal(optim.depth(("lora", "layers", "a"), 3), [3, 2, 1])
+
+
+def test_bad_targets_and_regexes_name_the_field_and_the_fix(pretrained):
+    with pytest.raises(ConfigError, match=r"lora.targets='nothing_here' matches no dense layer.*layer_0/attn/qkv"):
+        train.setup(speaker_config(pretrained, method="lora", lora=dict(rank=4, alpha=8.0, targets="nothing_here")))
+    with pytest.raises(ConfigError, match="finetune.freeze='nope' matches no backbone parameter"):
+        train.setup(speaker_config(pretrained, freeze="nope"))
+    with pytest.raises(ConfigError, match="config.init_from is empty"):
+        train.setup(speaker_config(""))
+    config = speaker_config(pretrained)
+    config.task.speakers = ("ROMEO", "HAMLET")
+    with pytest.raises(ConfigError, match=r"unknown: \['HAMLET'\]"):
+        train.setup(config)
+
+
+def test_sft_puts_loss_on_the_response_and_token_tags_on_first_tokens():
+    tokenizer = tokenizers.ByteTokenizer()
+    split = tasks.encode("sft", [{"prompt": "Q: hi\nA:", "response": " ho"}], tokenizer, 16, [])
+    prompt = len("Q: hi\nA:")
+    weights = split.weights_NL[0]
+    assert weights[:prompt - 1].sum() == 0 and weights[prompt - 1:prompt + 3].tolist() == [1, 1, 1, 1]
+    assert tokenizer.decode(split.labels[0][weights == 1]) == " ho"  # eos (id 1) decodes to nothing
+
+    split = tasks.encode("token_classification", [{"words": ["Good", "morrow"], "tags": ["ADJ", "NOUN"]}],
+                         tokenizer, 16, ["ADJ", "NOUN"])
+    assert split.labels[0][:12].tolist() == [0, -1, -1, -1, 1] + [-1] * 6 + [-1]
+
+
+def test_finetune_cli_compares_methods_in_a_table_and_stops_early(pretrained, tmp_path):
+    flags = [f"--config.init_from={pretrained}", "--config.task.speakers=('ROMEO','MENENIUS')",
+             "--config.task.seq_len=48", "--config.finetune.steps=40", "--config.finetune.batch_size=8",
+             "--config.finetune.eval_every=2", "--config.finetune.patience=1", "--config.finetune.learning_rate=0.0"]
+    result = run_cli("lm.finetune", "--config=configs/finetune/shakespeare_speakers.py",
+                     f"--workdir={tmp_path}", *flags)
+    table = result.stdout[result.stdout.index("| method"):].splitlines()
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["majority class", "full", "lora", "frozen"]
+    assert "early stop at step 4" in result.stdout  # lr 0: the score never improves after the first eval
+    for method in ("full", "lora", "frozen"):
+        results = json.load(open(os.path.join(tmp_path, method, train.RESULTS)))
+        assert results["best_step"] == 2 and 0 <= results["test"]["accuracy"] <= 1
+        assert os.path.exists(os.path.join(tmp_path, method, "best", "best.json"))
+    trainable = {m: json.load(open(os.path.join(tmp_path, m, train.RESULTS)))["trainable_parameters"]
+                 for m in ("full", "lora", "frozen")}
+    assert trainable["full"] > trainable["lora"] > trainable["frozen"] == 32 * 2 + 2
