@@ -1,0 +1,138 @@
+"""The evaluation harness: log-likelihood multiple choice (checked against transformers'
+own probabilities), perplexity and bits per byte, WEAT, and the lm.evaluate CLI."""
+
+import itertools
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from lm import convert, runs
+from lm.config import ConfigError
+from lm.evaluation import scoring, weat
+from tests.hf_models import save_hf_model
+from tests.helpers import run_cli
+
+QUESTIONS = [
+    {"context": "ROMEO:\nBut soft, what light through yonder", "choices": [" window", " x", " breaks and the sun"],
+     "answer": 0},
+    {"context": "KING RICHARD III:\nA horse! a horse! my kingdom for a", "choices": [" horse", " zzzz qqqq"],
+     "answer": 0},
+    {"context": "To be, or not to be,", "choices": [" that is the question", "!", " and so"], "answer": 1},
+]
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    """(the transformers model, the path of its lm import)."""
+    root = tmp_path_factory.mktemp("gpt2")
+    model = save_hf_model("gpt2", str(root / "hf"))
+    convert.import_hf(str(root / "hf"), str(root / "lm"))
+    return model, str(root / "lm")
+
+
+def torch_log_likelihood(model, tokenizer, context: str, continuation: str) -> float:
+    """log p(continuation | context) from transformers, token by token."""
+    ids = np.concatenate([tokenizer.encode(context), tokenizer.encode(continuation)])
+    n = len(tokenizer.encode(continuation))
+    with torch.no_grad():
+        log_p = torch.log_softmax(model(torch.from_numpy(ids).long()[None]).logits[0], -1).numpy()
+    return float(sum(log_p[t - 1, ids[t]] for t in range(len(ids) - n, len(ids))))
+
+
+def test_multiple_choice_picks_the_highest_total_and_per_byte_log_likelihood(gpt2):
+    model, path = gpt2
+    loaded = runs.load(path)
+    result = scoring.multiple_choice(loaded, QUESTIONS, batch_size=4)
+    answers = []
+    for question, detail in zip(QUESTIONS, result["details"]):
+        truth = [torch_log_likelihood(model, loaded.tokenizer, question["context"], c) for c in question["choices"]]
+        np.testing.assert_allclose(detail["log_likelihoods"], truth, atol=1e-4)
+        per_byte = [t / len(c.encode()) for t, c in zip(truth, question["choices"])]
+        assert detail["pick"] == int(np.argmax(truth))
+        assert detail["pick_normalized"] == int(np.argmax(per_byte))
+        answers.append((int(np.argmax(truth)) == question["answer"], int(np.argmax(per_byte)) == question["answer"]))
+    assert result["accuracy"] == pytest.approx(np.mean([a for a, _ in answers]))
+    assert result["accuracy_normalized"] == pytest.approx(np.mean([b for _, b in answers]))
+
+
+def test_k_shot_prompts_show_k_solved_examples_never_the_question_itself():
+    rows = [{"context": f"Q{i}:", "choices": ["a", "b"], "answer": i % 2} for i in range(5)]
+    prefix = scoring.few_shot_prefix(rows, 3, exclude=2, rng=random.Random(0))
+    assert prefix.count("\n\n") == 3 and "Q2:" not in prefix
+    assert all(f"Q{i}:{rows[i]['choices'][rows[i]['answer']]}" in prefix for i in range(5) if f"Q{i}:" in prefix)
+    with pytest.raises(ConfigError, match="5-shot needs 5 other examples; the file has 4"):
+        scoring.few_shot_prefix(rows, 5, exclude=0, rng=random.Random(0))
+    with pytest.raises(ConfigError, match="answer 2 but 2 choices"):
+        scoring.multiple_choice(None, [{"context": "", "choices": ["a", "b"], "answer": 2}])
+
+
+def test_weat_matches_the_definition_on_hand_made_vectors():
+    x = np.array([[1.0, 0.0], [1.0, 0.2]])
+    y = np.array([[0.0, 1.0], [0.3, 1.0]])
+    a, b = np.array([[1.0, 0.1]]), np.array([[0.1, 1.0]])
+    cos = lambda u, v: u @ v / np.linalg.norm(u) / np.linalg.norm(v)
+    s = {tuple(w): cos(w, a[0]) - cos(w, b[0]) for w in np.concatenate([x, y])}
+    sx, sy = [s[tuple(w)] for w in x], [s[tuple(w)] for w in y]
+    result = weat.weat(x, y, a, b)
+    assert result["statistic"] == pytest.approx(sum(sx) - sum(sy))
+    assert result["effect_size"] == pytest.approx((np.mean(sx) - np.mean(sy)) / np.std(sx + sy, ddof=1))
+    everything = sx + sy
+    partitions = [sum(everything[i] for i in c) - sum(everything[i] for i in range(4) if i not in c)
+                  for c in itertools.combinations(range(4), 2)]
+    assert result["p_value"] == pytest.approx(np.mean(np.array(partitions) >= sum(sx) - sum(sy) - 1e-12))
+    assert result["p_value"] == pytest.approx(1 / 6)  # only the observed split is as extreme
+    with pytest.raises(ConfigError, match=r"\|X\|=2, \|Y\|=1"):
+        weat.weat(x, y[:1], a, b)
+
+
+def test_evaluate_cli_scores_perplexity_multiple_choice_weat_and_predictions(gpt2, tmp_path):
+    model, path = gpt2
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 4
+    (tmp_path / "text.txt").write_text(text)
+    (tmp_path / "mc.jsonl").write_text("\n".join(json.dumps(q) for q in QUESTIONS))
+    (tmp_path / "weat.json").write_text(json.dumps({"X": ["rose", "lily"], "Y": ["wasp", "flea"],
+                                                    "A": ["love", "joy"], "B": ["hate", "woe"]}))
+    rows = [("1", "1", "m"), ("0", "1", "m"), ("1", "1", "f"), ("1", "0", "f"), ("0", "0", "f"), ("1", "1", "m")]
+    (tmp_path / "preds.jsonl").write_text("\n".join(json.dumps({"label": l, "prediction": p, "sex": g})
+                                                    for l, p, g in rows))
+    result = run_cli("lm.evaluate", f"--workdir={path}", f"--text_file={tmp_path}/text.txt",
+                     f"--multiple_choice={tmp_path}/mc.jsonl", "--num_shots=0,1", f"--weat={tmp_path}/weat.json",
+                     f"--predictions={tmp_path}/preds.jsonl", "--protected_column=sex", "--privileged_value=m",
+                     f"--output={tmp_path}/results.json")
+    assert "| multiple_choice/1_shot | accuracy |" in result.stdout
+    results = json.load(open(tmp_path / "results.json"))
+
+    loaded = runs.load(path)
+    tokens = loaded.tokenizer.encode(text)
+    seq_len = loaded.config.data.seq_len
+    windows = (len(tokens) - 1) // seq_len
+    with torch.no_grad():
+        rows_WL = torch.from_numpy(np.stack([tokens[i * seq_len:(i + 1) * seq_len + 1] for i in range(windows)])).long()
+        log_p = torch.log_softmax(model(rows_WL[:, :-1]).logits, -1)
+        loss = -log_p.gather(-1, rows_WL[:, 1:, None]).mean().item()
+    scored = results["perplexity/text.txt"]
+    assert scored["loss"] == pytest.approx(loss, abs=1e-4)
+    assert scored["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
+    assert scored["bits_per_byte"] == pytest.approx(loss / math.log(2) * len(tokens) / len(text.encode()), rel=1e-4)
+
+    assert results["multiple_choice/0_shot"]["questions"] == 3
+    assert set(results["weat"]) == {"effect_size", "statistic", "p_value"}
+    assert results["classification"]["accuracy"] == pytest.approx(4 / 6)
+    # positive rate: m 3/3, f 1/3; true-positive rate: m 2/2, f 1/2
+    fairness = results["fairness"]
+    assert fairness["demographic_parity_difference"] == pytest.approx(1 / 3 - 1)
+    assert fairness["disparate_impact_ratio"] == pytest.approx(1 / 3)
+    assert fairness["equal_opportunity_difference"] == pytest.approx(1 / 2 - 1)
+
+
+def test_evaluate_cli_rejects_bad_requests_with_the_fix(gpt2, tmp_path):
+    _, path = gpt2
+    result = run_cli("lm.evaluate", f"--workdir={path}", check=False)
+    assert result.returncode == 2 and "nothing to evaluate. Fix: pass --split" in result.stderr
+    (tmp_path / "bad.jsonl").write_text('{"context": "a", "choices": ["b"], "answer": 0}\nnot json\n')
+    result = run_cli("lm.evaluate", f"--workdir={path}", f"--multiple_choice={tmp_path}/bad.jsonl", check=False)
+    assert result.returncode == 2 and "bad.jsonl:2 is not JSON" in result.stderr
