@@ -4,6 +4,7 @@ own probabilities), perplexity and bits per byte, WEAT, and the lm.evaluate CLI.
 import itertools
 import json
 import math
+import os
 import random
 
 import numpy as np
@@ -14,7 +15,7 @@ from lm import convert, runs
 from lm.config import ConfigError
 from lm.evaluation import scoring, weat
 from tests.hf_models import save_hf_model
-from tests.helpers import run_cli
+from tests.helpers import REPO, run_cli
 
 QUESTIONS = [
     {"context": "ROMEO:\nBut soft, what light through yonder", "choices": [" window", " x", " breaks and the sun"],
@@ -136,3 +137,54 @@ def test_evaluate_cli_rejects_bad_requests_with_the_fix(gpt2, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"context": "a", "choices": ["b"], "answer": 0}\nnot json\n')
     result = run_cli("lm.evaluate", f"--workdir={path}", f"--multiple_choice={tmp_path}/bad.jsonl", check=False)
     assert result.returncode == 2 and "bad.jsonl:2 is not JSON" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama_gqa"])
+def test_attention_maps_are_the_weights_the_model_attends_with(kind, tmp_path):
+    from lm.evaluation import inspect
+
+    save_hf_model(kind, str(tmp_path / "hf"))
+    convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "lm"))
+    loaded = runs.load(str(tmp_path / "lm"))
+    tokens_BL = np.random.default_rng(0).integers(0, 300, (2, 12))
+    maps = inspect.attention_maps(loaded, tokens_BL)  # [layers, B, H, L, L]
+    assert maps.shape == (2, 2, 4, 12, 12)
+    np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-5)
+    assert np.all(np.triu(maps, k=1) == 0)  # causal: no weight on later tokens
+
+    # The weights, applied to the values and the out projection, give the attention layer's output.
+    _, state = loaded.model.apply({"params": loaded.params}, tokens_BL, mutable=["intermediates"],
+                                  capture_intermediates=lambda m, _: m.name == "attn")
+    for i, h_BLD in enumerate(inspect.attention_inputs(loaded, tokens_BL)):
+        layer = loaded.params[f"layer_{i}"]
+        _, _, v = inspect.queries_keys_values(loaded, layer, h_BLD, np.broadcast_to(np.arange(12), (2, 12)))
+        mixed = np.einsum("bhqs,bshk->bqhk", maps[i], v)
+        out = np.einsum("bqhk,hkd->bqd", mixed, layer["attn"]["out"]["kernel"]) + layer["attn"]["out"].get("bias", 0)
+        np.testing.assert_allclose(out, state["intermediates"][f"layer_{i}"]["attn"]["__call__"][0], atol=1e-5)
+
+
+def test_nearest_tokens_rank_by_cosine_similarity(gpt2):
+    from lm.evaluation import inspect
+
+    loaded = runs.load(gpt2[1])
+    table = np.asarray(loaded.params["embed"]["embedding"])
+    neighbours = inspect.nearest_tokens(loaded, 7, k=5)
+    cosine = table @ table[7] / np.linalg.norm(table, axis=1) / np.linalg.norm(table[7])
+    assert [i for i, _ in neighbours] == [i for i in np.argsort(-cosine) if i != 7][:5]
+
+
+def test_the_inspection_notebook_runs_top_to_bottom_on_a_tiny_checkpoint(gpt2, tmp_path, monkeypatch):
+    import nbclient
+    import nbformat
+
+    notebooks = os.path.join(REPO, "notebooks")
+    notebook = nbformat.read(os.path.join(notebooks, "inspect_model.ipynb"), as_version=4)
+    monkeypatch.setenv("LM_WORKDIR", gpt2[1])
+    monkeypatch.setenv("LM_PLOTS", str(tmp_path))
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": notebooks}}).execute()
+    printed = "".join(out.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                      for out in cell.outputs)
+    assert "2 layers x 4 heads" in printed and "rows sum to 1.0 .. 1.0" in printed
+    assert "mean attention distance per head" in printed and " -> " in printed
+    assert os.path.exists(tmp_path / "attention_maps.png")

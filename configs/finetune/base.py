@@ -21,8 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
     t.train_file = ""
     t.validation_file = ""
     t.test_file = ""  # optional; the best checkpoint is scored on it
-    t.builder = ""  # "shakespeare_speakers": who speaks this speech (see lm/finetune/datasets.py)
+    # "shakespeare_speakers" (who speaks this speech?) or "shakespeare_word_order" (is this
+    # line as written, or shuffled?): tasks built from the embedded corpus (lm/finetune/datasets.py)
+    t.builder = ""
     t.speakers = ()  # shakespeare_speakers: the classes
+    t.max_examples = 0  # shakespeare_word_order: a seeded sample of this many lines; 0 = all
     t.labels = ()  # the classes in order; () takes the training labels, sorted
     t.seq_len = 0  # tokens per example (longer ones are truncated); 0: the pretrained context
     t.pooling = "last"  # classification: "last" token (a causal decoder has read everything) or "mean"

@@ -1,14 +1,23 @@
 """A task's rows: from JSONL files, or built from the embedded corpus.
 
 `shakespeare_speakers`: who speaks this speech? Each speech of `task.speakers` in tiny
-Shakespeare (the text between a "NAME:" line and the next blank line) is one example,
-assigned to train / validation / test by a hash of its position (70/15/15), so the
-split never changes between runs or machines.
+Shakespeare (the text between a "NAME:" line and the next blank line) is one example.
+
+`shakespeare_word_order`: is this line as Shakespeare wrote it, or are its words
+shuffled? (Acceptability, like CoLA or BLiMP: a model that has learned the language
+should tell.) Each verse or prose line of 5 or more words is one example; a seeded half
+of them have their words permuted. Lines are lower-cased and stripped of punctuation,
+so only the order of the words tells the classes apart.
+
+Examples go to train / validation / test by a hash of their position (70/15/15), so
+the split never changes between runs or machines.
 """
 
 from __future__ import annotations
 
 import hashlib
+import random
+import string
 
 import ml_collections
 
@@ -17,7 +26,7 @@ from lm.data import corpora
 from lm.finetune.tasks import read_jsonl
 
 SPLITS = ("train", "validation", "test")
-BUILDERS = ("shakespeare_speakers",)
+BUILDERS = ("shakespeare_speakers", "shakespeare_word_order")
 
 
 def rows(task: ml_collections.ConfigDict) -> dict[str, list[dict]]:
@@ -26,6 +35,8 @@ def rows(task: ml_collections.ConfigDict) -> dict[str, list[dict]]:
         if task.builder not in BUILDERS:
             raise ConfigError(f"task.builder={task.builder!r} is not one of {BUILDERS}. Fix: pick one, or set "
                               "task.train_file and task.validation_file instead.")
+        if task.builder == "shakespeare_word_order":
+            return shakespeare_word_order(task.max_examples)
         return shakespeare_speakers(tuple(task.speakers))
     if not task.train_file or not task.validation_file:
         raise ConfigError("the task has no data. Fix: set task.train_file and task.validation_file (JSONL), or "
@@ -51,9 +62,30 @@ def split_of(index: int) -> str:
     return "train" if bucket < 70 else "validation" if bucket < 85 else "test"
 
 
-def shakespeare_speakers(speakers: tuple[str, ...]) -> dict[str, list[dict]]:
+def _corpus_text() -> str:
     with open(corpora.path("tinyshakespeare"), encoding="utf-8") as f:
-        all_speeches = speeches(f.read())
+        return f.read()
+
+
+def shakespeare_word_order(max_examples: int = 0, seed: int = 0) -> dict[str, list[dict]]:
+    rng = random.Random(seed)
+    lines = [line for _, speech in speeches(_corpus_text()) for line in speech.split("\n") if len(line.split()) >= 5]
+    if max_examples:
+        lines = rng.sample(lines, min(max_examples, len(lines)))
+    out: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    for i, line in enumerate(lines):
+        original = [w.strip(string.punctuation).lower() for w in line.split()]
+        words, label = list(original), "original"
+        if rng.random() < 0.5:
+            while words == original:
+                rng.shuffle(words)
+            label = "shuffled"
+        out[split_of(i)].append({"text": " ".join(w for w in words if w), "label": label})
+    return out
+
+
+def shakespeare_speakers(speakers: tuple[str, ...]) -> dict[str, list[dict]]:
+    all_speeches = speeches(_corpus_text())
     known = {name for name, _ in all_speeches}
     unknown = [s for s in speakers if s not in known]
     if len(speakers) < 2 or unknown:
