@@ -63,7 +63,9 @@ def changed(before, after) -> dict[str, bool]:
 
 
 def test_lora_trains_only_the_adapters_and_head_and_its_merge_equals_the_adapted_model(pretrained):
-    setup = train.setup(speaker_config(pretrained, method="lora", learning_rate=1e-2))
+    config = speaker_config(pretrained, method="lora")
+    config.finetune.lora.learning_rate = 1e-2
+    setup = train.setup(config)
     after = train_steps(setup, 4)
 
     moved = changed(setup.params["backbone"], after["backbone"])
@@ -134,7 +136,8 @@ def test_sft_puts_loss_on_the_response_and_token_tags_on_first_tokens():
 def test_finetune_cli_compares_methods_in_a_table_and_stops_early(pretrained, tmp_path):
     flags = [f"--config.init_from={pretrained}", "--config.task.speakers=('ROMEO','MENENIUS')",
              "--config.task.seq_len=48", "--config.finetune.steps=40", "--config.finetune.batch_size=8",
-             "--config.finetune.eval_every=2", "--config.finetune.patience=1", "--config.finetune.learning_rate=0.0"]
+             "--config.finetune.eval_every=2", "--config.finetune.patience=1", "--config.finetune.learning_rate=0.0",
+             "--config.finetune.lora.learning_rate=0.0", "--config.finetune.frozen_learning_rate=0.0"]
     result = run_cli("lm.finetune", "--config=configs/finetune/shakespeare_speakers.py",
                      f"--workdir={tmp_path}", *flags)
     table = result.stdout[result.stdout.index("| method"):].splitlines()
@@ -147,3 +150,45 @@ def test_finetune_cli_compares_methods_in_a_table_and_stops_early(pretrained, tm
     trainable = {m: json.load(open(os.path.join(tmp_path, m, train.RESULTS)))["trainable_parameters"]
                  for m in ("full", "lora", "frozen")}
     assert trainable["full"] > trainable["lora"] > trainable["frozen"] == 32 * 2 + 2
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+def test_sft_with_lora_trains_on_jsonl_and_exports_a_merged_model_that_samples(pretrained, tmp_path):
+    rows = [{"prompt": f"{name}:\n", "response": line} for name, line in
+            [("ROMEO", "But soft, what light"), ("JULIET", "O Romeo, Romeo"), ("HAMLET", "To be, or not")] * 4]
+    config = speaker_config(pretrained, method="lora", export_merged=True)
+    config.task.update(kind="sft", builder="", train_file=write_jsonl(tmp_path / "train.jsonl", rows),
+                       validation_file=write_jsonl(tmp_path / "val.jsonl", rows[:4]))
+    results = train.finetune(config, str(tmp_path / "run"), log=lambda _: None)
+    assert results["kind"] == "sft" and results["validation"]["loss"] > 0 and "majority_baseline" not in results
+    merged = runs.load(str(tmp_path / "run" / "merged"))
+    adapters = train.restore_best(str(tmp_path / "run"), {"lora": train.setup(config).params["lora"]})
+    assert set(adapters) == {"lora"}
+    from lm import decode
+
+    text = decode.sample_text(merged.model, merged.params, merged.tokenizer, "ROMEO:\n", max_new_tokens=8,
+                              max_len=48, temperature=0.0, top_k=0)
+    assert len(text) == 8
+
+
+def test_token_classification_trains_a_tagger_on_jsonl(pretrained, tmp_path):
+    rows = [{"words": ["good", "morrow", "cousin"], "tags": ["ADJ", "NOUN", "NOUN"]},
+            {"words": ["sweet", "prince"], "tags": ["ADJ", "NOUN"]}] * 8
+    config = speaker_config(pretrained, method="full")
+    config.task.update(kind="token_classification", builder="", train_file=write_jsonl(tmp_path / "t.jsonl", rows),
+                       validation_file=write_jsonl(tmp_path / "v.jsonl", rows[:4]),
+                       test_file=write_jsonl(tmp_path / "test.jsonl", rows[:2]))
+    config.finetune.update(learning_rate=3e-3, steps=30, eval_every=10, patience=0)
+    results = train.finetune(config, str(tmp_path / "run"), log=lambda _: None)
+    assert results["labels"] == ["ADJ", "NOUN"]
+    assert results["majority_baseline"] == pytest.approx(3 / 5)  # NOUN, on the 5 first tokens of the test rows
+    assert results["test"]["accuracy"] == 1.0  # learnt: the first word is ADJ, the others NOUN
+
+
+def test_evaluate_cli_scores_the_runs_own_corpus_split(pretrained):
+    result = run_cli("lm.evaluate", f"--workdir={pretrained}", "--split=validation", "--max_windows=8")
+    assert "| perplexity/validation | bits_per_byte |" in result.stdout

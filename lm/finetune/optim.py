@@ -94,11 +94,17 @@ def layerwise(depths: Any, decay: float, unfreeze_every: int) -> optax.GradientT
     return optax.GradientTransformation(init, update)
 
 
+def learning_rate(ft: ml_collections.ConfigDict) -> float:
+    """The method's peak rate: `learning_rate` (full), `lora.learning_rate` or `frozen_learning_rate`."""
+    return {"full": ft.learning_rate, "lora": ft.lora.learning_rate, "frozen": ft.frozen_learning_rate}[ft.method]
+
+
 def make(trainable: dict, num_layers: int, ft: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """AdamW with warmup + cosine decay, clipping, weight decay off norms/biases/adapters,
     then the layerwise scaling."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, ft.learning_rate, max(ft.warmup_steps, 1),
-                                                  max(ft.steps, ft.warmup_steps + 1), ft.learning_rate * 0.1)
+    peak = learning_rate(ft)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, peak, max(ft.warmup_steps, 1),
+                                                  max(ft.steps, ft.warmup_steps + 1), peak * 0.1)
     decay_mask = traverse_util.path_aware_map(lambda path, x: x.ndim >= 2 and path[0] != "lora", trainable)
     depths = traverse_util.path_aware_map(lambda path, x: depth(path, num_layers), trainable)
     return optax.chain(optax.clip_by_global_norm(ft.grad_clip),
