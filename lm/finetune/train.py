@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 from functools import partial
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -121,6 +121,68 @@ def evaluate(eval_step, trainable, frozen, split: tasks.Split, batch_size: int, 
     return result
 
 
+def train_batches(num_examples: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
+    """Indices of each training batch: seeded shuffles of the split, one epoch after another
+    (a split smaller than a batch is sampled with replacement)."""
+    rng = np.random.default_rng(seed)
+    while True:
+        if num_examples < batch_size:
+            yield rng.integers(0, num_examples, batch_size)
+            continue
+        permutation = rng.permutation(num_examples)
+        for start in range(0, num_examples - batch_size + 1, batch_size):
+            yield permutation[start:start + batch_size]
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+    """Tracks the best validation score: accuracy (higher is better) or, for SFT, loss."""
+
+    metric: str
+    patience: int
+    best: dict | None = None
+    best_step: int = 0
+    evals_since_best: int = 0
+
+    def improved(self, scores: dict, step: int) -> bool:
+        new, old = scores[self.metric], self.best[self.metric] if self.best else None
+        if old is None or (new > old if self.metric == "accuracy" else new < old):
+            self.best, self.best_step, self.evals_since_best = scores, step, 0
+            return True
+        self.evals_since_best += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return bool(self.patience) and self.evals_since_best >= self.patience
+
+
+def train_loop(s: Setup, steps: tuple, trainable: dict, frozen: dict, workdir: str,
+               log) -> tuple[dict, EarlyStopping]:
+    """Runs the train steps with periodic validation; saves each new best to `workdir/best`."""
+    ft, kind = s.config.finetune, s.config.task.kind
+    optimizer, train_step, eval_step = steps
+    opt_state = optimizer.init(trainable)
+    stopping = EarlyStopping("accuracy" if kind != "sft" else "loss", ft.patience)
+    batches = train_batches(len(s.splits["train"]), ft.batch_size, s.config.seed)
+    for step in range(1, ft.steps + 1):
+        rng = jax.random.fold_in(jax.random.key(s.config.seed), step)
+        trainable, opt_state, loss = train_step(trainable, opt_state, frozen, s.splits["train"].batch(next(batches)),
+                                                rng)
+        if step % ft.eval_every and step != ft.steps:
+            continue
+        val = evaluate(eval_step, trainable, frozen, s.splits["validation"], ft.batch_size, kind)
+        improved = stopping.improved(val, step)
+        log(f"step {step}: train loss {float(loss):.4f}, validation loss {val['loss']:.4f}, "
+            f"{stopping.metric} {val[stopping.metric]:.4f}{' (best)' if improved else ''}")
+        if improved:
+            save_best(workdir, trainable, {"step": step, "validation": _scalars(val)})
+        elif stopping.should_stop:
+            log(f"early stop at step {step}: no better validation {stopping.metric} in {ft.patience} evaluations")
+            break
+    return trainable, stopping
+
+
 def finetune(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict[str, Any]:
     """Trains, keeps the best validation checkpoint in `workdir/best`, and returns (and
     writes to `workdir/finetune_results.json`) the test metrics of that checkpoint."""
@@ -132,42 +194,17 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict
         f.write(config.to_json_best_effort(indent=2))
     trainable, frozen = optim.partition(s.params, s.mask)
     trainable = jax.tree.map(jnp.array, trainable)  # own copies: the train step donates them
-    optimizer, train_step, eval_step = make_steps(s)
-    opt_state = optimizer.init(trainable)
     counts = {"trainable": param_counts(trainable)["total"], "total": param_counts(s.params)["total"]}
     log(f"fine-tuning {kind} ({ft.method}): {counts['trainable']:,} of {counts['total']:,} parameters train; "
         f"{len(s.splits['train'])} train / {len(s.splits['validation'])} validation examples")
-    metric = "accuracy" if kind != "sft" else "loss"
-    better = (lambda a, b: a > b) if metric == "accuracy" else (lambda a, b: a < b)
-    best, best_step, evals_since_best = None, 0, 0
-    order = np.random.default_rng(config.seed)
-    permutation, cursor = order.permutation(len(s.splits["train"])), 0
-    for step in range(1, ft.steps + 1):
-        if cursor + ft.batch_size > len(permutation):
-            permutation, cursor = order.permutation(len(s.splits["train"])), 0
-        index = permutation[cursor:cursor + ft.batch_size] if len(permutation) >= ft.batch_size else \
-            order.integers(0, len(permutation), ft.batch_size)
-        cursor += ft.batch_size
-        rng = jax.random.fold_in(jax.random.key(config.seed), step)
-        trainable, opt_state, loss = train_step(trainable, opt_state, frozen, s.splits["train"].batch(index), rng)
-        if step % ft.eval_every == 0 or step == ft.steps:
-            val = evaluate(eval_step, trainable, frozen, s.splits["validation"], ft.batch_size, kind)
-            improved = best is None or better(val[metric], best[metric])
-            log(f"step {step}: train loss {float(loss):.4f}, validation loss {val['loss']:.4f}, "
-                f"{metric} {val[metric]:.4f}{' (best)' if improved else ''}")
-            if improved:
-                best, best_step, evals_since_best = val, step, 0
-                save_best(workdir, trainable, {"step": step, "validation": _scalars(val)})
-            else:
-                evals_since_best += 1
-                if ft.patience and evals_since_best >= ft.patience:
-                    log(f"early stop at step {step}: no better validation {metric} in {ft.patience} evaluations")
-                    break
+    steps = make_steps(s)
+    trainable, stopping = train_loop(s, steps, trainable, frozen, workdir, log)
     trainable = restore_best(workdir, trainable)
+    eval_step = steps[2]
     test = evaluate(eval_step, trainable, frozen, s.splits["test"], ft.batch_size, kind) if "test" in s.splits else {}
-    results = {"method": ft.method, "kind": kind, "best_step": best_step, "labels": s.label_names,
+    results = {"method": ft.method, "kind": kind, "best_step": stopping.best_step, "labels": s.label_names,
                "trainable_parameters": counts["trainable"], "total_parameters": counts["total"],
-               "validation": _scalars(best), "test": _scalars(test), "seconds": time.time() - start_time,
+               "validation": _scalars(stopping.best), "test": _scalars(test), "seconds": time.time() - start_time,
                "version": version.code_version()}
     if kind != "sft":
         results["majority_baseline"] = majority_baseline(s.splits["train"], s.splits.get("test", s.splits["validation"]))
