@@ -127,10 +127,10 @@ def predictions_of() -> dict[str, dict]:
         positive = _POSITIVE.value
         y_true = [int(label == positive) for label in labels]
         y_pred = [int(p == positive) for p in predicted]
-        out["fairness"] = {"demographic_parity_difference": fairness.demographic_parity_difference(y_pred, groups, privileged),
-                           "equal_opportunity_difference": fairness.equal_opportunity_difference(
-                               y_pred, y_true, groups, privileged),
-                           "disparate_impact_ratio": fairness.disparate_impact_ratio(y_pred, groups, privileged)}
+        out["fairness"] = {
+            "demographic_parity_difference": fairness.demographic_parity_difference(y_pred, groups, privileged),
+            "equal_opportunity_difference": fairness.equal_opportunity_difference(y_pred, y_true, groups, privileged),
+            "disparate_impact_ratio": fairness.disparate_impact_ratio(y_pred, groups, privileged)}
     return out
 
 

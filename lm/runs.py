@@ -152,6 +152,7 @@ def export(workdir: str, output: str, step: int | None = None, dtype: str = "flo
     params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), loaded.params)
     meta = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).metadata(loaded.step)
     info = {"step": loaded.step, "dtype": dtype, "parameters": param_counts(params)["total"],
-            "source": os.path.abspath(workdir), "trained_by": meta.get("version"), "exported_by": version.code_version()}
+            "source": os.path.abspath(workdir), "trained_by": meta.get("version"),
+            "exported_by": version.code_version()}
     write_export(output, params, loaded.config, loaded.tokenizer, info)
     return info

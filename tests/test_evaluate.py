@@ -98,8 +98,8 @@ def test_evaluate_cli_scores_perplexity_multiple_choice_weat_and_predictions(gpt
     (tmp_path / "weat.json").write_text(json.dumps({"X": ["rose", "lily"], "Y": ["wasp", "flea"],
                                                     "A": ["love", "joy"], "B": ["hate", "woe"]}))
     rows = [("1", "1", "m"), ("0", "1", "m"), ("1", "1", "f"), ("1", "0", "f"), ("0", "0", "f"), ("1", "1", "m")]
-    (tmp_path / "preds.jsonl").write_text("\n".join(json.dumps({"label": l, "prediction": p, "sex": g})
-                                                    for l, p, g in rows))
+    (tmp_path / "preds.jsonl").write_text("\n".join(json.dumps({"label": y, "prediction": p, "sex": g})
+                                                    for y, p, g in rows))
     result = run_cli("lm.evaluate", f"--workdir={path}", f"--text_file={tmp_path}/text.txt",
                      f"--multiple_choice={tmp_path}/mc.jsonl", "--num_shots=0,1", f"--weat={tmp_path}/weat.json",
                      f"--predictions={tmp_path}/preds.jsonl", "--protected_column=sex", "--privileged_value=m",

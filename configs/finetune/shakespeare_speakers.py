@@ -9,7 +9,10 @@ frozen backbone:
 
 Classes: ROMEO, MENENIUS, PETRUCHIO, DUKE VINCENTIO (676 speeches; 70/15/15 split). The
 table printed at the end gives each method's test accuracy and trainable parameters
-beside the majority-class baseline. Expected: see README (fine-tuning section).
+beside the majority-class baseline. A hard task for a 0.8M-parameter character model,
+not yet tuned: a first run (learning rate 3e-4 for every method, otherwise these
+settings) gave test accuracy 0.310 full, 0.333 LoRA, 0.262 frozen, against 0.274 for
+the majority class. configs/finetune/shakespeare_word_order.py is the tuned recipe.
 """
 
 from lm.configs.finetune import base

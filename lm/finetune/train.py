@@ -114,7 +114,8 @@ def evaluate(eval_step, trainable, frozen, split: tasks.Split, batch_size: int, 
             totals[key] += float(stats[key])
         if kind == "classification":
             predictions.extend(stats["predictions"][valid, 0].tolist())
-    result = {"loss": totals["loss_sum"] / max(totals["count"], 1), "accuracy": totals["correct"] / max(totals["count"], 1)}
+    count = max(totals["count"], 1)
+    result = {"loss": totals["loss_sum"] / count, "accuracy": totals["correct"] / count}
     if kind == "classification":
         result.update(metric_fns.classification(split.labels.tolist(), predictions))
         result["predictions"] = predictions
@@ -207,7 +208,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict
                "validation": _scalars(stopping.best), "test": _scalars(test), "seconds": time.time() - start_time,
                "version": version.code_version()}
     if kind != "sft":
-        results["majority_baseline"] = majority_baseline(s.splits["train"], s.splits.get("test", s.splits["validation"]))
+        scored = s.splits.get("test", s.splits["validation"])
+        results["majority_baseline"] = majority_baseline(s.splits["train"], scored)
     with open(os.path.join(workdir, RESULTS), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
     if ft.export_merged:
