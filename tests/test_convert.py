@@ -7,16 +7,15 @@ import os
 import jax
 import numpy as np
 import pytest
-import torch
-import transformers
 from safetensors.numpy import load_file
 
 from lm import convert, runs
 from lm.config import ConfigError
 from lm.interop import huggingface
-
-from tests.hf_models import TINY_MODELS, VOCAB, hf_logits, lm_logits, save_hf_model
+from tests.hf_models import TINY_MODELS, VOCAB, hf_logits, lm_logits, save_hf_model, torch, transformers
 from tests.helpers import run_cli
+
+pytestmark = pytest.mark.interop
 
 @pytest.mark.parametrize("kind", sorted(TINY_MODELS))
 def test_an_imported_model_gives_transformers_logits_and_exports_back_bit_for_bit(kind, tmp_path):

@@ -7,14 +7,15 @@ import math
 import os
 import random
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from lm import convert, runs
 from lm.config import ConfigError
 from lm.evaluation import scoring, weat
-from tests.hf_models import save_hf_model
+from tests.hf_models import save_hf_model, torch
 from tests.helpers import REPO, run_cli
 
 QUESTIONS = [
@@ -44,6 +45,7 @@ def torch_log_likelihood(model, tokenizer, context: str, continuation: str) -> f
     return float(sum(log_p[t - 1, ids[t]] for t in range(len(ids) - n, len(ids))))
 
 
+@pytest.mark.interop
 def test_multiple_choice_picks_the_highest_total_and_per_byte_log_likelihood(gpt2):
     model, path = gpt2
     loaded = runs.load(path)
@@ -58,6 +60,26 @@ def test_multiple_choice_picks_the_highest_total_and_per_byte_log_likelihood(gpt
         answers.append((int(np.argmax(truth)) == question["answer"], int(np.argmax(per_byte)) == question["answer"]))
     assert result["accuracy"] == pytest.approx(np.mean([a for a, _ in answers]))
     assert result["accuracy_normalized"] == pytest.approx(np.mean([b for _, b in answers]))
+
+
+def test_multiple_choice_on_an_lm_model_picks_what_full_forward_passes_rank_highest(pretrained):
+    """The known answer without torch: each choice's log-likelihood from one unbatched,
+    unpadded forward pass of its own sequence."""
+    loaded = runs.load(pretrained)
+    result = scoring.multiple_choice(loaded, QUESTIONS, batch_size=3)
+    for question, detail in zip(QUESTIONS, result["details"]):
+        truth = []
+        for choice in question["choices"]:
+            ids = np.concatenate([loaded.tokenizer.encode(question["context"]), loaded.tokenizer.encode(choice)])
+            ids = ids[-(loaded.config.data.seq_len + 1):]  # the context is cut from the left to fit
+            n = len(loaded.tokenizer.encode(choice))
+            logits = loaded.model.apply({"params": loaded.params}, jnp.asarray(ids[None, :-1]))[0]
+            log_p = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+            truth.append(sum(log_p[t - 1, ids[t]] for t in range(len(ids) - n, len(ids))))
+        np.testing.assert_allclose(detail["log_likelihoods"], truth, atol=1e-4)
+        assert detail["pick"] == int(np.argmax(truth))
+        per_byte = [t / len(c.encode()) for t, c in zip(truth, question["choices"])]
+        assert detail["pick_normalized"] == int(np.argmax(per_byte))
 
 
 def test_k_shot_prompts_show_k_solved_examples_never_the_question_itself():
@@ -90,6 +112,7 @@ def test_weat_matches_the_definition_on_hand_made_vectors():
         weat.weat(x, y[:1], a, b)
 
 
+@pytest.mark.interop
 def test_evaluate_cli_scores_perplexity_multiple_choice_weat_and_predictions(gpt2, tmp_path):
     model, path = gpt2
     text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 4
@@ -130,6 +153,7 @@ def test_evaluate_cli_scores_perplexity_multiple_choice_weat_and_predictions(gpt
     assert fairness["equal_opportunity_difference"] == pytest.approx(1 / 2 - 1)
 
 
+@pytest.mark.interop
 def test_evaluate_cli_rejects_bad_requests_with_the_fix(gpt2, tmp_path):
     _, path = gpt2
     result = run_cli("lm.evaluate", f"--workdir={path}", check=False)
@@ -139,6 +163,7 @@ def test_evaluate_cli_rejects_bad_requests_with_the_fix(gpt2, tmp_path):
     assert result.returncode == 2 and "bad.jsonl:2 is not JSON" in result.stderr
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("kind", ["gpt2", "llama_gqa"])
 def test_attention_maps_are_the_weights_the_model_attends_with(kind, tmp_path):
     from lm.evaluation import inspect
@@ -163,6 +188,7 @@ def test_attention_maps_are_the_weights_the_model_attends_with(kind, tmp_path):
         np.testing.assert_allclose(out, state["intermediates"][f"layer_{i}"]["attn"]["__call__"][0], atol=1e-5)
 
 
+@pytest.mark.interop
 def test_nearest_tokens_rank_by_cosine_similarity(gpt2):
     from lm.evaluation import inspect
 
@@ -173,6 +199,7 @@ def test_nearest_tokens_rank_by_cosine_similarity(gpt2):
     assert [i for i, _ in neighbours] == [i for i in np.argsort(-cosine) if i != 7][:5]
 
 
+@pytest.mark.interop
 def test_the_inspection_notebook_runs_top_to_bottom_on_a_tiny_checkpoint(gpt2, tmp_path, monkeypatch):
     import nbclient
     import nbformat

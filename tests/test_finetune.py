@@ -4,7 +4,6 @@ encodings, early stopping and the comparison CLI, on a tiny (untrained) Shakespe
 import json
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,25 +12,10 @@ import pytest
 from lm import runs
 from lm.config import ConfigError
 from lm.configs.finetune import base as finetune_base
-from lm.data import corpora, tokenizers
+from lm.data import tokenizers
 from lm.finetune import lora, optim, tasks, train
 from lm.model import ModelConfig, build
-from tests.helpers import run_cli, tiny_config
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> str:
-    """A tiny decoder with a character vocabulary, written as an export (random weights
-    stand in for pretraining: these tests check mechanics, not accuracy)."""
-    config = tiny_config(data__seq_len=48)
-    with open(corpora.path("tinyshakespeare"), encoding="utf-8") as f:
-        tokenizer = tokenizers.CharTokenizer.train([f.read()])
-    model_cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size, config.data.seq_len)
-    params = nn.meta.unbox(build(model_cfg).init(jax.random.key(0), jnp.zeros((1, 48), jnp.int32))["params"])
-    path = str(tmp_path_factory.mktemp("pretrained") / "export")
-    runs.write_export(path, jax.tree.map(np.asarray, params), config, tokenizer,
-                      {"step": 0, "dtype": "float32", "parameters": 0})
-    return path
+from tests.helpers import run_cli
 
 
 def speaker_config(pretrained: str, **finetune):
@@ -93,6 +77,7 @@ def test_frozen_trains_the_head_alone_and_freeze_keeps_matching_parameters_fixed
     assert all(v for k, v in moved.items() if "layer_1" in k)
 
 
+@pytest.mark.finetune
 def test_gradual_unfreezing_opens_layers_from_the_top_and_layer_decay_slows_the_bottom(pretrained):
     setup = train.setup(speaker_config(pretrained, unfreeze_every=2))
     first = changed(setup.params, train_steps(setup, 2))  # steps 0, 1: depth 0 only (head, final norm)
@@ -134,6 +119,7 @@ def test_sft_puts_loss_on_the_response_and_token_tags_on_first_tokens():
     assert split.labels[0][:12].tolist() == [0, -1, -1, -1, 1] + [-1] * 6 + [-1]
 
 
+@pytest.mark.finetune
 def test_finetune_cli_compares_methods_in_a_table_and_stops_early(pretrained, tmp_path):
     flags = [f"--config.init_from={pretrained}", "--config.task.speakers=('ROMEO','MENENIUS')",
              "--config.task.seq_len=48", "--config.finetune.steps=40", "--config.finetune.batch_size=8",
@@ -158,6 +144,7 @@ def write_jsonl(path, rows) -> str:
     return str(path)
 
 
+@pytest.mark.finetune
 def test_sft_with_lora_trains_on_jsonl_and_exports_a_merged_model_that_samples(pretrained, tmp_path):
     rows = [{"prompt": f"{name}:\n", "response": line} for name, line in
             [("ROMEO", "But soft, what light"), ("JULIET", "O Romeo, Romeo"), ("HAMLET", "To be, or not")] * 4]
@@ -176,6 +163,7 @@ def test_sft_with_lora_trains_on_jsonl_and_exports_a_merged_model_that_samples(p
     assert len(text) == 8
 
 
+@pytest.mark.finetune
 def test_token_classification_trains_a_tagger_on_jsonl(pretrained, tmp_path):
     rows = [{"words": ["good", "morrow", "cousin"], "tags": ["ADJ", "NOUN", "NOUN"]},
             {"words": ["sweet", "prince"], "tags": ["ADJ", "NOUN"]}] * 8

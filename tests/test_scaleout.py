@@ -58,7 +58,7 @@ def test_a_mesh_axis_that_does_not_divide_the_dimension_it_shards_fails_before_c
         train.make_trainer(config, ModelConfig.from_config(config.model, 64, 16), mesh, pad_id=0)
 
 
-@pytest.mark.slow
+@pytest.mark.multihost
 def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one_process(tmp_path):
     flags = cli_flags(train__log_every=1, train__batch_size=8, train__checkpoint_every=0, optim__decay_steps=5)
     one_process = ["--config=configs/shakespeare_char.py", "--config.mesh.shape.data=1", "--config.mesh.shape.fsdp=4"]
