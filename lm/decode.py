@@ -1,11 +1,16 @@
-"""Sampling text from a trained model.
+"""Decoding text from a trained decoder.
 
-This first sampler recomputes the model over the last `max_len` tokens for each new
-token (nanoGPT's approach): simple and exact. KV-cache decoding arrives with issue 9.
+`generate` recomputes the model over the last `max_len` tokens for each new token
+(nanoGPT's approach): simple, exact, and able to run past the context by sliding it.
+`generate_cached` prefills the prompts into a KV cache and then runs one cached step
+per token: batched prompts of different lengths (left-padded, each row with its own
+positions), greedy, temperature, top-k, top-p and repetition penalty. `beam_search`
+keeps the best `beam_size` continuations with GNMT's length penalty.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -69,3 +74,188 @@ def decode_documents(tokenizer, ids: np.ndarray, separator: str = "\n\n") -> str
     ends = np.flatnonzero(ids == tokenizer.eos_id)
     pieces = np.split(ids, ends)
     return separator.join(tokenizer.decode(p[p != tokenizer.eos_id]) for p in pieces)
+
+
+# --- KV-cache decoding ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. temperature 0 is greedy; top_k 0 and top_p 1 keep
+    every token; repetition_penalty > 1 discourages tokens already in the row (CTRL)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def check(self) -> None:
+        problems = []
+        if self.temperature < 0:
+            problems.append(f"temperature={self.temperature} (must be >= 0)")
+        if self.top_k < 0:
+            problems.append(f"top_k={self.top_k} (must be >= 0)")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p={self.top_p} (must be in (0, 1])")
+        if self.repetition_penalty <= 0:
+            problems.append(f"repetition_penalty={self.repetition_penalty} (must be > 0)")
+        if problems:
+            raise ValueError("bad sampling settings: " + ", ".join(problems))
+
+
+def process_logits(logits_BV: jax.Array, seen_BV: jax.Array, sampling: Sampling) -> jax.Array:
+    """Logits after the repetition penalty, temperature, top-k and top-p (nucleus) filters."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    if sampling.repetition_penalty != 1.0:
+        penalised = jnp.where(logits_BV > 0, logits_BV / sampling.repetition_penalty,
+                              logits_BV * sampling.repetition_penalty)
+        logits_BV = jnp.where(seen_BV, penalised, logits_BV)
+    if sampling.temperature == 0:
+        return logits_BV
+    logits_BV = logits_BV / sampling.temperature
+    if sampling.top_k and sampling.top_k < logits_BV.shape[-1]:
+        kth_B1 = jax.lax.top_k(logits_BV, sampling.top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    if sampling.top_p < 1.0:
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        cumulative_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
+        # The smallest set whose probability reaches top_p: keep tokens while the mass
+        # before them is below top_p (the most likely token always stays).
+        keep_BV = (cumulative_BV - jax.nn.softmax(sorted_BV, axis=-1)) < sampling.top_p
+        threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        logits_BV = jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
+    return logits_BV
+
+
+def choose(logits_BV: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
+    if sampling.temperature == 0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+
+
+def left_pad(prompts: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens, valid, positions) [B, P]: prompts right-aligned, so every row's next token
+    goes to the same cache slot; positions count each row's own tokens from 0."""
+    length = max(len(p) for p in prompts)
+    tokens_BP = np.full((len(prompts), length), pad_id, np.int32)
+    valid_BP = np.zeros((len(prompts), length), bool)
+    for row, prompt in enumerate(prompts):
+        tokens_BP[row, length - len(prompt):] = prompt
+        valid_BP[row, length - len(prompt):] = True
+    positions_BP = np.maximum(np.cumsum(valid_BP, axis=1) - 1, 0).astype(np.int32)
+    return tokens_BP, valid_BP, positions_BP
+
+
+def init_cache(model: nn.Module, batch: int) -> Any:
+    """An empty KV cache for `batch` rows of the model's whole context."""
+    tokens_B1 = jnp.zeros((batch, 1), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens_B1, decode=True))["cache"]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def extend(model: nn.Module, params: Any, cache: Any, tokens_BL: jax.Array, positions_BL: jax.Array,
+           valid_BL: jax.Array) -> tuple[jax.Array, Any]:
+    """Logits [B, L, V] of the new tokens, and the cache holding them."""
+    logits_BLV, updated = model.apply({"params": params, "cache": cache}, tokens_BL, positions_BL,
+                                      valid_BL.astype(jnp.int32), decode=True, mutable=["cache"])
+    return logits_BLV, updated["cache"]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling"))
+def generate_cached(model: nn.Module, params: Any, tokens_BP: jax.Array, valid_BP: jax.Array,
+                    positions_BP: jax.Array, rng: jax.Array, *, max_new_tokens: int, sampling: Sampling,
+                    text_vocab_size: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Prefill the prompts into a KV cache, then one cached step per new token.
+
+    Returns the new tokens [B, T] and the logits each was chosen from [B, T, V] (before
+    sampling filters). Prompt plus new tokens must fit the model's context.
+    """
+    batch = tokens_BP.shape[0]
+    logits_BPV, cache = extend(model, params, init_cache(model, batch), tokens_BP, positions_BP, valid_BP)
+    vocab = logits_BPV.shape[-1]
+    limit = jnp.where(text_vocab_size > 0, text_vocab_size, vocab)
+    text_only_1V = (jnp.arange(vocab) < limit)[None]
+    seen_BV = jnp.zeros((batch, vocab), bool).at[jnp.arange(batch)[:, None], tokens_BP].max(valid_BP)
+
+    def step(carry, i):
+        cache, logits_BV, position_B, seen_BV = carry
+        allowed_BV = jnp.where(text_only_1V, logits_BV, -jnp.inf)
+        token_B = choose(process_logits(allowed_BV, seen_BV, sampling), jax.random.fold_in(rng, i), sampling)
+        next_BLV, cache = extend(model, params, cache, token_B[:, None], position_B[:, None],
+                                 jnp.ones((batch, 1), bool))
+        seen_BV = seen_BV.at[jnp.arange(batch), token_B].set(True)
+        return (cache, next_BLV[:, 0], position_B + 1, seen_BV), (token_B, logits_BV)
+
+    carry = (cache, logits_BPV[:, -1], positions_BP[:, -1] + 1, seen_BV)
+    _, (tokens_TB, logits_TBV) = jax.lax.scan(step, carry, jnp.arange(max_new_tokens))
+    return tokens_TB.T, jnp.swapaxes(logits_TBV, 0, 1)
+
+
+def check_fits(prompt_len: int, max_new_tokens: int, max_len: int) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if prompt_len + max_new_tokens > max_len:
+        raise ValueError(f"the prompt ({prompt_len} tokens) plus max_new_tokens={max_new_tokens} exceeds the "
+                         f"model's context of {max_len} tokens. Fix: shorten the prompt or ask for fewer tokens.")
+
+
+def generate_batch(model: nn.Module, params: Any, prompts: list[np.ndarray], pad_id: int, *, max_new_tokens: int,
+                   sampling: Sampling, seed: int = 0, text_vocab_size: int = 0) -> np.ndarray:
+    """New tokens [B, T] for prompts of any lengths, decoded together with a KV cache."""
+    sampling.check()
+    check_fits(max(len(p) for p in prompts), max_new_tokens, model.cfg.max_len)
+    tokens_BP, valid_BP, positions_BP = left_pad(prompts, pad_id)
+    tokens_BT, _ = generate_cached(model, params, tokens_BP, valid_BP, positions_BP, jax.random.key(seed),
+                                   max_new_tokens=max_new_tokens, sampling=sampling, text_vocab_size=text_vocab_size)
+    return np.asarray(tokens_BT)
+
+
+def reorder_cache(cache: Any, rows_B: jax.Array, scanned: bool) -> Any:
+    """The cache's rows picked by `rows_B` (beams that survive); the write index is shared.
+    A scanned model stacks its layers first, so its rows are axis 1."""
+    axis = 1 if scanned else 0
+    return jax.tree.map(lambda x: jnp.take(x, rows_B, axis=axis) if x.ndim > axis else x, cache)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_new_tokens", "length_penalty"))
+def beam_search(model: nn.Module, params: Any, prompt_P: jax.Array, *, beam_size: int, max_new_tokens: int,
+                length_penalty: float = 0.0, eos_id: int = -1) -> tuple[jax.Array, jax.Array]:
+    """The `beam_size` best continuations of one prompt: (tokens [W, T], scores [W]), best first.
+
+    A score is the sum of log-probabilities over the tokens up to and including <eos>,
+    divided by GNMT's length penalty ((5 + length) / 6) ** length_penalty. A finished
+    beam keeps its score and grows no further (its later tokens are <eos>).
+    """
+    width = beam_size
+    prompt_WP = jnp.broadcast_to(prompt_P, (width,) + prompt_P.shape)
+    positions_WP = jnp.broadcast_to(jnp.arange(prompt_P.shape[0]), prompt_WP.shape)
+    logits_WPV, cache = extend(model, params, init_cache(model, width), prompt_WP, positions_WP,
+                               jnp.ones(prompt_WP.shape, bool))
+    vocab = logits_WPV.shape[-1]
+    scores_W = jnp.where(jnp.arange(width) == 0, 0.0, -jnp.inf)  # all beams start as one
+    tokens_WT = jnp.zeros((width, max_new_tokens), jnp.int32)
+    lengths_W = jnp.zeros((width,), jnp.int32)
+    finished_W = jnp.zeros((width,), bool)
+
+    def step(carry, i):
+        cache, logits_WV, scores_W, tokens_WT, lengths_W, finished_W = carry
+        log_p_WV = jax.nn.log_softmax(logits_WV.astype(jnp.float32), axis=-1)
+        frozen_V = jnp.where(jnp.arange(vocab) == jnp.maximum(eos_id, 0), 0.0, -jnp.inf)
+        log_p_WV = jnp.where(finished_W[:, None], frozen_V[None], log_p_WV)
+        candidates = (scores_W[:, None] + log_p_WV).reshape(-1)
+        scores_W, flat_W = jax.lax.top_k(candidates, width)
+        beam_W, token_W = flat_W // vocab, (flat_W % vocab).astype(jnp.int32)
+        cache = reorder_cache(cache, beam_W, model.cfg.scan_layers)
+        tokens_WT = tokens_WT[beam_W].at[:, i].set(token_W)
+        was_finished_W = finished_W[beam_W]
+        lengths_W = lengths_W[beam_W] + (~was_finished_W)
+        finished_W = was_finished_W | (token_W == eos_id)
+        next_WLV, cache = extend(model, params, cache, token_W[:, None],
+                                 jnp.full((width, 1), prompt_P.shape[0] + i), jnp.ones((width, 1), bool))
+        return (cache, next_WLV[:, 0], scores_W, tokens_WT, lengths_W, finished_W), None
+
+    carry = (cache, logits_WPV[:, -1], scores_W, tokens_WT, lengths_W, finished_W)
+    (_, _, scores_W, tokens_WT, lengths_W, _), _ = jax.lax.scan(step, carry, jnp.arange(max_new_tokens))
+    normalized_W = scores_W / ((5.0 + lengths_W) / 6.0) ** length_penalty
+    order_W = jnp.argsort(-normalized_W)
+    return tokens_WT[order_W], normalized_W[order_W]

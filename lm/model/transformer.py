@@ -67,7 +67,10 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BLD: Array, memory_BSD: Array | None, positions_BL: Array | None,
-                 mask_B1LS: Array | None, causal: bool, deterministic: bool) -> Array:
+                 mask_B1LS: Array | None, causal: bool, deterministic: bool, decode: bool = False,
+                 valid_BL: Array | None = None) -> Array:
+        """With `decode`, keys and values are appended to a KV cache (the "cache"
+        collection) and the queries attend to every valid cached slot up to their own."""
         c = self.cfg
         dense = lambda x, features, axes, name: Dense(features, axes, init_std=c.init_std, use_bias=c.use_bias,
                                                       dtype=c.compute_dtype, lora=c.lora, name=name)(x)
@@ -83,12 +86,38 @@ class Attention(nn.Module):
             sin_BLK2, cos_BLK2 = rotary_angles(positions_BL, c.head_dim, c.max_len, c.rope_theta)
             q_BLHK = rotary(q_BLHK, sin_BLK2, cos_BLK2)
             k_BSHK = rotary(k_BSHK, sin_BLK2, cos_BLK2)
+        if decode and not self.cross:
+            k_BSHK, v_BSHK, mask_B1LS = self._extend_cache(k_BSHK, v_BSHK, valid_BL)
+            causal = False
         q_BLHK = nn.with_logical_constraint(q_BLHK, ("batch", "length", "act_heads", "head_dim"))
         out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BSHK, v_BSHK, mask=mask_B1LS, is_causal=causal)
         out_BLD = Dense((c.d_model,), ("heads", "head_dim", "embed"), in_dims=2,
                         init_std=c.residual_init_std, use_bias=c.use_bias, dtype=c.compute_dtype,
                         lora=c.lora, name="out")(out_BLHK)
         return nn.Dropout(c.dropout)(out_BLD, deterministic=deterministic)
+
+    def _extend_cache(self, k_BLGK: Array, v_BLGK: Array, valid_BL: Array) -> tuple[Array, Array, Array]:
+        """Writes the new keys/values at the cache's index; returns the whole cache
+        [B, max_len, G, K] twice and the mask [B, 1, L, max_len] of what each query may see."""
+        batch, length = k_BLGK.shape[:2]
+        slots = self.cfg.max_len
+        cached_k = self.variable("cache", "k", jnp.zeros, (batch, slots) + k_BLGK.shape[2:], k_BLGK.dtype)
+        cached_v = self.variable("cache", "v", jnp.zeros, (batch, slots) + v_BLGK.shape[2:], v_BLGK.dtype)
+        cached_valid = self.variable("cache", "valid", jnp.zeros, (batch, slots), bool)
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        start = index.value
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BLGK, (0, start, 0, 0))
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BLGK, (0, start, 0, 0))
+        cached_valid.value = jax.lax.dynamic_update_slice(cached_valid.value, valid_BL, (0, start))
+        index.value = start + length
+        query_slot_L = start + jnp.arange(length)
+        slot_S = jnp.arange(slots)
+        visible_1LS = (slot_S[None, None, :] <= query_slot_L[None, :, None])
+        # A padding query sees itself, so its (unused) output stays finite: a NaN there would
+        # reach later layers' cached values, and 0 * NaN is NaN even under a mask.
+        itself_1LS = slot_S[None, None, :] == query_slot_L[None, :, None]
+        mask_B1LS = ((cached_valid.value[:, None, :] & visible_1LS) | itself_1LS)[:, None]
+        return cached_k.value, cached_v.value, mask_B1LS
 
 
 class MLP(nn.Module):
@@ -122,6 +151,7 @@ class Block(nn.Module):
     deterministic: bool = True
     causal: bool = True
     cross: bool = False
+    decode: bool = False  # extend a KV cache (see Attention); `segment_ids` > 0 marks real tokens
 
     @nn.compact
     def __call__(self, x_BLD: Array, positions_BL: Array, segment_ids_BL: Array | None,
@@ -129,9 +159,15 @@ class Block(nn.Module):
                  memory_mask_B1LS: Array | None = None) -> tuple[Array, None]:
         c = self.cfg
         causal = self.causal and prefix_BL is None  # a prefix mask carries its own causality
-        mask_B1LL = attention_mask(segment_ids_BL, prefix_BL if self.causal else None, x_BLD.shape[1])
+        valid_BL = None
+        if self.decode:
+            mask_B1LL = None
+            valid_BL = jnp.ones(x_BLD.shape[:2], bool) if segment_ids_BL is None else segment_ids_BL > 0
+        else:
+            mask_B1LL = attention_mask(segment_ids_BL, prefix_BL if self.causal else None, x_BLD.shape[1])
         h_BLD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "attn_norm")(x_BLD)
-        x_BLD = x_BLD + Attention(c, name="attn")(h_BLD, None, positions_BL, mask_B1LL, causal, self.deterministic)
+        x_BLD = x_BLD + Attention(c, name="attn")(h_BLD, None, positions_BL, mask_B1LL, causal, self.deterministic,
+                                                  self.decode, valid_BL)
         if self.cross:
             h_BLD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "cross_norm")(x_BLD)
             x_BLD = x_BLD + Attention(c, cross=True, name="cross_attn")(
@@ -149,19 +185,20 @@ def remat_block(cfg: ModelConfig) -> type:
 
 
 def run_blocks(cfg: ModelConfig, deterministic: bool, x_BLD: Array, *context: Array | None,
-               causal: bool = True, cross: bool = False, num_layers: int = 0, name: str = "layer") -> Array:
+               causal: bool = True, cross: bool = False, num_layers: int = 0, name: str = "layer",
+               decode: bool = False) -> Array:
     """Applies `num_layers` (default `cfg.num_layers`) blocks inside the calling module: one
     `nn.scan`ned block (parameters stacked on a leading `layers` axis, in `{name}s`;
     compile time flat in depth) or a Python loop (`{name}_0`, `{name}_1`, ...)."""
     block = remat_block(cfg)
     num_layers = num_layers or cfg.num_layers
     if cfg.scan_layers:
-        scanned = nn.scan(block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
+        scanned = nn.scan(block, variable_axes={"params": 0, "lora": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
                           in_axes=(nn.broadcast,) * len(context), length=num_layers,
                           metadata_params={nn.PARTITION_NAME: "layers"})
-        return scanned(cfg, deterministic, causal, cross, name=f"{name}s")(x_BLD, *context)[0]
+        return scanned(cfg, deterministic, causal, cross, decode, name=f"{name}s")(x_BLD, *context)[0]
     for i in range(num_layers):
-        x_BLD, _ = block(cfg, deterministic, causal, cross, name=f"{name}_{i}")(x_BLD, *context)
+        x_BLD, _ = block(cfg, deterministic, causal, cross, decode, name=f"{name}_{i}")(x_BLD, *context)
     return x_BLD
 
 
@@ -171,14 +208,16 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, tokens_BL: Array, positions_BL: Array | None = None,
                  segment_ids_BL: Array | None = None, deterministic: bool = True,
-                 prefix_BL: Array | None = None, return_hidden: bool = False) -> Array:
+                 prefix_BL: Array | None = None, return_hidden: bool = False, decode: bool = False) -> Array:
         """Logits [B, L, V] (float32), or with `return_hidden` the final-norm hidden
-        states [B, L, D] that fine-tuning heads read."""
+        states [B, L, D] that fine-tuning heads read. With `decode` (lm.decode), the
+        tokens extend the KV cache in the mutable "cache" collection; `positions` are then
+        each row's own and `segment_ids` > 0 marks real (not padding) tokens."""
         c = self.cfg
         positions_BL = default_positions(tokens_BL) if positions_BL is None else positions_BL
         embed = Embed(c.vocab_size, c.d_model, c.init_std, c.compute_dtype, name="embed")
         x_BLD = embed_inputs(self, embed, tokens_BL, positions_BL, deterministic)
-        x_BLD = run_blocks(c, deterministic, x_BLD, positions_BL, segment_ids_BL, prefix_BL)
+        x_BLD = run_blocks(c, deterministic, x_BLD, positions_BL, segment_ids_BL, prefix_BL, decode=decode)
         x_BLD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "final_norm")(x_BLD)
         if return_hidden:
             return x_BLD

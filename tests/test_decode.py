@@ -1,0 +1,97 @@
+"""KV-cache decoding: equal to recomputing the whole forward pass at every step, for
+batched prompts of different lengths; greedy, top-k, top-p, sampling and beam search."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm import decode
+from lm.model import ModelConfig, build
+
+VOCAB = 50
+VARIANTS = {
+    "rope_gqa": dict(positions="rope", num_kv_heads=2, norm="rmsnorm", activation="swiglu"),
+    "learned_bias": dict(positions="learned", use_bias=True, activation="gelu_tanh"),
+    "rope_scanned": dict(positions="rope", scan_layers=True),
+}
+
+
+def tiny_model(**options):
+    cfg = ModelConfig(vocab_size=VOCAB, max_len=32, num_layers=2, num_heads=4, d_model=32, head_dim=8, d_ff=64,
+                      **options)
+    model = build(cfg)
+    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    # Larger weights than the init's, so next-token distributions are far from uniform.
+    params = jax.tree.map(lambda p: p * 4 if p.ndim >= 2 else p, params)
+    return model, params
+
+
+PROMPTS = [np.array([5, 9, 3, 7, 11, 2, 8]), np.array([4, 4]), np.array([13, 21, 34, 8, 1])]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANTS.keys())
+def test_cached_decoding_equals_recomputing_the_forward_pass_at_every_step(variant):
+    model, params = tiny_model(**VARIANTS[variant])
+    tokens_BP, valid_BP, positions_BP = decode.left_pad(PROMPTS, pad_id=0)
+    new_BT, logits_BTV = decode.generate_cached(model, params, tokens_BP, valid_BP, positions_BP, jax.random.key(0),
+                                                max_new_tokens=10, sampling=decode.Sampling(temperature=0.0))
+    for row, prompt in enumerate(PROMPTS):
+        sequence = np.concatenate([prompt, np.asarray(new_BT[row])])
+        full_LV = model.apply({"params": params}, jnp.asarray(sequence[None, :-1]))[0]
+        recomputed_TV = full_LV[len(prompt) - 1:]
+        np.testing.assert_allclose(logits_BTV[row], recomputed_TV, atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(new_BT[row], np.argmax(recomputed_TV, axis=-1))
+
+
+def test_beam_one_and_top_k_one_are_greedy_and_seeded_sampling_repeats():
+    model, params = tiny_model(**VARIANTS["rope_gqa"])
+    prompt = PROMPTS[0]
+    greedy = decode.generate_batch(model, params, [prompt], 0, max_new_tokens=12,
+                                   sampling=decode.Sampling(temperature=0.0))[0]
+    beam, _ = decode.beam_search(model, params, jnp.asarray(prompt), beam_size=1, max_new_tokens=12)
+    np.testing.assert_array_equal(beam[0], greedy)
+    top_1 = decode.generate_batch(model, params, [prompt], 0, max_new_tokens=12,
+                                  sampling=decode.Sampling(temperature=1.5, top_k=1), seed=3)[0]
+    np.testing.assert_array_equal(top_1, greedy)
+    tiny_nucleus = decode.generate_batch(model, params, [prompt], 0, max_new_tokens=12,
+                                         sampling=decode.Sampling(temperature=1.0, top_p=1e-6), seed=3)[0]
+    np.testing.assert_array_equal(tiny_nucleus, greedy)
+
+    sample = lambda seed: decode.generate_batch(model, params, PROMPTS, 0, max_new_tokens=12,
+                                                sampling=decode.Sampling(temperature=1.0), seed=seed)
+    np.testing.assert_array_equal(sample(7), sample(7))
+    assert not np.array_equal(sample(7), sample(8))
+
+
+def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy():
+    model, params = tiny_model(**VARIANTS["learned_bias"])
+    prompt = jnp.asarray(PROMPTS[2])
+
+    def log_likelihood(continuation):
+        sequence = jnp.concatenate([prompt, jnp.asarray(continuation)])
+        log_p = jax.nn.log_softmax(model.apply({"params": params}, sequence[None, :-1])[0], -1)
+        return float(sum(log_p[t - 1, sequence[t]] for t in range(len(prompt), len(sequence))))
+
+    greedy = decode.generate_batch(model, params, [np.asarray(prompt)], 0, max_new_tokens=6,
+                                   sampling=decode.Sampling(temperature=0.0))[0]
+    beams, scores = decode.beam_search(model, params, prompt, beam_size=4, max_new_tokens=6)
+    assert log_likelihood(beams[0]) >= log_likelihood(greedy) - 1e-5
+    assert float(scores[0]) == pytest.approx(log_likelihood(beams[0]), abs=1e-4)  # no penalty, no <eos>
+    assert list(np.asarray(scores)) == sorted(np.asarray(scores), reverse=True)
+
+
+def test_repetition_penalty_lowers_seen_tokens_and_bad_settings_are_refused():
+    logits_BV = jnp.array([[2.0, -1.0, 0.5, 1.0]])
+    seen_BV = jnp.array([[True, True, False, False]])
+    out = decode.process_logits(logits_BV, seen_BV, decode.Sampling(temperature=0.0, repetition_penalty=2.0))
+    np.testing.assert_allclose(out, [[1.0, -2.0, 0.5, 1.0]])
+    with pytest.raises(ValueError, match="top_p=0.0"):
+        decode.Sampling(top_p=0.0).check()
+    model, params = tiny_model(**VARIANTS["rope_gqa"])
+    with pytest.raises(ValueError, match="exceeds the model's context of 32 tokens"):
+        decode.generate_batch(model, params, [np.arange(30)], 0, max_new_tokens=5, sampling=decode.Sampling())
+    assert dataclasses.asdict(decode.Sampling()) == dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
