@@ -33,8 +33,8 @@ def tiny_model(**options):
 PROMPTS = [np.array([5, 9, 3, 7, 11, 2, 8]), np.array([4, 4]), np.array([13, 21, 34, 8, 1])]
 
 
-@pytest.mark.parametrize("variant", [
-    "rope_gqa", pytest.param("learned_bias", marks=pytest.mark.decode), pytest.param("rope_scanned", marks=pytest.mark.decode)])
+@pytest.mark.parametrize("variant", ["rope_gqa", pytest.param("learned_bias", marks=pytest.mark.decode),
+                                     pytest.param("rope_scanned", marks=pytest.mark.decode)])
 def test_cached_decoding_equals_recomputing_the_forward_pass_at_every_step(variant):
     model, params = tiny_model(**VARIANTS[variant])
     tokens_BP, valid_BP, positions_BP = decode.left_pad(PROMPTS, pad_id=0)
@@ -120,3 +120,13 @@ def test_int8_quantization_is_per_channel_close_and_nearly_four_times_smaller():
     assert quantize.nbytes(params) / quantize.nbytes(quantized) > 3.0  # tiny model: its norms weigh more
     logits = model.apply({"params": params}, jnp.asarray(PROMPTS[0][None]))
     np.testing.assert_allclose(model.apply({"params": restored}, jnp.asarray(PROMPTS[0][None])), logits, atol=0.1)
+
+
+@pytest.mark.decode
+def test_streaming_step_by_step_gives_the_tokens_of_one_scan():
+    model, params = tiny_model(**VARIANTS["rope_gqa"])
+    sampling = decode.Sampling(temperature=1.0, top_p=0.9)
+    whole = decode.generate_batch(model, params, PROMPTS, 0, max_new_tokens=6, sampling=sampling, seed=5)
+    streamed = np.stack(list(decode.stream_tokens(model, params, PROMPTS, 0, max_new_tokens=6, sampling=sampling,
+                                                  seed=5)), axis=1)
+    np.testing.assert_array_equal(streamed, whole)
