@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from typing import Any
 
 import flax.linen as nn
@@ -125,18 +124,16 @@ def export_hf(path: str, output: str, step: int | None = None) -> dict:
     dtype = str(next(iter(tensors.values())).dtype)
     hf_config.update(dtype=dtype, torch_dtype=dtype, eos_token_id=loaded.tokenizer.eos_id,
                      pad_token_id=loaded.tokenizer.pad_id)
-    staging = os.path.abspath(output.rstrip("/") + f".partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    save_file(tensors, os.path.join(staging, HF_WEIGHTS), metadata={"format": "pt"})
-    with open(os.path.join(staging, HF_CONFIG), "w", encoding="utf-8") as f:
-        json.dump(hf_config, f, indent=2)
-    if isinstance(loaded.tokenizer, tokenizers.HuggingFaceTokenizer):
-        with open(os.path.join(staging, HF_TOKENIZER), "w", encoding="utf-8") as f:
-            f.write(loaded.tokenizer.tokenizer_json)
-    if os.path.exists(output):
-        os.rmdir(output)  # empty, checked above
-    os.replace(staging, output)
+
+    def fill(staging: str) -> None:
+        save_file(tensors, os.path.join(staging, HF_WEIGHTS), metadata={"format": "pt"})
+        with open(os.path.join(staging, HF_CONFIG), "w", encoding="utf-8") as f:
+            json.dump(hf_config, f, indent=2)
+        if isinstance(loaded.tokenizer, tokenizers.HuggingFaceTokenizer):
+            with open(os.path.join(staging, HF_TOKENIZER), "w", encoding="utf-8") as f:
+                f.write(loaded.tokenizer.tokenizer_json)
+
+    runs.publish_directory(output, fill)
     return {"architecture": arch.name, "tensors": len(tensors), "step": loaded.step,
             "tokenizer": isinstance(loaded.tokenizer, tokenizers.HuggingFaceTokenizer)}
 

@@ -170,25 +170,37 @@ def generate_cached(model: nn.Module, params: Any, tokens_BP: jax.Array, valid_B
     Returns the new tokens [B, T] and the logits each was chosen from [B, T, V] (before
     sampling filters). Prompt plus new tokens must fit the model's context.
     """
-    batch = tokens_BP.shape[0]
-    logits_BPV, cache = extend(model, params, init_cache(model, batch), tokens_BP, positions_BP, valid_BP)
-    vocab = logits_BPV.shape[-1]
-    limit = jnp.where(text_vocab_size > 0, text_vocab_size, vocab)
-    text_only_1V = (jnp.arange(vocab) < limit)[None]
-    seen_BV = jnp.zeros((batch, vocab), bool).at[jnp.arange(batch)[:, None], tokens_BP].max(valid_BP)
+    logits_BPV, cache = extend(model, params, init_cache(model, tokens_BP.shape[0]), tokens_BP, positions_BP,
+                               valid_BP)
 
-    def step(carry, i):
+    def one_token(carry, i):
         cache, logits_BV, position_B, seen_BV = carry
-        allowed_BV = jnp.where(text_only_1V, logits_BV, -jnp.inf)
-        token_B = choose(process_logits(allowed_BV, seen_BV, sampling), jax.random.fold_in(rng, i), sampling)
-        next_BLV, cache = extend(model, params, cache, token_B[:, None], position_B[:, None],
-                                 jnp.ones((batch, 1), bool))
-        seen_BV = seen_BV.at[jnp.arange(batch), token_B].set(True)
-        return (cache, next_BLV[:, 0], position_B + 1, seen_BV), (token_B, logits_BV)
+        token_B, *carry = advance(model, params, cache, logits_BV, position_B, seen_BV, jax.random.fold_in(rng, i),
+                                  sampling, text_vocab_size)
+        return tuple(carry), (token_B, logits_BV)
 
-    carry = (cache, logits_BPV[:, -1], positions_BP[:, -1] + 1, seen_BV)
-    _, (tokens_TB, logits_TBV) = jax.lax.scan(step, carry, jnp.arange(max_new_tokens))
+    carry = (cache, logits_BPV[:, -1], positions_BP[:, -1] + 1, seen_tokens(tokens_BP, valid_BP, logits_BPV.shape[-1]))
+    _, (tokens_TB, logits_TBV) = jax.lax.scan(one_token, carry, jnp.arange(max_new_tokens))
     return tokens_TB.T, jnp.swapaxes(logits_TBV, 0, 1)
+
+
+def seen_tokens(tokens_BP: jax.Array, valid_BP: jax.Array, vocab: int) -> jax.Array:
+    """bool [B, V]: which ids each row's prompt holds (for the repetition penalty)."""
+    batch = tokens_BP.shape[0]
+    return jnp.zeros((batch, vocab), bool).at[jnp.arange(batch)[:, None], tokens_BP].max(jnp.asarray(valid_BP))
+
+
+def advance(model: nn.Module, params: Any, cache: Any, logits_BV: jax.Array, position_B: jax.Array,
+            seen_BV: jax.Array, rng: jax.Array, sampling: Sampling, text_vocab_size: int):
+    """Chooses each row's next token from `logits_BV` (never an id past the text
+    vocabulary) and runs it through the cache: (token_B, cache, next logits, positions, seen)."""
+    vocab = logits_BV.shape[-1]
+    limit = jnp.where(text_vocab_size > 0, text_vocab_size, vocab)
+    allowed_BV = jnp.where((jnp.arange(vocab) < limit)[None], logits_BV, -jnp.inf)
+    token_B = choose(process_logits(allowed_BV, seen_BV, sampling), rng, sampling)
+    batch = token_B.shape[0]
+    next_B1V, cache = extend(model, params, cache, token_B[:, None], position_B[:, None], jnp.ones((batch, 1), bool))
+    return token_B, cache, next_B1V[:, 0], position_B + 1, seen_BV.at[jnp.arange(batch), token_B].set(True)
 
 
 def check_fits(prompt_len: int, max_new_tokens: int, max_len: int) -> None:
@@ -275,15 +287,8 @@ def prefill(model: nn.Module, params: Any, tokens_BP: jax.Array, valid_BP: jax.A
 @functools.partial(jax.jit, static_argnames=("model", "sampling"), donate_argnums=(2,))
 def step(model: nn.Module, params: Any, cache: Any, logits_BV: jax.Array, position_B: jax.Array, seen_BV: jax.Array,
          rng: jax.Array, *, sampling: Sampling, text_vocab_size: int = 0):
-    """One new token per row: (token_B, next logits, cache, next positions, seen tokens)."""
-    vocab = logits_BV.shape[-1]
-    limit = jnp.where(text_vocab_size > 0, text_vocab_size, vocab)
-    allowed_BV = jnp.where((jnp.arange(vocab) < limit)[None], logits_BV, -jnp.inf)
-    token_B = choose(process_logits(allowed_BV, seen_BV, sampling), rng, sampling)
-    batch = token_B.shape[0]
-    next_B1V, cache = extend(model, params, cache, token_B[:, None], position_B[:, None], jnp.ones((batch, 1), bool))
-    seen_BV = seen_BV.at[jnp.arange(batch), token_B].set(True)
-    return token_B, next_B1V[:, 0], cache, position_B + 1, seen_BV
+    """One new token per row (`advance`, jitted, the cache donated)."""
+    return advance(model, params, cache, logits_BV, position_B, seen_BV, rng, sampling, text_vocab_size)
 
 
 def stream_tokens(model: nn.Module, params: Any, prompts: list[np.ndarray], pad_id: int, *, max_new_tokens: int,
@@ -294,12 +299,11 @@ def stream_tokens(model: nn.Module, params: Any, prompts: list[np.ndarray], pad_
     check_fits(max(len(p) for p in prompts), max_new_tokens, model.cfg.max_len)
     tokens_BP, valid_BP, positions_BP = left_pad(prompts, pad_id)
     logits_BV, cache = prefill(model, params, tokens_BP, valid_BP, positions_BP)
-    batch, vocab = logits_BV.shape
-    seen_BV = jnp.zeros((batch, vocab), bool).at[jnp.arange(batch)[:, None], tokens_BP].max(valid_BP)
+    seen_BV = seen_tokens(tokens_BP, valid_BP, logits_BV.shape[-1])
     position_B = jnp.asarray(positions_BP[:, -1] + 1)
     rng = jax.random.key(seed)
     for i in range(max_new_tokens):
-        token_B, logits_BV, cache, position_B, seen_BV = step(
+        token_B, cache, logits_BV, position_B, seen_BV = step(
             model, params, cache, logits_BV, position_B, seen_BV, jax.random.fold_in(rng, i), sampling=sampling,
             text_vocab_size=text_vocab_size)
         yield np.asarray(token_B)

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import os
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -121,24 +121,34 @@ def check_new_directory(output: str) -> None:
                           "--output, or delete the old export first.")
 
 
-def write_export(output: str, params: Any, config: ml_collections.ConfigDict, tokenizer: Tokenizer,
-                 info: dict) -> None:
-    """Writes an export directory (see the module docstring); it appears whole or not at all."""
+def publish_directory(output: str, fill: Callable[[str], None]) -> None:
+    """Creates the new directory `output` whole or not at all: `fill` writes into a staging
+    directory beside it, which is then renamed into place."""
     check_new_directory(output)
     staging = os.path.abspath(output.rstrip("/") + f".partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(staging, "params"), params)
-    checkpointer.wait_until_finished()
-    with open(os.path.join(staging, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    tokenizers.save(tokenizer, os.path.join(staging, "tokenizer.json"))
-    with open(os.path.join(staging, EXPORT_INFO), "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2)
+    fill(staging)
     if os.path.exists(output):
         os.rmdir(output)  # empty, checked above
     os.replace(staging, output)
+
+
+def write_export(output: str, params: Any, config: ml_collections.ConfigDict, tokenizer: Tokenizer,
+                 info: dict) -> None:
+    """Writes an export directory (see the module docstring); it appears whole or not at all."""
+
+    def fill(staging: str) -> None:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.join(staging, "params"), params)
+        checkpointer.wait_until_finished()
+        with open(os.path.join(staging, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        tokenizers.save(tokenizer, os.path.join(staging, "tokenizer.json"))
+        with open(os.path.join(staging, EXPORT_INFO), "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=2)
+
+    publish_directory(output, fill)
 
 
 def export(workdir: str, output: str, step: int | None = None, dtype: str = "float32") -> dict:
