@@ -79,15 +79,25 @@ def decode_documents(tokenizer, ids: np.ndarray, separator: str = "\n\n") -> str
 # --- KV-cache decoding ---------------------------------------------------------------
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["temperature", "top_p", "repetition_penalty"],
+                   meta_fields=["top_k"])
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """How the next token is chosen. temperature 0 is greedy; top_k 0 and top_p 1 keep
-    every token; repetition_penalty > 1 discourages tokens already in the row (CTRL)."""
+    every token; repetition_penalty > 1 discourages tokens already in the row (CTRL).
 
-    temperature: float = 1.0
+    Fields are Python numbers (one setting for the batch, a static argument of the jitted
+    decoders) or, for temperature, top_p and repetition_penalty, arrays [B] of one setting
+    per row (continuous batching mixes requests that sample differently)."""
+
+    temperature: Any = 1.0
     top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
+    top_p: Any = 1.0
+    repetition_penalty: Any = 1.0
+
+    @property
+    def per_row(self) -> bool:
+        return not isinstance(self.temperature, (int, float))
 
     def check(self) -> None:
         problems = []
@@ -104,33 +114,45 @@ class Sampling:
 
 
 def process_logits(logits_BV: jax.Array, seen_BV: jax.Array, sampling: Sampling) -> jax.Array:
-    """Logits after the repetition penalty, temperature, top-k and top-p (nucleus) filters."""
+    """Logits after the repetition penalty, temperature, top-k and top-p (nucleus) filters.
+    With Python-number settings, filters that keep everything are left out of the program."""
     logits_BV = logits_BV.astype(jnp.float32)
-    if sampling.repetition_penalty != 1.0:
-        penalised = jnp.where(logits_BV > 0, logits_BV / sampling.repetition_penalty,
-                              logits_BV * sampling.repetition_penalty)
+    rows = sampling.per_row
+    column = (lambda v: jnp.asarray(v, jnp.float32)[:, None]) if rows else (lambda v: v)
+    if rows or sampling.repetition_penalty != 1.0:
+        penalty_B1 = column(sampling.repetition_penalty)
+        penalised = jnp.where(logits_BV > 0, logits_BV / penalty_B1, logits_BV * penalty_B1)
         logits_BV = jnp.where(seen_BV, penalised, logits_BV)
-    if sampling.temperature == 0:
+    if not rows and sampling.temperature == 0:
         return logits_BV
-    logits_BV = logits_BV / sampling.temperature
+    temperature_B1 = column(sampling.temperature)
+    logits_BV = logits_BV / (jnp.where(temperature_B1 == 0, 1.0, temperature_B1) if rows else temperature_B1)
     if sampling.top_k and sampling.top_k < logits_BV.shape[-1]:
         kth_B1 = jax.lax.top_k(logits_BV, sampling.top_k)[0][:, -1:]
         logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
-    if sampling.top_p < 1.0:
+    if rows or sampling.top_p < 1.0:
         sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
         cumulative_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
         # The smallest set whose probability reaches top_p: keep tokens while the mass
         # before them is below top_p (the most likely token always stays).
-        keep_BV = (cumulative_BV - jax.nn.softmax(sorted_BV, axis=-1)) < sampling.top_p
+        keep_BV = (cumulative_BV - jax.nn.softmax(sorted_BV, axis=-1)) < column(sampling.top_p)
         threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
         logits_BV = jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
     return logits_BV
 
 
 def choose(logits_BV: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
-    if sampling.temperature == 0:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+    """Each row's token: argmax where greedy, else a draw. `rng` is one key for the batch
+    or a key per row [B] (a row's draws then do not depend on its neighbours)."""
+    greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    if not sampling.per_row and sampling.temperature == 0:
+        return greedy_B
+    if rng.shape:
+        drawn_B = jax.vmap(lambda key, logits_V: jax.random.categorical(key, logits_V))(rng, logits_BV)
+    else:
+        drawn_B = jax.random.categorical(rng, logits_BV, axis=-1)
+    drawn_B = drawn_B.astype(jnp.int32)
+    return jnp.where(jnp.asarray(sampling.temperature) == 0, greedy_B, drawn_B) if sampling.per_row else drawn_B
 
 
 def left_pad(prompts: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -223,10 +245,9 @@ def generate_batch(model: nn.Module, params: Any, prompts: list[np.ndarray], pad
 
 
 def reorder_cache(cache: Any, rows_B: jax.Array, scanned: bool) -> Any:
-    """The cache's rows picked by `rows_B` (beams that survive); the write index is shared.
-    A scanned model stacks its layers first, so its rows are axis 1."""
-    axis = 1 if scanned else 0
-    return jax.tree.map(lambda x: jnp.take(x, rows_B, axis=axis) if x.ndim > axis else x, cache)
+    """The cache's rows picked by `rows_B` (beams that survive). A scanned model stacks
+    its layers first, so its rows are axis 1."""
+    return jax.tree.map(lambda x: jnp.take(x, rows_B, axis=1 if scanned else 0), cache)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_new_tokens", "length_penalty"))

@@ -5,7 +5,8 @@
 Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/completions` and
 `POST /v1/chat/completions` (a plain "User: ... / Assistant:" template), each with
 `"stream": true` for server-sent events. Requests that arrive within `--batch_window_ms`
-of each other (and sample alike) are decoded together in one batch with a KV cache.
+of an idle server start together; later ones join the running batch between steps
+(continuous batching over a KV cache, lm.slots).
 Bad requests get a 4xx with OpenAI's error body; the server keeps serving the others.
 """
 
@@ -15,6 +16,7 @@ import asyncio
 import dataclasses
 import json
 import queue
+import secrets
 import threading
 import time
 import uuid
@@ -24,7 +26,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from lm import decode
+from lm import decode, slots
 from lm.runs import Loaded
 
 
@@ -61,63 +63,108 @@ class Job:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
     finished: bool = False  # set by the request's side (a stop sequence, <eos>, enough tokens)
+    made: int = 0  # tokens sent so far
+
+    def send(self, item: int | RequestError | None) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for out, item in items:
+        out.put_nowait(item)
 
 
 class Batcher:
-    """A thread that decodes jobs in batches: the first waiting job, plus every job with the
-    same sampling settings that arrives within the batch window (up to max_batch)."""
+    """A thread that decodes with continuous batching (lm.slots): between steps, waiting
+    jobs take free slots and finished jobs leave theirs. When idle, the first job waits
+    the batch window for others to start with it."""
 
     def __init__(self, loaded: Loaded, limits: Limits):
         self.loaded, self.limits = loaded, limits
         self.jobs: queue.Queue[Job] = queue.Queue()
-        self.batches_run = 0
+        self.steps_run = 0
+        self.running: dict[int, Job] = {}  # slot -> job
+        self.slots = slots.empty(loaded.model, limits.max_batch)
+        self.lock = threading.Lock()  # the slots are donated to each call: one caller at a time
         threading.Thread(target=self._run, daemon=True, name="lm-batcher").start()
 
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
 
-    def _gather(self) -> list[Job]:
-        batch = [self.jobs.get()]
-        deadline = time.monotonic() + self.limits.batch_window_ms / 1000
-        held: list[Job] = []
-        while len(batch) < self.limits.max_batch:
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                break
+    def warm_up(self) -> None:
+        """Compiles the step and every prompt bucket's prefill before the first request."""
+        cfg = self.loaded.model_cfg
+        buckets = sorted({slots.bucket(n, cfg.max_len) for n in range(1, cfg.max_len + 1)})
+        with self.lock:
+            for length in buckets:
+                self.slots = slots.admit(self.loaded.model, self.loaded.params, self.slots, 0,
+                                         np.zeros((1, length), np.int32), 1, 0, decode.Sampling())
+            _, self.slots = slots.step(self.loaded.model, self.loaded.params, self.slots,
+                                       self.loaded.tokenizer.vocab_size)
+
+    def _take_waiting(self) -> list[Job]:
+        """Jobs to start now: all waiting ones (up to the free slots); if nothing runs, the
+        first blocks and the batch window collects the rest."""
+        free = self.limits.max_batch - len(self.running)
+        taken: list[Job] = []
+        if not self.running:
+            taken.append(self.jobs.get())
+            deadline = time.monotonic() + self.limits.batch_window_ms / 1000
+            while len(taken) < free and (timeout := deadline - time.monotonic()) > 0:
+                try:
+                    taken.append(self.jobs.get(timeout=timeout))
+                except queue.Empty:
+                    break
+        while len(taken) < free:
             try:
-                job = self.jobs.get(timeout=timeout)
+                taken.append(self.jobs.get_nowait())
             except queue.Empty:
                 break
-            (batch if job.sampling == batch[0].sampling else held).append(job)
-        for job in held:  # another sampling setting: the next batch
-            self.jobs.put(job)
-        return batch
+        return taken
 
     def _run(self) -> None:
         while True:
-            batch = self._gather()
-            try:
-                self._decode(batch)
-            except Exception as e:  # noqa: BLE001 (a failed batch must not stop the server)
-                for job in batch:
-                    job.loop.call_soon_threadsafe(job.out.put_nowait, RequestError(500, f"decoding failed: {e}",
-                                                                                   "server_error"))
+            for job in self._take_waiting():
+                self._guarded([job], self._admit, job)
+            if self.running:
+                self._guarded(list(self.running.values()), self._step)
 
-    def _decode(self, batch: list[Job]) -> None:
-        self.batches_run += 1
+    def _guarded(self, jobs: list[Job], fn, *args) -> None:
+        """Runs fn; if it fails, its jobs get a 500 and leave (the server goes on)."""
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 (a failed request must not stop the server)
+            for job in jobs:
+                job.send(RequestError(500, f"decoding failed: {e}", "server_error"))
+                self.running = {s: j for s, j in self.running.items() if j is not job}
+
+    def _admit(self, job: Job) -> None:
+        slot = min(set(range(self.limits.max_batch)) - set(self.running))
         loaded = self.loaded
-        steps = max(job.max_tokens for job in batch)
-        tokens = decode.stream_tokens(loaded.model, loaded.params, [job.prompt_ids for job in batch],
-                                      loaded.tokenizer.pad_id, max_new_tokens=steps, sampling=batch[0].sampling,
-                                      seed=batch[0].seed, text_vocab_size=loaded.tokenizer.vocab_size)
-        for i, token_B in enumerate(tokens):
-            for row, job in enumerate(batch):
-                if not job.finished and i < job.max_tokens:
-                    job.loop.call_soon_threadsafe(job.out.put_nowait, int(token_B[row]))
-            if all(job.finished or i + 1 >= job.max_tokens for job in batch):
-                break
-        for job in batch:
-            job.loop.call_soon_threadsafe(job.out.put_nowait, None)
+        tokens_1P = slots.padded_prompt(job.prompt_ids, loaded.model_cfg.max_len, loaded.tokenizer.pad_id)
+        with self.lock:
+            self.slots = slots.admit(loaded.model, loaded.params, self.slots, slot, tokens_1P, len(job.prompt_ids),
+                                     job.seed % 2**31, job.sampling)
+        self.running[slot] = job
+
+    def _step(self) -> None:
+        with self.lock:
+            token_S, self.slots = slots.step(self.loaded.model, self.loaded.params, self.slots,
+                                             self.loaded.tokenizer.vocab_size)
+        token_S = np.asarray(token_S)
+        self.steps_run += 1
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for slot, job in list(self.running.items()):
+            token = int(token_S[slot])
+            items = by_loop.setdefault(job.loop, [])
+            if not job.finished:
+                items.append((job.out, token))
+            job.made += 1
+            if job.finished or job.made >= job.max_tokens or token == self.loaded.tokenizer.eos_id:
+                items.append((job.out, None))
+                del self.running[slot]
+        for loop, items in by_loop.items():  # one wake-up of each event loop per step
+            loop.call_soon_threadsafe(_deliver, items)
 
 
 class Engine:
@@ -200,7 +247,8 @@ def parse_settings(body: dict, limits: Limits) -> dict:
                 sampling=decode.Sampling(
                     temperature=temperature, top_p=_number(body, "top_p", 1.0, float, 1e-9, 1.0),
                     repetition_penalty=1.0 + _number(body, "presence_penalty", 0.0, float, 0.0, 2.0)),
-                stop=stop, seed=_number(body, "seed", 0, int), stream=bool(body.get("stream", False)))
+                stop=stop, seed=_number(body, "seed", secrets.randbits(31), int),  # no seed: a fresh draw
+                stream=bool(body.get("stream", False)))
 
 
 def chat_prompt(messages: Any) -> str:
@@ -214,31 +262,42 @@ def chat_prompt(messages: Any) -> str:
     return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
 
 
+class Guard:
+    """ASGI middleware on /v1/: the API key, and at most `max_concurrent` requests in
+    flight (a streaming one counts until its last event). Plain ASGI rather than
+    `@app.middleware`, which costs several milliseconds of event-loop time per request."""
+
+    def __init__(self, app, api_key: str | None, max_concurrent: int):
+        self.app, self.api_key, self.max_concurrent, self.active = app, api_key, max_concurrent, 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        error = None
+        if self.api_key and dict(scope["headers"]).get(b"authorization") != f"Bearer {self.api_key}".encode():
+            error = RequestError(401, "Incorrect API key provided.", code="invalid_api_key")
+        elif self.active >= self.max_concurrent:
+            error = RequestError(429, f"more than {self.max_concurrent} requests at once; retry shortly.",
+                                 "rate_limit_error")
+        if error:
+            return await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
 def make_app(loaded: Loaded, limits: Limits, model_name: str, api_key: str | None = None):
     """The FastAPI application serving `loaded` as `model_name`."""
     app = FastAPI(title="lm", docs_url=None, redoc_url=None)
     engine = Engine(loaded, limits)
     app.state.engine = engine
-    active = {"requests": 0}
+    app.add_middleware(Guard, api_key=api_key, max_concurrent=limits.max_concurrent)
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, e: RequestError):
         return JSONResponse(e.body(), status_code=e.status)
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if request.url.path.startswith("/v1/"):
-            if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
-                return JSONResponse(RequestError(401, "Incorrect API key provided.", code="invalid_api_key").body(),
-                                    status_code=401)
-            if active["requests"] >= limits.max_concurrent:
-                return JSONResponse(RequestError(429, f"more than {limits.max_concurrent} requests at once; retry "
-                                                      "shortly.", "rate_limit_error").body(), status_code=429)
-        active["requests"] += 1
-        try:
-            return await call_next(request)
-        finally:
-            active["requests"] -= 1
 
     async def read_body(request: Request) -> dict:
         try:
@@ -254,7 +313,7 @@ def make_app(loaded: Loaded, limits: Limits, model_name: str, api_key: str | Non
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "batches_run": engine.batcher.batches_run}
+        return {"status": "ok", "model": model_name, "steps_run": engine.batcher.steps_run}
 
     @app.get("/v1/models")
     async def models():
@@ -343,6 +402,9 @@ def main(argv: list[str]) -> None:
                     max_batch=f.max_batch, batch_window_ms=f.batch_window_ms)
     name = f.model_name or os.path.basename(os.path.normpath(f.workdir))
     app = make_app(loaded, limits, name, f.api_key or os.environ.get("LM_API_KEY"))
+    start = time.monotonic()
+    app.state.engine.batcher.warm_up()
+    print(f"compiled the decoding programs in {time.monotonic() - start:.1f} s", flush=True)
     print(f"serving {name} on http://{f.host}:{f.port}/v1 (context {context} tokens)", flush=True)
     uvicorn.run(app, host=f.host, port=f.port, log_level="warning")
 

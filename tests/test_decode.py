@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import decode
+from lm import decode, slots
 from lm.model import ModelConfig, build
 
 VOCAB = 50
@@ -130,3 +130,34 @@ def test_streaming_step_by_step_gives_the_tokens_of_one_scan():
     streamed = np.stack(list(decode.stream_tokens(model, params, PROMPTS, 0, max_new_tokens=6, sampling=sampling,
                                                   seed=5)), axis=1)
     np.testing.assert_array_equal(streamed, whole)
+
+
+def run_slots(model, params, size: int, schedule: dict[int, list]) -> dict[int, list[int]]:
+    """Decodes with continuous batching: at step t, `schedule[t]` admits (slot, prompt,
+    seed, sampling) entries; returns each slot's tokens since its last admission."""
+    state, made = slots.empty(model, size), {}
+    for t in range(max(schedule) + 8):
+        for slot, prompt, seed, sampling in schedule.get(t, []):
+            state = slots.admit(model, params, state, slot, slots.padded_prompt(prompt, model.cfg.max_len, 0),
+                                len(prompt), seed, sampling)
+            made[slot] = []
+        token_S, state = slots.step(model, params, state)
+        for slot in made:
+            made[slot].append(int(token_S[slot]))
+    return made
+
+
+@pytest.mark.parametrize("variant", ["learned_bias", pytest.param("rope_scanned", marks=pytest.mark.decode)])
+def test_continuous_batching_gives_each_request_the_tokens_it_gets_alone(variant):
+    model, params = tiny_model(**VARIANTS[variant])
+    greedy, warm = decode.Sampling(temperature=0.0), decode.Sampling(temperature=1.0, top_p=0.9,
+                                                                     repetition_penalty=1.3)
+    # Requests join at different steps, sample differently, and one slot is reused.
+    together = run_slots(model, params, 4, {0: [(0, PROMPTS[0], 0, greedy)], 2: [(2, PROMPTS[1], 5, warm)],
+                                            3: [(1, PROMPTS[2], 0, greedy)], 5: [(0, PROMPTS[1], 9, warm)]})
+    alone = decode.generate_batch(model, params, [PROMPTS[2]], 0, max_new_tokens=8, sampling=greedy)[0]
+    np.testing.assert_array_equal(together[1][:8], alone)
+    for slot, seed in ((2, 5), (0, 9)):
+        alone = run_slots(model, params, 1, {0: [(0, PROMPTS[1], seed, warm)]})[0]
+        assert together[slot][:8] == alone[:8]
+    assert together[2][:8] != together[0][:8]  # the seed, not the slot, decides a draw

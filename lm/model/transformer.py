@@ -86,38 +86,70 @@ class Attention(nn.Module):
             sin_BLK2, cos_BLK2 = rotary_angles(positions_BL, c.head_dim, c.max_len, c.rope_theta)
             q_BLHK = rotary(q_BLHK, sin_BLK2, cos_BLK2)
             k_BSHK = rotary(k_BSHK, sin_BLK2, cos_BLK2)
-        if decode and not self.cross:
-            k_BSHK, v_BSHK, mask_B1LS = self._extend_cache(k_BSHK, v_BSHK, valid_BL)
-            causal = False
         q_BLHK = nn.with_logical_constraint(q_BLHK, ("batch", "length", "act_heads", "head_dim"))
-        out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BSHK, v_BSHK, mask=mask_B1LS, is_causal=causal)
+        if decode and not self.cross:
+            out_BLHK = attend_cache(q_BLHK, *self._extend_cache(k_BSHK, v_BSHK, valid_BL))
+        else:
+            out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BSHK, v_BSHK, mask=mask_B1LS, is_causal=causal)
         out_BLD = Dense((c.d_model,), ("heads", "head_dim", "embed"), in_dims=2,
                         init_std=c.residual_init_std, use_bias=c.use_bias, dtype=c.compute_dtype,
                         lora=c.lora, name="out")(out_BLHK)
         return nn.Dropout(c.dropout)(out_BLD, deterministic=deterministic)
 
     def _extend_cache(self, k_BLGK: Array, v_BLGK: Array, valid_BL: Array) -> tuple[Array, Array, Array]:
-        """Writes the new keys/values at the cache's index; returns the whole cache
-        [B, max_len, G, K] twice and the mask [B, 1, L, max_len] of what each query may see."""
-        batch, length = k_BLGK.shape[:2]
+        """Writes the new keys/values at each row's cache index; returns the whole cache
+        [B, G, max_len, K] twice and the mask [B, L, max_len] of what each query may see.
+
+        Each row has its own index, so rows may stand at different lengths: continuous
+        batching (lm.slots) puts a new request into one row while the others go on. The
+        cache is heads-major so a decoding step's attention reads it in place; with the
+        [B, S, G, K] layout of training, every step would transpose (copy) all of it."""
+        batch, length, groups, head_dim = k_BLGK.shape
         slots = self.cfg.max_len
-        cached_k = self.variable("cache", "k", jnp.zeros, (batch, slots) + k_BLGK.shape[2:], k_BLGK.dtype)
-        cached_v = self.variable("cache", "v", jnp.zeros, (batch, slots) + v_BLGK.shape[2:], v_BLGK.dtype)
+        cached_k = self.variable("cache", "k", jnp.zeros, (batch, groups, slots, head_dim), k_BLGK.dtype)
+        cached_v = self.variable("cache", "v", jnp.zeros, (batch, groups, slots, head_dim), v_BLGK.dtype)
         cached_valid = self.variable("cache", "valid", jnp.zeros, (batch, slots), bool)
-        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-        start = index.value
-        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BLGK, (0, start, 0, 0))
-        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BLGK, (0, start, 0, 0))
-        cached_valid.value = jax.lax.dynamic_update_slice(cached_valid.value, valid_BL, (0, start))
-        index.value = start + length
-        query_slot_L = start + jnp.arange(length)
+        index = self.variable("cache", "index", jnp.zeros, (batch,), jnp.int32)
+        start_B = index.value
+        cached_k.value = _write(cached_k.value, jnp.swapaxes(k_BLGK, 1, 2), start_B, axis=2)
+        cached_v.value = _write(cached_v.value, jnp.swapaxes(v_BLGK, 1, 2), start_B, axis=2)
+        cached_valid.value = _write(cached_valid.value, valid_BL, start_B, axis=1)
+        index.value = start_B + length
+        query_slot_BL = start_B[:, None] + jnp.arange(length)
         slot_S = jnp.arange(slots)
-        visible_1LS = (slot_S[None, None, :] <= query_slot_L[None, :, None])
+        visible_BLS = slot_S[None, None, :] <= query_slot_BL[:, :, None]
         # A padding query sees itself, so its (unused) output stays finite: a NaN there would
         # reach later layers' cached values, and 0 * NaN is NaN even under a mask.
-        itself_1LS = slot_S[None, None, :] == query_slot_L[None, :, None]
-        mask_B1LS = ((cached_valid.value[:, None, :] & visible_1LS) | itself_1LS)[:, None]
-        return cached_k.value, cached_v.value, mask_B1LS
+        itself_BLS = slot_S[None, None, :] == query_slot_BL[:, :, None]
+        mask_BLS = (cached_valid.value[:, None, :] & visible_BLS) | itself_BLS
+        return cached_k.value, cached_v.value, mask_BLS
+
+
+def _write(cache: Array, new: Array, start_B: Array, axis: int) -> Array:
+    """cache[b, ..., start[b]:start[b] + L, ...] = new[b] along `axis`, for each row b.
+    One new token is a scatter of one slot per row (in place in a donated cache); a
+    row past the end of the cache (a free serving slot) is left as it is."""
+    length = new.shape[axis]
+    if length > 1:
+        return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, axis=axis - 1))(
+            cache, new, start_B)
+    rows_B = jnp.arange(cache.shape[0])
+    index = (rows_B,) + (slice(None),) * (axis - 1) + (start_B,)
+    return cache.at[index].set(jnp.take(new, 0, axis=axis).astype(cache.dtype), mode="drop")
+
+
+def attend_cache(q_BLHK: Array, k_BGSK: Array, v_BGSK: Array, mask_BLS: Array) -> Array:
+    """Attention of new queries over a heads-major KV cache; grouped-query heads (R per
+    group) share their group's keys and values. Softmax in float32."""
+    batch, length, heads, head_dim = q_BLHK.shape
+    groups = k_BGSK.shape[1]
+    q_BLGRK = q_BLHK.reshape(batch, length, groups, heads // groups, head_dim)
+    scores_BGRLS = jnp.einsum("blgrk,bgsk->bgrls", q_BLGRK, k_BGSK,
+                              preferred_element_type=jnp.float32) / jnp.sqrt(head_dim).astype(jnp.float32)
+    scores_BGRLS = jnp.where(mask_BLS[:, None, None], scores_BGRLS, jnp.finfo(jnp.float32).min)
+    probs_BGRLS = jax.nn.softmax(scores_BGRLS, axis=-1).astype(v_BGSK.dtype)
+    out_BLGRK = jnp.einsum("bgrls,bgsk->blgrk", probs_BGRLS, v_BGSK)
+    return out_BLGRK.reshape(batch, length, heads, head_dim)
 
 
 class MLP(nn.Module):

@@ -1,0 +1,111 @@
+"""Continuous batching: a fixed number of KV-cache rows ("slots") that requests join and
+leave between decoding steps.
+
+A request is prefilled alone into a free slot (its prompt right-padded to a power-of-two
+bucket, so a handful of programs serve every length) while the other slots keep their
+state; then one jitted step advances every slot by one token. The step's shape never
+changes, so nothing recompiles under load, and a short request never waits for a long
+one to finish (as it would in a static batch).
+
+Each slot carries its own sampling settings and random key: a request's tokens depend
+only on its prompt, settings and seed, not on which requests it shared steps with.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm import decode
+
+MIN_BUCKET = 8
+
+
+@flax.struct.dataclass
+class Slots:
+    """The decoding state of `size` slots (S): the KV cache and, per slot, the logits of
+    its next token, its next position, the ids it has seen, its key and step count, and
+    its sampling settings."""
+
+    cache: Any
+    logits_SV: jax.Array
+    position_S: jax.Array
+    seen_SV: jax.Array
+    key_S: jax.Array
+    count_S: jax.Array
+    temperature_S: jax.Array
+    top_p_S: jax.Array
+    penalty_S: jax.Array
+
+
+def empty(model: nn.Module, size: int) -> Slots:
+    """`size` free slots."""
+    cache = decode.init_cache(model, size)
+    vocab = model.cfg.vocab_size
+    ones = lambda: jnp.ones((size,), jnp.float32)  # distinct buffers: each is donated
+    return Slots(cache=cache, logits_SV=jnp.zeros((size, vocab), jnp.float32),
+                 position_S=jnp.zeros((size,), jnp.int32), seen_SV=jnp.zeros((size, vocab), bool),
+                 key_S=jax.random.split(jax.random.key(0), size), count_S=jnp.zeros((size,), jnp.int32),
+                 temperature_S=ones(), top_p_S=ones(), penalty_S=ones())
+
+
+def bucket(length: int, max_len: int) -> int:
+    """The padded prompt length: the next power of two (at least MIN_BUCKET), at most max_len."""
+    return min(max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length()), max_len)
+
+
+def _put_row(stacked: jax.Array, row: jax.Array, slot: jax.Array, axis: int) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(stacked, row.astype(stacked.dtype), slot, axis=axis)
+
+
+@functools.partial(jax.jit, static_argnames=("model",), donate_argnums=(2,))
+def admit(model: nn.Module, params: Any, slots: Slots, slot: jax.Array, tokens_1P: jax.Array, length: jax.Array,
+          seed: jax.Array, sampling: decode.Sampling) -> Slots:
+    """`slots` with slot `slot` holding a new prompt (`tokens_1P`: `length` real tokens,
+    then padding) prefilled, and `sampling` (scalars) and `seed` as its settings."""
+    valid_1P = jnp.arange(tokens_1P.shape[1])[None] < length
+    positions_1P = jnp.broadcast_to(jnp.arange(tokens_1P.shape[1]), tokens_1P.shape)
+    logits_1PV, cache_row = decode.extend(model, params, decode.init_cache(model, 1), tokens_1P, positions_1P,
+                                          valid_1P)
+    # The next token goes right after the real ones (over the first padding slot).
+    cache_row = flax.traverse_util.unflatten_dict({
+        path: (jnp.full_like(leaf, length) if path[-1] == "index" else leaf)
+        for path, leaf in flax.traverse_util.flatten_dict(cache_row).items()})
+    axis = 1 if model.cfg.scan_layers else 0
+    cache = jax.tree.map(lambda stacked, row: _put_row(stacked, row, slot, axis), slots.cache, cache_row)
+    put = lambda values_S, value: _put_row(values_S, jnp.asarray(value)[None], slot, 0)
+    return slots.replace(
+        cache=cache, logits_SV=put(slots.logits_SV, logits_1PV[0, length - 1]),
+        position_S=put(slots.position_S, length),
+        seen_SV=put(slots.seen_SV, decode.seen_tokens(tokens_1P, valid_1P, logits_1PV.shape[-1])[0]),
+        key_S=put(slots.key_S, jax.random.key(seed)), count_S=put(slots.count_S, 0),
+        temperature_S=put(slots.temperature_S, sampling.temperature), top_p_S=put(slots.top_p_S, sampling.top_p),
+        penalty_S=put(slots.penalty_S, sampling.repetition_penalty))
+
+
+@functools.partial(jax.jit, static_argnames=("model",), donate_argnums=(2,))
+def step(model: nn.Module, params: Any, slots: Slots, text_vocab_size: int = 0) -> tuple[jax.Array, Slots]:
+    """Every slot's next token [S] and the slots advanced by it. Free slots compute
+    garbage, which is harmless: rows never mix, and admitting overwrites a whole row."""
+    sampling = decode.Sampling(temperature=slots.temperature_S, top_p=slots.top_p_S,
+                               repetition_penalty=slots.penalty_S)
+    rng_S = jax.vmap(jax.random.fold_in)(slots.key_S, slots.count_S)
+    # A free slot's position keeps growing; clamping keeps its position lookups in range.
+    position_S = jnp.minimum(slots.position_S, model.cfg.max_len - 1)
+    token_S, cache, logits_SV, position_S, seen_SV = decode.advance(
+        model, params, slots.cache, slots.logits_SV, position_S, slots.seen_SV, rng_S, sampling, text_vocab_size)
+    return token_S, slots.replace(cache=cache, logits_SV=logits_SV, position_S=position_S, seen_SV=seen_SV,
+                                  count_S=slots.count_S + 1)
+
+
+def padded_prompt(prompt: np.ndarray, max_len: int, pad_id: int) -> np.ndarray:
+    """int32 [1, bucket]: the prompt, right-padded to its bucket."""
+    tokens_1P = np.full((1, bucket(len(prompt), max_len)), pad_id, np.int32)
+    tokens_1P[0, :len(prompt)] = prompt
+    return tokens_1P
