@@ -243,8 +243,8 @@ def _validate_optim(config: ml_collections.ConfigDict) -> None:
         if not 0.0 <= o[field] < 1.0:
             fail(f"optim.{field}", o[field], "must lie in [0, 1)", "use e.g. 0.9")
     decay_steps = o.decay_steps or config.train.steps
-    if o.warmup_steps > decay_steps:
-        fail("optim.warmup_steps", o.warmup_steps, f"exceeds the decay length ({decay_steps} steps)",
+    if o.warmup_steps > decay_steps or (o.warmup_steps == decay_steps and o.schedule == "cosine"):
+        fail("optim.warmup_steps", o.warmup_steps, f"leaves no room to decay in the decay length ({decay_steps} steps)",
              "shorten the warmup or lengthen optim.decay_steps / train.steps")
 
 

@@ -61,8 +61,28 @@ def generate(model: nn.Module, params: Any, prompt_P: jax.Array, rng: jax.Array,
 
 def sample_text(model: nn.Module, params: Any, tokenizer, prompt: str, *, max_new_tokens: int,
                 max_len: int, temperature: float, top_k: int, seed: int = 0) -> str:
-    """The prompt's continuation, decoded to text (the prompt itself is not repeated)."""
+    """The prompt's continuation, decoded to text (the prompt itself is not repeated).
+
+    A decoder uses the KV cache when prompt and continuation fit its context, and
+    otherwise recomputes a sliding window of `max_len` tokens per new token. An
+    encoder-decoder reads the prompt with its encoder and writes the output with its
+    decoder (cached), stopping at <eos>."""
     prompt_ids = tokenizer.encode(prompt) if prompt else np.array([tokenizer.eos_id], np.int32)
+    sampling = Sampling(temperature=float(temperature), top_k=int(top_k))
+    if model.cfg.family == "encoder_decoder":
+        if len(prompt_ids) > model.cfg.max_len:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the encoder reads at most "
+                             f"{model.cfg.max_len}. Fix: shorten the prompt.")
+        max_new_tokens = min(max_new_tokens, model.cfg.max_len)
+        out_BT, _ = generate_encoder_decoder(model, params, prompt_ids[None], np.ones((1, len(prompt_ids)), bool),
+                                             jax.random.key(seed), max_new_tokens=max_new_tokens, sampling=sampling,
+                                             start_id=tokenizer.pad_id, text_vocab_size=tokenizer.vocab_size)
+        out = np.asarray(out_BT[0])
+        return tokenizer.decode(out[:np.argmax(out == tokenizer.eos_id)] if (out == tokenizer.eos_id).any() else out)
+    if len(prompt_ids) + max_new_tokens <= model.cfg.max_len:
+        out = generate_batch(model, params, [prompt_ids], tokenizer.pad_id, max_new_tokens=max_new_tokens,
+                             sampling=sampling, seed=seed, text_vocab_size=tokenizer.vocab_size)[0]
+        return decode_documents(tokenizer, out)
     out = generate(model, params, jnp.asarray(prompt_ids, jnp.int32), jax.random.key(seed),
                    max_new_tokens=max_new_tokens, max_len=max_len, temperature=float(temperature),
                    top_k=int(top_k), text_vocab_size=tokenizer.vocab_size)
@@ -177,9 +197,15 @@ def init_cache(model: nn.Module, batch: int) -> Any:
 
 def extend(model: nn.Module, params: Any, cache: Any, tokens_BL: jax.Array, positions_BL: jax.Array,
            valid_BL: jax.Array) -> tuple[jax.Array, Any]:
-    """Logits [B, L, V] of the new tokens, and the cache holding them."""
-    logits_BLV, updated = model.apply({"params": params, "cache": cache}, tokens_BL, positions_BL,
-                                      valid_BL.astype(jnp.int32), decode=True, mutable=["cache"])
+    """Logits [B, L, V] of the new tokens, and the cache holding them. (An
+    encoder-decoder's new tokens are decoder tokens, all valid; its cache holds the
+    encoder's keys and values from `prefill_encoder_decoder`.)"""
+    if model.cfg.family == "encoder_decoder":
+        logits_BLV, updated = model.apply({"params": params, "cache": cache}, None, tokens_BL, decode=True,
+                                          decoder_positions_BL=positions_BL, mutable=["cache"])
+    else:
+        logits_BLV, updated = model.apply({"params": params, "cache": cache}, tokens_BL, positions_BL,
+                                          valid_BL.astype(jnp.int32), decode=True, mutable=["cache"])
     return logits_BLV, updated["cache"]
 
 
@@ -194,6 +220,31 @@ def generate_cached(model: nn.Module, params: Any, tokens_BP: jax.Array, valid_B
     """
     logits_BPV, cache = extend(model, params, init_cache(model, tokens_BP.shape[0]), tokens_BP, positions_BP,
                                valid_BP)
+    seen_BV = seen_tokens(tokens_BP, valid_BP, logits_BPV.shape[-1])
+    return decode_steps(model, params, cache, logits_BPV[:, -1], positions_BP[:, -1] + 1, seen_BV, rng,
+                        max_new_tokens, sampling, text_vocab_size)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling"))
+def generate_encoder_decoder(model: nn.Module, params: Any, inputs_BS: jax.Array, valid_BS: jax.Array,
+                             rng: jax.Array, *, max_new_tokens: int, sampling: Sampling, start_id: int = 0,
+                             text_vocab_size: int = 0) -> tuple[jax.Array, jax.Array]:
+    """An encoder-decoder's outputs for a batch of inputs (right-padded, `valid_BS`
+    marking real tokens): the encoder runs once, then one cached decoder step per token
+    from the start token (T5's: the pad id). Returns (tokens [B, T], logits [B, T, V])."""
+    batch = inputs_BS.shape[0]
+    start_B1 = jnp.full((batch, 1), start_id, jnp.int32)
+    logits_B1V, updated = model.apply({"params": params}, inputs_BS, start_B1, input_segment_ids_BS=valid_BS.astype(
+        jnp.int32), decode=True, decoder_positions_BL=jnp.zeros((batch, 1), jnp.int32), mutable=["cache"])
+    seen_BV = jnp.zeros((batch, logits_B1V.shape[-1]), bool)
+    return decode_steps(model, params, updated["cache"], logits_B1V[:, 0], jnp.ones((batch,), jnp.int32), seen_BV,
+                        rng, max_new_tokens, sampling, text_vocab_size)
+
+
+def decode_steps(model: nn.Module, params: Any, cache: Any, logits_BV: jax.Array, position_B: jax.Array,
+                 seen_BV: jax.Array, rng: jax.Array, max_new_tokens: int, sampling: Sampling,
+                 text_vocab_size: int) -> tuple[jax.Array, jax.Array]:
+    """`max_new_tokens` cached steps in one scan: (tokens [B, T], the logits each was chosen from [B, T, V])."""
 
     def one_token(carry, i):
         cache, logits_BV, position_B, seen_BV = carry
@@ -201,7 +252,7 @@ def generate_cached(model: nn.Module, params: Any, tokens_BP: jax.Array, valid_B
                                   sampling, text_vocab_size)
         return tuple(carry), (token_B, logits_BV)
 
-    carry = (cache, logits_BPV[:, -1], positions_BP[:, -1] + 1, seen_tokens(tokens_BP, valid_BP, logits_BPV.shape[-1]))
+    carry = (cache, logits_BV, position_B, seen_BV)
     _, (tokens_TB, logits_TBV) = jax.lax.scan(one_token, carry, jnp.arange(max_new_tokens))
     return tokens_TB.T, jnp.swapaxes(logits_TBV, 0, 1)
 

@@ -5,7 +5,9 @@
 
 Loads the run's config, tokenizer and latest checkpoint (or `--step`) from the workdir,
 or a params-only export (`python -m lm.export`), and prints `--num_samples`
-continuations of the prompt. Runs on one device of any machine.
+continuations of the prompt (with a KV cache when prompt and continuation fit the
+context). An encoder-decoder (T5-style) run reads the prompt as its input and prints
+its output. Runs on one device of any machine.
 """
 
 from __future__ import annotations
@@ -37,14 +39,21 @@ def main(argv: list[str]) -> None:
         run = runs.load(_WORKDIR.value, _STEP.value)
     except ConfigError as e:
         exit_with_error(str(e))
-    if run.model_cfg.family != "decoder":
-        exit_with_error(f"{_WORKDIR.value} holds a {run.model_cfg.family!r} model; sampling continues text with "
-                        "a decoder. Fix: point --workdir at a run with model.family='decoder'.")
+    if run.model_cfg.family == "encoder":
+        exit_with_error(f"{_WORKDIR.value} holds an encoder-only model, which fills in masks rather than writing "
+                        "text. Fix: point --workdir at a decoder or encoder_decoder run.")
     for i in range(_NUM_SAMPLES.value):
-        text = decode.sample_text(run.model, run.params, run.tokenizer, _PROMPT.value,
-                                  max_new_tokens=_MAX_NEW_TOKENS.value, max_len=run.config.data.seq_len,
-                                  temperature=_TEMPERATURE.value, top_k=_TOP_K.value, seed=_SEED.value + i)
-        print(f"--- sample {i + 1} (checkpoint step {run.step}) ---\n{_PROMPT.value}{text}", flush=True)
+        try:
+            text = decode.sample_text(run.model, run.params, run.tokenizer, _PROMPT.value,
+                                      max_new_tokens=_MAX_NEW_TOKENS.value, max_len=run.config.data.seq_len,
+                                      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, seed=_SEED.value + i)
+        except ValueError as e:
+            exit_with_error(str(e))
+        if run.model_cfg.family == "encoder_decoder":  # the output is not a continuation
+            print(f"--- sample {i + 1} (checkpoint step {run.step}) ---\ninput: {_PROMPT.value}\noutput: {text}",
+                  flush=True)
+        else:
+            print(f"--- sample {i + 1} (checkpoint step {run.step}) ---\n{_PROMPT.value}{text}", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 batched prompts of different lengths; greedy, top-k, top-p, sampling and beam search."""
 
 import dataclasses
+import os
 
 import flax.linen as nn
 import jax
@@ -11,6 +12,7 @@ import pytest
 
 from lm import decode, slots
 from lm.model import ModelConfig, build
+from helpers import REPO, cli_flags, run_cli
 
 VOCAB = 50
 VARIANTS = {
@@ -24,7 +26,8 @@ def tiny_model(**options):
     cfg = ModelConfig(vocab_size=VOCAB, max_len=32, num_layers=2, num_heads=4, d_model=32, head_dim=8, d_ff=64,
                       **options)
     model = build(cfg)
-    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    tokens = (jnp.zeros((1, 8), jnp.int32),) * (2 if cfg.family == "encoder_decoder" else 1)
+    params = nn.meta.unbox(model.init(jax.random.key(0), *tokens)["params"])
     # Larger weights than the init's, so next-token distributions are far from uniform.
     params = jax.tree.map(lambda p: p * 4 if p.ndim >= 2 else p, params)
     return model, params
@@ -161,3 +164,32 @@ def test_continuous_batching_gives_each_request_the_tokens_it_gets_alone(variant
         alone = run_slots(model, params, 1, {0: [(0, PROMPTS[1], seed, warm)]})[0]
         assert together[slot][:8] == alone[:8]
     assert together[2][:8] != together[0][:8]  # the seed, not the slot, decides a draw
+
+
+@pytest.mark.parametrize("variant", ["rope_gqa", pytest.param("learned_bias", marks=pytest.mark.decode),
+                                     pytest.param("rope_scanned", marks=pytest.mark.decode)])
+def test_encoder_decoder_cached_decoding_equals_recomputing_the_decoder_at_every_step(variant):
+    model, params = tiny_model(family="encoder_decoder", **VARIANTS[variant])
+    inputs_BS = np.zeros((len(PROMPTS), 8), np.int32)  # right-padded; the encoder sees only real tokens
+    for row, prompt in enumerate(PROMPTS):
+        inputs_BS[row, :len(prompt)] = prompt
+    valid_BS = inputs_BS != 0
+    new_BT, logits_BTV = decode.generate_encoder_decoder(model, params, inputs_BS, valid_BS, jax.random.key(0),
+                                                         max_new_tokens=8, sampling=decode.Sampling(temperature=0.0))
+    decoder_inputs_BT = np.concatenate([np.zeros((len(PROMPTS), 1), np.int32), np.asarray(new_BT)[:, :-1]], axis=1)
+    full_BTV = jax.jit(model.apply)({"params": params}, inputs_BS, decoder_inputs_BT,
+                                    input_segment_ids_BS=valid_BS.astype(np.int32))
+    np.testing.assert_allclose(logits_BTV, full_BTV, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(new_BT, np.argmax(full_BTV, axis=-1))
+
+
+@pytest.mark.decode
+def test_the_sample_cli_writes_an_encoder_decoder_runs_output_for_a_prompt(tmp_path):
+    config = f"--config={os.path.join(REPO, 'configs', 'shakespeare_char.py')}"
+    run_cli("lm.main", config, f"--workdir={tmp_path}", *cli_flags(
+        train__steps=3, model__family="encoder_decoder", objective__name="span_corruption", objective__extra_ids=20))
+    result = run_cli("lm.sample", f"--workdir={tmp_path}", "--prompt=ROMEO: But soft", "--max_new_tokens=8",
+                     "--temperature=0")
+    assert "input: ROMEO: But soft\noutput: " in result.stdout
+    output = result.stdout.split("output: ", 1)[1].rstrip("\n")
+    assert len(output) <= 8  # one character per token, stopping early at <eos>

@@ -50,23 +50,31 @@ class EncoderDecoder(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, inputs_BS: Array, decoder_inputs_BL: Array, deterministic: bool = True,
-                 input_segment_ids_BS: Array | None = None) -> Array:
+    def __call__(self, inputs_BS: Array | None, decoder_inputs_BL: Array, deterministic: bool = True,
+                 input_segment_ids_BS: Array | None = None, decode: bool = False,
+                 decoder_positions_BL: Array | None = None) -> Array:
+        """Logits [B, L, V] of the decoder's tokens. With `decode` (lm.decode), the decoder
+        extends a KV cache in the mutable "cache" collection: the first call passes the
+        inputs (the encoder runs once and its keys and values are cached per layer); later
+        calls pass `inputs_BS=None` and each new token's `decoder_positions_BL`."""
         c = self.cfg
         embed = Embed(c.vocab_size, c.d_model, c.init_std, c.compute_dtype, name="embed")
-        input_positions_BS = default_positions(inputs_BS)
-        x_BSD = embed_inputs(self, embed, inputs_BS, input_positions_BS, deterministic, "encoder_pos_embed")
-        x_BSD = run_blocks(c, deterministic, x_BSD, input_positions_BS, input_segment_ids_BS, None,
-                           causal=False, name="encoder_layer")
-        memory_BSD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "encoder_norm")(x_BSD)
-        memory_mask_B1LS = None
-        if input_segment_ids_BS is not None:  # decoder queries never read encoder padding
-            memory_mask_B1LS = jnp.broadcast_to((input_segment_ids_BS > 0)[:, None, None, :],
-                                                (inputs_BS.shape[0], 1, decoder_inputs_BL.shape[1], inputs_BS.shape[1]))
-        positions_BL = default_positions(decoder_inputs_BL)
+        memory_BSD = memory_mask_B1LS = None
+        if inputs_BS is not None:
+            input_positions_BS = default_positions(inputs_BS)
+            x_BSD = embed_inputs(self, embed, inputs_BS, input_positions_BS, deterministic, "encoder_pos_embed")
+            x_BSD = run_blocks(c, deterministic, x_BSD, input_positions_BS, input_segment_ids_BS, None,
+                               causal=False, name="encoder_layer")
+            memory_BSD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "encoder_norm")(x_BSD)
+            if input_segment_ids_BS is not None:  # decoder queries never read encoder padding
+                memory_mask_B1LS = jnp.broadcast_to(
+                    (input_segment_ids_BS > 0)[:, None, None, :],
+                    (inputs_BS.shape[0], 1, decoder_inputs_BL.shape[1], inputs_BS.shape[1]))
+        positions_BL = default_positions(decoder_inputs_BL) if decoder_positions_BL is None else decoder_positions_BL
         y_BLD = embed_inputs(self, embed, decoder_inputs_BL, positions_BL, deterministic, "decoder_pos_embed")
         y_BLD = run_blocks(c, deterministic, y_BLD, positions_BL, None, None, memory_BSD, memory_mask_B1LS,
-                           cross=True, num_layers=c.num_decoder_layers or c.num_layers, name="decoder_layer")
+                           cross=True, num_layers=c.num_decoder_layers or c.num_layers, name="decoder_layer",
+                           decode=decode)
         y_BLD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "decoder_norm")(y_BLD)
         # No d_model^-1/2 rescaling before the tied output, unlike T5: T5 initialises its
         # embedding with std 1; ours has init_std (0.02), like GPT-2's tied output.

@@ -79,9 +79,13 @@ class Attention(nn.Module):
             q_BLHK, k_BSHK, v_BSHK = (qkv_BL3HK[:, :, i] for i in range(3))
         else:  # separate queries; grouped-query attention shares each key/value head among a group
             q_BLHK = dense(x_BLD, (c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), "q")
-            kv_BS2GK = dense(memory_BSD if self.cross else x_BLD, (2, c.kv_heads, c.head_dim),
-                             ("embed", "fused", "kv_heads", "head_dim"), "kv")
-            k_BSHK, v_BSHK = kv_BS2GK[:, :, 0], kv_BS2GK[:, :, 1]
+            k_BSHK = v_BSHK = None  # decoding after the first step: cross keys/values are cached
+            if memory_BSD is not None or not self.cross:
+                kv_BS2GK = dense(memory_BSD if self.cross else x_BLD, (2, c.kv_heads, c.head_dim),
+                                 ("embed", "fused", "kv_heads", "head_dim"), "kv")
+                k_BSHK, v_BSHK = kv_BS2GK[:, :, 0], kv_BS2GK[:, :, 1]
+            if decode and self.cross:
+                k_BSHK, v_BSHK, mask_B1LS = self._cross_cache(k_BSHK, v_BSHK, mask_B1LS, x_BLD.shape[1])
         if c.positions == "rope" and not self.cross:
             sin_BLK2, cos_BLK2 = rotary_angles(positions_BL, c.head_dim, c.max_len, c.rope_theta)
             q_BLHK = rotary(q_BLHK, sin_BLK2, cos_BLK2)
@@ -95,6 +99,19 @@ class Attention(nn.Module):
                         init_std=c.residual_init_std, use_bias=c.use_bias, dtype=c.compute_dtype,
                         lora=c.lora, name="out")(out_BLHK)
         return nn.Dropout(c.dropout)(out_BLD, deterministic=deterministic)
+
+    def _cross_cache(self, k_BSGK: Array | None, v_BSGK: Array | None, mask_B1LS: Array | None,
+                     length: int) -> tuple[Array, Array, Array]:
+        """Cross-attention while decoding: the first call (with the encoder's output) caches
+        its keys, values and padding mask; later calls (memory None) read them back."""
+        if k_BSGK is not None:
+            batch, source = k_BSGK.shape[:2]
+            valid_BS = jnp.ones((batch, source), bool) if mask_B1LS is None else mask_B1LS[:, 0, 0, :]
+            for name, value in (("cross_k", k_BSGK), ("cross_v", v_BSGK), ("cross_valid", valid_BS)):
+                self.variable("cache", name, lambda v=value: v).value = value
+        k_BSGK, v_BSGK, valid_BS = (self.get_variable("cache", name) for name in ("cross_k", "cross_v", "cross_valid"))
+        mask_B1LS = jnp.broadcast_to(valid_BS[:, None, None, :], (valid_BS.shape[0], 1, length, valid_BS.shape[1]))
+        return k_BSGK, v_BSGK, mask_B1LS
 
     def _extend_cache(self, k_BLGK: Array, v_BLGK: Array, valid_BL: Array) -> tuple[Array, Array, Array]:
         """Writes the new keys/values at each row's cache index; returns the whole cache
@@ -203,7 +220,7 @@ class Block(nn.Module):
         if self.cross:
             h_BLD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "cross_norm")(x_BLD)
             x_BLD = x_BLD + Attention(c, cross=True, name="cross_attn")(
-                h_BLD, memory_BSD, None, memory_mask_B1LS, False, self.deterministic)
+                h_BLD, memory_BSD, None, memory_mask_B1LS, False, self.deterministic, self.decode)
         h_BLD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "mlp_norm")(x_BLD)
         x_BLD = x_BLD + MLP(c, name="mlp")(h_BLD, self.deterministic)
         return nn.with_logical_constraint(x_BLD, ("batch", "length", "act_embed")), None
