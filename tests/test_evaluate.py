@@ -63,19 +63,24 @@ def test_multiple_choice_picks_the_highest_total_and_per_byte_log_likelihood(gpt
 
 
 def test_multiple_choice_on_an_lm_model_picks_what_full_forward_passes_rank_highest(pretrained):
-    """The known answer without torch: each choice's log-likelihood from one unbatched,
-    unpadded forward pass of its own sequence."""
+    """The known answer without torch: each choice's log-likelihood from a forward pass
+    over its whole sequence (right-padded, which a causal mask keeps from reaching back)."""
     loaded = runs.load(pretrained)
     result = scoring.multiple_choice(loaded, QUESTIONS, batch_size=3)
-    for question, detail in zip(QUESTIONS, result["details"]):
-        truth = []
+    sequences, spans = [], []
+    for question in QUESTIONS:
         for choice in question["choices"]:
             ids = np.concatenate([loaded.tokenizer.encode(question["context"]), loaded.tokenizer.encode(choice)])
             ids = ids[-(loaded.config.data.seq_len + 1):]  # the context is cut from the left to fit
-            n = len(loaded.tokenizer.encode(choice))
-            logits = loaded.model.apply({"params": loaded.params}, jnp.asarray(ids[None, :-1]))[0]
-            log_p = np.asarray(jax.nn.log_softmax(logits, axis=-1))
-            truth.append(sum(log_p[t - 1, ids[t]] for t in range(len(ids) - n, len(ids))))
+            sequences.append(ids)
+            spans.append(range(len(ids) - len(loaded.tokenizer.encode(choice)), len(ids)))
+    padded = np.zeros((len(sequences), loaded.config.data.seq_len), np.int32)
+    for row, ids in enumerate(sequences):
+        padded[row, :len(ids) - 1] = ids[:-1]
+    log_p = np.asarray(jax.nn.log_softmax(jax.jit(loaded.model.apply)({"params": loaded.params}, padded), axis=-1))
+    truths = [sum(log_p[row, t - 1, ids[t]] for t in span) for row, (ids, span) in enumerate(zip(sequences, spans))]
+    for question, detail in zip(QUESTIONS, result["details"]):
+        truth, truths = truths[:len(question["choices"])], truths[len(question["choices"]):]
         np.testing.assert_allclose(detail["log_likelihoods"], truth, atol=1e-4)
         assert detail["pick"] == int(np.argmax(truth))
         per_byte = [t / len(c.encode()) for t, c in zip(truth, question["choices"])]

@@ -195,13 +195,15 @@ def test_scanned_and_rematerialised_layers_compute_the_same_function_and_gradien
     loop_model, params = init(cfg, seed=2)
     scan_model = build(dataclasses.replace(cfg, scan_layers=True, remat=remat))
     scanned_params = stack_layers(params, 3)
-    abstract = nn.meta.unbox(scan_model.init(jax.random.key(0), jnp.zeros((1, cfg.max_len), jnp.int32))["params"])
+    abstract = nn.meta.unbox(jax.eval_shape(scan_model.init, jax.random.key(0),
+                                            jnp.zeros((1, cfg.max_len), jnp.int32))["params"])
     assert jax.tree.map(jnp.shape, abstract) == jax.tree.map(jnp.shape, scanned_params)
     tokens = jax.random.randint(jax.random.key(1), (2, cfg.max_len), 0, cfg.vocab_size)
     loss = lambda model, p: model.apply({"params": p}, tokens).mean()
-    np.testing.assert_allclose(loss(scan_model, scanned_params), loss(loop_model, params), rtol=1e-5)
-    scan_grads = jax.grad(lambda p: loss(scan_model, p))(scanned_params)
-    loop_grads = stack_layers(jax.grad(lambda p: loss(loop_model, p))(params), 3)
+    scan_loss, scan_grads = jax.jit(jax.value_and_grad(lambda p: loss(scan_model, p)))(scanned_params)
+    loop_loss, loop_grads = jax.jit(jax.value_and_grad(lambda p: loss(loop_model, p)))(params)
+    np.testing.assert_allclose(scan_loss, loop_loss, rtol=1e-5)
+    loop_grads = stack_layers(loop_grads, 3)
     for a, b in zip(jax.tree.leaves(scan_grads), jax.tree.leaves(loop_grads)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
