@@ -185,6 +185,12 @@ def get_config() -> ml_collections.ConfigDict:
     e.batch_size = 64  # rows per validation batch
     e.num_batches = 0  # 0: the whole validation split, in order, without overlap
 
+    # Knowledge distillation (Hinton et al. 2015): the loss adds alpha * T^2 * KL(teacher
+    # || student) on temperature-T softened next-token distributions to (1 - alpha) times
+    # the usual cross-entropy. teacher: a run's workdir or an export with the same
+    # tokenizer (a causal decoder); "" trains without one.
+    c.distill = ml_collections.ConfigDict(dict(teacher="", temperature=2.0, alpha=0.5))
+
     c.sample = s = ml_collections.ConfigDict()
     s.prompt = "\n"  # printed sample at the end of training starts from this text
     s.max_new_tokens = 300

@@ -90,6 +90,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _validate_objective(config)
     _validate_optim(config)
     _validate_train(config)
+    _validate_distill(config)
     _validate_mesh_fields(config)
 
 
@@ -246,6 +247,19 @@ def _validate_optim(config: ml_collections.ConfigDict) -> None:
     if o.warmup_steps > decay_steps or (o.warmup_steps == decay_steps and o.schedule == "cosine"):
         fail("optim.warmup_steps", o.warmup_steps, f"leaves no room to decay in the decay length ({decay_steps} steps)",
              "shorten the warmup or lengthen optim.decay_steps / train.steps")
+
+
+def _validate_distill(config: ml_collections.ConfigDict) -> None:
+    d = config.distill
+    if not d.teacher:
+        return
+    if config.model.family != "decoder" or config.objective.name != "causal":
+        fail("distill.teacher", d.teacher, "distils next-token distributions, which needs model.family='decoder' "
+             f"and objective.name='causal' (this run has {config.model.family!r} and {config.objective.name!r})",
+             "distil a causal decoder, or set distill.teacher=''")
+    require_positive(config, "distill.temperature")
+    if not 0.0 <= d.alpha <= 1.0:
+        fail("distill.alpha", d.alpha, "must lie in [0, 1]", "use e.g. 0.5 (half distillation, half cross-entropy)")
 
 
 def _validate_train(config: ml_collections.ConfigDict) -> None:

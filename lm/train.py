@@ -24,6 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from lm import checkpoint, decode, memory, objectives, optim, sharding, version
+from lm.objectives.distillation import distillation_kl_sum
 from lm.config import ConfigError
 from lm.data import pipeline
 from lm.logs import MetricWriter, Progress
@@ -52,10 +53,16 @@ class RunStopped(Exception):
         self.exit_code = exit_code
 
 
-def train_step(state: TrainState, batch: Batch, *, model: nn.Module, optimizer: optax.GradientTransformation,
-               schedule: optax.Schedule, make_example: objectives.MakeExample, z_loss: float = 0.0,
-               microbatches: int = 1) -> tuple[TrainState, Metrics]:
+def train_step(state: TrainState, batch: Batch, teacher_params: Any = None, *, model: nn.Module,
+               optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+               make_example: objectives.MakeExample, z_loss: float = 0.0, microbatches: int = 1,
+               teacher: nn.Module | None = None, distill_temperature: float = 2.0,
+               distill_alpha: float = 0.0) -> tuple[TrainState, Metrics]:
     """One optimizer update on a global batch; a pure function of (state, batch).
+
+    With a `teacher` model (and its `teacher_params`), the loss is distillation's:
+    (1 - alpha) * cross-entropy + alpha * T^2 * KL(teacher || student) at temperature T;
+    the reported loss stays the cross-entropy, comparable with any other run's.
 
     With `microbatches` > 1 the batch's gradients are accumulated over that many slices
     in a `lax.scan`, so activations are held for one slice at a time; the update is the
@@ -68,9 +75,14 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, optimizer: 
     def loss_sum_fn(params, example, dropout_rng):
         logits_BLV = apply(model, params, example, deterministic=False, rngs={"dropout": dropout_rng})
         ce_sum = objectives.weighted_cross_entropy(logits_BLV, example.targets_BL, example.weights_BL)[0]
-        if not z_loss:
-            return ce_sum, ce_sum
-        return ce_sum + z_loss * objectives.z_loss_sum(logits_BLV, example.weights_BL), ce_sum
+        loss_sum = ce_sum
+        if teacher is not None:
+            teacher_logits_BLV = jax.lax.stop_gradient(apply(teacher, teacher_params, example))
+            kl_sum = distillation_kl_sum(logits_BLV, teacher_logits_BLV, example.weights_BL, distill_temperature)
+            loss_sum = (1.0 - distill_alpha) * ce_sum + distill_alpha * kl_sum
+        if z_loss:
+            loss_sum = loss_sum + z_loss * objectives.z_loss_sum(logits_BLV, example.weights_BL)
+        return loss_sum, ce_sum
 
     # Differentiate the loss *sum* and divide afterwards: the token count's all-reduce then
     # joins the gradients' at the end of the step instead of syncing devices mid-forward.
@@ -164,13 +176,14 @@ class Trainer:
     _init: Callable[[], TrainState]
     _step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
     _eval: Callable[[Any, Batch, EvalTotals], EvalTotals]
+    teacher_params: Any = None  # distillation's teacher, replicated over the mesh
 
     def init(self) -> TrainState:
         return self._init()
 
     def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            return self._step(state, batch)
+            return self._step(state, batch, self.teacher_params)
 
     def eval_step(self, params: Any, batch: Batch, totals: EvalTotals) -> EvalTotals:
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
@@ -180,7 +193,7 @@ class Trainer:
         """Lowers and compiles the train step for abstract inputs (no state is allocated)."""
         batch = {"tokens": jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32, sharding=self.batch_sharding)}
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            return self._step.lower(self.abstract_state(), batch).compile()
+            return self._step.lower(self.abstract_state(), batch, self.teacher_params).compile()
 
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs with shardings: the target a checkpoint restores onto."""
@@ -188,10 +201,11 @@ class Trainer:
 
 
 def make_trainer(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: Mesh, pad_id: int,
-                 tokenizer_vocab_size: int = 0) -> Trainer:
+                 tokenizer_vocab_size: int = 0, teacher: Any = None) -> Trainer:
     """The compiled steps of `config` on `mesh`. Objectives' extra ids ([MASK], sentinels)
     follow the tokenizer's `tokenizer_vocab_size` ids (default: the model's vocabulary
-    minus `config.objective.extra_ids`)."""
+    minus `config.objective.extra_ids`). `teacher` (an lm.runs.Loaded) turns on
+    distillation with `config.distill`'s temperature and alpha."""
     model = build(model_cfg)
     schedule = optim.schedule(config.optim, config.train.steps)
     optimizer = optim.make(config.optim, config.train.steps)
@@ -220,16 +234,19 @@ def make_trainer(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh
     make_example = objectives.for_config(config.objective, config.model.family, pad_id, tokenizer_vocab)
     step_fn = functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule,
                                 make_example=make_example, z_loss=config.objective.z_loss,
-                                microbatches=config.train.microbatches)
+                                microbatches=config.train.microbatches,
+                                teacher=teacher.model if teacher else None,
+                                distill_temperature=config.distill.temperature, distill_alpha=config.distill.alpha)
     eval_fn = functools.partial(eval_step, model=model, make_example=make_example)
     return Trainer(
         model=model, model_cfg=model_cfg, mesh=mesh, rules=rules, state_shardings=state_shardings,
         batch_sharding=batch_sharding,
         _init=jax.jit(init_state, out_shardings=state_shardings),
-        _step=jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+        _step=jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, replicated),
                       out_shardings=(state_shardings, replicated), donate_argnums=0),
         _eval=jax.jit(eval_fn, in_shardings=(param_shardings, batch_sharding, replicated),
-                      out_shardings=replicated, donate_argnums=2))
+                      out_shardings=replicated, donate_argnums=2),
+        teacher_params=jax.device_put(teacher.params, replicated) if teacher else None)
 
 
 def evaluate(trainer: Trainer, params: Any, dataset) -> float:
@@ -278,12 +295,34 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json_best_effort(indent=2))
-    trainer = make_trainer(config, model_cfg, mesh, corpus.tokenizer.pad_id, corpus.tokenizer.vocab_size)
+    trainer = make_trainer(config, model_cfg, mesh, corpus.tokenizer.pad_id, corpus.tokenizer.vocab_size,
+                           teacher=load_teacher(config, corpus.tokenizer))
     estimate = check_memory(trainer, config)
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints,
                                            config.train.permanent_checkpoint_every)
     return Run(config, workdir, corpus, trainer, MetricWriter(workdir, enabled=is_main), checkpointer, is_main,
                estimate, lock)
+
+
+def load_teacher(config: ml_collections.ConfigDict, tokenizer) -> Any:
+    """Distillation's teacher (lm.runs.Loaded), or None; it must share the tokenizer."""
+    if not config.distill.teacher:
+        return None
+    from lm import runs  # imported late: lm.runs imports lm.train
+
+    teacher = runs.load(config.distill.teacher)
+    where = f"config.distill.teacher={config.distill.teacher!r}"
+    if teacher.model_cfg.family != "decoder":
+        raise ConfigError(f"{where} holds a {teacher.model_cfg.family!r} model. Fix: distil from a causal decoder.")
+    if teacher.tokenizer.to_json() != tokenizer.to_json():
+        raise ConfigError(f"{where} has another tokenizer than this run's, so their next-token distributions "
+                          "do not line up. Fix: use a teacher trained with the same corpus and data.tokenizer "
+                          "settings.")
+    if teacher.model_cfg.max_len < config.data.seq_len:
+        raise ConfigError(f"{where} reads at most {teacher.model_cfg.max_len} tokens; this run's rows have "
+                          f"data.seq_len={config.data.seq_len}. Fix: lower data.seq_len to at most "
+                          f"{teacher.model_cfg.max_len}.")
+    return teacher
 
 
 def prepare_corpus(config: ml_collections.ConfigDict, workdir: str) -> pipeline.Corpus:
