@@ -150,7 +150,8 @@ def run_slots(model, params, size: int, schedule: dict[int, list]) -> dict[int, 
     return made
 
 
-@pytest.mark.parametrize("variant", ["learned_bias", pytest.param("rope_scanned", marks=pytest.mark.decode)])
+@pytest.mark.decode  # the server tests run continuous batching in the default suite
+@pytest.mark.parametrize("variant", ["learned_bias", "rope_scanned"])
 def test_continuous_batching_gives_each_request_the_tokens_it_gets_alone(variant):
     model, params = tiny_model(**VARIANTS[variant])
     greedy, warm = decode.Sampling(temperature=0.0), decode.Sampling(temperature=1.0, top_p=0.9,
