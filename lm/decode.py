@@ -4,8 +4,10 @@
 (nanoGPT's approach): simple, exact, and able to run past the context by sliding it.
 `generate_cached` prefills the prompts into a KV cache and then runs one cached step
 per token: batched prompts of different lengths (left-padded, each row with its own
-positions), greedy, temperature, top-k, top-p and repetition penalty. `beam_search`
-keeps the best `beam_size` continuations with GNMT's length penalty.
+positions), greedy, temperature, top-k, top-p and repetition penalty;
+`generate_encoder_decoder` does the same for an encoder-decoder. `beam_search` (and
+`beam_search_encoder_decoder`) keep the best `beam_size` continuations with GNMT's
+length penalty.
 """
 
 from __future__ import annotations
@@ -67,18 +69,14 @@ def sample_text(model: nn.Module, params: Any, tokenizer, prompt: str, *, max_ne
     otherwise recomputes a sliding window of `max_len` tokens per new token. An
     encoder-decoder reads the prompt with its encoder and writes the output with its
     decoder (cached), stopping at <eos>."""
-    prompt_ids = tokenizer.encode(prompt) if prompt else np.array([tokenizer.eos_id], np.int32)
+    prompt_ids = _prompt_ids(model, tokenizer, prompt)
     sampling = Sampling(temperature=float(temperature), top_k=int(top_k))
     if model.cfg.family == "encoder_decoder":
-        if len(prompt_ids) > model.cfg.max_len:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the encoder reads at most "
-                             f"{model.cfg.max_len}. Fix: shorten the prompt.")
-        max_new_tokens = min(max_new_tokens, model.cfg.max_len)
         out_BT, _ = generate_encoder_decoder(model, params, prompt_ids[None], np.ones((1, len(prompt_ids)), bool),
-                                             jax.random.key(seed), max_new_tokens=max_new_tokens, sampling=sampling,
-                                             start_id=tokenizer.pad_id, text_vocab_size=tokenizer.vocab_size)
-        out = np.asarray(out_BT[0])
-        return tokenizer.decode(out[:np.argmax(out == tokenizer.eos_id)] if (out == tokenizer.eos_id).any() else out)
+                                             jax.random.key(seed), max_new_tokens=min(max_new_tokens, model.cfg.max_len),
+                                             sampling=sampling, start_id=tokenizer.pad_id,
+                                             text_vocab_size=tokenizer.vocab_size)
+        return tokenizer.decode(_until_eos(np.asarray(out_BT[0]), tokenizer.eos_id))
     if len(prompt_ids) + max_new_tokens <= model.cfg.max_len:
         out = generate_batch(model, params, [prompt_ids], tokenizer.pad_id, max_new_tokens=max_new_tokens,
                              sampling=sampling, seed=seed, text_vocab_size=tokenizer.vocab_size)[0]
@@ -87,6 +85,41 @@ def sample_text(model: nn.Module, params: Any, tokenizer, prompt: str, *, max_ne
                    max_new_tokens=max_new_tokens, max_len=max_len, temperature=float(temperature),
                    top_k=int(top_k), text_vocab_size=tokenizer.vocab_size)
     return decode_documents(tokenizer, np.asarray(out)[len(prompt_ids):])
+
+
+def beam_texts(model: nn.Module, params: Any, tokenizer, prompt: str, *, beam_size: int, max_new_tokens: int,
+               length_penalty: float = 0.0) -> list[tuple[str, float]]:
+    """The `beam_size` best continuations of `prompt` (an encoder-decoder's best outputs
+    for it) as (text, score), best first; a beam ends at <eos>. Prompt and continuation
+    must fit the context (the cache holds them)."""
+    if beam_size < 1:
+        raise ValueError(f"beam_size={beam_size} must be at least 1")
+    prompt_ids = _prompt_ids(model, tokenizer, prompt)
+    settings = dict(beam_size=beam_size, length_penalty=float(length_penalty), eos_id=tokenizer.eos_id,
+                    text_vocab_size=tokenizer.vocab_size)
+    if model.cfg.family == "encoder_decoder":
+        tokens_WT, scores_W = beam_search_encoder_decoder(
+            model, params, jnp.asarray(prompt_ids), max_new_tokens=min(max_new_tokens, model.cfg.max_len),
+            start_id=tokenizer.pad_id, **settings)
+    else:
+        check_fits(len(prompt_ids), max_new_tokens, model.cfg.max_len)
+        tokens_WT, scores_W = beam_search(model, params, jnp.asarray(prompt_ids), max_new_tokens=max_new_tokens,
+                                          **settings)
+    return [(tokenizer.decode(_until_eos(tokens, tokenizer.eos_id)), float(score))
+            for tokens, score in zip(np.asarray(tokens_WT), np.asarray(scores_W))]
+
+
+def _prompt_ids(model: nn.Module, tokenizer, prompt: str) -> np.ndarray:
+    """The prompt's ids (an empty prompt starts a document: <eos>); an encoder reads at most its context."""
+    prompt_ids = tokenizer.encode(prompt) if prompt else np.array([tokenizer.eos_id], np.int32)
+    if model.cfg.family == "encoder_decoder" and len(prompt_ids) > model.cfg.max_len:
+        raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the encoder reads at most "
+                         f"{model.cfg.max_len}. Fix: shorten the prompt.")
+    return prompt_ids
+
+
+def _until_eos(ids: np.ndarray, eos_id: int) -> np.ndarray:
+    return ids[:np.argmax(ids == eos_id)] if (ids == eos_id).any() else ids
 
 
 def decode_documents(tokenizer, ids: np.ndarray, separator: str = "\n\n") -> str:
@@ -233,12 +266,21 @@ def generate_encoder_decoder(model: nn.Module, params: Any, inputs_BS: jax.Array
     marking real tokens): the encoder runs once, then one cached decoder step per token
     from the start token (T5's: the pad id). Returns (tokens [B, T], logits [B, T, V])."""
     batch = inputs_BS.shape[0]
+    logits_BV, cache = start_encoder_decoder(model, params, inputs_BS, valid_BS, start_id)
+    seen_BV = jnp.zeros(logits_BV.shape, bool)
+    return decode_steps(model, params, cache, logits_BV, jnp.ones((batch,), jnp.int32), seen_BV, rng,
+                        max_new_tokens, sampling, text_vocab_size)
+
+
+def start_encoder_decoder(model: nn.Module, params: Any, inputs_BS: jax.Array, valid_BS: jax.Array,
+                          start_id: int) -> tuple[jax.Array, Any]:
+    """Runs the encoder and the decoder's start token: (the first output logits [B, V],
+    the cache holding the cross-attention keys and values and the start token)."""
+    batch = inputs_BS.shape[0]
     start_B1 = jnp.full((batch, 1), start_id, jnp.int32)
     logits_B1V, updated = model.apply({"params": params}, inputs_BS, start_B1, input_segment_ids_BS=valid_BS.astype(
         jnp.int32), decode=True, decoder_positions_BL=jnp.zeros((batch, 1), jnp.int32), mutable=["cache"])
-    seen_BV = jnp.zeros((batch, logits_B1V.shape[-1]), bool)
-    return decode_steps(model, params, updated["cache"], logits_B1V[:, 0], jnp.ones((batch,), jnp.int32), seen_BV,
-                        rng, max_new_tokens, sampling, text_vocab_size)
+    return logits_B1V[:, 0], updated["cache"]
 
 
 def decode_steps(model: nn.Module, params: Any, cache: Any, logits_BV: jax.Array, position_B: jax.Array,
@@ -301,21 +343,47 @@ def reorder_cache(cache: Any, rows_B: jax.Array, scanned: bool) -> Any:
     return jax.tree.map(lambda x: jnp.take(x, rows_B, axis=1 if scanned else 0), cache)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_new_tokens", "length_penalty"))
+_BEAM_STATIC = ("model", "beam_size", "max_new_tokens", "length_penalty")
+
+
+@functools.partial(jax.jit, static_argnames=_BEAM_STATIC)
 def beam_search(model: nn.Module, params: Any, prompt_P: jax.Array, *, beam_size: int, max_new_tokens: int,
-                length_penalty: float = 0.0, eos_id: int = -1) -> tuple[jax.Array, jax.Array]:
+                length_penalty: float = 0.0, eos_id: int = -1, text_vocab_size: int = 0
+                ) -> tuple[jax.Array, jax.Array]:
     """The `beam_size` best continuations of one prompt: (tokens [W, T], scores [W]), best first.
 
     A score is the sum of log-probabilities over the tokens up to and including <eos>,
     divided by GNMT's length penalty ((5 + length) / 6) ** length_penalty. A finished
     beam keeps its score and grows no further (its later tokens are <eos>).
     """
-    width = beam_size
-    prompt_WP = jnp.broadcast_to(prompt_P, (width,) + prompt_P.shape)
+    prompt_WP = jnp.broadcast_to(prompt_P, (beam_size,) + prompt_P.shape)
     positions_WP = jnp.broadcast_to(jnp.arange(prompt_P.shape[0]), prompt_WP.shape)
-    logits_WPV, cache = extend(model, params, init_cache(model, width), prompt_WP, positions_WP,
+    logits_WPV, cache = extend(model, params, init_cache(model, beam_size), prompt_WP, positions_WP,
                                jnp.ones(prompt_WP.shape, bool))
-    vocab = logits_WPV.shape[-1]
+    return _beams(model, params, cache, logits_WPV[:, -1], prompt_P.shape[0], max_new_tokens, length_penalty,
+                  eos_id, text_vocab_size)
+
+
+@functools.partial(jax.jit, static_argnames=_BEAM_STATIC)
+def beam_search_encoder_decoder(model: nn.Module, params: Any, inputs_S: jax.Array, *, beam_size: int,
+                                max_new_tokens: int, length_penalty: float = 0.0, eos_id: int = -1,
+                                start_id: int = 0, text_vocab_size: int = 0) -> tuple[jax.Array, jax.Array]:
+    """`beam_search` for an encoder-decoder: the best `beam_size` outputs for one input
+    (tokens [W, T], scores [W], best first). The encoder runs once per beam row, the
+    decoder from the start token with cached cross-attention."""
+    inputs_WS = jnp.broadcast_to(inputs_S, (beam_size,) + inputs_S.shape)
+    logits_WV, cache = start_encoder_decoder(model, params, inputs_WS, jnp.ones(inputs_WS.shape, bool), start_id)
+    return _beams(model, params, cache, logits_WV, 1, max_new_tokens, length_penalty, eos_id, text_vocab_size)
+
+
+def _beams(model: nn.Module, params: Any, cache: Any, logits_WV: jax.Array, first_position: int,
+           max_new_tokens: int, length_penalty: float, eos_id: int, text_vocab_size: int
+           ) -> tuple[jax.Array, jax.Array]:
+    """The beam search proper, from W identical rows' first logits and cache."""
+    width, vocab = logits_WV.shape
+    limit = jnp.where(text_vocab_size > 0, text_vocab_size, vocab)
+    text_V = jnp.arange(vocab) < limit
+    frozen_V = jnp.where(jnp.arange(vocab) == jnp.maximum(eos_id, 0), 0.0, -jnp.inf)  # a finished beam's one way on
     scores_W = jnp.where(jnp.arange(width) == 0, 0.0, -jnp.inf)  # all beams start as one
     tokens_WT = jnp.zeros((width, max_new_tokens), jnp.int32)
     lengths_W = jnp.zeros((width,), jnp.int32)
@@ -323,11 +391,9 @@ def beam_search(model: nn.Module, params: Any, prompt_P: jax.Array, *, beam_size
 
     def step(carry, i):
         cache, logits_WV, scores_W, tokens_WT, lengths_W, finished_W = carry
-        log_p_WV = jax.nn.log_softmax(logits_WV.astype(jnp.float32), axis=-1)
-        frozen_V = jnp.where(jnp.arange(vocab) == jnp.maximum(eos_id, 0), 0.0, -jnp.inf)
+        log_p_WV = jax.nn.log_softmax(jnp.where(text_V[None], logits_WV.astype(jnp.float32), -jnp.inf), axis=-1)
         log_p_WV = jnp.where(finished_W[:, None], frozen_V[None], log_p_WV)
-        candidates = (scores_W[:, None] + log_p_WV).reshape(-1)
-        scores_W, flat_W = jax.lax.top_k(candidates, width)
+        scores_W, flat_W = jax.lax.top_k((scores_W[:, None] + log_p_WV).reshape(-1), width)
         beam_W, token_W = flat_W // vocab, (flat_W % vocab).astype(jnp.int32)
         cache = reorder_cache(cache, beam_W, model.cfg.scan_layers)
         tokens_WT = tokens_WT[beam_W].at[:, i].set(token_W)
@@ -335,10 +401,10 @@ def beam_search(model: nn.Module, params: Any, prompt_P: jax.Array, *, beam_size
         lengths_W = lengths_W[beam_W] + (~was_finished_W)
         finished_W = was_finished_W | (token_W == eos_id)
         next_WLV, cache = extend(model, params, cache, token_W[:, None],
-                                 jnp.full((width, 1), prompt_P.shape[0] + i), jnp.ones((width, 1), bool))
+                                 jnp.full((width, 1), first_position + i), jnp.ones((width, 1), bool))
         return (cache, next_WLV[:, 0], scores_W, tokens_WT, lengths_W, finished_W), None
 
-    carry = (cache, logits_WPV[:, -1], scores_W, tokens_WT, lengths_W, finished_W)
+    carry = (cache, logits_WV, scores_W, tokens_WT, lengths_W, finished_W)
     (_, _, scores_W, tokens_WT, lengths_W, _), _ = jax.lax.scan(step, carry, jnp.arange(max_new_tokens))
     normalized_W = scores_W / ((5.0 + lengths_W) / 6.0) ** length_penalty
     order_W = jnp.argsort(-normalized_W)

@@ -7,7 +7,13 @@ Loads the run's config, tokenizer and latest checkpoint (or `--step`) from the w
 or a params-only export (`python -m lm.export`), and prints `--num_samples`
 continuations of the prompt (with a KV cache when prompt and continuation fit the
 context). An encoder-decoder (T5-style) run reads the prompt as its input and prints
-its output. Runs on one device of any machine.
+its output. With `--beam_size=W` it prints the `--num_samples` best of W beams and
+their scores (log-probability over GNMT's length penalty, `--length_penalty`):
+
+    python -m lm.sample --workdir=/tmp/shakespeare_char --prompt="ROMEO:" \
+        --max_new_tokens=40 --beam_size=4 --num_samples=2
+
+Runs on one device of any machine.
 """
 
 from __future__ import annotations
@@ -27,6 +33,10 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 is
 _TOP_K = flags.DEFINE_integer("top_k", 200, "Sample among the k most likely tokens; 0 keeps all.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "How many samples to print.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (sample i uses seed + i).")
+_BEAM_SIZE = flags.DEFINE_integer("beam_size", 0, "If > 0, beam search with this many beams instead of "
+                                  "sampling; prints the --num_samples best.")
+_LENGTH_PENALTY = flags.DEFINE_float("length_penalty", 0.0, "Beam search: GNMT's length penalty exponent "
+                                     "(0 ranks by total log-probability; larger favours longer outputs).")
 
 
 def main(argv: list[str]) -> None:
@@ -42,6 +52,9 @@ def main(argv: list[str]) -> None:
     if run.model_cfg.family == "encoder":
         exit_with_error(f"{_WORKDIR.value} holds an encoder-only model, which fills in masks rather than writing "
                         "text. Fix: point --workdir at a decoder or encoder_decoder run.")
+    if _BEAM_SIZE.value:
+        print_beams(run)
+        return
     for i in range(_NUM_SAMPLES.value):
         try:
             text = decode.sample_text(run.model, run.params, run.tokenizer, _PROMPT.value,
@@ -49,11 +62,27 @@ def main(argv: list[str]) -> None:
                                       temperature=_TEMPERATURE.value, top_k=_TOP_K.value, seed=_SEED.value + i)
         except ValueError as e:
             exit_with_error(str(e))
-        if run.model_cfg.family == "encoder_decoder":  # the output is not a continuation
-            print(f"--- sample {i + 1} (checkpoint step {run.step}) ---\ninput: {_PROMPT.value}\noutput: {text}",
-                  flush=True)
-        else:
-            print(f"--- sample {i + 1} (checkpoint step {run.step}) ---\n{_PROMPT.value}{text}", flush=True)
+        print_text(run, f"sample {i + 1}", text)
+
+
+def print_beams(run: runs.Loaded) -> None:
+    if not 1 <= _NUM_SAMPLES.value <= _BEAM_SIZE.value:
+        exit_with_error(f"--num_samples={_NUM_SAMPLES.value} must be between 1 and --beam_size="
+                        f"{_BEAM_SIZE.value}. Fix: ask for at most as many samples as beams.")
+    try:
+        beams = decode.beam_texts(run.model, run.params, run.tokenizer, _PROMPT.value, beam_size=_BEAM_SIZE.value,
+                                  max_new_tokens=_MAX_NEW_TOKENS.value, length_penalty=_LENGTH_PENALTY.value)
+    except ValueError as e:
+        exit_with_error(f"{e} (beam search keeps every beam in a KV cache of the model's context)")
+    for i, (text, score) in enumerate(beams[:_NUM_SAMPLES.value]):
+        print_text(run, f"beam {i + 1} of {_BEAM_SIZE.value}, score {score:.4f}", text)
+
+
+def print_text(run: runs.Loaded, title: str, text: str) -> None:
+    if run.model_cfg.family == "encoder_decoder":  # the output is not a continuation
+        print(f"--- {title} (checkpoint step {run.step}) ---\ninput: {_PROMPT.value}\noutput: {text}", flush=True)
+    else:
+        print(f"--- {title} (checkpoint step {run.step}) ---\n{_PROMPT.value}{text}", flush=True)
 
 
 if __name__ == "__main__":

@@ -185,6 +185,29 @@ def test_encoder_decoder_cached_decoding_equals_recomputing_the_decoder_at_every
 
 
 @pytest.mark.decode
+def test_encoder_decoder_beam_search_with_one_beam_is_greedy_and_its_best_beam_is_at_least_as_likely():
+    model, params = tiny_model(family="encoder_decoder", **VARIANTS["rope_gqa"])
+    inputs_S = jnp.asarray(PROMPTS[0])
+
+    def log_likelihood(output_T):
+        decoder_inputs_T = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.asarray(output_T)[:-1]])
+        log_p_TV = jax.nn.log_softmax(model.apply({"params": params}, inputs_S[None], decoder_inputs_T[None])[0], -1)
+        return float(jnp.sum(log_p_TV[jnp.arange(len(output_T)), output_T]))
+
+    greedy_BT, _ = decode.generate_encoder_decoder(model, params, inputs_S[None], jnp.ones((1, len(PROMPTS[0])), bool),
+                                                   jax.random.key(0), max_new_tokens=6,
+                                                   sampling=decode.Sampling(temperature=0.0))
+    one, _ = decode.beam_search_encoder_decoder(model, params, inputs_S, beam_size=1, max_new_tokens=6)
+    np.testing.assert_array_equal(one[0], greedy_BT[0])
+    beams, scores = decode.beam_search_encoder_decoder(model, params, inputs_S, beam_size=4, max_new_tokens=6)
+    assert log_likelihood(beams[0]) >= log_likelihood(greedy_BT[0]) - 1e-5
+    assert float(scores[0]) == pytest.approx(log_likelihood(beams[0]), abs=1e-4)
+    text_only, _ = decode.beam_search_encoder_decoder(model, params, inputs_S, beam_size=4, max_new_tokens=6,
+                                                      text_vocab_size=10)
+    assert int(jnp.max(text_only)) < 10  # sentinels and other non-text ids are never chosen
+
+
+@pytest.mark.decode
 def test_the_sample_cli_writes_an_encoder_decoder_runs_output_for_a_prompt(tmp_path):
     config = f"--config={os.path.join(REPO, 'configs', 'shakespeare_char.py')}"
     run_cli("lm.main", config, f"--workdir={tmp_path}", *cli_flags(
@@ -194,3 +217,6 @@ def test_the_sample_cli_writes_an_encoder_decoder_runs_output_for_a_prompt(tmp_p
     assert "input: ROMEO: But soft\noutput: " in result.stdout
     output = result.stdout.split("output: ", 1)[1].rstrip("\n")
     assert len(output) <= 8  # one character per token, stopping early at <eos>
+    beams = run_cli("lm.sample", f"--workdir={tmp_path}", "--prompt=ROMEO: But soft", "--max_new_tokens=8",
+                    "--beam_size=3", "--num_samples=2")
+    assert beams.stdout.count("output: ") == 2 and "--- beam 2 of 3, score " in beams.stdout
