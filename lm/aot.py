@@ -14,13 +14,14 @@ from __future__ import annotations
 import os
 import tempfile
 
+import flax.linen as nn
 import jax
 import ml_collections
 
-from lm import memory, objectives, sharding, train
+from lm import memory, objectives, runs, sharding, train
 from lm.data import pipeline
-from lm.model import ModelConfig
-from lm.model.counting import param_counts
+from lm.model import ModelConfig, build
+from lm.model.counting import abstract_params, param_counts
 
 
 def topology_devices(topology: str | None, compile_only: bool) -> int:
@@ -46,13 +47,28 @@ def _vocab_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
     return objectives.model_vocab_size(config.objective, tokenizer_vocab), tokenizer_vocab
 
 
+def abstract_teacher(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> runs.Loaded | None:
+    """Distillation's teacher as the step needs it, from its config.json alone: its model
+    and parameter shapes (the check reads no weights, which may live only on the pod)."""
+    if not config.distill.teacher:
+        return None
+    teacher_config = runs.load_config(config.distill.teacher)
+    model_cfg = ModelConfig.from_config(teacher_config.model, objectives.model_vocab_size(
+        teacher_config.objective, tokenizer_vocab), teacher_config.data.seq_len)
+    train.check_teacher(config, model_cfg)
+    model = build(model_cfg)
+    params = nn.meta.unbox(abstract_params(model, config.data.seq_len))
+    return runs.Loaded(teacher_config, model_cfg, model, params, tokenizer=None, step=-1)
+
+
 def compile_and_report(config: ml_collections.ConfigDict) -> dict[str, int]:
     """Compiles the train step for all devices and prints the memory each one needs."""
     mesh = sharding.make_mesh(config)
     sharding.check_batch_sizes(config, mesh)
     vocab_size, tokenizer_vocab = _vocab_size(config)
     model_cfg = ModelConfig.from_config(config.model, vocab_size, config.data.seq_len)
-    trainer = train.make_trainer(config, model_cfg, mesh, pad_id=0, tokenizer_vocab_size=tokenizer_vocab)
+    trainer = train.make_trainer(config, model_cfg, mesh, pad_id=0, tokenizer_vocab_size=tokenizer_vocab,
+                                 teacher=abstract_teacher(config, tokenizer_vocab))
     abstract = trainer.abstract_state()
     counts = param_counts(abstract.params)
     layout = " x ".join(f"{axis}={size}" for axis, size in mesh.shape.items())

@@ -246,7 +246,13 @@ def make_trainer(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh
                       out_shardings=(state_shardings, replicated), donate_argnums=0),
         _eval=jax.jit(eval_fn, in_shardings=(param_shardings, batch_sharding, replicated),
                       out_shardings=replicated, donate_argnums=2),
-        teacher_params=jax.device_put(teacher.params, replicated) if teacher else None)
+        teacher_params=_place(teacher.params, replicated) if teacher else None)
+
+
+def _place(tree: Any, target: jax.sharding.Sharding) -> Any:
+    """Arrays go to `target`; shapes (an ahead-of-time compile's teacher) carry it."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=target)
+                        if isinstance(x, jax.ShapeDtypeStruct) else jax.device_put(x, target), tree)
 
 
 def evaluate(trainer: Trainer, params: Any, dataset) -> float:
@@ -311,18 +317,23 @@ def load_teacher(config: ml_collections.ConfigDict, tokenizer) -> Any:
     from lm import runs  # imported late: lm.runs imports lm.train
 
     teacher = runs.load(config.distill.teacher)
-    where = f"config.distill.teacher={config.distill.teacher!r}"
-    if teacher.model_cfg.family != "decoder":
-        raise ConfigError(f"{where} holds a {teacher.model_cfg.family!r} model. Fix: distil from a causal decoder.")
+    check_teacher(config, teacher.model_cfg)
     if teacher.tokenizer.to_json() != tokenizer.to_json():
-        raise ConfigError(f"{where} has another tokenizer than this run's, so their next-token distributions "
-                          "do not line up. Fix: use a teacher trained with the same corpus and data.tokenizer "
-                          "settings.")
-    if teacher.model_cfg.max_len < config.data.seq_len:
-        raise ConfigError(f"{where} reads at most {teacher.model_cfg.max_len} tokens; this run's rows have "
-                          f"data.seq_len={config.data.seq_len}. Fix: lower data.seq_len to at most "
-                          f"{teacher.model_cfg.max_len}.")
+        raise ConfigError(f"config.distill.teacher={config.distill.teacher!r} has another tokenizer than this "
+                          "run's, so their next-token distributions do not line up. Fix: use a teacher trained "
+                          "with the same corpus and data.tokenizer settings.")
     return teacher
+
+
+def check_teacher(config: ml_collections.ConfigDict, teacher_cfg: ModelConfig) -> None:
+    """A teacher must be a causal decoder that reads this run's whole rows."""
+    where = f"config.distill.teacher={config.distill.teacher!r}"
+    if teacher_cfg.family != "decoder":
+        raise ConfigError(f"{where} holds a {teacher_cfg.family!r} model. Fix: distil from a causal decoder.")
+    if teacher_cfg.max_len < config.data.seq_len:
+        raise ConfigError(f"{where} reads at most {teacher_cfg.max_len} tokens; this run's rows have "
+                          f"data.seq_len={config.data.seq_len}. Fix: lower data.seq_len to at most "
+                          f"{teacher_cfg.max_len}.")
 
 
 def prepare_corpus(config: ml_collections.ConfigDict, workdir: str) -> pipeline.Corpus:

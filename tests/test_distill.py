@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import tiny_config
-from lm import config as config_lib, runs, sharding
+from lm import aot, config as config_lib, runs, sharding
 from lm.model import ModelConfig
 from lm.objectives.distillation import distillation_kl_sum
 from lm.train import apply, make_trainer
@@ -62,6 +62,17 @@ def test_distilled_steps_move_the_student_toward_the_teacher_and_report_cross_en
     # Measured: 28.3 before; after 10 steps 16.0 distilled, 34.0 on the text alone.
     assert distilled < 0.7 * before and distilled < 0.6 * undistilled
     assert loss == pytest.approx(ce, rel=1e-4)  # the reported loss is the plain cross-entropy
+
+
+def test_an_ahead_of_time_compile_of_a_distillation_step_counts_the_teacher_without_reading_its_weights(
+        pretrained, capsys):
+    vocab = runs.load(pretrained).model_cfg.vocab_size
+    alone = aot.compile_and_report(tiny_config(model__vocab_size=vocab))
+    distilled = aot.compile_and_report(tiny_config(model__vocab_size=vocab, distill__teacher=pretrained))
+    teacher_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(aot.abstract_teacher(
+        tiny_config(distill__teacher=pretrained), vocab).params))
+    assert distilled["arguments"] - alone["arguments"] == teacher_bytes > 0
+    assert "per device, compiled (XLA)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("overrides, problem", [
