@@ -8,13 +8,12 @@ quantization (lm.quantize), the relative change, and the bytes of each.
 
 from __future__ import annotations
 
-import os
+import dataclasses
 
-import numpy as np
 from absl import app, flags
 
 from lm import quantize, runs, runtime
-from lm.data import pipeline
+from lm.cli import quiet_logging
 from lm.evaluation import scoring
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run (or an export).", required=True)
@@ -23,16 +22,15 @@ _MAX_WINDOWS = flags.DEFINE_integer("max_windows", 0, "Score at most this many w
 
 def main(argv: list[str]) -> None:
     del argv
+    quiet_logging()
     runtime.enable_compilation_cache()
     loaded = runs.load(_WORKDIR.value)
-    corpus = pipeline.prepare(loaded.config, os.path.join(_WORKDIR.value, "tokenizer.json"))
-    tokens = np.asarray(corpus.tokens["validation"])
-    num_bytes = int(round(corpus.bytes_per_token["validation"] * len(tokens)))
+    tokens, num_bytes = scoring.corpus_split(loaded, _WORKDIR.value, "validation")
     float32 = scoring.perplexity(loaded, tokens, num_bytes, max_windows=_MAX_WINDOWS.value)
     quantized = quantize.quantize(loaded.params)
-    loaded.params = quantize.dequantize(quantized)
-    int8 = scoring.perplexity(loaded, tokens, num_bytes, max_windows=_MAX_WINDOWS.value)
-    bytes_float32, bytes_int8 = quantize.nbytes(runs.load(_WORKDIR.value).params), quantize.nbytes(quantized)
+    bytes_float32, bytes_int8 = quantize.nbytes(loaded.params), quantize.nbytes(quantized)
+    int8 = scoring.perplexity(dataclasses.replace(loaded, params=quantize.dequantize(quantized)), tokens, num_bytes,
+                              max_windows=_MAX_WINDOWS.value)
     print(f"validation tokens scored: {int8['tokens']:,}")
     print(f"float32: perplexity {float32['perplexity']:.4f}, {bytes_float32:,} bytes")
     print(f"int8:    perplexity {int8['perplexity']:.4f}, {bytes_int8:,} bytes")

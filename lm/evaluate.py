@@ -58,11 +58,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Which few-shot examples are drawn.")
 def perplexity_of(loaded: runs.Loaded) -> dict[str, dict]:
     out = {}
     if _SPLIT.value:
-        from lm.data import pipeline  # the corpus, tokenized with the run's own tokenizer
-
-        corpus = pipeline.prepare(loaded.config, os.path.join(_WORKDIR.value, "tokenizer.json"))
-        tokens = np.asarray(corpus.tokens[_SPLIT.value])
-        num_bytes = int(round(corpus.bytes_per_token[_SPLIT.value] * len(tokens)))
+        tokens, num_bytes = scoring.corpus_split(loaded, _WORKDIR.value, _SPLIT.value)
         out[f"perplexity/{_SPLIT.value}"] = scoring.perplexity(loaded, tokens, num_bytes,
                                                                max_windows=_MAX_WINDOWS.value)
     if _TEXT_FILE.value:

@@ -4,6 +4,7 @@ log-likelihoods of continuations for multiple-choice tasks (zero- and k-shot).""
 from __future__ import annotations
 
 import math
+import os
 import random
 from typing import Any, Sequence
 
@@ -27,6 +28,16 @@ def _row_log_likelihoods(loaded: Loaded):
         return jnp.sum(target_BL * weights_BL, axis=-1)
 
     return lambda *arrays: np.asarray(score(loaded.params, *arrays))
+
+
+def corpus_split(loaded: Loaded, workdir: str, split: str) -> tuple[np.ndarray, int]:
+    """A split of the run's corpus, tokenized with the run's own tokenizer (saved in
+    `workdir`): (tokens, the split's UTF-8 bytes)."""
+    from lm.data import pipeline  # the data stack loads only when a corpus is scored
+
+    corpus = pipeline.prepare(loaded.config, os.path.join(workdir, "tokenizer.json"))
+    tokens = np.asarray(corpus.tokens[split])
+    return tokens, int(round(corpus.bytes_per_token[split] * len(tokens)))
 
 
 def perplexity(loaded: Loaded, tokens: np.ndarray, num_bytes: int, batch_size: int = 8,
