@@ -30,7 +30,8 @@ def init_adapters(model_cfg: ModelConfig, rng: jax.Array, seq_len: int) -> dict:
     if not lora:
         raise ConfigError(f"finetune.lora.targets={model_cfg.lora.targets!r} matches no dense layer. Fix: "
                           f"match some of {dense_layer_paths(model_cfg, seq_len)}.")
-    return nn.meta.unbox(jax.jit(model.init)(rng, tokens_BL)["lora"])
+    # Only the adapters leave the jitted init, so XLA drops the base weights' initialisation.
+    return nn.meta.unbox(jax.jit(lambda key: model.init(key, tokens_BL)["lora"])(rng))
 
 
 def dense_layer_paths(model_cfg: ModelConfig, seq_len: int) -> list[str]:
