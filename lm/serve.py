@@ -27,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from lm import decode, slots
+from lm.data import tokenizers
 from lm.runs import Loaded
 
 
@@ -191,7 +192,8 @@ class Engine:
         loop = asyncio.get_running_loop()
         job = Job(ids, max_tokens, sampling, stop, seed, loop, asyncio.Queue())
         self.batcher.submit(job)
-        tokenizer, generated, sent, finish = self.loaded.tokenizer, [], "", "length"
+        decoder = tokenizers.IncrementalDecoder(self.loaded.tokenizer)
+        text, sent, finish = "", "", "length"
         hold = max((len(s) for s in stop), default=1) - 1  # a stop sequence may still be forming
         while True:
             item = await job.out.get()
@@ -201,22 +203,22 @@ class Engine:
                 break
             if job.finished:
                 continue
-            if item == tokenizer.eos_id:
+            if item == self.loaded.tokenizer.eos_id:
                 job.finished, finish = True, "stop"
                 continue
-            generated.append(item)
-            text = tokenizer.decode(generated)
-            cuts = [text.find(s) for s in stop if s and s in text]
+            searched = max(len(text) - hold, 0)  # earlier text was searched for stop sequences already
+            text += decoder.push(item)
+            if len(decoder.ids) >= max_tokens:
+                text, job.finished = text + decoder.flush(), True
+            cuts = [i for i in (text.find(s, searched) for s in stop if s) if i >= 0]
             if cuts:
                 text, job.finished, finish = text[:min(cuts)], True, "stop"
-            elif len(generated) >= max_tokens:
-                job.finished = True
             ready = text if job.finished else text[:max(len(sent), len(text) - hold)]
             if len(ready) > len(sent):
                 yield ready[len(sent):], None
                 sent = ready
-        if len(generated) and not job.finished:
-            text = tokenizer.decode(generated)
+        if not job.finished:
+            text += decoder.flush()
             if len(text) > len(sent):
                 yield text[len(sent):], None
         yield "", finish

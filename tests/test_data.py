@@ -239,3 +239,17 @@ def test_packed_rows_read_from_many_threads_at_an_epoch_boundary_match_a_sequent
             got = list(pool.map(lambda i: (i, concurrent[i]["tokens"]), rows[::-1]))
         assert all(np.array_equal(row, expected[i]) for i, row in got)
         assert concurrent.epoch_ends == sequential.epoch_ends[:len(concurrent.epoch_ends)]
+
+
+def test_incremental_decoding_emits_each_character_once_complete_and_adds_up_to_the_whole_decode():
+    tokenizer = tokenizers.train_sentencepiece(iter(["The quick brown fox jumps over the lazy dog. " * 40]), 300)
+    text = "naïve café 東京, the fox — ok 🙂 dog"
+    ids = tokenizer.encode(text)
+    assert len(ids) > len(text)  # byte fallback: some characters span several ids
+    decoder = tokenizers.IncrementalDecoder(tokenizer)
+    deltas = [decoder.push(i) for i in ids]
+    assert "".join(deltas) + decoder.flush() == text
+    assert "" in deltas and not any("\ufffd" in d for d in deltas)  # held back until whole, never garbled
+    cut = ids[:max(k for k in range(len(ids)) if tokenizer.decode(ids[:k]).endswith("\ufffd"))]  # mid-character
+    decoder = tokenizers.IncrementalDecoder(tokenizer)
+    assert "".join(decoder.push(i) for i in cut) + decoder.flush() == tokenizer.decode(cut)

@@ -175,6 +175,39 @@ class HuggingFaceTokenizer:
 _TOO_MANY = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
 
 
+class IncrementalDecoder:
+    """The text of a growing id sequence, delta by delta, decoding only a short tail per id.
+
+    Re-decoding every id at each step costs quadratic time in the output; decoding each
+    id alone is wrong whenever a character spans several ids (byte fallback, byte-level
+    BPE) or a piece's text depends on its neighbour. So the ids since the last emitted
+    boundary are decoded with and without the new ones, and the difference is emitted
+    once it no longer ends in an incomplete character (U+FFFD).
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.start = self.emitted = 0  # ids[start:emitted] decode to the last delta's context
+
+    def push(self, token: int) -> str:
+        """The new text `token` completes ("" while a character is still incomplete)."""
+        self.ids.append(int(token))
+        return self._delta(final=False)
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character decodes as U+FFFD)."""
+        return self._delta(final=True)
+
+    def _delta(self, final: bool) -> str:
+        before = self.tokenizer.decode(self.ids[self.start:self.emitted])
+        after = self.tokenizer.decode(self.ids[self.start:])
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return ""
+        self.start, self.emitted = self.emitted, len(self.ids)
+        return after[len(before):]
+
+
 def train_sentencepiece(texts: Iterator[str], vocab_size: int, model_type: str = "bpe",
                         byte_fallback: bool = True, user_defined_symbols: Iterable[str] = (),
                         max_sentences: int = 1_000_000, num_threads: int = 2) -> SentencePieceTokenizer:
