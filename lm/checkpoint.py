@@ -29,7 +29,7 @@ class Checkpointer:
         """`read_only` for readers (sampling, export) of a workdir a run may be writing:
         they must neither delete nor clean up anything. `asynchronous=False` makes `save`
         return only once the checkpoint is on disk (bench/checkpoint.py compares the two)."""
-        self.directory = directory
+        self.directory = directory = os.path.abspath(os.path.expanduser(directory))  # orbax needs absolute paths
         kept = policies.LatestN(keep)
         if permanent_every:
             kept = policies.AnyPreservationPolicy([kept, policies.EveryNSteps(permanent_every)])

@@ -30,7 +30,8 @@ def read_metrics(workdir) -> list[dict]:
 def finished_run(tmp_path_factory):
     """An 8-step run with checkpoints at 4 and 8, and its CLI output."""
     workdir = tmp_path_factory.mktemp("finished") / "run"
-    result = run_cli("lm.main", CONFIG, f"--workdir={workdir}",
+    relative = os.path.relpath(workdir, REPO)  # a relative workdir, as in the README's command
+    result = run_cli("lm.main", CONFIG, f"--workdir={relative}",
                      *cli_flags(train__steps=8, train__eval_every=4, train__checkpoint_every=4))
     return workdir, result
 
@@ -57,8 +58,8 @@ def test_a_run_writes_checkpoints_metrics_events_config_and_a_sample(finished_ru
 
 
 def sample(workdir, *flags) -> list[str]:
-    result = run_cli("lm.sample", f"--workdir={workdir}", "--prompt=ROMEO:", "--max_new_tokens=30",
-                     "--temperature=0.8", "--top_k=5", *flags)
+    result = run_cli("lm.sample", f"--workdir={os.path.relpath(workdir, REPO)}", "--prompt=ROMEO:",
+                     "--max_new_tokens=30", "--temperature=0.8", "--top_k=5", *flags)
     return result.stdout.split("--- sample ")[1:]
 
 
