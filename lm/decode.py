@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -410,38 +410,3 @@ def _beams(model: nn.Module, params: Any, cache: Any, logits_WV: jax.Array, firs
     order_W = jnp.argsort(-normalized_W)
     return tokens_WT[order_W], normalized_W[order_W]
 
-
-# --- Step by step, for streaming --------------------------------------------------------
-
-
-@functools.partial(jax.jit, static_argnames=("model",))
-def prefill(model: nn.Module, params: Any, tokens_BP: jax.Array, valid_BP: jax.Array,
-            positions_BP: jax.Array) -> tuple[jax.Array, Any]:
-    """The prompts' last logits [B, V] and the KV cache holding them."""
-    logits_BPV, cache = extend(model, params, init_cache(model, tokens_BP.shape[0]), tokens_BP, positions_BP, valid_BP)
-    return logits_BPV[:, -1], cache
-
-
-@functools.partial(jax.jit, static_argnames=("model", "sampling"), donate_argnums=(2,))
-def step(model: nn.Module, params: Any, cache: Any, logits_BV: jax.Array, position_B: jax.Array, seen_BV: jax.Array,
-         rng: jax.Array, *, sampling: Sampling, text_vocab_size: int = 0):
-    """One new token per row (`advance`, jitted, the cache donated)."""
-    return advance(model, params, cache, logits_BV, position_B, seen_BV, rng, sampling, text_vocab_size)
-
-
-def stream_tokens(model: nn.Module, params: Any, prompts: list[np.ndarray], pad_id: int, *, max_new_tokens: int,
-                  sampling: Sampling, seed: int = 0, text_vocab_size: int = 0) -> Iterator[np.ndarray]:
-    """Yields each step's new tokens [B] as they are decoded (the same tokens as
-    `generate_batch` with the same seed); the caller may stop early."""
-    sampling.check()
-    check_fits(max(len(p) for p in prompts), max_new_tokens, model.cfg.max_len)
-    tokens_BP, valid_BP, positions_BP = left_pad(prompts, pad_id)
-    logits_BV, cache = prefill(model, params, tokens_BP, valid_BP, positions_BP)
-    seen_BV = seen_tokens(tokens_BP, valid_BP, logits_BV.shape[-1])
-    position_B = jnp.asarray(positions_BP[:, -1] + 1)
-    rng = jax.random.key(seed)
-    for i in range(max_new_tokens):
-        token_B, cache, logits_BV, position_B, seen_BV = step(
-            model, params, cache, logits_BV, position_B, seen_BV, jax.random.fold_in(rng, i), sampling=sampling,
-            text_vocab_size=text_vocab_size)
-        yield np.asarray(token_B)

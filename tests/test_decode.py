@@ -125,16 +125,6 @@ def test_int8_quantization_is_per_channel_close_and_nearly_four_times_smaller():
     np.testing.assert_allclose(model.apply({"params": restored}, jnp.asarray(PROMPTS[0][None])), logits, atol=0.1)
 
 
-@pytest.mark.decode
-def test_streaming_step_by_step_gives_the_tokens_of_one_scan():
-    model, params = tiny_model(**VARIANTS["rope_gqa"])
-    sampling = decode.Sampling(temperature=1.0, top_p=0.9)
-    whole = decode.generate_batch(model, params, PROMPTS, 0, max_new_tokens=6, sampling=sampling, seed=5)
-    streamed = np.stack(list(decode.stream_tokens(model, params, PROMPTS, 0, max_new_tokens=6, sampling=sampling,
-                                                  seed=5)), axis=1)
-    np.testing.assert_array_equal(streamed, whole)
-
-
 def run_slots(model, params, size: int, schedule: dict[int, list]) -> dict[int, list[int]]:
     """Decodes with continuous batching: at step t, `schedule[t]` admits (slot, prompt,
     seed, sampling) entries; returns each slot's tokens since its last admission."""
