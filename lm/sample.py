@@ -44,6 +44,10 @@ def main(argv: list[str]) -> None:
     quiet_logging()
     if not _WORKDIR.value:
         exit_with_error("--workdir is required. Fix: --workdir=<a directory written by lm.main>.")
+    if _BEAM_SIZE.value < 0 or (_BEAM_SIZE.value and not 1 <= _NUM_SAMPLES.value <= _BEAM_SIZE.value):
+        exit_with_error(f"--beam_size={_BEAM_SIZE.value} with --num_samples={_NUM_SAMPLES.value}: beam search "
+                        "prints between 1 and beam_size beams. Fix: a positive --beam_size (0 samples instead) "
+                        "and at most that many --num_samples.")
     runtime.enable_compilation_cache()
     try:
         run = runs.load(_WORKDIR.value, _STEP.value)
@@ -66,9 +70,6 @@ def main(argv: list[str]) -> None:
 
 
 def print_beams(run: runs.Loaded) -> None:
-    if not 1 <= _NUM_SAMPLES.value <= _BEAM_SIZE.value:
-        exit_with_error(f"--num_samples={_NUM_SAMPLES.value} must be between 1 and --beam_size="
-                        f"{_BEAM_SIZE.value}. Fix: ask for at most as many samples as beams.")
     try:
         beams = decode.beam_texts(run.model, run.params, run.tokenizer, _PROMPT.value, beam_size=_BEAM_SIZE.value,
                                   max_new_tokens=_MAX_NEW_TOKENS.value, length_penalty=_LENGTH_PENALTY.value)
