@@ -260,6 +260,9 @@ def _validate_distill(config: ml_collections.ConfigDict) -> None:
     require_positive(config, "distill.temperature")
     if not 0.0 <= d.alpha <= 1.0:
         fail("distill.alpha", d.alpha, "must lie in [0, 1]", "use e.g. 0.5 (half distillation, half cross-entropy)")
+    if not os.path.exists(os.path.join(os.path.expanduser(d.teacher), "config.json")):
+        fail("distill.teacher", d.teacher, "is neither a run's workdir nor an export (it has no config.json)",
+             "point it at a directory written by lm.main or lm.export")
 
 
 def _validate_train(config: ml_collections.ConfigDict) -> None:

@@ -79,6 +79,7 @@ def test_an_ahead_of_time_compile_of_a_distillation_step_counts_the_teacher_with
     (dict(objective__name="prefix_lm"), r"config\.distill\.teacher='t' distils next-token distributions.*Fix"),
     (dict(distill__alpha=1.5), r"config\.distill\.alpha=1\.5 must lie in \[0, 1\]\. Fix"),
     (dict(distill__temperature=0.0), r"config\.distill\.temperature=0\.0.*Fix"),
+    (dict(), r"config\.distill\.teacher='t' is neither a run's workdir nor an export.*Fix"),
 ])
 def test_a_config_that_cannot_distil_fails_validation(overrides, problem):
     with pytest.raises(config_lib.ConfigError, match=problem):
