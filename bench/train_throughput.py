@@ -6,7 +6,9 @@ Trains `--steps` steps after `--warmup` steps on the real data pipeline (Grain b
 host-to-device transfer, metrics fetched one step late as in `lm.train`) and prints
 ms/step (median of the per-step times), tokens/s, compile seconds, peak RSS and MFU:
 model FLOPs/s (6·N·tokens/s plus causal attention, `lm.model.counting`) over a float32
-matmul peak this script measures on the same devices.
+matmul peak this script measures on the same devices. It also prints the roofline: the
+tokens/s of a step whose every model FLOP ran at that peak, which no step on these devices
+can beat, as a target to compare against.
 """
 
 from __future__ import annotations
@@ -129,12 +131,15 @@ def main(argv):
     if _PROFILE.value:
         profile_steps(trainer, trainer.init(), data_iterator, _PROFILE.value)
         return
+    # The peak is taken on both sides of the timed steps: this VM's speed drifts, and a
+    # peak read in a slow moment would overstate MFU (it has printed MFU 1.3).
+    peak_before = matmul_peak_flops(mesh)
     first, per_step = timed_steps(trainer, trainer.init(), data_iterator, _WARMUP.value, _STEPS.value)
+    peak = max(peak_before, matmul_peak_flops(mesh))
     step_s = float(np.median(per_step))
     tokens_per_step = config.train.batch_size * config.data.seq_len
     tokens_per_s = tokens_per_step / step_s
     flops_per_token = train_flops_per_token(model_cfg, config.data.seq_len)
-    peak = matmul_peak_flops(mesh)
     counts = param_counts(trainer.abstract_state().params)
     mesh_text = " x ".join(f"{a}={s}" for a, s in mesh.shape.items())
     print(f"config: {config.model.num_layers} layers, d_model {config.model.d_model}, "
@@ -150,6 +155,8 @@ def main(argv):
           f"({flops_per_token / 1e6:.2f} MFLOP per token)")
     print(f"matmul_peak_tflops_per_second: {peak / 1e12:.4f} (float32, measured on these devices)")
     print(f"mfu: {tokens_per_s * flops_per_token / peak:.3f}")
+    print(f"roofline_tokens_per_second: {peak / flops_per_token:,.0f} (every model FLOP at the "
+          f"matmul peak, nothing else; an upper bound on these devices)")
 
 
 if __name__ == "__main__":

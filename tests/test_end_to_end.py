@@ -1,5 +1,6 @@
 """The CLI end to end, as the README runs it: outputs, exact resume after kill -9, sampling."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -147,6 +148,23 @@ def test_throughput_benchmark_prints_its_figures():
         assert name in figures, out
     assert float(figures["tokens_per_second"].replace(",", "")) > 0
     assert 0 < float(figures["mfu"]) < 1
+    roofline = float(figures["roofline_tokens_per_second"].split()[0].replace(",", ""))
+    assert roofline > float(figures["tokens_per_second"].replace(",", ""))
+
+
+@pytest.mark.bench
+def test_pytorch_reference_times_the_same_step_or_says_how_to_install_pytorch():
+    command = [sys.executable, os.path.join(REPO, "bench", "torch_reference.py"), CONFIG, *cli_flags()]
+    unsupported = subprocess.run([*command, "--config.model.activation=swiglu"], cwd=REPO, env=cli_env(),
+                                 capture_output=True, text=True, timeout=120)
+    assert unsupported.returncode != 0 and "config.model.activation='swiglu'" in unsupported.stderr
+    if importlib.util.find_spec("torch") is None:  # PyTorch is not a dependency of lm
+        missing = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
+        assert missing.returncode != 0 and "pip install torch==2.13.0" in missing.stderr
+        return
+    out, figures = run_bench("torch_reference.py", "--steps=3", "--warmup=1")
+    assert float(figures["tokens_per_second"].replace(",", "")) > 0, out
+    assert float(figures["final_loss"]) > 0, out
 
 
 @pytest.mark.bench
