@@ -107,6 +107,7 @@ def wait_for_checkpoint(process: subprocess.Popen, directory, step: int, timeout
         time.sleep(0.05)
 
 
+@pytest.mark.resume
 def test_a_packed_sentencepiece_run_killed_and_restarted_ends_exactly_like_an_uninterrupted_one(tmp_path):
     """The packed pipeline's position survives kill -9 (test_reliability kills the
     character recipe several times, mid-save too)."""

@@ -41,6 +41,7 @@ def test_a_dry_run_prints_each_points_training_command_or_the_slurm_array_submis
 
 
 @pytest.mark.slow
+@pytest.mark.resume
 def test_a_sweep_killed_midway_resumes_and_collects_one_row_per_point(tmp_path):
     runner = subprocess.Popen([sys.executable, "-m", "lm.sweep", SWEEP, f"--workdir={tmp_path}", "--parallel=2"],
                               cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
