@@ -414,12 +414,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 pending = (done, metrics)
             if signals.stop_requested(done):
                 _stop_for_preemption(run, progress, state, data_iterator, signals.received)
-            paused = time.perf_counter()
-            if c.eval_every and done % c.eval_every == 0 and done != c.steps:
-                _log_eval(run, progress, done, state.params)
-            if _checkpoint_due(c, done) and done != c.steps:
-                _save(run, state, data_iterator)
-            last_log = (last_log[0], last_log[1] + time.perf_counter() - paused)  # tokens/s excludes these
+            evaluating = c.eval_every and done % c.eval_every == 0 and done != c.steps
+            saving = _checkpoint_due(c, done) and done != c.steps
+            if evaluating or saving:
+                # Steps are dispatched ahead; without this wait the queued steps' compute would
+                # land in the paused time, which tokens/s leaves out, and overstate it.
+                jax.block_until_ready(state)
+                paused = time.perf_counter()
+                if evaluating:
+                    _log_eval(run, progress, done, state.params)
+                if saving:
+                    _save(run, state, data_iterator)
+                last_log = (last_log[0], last_log[1] + time.perf_counter() - paused)  # tokens/s excludes these
     if pending is not None:
         _log_train(run, progress, *pending, last_log, throughput)
     final = _log_eval(run, progress, c.steps, state.params)
