@@ -25,6 +25,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from lm.runtime import available_cores  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe whose sizes to use.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 200, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 20, "Untimed steps first.")
@@ -106,7 +108,7 @@ def main(argv):
     config = _CONFIG.value
     check_supported(config.model)
     torch = import_torch()
-    threads = _THREADS.value or len(os.sched_getaffinity(0))
+    threads = _THREADS.value or available_cores()
     torch.set_num_threads(threads)
     torch.manual_seed(config.seed)
     with open(config.data.files[0], encoding="utf-8") as f:

@@ -7,8 +7,8 @@ host-to-device transfer, metrics fetched one step late as in `lm.train`) and pri
 ms/step (median of the per-step times), tokens/s, compile seconds, peak RSS and MFU:
 model FLOPs/s (6·N·tokens/s plus causal attention, `lm.model.counting`) over a float32
 matmul peak this script measures on the same devices. It also prints the roofline: the
-tokens/s of a step whose every model FLOP ran at that peak, which no step on these devices
-can beat, as a target to compare against.
+tokens/s of a step whose every model FLOP ran at that peak and nothing else took time:
+an upper bound for this model on these devices, to compare targets against.
 """
 
 from __future__ import annotations
