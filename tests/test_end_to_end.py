@@ -165,7 +165,7 @@ def test_pytorch_reference_times_the_same_step_or_says_how_to_install_pytorch():
         return
     out, figures = run_bench("torch_reference.py", "--steps=3", "--warmup=1")
     assert float(figures["tokens_per_second"].replace(",", "")) > 0, out
-    assert float(figures["final_loss"]) > 0, out
+    assert float(figures["ms_per_step"].split()[0]) > 0, out
 
 
 @pytest.mark.bench
