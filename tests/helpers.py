@@ -1,8 +1,12 @@
 """Shared test helpers: tiny configs and running the CLI as a user would."""
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
 import ml_collections
 
@@ -55,3 +59,29 @@ def run_cli(module: str, *args: str, timeout: float = 300, check: bool = True) -
         raise AssertionError(f"{module} exited {result.returncode}\nstdout:\n{result.stdout}\n"
                              f"stderr:\n{result.stderr}")
     return result
+
+
+@contextlib.contextmanager
+def start_server(workdir: str, *flags: str, api_key: str = "test-key"):
+    """`python -m lm.serve` on a free loopback port, as a user starts it; yields its base
+    URL once /health answers, and stops it afterwards."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "lm.serve", f"--workdir={workdir}", f"--port={port}",
+                                "--model_name=tiny", f"--api_key={api_key}", *flags],
+                               cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(base + "/health", timeout=1)
+                break
+            except OSError:
+                if process.poll() is not None:
+                    raise AssertionError(process.stdout.read())
+                time.sleep(0.5)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
