@@ -98,6 +98,9 @@ def test_an_export_holds_a_tokenizer_json_with_lms_ids_and_imports_back_with_the
     assert after["tokens"] == before["tokens"] > 0
     assert after["perplexity"] == pytest.approx(before["perplexity"], rel=1e-5)
 
+    convert.export_hf(back_dir, str(tmp_path / "again"))  # an imported tokenizer exports as it came
+    assert (tmp_path / "again/tokenizer.json").read_text() == (tmp_path / "hf/tokenizer.json").read_text()
+
 
 def test_sentencepiece_bpe_merges_follow_piece_scores_and_skip_pieces_text_cannot_form():
     normal, control, byte, user = 1, 3, 6, 4
