@@ -87,7 +87,12 @@ def get_config() -> ml_collections.ConfigDict:
     sp.model_type = "bpe"  # "bpe" or "unigram"
     sp.vocab_size = 2000
     sp.byte_fallback = True  # unknown characters become bytes, so any text round-trips
-    sp.user_defined_symbols = ()  # e.g. sentinels ("<extra_id_0>", ...) kept whole
+    # Strings kept whole as one piece each, e.g. markup ("<br>") or a corpus's own markers.
+    # They are data, not control: text that spells one encodes to its piece, which decodes
+    # back to that text and is an ordinary token to every objective. Control ids (<pad>,
+    # <eos>) and the objectives' markers ([MASK], sentinels, task tokens: objective.extra_ids)
+    # are never produced from text.
+    sp.user_defined_symbols = ()
     sp.max_sentences = 1_000_000  # documents sampled to train on
     # Rows: "stream" cuts windows from the split's documents joined by <eos> (nanoGPT);
     # "pack" packs whole documents (+ <eos>) into rows with segment ids and positions

@@ -6,8 +6,10 @@
 `import` reads a local Hugging Face directory (config.json, model.safetensors or its
 shards, tokenizer.json) and writes an `lm` export, which `lm.sample`, `lm.evaluate`,
 `lm.finetune` and `lm.runs.load` read. `export` writes a run or export back as a
-Hugging Face directory that `transformers`' `from_pretrained` loads. Both directions
-are exact: export then import gives back the same float32 tensors, bit for bit.
+Hugging Face directory that `transformers`' `from_pretrained` loads, with the run's
+tokenizer, whatever its kind, as a tokenizer.json that encodes text to the same ids
+(lm.interop.tokenizer_json). Both directions are exact: export then import gives back
+the same float32 tensors, bit for bit, and the same token ids.
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ from lm.config import ConfigError
 from lm.configs import base
 from lm.data import tokenizers
 from lm.interop import huggingface as hf
+from lm.interop import tokenizer_json
 from lm.model import ModelConfig, build
 from lm.model.counting import abstract_params, param_counts
 
 HF_CONFIG, HF_WEIGHTS, HF_INDEX, HF_TOKENIZER = ("config.json", "model.safetensors", "model.safetensors.index.json",
                                                  "tokenizer.json")
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 def read_hf_checkpoint(hf_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
@@ -111,7 +115,8 @@ def import_hf(hf_dir: str, output: str, dtype: str = "float32", tokenizer_path: 
 
 
 def export_hf(path: str, output: str, step: int | None = None) -> dict:
-    """Writes a run's or export's decoder as a Hugging Face directory in `output`."""
+    """Writes a run's or export's decoder as a Hugging Face directory in `output`:
+    config.json, model.safetensors, tokenizer.json and tokenizer_config.json."""
     from safetensors.numpy import save_file
 
     runs.check_new_directory(output)
@@ -122,20 +127,24 @@ def export_hf(path: str, output: str, step: int | None = None) -> dict:
     tensors = hf.to_hf_tensors(arch.rules(model, model.vocab_size), params)
     hf_config = arch.hf_config(model, model.vocab_size, model.max_len)
     dtype = str(next(iter(tensors.values())).dtype)
-    hf_config.update(dtype=dtype, torch_dtype=dtype, eos_token_id=loaded.tokenizer.eos_id,
+    # A document starts after <eos> in lm (an empty prompt is [eos]), so eos is also the bos.
+    eos = loaded.tokenizer.eos_id
+    hf_config.update(dtype=dtype, torch_dtype=dtype, eos_token_id=eos, bos_token_id=eos,
                      pad_token_id=loaded.tokenizer.pad_id)
+    tokenizer_text = tokenizer_json.to_json(loaded.tokenizer)
+    tokenizer_config = tokenizer_json.tokenizer_config(loaded.tokenizer, model.max_len)
 
     def fill(staging: str) -> None:
         save_file(tensors, os.path.join(staging, HF_WEIGHTS), metadata={"format": "pt"})
-        with open(os.path.join(staging, HF_CONFIG), "w", encoding="utf-8") as f:
-            json.dump(hf_config, f, indent=2)
-        if isinstance(loaded.tokenizer, tokenizers.HuggingFaceTokenizer):
-            with open(os.path.join(staging, HF_TOKENIZER), "w", encoding="utf-8") as f:
-                f.write(loaded.tokenizer.tokenizer_json)
+        for name, content in ((HF_CONFIG, hf_config), (HF_TOKENIZER_CONFIG, tokenizer_config)):
+            with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
+                json.dump(content, f, indent=2, ensure_ascii=False)
+        with open(os.path.join(staging, HF_TOKENIZER), "w", encoding="utf-8") as f:
+            f.write(tokenizer_text)
 
     runs.publish_directory(output, fill)
     return {"architecture": arch.name, "tensors": len(tensors), "step": loaded.step,
-            "tokenizer": isinstance(loaded.tokenizer, tokenizers.HuggingFaceTokenizer)}
+            "tokenizer": loaded.tokenizer.kind}
 
 
 def unstack_layers(params: dict, num_layers: int) -> dict:
@@ -175,9 +184,8 @@ def main(argv: list[str]) -> None:
             if not _WORKDIR.value:
                 exit_with_error("export needs --workdir, an lm run's workdir or an lm export.")
             info = export_hf(_WORKDIR.value, _OUTPUT.value, _STEP.value)
-            note = "" if info["tokenizer"] else " (this run's tokenizer is not a Hugging Face one; not written)"
-            print(f"exported {info['architecture']} ({info['tensors']} tensors, step {info['step']}) to "
-                  f"{_OUTPUT.value}{note}", flush=True)
+            print(f"exported {info['architecture']} ({info['tensors']} tensors, step {info['step']}) and its "
+                  f"{info['tokenizer']} tokenizer as tokenizer.json to {_OUTPUT.value}", flush=True)
     except ConfigError as e:
         exit_with_error(str(e))
 

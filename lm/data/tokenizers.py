@@ -1,5 +1,13 @@
 """Tokenizers behind one interface: text <-> int32 ids, with the special ids the
-objectives need. Ids 0, 1, 2 are always `<pad>`, `<eos>`, `<unk>`.
+objectives need. Ids 0, 1, 2 are always `<pad>`, `<eos>`, `<unk>` (except for an
+imported Hugging Face tokenizer, whose ids are the checkpoint's own).
+
+Text is data, never control: `encode` maps any text, including text that spells a
+control token ("<eos>", "</s>", "<|endoftext|>"), to ids that are not control ids
+(`control_ids`: padding, end of document, a Hugging Face tokenizer's special tokens).
+Only code inserts those, so a prompt, a fine-tuning example or a corpus document cannot
+end a document or inject a marker. `decode` drops control ids and any id outside the
+vocabulary (the objectives' extra ids: [MASK], sentinels, task tokens).
 
 A tokenizer is saved as a small JSON file in the run's workdir, so sampling and
 evaluation rebuild exactly the vocabulary the model was trained with.
@@ -26,6 +34,7 @@ class Tokenizer(Protocol):
     vocab_size: int
     pad_id: int
     eos_id: int
+    control_ids: frozenset[int]  # ids only code inserts; `encode` never returns them
 
     def encode(self, text: str) -> np.ndarray: ...
 
@@ -36,11 +45,21 @@ class Tokenizer(Protocol):
     def to_json(self) -> dict: ...
 
 
+def text_ids(ids: Iterable[int], vocab_size: int, control_ids: frozenset[int]) -> list[int]:
+    """The ids of `ids` that stand for text: inside the vocabulary [0, vocab_size) and not
+    control ids (an objective's extra ids, from `vocab_size` on, are not text either)."""
+    return [i for i in map(int, ids) if 0 <= i < vocab_size and i not in control_ids]
+
+
 class CharTokenizer:
-    """One id per Unicode character seen in the training text; others map to `<unk>`."""
+    """One id per Unicode character seen in the training text; others map to `<unk>`.
+
+    Every character is data: no text spells `<pad>` or `<eos>` (a character is one id).
+    """
 
     kind = "char"
     pad_id, eos_id, unk_id = PAD_ID, EOS_ID, UNK_ID
+    control_ids = frozenset({PAD_ID, EOS_ID})
 
     def __init__(self, chars: str):
         self.chars = "".join(sorted(set(chars)))
@@ -66,14 +85,8 @@ class CharTokenizer:
         return [self.encode(text) for text in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
-        out = []
-        for i in ids:
-            i = int(i)
-            if i >= NUM_SPECIAL:
-                out.append(self.chars[i - NUM_SPECIAL])
-            elif i == UNK_ID:
-                out.append("\ufffd")
-        return "".join(out)
+        return "".join(self.chars[i - NUM_SPECIAL] if i >= NUM_SPECIAL else "\ufffd"
+                       for i in text_ids(ids, self.vocab_size, self.control_ids))
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "chars": self.chars}
@@ -85,6 +98,7 @@ class ByteTokenizer:
     kind = "byte"
     pad_id, eos_id = PAD_ID, EOS_ID
     vocab_size = NUM_SPECIAL + 256
+    control_ids = frozenset({PAD_ID, EOS_ID, UNK_ID})  # <unk> is never produced: every byte has an id
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32) + NUM_SPECIAL
@@ -93,7 +107,7 @@ class ByteTokenizer:
         return [self.encode(text) for text in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
-        data = bytes(int(i) - NUM_SPECIAL for i in ids if int(i) >= NUM_SPECIAL)
+        data = bytes(i - NUM_SPECIAL for i in text_ids(ids, self.vocab_size, self.control_ids))
         return data.decode("utf-8", errors="replace")
 
     def to_json(self) -> dict:
@@ -106,6 +120,11 @@ class SentencePieceTokenizer:
     Trained with identity normalisation, no dummy prefix and whitespace kept, so
     `decode(encode(text)) == text` for any text the model covers (all text, with byte
     fallback).
+
+    SentencePiece never matches a control piece (`<pad>`, `</s>`), `<unk>` or a byte
+    piece (`<0x41>`) in text: text spelling one is encoded as ordinary characters.
+    User-defined symbols are data: text that spells one encodes to its piece, which
+    decodes back to that text and is an ordinary id for every objective.
     """
 
     kind = "sentencepiece"
@@ -120,6 +139,7 @@ class SentencePieceTokenizer:
             raise ValueError(f"SentencePiece model has <pad>, <eos>, <unk> ids {specials}, not (0, 1, 2). "
                              "Fix: train it with `python -m lm.data.tokenizer train` (or pad_id=0, "
                              "eos_id=1, unk_id=2, bos_id=-1).")
+        self.control_ids = frozenset(i for i in range(self.vocab_size) if self.processor.is_control(i))
 
     @classmethod
     def from_file(cls, path: str) -> "SentencePieceTokenizer":
@@ -133,7 +153,7 @@ class SentencePieceTokenizer:
         return [np.asarray(ids, np.int32) for ids in self.processor.encode(texts)]  # one C++ call
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.processor.decode([int(i) for i in ids if int(i) > EOS_ID])
+        return self.processor.decode(text_ids(ids, self.vocab_size, self.control_ids))
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "model": base64.b64encode(self.model_proto).decode("ascii")}
@@ -145,6 +165,14 @@ class HuggingFaceTokenizer:
     Its ids are the checkpoint's own (GPT-2's byte-level BPE, LLaMA's SentencePiece BPE),
     so the fixed ids 0, 1, 2 of the other kinds do not hold: `pad_id` and `eos_id` are
     whatever the checkpoint declares (pad falls back to eos, as for GPT-2).
+
+    Control ids are `eos_id`, `pad_id` and every added token marked special, except the
+    model's unknown token (which stands for text the vocabulary lacks). Special tokens
+    are encoded as the text they spell (`encode_special_tokens`), and where the model
+    itself holds a control token's or a byte piece's spelling in its vocabulary (a
+    unigram vocabulary matches "</s>" and "<0x41>" as text, SentencePiece does not),
+    that span is encoded again one character at a time. Raises ValueError if a single
+    character still encodes to a control id (no text-only encoding exists).
     """
 
     kind = "huggingface"
@@ -154,19 +182,67 @@ class HuggingFaceTokenizer:
 
         self.tokenizer_json = tokenizer_json
         self.processor = _HFTokenizer.from_str(tokenizer_json)
+        self.processor.encode_special_tokens = True  # "<|endoftext|>" in text is text, not the token
         self.vocab_size = self.processor.get_vocab_size()
         self.eos_id = eos_id
         self.pad_id = eos_id if pad_id is None else pad_id
+        model = json.loads(tokenizer_json).get("model", {})
+        vocab = self.processor.get_vocab()
+        unk_id = vocab.get(model.get("unk_token")) if "unk_token" in model else model.get("unk_id")
+        special = {i for i, token in self.processor.get_added_tokens_decoder().items() if token.special}
+        self.control_ids = frozenset((special | {self.eos_id, self.pad_id}) - {unk_id})
+        # <unk> stands for text the vocabulary lacks and a byte piece for one byte of such
+        # text, never for their own spelling ("<unk>", "<0x41>").
+        bytes_ = (vocab.get(f"<0x{b:02X}>") for b in range(256)) if model.get("byte_fallback") else ()
+        stand_ins = {i for i in (unk_id, *bytes_) if i is not None}
+        self._spelling = {i: self.processor.id_to_token(i) for i in self.control_ids | stand_ins}
+        self._unk_spelling = self._spelling.get(unk_id) if model.get("type") == "Unigram" else None
+        self._not_text = np.array(sorted(self._spelling), np.int32)
 
     def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self.processor.encode(text, add_special_tokens=False).ids, np.int32)
+        return self._text_only(text, self.processor.encode(text, add_special_tokens=False))
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         encodings = self.processor.encode_batch(texts, add_special_tokens=False)
-        return [np.asarray(e.ids, np.int32) for e in encodings]
+        return [self._text_only(text, e) for text, e in zip(texts, encodings)]
+
+    def _literal(self, text: str, encoding) -> tuple[int, int] | None:
+        """(token index, character offset) of the first place where the model matched the
+        spelling of a control token, `<unk>` or a byte piece as text (rather than standing
+        for unknown text or a fallback byte). A unigram model fuses a matched "<unk>" with
+        unknown characters beside it, so an unknown span that holds "<unk>" counts too."""
+        ids = np.asarray(encoding.ids, np.int32)
+        for i in np.flatnonzero(np.isin(ids, self._not_text)):
+            start, end = encoding.offsets[i]
+            span, spelling = text[start:end], self._spelling[int(ids[i])]
+            if ids[i] in self.control_ids or span == spelling:
+                return int(i), start
+            if self._unk_spelling and self._unk_spelling in span:
+                return int(i), start + span.index(self._unk_spelling)
+        return None
+
+    def _text_only(self, text: str, encoding) -> np.ndarray:
+        """The encoding's ids; from each literal match on, the text is encoded again with
+        the match's first character on its own, so the spelling cannot match."""
+        pieces, start = [], 0
+        while (hit := self._literal(text[start:], encoding)) is not None:
+            index, offset = hit
+            pieces.append(np.asarray(encoding.ids[:index], np.int32))
+            token_start, first = start + encoding.offsets[index][0], start + offset
+            if first > token_start:  # unknown text fused with the match, before it
+                pieces.append(self.encode(text[token_start:first]))
+            char_ids = np.asarray(self.processor.encode(text[first], add_special_tokens=False).ids, np.int32)
+            if any(int(i) in self.control_ids for i in char_ids):
+                raise ValueError(f"the tokenizer encodes the character {text[first]!r} only as a control token "
+                                 f"(ids {char_ids.tolist()}). Fix: remove it from the text.")
+            pieces.append(char_ids)
+            start = first + 1
+            encoding = self.processor.encode(text[start:], add_special_tokens=False)
+        pieces.append(np.asarray(encoding.ids, np.int32))
+        return np.concatenate(pieces).astype(np.int32) if len(pieces) > 1 else pieces[0]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.processor.decode([int(i) for i in ids], skip_special_tokens=True)
+        return self.processor.decode(text_ids(ids, self.vocab_size, self.control_ids), skip_special_tokens=True)
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "tokenizer": self.tokenizer_json, "eos_id": self.eos_id, "pad_id": self.pad_id}
