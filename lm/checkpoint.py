@@ -33,9 +33,9 @@ class Checkpointer:
         orbax has no read-only options to warn about). `asynchronous=False` makes `save`
         return only once the checkpoint is on disk (bench/checkpoint.py compares the two)."""
         self.directory = directory = os.path.abspath(os.path.expanduser(directory))  # orbax needs absolute paths
-        self._manager = None
-        self._reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+        self._manager = self._reader = None
         if read_only:
+            self._reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
             return
         kept = policies.LatestN(keep)
         if permanent_every:
@@ -131,9 +131,9 @@ class Checkpointer:
 
     def close(self) -> None:
         """Finishes saves under way and stops orbax's background threads; call on every exit."""
-        if self._manager is not None:
-            self._manager.close()
-        self._reader.close()
+        for opened in (self._manager, self._reader):
+            if opened is not None:
+                opened.close()
 
 
 def _shapes_by_path(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
