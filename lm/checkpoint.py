@@ -17,6 +17,7 @@ from typing import Any
 from absl import logging
 import grain
 import jax
+from etils import epath
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
@@ -27,28 +28,38 @@ class Checkpointer:
     def __init__(self, directory: str, keep: int = 1, permanent_every: int = 0, read_only: bool = False,
                  asynchronous: bool = True):
         """`read_only` for readers (sampling, export) of a workdir a run may be writing:
-        they must neither delete nor clean up anything. `asynchronous=False` makes `save`
+        they read step directories with a synchronous orbax Checkpointer and hold no
+        CheckpointManager, so they can neither save, delete nor clean up anything (and
+        orbax has no read-only options to warn about). `asynchronous=False` makes `save`
         return only once the checkpoint is on disk (bench/checkpoint.py compares the two)."""
         self.directory = directory = os.path.abspath(os.path.expanduser(directory))  # orbax needs absolute paths
+        self._manager = self._reader = None
+        if read_only:
+            self._reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+            return
         kept = policies.LatestN(keep)
         if permanent_every:
             kept = policies.AnyPreservationPolicy([kept, policies.EveryNSteps(permanent_every)])
         self._manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-            preservation_policy=kept, create=not read_only, cleanup_tmp_directories=not read_only,
-            read_only=read_only, enable_async_checkpointing=asynchronous))
+            preservation_policy=kept, create=True, cleanup_tmp_directories=True,
+            enable_async_checkpointing=asynchronous))
 
     def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+        if self._manager is not None:
+            return self._manager.latest_step()
+        return max(self.all_steps(), default=None)
 
     def all_steps(self) -> list[int]:
         """Steps of the finished checkpoints on disk (orbax never lists an unfinished save)."""
+        if self._manager is None:
+            return sorted(ocp.utils.checkpoint_steps(self.directory)) if os.path.isdir(self.directory) else []
         self._manager.reload()
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator, meta: dict) -> None:
         """Starts an asynchronous save: returns once the arrays are copied off the devices,
         and training continues while they are written."""
-        self._manager.save(step, args=ocp.args.Composite(
+        self._writer().save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
             meta=ocp.args.JsonSave(meta)))
@@ -60,7 +71,7 @@ class Checkpointer:
         data_state = self._data_state_from_other_process_count(step)
         if data_state is None:
             args[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        restored = self._writer().restore(step, args=ocp.args.Composite(**args))
         if data_state is not None:
             data_iterator.set_state(data_state)
         return restored["state"], restored["meta"]
@@ -88,19 +99,66 @@ class Checkpointer:
 
     def restore_state(self, step: int, abstract_state: Any) -> Any:
         """Only the train state (for sampling, evaluation or export)."""
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))
-        return restored["state"]
+        return self._read(step, state=ocp.args.StandardRestore(abstract_state))["state"]
 
     def metadata(self, step: int) -> dict:
         """The JSON metadata saved with `step`: step, config, code version."""
-        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return self._read(step, meta=ocp.args.JsonRestore())["meta"]
+
+    def state_mismatches(self, step: int, abstract_state: Any) -> list[str]:
+        """How the arrays stored at `step` differ from `abstract_state`'s, by path (missing,
+        unexpected, or another shape or dtype); empty when a restore can fit them. Reads
+        only the checkpoint's array metadata, so an incompatible state is told apart from
+        a damaged one without a restore that fails (orbax's failing restores also spill
+        "Event loop is closed" tracebacks from their reader threads)."""
+        stored = ocp.StandardCheckpointHandler().metadata(epath.Path(self.directory) / str(step) / "state").tree
+        return tree_mismatches(_shapes_by_path(stored), _shapes_by_path(abstract_state))
+
+    def _read(self, step: int, **items: Any) -> Any:
+        if self._manager is not None:
+            return self._manager.restore(step, args=ocp.args.Composite(**items))
+        return self._reader.restore(os.path.join(self.directory, str(step)), args=ocp.args.Composite(**items))
+
+    def _writer(self) -> ocp.CheckpointManager:
+        if self._manager is None:
+            raise ValueError(f"{self.directory} was opened read_only; saving and resuming need a Checkpointer "
+                             "opened without it.")
+        return self._manager
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        if self._manager is not None:
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.close()
+        """Finishes saves under way and stops orbax's background threads; call on every exit."""
+        for opened in (self._manager, self._reader):
+            if opened is not None:
+                opened.close()
+
+
+def _shapes_by_path(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """'params/embed/embedding' -> (shape, dtype) for each array (or array metadata) in
+    `tree`; attribute names, dict keys and sequence indices all become path parts, so a
+    dataclass state and the nested dicts orbax stores for it agree."""
+    def part(key) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(part(k) for k in path): (tuple(leaf.shape), str(leaf.dtype)) for path, leaf in leaves}
+
+
+def tree_mismatches(stored: dict[str, tuple], wanted: dict[str, tuple], limit: int = 5) -> list[str]:
+    """Up to `limit` differences between two `_shapes_by_path` maps, described (parameters
+    first: the optimizer's moments repeat them), and a count of the rest."""
+    order = lambda paths: sorted(paths, key=lambda p: (not p.startswith("params/"), p))
+    out = [f"{p} is missing from the checkpoint" for p in order(set(wanted) - set(stored))]
+    out += [f"{p} is in the checkpoint but not in this config's state" for p in order(set(stored) - set(wanted))]
+    out += [f"{p} is stored as {stored[p][0]} {stored[p][1]}, this config needs {wanted[p][0]} {wanted[p][1]}"
+            for p in order(set(stored) & set(wanted)) if stored[p] != wanted[p]]
+    return out[:limit] + ([f"and {len(out) - limit} more"] if len(out) > limit else [])
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

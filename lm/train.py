@@ -24,9 +24,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from lm import checkpoint, decode, memory, objectives, optim, sharding, version
+from lm import config as config_lib
 from lm.objectives.distillation import distillation_kl_sum
 from lm.config import ConfigError
-from lm.data import pipeline
+from lm.data import pipeline, text_files
 from lm.logs import MetricWriter, Progress
 from lm.workdir import WorkdirLock
 from lm.model import ModelConfig, build
@@ -277,6 +278,13 @@ class Run:
     is_main: bool
     memory: dict[str, int]  # estimated bytes per device (lm.memory.estimate)
     lock: WorkdirLock | None  # held by process 0 while the run lives
+    corpus_record: dict[str, list]  # corpus_fingerprints(config), saved with each checkpoint
+
+    def close(self) -> None:
+        """Ends the run's hold on the workdir: saves under way finish, orbax's threads stop."""
+        self.checkpointer.close()
+        if self.lock is not None:
+            self.lock.release()
 
     def eval_metrics(self, params: Any) -> dict[str, float]:
         loss = evaluate(self.trainer, params, pipeline.validation_data(self.config, self.corpus))
@@ -284,30 +292,82 @@ class Run:
 
 
 def setup_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Run:
-    """Validates the config against the devices, prepares data and compiles nothing yet."""
+    """Validates the config against the devices and the workdir's checkpoints, prepares
+    data and compiles nothing yet. Raises ConfigError before anything is built or written
+    if the checkpoints were trained with fields that may not change (`check_resumable`)."""
     mesh = sharding.make_mesh(config, devices)
     sharding.check_batch_sizes(config, mesh)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     lock = WorkdirLock(workdir).acquire() if is_main else None  # before anything is written
-    corpus = prepare_corpus(config, workdir)
-    vocab_size = objectives.model_vocab_size(config.objective, corpus.tokenizer.vocab_size)
-    model_cfg = ModelConfig.from_config(config.model, vocab_size, config.data.seq_len)
-    if model_cfg.vocab_size < vocab_size:
-        raise ConfigError(
-            f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
-            f"{corpus.tokenizer.vocab_size} ids plus config.objective.extra_ids={config.objective.extra_ids}. "
-            f"Fix: set it to 0 to use {vocab_size}.")
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2))
-    trainer = make_trainer(config, model_cfg, mesh, corpus.tokenizer.pad_id, corpus.tokenizer.vocab_size,
-                           teacher=load_teacher(config, corpus.tokenizer))
-    estimate = check_memory(trainer, config)
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints,
                                            config.train.permanent_checkpoint_every)
+    try:
+        corpus_record = corpus_fingerprints(config)
+        check_resumable(config, checkpointer, corpus_record, workdir)
+        corpus = prepare_corpus(config, workdir)
+        vocab_size = objectives.model_vocab_size(config.objective, corpus.tokenizer.vocab_size)
+        model_cfg = ModelConfig.from_config(config.model, vocab_size, config.data.seq_len)
+        if model_cfg.vocab_size < vocab_size:
+            raise ConfigError(
+                f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+                f"{corpus.tokenizer.vocab_size} ids plus config.objective.extra_ids={config.objective.extra_ids}. "
+                f"Fix: set it to 0 to use {vocab_size}.")
+        if is_main:
+            with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+                f.write(config.to_json_best_effort(indent=2))
+        trainer = make_trainer(config, model_cfg, mesh, corpus.tokenizer.pad_id, corpus.tokenizer.vocab_size,
+                               teacher=load_teacher(config, corpus.tokenizer))
+        estimate = check_memory(trainer, config)
+    except BaseException:
+        checkpointer.close()
+        raise
     return Run(config, workdir, corpus, trainer, MetricWriter(workdir, enabled=is_main), checkpointer, is_main,
-               estimate, lock)
+               estimate, lock, corpus_record)
+
+
+def corpus_fingerprints(config: ml_collections.ConfigDict) -> dict[str, list]:
+    """What identifies the training corpus, saved with each checkpoint: for `data.files`
+    (key "files") or each of `data.sources`, [content fingerprint of its files, mixture
+    weight]. By content, so a corpus moved to another path is still the same corpus."""
+    d = config.data
+    groups = {name: (src.files, float(src.weight)) for name, src in d.sources.items()} if d.sources else {
+        "files": (d.files, 1.0)}
+    return {name: [text_files.fingerprint(config_lib.resolve_files(files), {}), weight]
+            for name, (files, weight) in groups.items()}
+
+
+def check_resumable(config: ml_collections.ConfigDict, checkpointer: checkpoint.Checkpointer,
+                    corpus_record: dict[str, list], workdir: str) -> None:
+    """Raises ConfigError naming, with old and new values, every field that differs from
+    the newest checkpoint's config and may not change on resume (lm.config.RESUME says
+    which and why); the corpus is compared by `corpus_fingerprints` where the checkpoint
+    recorded them, else by its config fields. No checkpoint: nothing to check."""
+    saved = _newest_metadata(checkpointer)
+    if saved is None or "config" not in saved:
+        return
+    recorded = "corpus" in saved
+    conflicts = config_lib.resume_conflicts(saved["config"], json.loads(config.to_json_best_effort()),
+                                            ignore=("data.files", "data.sources") if recorded else ())
+    if recorded and saved["corpus"] != corpus_record:
+        conflicts.append(f"the corpus (config.data.files or data.sources: [content fingerprint, weight]) was "
+                         f"{saved['corpus']}, now {corpus_record} (the training data)")
+    if conflicts:
+        raise ConfigError(
+            f"{workdir} holds checkpoints (newest: step {saved['step']}) of a run whose config differs in fields "
+            f"that cannot change on resume: {'; '.join(conflicts)}. Fix: rerun with the checkpoint's values "
+            f"(the run's config is {os.path.join(workdir, 'config.json')}), or pass a new --workdir for a new run.")
+
+
+def _newest_metadata(checkpointer: checkpoint.Checkpointer) -> dict | None:
+    """The metadata of the newest checkpoint whose metadata reads (a damaged one is skipped
+    here as in `restore_or_init`)."""
+    for step in sorted(checkpointer.all_steps(), reverse=True):
+        try:
+            return checkpointer.metadata(step)
+        except Exception:  # orbax raises many types for missing or truncated files
+            continue
+    return None
 
 
 def load_teacher(config: ml_collections.ConfigDict, tokenizer) -> Any:
@@ -365,17 +425,27 @@ def check_memory(trainer: Trainer, config: ml_collections.ConfigDict) -> dict[st
 
 def restore_or_init(run: Run, data_iterator) -> TrainState:
     """The newest checkpoint in the workdir that restores (moving `data_iterator` with it),
-    or a fresh state. A damaged checkpoint is skipped with a warning for the one before."""
+    or a fresh state. A damaged checkpoint is skipped with a warning for the one before;
+    one whose stored arrays do not fit this config's state (a mismatch that
+    `check_resumable` could not name) raises ConfigError listing them, without a restore."""
     steps = sorted(run.checkpointer.all_steps(), reverse=True)
+    abstract = run.trainer.abstract_state()
     first_error = None
     for step in steps:
         try:
-            state, _ = run.checkpointer.restore(step, run.trainer.abstract_state(), data_iterator)
-            return state
+            mismatches = run.checkpointer.state_mismatches(step, abstract)
+            if not mismatches:
+                state, _ = run.checkpointer.restore(step, abstract, data_iterator)
+                return state
         except Exception as e:  # orbax raises many types for missing or truncated files
             first_error = first_error or (step, e)
             logging.warning("lm: the checkpoint at step %d in %s does not restore (%s: %s); trying an older one.",
                             step, run.workdir, type(e).__name__, str(e).splitlines()[0][:300])
+            continue
+        raise ConfigError(
+            f"the checkpoint at step {step} in {run.workdir} holds a train state that this config's does not "
+            f"match: {'; '.join(mismatches)}. Fix: rerun with the config that wrote it ({run.workdir}/config.json "
+            "before this run), or pass a new --workdir for a new run.")
     if first_error is None:
         return run.trainer.init()
     step, e = first_error
@@ -386,8 +456,17 @@ def restore_or_init(run: Run, data_iterator) -> TrainState:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains `config` in `workdir` (resuming from its latest checkpoint), evaluates,
-    checkpoints and samples. Returns the final validation metrics."""
+    checkpoints and samples. Returns the final validation metrics. However it ends, the
+    checkpoint manager is closed (its saves finish, its threads stop) and the lock released."""
     run = setup_run(config, workdir)
+    try:
+        return _train(run)
+    finally:
+        run.close()
+
+
+def _train(run: Run) -> dict[str, float]:
+    config = run.config
     t, c = run.trainer, config.train
     train_data = pipeline.train_data(config, run.corpus)
     data_iterator = pipeline.iterate(train_data, config.data.num_threads, config.data.prefetch)
@@ -579,7 +658,8 @@ def _checkpoint_due(c: ml_collections.ConfigDict, step: int) -> bool:
 def _save(run: Run, state: TrainState, data_iterator) -> None:
     step = int(state.step)
     _check_finite(run.config, step, int(state.nonfinite_steps))  # never checkpoint past a divergence
-    meta = {"step": step, "version": version.code_version(), "config": json.loads(run.config.to_json_best_effort())}
+    meta = {"step": step, "version": version.code_version(), "config": json.loads(run.config.to_json_best_effort()),
+            "corpus": run.corpus_record}
     run.checkpointer.save(step, state, data_iterator, meta)
 
 
