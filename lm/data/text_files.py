@@ -10,8 +10,9 @@ Validation is either the tail of each file (`split="tail"`: the last
 nanoGPT's split of tiny Shakespeare) or chosen by document hash (`split="hash"`: stable
 under reordering, adding or removing other documents).
 
-The dataset's config name carries a fingerprint of the files' contents and of every
-option, so a change builds a new dataset instead of reusing a stale one. TFDS writes
+The dataset's config name carries a fingerprint of the files' contents, of every
+option and of the reader's version (`documents.READER_VERSION`), so a change builds a
+new dataset (and token cache) instead of reusing a stale one. TFDS writes
 into a temporary directory and renames it only on success, so a failed build leaves
 nothing that looks complete.
 """
@@ -112,8 +113,7 @@ def _documents_with_splits(files: Sequence[str], options: dict) -> Iterator[tupl
             cut = int(len(docs) * (1.0 - fraction))
             yield from ((doc, "train" if i < cut else "validation") for i, doc in enumerate(docs))
         else:
-            text = documents.normalize(documents.decode_utf8(documents.read_bytes(path), path),
-                                       options["normalize"])
+            text = documents.normalize(documents.read_text(path), options["normalize"])
             cut = int(len(text) * (1.0 - fraction))
             for split, part in (("train", text[:cut]), ("validation", text[cut:])):
                 yield from ((Document(t, path), split) for t in documents.split_units(part, options["unit"]))
@@ -125,7 +125,7 @@ def _unit_hash(text: str) -> float:
 
 
 def fingerprint(files: Sequence[str], options: dict) -> str:
-    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps({**options, "reader": documents.READER_VERSION}, sort_keys=True).encode())
     for path in files:
         with open(path, "rb") as f:
             digest.update(hashlib.sha256(f.read()).digest())
