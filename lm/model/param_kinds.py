@@ -1,10 +1,11 @@
 """What each parameter IS (kernel, embedding table, norm scale, bias, LoRA factor), from its path.
 
 One classification for every consumer: AdamW's weight-decay mask (`lm.optim`,
-`lm.finetune.optim`), and whatever else groups parameters (per-kind learning rates,
-pipeline stages). It reads a parameter's path of names, never its rank: with
-`model.scan_layers` every parameter gains a leading `layers` axis, so a norm's scale is
-2-D, and a fused qkv bias is 3-D even unscanned; a rule on `ndim` decays them all.
+`lm.finetune.optim`), int8 quantization (`lm.quantize`: matrices only), and whatever
+else groups parameters (per-kind learning rates, pipeline stages). It reads a
+parameter's path of names, never its rank: with `model.scan_layers` every parameter
+gains a leading `layers` axis (`layer_axes` counts it), so a norm's scale is 2-D, and a
+fused qkv bias is 3-D even unscanned; a rule on `ndim` decays them all.
 
 Paths are tuples of keys from the tree's root, e.g. ("layers", "attn_norm", "scale") or,
 in fine-tuning's tree {"backbone", "head", "lora"}, ("backbone", "layer_0", "attn", "qkv",
@@ -91,6 +92,16 @@ def kind(path: Sequence[str]) -> Kind:
         f"parameter {'/'.join(path)!r} is of no known kind, so whether weight decay applies to it is not "
         "known. Fix: name it as lm.model.param_kinds expects (a dense layer's 'kernel' and 'bias', an "
         "embedding's 'embedding', a norm module named '*norm' with 'scale'/'bias'), or add a rule there.")
+
+
+SCANNED_LAYERS = ("layers", "encoder_layers", "decoder_layers")  # lm.model.transformer.run_blocks' nn.scan names
+
+
+def layer_axes(path: Sequence[str]) -> int:
+    """How many leading axes of the parameter at `path` stack layers: 1 under a scanned
+    stack (`layers`, `encoder_layers`, `decoder_layers`, with `model.scan_layers`), else 0.
+    A kernel's own axes (input dimensions first) follow them."""
+    return int(any(str(key) in SCANNED_LAYERS for key in path))
 
 
 def decayed(path: Sequence[str]) -> bool:
