@@ -6,7 +6,7 @@ normal form (NFC, NFKC) or left as is ("none"). Every problem names the file, th
 or byte, and the fix.
 
 Every user text file `lm` reads (corpora, fine-tuning and evaluation JSONL, `lm.evaluate`'s
-text files) goes through `read_text` or `read_jsonl` here, so that encodings of the same
+text files, `lm.scaling`'s results tables) goes through `read_text` or `read_jsonl` here, so that encodings of the same
 text give the same documents: the encoding is UTF-8, or UTF-16/UTF-32 when the file starts
 with their byte-order mark; a byte-order mark is dropped; line endings (CRLF, lone CR)
 become LF, in the file and in JSONL string values, whatever `normalize` says. A file that
@@ -67,7 +67,7 @@ def encoding_of(data: bytes) -> str:
 
 def unix_newlines(text: str) -> str:
     """`text` with every CRLF and lone CR turned into LF (Python's universal newlines)."""
-    return _LINE_BREAK.sub("\n", text)
+    return _LINE_BREAK.sub("\n", text) if "\r" in text else text  # no copy of an LF corpus
 
 
 def decode_text(data: bytes, where: str, line_in_where: bool = False) -> str:
