@@ -125,7 +125,7 @@ def _unit_hash(text: str) -> float:
 
 
 def fingerprint(files: Sequence[str], options: dict) -> str:
-    digest = hashlib.sha256(json.dumps({**options, "reader": documents.READER_VERSION}, sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
     for path in files:
         with open(path, "rb") as f:
             digest.update(hashlib.sha256(f.read()).digest())
@@ -145,7 +145,10 @@ logging.get_absl_logger().addFilter(_DropCustomConfigWarning())
 def builder(name: str, files: Sequence[str], options: dict, data_dir: str) -> TextFiles:
     """The builder of corpus `name`; `download_and_prepare()` writes it once per content."""
     files = tuple(os.path.abspath(f) for f in files)
-    config = TextFilesConfig(name=f"{name}_{fingerprint(files, options)}", files=files,
+    # The reader's version names the build (and so its token cache), not the corpus: a
+    # run's record of its corpus (content fingerprints) stays valid across reader changes.
+    built_by = {**options, "reader": documents.READER_VERSION}
+    config = TextFilesConfig(name=f"{name}_{fingerprint(files, built_by)}", files=files,
                              options=json.dumps(options, sort_keys=True))
     return TextFiles(config=config, data_dir=data_dir, file_format="array_record")
 
