@@ -30,6 +30,7 @@ from absl import app, flags
 from lm import runs, runtime
 from lm.cli import exit_with_error, quiet_logging, reject_positional
 from lm.config import ConfigError
+from lm.data import documents
 from lm.evaluation import fairness, metrics, scoring, weat
 from lm.finetune.tasks import read_jsonl
 
@@ -64,8 +65,7 @@ def perplexity_of(loaded: runs.Loaded) -> dict[str, dict]:
     if _TEXT_FILE.value:
         if not os.path.exists(_TEXT_FILE.value):
             raise ConfigError(f"--text_file={_TEXT_FILE.value} does not exist. Fix: give a UTF-8 text file.")
-        with open(_TEXT_FILE.value, encoding="utf-8") as f:
-            text = f.read()
+        text = documents.read_text(_TEXT_FILE.value)  # CRLF, CR, a byte-order mark: the same text
         out[f"perplexity/{os.path.basename(_TEXT_FILE.value)}"] = scoring.perplexity(
             loaded, loaded.tokenizer.encode(text), len(text.encode("utf-8")), max_windows=_MAX_WINDOWS.value)
     return out
@@ -103,8 +103,7 @@ def generation_of(loaded: runs.Loaded) -> dict[str, dict]:
 def weat_of(loaded: runs.Loaded) -> dict[str, dict]:
     if not os.path.exists(_WEAT.value):
         raise ConfigError(f"--weat={_WEAT.value} does not exist. Fix: a JSON file with word lists X, Y, A, B.")
-    with open(_WEAT.value, encoding="utf-8") as f:
-        sets = json.load(f)
+    sets = json.loads(documents.read_text(_WEAT.value))
     embedding_VD = np.asarray(loaded.params["embed"]["embedding"], np.float32)
     vectors = {name: weat.word_vectors(embedding_VD, loaded.tokenizer.encode, sets[name]) for name in "XYAB"}
     return {"weat": weat.weat(vectors["X"], vectors["Y"], vectors["A"], vectors["B"])}

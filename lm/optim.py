@@ -8,6 +8,8 @@ import jax
 import ml_collections
 import optax
 
+from lm.model import param_kinds
+
 
 def schedule(optim: ml_collections.ConfigDict, train_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to `lr`, then cosine/linear decay to `final_lr`, constant,
@@ -29,8 +31,11 @@ def schedule(optim: ml_collections.ConfigDict, train_steps: int) -> optax.Schedu
 
 
 def decay_mask(params: Any) -> Any:
-    """True for matrices (kernels, embeddings); norms' scales and biases are not decayed."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """True for kernels and embedding tables; norm scales, norm biases and biases are not
+    decayed. Decided by what each parameter is (`lm.model.param_kinds`), never by its rank:
+    scanned layers make every norm scale 2-D. Raises `param_kinds.UnknownParameterError`
+    for a parameter name of no known kind."""
+    return param_kinds.decay_mask(params)
 
 
 def make(optim: ml_collections.ConfigDict, train_steps: int) -> optax.GradientTransformation:

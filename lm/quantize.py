@@ -15,23 +15,29 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-TABLES = ("embed", "pos_embed", "encoder_pos_embed", "decoder_pos_embed")
+from lm.model import param_kinds
+
+MATRICES = (param_kinds.Kind.KERNEL, param_kinds.Kind.TOKEN_EMBEDDING, param_kinds.Kind.POSITION_EMBEDDING)
 
 
 def _reduce_axes(path: tuple[str, ...], x: np.ndarray) -> tuple[int, ...]:
-    """The axes one scale covers: a table's row (one scale per token), a kernel's input
-    dimension (axis 0 of every lm kernel; one scale per output channel)."""
-    if any(key in TABLES for key in path):
-        return tuple(range(1, x.ndim))
-    return (0,)
+    """The axes one scale covers: a table's row (one scale per token), a kernel's first
+    input dimension (one scale per output channel), after any scanned `layers` axis (each
+    layer its own scales)."""
+    first = param_kinds.layer_axes(path)
+    if param_kinds.kind(path) is not param_kinds.Kind.KERNEL:
+        return tuple(range(first + 1, x.ndim))
+    return (first,)
 
 
 def quantize(params: Any) -> dict:
-    """{path: {"int8", "scale"}} for matrices and {path: array} for the rest (flat, "/"-joined)."""
+    """{path: {"int8", "scale"}} for matrices (kernels and embedding tables, by
+    `lm.model.param_kinds`, not by rank: a scanned norm scale is 2-D) and {path: array}
+    for the rest (flat, "/"-joined)."""
     out: dict[str, Any] = {}
     for path, x in traverse_util.flatten_dict(jax.tree.map(np.asarray, params)).items():
         key = "/".join(path)
-        if x.ndim < 2:
+        if param_kinds.kind(path) not in MATRICES:
             out[key] = x.astype(np.float32)
             continue
         x = x.astype(np.float32)

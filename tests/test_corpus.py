@@ -99,7 +99,7 @@ def test_hash_split_puts_a_document_in_the_same_split_whatever_else_is_in_the_co
 
 @pytest.mark.parametrize("content, message", [
     (b'{"text": "fine"}\n{"body": "no text field"}\n', r"bad\.jsonl:2 has no string field \"text\""),
-    (b'{"text": "fine"}\nnot json\n', r"bad\.jsonl:2 is not valid JSON"),
+    (b'{"text": "fine"}\nnot json\n', r"bad\.jsonl:2 is not JSON"),
     ('{"text": "café"}\n'.encode("latin-1"), r"bad\.jsonl:1 is not valid UTF-8"),
 ])
 def test_malformed_jsonl_names_the_line_and_the_fix(tmp_path, content, message):
@@ -172,3 +172,120 @@ def test_a_mixture_source_without_files_or_weight_is_a_config_error():
     config.data.sources = ml_collections.ConfigDict({"web": dict(files=("/no/such.jsonl",), weight=1.0)})
     with pytest.raises(ConfigError, match="matches no corpus file"):
         config_lib.validate(config)
+
+
+# --- encodings of the same text give the same documents (CRLF, CR, byte-order marks, UTF-16/32, .gz) ---
+
+def shakespeare_slice(chars: int = 12_000) -> str:
+    from lm.data import corpora
+    with open(corpora.path("tinyshakespeare"), encoding="utf-8") as f:
+        return f.read(chars)
+
+
+def encodings_of(text: str) -> dict[str, bytes]:
+    """The same text as Windows, classic Mac OS and BOM-marked files would hold it."""
+    crlf = text.replace("\n", "\r\n")
+    return {"lf": text.encode(), "crlf": crlf.encode(), "cr": text.replace("\n", "\r").encode(),
+            "utf8_bom": b"\xef\xbb\xbf" + text.encode(), "utf8_bom_crlf": b"\xef\xbb\xbf" + crlf.encode(),
+            "utf16le_bom_crlf": crlf.encode("utf-16"), "utf16be_bom": b"\xfe\xff" + text.encode("utf-16-be"),
+            "utf32_bom": text.encode("utf-32")}
+
+
+@pytest.mark.parametrize("unit", ["file", "paragraph", "line"])
+def test_a_text_file_gives_the_same_documents_whatever_its_line_endings_or_byte_order_mark(tmp_path, unit):
+    text = shakespeare_slice(3_000)
+    read = {}
+    for name, data in encodings_of(text).items():
+        for suffix, compress in ((".txt", bytes), (".txt.gz", gzip.compress)):
+            path = tmp_path / f"{name}{suffix}"
+            path.write_bytes(compress(data))
+            read[path.name] = [d.text for d in read_documents(str(path), unit)]
+    expected = read["lf.txt"]
+    assert len(expected) == {"file": 1, "paragraph": text.count("\n\n") + 1, "line": len(text.splitlines())
+                             - text.count("\n\n")}[unit]
+    assert all("\r" not in doc and "\ufeff" not in doc for doc in expected)
+    assert {name: docs for name, docs in read.items() if docs != expected} == {}
+
+
+def test_a_jsonl_file_gives_the_same_documents_whatever_its_line_endings_or_byte_order_mark(tmp_path):
+    texts = [p for p in shakespeare_slice(3_000).split("\n\n") if p.strip()]
+    lines = lambda docs, end: "".join(json.dumps({"text": t}) + end for t in docs)
+    variants = {
+        "lf": lines(texts, "\n").encode(),
+        "crlf_lines_and_values": lines([t.replace("\n", "\r\n") for t in texts], "\r\n").encode(),
+        "cr_lines_and_values": lines([t.replace("\n", "\r") for t in texts], "\r").encode(),
+        "utf8_bom": b"\xef\xbb\xbf" + lines(texts, "\n").encode(),
+        "utf16_bom_crlf": lines(texts, "\r\n").encode("utf-16"),
+    }
+    read = {}
+    for name, data in variants.items():
+        for suffix, compress in ((".jsonl", bytes), (".jsonl.gz", gzip.compress)):
+            (tmp_path / f"{name}{suffix}").write_bytes(compress(data))
+            read[name + suffix] = [(d.text, d.source.rsplit(":", 1)[1])
+                                   for d in read_documents(str(tmp_path / f"{name}{suffix}"))]
+    assert [text for text, _ in read["lf.jsonl"]] == texts
+    assert {name: docs for name, docs in read.items() if docs != read["lf.jsonl"]} == {}  # line numbers too
+
+
+def test_utf16_without_a_byte_order_mark_is_named_as_such_not_read_as_text_full_of_nuls(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(shakespeare_slice(500).encode("utf-16-le"))
+    with pytest.raises(CorpusError, match=r"notes\.txt looks like UTF-16 or UTF-32 without a byte-order mark.*Fix"):
+        list(read_documents(str(path)))
+
+
+def test_an_invalid_byte_is_reported_at_its_line_in_crlf_and_utf16_files_too(tmp_path):
+    (tmp_path / "crlf.txt").write_bytes(b"one\r\ntwo\r\ncaf\xe9\r\n")
+    (tmp_path / "utf16.txt").write_bytes("one\ntwo\n".encode("utf-16") + b"\x00\xd8")  # an unpaired surrogate
+    with pytest.raises(CorpusError, match=r"crlf\.txt is not valid UTF-8 \(line 3, byte 13.*Fix"):
+        list(read_documents(str(tmp_path / "crlf.txt")))
+    with pytest.raises(CorpusError, match=r"utf16\.txt is not valid UTF-16 \(line 3, .*Fix"):
+        list(read_documents(str(tmp_path / "utf16.txt")))
+
+
+@pytest.mark.parametrize("unit, split", [("file", "tail"), ("paragraph", "tail"), ("line", "tail"),
+                                         ("paragraph", "hash"), ("line", "hash")])
+def test_crlf_and_bom_copies_of_a_corpus_build_the_same_documents_report_and_tokens(tmp_path, unit, split):
+    """The issue's input: a CRLF .txt with unit="paragraph" was one document, so the hash
+    split left "the validation split is empty"; unit="line" kept a \\r on every line."""
+    text = shakespeare_slice()
+    copies = {"lf": text.encode(), "crlf": text.replace("\n", "\r\n").encode(), "bom": b"\xef\xbb\xbf" + text.encode()}
+    built = {}
+    for name, data in copies.items():
+        (tmp_path / f"{name}.txt").write_bytes(data)
+        config = corpus_config(tmp_path, [tmp_path / f"{name}.txt"], data__name=name, data__unit=unit,
+                               data__split=split, data__validation_fraction=0.1)
+        corpus = pipeline.prepare(config, str(tmp_path / f"{name}_{unit}_tokenizer.json"))
+        report, texts = built_texts(config)
+        built[name] = dict(texts=texts, report=report, tokenizer=corpus.tokenizer.to_json(),
+                           tokens={split: corpus.tokens[split].tolist() for split in ("train", "validation")})
+    lf = built["lf"]
+    # The tail split cuts the file in two; paragraphs and lines are many documents (CRLF made one).
+    assert len(lf["texts"]) == 2 if unit == "file" else len(lf["texts"]) > 50
+    assert lf["report"]["splits"]["validation"]["documents"] >= 1
+    assert not any("\r" in t or "\ufeff" in t for t in lf["texts"])
+    for name in ("crlf", "bom"):
+        for key in ("texts", "report", "tokenizer", "tokens"):
+            assert built[name][key] == lf[key], f"{name}: {key}"
+
+
+def test_fine_tuning_evaluation_and_results_files_are_read_the_same_whatever_their_line_endings(tmp_path):
+    from lm.data.documents import read_text
+    from lm.finetune.tasks import read_jsonl
+    from lm.scaling.results import read_rows
+
+    rows = [{"prompt": "Speak:\nwho goes there?", "response": "A friend.\n", "choices": ["a\nb", "c"]},
+            {"text": "Before we proceed", "label": "citizen"}]
+    lf = "".join(json.dumps(r) + "\n" for r in rows)
+    windows = "".join(json.dumps(r).replace("\\n", "\\r\\n") + "\r\n" for r in rows)  # CRLF in values too
+    table = "parameters,tokens,val_loss\n1000,20000,3.5\n2000,40000,3.1\n"
+    for name, data in {"lf": lf.encode(), "bom_crlf": b"\xef\xbb\xbf" + windows.encode(),
+                       "utf16": windows.encode("utf-16")}.items():
+        (tmp_path / f"{name}.jsonl").write_bytes(data)
+        assert read_jsonl(str(tmp_path / f"{name}.jsonl")) == rows, name  # lm.finetune, lm.evaluate's row files
+    for name, data in {"lf": table.encode(), "excel": b"\xef\xbb\xbf" + table.replace("\n", "\r\n").encode()}.items():
+        (tmp_path / f"{name}.csv").write_bytes(data)
+        assert read_rows(str(tmp_path / f"{name}.csv"))[0] == {"parameters": "1000", "tokens": "20000",
+                                                               "val_loss": "3.5"}, name
+        (tmp_path / f"{name}.txt").write_bytes(data)
+        assert read_text(str(tmp_path / f"{name}.txt")) == table  # lm.evaluate --text_file, --weat

@@ -1,13 +1,23 @@
 """Learning-rate schedules and AdamW's weight-decay mask."""
 
+import dataclasses
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 
 from helpers import tiny_config
 from lm import optim
+from lm.finetune import optim as finetune_optim
+from lm.finetune import tasks
+from lm.configs.finetune import base as finetune_base
+from lm.model import FAMILIES, ModelConfig, build, param_kinds, presets
+from lm.model.counting import abstract_params
+from lm.model.layers import LoRA
 
 
 def lr(config, step):
@@ -38,20 +48,21 @@ def test_rsqrt_decays_as_inverse_square_root_of_the_step():
 
 def test_weight_decay_shrinks_matrices_but_not_norms_or_biases():
     c = tiny_config(optim__lr=0.1, optim__weight_decay=0.5, optim__warmup_steps=0, optim__schedule="constant")
-    params = {"kernel": jnp.ones((3, 4)), "embedding": jnp.ones((5, 3)), "scale": jnp.ones(3), "bias": jnp.ones(4)}
+    params = {"wo": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)}, "embed": {"embedding": jnp.ones((5, 3))},
+              "final_norm": {"scale": jnp.ones(3)}}
     tx = optim.make(c.optim, c.train.steps)
     zero_grads = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero_grads, tx.init(params), params)
-    assert np.allclose(updates["kernel"], -0.1 * 0.5) and np.allclose(updates["embedding"], -0.1 * 0.5)
-    assert np.all(updates["scale"] == 0) and np.all(updates["bias"] == 0)
+    assert np.allclose(updates["wo"]["kernel"], -0.1 * 0.5) and np.allclose(updates["embed"]["embedding"], -0.1 * 0.5)
+    assert np.all(updates["final_norm"]["scale"] == 0) and np.all(updates["wo"]["bias"] == 0)
 
 
 def test_gradients_are_clipped_to_the_global_norm_before_adamw():
     clipped = tiny_config(optim__grad_clip=1.0, optim__warmup_steps=0, optim__schedule="constant")
     unclipped = tiny_config(optim__grad_clip=0.0, optim__warmup_steps=0, optim__schedule="constant")
-    params = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(3)}
-    large = {"w": jnp.full((2, 2), 3.0), "b": jnp.array([4.0, 0.0, 0.0])}  # global norm 7.2: clipped
-    small = {"w": jnp.full((2, 2), 0.1), "b": jnp.array([0.2, 0.1, 0.0])}  # norm < 1: untouched
+    params = {"kernel": jnp.zeros((2, 2)), "bias": jnp.zeros(3)}
+    large = {"kernel": jnp.full((2, 2), 3.0), "bias": jnp.array([4.0, 0.0, 0.0])}  # global norm 7.2: clipped
+    small = {"kernel": jnp.full((2, 2), 0.1), "bias": jnp.array([0.2, 0.1, 0.0])}  # norm < 1: untouched
     unit = jax.tree.map(lambda x: x / float(optax.tree.norm(large)), large)
 
     def second_update(config, first, second):
@@ -64,3 +75,120 @@ def test_gradients_are_clipped_to_the_global_norm_before_adamw():
         np.testing.assert_allclose(a, b, rtol=1e-5)
     without_clipping = second_update(unclipped, large, small)
     assert not np.allclose(without_clipping[1], second_update(clipped, large, small)[1], rtol=1e-3)
+
+
+# --- what is decayed: kernels and embedding tables, decided by what a parameter is ---
+
+def flat(tree) -> dict:
+    return traverse_util.flatten_dict(tree)
+
+
+def decayed_paths(mask) -> set:
+    return {path for path, decays in flat(mask).items() if decays}
+
+
+def maps_to_or_from_the_model_dimension(box: nn.Partitioned) -> bool:
+    """The spec, read from the logical axes (not the names, not the rank): a kernel or an
+    embedding table has an `embed` axis and another (besides a scan's `layers`); norm
+    parameters have only `norm`, a bias only its layer's output axes."""
+    axes = [a for a in box.names if a != "layers"]
+    return "embed" in axes and len(axes) >= 2
+
+
+def boxed_params(cfg: ModelConfig):
+    return abstract_params(build(cfg), 8)
+
+
+def expected_decayed(boxed) -> set:
+    leaves = traverse_util.flatten_dict(boxed, is_leaf=lambda _, x: isinstance(x, nn.Partitioned))
+    return {path for path, box in leaves.items() if maps_to_or_from_the_model_dimension(box)}
+
+
+def test_issue_repro_a_scanned_norm_scale_is_not_decayed_and_kernels_are():
+    cfg = ModelConfig(vocab_size=64, max_len=16, num_layers=2, num_heads=2, d_model=32, head_dim=16, d_ff=64,
+                      use_bias=True, scan_layers=True)
+    shapes = nn.meta.unbox(boxed_params(cfg))
+    params = jax.tree.map(lambda s: jnp.full(s.shape, 2.0, s.dtype), shapes)
+    assert params["layers"]["attn_norm"]["scale"].ndim == 2  # stacked: a rank rule would decay it
+    mask = optim.decay_mask(params)
+    assert mask["layers"]["attn_norm"]["scale"] is False and mask["layers"]["attn"]["qkv"]["bias"] is False
+    assert mask["layers"]["attn"]["qkv"]["kernel"] is True and mask["embed"]["embedding"] is True
+
+    # The optimizer applies it: with zero gradients only decayed parameters move (by -lr * wd * p).
+    c = tiny_config(optim__lr=0.1, optim__weight_decay=0.5, optim__warmup_steps=0, optim__schedule="constant")
+    tx = optim.make(c.optim, c.train.steps)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    for path, update in flat(updates).items():
+        expected = -0.1 * 0.5 * flat(params)[path] if flat(mask)[path] else jnp.zeros_like(update)
+        np.testing.assert_allclose(update, expected, rtol=1e-6, err_msg="/".join(path))
+
+
+def test_the_presets_cover_every_model_family():
+    assert {settings["family"] for settings in presets.PRESETS.values()} == set(FAMILIES)
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("preset", list(presets.PRESETS))
+def test_decayed_parameters_are_exactly_the_kernels_and_embedding_tables(preset, scan_layers, use_bias):
+    cfg = dataclasses.replace(presets.model_config(preset), scan_layers=scan_layers, use_bias=use_bias)
+    boxed = boxed_params(cfg)
+    params = nn.meta.unbox(boxed)
+    expected = expected_decayed(boxed)
+    spared = set(flat(params)) - expected
+    assert expected and spared
+    if scan_layers or use_bias:  # the cases a rank rule gets wrong are present
+        assert any(flat(params)[path].ndim >= 2 for path in spared)
+
+    assert decayed_paths(optim.decay_mask(params)) == expected  # pretraining
+
+    # Fine-tuning's tree: the backbone, a classification head and LoRA adapters on every dense layer.
+    lora_cfg = dataclasses.replace(cfg, lora=LoRA(rank=4, alpha=8.0, targets="."))
+    inputs = (jnp.zeros((1, 8), jnp.int32),) * (2 if cfg.family == "encoder_decoder" else 1)
+    adapters = jax.eval_shape(build(lora_cfg).init, jax.random.key(0), *inputs)["lora"]
+    head = jax.eval_shape(lambda: tasks.init_head(jax.random.key(0), cfg.d_model, 3))
+    tree = {"backbone": params, "head": head, "lora": adapters}
+    for method in finetune_optim.METHODS:
+        trainable, _ = finetune_optim.partition(tree, finetune_optim.trainable_mask(tree, method, ""))
+        kernels_and_tables = {("backbone",) + p for p in expected} | {("head", "kernel")} | {
+            ("lora",) + p for p in flat(adapters)}  # LoRA's A and B are low-rank kernels
+        assert decayed_paths(finetune_optim.decay_mask(trainable)) == kernels_and_tables & set(flat(trainable))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("variant", [
+    dict(positions="learned", tie_embeddings=False, norm="layernorm", activation="gelu", use_bias=True),
+    dict(positions="rope", tie_embeddings=True, norm="rmsnorm", activation="swiglu", num_kv_heads=1),
+])
+def test_every_parameter_the_model_can_create_has_a_kind(family, variant):
+    cfg = ModelConfig(vocab_size=64, max_len=16, num_layers=2, num_heads=2, d_model=32, head_dim=16, d_ff=64,
+                      family=family, **variant)
+    boxed = boxed_params(cfg)
+    kinds = flat(param_kinds.kinds(nn.meta.unbox(boxed)))
+    assert {path for path, k in kinds.items() if k.decayed} == expected_decayed(boxed)
+    if variant["positions"] == "learned":  # position tables are embedding tables, decayed
+        tables = {path[-1] for path, k in kinds.items() if k is param_kinds.Kind.POSITION_EMBEDDING}
+        assert tables == ({"encoder_pos_embed", "decoder_pos_embed"} if family == "encoder_decoder" else {"pos_embed"})
+
+
+@pytest.mark.parametrize("path", [("layers", "ln_1", "weight"), ("attn", "rel_bias_table"), ("scale",),
+                                  ("layers", "attn", "scale")])
+def test_a_parameter_of_no_known_kind_fails_loudly(path):
+    with pytest.raises(param_kinds.UnknownParameterError, match=f"{'/'.join(path)}.*no known kind.*Fix"):
+        optim.decay_mask(traverse_util.unflatten_dict({path: jnp.ones((2, 3))}))
+
+
+def test_fine_tuning_decays_the_head_kernel_and_lora_factors_but_not_norms_or_biases():
+    ft = finetune_base.get_config().finetune
+    ft.update(dict(learning_rate=0.1, weight_decay=0.5, warmup_steps=0, steps=10, layer_decay=1.0,
+                   unfreeze_every=0, grad_clip=1.0))
+    trainable = {"backbone": {"layers": {"mlp_norm": {"scale": jnp.ones((2, 4)), "bias": jnp.ones((2, 4))},
+                                         "mlp": {"wi": {"kernel": jnp.ones((2, 4, 8)), "bias": jnp.ones((2, 8))}}}},
+                 "head": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)},
+                 "lora": {"layers": {"mlp": {"wi": {"a": jnp.ones((2, 4, 2)), "b": jnp.ones((2, 2, 8))}}}}}
+    tx = finetune_optim.make(trainable, 2, ft)
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    state = tx.update(zeros, tx.init(trainable), trainable)[1]  # step 0 is warmup's zero rate
+    updates, _ = tx.update(zeros, state, trainable)
+    moved = {"/".join(path) for path, u in flat(updates).items() if np.any(u != 0)}
+    assert moved == {"backbone/layers/mlp/wi/kernel", "head/kernel", "lora/layers/mlp/wi/a", "lora/layers/mlp/wi/b"}

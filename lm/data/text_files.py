@@ -10,8 +10,9 @@ Validation is either the tail of each file (`split="tail"`: the last
 nanoGPT's split of tiny Shakespeare) or chosen by document hash (`split="hash"`: stable
 under reordering, adding or removing other documents).
 
-The dataset's config name carries a fingerprint of the files' contents and of every
-option, so a change builds a new dataset instead of reusing a stale one. TFDS writes
+The dataset's config name carries a fingerprint of the files' contents, of every
+option and of the reader's version (`documents.READER_VERSION`), so a change builds a
+new dataset (and token cache) instead of reusing a stale one. TFDS writes
 into a temporary directory and renames it only on success, so a failed build leaves
 nothing that looks complete.
 """
@@ -112,8 +113,7 @@ def _documents_with_splits(files: Sequence[str], options: dict) -> Iterator[tupl
             cut = int(len(docs) * (1.0 - fraction))
             yield from ((doc, "train" if i < cut else "validation") for i, doc in enumerate(docs))
         else:
-            text = documents.normalize(documents.decode_utf8(documents.read_bytes(path), path),
-                                       options["normalize"])
+            text = documents.normalize(documents.read_text(path), options["normalize"])
             cut = int(len(text) * (1.0 - fraction))
             for split, part in (("train", text[:cut]), ("validation", text[cut:])):
                 yield from ((Document(t, path), split) for t in documents.split_units(part, options["unit"]))
@@ -145,7 +145,10 @@ logging.get_absl_logger().addFilter(_DropCustomConfigWarning())
 def builder(name: str, files: Sequence[str], options: dict, data_dir: str) -> TextFiles:
     """The builder of corpus `name`; `download_and_prepare()` writes it once per content."""
     files = tuple(os.path.abspath(f) for f in files)
-    config = TextFilesConfig(name=f"{name}_{fingerprint(files, options)}", files=files,
+    # The reader's version names the build (and so its token cache), not the corpus: a
+    # run's record of its corpus (content fingerprints) stays valid across reader changes.
+    built_by = {**options, "reader": documents.READER_VERSION}
+    config = TextFilesConfig(name=f"{name}_{fingerprint(files, built_by)}", files=files,
                              options=json.dumps(options, sort_keys=True))
     return TextFiles(config=config, data_dir=data_dir, file_format="array_record")
 

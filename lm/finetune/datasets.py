@@ -22,7 +22,7 @@ import string
 import ml_collections
 
 from lm.config import ConfigError
-from lm.data import corpora
+from lm.data import corpora, documents
 from lm.finetune.tasks import read_jsonl
 
 SPLITS = ("train", "validation", "test")
@@ -63,8 +63,7 @@ def split_of(index: int) -> str:
 
 
 def _corpus_text() -> str:
-    with open(corpora.path("tinyshakespeare"), encoding="utf-8") as f:
-        return f.read()
+    return documents.read_text(corpora.path("tinyshakespeare"))
 
 
 def shakespeare_word_order(max_examples: int = 0, seed: int = 0) -> dict[str, list[dict]]:

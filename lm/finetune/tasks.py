@@ -11,7 +11,6 @@ and their losses.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable
 
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm.config import ConfigError
+from lm.data import documents
 from lm.data.tokenizers import Tokenizer
 from lm.objectives.causal import weighted_cross_entropy
 
@@ -47,18 +47,16 @@ class Split:
 
 
 def read_jsonl(path: str) -> list[dict]:
+    """The rows of a JSONL file (or `.jsonl.gz`), read as corpora are
+    (`lm.data.documents.read_jsonl`: CRLF, lone CR, a byte-order mark and UTF-16/32 with one
+    give the same rows as LF UTF-8, string values included)."""
     if not os.path.exists(path):
         raise ConfigError(f"{path} does not exist. Fix: point the task's *_file at a JSONL file, one example "
                           "per line.")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{path}:{number} is not JSON ({e.msg}). Fix: one JSON object per line.")
-    return rows
+    try:
+        return [row for _, row in documents.read_jsonl(path)]
+    except documents.CorpusError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _require_fields(rows: list[dict], fields: tuple[str, ...], kind: str) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
+import io
 import os
 
 import numpy as np
 
 from lm.config import ConfigError
+from lm.data import documents
 from lm.scaling import laws
 
 
@@ -28,10 +29,14 @@ class Columns:
 def read_rows(path: str) -> list[dict]:
     if not os.path.exists(path):
         raise ConfigError(f"the results table {path} does not exist. Fix: run lm.sweep first, or check the path.")
-    with open(path, encoding="utf-8") as f:
+    # Read as corpora are: a spreadsheet's CSV often starts with a byte-order mark (which
+    # would otherwise prefix the first column's name) and ends its lines with CRLF.
+    try:
         if path.endswith(".jsonl"):
-            return [json.loads(line) for line in f if line.strip()]
-        return list(csv.DictReader(f))
+            return [row for _, row in documents.read_jsonl(path)]
+        return list(csv.DictReader(io.StringIO(documents.read_text(path))))
+    except documents.CorpusError as e:
+        raise ConfigError(str(e)) from None
 
 
 def to_runs(rows: list[dict], path: str, columns: Columns = Columns(), drop_highest: int = 0) -> laws.Runs:

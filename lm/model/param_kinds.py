@@ -1,0 +1,141 @@
+"""What each parameter IS (kernel, embedding table, norm scale, bias, LoRA factor), from its path.
+
+One classification for every consumer: AdamW's weight-decay mask (`lm.optim`,
+`lm.finetune.optim`), int8 quantization (`lm.quantize`: matrices only), and whatever
+else groups parameters (per-kind learning rates, pipeline stages). It reads a
+parameter's path of names, never its rank: with `model.scan_layers` every parameter
+gains a leading `layers` axis (`layer_axes` counts it), so a norm's scale is 2-D, and a
+fused qkv bias is 3-D even unscanned; a rule on `ndim` decays them all.
+
+Paths are tuples of keys from the tree's root, e.g. ("layers", "attn_norm", "scale") or,
+in fine-tuning's tree {"backbone", "head", "lora"}, ("backbone", "layer_0", "attn", "qkv",
+"kernel"). The rules, from the names `lm.model` gives its parameters:
+
+| kind               | path ends in                          | decayed |
+|--------------------|---------------------------------------|---------|
+| KERNEL             | `kernel` (dense layers, `unembed`, a fine-tuning head) | yes |
+| TOKEN_EMBEDDING    | `embedding` (the token table, tied or not)             | yes |
+| POSITION_EMBEDDING | `pos_embed`, `encoder_pos_embed`, `decoder_pos_embed`  | yes |
+| LORA               | `a` or `b` under a `lora` key (the adapters' collection) | yes |
+| NORM_SCALE         | `*norm/scale` (LayerNorm, RMSNorm)                     | no  |
+| NORM_BIAS          | `*norm/bias` (LayerNorm)                               | no  |
+| BIAS               | `bias` of a dense layer or head, `mlm_bias`            | no  |
+
+Learned position embeddings are decayed: a [position, embed] table is an embedding
+table like the token one, and nanoGPT (GPT-2's recipe), Megatron-LM and Hugging Face's
+Trainer all decay it. They are a kind of their own, so a parameter group that prefers
+not to decay them (as some codebases do) can tell them apart. LoRA adapters (Hu et al.,
+2021) are decayed: A [in, rank] and B [rank, out] are low-rank factors of a kernel's
+update, and decay pulls W + (alpha/rank) A B back toward the pretrained W. The LoRA
+paper's GPT-2 runs decay them (0.01), as PEFT under Hugging Face's Trainer does. Norm
+scales, norm biases and biases are never decayed (BERT's optimizer, nanoGPT): decay
+would pull a scale toward 0 rather than its identity value 1, and a bias adds no
+capacity that needs regularising.
+
+An unknown name raises `UnknownParameterError`: a new layer cannot be decayed (or
+spared) by accident; it must be named as above or given a rule here.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+
+
+class Kind(str, enum.Enum):
+    """What a parameter is; `decayed` says whether AdamW's weight decay applies to it."""
+
+    KERNEL = "kernel"
+    TOKEN_EMBEDDING = "token_embedding"
+    POSITION_EMBEDDING = "position_embedding"
+    LORA = "lora"
+    NORM_SCALE = "norm_scale"
+    NORM_BIAS = "norm_bias"
+    BIAS = "bias"
+
+    @property
+    def decayed(self) -> bool:
+        return self in _DECAYED
+
+
+_DECAYED = frozenset({Kind.KERNEL, Kind.TOKEN_EMBEDDING, Kind.POSITION_EMBEDDING, Kind.LORA})
+POSITION_TABLES = ("pos_embed", "encoder_pos_embed", "decoder_pos_embed")  # lm.model.transformer.embed_inputs
+
+
+class UnknownParameterError(ValueError):
+    """A parameter whose name says nothing this module knows; the message names it and the fix."""
+
+
+def kind(path: Sequence[str]) -> Kind:
+    """The kind of the parameter at `path` (its keys from the tree's root; see the module
+    docstring for the rules). Raises `UnknownParameterError` for a name it does not know."""
+    path = tuple(str(key) for key in path)
+    if not path:
+        raise UnknownParameterError("an empty parameter path has no kind. Fix: pass the keys from the tree's root.")
+    name, parent = path[-1], path[-2] if len(path) > 1 else ""
+    if "lora" in path[:-1] and name in ("a", "b"):
+        return Kind.LORA
+    if name == "kernel":
+        return Kind.KERNEL
+    if name == "embedding":
+        return Kind.TOKEN_EMBEDDING
+    if name in POSITION_TABLES:
+        return Kind.POSITION_EMBEDDING
+    if parent.endswith("norm") and name in ("scale", "bias"):
+        return Kind.NORM_SCALE if name == "scale" else Kind.NORM_BIAS
+    if name in ("bias", "mlm_bias"):
+        return Kind.BIAS
+    raise UnknownParameterError(
+        f"parameter {'/'.join(path)!r} is of no known kind, so whether weight decay applies to it is not "
+        "known. Fix: name it as lm.model.param_kinds expects (a dense layer's 'kernel' and 'bias', an "
+        "embedding's 'embedding', a norm module named '*norm' with 'scale'/'bias'), or add a rule there.")
+
+
+SCANNED_LAYERS = ("layers", "encoder_layers", "decoder_layers")  # lm.model.transformer.run_blocks' nn.scan names
+
+
+def layer_axes(path: Sequence[str]) -> int:
+    """How many leading axes of the parameter at `path` stack layers: 1 under a scanned
+    stack (`layers`, `encoder_layers`, `decoder_layers`, with `model.scan_layers`), else 0.
+    A kernel's own axes (input dimensions first) follow them."""
+    return int(any(str(key) in SCANNED_LAYERS for key in path))
+
+
+def decayed(path: Sequence[str]) -> bool:
+    """Whether AdamW's weight decay applies to the parameter at `path` (kernels, embedding
+    tables and LoRA factors: yes; norm scales, norm biases and biases: no)."""
+    return kind(path).decayed
+
+
+def path_names(keypath: Sequence[Any]) -> tuple[str, ...]:
+    """A `jax.tree_util` key path as plain names: ("layers", "attn_norm", "scale")."""
+    names = []
+    for key in keypath:
+        for attribute in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
+            if hasattr(key, attribute):
+                names.append(str(getattr(key, attribute)))
+                break
+        else:
+            names.append(str(key))
+    return tuple(names)
+
+
+def map_kinds(fn: Callable[[Kind], Any], params: Any) -> Any:
+    """`params` with each leaf replaced by fn(its kind). Leaves may be arrays, abstract
+    values or flax's boxed (logically partitioned) parameters; only their paths count."""
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+    return jax.tree_util.tree_map_with_path(lambda keypath, _: fn(kind(path_names(keypath))), params,
+                                            is_leaf=is_box)
+
+
+def kinds(params: Any) -> Any:
+    """The tree of `params` with each leaf's `Kind` (e.g. for optimizer parameter groups)."""
+    return map_kinds(lambda k: k, params)
+
+
+def decay_mask(params: Any) -> Any:
+    """The tree of `params` with True where weight decay applies (optax's `mask`)."""
+    return map_kinds(lambda k: k.decayed, params)
