@@ -92,7 +92,7 @@ def test_cli_fails_before_training_with_one_clear_message(tmp_path, flags, expec
 
 @pytest.mark.parametrize("name, content, flags, expected", [
     ("bad.jsonl", b'{"text": "fine"}\n{"body": "no text"}\n', [], 'bad.jsonl:2 has no string field "text"'),
-    ("latin.txt", "caf\u00e9\n".encode("latin-1") * 50, [], "latin.txt is not valid UTF-8 (byte 3"),
+    ("latin.txt", "caf\u00e9\n".encode("latin-1") * 50, [], "latin.txt is not valid UTF-8 (line 1, byte 3"),
     ("empty.txt", b"\n   \n\n", [], "survived cleaning"),
     ("small.txt", b"to be or not to be, that is the question\n" * 200,
      ["--config.data.tokenizer=sentencepiece", "--config.data.sentencepiece.vocab_size=50000"],
