@@ -523,8 +523,8 @@ class Engine:
                 raise RequestError(400, "a token-id prompt must hold at least one id.", param="prompt")
             bad = [i for i in prompt if not 0 <= i < tokenizer.vocab_size]
             if bad:
-                raise RequestError(400, f"token id {bad[0]} is outside the vocabulary [0, {tokenizer.vocab_size}).",
-                                   param="prompt", code="invalid_value")
+                raise RequestError(400, f"prompt holds token id {bad[0]}, outside the vocabulary "
+                                        f"[0, {tokenizer.vocab_size}).", param="prompt", code="invalid_value")
             ids = np.asarray(prompt, np.int32)
         if len(ids) > self.limits.max_prompt_tokens:
             raise RequestError(400, f"the prompt has {len(ids)} tokens; this server takes at most "
@@ -779,8 +779,8 @@ def make_app(loaded: Loaded, limits: Limits, model_name: str, api_key: str | Non
         check_model(body.model)
         bad = [i for i in body.tokens if i >= tokenizer.vocab_size]
         if bad:
-            raise RequestError(400, f"token id {bad[0]} is outside the vocabulary [0, {tokenizer.vocab_size}).",
-                               param="tokens", code="invalid_value")
+            raise RequestError(400, f"tokens holds token id {bad[0]}, outside the vocabulary "
+                                    f"[0, {tokenizer.vocab_size}).", param="tokens", code="invalid_value")
         return {"prompt": tokenizer.decode(body.tokens)}
 
     def response_head(chat: bool, stream: bool) -> dict:
