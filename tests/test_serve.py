@@ -231,6 +231,10 @@ def test_logit_bias_adds_to_the_logits(client, loaded):
     banned = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=5, temperature=0,
                                        logit_bias={str(first): -100})
     assert banned.choices[0].text[0] != plain[0]
+    # usage counts the tokens generated, not the text re-encoded: <pad> has no text.
+    pad = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=3, temperature=0,
+                                    logit_bias={str(loaded.tokenizer.pad_id): 100})
+    assert pad.choices[0].text == "" and pad.usage.completion_tokens == 3
 
 
 BAD_COMPLETIONS = [  # (field, value): each answered by a 400 naming the field
