@@ -564,10 +564,17 @@ class Engine:
         sequence; "length"). Text held back while a stop sequence may be forming is sent
         with its tokens once it cannot be; after a stop sequence, the tokens whose text
         starts at or after it are dropped (they are neither returned nor counted)."""
-        tokenizer = self.loaded.tokenizer
         job = Job(generation.ids, generation.max_tokens, generation.sampling, generation.bias_V, generation.seed,
                   asyncio.get_running_loop(), asyncio.Queue(), generation.score_prompt, generation.want_scores)
         self.batcher.submit(job)
+        try:
+            async for piece in self._pieces(job, generation):
+                yield piece
+        finally:  # also when the client goes away: the batcher frees the slot at its next step
+            job.finished = True
+
+    async def _pieces(self, job: Job, generation: Generation) -> AsyncIterator[Piece]:
+        tokenizer = self.loaded.tokenizer
         stop = generation.stop
         decoder = tokenizers.IncrementalDecoder(tokenizer)
         text, sent, finish, pending = "", 0, "length", []

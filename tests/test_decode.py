@@ -118,7 +118,8 @@ def test_presence_and_frequency_penalties_are_additive_on_generated_counts():
     seen_BV = jnp.ones((2, 4), bool)  # prompt tokens: the additive penalties ignore them
     sampling = decode.Sampling(temperature=0.0, presence_penalty=0.5, frequency_penalty=-0.25)
     out = decode.process_logits(logits_BV, seen_BV, sampling, count_BV)
-    np.testing.assert_allclose(out, [[2.0 + 0.75 - 0.5, -1.0 + 0.25 - 0.5, 0.5, 1.0], [2.0, -1.0, 0.5 + 0.5 - 0.5, 1.0]])
+    np.testing.assert_allclose(out, [[2.0 + 0.75 - 0.5, -1.0 + 0.25 - 0.5, 0.5, 1.0],
+                                     [2.0, -1.0, 0.5 + 0.5 - 0.5, 1.0]])
     rows = decode.Sampling(temperature=jnp.zeros(2), top_p=jnp.ones(2), repetition_penalty=jnp.ones(2),
                            presence_penalty=jnp.array([0.5, 0.0]), frequency_penalty=jnp.array([-0.25, 1.0]))
     np.testing.assert_allclose(decode.process_logits(logits_BV, seen_BV, rows, count_BV),
