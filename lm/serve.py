@@ -309,6 +309,8 @@ def validation_error(errors: list[dict], fields: dict[str, tuple[str, str]]) -> 
     if status == REFUSED:
         return RequestError(400, f"{param} is not supported by this server ({accepts}).", param=param,
                             code="unsupported_parameter")
+    if kind == "missing":
+        return RequestError(400, f"'{param}{where}' is required.", param=param, code="missing_required_parameter")
     shown = json.dumps(given)[:200] if _jsonable(given) else repr(given)[:200]
     hint = f" {param} accepts {accepts}." if accepts else ""
     return RequestError(400, f"Invalid value for '{param}{where}': {shown} ({error['msg']}).{hint}", param=param,
@@ -627,7 +629,7 @@ class Engine:
         return out
 
 
-_CONTROL_NAMES = {"pad_id": "<pad>", "eos_id": "<eos>", "unk_id": "<unk>"}
+_CONTROL_NAMES = {"eos_id": "<eos>", "pad_id": "<pad>", "unk_id": "<unk>"}  # eos first: pad may share its id
 
 
 def _token_text(tokenizer, token: int) -> tuple[str, bytes | None]:

@@ -274,6 +274,8 @@ def test_wrong_typed_unknown_or_unsupported_fields_get_a_400_naming_the_field(se
 
     status, error = post(server, "/v1/completions", b"{not json")
     assert status == 400 and "not valid JSON" in error["error"]["message"]
+    status, error = post(server, "/v1/completions", {"model": "tiny"})
+    assert status == 400 and error["error"]["param"] == "prompt" and "required" in error["error"]["message"]
     status, error = post(server, "/v1/completions", b"[1, 2]")
     assert status == 400 and "JSON object" in error["error"]["message"]
     status, error = post(server, "/v1/completions", completion | {"model": "gpt-4"})
