@@ -4,7 +4,8 @@
 (nanoGPT's approach): simple, exact, and able to run past the context by sliding it.
 `generate_cached` prefills the prompts into a KV cache and then runs one cached step
 per token: batched prompts of different lengths (left-padded, each row with its own
-positions), greedy, temperature, top-k, top-p and repetition penalty;
+positions), greedy, temperature, top-k, top-p, CTRL's repetition penalty and
+OpenAI's additive presence and frequency penalties;
 `generate_encoder_decoder` does the same for an encoder-decoder. `beam_search` (and
 `beam_search_encoder_decoder`) keep the best `beam_size` continuations with GNMT's
 length penalty.
@@ -132,21 +133,29 @@ def decode_documents(tokenizer, ids: np.ndarray, separator: str = "\n\n") -> str
 # --- KV-cache decoding ---------------------------------------------------------------
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["temperature", "top_p", "repetition_penalty"],
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["temperature", "top_p", "repetition_penalty", "presence_penalty",
+                                "frequency_penalty"],
                    meta_fields=["top_k"])
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """How the next token is chosen. temperature 0 is greedy; top_k 0 and top_p 1 keep
-    every token; repetition_penalty > 1 discourages tokens already in the row (CTRL).
+    every token; repetition_penalty > 1 discourages tokens already in the row, prompt
+    included (CTRL's multiplicative penalty); presence_penalty and frequency_penalty
+    (OpenAI's, additive, in [-2, 2]) lower a token's logit by
+    `count * frequency_penalty + (count > 0) * presence_penalty`, `count` being how often
+    the row has GENERATED it (the prompt does not count); negative values encourage repeats.
 
     Fields are Python numbers (one setting for the batch, a static argument of the jitted
-    decoders) or, for temperature, top_p and repetition_penalty, arrays [B] of one setting
-    per row (continuous batching mixes requests that sample differently)."""
+    decoders) or, for all but top_k, arrays [B] of one setting per row (continuous
+    batching mixes requests that sample differently)."""
 
     temperature: Any = 1.0
     top_k: int = 0
     top_p: Any = 1.0
     repetition_penalty: Any = 1.0
+    presence_penalty: Any = 0.0
+    frequency_penalty: Any = 0.0
 
     @property
     def per_row(self) -> bool:
@@ -162,13 +171,27 @@ class Sampling:
             problems.append(f"top_p={self.top_p} (must be in (0, 1])")
         if self.repetition_penalty <= 0:
             problems.append(f"repetition_penalty={self.repetition_penalty} (must be > 0)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                problems.append(f"{name}={getattr(self, name)} (must be in [-2, 2])")
         if problems:
             raise ValueError("bad sampling settings: " + ", ".join(problems))
 
 
-def process_logits(logits_BV: jax.Array, seen_BV: jax.Array, sampling: Sampling) -> jax.Array:
-    """Logits after the repetition penalty, temperature, top-k and top-p (nucleus) filters.
-    With Python-number settings, filters that keep everything are left out of the program."""
+def additive_penalties(logits_BV: jax.Array, count_BV: jax.Array, presence_B1: Any, frequency_B1: Any) -> jax.Array:
+    """OpenAI's presence and frequency penalties: `logits - count * frequency - (count > 0) * presence`,
+    `count_BV` (int [B, V]) being how often each row has generated each id so far.
+    Source: OpenAI API reference, "Parameter details" (frequency and presence penalties)."""
+    count_BV = count_BV.astype(jnp.float32)
+    return logits_BV - count_BV * frequency_B1 - (count_BV > 0) * presence_B1
+
+
+def process_logits(logits_BV: jax.Array, seen_BV: jax.Array, sampling: Sampling,
+                   count_BV: jax.Array | None = None) -> jax.Array:
+    """Logits [B, V] after the repetition penalty (on ids in `seen_BV`), the additive
+    presence/frequency penalties (on `count_BV`, each row's generated-id counts; None: no
+    tokens generated yet), temperature, top-k and top-p (nucleus) filters. With
+    Python-number settings, filters that keep everything are left out of the program."""
     logits_BV = logits_BV.astype(jnp.float32)
     rows = sampling.per_row
     column = (lambda v: jnp.asarray(v, jnp.float32)[:, None]) if rows else (lambda v: v)
@@ -176,6 +199,9 @@ def process_logits(logits_BV: jax.Array, seen_BV: jax.Array, sampling: Sampling)
         penalty_B1 = column(sampling.repetition_penalty)
         penalised = jnp.where(logits_BV > 0, logits_BV / penalty_B1, logits_BV * penalty_B1)
         logits_BV = jnp.where(seen_BV, penalised, logits_BV)
+    if count_BV is not None and (rows or sampling.presence_penalty != 0 or sampling.frequency_penalty != 0):
+        logits_BV = additive_penalties(logits_BV, count_BV, column(sampling.presence_penalty),
+                                       column(sampling.frequency_penalty))
     if not rows and sampling.temperature == 0:
         return logits_BV
     temperature_B1 = column(sampling.temperature)
@@ -254,8 +280,8 @@ def generate_cached(model: nn.Module, params: Any, tokens_BP: jax.Array, valid_B
     logits_BPV, cache = extend(model, params, init_cache(model, tokens_BP.shape[0]), tokens_BP, positions_BP,
                                valid_BP)
     seen_BV = seen_tokens(tokens_BP, valid_BP, logits_BPV.shape[-1])
-    return decode_steps(model, params, cache, logits_BPV[:, -1], positions_BP[:, -1] + 1, seen_BV, rng,
-                        max_new_tokens, sampling, text_vocab_size)
+    return decode_steps(model, params, cache, logits_BPV[:, -1], positions_BP[:, -1] + 1, seen_BV,
+                        jnp.zeros(seen_BV.shape, jnp.int32), rng, max_new_tokens, sampling, text_vocab_size)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling"))
@@ -268,8 +294,8 @@ def generate_encoder_decoder(model: nn.Module, params: Any, inputs_BS: jax.Array
     batch = inputs_BS.shape[0]
     logits_BV, cache = start_encoder_decoder(model, params, inputs_BS, valid_BS, start_id)
     seen_BV = jnp.zeros(logits_BV.shape, bool)
-    return decode_steps(model, params, cache, logits_BV, jnp.ones((batch,), jnp.int32), seen_BV, rng,
-                        max_new_tokens, sampling, text_vocab_size)
+    return decode_steps(model, params, cache, logits_BV, jnp.ones((batch,), jnp.int32), seen_BV,
+                        jnp.zeros(logits_BV.shape, jnp.int32), rng, max_new_tokens, sampling, text_vocab_size)
 
 
 def start_encoder_decoder(model: nn.Module, params: Any, inputs_BS: jax.Array, valid_BS: jax.Array,
@@ -284,17 +310,17 @@ def start_encoder_decoder(model: nn.Module, params: Any, inputs_BS: jax.Array, v
 
 
 def decode_steps(model: nn.Module, params: Any, cache: Any, logits_BV: jax.Array, position_B: jax.Array,
-                 seen_BV: jax.Array, rng: jax.Array, max_new_tokens: int, sampling: Sampling,
+                 seen_BV: jax.Array, count_BV: jax.Array, rng: jax.Array, max_new_tokens: int, sampling: Sampling,
                  text_vocab_size: int) -> tuple[jax.Array, jax.Array]:
     """`max_new_tokens` cached steps in one scan: (tokens [B, T], the logits each was chosen from [B, T, V])."""
 
     def one_token(carry, i):
-        cache, logits_BV, position_B, seen_BV = carry
-        token_B, *carry = advance(model, params, cache, logits_BV, position_B, seen_BV, jax.random.fold_in(rng, i),
-                                  sampling, text_vocab_size)
+        cache, logits_BV, position_B, seen_BV, count_BV = carry
+        token_B, *carry = advance(model, params, cache, logits_BV, position_B, seen_BV, count_BV,
+                                  jax.random.fold_in(rng, i), sampling, text_vocab_size)
         return tuple(carry), (token_B, logits_BV)
 
-    carry = (cache, logits_BV, position_B, seen_BV)
+    carry = (cache, logits_BV, position_B, seen_BV, count_BV)
     _, (tokens_TB, logits_TBV) = jax.lax.scan(one_token, carry, jnp.arange(max_new_tokens))
     return tokens_TB.T, jnp.swapaxes(logits_TBV, 0, 1)
 
@@ -306,16 +332,36 @@ def seen_tokens(tokens_BP: jax.Array, valid_BP: jax.Array, vocab: int) -> jax.Ar
 
 
 def advance(model: nn.Module, params: Any, cache: Any, logits_BV: jax.Array, position_B: jax.Array,
-            seen_BV: jax.Array, rng: jax.Array, sampling: Sampling, text_vocab_size: int):
-    """Chooses each row's next token from `logits_BV` (never an id past the text
-    vocabulary) and runs it through the cache: (token_B, cache, next logits, positions, seen)."""
+            seen_BV: jax.Array, count_BV: jax.Array, rng: jax.Array, sampling: Sampling, text_vocab_size: int,
+            bias_BV: jax.Array | None = None):
+    """Chooses each row's next token from `logits_BV` (plus `bias_BV`, an additive
+    per-id bias such as OpenAI's logit_bias; never an id past the text vocabulary) and
+    runs it through the cache: (token_B, cache, next logits, positions, seen, generated counts)."""
     vocab = logits_BV.shape[-1]
     limit = jnp.where(text_vocab_size > 0, text_vocab_size, vocab)
-    allowed_BV = jnp.where((jnp.arange(vocab) < limit)[None], logits_BV, -jnp.inf)
-    token_B = choose(process_logits(allowed_BV, seen_BV, sampling), rng, sampling)
+    biased_BV = logits_BV if bias_BV is None else logits_BV.astype(jnp.float32) + bias_BV
+    allowed_BV = jnp.where((jnp.arange(vocab) < limit)[None], biased_BV, -jnp.inf)
+    token_B = choose(process_logits(allowed_BV, seen_BV, sampling, count_BV), rng, sampling)
     batch = token_B.shape[0]
     next_B1V, cache = extend(model, params, cache, token_B[:, None], position_B[:, None], jnp.ones((batch, 1), bool))
-    return token_B, cache, next_B1V[:, 0], position_B + 1, seen_BV.at[jnp.arange(batch), token_B].set(True)
+    rows_B = jnp.arange(batch)
+    return (token_B, cache, next_B1V[:, 0], position_B + 1, seen_BV.at[rows_B, token_B].set(True),
+            count_BV.at[rows_B, token_B].add(1))
+
+
+def log_probabilities(logits_NV: jax.Array, token_N: jax.Array, k: int, text_vocab_size: int = 0
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The model's log-probabilities (log-softmax of raw logits, before any penalty,
+    bias or temperature; float32) at N positions: of `token_N` ([N]), and the `k` most
+    likely ids among those decoding may choose (below `text_vocab_size`; 0: every id):
+    (log p(token) [N], top ids int32 [N, k], their log p [N, k], most likely first).
+    Both come from one log-softmax, so a greedy token's log p equals the top entry exactly."""
+    log_p_NV = jax.nn.log_softmax(logits_NV.astype(jnp.float32), axis=-1)
+    chosen_N = jnp.take_along_axis(log_p_NV, token_N[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    vocab = log_p_NV.shape[-1]
+    limit = jnp.where(text_vocab_size > 0, text_vocab_size, vocab)
+    top_NK, ids_NK = jax.lax.top_k(jnp.where((jnp.arange(vocab) < limit)[None], log_p_NV, -jnp.inf), min(k, vocab))
+    return chosen_N, ids_NK.astype(jnp.int32), top_NK
 
 
 def check_fits(prompt_len: int, max_new_tokens: int, max_len: int) -> None:

@@ -4,27 +4,44 @@
 
 Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/completions` and
 `POST /v1/chat/completions` (a plain "User: ... / Assistant:" template), each with
-`"stream": true` for server-sent events. Requests that arrive within `--batch_window_ms`
-of an idle server start together; later ones join the running batch between steps
-(continuous batching over a KV cache, lm.slots).
-Bad requests get a 4xx with OpenAI's error body; the server keeps serving the others.
+`"stream": true` for server-sent events; and vLLM's tokenizer endpoints at the root
+(`GET /tokenizer_info`, `POST /tokenize`, `POST /detokenize`), with which the
+lm-evaluation-harness (`local-completions`) needs no Hugging Face tokenizer.
+
+Every request field of the `openai` client's request types is in `COMPLETION_FIELDS` or
+`CHAT_FIELDS`: implemented with OpenAI's semantics, accepted where its value changes
+nothing (n=1, store=false, ...) or by OpenAI's own definition does not change the output
+(user, metadata, ...), or refused. Bodies are validated by the pydantic models below
+(unknown keys and wrong types refused); every failure is a 400 with OpenAI's error body
+naming the field (`param`), and the server keeps serving the others.
+
+Requests that arrive within `--batch_window_ms` of an idle server start together; later
+ones join the running batch between steps (continuous batching over a KV cache, lm.slots).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import hmac
+import ipaddress
 import json
 import queue
+import re
 import secrets
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Annotated, Any, AsyncIterator, Literal, Union
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic_core import PydanticCustomError
+from starlette.exceptions import HTTPException
 
 from lm import decode, slots
 from lm.data import tokenizers
@@ -38,6 +55,7 @@ class Limits:
     max_concurrent: int = 64
     max_batch: int = 32
     batch_window_ms: float = 10.0
+    max_prompts: int = 32  # prompts one /v1/completions request may carry
 
 
 class RequestError(Exception):
@@ -52,27 +70,297 @@ class RequestError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+# --- The request schema ---------------------------------------------------------------
+#
+# One table per endpoint: every key of the pinned `openai` client's request TypedDict
+# (plus `stream`), its status here and what it accepts. A test checks that the tables
+# cover the installed client's keys and match the pydantic models field for field.
+
+IMPLEMENTED = "implemented"  # OpenAI's semantics
+NO_OP = "no-op values accepted"  # the values that change nothing; others refused
+NEUTRAL = "accepted, does not change the output"  # by OpenAI's own definition; ignored
+REFUSED = "refused"  # only null (or absent) accepted
+
+_SHARED_FIELDS = {
+    "model": (IMPLEMENTED, "the served model's id (another id: 404 model_not_found)"),
+    "frequency_penalty": (IMPLEMENTED, "a number in [-2, 2], subtracted from a token's logit once per time it "
+                                       "was generated (prompt tokens do not count)"),
+    "presence_penalty": (IMPLEMENTED, "a number in [-2, 2], subtracted from the logit of every token generated "
+                                      "at least once (prompt tokens do not count)"),
+    "logit_bias": (IMPLEMENTED, "an object {token id: bias in [-100, 100]}, added to those logits before "
+                                "sampling (not to the reported logprobs)"),
+    "n": (NO_OP, "1 (one choice per prompt)"),
+    "seed": (IMPLEMENTED, "an integer; the same seed gives the same text however requests are batched"),
+    "stop": (IMPLEMENTED, "a string or a list of at most 4 strings; the text ends before the first match"),
+    "stream": (IMPLEMENTED, "a boolean: server-sent events"),
+    "stream_options": (IMPLEMENTED, "with stream only: {include_usage: bool (a last chunk with usage and no "
+                                    "choices), include_obfuscation: bool (no-op: no padding field is sent)}"),
+    "temperature": (IMPLEMENTED, "a number in [0, 2]; 0 is greedy"),
+    "top_p": (IMPLEMENTED, "a number in [0, 1] (nucleus sampling; 0 keeps the most likely token)"),
+    "user": (NEUTRAL, "a string (an end-user id for abuse monitoring)"),
+}
+
+COMPLETION_FIELDS: dict[str, tuple[str, str]] = {
+    **_SHARED_FIELDS,
+    "prompt": (IMPLEMENTED, "a string, a list of strings, a list of token ids, or a list of token-id lists; "
+                            "one choice per prompt, `index` its position"),
+    "best_of": (NO_OP, "1 (one candidate per prompt)"),
+    "echo": (IMPLEMENTED, "a boolean: the prompt's text (and with logprobs its tokens) precede the completion"),
+    "logprobs": (IMPLEMENTED, "an integer in [0, 5]: per token its text, log-probability, that many most likely "
+                              "alternatives and its text offset"),
+    "max_tokens": (IMPLEMENTED, "an integer from 1 (0 with echo: score the prompt only) to --max_tokens_limit; "
+                                "prompt plus max_tokens must fit the context. Default 16"),
+    "suffix": (REFUSED, "null: inserting between a prompt and a suffix is not supported"),
+}
+
+CHAT_FIELDS: dict[str, tuple[str, str]] = {
+    **_SHARED_FIELDS,
+    "messages": (IMPLEMENTED, "a non-empty list of {role: system|developer|user|assistant, content: a string or "
+                              "a list of {type: text, text}}, rendered one 'Role: content' line each, then "
+                              "'Assistant:'"),
+    "logprobs": (IMPLEMENTED, "a boolean: each output token's log-probability, bytes and top_logprobs"),
+    "top_logprobs": (IMPLEMENTED, "an integer in [0, 20], with logprobs: true"),
+    "max_completion_tokens": (IMPLEMENTED, "an integer from 1 to --max_tokens_limit (wins over max_tokens)"),
+    "max_tokens": (IMPLEMENTED, "an integer from 1 to --max_tokens_limit. Default: as many as fit the context, "
+                                "at most --max_tokens_limit"),
+    "audio": (REFUSED, "null: no audio output"),
+    "function_call": (NO_OP, "'none' (no functions)"),
+    "functions": (REFUSED, "null: no function calling"),
+    "metadata": (NEUTRAL, "an object of strings (stored-completion tags)"),
+    "modalities": (NO_OP, "['text']"),
+    "moderation": (REFUSED, "null: no moderation model"),
+    "parallel_tool_calls": (REFUSED, "null: no tools"),
+    "prediction": (REFUSED, "null: no predicted outputs"),
+    "prompt_cache_key": (NEUTRAL, "a string (a cache-routing hint)"),
+    "prompt_cache_options": (NEUTRAL, "{mode: implicit|explicit, ttl: 30m} (a caching hint)"),
+    "prompt_cache_retention": (NEUTRAL, "'in_memory' or '24h' (a caching hint)"),
+    "reasoning_effort": (REFUSED, "null: not a reasoning model"),
+    "response_format": (NO_OP, "{type: text}; JSON modes are not supported"),
+    "safety_identifier": (NEUTRAL, "a string (an end-user id for abuse monitoring)"),
+    "service_tier": (NEUTRAL, "auto|default|flex|scale|priority|fast (a processing tier)"),
+    "store": (NO_OP, "false (completions are not stored)"),
+    "tool_choice": (NO_OP, "'none' (no tools)"),
+    "tools": (REFUSED, "null: no tool calling"),
+    "verbosity": (REFUSED, "null: no verbosity control"),
+    "web_search_options": (REFUSED, "null: no web search"),
+}
+
+
+def _only(value: Any):
+    """A validator accepting just `value` (strict types rule out 0 for false and the like)."""
+
+    def check(given):
+        if given != value:
+            raise PydanticCustomError("unsupported_value", f"only {json.dumps(value)} is supported")
+        return given
+
+    return AfterValidator(check)
+
+
+def _needs(param: str, message: str) -> PydanticCustomError:
+    """A whole-request check's failure, naming the field it is about."""
+    return PydanticCustomError("field_dependency", message, {"param": param})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+TokenId = Annotated[int, Field(ge=0)]
+
+
+class StreamOptions(_Strict):
+    include_usage: StrictBool | None = None
+    include_obfuscation: StrictBool | None = None
+
+
+class _Request(_Strict):
+    """The fields /v1/completions and /v1/chat/completions share."""
+
+    model: str
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    logit_bias: dict[Annotated[str, Field(pattern=r"^\d+$")], Annotated[float, Field(ge=-100, le=100)]] | None = None
+    n: Annotated[int, Field(ge=1, le=1)] | None = None
+    seed: int | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    stream: StrictBool | None = None
+    stream_options: StreamOptions | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise _needs("stream_options", "stream_options is only allowed when stream is true")
+        return self
+
+
+class CompletionRequest(_Request):
+    """A /v1/completions body (see COMPLETION_FIELDS)."""
+
+    prompt: Union[str, list[str], list[TokenId], list[list[TokenId]]]
+    best_of: Annotated[int, Field(ge=1, le=1)] | None = None
+    echo: StrictBool | None = None
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
+    suffix: None = None
+
+    @model_validator(mode="after")
+    def _zero_tokens_need_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise _needs("max_tokens", "max_tokens=0 is only allowed with echo: true (scoring the prompt)")
+        return self
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: None = None  # a participant's name would need a template that shows it
+
+
+class ResponseFormatText(_Strict):
+    type: Literal["text"]
+
+
+class PromptCacheOptions(_Strict):
+    mode: Literal["implicit", "explicit"] | None = None
+    ttl: Literal["30m"] | None = None
+
+
+class ChatRequest(_Request):
+    """A /v1/chat/completions body (see CHAT_FIELDS)."""
+
+    messages: Annotated[list[Message], Field(min_length=1)]
+    logprobs: StrictBool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=slots.TOP_K)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    audio: None = None
+    function_call: Literal["none"] | None = None
+    functions: None = None
+    metadata: dict[str, str] | None = None
+    modalities: list[Literal["text"]] | None = None
+    moderation: None = None
+    parallel_tool_calls: None = None
+    prediction: None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_options: PromptCacheOptions | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    reasoning_effort: None = None
+    response_format: ResponseFormatText | None = None
+    safety_identifier: str | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast"] | None = None
+    store: Annotated[StrictBool, _only(False)] | None = None
+    tool_choice: Literal["none"] | None = None
+    tools: None = None
+    verbosity: None = None
+    web_search_options: None = None
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise _needs("top_logprobs", "top_logprobs needs logprobs: true")
+        return self
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize body. lm adds no special tokens to text, so add_special_tokens adds nothing."""
+
+    prompt: str
+    add_special_tokens: StrictBool | None = None
+    model: str | None = None
+
+
+class DetokenizeRequest(_Strict):
+    tokens: list[TokenId]
+    model: str | None = None
+
+
+def validation_error(errors: list[dict], fields: dict[str, tuple[str, str]]) -> RequestError:
+    """OpenAI's 400 for the first pydantic error: `param` the top-level field, the message
+    saying what was wrong and what the field accepts."""
+    error = errors[0]
+    loc = [part for part in error["loc"] if part != "body"]
+    kind, given = error["type"], error.get("input")
+    if kind == "json_invalid":
+        return RequestError(400, f"the request body is not valid JSON ({error.get('ctx', {}).get('error', '')}).")
+    if kind == "field_dependency":  # a whole-request check: its loc is the body, its ctx names the field
+        return RequestError(400, f"{error['msg']}.", param=error["ctx"]["param"], code="invalid_value")
+    if not loc or isinstance(given, (bytes, bytearray)):
+        if kind == "missing" or isinstance(given, (bytes, bytearray)):
+            return RequestError(400, "the request needs a JSON object body sent with "
+                                     "`Content-Type: application/json`.")
+        return RequestError(400, "the request body must be a JSON object.")
+    param = str(loc[0])
+    if kind == "extra_forbidden" and len(loc) == 1:
+        return RequestError(400, f"Unrecognized request argument supplied: {param}", param=param,
+                            code="unknown_parameter")
+    status, accepts = fields.get(param, ("", ""))
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:] if isinstance(p, int) or
+                    p in _NESTED_FIELDS)
+    if status == REFUSED:
+        return RequestError(400, f"{param} is not supported by this server ({accepts}).", param=param,
+                            code="unsupported_parameter")
+    if kind == "missing":
+        return RequestError(400, f"'{param}{where}' is required.", param=param, code="missing_required_parameter")
+    shown = json.dumps(given)[:200] if _jsonable(given) else repr(given)[:200]
+    hint = f" {param} accepts {accepts}." if accepts else ""
+    return RequestError(400, f"Invalid value for '{param}{where}': {shown} ({error['msg']}).{hint}", param=param,
+                        code="invalid_value")
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+_NESTED_FIELDS = {name for model in (Message, TextPart, StreamOptions, ResponseFormatText, PromptCacheOptions)
+                  for name in model.model_fields}
+
+
+# --- Decoding through the continuous batcher -----------------------------------------
+
+
 @dataclasses.dataclass
 class Job:
-    """One prompt to decode; tokens go to `out` (an asyncio queue) as they are made, then None."""
+    """One prompt to decode. Its `out` queue (asyncio, of the request's event loop) gets
+    the prompt's Scores first when `score_prompt`, then one (token, Scores row or None)
+    per step, then None (or a RequestError)."""
 
     prompt_ids: np.ndarray
     max_tokens: int
     sampling: decode.Sampling
-    stop: tuple[str, ...]
+    bias_V: np.ndarray
     seed: int
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
+    score_prompt: bool = False  # send the prompt tokens' Scores (echo with logprobs)
+    want_scores: bool = False  # send each generated token's Scores (logprobs)
     finished: bool = False  # set by the request's side (a stop sequence, <eos>, enough tokens)
     made: int = 0  # tokens sent so far
 
-    def send(self, item: int | RequestError | None) -> None:
+    def send(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
 
 
 def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
     for out, item in items:
         out.put_nowait(item)
+
+
+def _row(scores: slots.Scores, i: int) -> tuple[float, list[int], list[float]]:
+    return float(scores.logprob_N[i]), scores.top_ids_NK[i].tolist(), scores.top_logprobs_NK[i].tolist()
 
 
 class Batcher:
@@ -96,12 +384,14 @@ class Batcher:
         """Compiles the step and every prompt bucket's prefill before the first request."""
         cfg = self.loaded.model_cfg
         buckets = sorted({slots.bucket(n, cfg.max_len) for n in range(1, cfg.max_len + 1)})
+        bias_V = np.zeros((cfg.vocab_size,), np.float32)
         with self.lock:
             for length in buckets:
-                self.slots = slots.admit(self.loaded.model, self.loaded.params, self.slots, 0,
-                                         np.zeros((1, length), np.int32), 1, 0, decode.Sampling())
-            _, self.slots = slots.step(self.loaded.model, self.loaded.params, self.slots,
-                                       self.loaded.tokenizer.vocab_size)
+                self.slots, _ = slots.admit(self.loaded.model, self.loaded.params, self.slots, 0,
+                                            np.zeros((1, length), np.int32), 1, 0, decode.Sampling(), bias_V,
+                                            self.loaded.tokenizer.vocab_size)
+            _, _, self.slots = slots.step(self.loaded.model, self.loaded.params, self.slots,
+                                          self.loaded.tokenizer.vocab_size)
 
     def _take_waiting(self) -> list[Job]:
         """Jobs to start now: all waiting ones (up to the free slots); if nothing runs, the
@@ -144,22 +434,30 @@ class Batcher:
         loaded = self.loaded
         tokens_1P = slots.padded_prompt(job.prompt_ids, loaded.model_cfg.max_len, loaded.tokenizer.pad_id)
         with self.lock:
-            self.slots = slots.admit(loaded.model, loaded.params, self.slots, slot, tokens_1P, len(job.prompt_ids),
-                                     job.seed % 2**31, job.sampling)
+            self.slots, scores = slots.admit(loaded.model, loaded.params, self.slots, slot, tokens_1P,
+                                             len(job.prompt_ids), job.seed % 2**31, job.sampling, job.bias_V,
+                                             loaded.tokenizer.vocab_size)
+        if job.score_prompt:
+            job.send(slots.Scores(*(np.asarray(x)[:len(job.prompt_ids)] for x in scores)))
+        if job.max_tokens == 0:  # prompt scoring only: the slot stays free
+            job.send(None)
+            return
         self.running[slot] = job
 
     def _step(self) -> None:
         with self.lock:
-            token_S, self.slots = slots.step(self.loaded.model, self.loaded.params, self.slots,
-                                             self.loaded.tokenizer.vocab_size)
+            token_S, scores, self.slots = slots.step(self.loaded.model, self.loaded.params, self.slots,
+                                                     self.loaded.tokenizer.vocab_size)
         token_S = np.asarray(token_S)
+        if any(job.want_scores for job in self.running.values()):
+            scores = slots.Scores(*(np.asarray(x) for x in scores))
         self.steps_run += 1
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for slot, job in list(self.running.items()):
             token = int(token_S[slot])
             items = by_loop.setdefault(job.loop, [])
             if not job.finished:
-                items.append((job.out, token))
+                items.append((job.out, (token, _row(scores, slot) if job.want_scores else None)))
             job.made += 1
             if job.finished or job.made >= job.max_tokens or token == self.loaded.tokenizer.eos_id:
                 items.append((job.out, None))
@@ -168,32 +466,120 @@ class Batcher:
             loop.call_soon_threadsafe(_deliver, items)
 
 
+@dataclasses.dataclass(frozen=True)
+class Token:
+    """A token of a choice: its id, the model's log-probability of it (None for a prompt's
+    first token, which nothing predicts), the TOP_K most likely (id, log p) there, and the
+    character offset of its text in the choice's text."""
+
+    id: int
+    logprob: float | None
+    top: list[tuple[int, float]] | None
+    offset: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """What a choice adds at once: text, the tokens it came from, and at the end a finish reason."""
+
+    text: str
+    tokens: list[Token]
+    finish: str | None = None
+    prompt: bool = False  # the prompt's own tokens (echo with logprobs); text empty
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """One prompt's decoding settings, checked."""
+
+    ids: np.ndarray
+    max_tokens: int
+    sampling: decode.Sampling
+    bias_V: np.ndarray
+    stop: tuple[str, ...]
+    seed: int
+    score_prompt: bool
+    want_scores: bool
+
+
 class Engine:
-    """Turns a request's prompt and settings into text, through the batcher."""
+    """Turns prompts and settings into text, tokens and log-probabilities, through the batcher."""
 
     def __init__(self, loaded: Loaded, limits: Limits):
         self.loaded, self.limits = loaded, limits
         self.batcher = Batcher(loaded, limits)
+        self._token_text: dict[int, tuple[str, bytes | None]] = {}
 
-    def encode(self, prompt: str, max_tokens: int) -> np.ndarray:
-        ids = self.loaded.tokenizer.encode(prompt) if prompt else np.array([self.loaded.tokenizer.eos_id], np.int32)
+    @property
+    def context(self) -> int:
+        return self.loaded.model_cfg.max_len
+
+    def prompt_ids(self, prompt: str | list[int]) -> np.ndarray:
+        """A prompt's ids: text encoded (an empty text starts a document: <eos>), or ids
+        checked to lie in the vocabulary. Raises RequestError (param `prompt`)."""
+        tokenizer = self.loaded.tokenizer
+        if isinstance(prompt, str):
+            ids = tokenizer.encode(prompt) if prompt else np.array([tokenizer.eos_id], np.int32)
+        else:
+            if not prompt:
+                raise RequestError(400, "a token-id prompt must hold at least one id.", param="prompt")
+            bad = [i for i in prompt if not 0 <= i < tokenizer.vocab_size]
+            if bad:
+                raise RequestError(400, f"prompt holds token id {bad[0]}, outside the vocabulary "
+                                        f"[0, {tokenizer.vocab_size}).", param="prompt", code="invalid_value")
+            ids = np.asarray(prompt, np.int32)
         if len(ids) > self.limits.max_prompt_tokens:
             raise RequestError(400, f"the prompt has {len(ids)} tokens; this server takes at most "
                                     f"{self.limits.max_prompt_tokens}.", param="prompt", code="context_length_exceeded")
-        if len(ids) + max_tokens > self.loaded.model_cfg.max_len:
-            raise RequestError(400, f"the prompt ({len(ids)} tokens) plus max_tokens={max_tokens} exceeds the "
-                                    f"model's context of {self.loaded.model_cfg.max_len} tokens.", param="max_tokens",
-                               code="context_length_exceeded")
         return ids
 
-    async def stream(self, ids: np.ndarray, max_tokens: int, sampling: decode.Sampling, stop: tuple[str, ...],
-                     seed: int):
-        """Yields (text delta, None) as text is made, then ("", finish_reason)."""
-        loop = asyncio.get_running_loop()
-        job = Job(ids, max_tokens, sampling, stop, seed, loop, asyncio.Queue())
+    def check_length(self, ids: np.ndarray, max_tokens: int, param: str = "max_tokens") -> None:
+        if max_tokens > self.limits.max_tokens:
+            raise RequestError(400, f"{param}={max_tokens} is more than this server's limit of "
+                                    f"{self.limits.max_tokens} (--max_tokens_limit).", param=param)
+        if len(ids) + max_tokens > self.context:
+            raise RequestError(400, f"the prompt ({len(ids)} tokens) plus {param}={max_tokens} exceeds the "
+                                    f"model's context of {self.context} tokens.", param=param,
+                               code="context_length_exceeded")
+
+    def bias(self, logit_bias: dict[str, float] | None) -> np.ndarray:
+        """OpenAI's logit_bias as float32 [V]. Raises RequestError for ids outside the vocabulary."""
+        bias_V = np.zeros((self.loaded.model_cfg.vocab_size,), np.float32)
+        for key, value in (logit_bias or {}).items():
+            if int(key) >= self.loaded.tokenizer.vocab_size:
+                raise RequestError(400, f"logit_bias names token id {key}, outside the vocabulary "
+                                        f"[0, {self.loaded.tokenizer.vocab_size}).", param="logit_bias")
+            bias_V[int(key)] = value
+        return bias_V
+
+    def token_text(self, token: int) -> tuple[str, bytes | None]:
+        """How logprobs show a token: (its text, its UTF-8 bytes). A token that is a whole
+        text decodes to it; control tokens show as <pad>, <eos>, <unk>; a token that is
+        part of a character (a byte) shows as OpenAI does, `bytes:\\xe2`; others as <id:N>."""
+        if token not in self._token_text:
+            self._token_text[token] = _token_text(self.loaded.tokenizer, token)
+        return self._token_text[token]
+
+    async def run(self, generation: Generation) -> AsyncIterator[Piece]:
+        """Yields Pieces as text is made (the first one holds the prompt's scored tokens
+        when `score_prompt`), the last one with the finish reason ("stop": <eos> or a stop
+        sequence; "length"). Text held back while a stop sequence may be forming is sent
+        with its tokens once it cannot be; after a stop sequence, the tokens whose text
+        starts at or after it are dropped (they are neither returned nor counted)."""
+        job = Job(generation.ids, generation.max_tokens, generation.sampling, generation.bias_V, generation.seed,
+                  asyncio.get_running_loop(), asyncio.Queue(), generation.score_prompt, generation.want_scores)
         self.batcher.submit(job)
-        decoder = tokenizers.IncrementalDecoder(self.loaded.tokenizer)
-        text, sent, finish = "", "", "length"
+        try:
+            async for piece in self._pieces(job, generation):
+                yield piece
+        finally:  # also when the client goes away: the batcher frees the slot at its next step
+            job.finished = True
+
+    async def _pieces(self, job: Job, generation: Generation) -> AsyncIterator[Piece]:
+        tokenizer = self.loaded.tokenizer
+        stop = generation.stop
+        decoder = tokenizers.IncrementalDecoder(tokenizer)
+        text, sent, finish, pending = "", 0, "length", []
         hold = max((len(s) for s in stop), default=1) - 1  # a stop sequence may still be forming
         while True:
             item = await job.out.get()
@@ -201,82 +587,105 @@ class Engine:
                 raise item
             if item is None:
                 break
+            if isinstance(item, slots.Scores):
+                yield Piece("", self._prompt_tokens(generation.ids, item), prompt=True)
+                continue
             if job.finished:
                 continue
-            if item == self.loaded.tokenizer.eos_id:
+            token, row = item
+            logprob, top = (row[0], list(zip(row[1], row[2]))) if row else (None, None)
+            pending.append(Token(token, logprob, top, len(text)))
+            if token == tokenizer.eos_id:
                 job.finished, finish = True, "stop"
-                continue
-            searched = max(len(text) - hold, 0)  # earlier text was searched for stop sequences already
-            text += decoder.push(item)
-            if len(decoder.ids) >= max_tokens:
-                text, job.finished = text + decoder.flush(), True
-            cuts = [i for i in (text.find(s, searched) for s in stop if s) if i >= 0]
-            if cuts:
-                text, job.finished, finish = text[:min(cuts)], True, "stop"
-            ready = text if job.finished else text[:max(len(sent), len(text) - hold)]
-            if len(ready) > len(sent):
-                yield ready[len(sent):], None
-                sent = ready
+            else:
+                searched = max(len(text) - hold, 0)  # earlier text was searched for stop sequences already
+                text += decoder.push(token)
+                if len(decoder.ids) >= generation.max_tokens:
+                    text, job.finished = text + decoder.flush(), True
+                cuts = [i for i in (text.find(s, searched) for s in stop if s) if i >= 0]
+                if cuts:
+                    text, job.finished, finish = text[:min(cuts)], True, "stop"
+                    pending = [t for t in pending if t.offset < len(text)]
+            ready = len(text) if job.finished else max(sent, len(text) - hold)
+            tokens = pending if job.finished else [t for t in pending if t.offset < ready]
+            if ready > sent or tokens:
+                yield Piece(text[sent:ready], tokens)
+                sent, pending = ready, pending[len(tokens):]
         if not job.finished:
             text += decoder.flush()
-            if len(text) > len(sent):
-                yield text[len(sent):], None
-        yield "", finish
+        if len(text) > sent or pending:
+            yield Piece(text[sent:], pending)
+        yield Piece("", [], finish)
+
+    def _prompt_tokens(self, ids: np.ndarray, scores: slots.Scores) -> list[Token]:
+        decoder, offset, out = tokenizers.IncrementalDecoder(self.loaded.tokenizer), 0, []
+        for p, token in enumerate(ids.tolist()):
+            if p == 0:
+                out.append(Token(token, None, None, 0))
+            else:
+                logprob, top_ids, top_logprobs = _row(scores, p)
+                out.append(Token(token, logprob, list(zip(top_ids, top_logprobs)), offset))
+            offset += len(decoder.push(token))
+        return out
 
 
-def _number(body: dict, name: str, default, kind: type, low: float | None = None, high: float | None = None):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise RequestError(400, f"{name} must be {'an integer' if kind is int else 'a number'}; got {value!r}.",
-                           param=name)
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise RequestError(400, f"{name}={value} is out of range [{low}, {high}].", param=name)
-    return kind(value)
+_CONTROL_NAMES = {"eos_id": "<eos>", "pad_id": "<pad>", "unk_id": "<unk>"}  # eos first: pad may share its id
 
 
-def parse_settings(body: dict, limits: Limits) -> dict:
-    """The sampling and length settings of a request body, checked."""
-    stop = body.get("stop") or ()
-    stop = (stop,) if isinstance(stop, str) else tuple(stop)
-    if len(stop) > 4 or not all(isinstance(s, str) for s in stop):
-        raise RequestError(400, "stop must be a string or a list of at most 4 strings.", param="stop")
-    if _number(body, "n", 1, int, 1, 1) != 1:
-        raise RequestError(400, "n must be 1.", param="n")
-    temperature = _number(body, "temperature", 1.0, float, 0.0, 2.0)
-    return dict(max_tokens=_number(body, "max_tokens", 16, int, 1, limits.max_tokens),
-                sampling=decode.Sampling(
-                    temperature=temperature, top_p=_number(body, "top_p", 1.0, float, 1e-9, 1.0),
-                    repetition_penalty=1.0 + _number(body, "presence_penalty", 0.0, float, 0.0, 2.0)),
-                stop=stop, seed=_number(body, "seed", secrets.randbits(31), int),  # no seed: a fresh draw
-                stream=bool(body.get("stream", False)))
+def _token_text(tokenizer, token: int) -> tuple[str, bytes | None]:
+    for attribute, name in _CONTROL_NAMES.items():
+        if getattr(tokenizer, attribute, None) == token:
+            return name, None
+    text = tokenizer.decode([token])
+    if text and "\ufffd" not in text:
+        return text, text.encode("utf-8")
+    raw = None
+    if tokenizer.kind == "byte":
+        raw = bytes([token - tokenizers.NUM_SPECIAL])
+    elif tokenizer.kind == "sentencepiece":
+        match = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", tokenizer.processor.id_to_piece(token))
+        raw = bytes([int(match[1], 16)]) if match else None
+    if raw is None:
+        return f"<id:{token}>", None
+    return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), raw
 
 
-def chat_prompt(messages: Any) -> str:
-    """A plain template: one "Role: content" line per message, then "Assistant:"."""
-    if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("system", "user",
-                                                                                            "assistant")
-            for m in messages):
-        raise RequestError(400, "messages must be a non-empty list of {role: system|user|assistant, content: str}.",
-                           param="messages")
-    return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """The start-up warning for a server anyone on the network may use: `host` not a
+    loopback address and no API key. None when there is nothing to warn about."""
+    if api_key:
+        return None
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        loopback = False
+    if loopback:
+        return None
+    return (f"WARNING: serving on {host} with no API key: anyone who can reach this address can use the model. "
+            "Fix: pass --api_key=<secret> (or set LM_API_KEY), or listen on --host=127.0.0.1.")
 
 
 class Guard:
-    """ASGI middleware on /v1/: the API key, and at most `max_concurrent` requests in
-    flight (a streaming one counts until its last event). Plain ASGI rather than
-    `@app.middleware`, which costs several milliseconds of event-loop time per request."""
+    """ASGI middleware on every path but /health: the API key, and at most
+    `max_concurrent` requests in flight (a streaming one counts until its last event).
+    The key is compared in constant time: both sides are hashed to SHA-256 digests and
+    compared with `hmac.compare_digest`, so neither how much of a guess matches nor its
+    length shows in the time taken. Plain ASGI rather than `@app.middleware`, which costs
+    several milliseconds of event-loop time per request."""
 
     def __init__(self, app, api_key: str | None, max_concurrent: int):
-        self.app, self.api_key, self.max_concurrent, self.active = app, api_key, max_concurrent, 0
+        self.app, self.max_concurrent, self.active = app, max_concurrent, 0
+        self.expected = hashlib.sha256(f"Bearer {api_key}".encode()).digest() if api_key else None
+
+    def authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        given = dict(headers).get(b"authorization", b"")
+        return hmac.compare_digest(hashlib.sha256(given).digest(), self.expected)
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or scope["path"] == "/health":
             return await self.app(scope, receive, send)
         error = None
-        if self.api_key and dict(scope["headers"]).get(b"authorization") != f"Bearer {self.api_key}".encode():
+        if self.expected is not None and not self.authorized(scope["headers"]):
             error = RequestError(401, "Incorrect API key provided.", code="invalid_api_key")
         elif self.active >= self.max_concurrent:
             error = RequestError(429, f"more than {self.max_concurrent} requests at once; retry shortly.",
@@ -290,28 +699,66 @@ class Guard:
             self.active -= 1
 
 
+def chat_prompt(messages: list[Message]) -> str:
+    """A plain template: one "Role: content" line per message, then "Assistant:" (a
+    developer message is a system one)."""
+    lines = []
+    for m in messages:
+        content = m.content if isinstance(m.content, str) else "".join(part.text for part in m.content)
+        role = "system" if m.role == "developer" else m.role
+        lines.append(f"{role.capitalize()}: {content}\n")
+    return "".join(lines) + "Assistant:"
+
+
+def _prompts(prompt: Any) -> list[str | list[int]]:
+    """OpenAI's prompt forms as a list of prompts: a string or a list of ids is one."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]
+    if not prompt:
+        raise RequestError(400, "prompt is an empty list; give a string, a list of strings, a list of token ids "
+                                "or a list of token-id lists.", param="prompt")
+    return list(prompt)
+
+
+def _sampling(body: _Request) -> decode.Sampling:
+    return decode.Sampling(temperature=1.0 if body.temperature is None else body.temperature,
+                           top_p=max(1e-9, 1.0 if body.top_p is None else body.top_p),  # 0: the top token only
+                           presence_penalty=body.presence_penalty or 0.0,
+                           frequency_penalty=body.frequency_penalty or 0.0)
+
+
+def _stop(body: _Request) -> tuple[str, ...]:
+    return (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+
+
 def make_app(loaded: Loaded, limits: Limits, model_name: str, api_key: str | None = None):
     """The FastAPI application serving `loaded` as `model_name`."""
     app = FastAPI(title="lm", docs_url=None, redoc_url=None)
     engine = Engine(loaded, limits)
     app.state.engine = engine
     app.add_middleware(Guard, api_key=api_key, max_concurrent=limits.max_concurrent)
+    tokenizer = loaded.tokenizer
+    fields_of = {"/v1/completions": COMPLETION_FIELDS, "/v1/chat/completions": CHAT_FIELDS}
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, e: RequestError):
         return JSONResponse(e.body(), status_code=e.status)
 
-    async def read_body(request: Request) -> dict:
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(400, f"the request body is not valid JSON ({e}).")
-        if not isinstance(body, dict):
-            raise RequestError(400, "the request body must be a JSON object.")
-        if body.get("model") != model_name:
-            raise RequestError(404, f"The model {body.get('model')!r} does not exist; this server has "
-                                    f"{model_name!r}.", param="model", code="model_not_found")
-        return body
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, e: RequestValidationError):
+        error = validation_error(list(e.errors()), fields_of.get(request.url.path, {}))
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, e: HTTPException):
+        error = RequestError(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500
+                             else "server_error")
+        return JSONResponse(error.body(), status_code=e.status_code)
+
+    def check_model(model: str | None) -> None:
+        if model is not None and model != model_name:
+            raise RequestError(404, f"The model {model!r} does not exist; this server has {model_name!r}.",
+                               param="model", code="model_not_found")
 
     @app.get("/health")
     async def health():
@@ -321,63 +768,214 @@ def make_app(loaded: Loaded, limits: Limits, model_name: str, api_key: str | Non
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "lm"}]}
 
-    async def respond(prompt: str, settings: dict, chat: bool):
-        ids = engine.encode(prompt, settings["max_tokens"])
-        stream = engine.stream(ids, settings["max_tokens"], settings["sampling"], settings["stop"], settings["seed"])
-        ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        # lm-eval reads eos_token and encodes it to find the id; text never encodes to a
+        # control id here, so the token has no spelling (null) and its id is given instead.
+        return {"eos_token": None, "bos_token": None, "pad_token": None, "eos_token_id": tokenizer.eos_id,
+                "pad_token_id": tokenizer.pad_id, "bos_token_id": None, "tokenizer_class": f"lm.{tokenizer.kind}",
+                "kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "model_max_length": engine.context,
+                "max_model_len": engine.context}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        check_model(body.model)
+        tokens = tokenizer.encode(body.prompt).tolist()
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.context}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        check_model(body.model)
+        bad = [i for i in body.tokens if i >= tokenizer.vocab_size]
+        if bad:
+            raise RequestError(400, f"tokens holds token id {bad[0]}, outside the vocabulary "
+                                    f"[0, {tokenizer.vocab_size}).", param="tokens", code="invalid_value")
+        return {"prompt": tokenizer.decode(body.tokens)}
+
+    def response_head(chat: bool, stream: bool) -> dict:
         kind = "chat.completion" if chat else "text_completion"
+        return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+                "object": kind + (".chunk" if chat and stream else ""), "created": int(time.time()),
+                "model": model_name}
 
-        def choice(text: str, finish: str | None, first: bool = False) -> dict:
-            if not chat:
-                return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-            if settings["stream"]:
-                delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text else {})
-                return {"index": 0, "delta": delta, "finish_reason": finish}
-            return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+    def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
 
-        if not settings["stream"]:
-            pieces, finish = [], "length"
-            async for delta, reason in stream:
-                pieces.append(delta)
-                finish = reason or finish
-            text = "".join(pieces)
-            completion_tokens = len(loaded.tokenizer.encode(text))
-            return {"id": ident, "object": kind, "created": created, "model": model_name,
-                    "choices": [choice(text, finish)],
-                    "usage": {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
-                              "total_tokens": len(ids) + completion_tokens}}
+    def completion_logprobs(tokens: list[Token], k: int, base: int) -> dict:
+        """OpenAI's completions logprobs: parallel lists over `tokens` (offsets shifted by `base`)."""
+        text = lambda i: engine.token_text(i)[0]
+        return {"tokens": [text(t.id) for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+                "top_logprobs": [None if t.top is None else _top_dict(t.top[:k], text) for t in tokens],
+                "text_offset": [base + t.offset for t in tokens]}
+
+    def chat_logprobs(tokens: list[Token], k: int) -> dict:
+        def entry(token: int, logprob: float) -> dict:
+            text, raw = engine.token_text(token)
+            return {"token": text, "logprob": logprob, "bytes": None if raw is None else list(raw)}
+
+        return {"content": [entry(t.id, t.logprob) | {"top_logprobs": [entry(i, lp) for i, lp in t.top[:k]]}
+                            for t in tokens], "refusal": None}
+
+    async def merged(runs: list[AsyncIterator[Piece]]) -> AsyncIterator[tuple[int, Piece]]:
+        """(choice index, piece) from several runs as they come."""
+        pieces: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, run: AsyncIterator[Piece]):
+            try:
+                async for piece in run:
+                    await pieces.put((index, piece))
+            except RequestError as e:
+                await pieces.put((index, e))
+            await pieces.put((index, None))
+
+        tasks = [asyncio.create_task(pump(i, run)) for i, run in enumerate(runs)]
+        try:
+            done = 0
+            while done < len(runs):
+                index, piece = await pieces.get()
+                if isinstance(piece, RequestError):
+                    raise piece
+                if piece is None:
+                    done += 1
+                else:
+                    yield index, piece
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def sse(payload: dict | str) -> str:
+        return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        check_model(body.model)
+        prompts = _prompts(body.prompt)
+        if len(prompts) > limits.max_prompts:
+            raise RequestError(400, f"the request holds {len(prompts)} prompts; this server takes at most "
+                                    f"{limits.max_prompts} (--max_prompts).", param="prompt")
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        ids = [engine.prompt_ids(p) for p in prompts]
+        for prompt_ids in ids:
+            engine.check_length(prompt_ids, max_tokens)
+        bias_V, sampling, stop = engine.bias(body.logit_bias), _sampling(body), _stop(body)
+        seed = secrets.randbits(31) if body.seed is None else body.seed  # no seed: a fresh draw
+        wants_logprobs = body.logprobs is not None
+        runs = [engine.run(Generation(prompt_ids, max_tokens, sampling, bias_V, stop, seed,
+                                      score_prompt=bool(body.echo) and wants_logprobs, want_scores=wants_logprobs))
+                for prompt_ids in ids]
+        echoed = [(p if isinstance(p, str) else tokenizer.decode(p)) if body.echo else "" for p in prompts]
+        k = body.logprobs or 0
+        prompt_tokens = sum(len(i) for i in ids)
+
+        def logprobs_of(index: int, pieces: list[Piece]) -> dict | None:
+            """Completions logprobs of a choice's pieces: prompt tokens at their own offsets,
+            generated ones after the echoed text."""
+            if not wants_logprobs or not any(p.tokens for p in pieces):
+                return None
+            parts = [completion_logprobs(p.tokens, k, 0 if p.prompt else len(echoed[index])) for p in pieces]
+            return {key: [x for part in parts for x in part[key]] for key in ("tokens", "token_logprobs",
+                                                                               "top_logprobs", "text_offset")}
+
+        if not body.stream:
+            async def collect(run):
+                return [piece async for piece in run]
+
+            results = await asyncio.gather(*(collect(run) for run in runs))
+            choices = [{"index": index, "text": echoed[index] + "".join(p.text for p in pieces),
+                        "finish_reason": pieces[-1].finish, "logprobs": logprobs_of(index, pieces)}
+                       for index, pieces in enumerate(results)]
+            completion_tokens = sum(len(p.tokens) for pieces in results for p in pieces if not p.prompt)
+            return {**response_head(False, False), "choices": choices,
+                    "usage": usage(prompt_tokens, completion_tokens)}
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        head = response_head(False, True)
 
         async def events():
-            first = True
-            async for delta, reason in stream:
-                chunk = {"id": ident, "object": kind + (".chunk" if chat else ""), "created": created,
-                         "model": model_name, "choices": [choice(delta, reason, first)]}
-                first = False
-                yield f"data: {json.dumps(chunk)}\n\n"
-            yield "data: [DONE]\n\n"
+            completion_tokens, echo_sent = 0, set()
+            chunk = lambda choice: {**head, "choices": [choice]} | ({"usage": None} if include_usage else {})
+            try:
+                async for index, piece in merged(runs):
+                    text = piece.text
+                    if body.echo and index not in echo_sent:  # the echoed prompt comes first
+                        echo_sent.add(index)
+                        text = echoed[index] + text
+                    completion_tokens += 0 if piece.prompt else len(piece.tokens)
+                    yield sse(chunk({"index": index, "text": text, "finish_reason": piece.finish,
+                                     "logprobs": logprobs_of(index, [piece])}))
+            except RequestError as e:
+                yield sse(e.body())
+                return
+            if include_usage:
+                yield sse({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+            yield sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await read_body(request)
-        prompt = body.get("prompt", "")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise RequestError(400, "prompt must be a string (or a list of one string).", param="prompt")
-        return await respond(prompt, parse_settings(body, limits), chat=False)
-
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await read_body(request)
-        return await respond(chat_prompt(body.get("messages")), parse_settings(body, limits), chat=True)
+    async def chat_completions(body: ChatRequest):
+        check_model(body.model)
+        ids = engine.prompt_ids(chat_prompt(body.messages))
+        limit = body.max_completion_tokens or body.max_tokens
+        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        max_tokens = limit or min(limits.max_tokens, engine.context - len(ids))
+        if max_tokens < 1:
+            raise RequestError(400, f"the prompt ({len(ids)} tokens) fills the model's context of {engine.context} "
+                                    "tokens.", param="messages", code="context_length_exceeded")
+        engine.check_length(ids, max_tokens, param)
+        seed = secrets.randbits(31) if body.seed is None else body.seed
+        run = engine.run(Generation(ids, max_tokens, _sampling(body), engine.bias(body.logit_bias), _stop(body), seed,
+                                    score_prompt=False, want_scores=bool(body.logprobs)))
+        k = body.top_logprobs or 0
+        if not body.stream:
+            pieces = [piece async for piece in run]
+            tokens = [t for piece in pieces for t in piece.tokens]
+            message = {"role": "assistant", "content": "".join(p.text for p in pieces), "refusal": None}
+            return {**response_head(True, False),
+                    "choices": [{"index": 0, "message": message, "finish_reason": pieces[-1].finish,
+                                 "logprobs": chat_logprobs(tokens, k) if body.logprobs else None}],
+                    "usage": usage(len(ids), len(tokens))}
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        head = response_head(True, True)
+
+        async def events():
+            chunk = lambda choice: {**head, "choices": [choice]} | ({"usage": None} if include_usage else {})
+            yield sse(chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                             "logprobs": None}))
+            completion_tokens = 0
+            try:
+                async for piece in run:
+                    completion_tokens += len(piece.tokens)
+                    delta = {"content": piece.text} if piece.text else {}
+                    logprobs = chat_logprobs(piece.tokens, k) if body.logprobs and piece.tokens else None
+                    if delta or logprobs or piece.finish:
+                        yield sse(chunk({"index": 0, "delta": delta, "finish_reason": piece.finish,
+                                         "logprobs": logprobs}))
+            except RequestError as e:
+                yield sse(e.body())
+                return
+            if include_usage:
+                yield sse({**head, "choices": [], "usage": usage(len(ids), completion_tokens)})
+            yield sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     return app
 
 
+def _top_dict(top: list[tuple[int, float]], text) -> dict[str, float]:
+    """{token text: log p}, most likely first (a later token with the same text keeps the first's entry)."""
+    out: dict[str, float] = {}
+    for token, logprob in top:
+        out.setdefault(text(token), logprob)
+    return out
+
+
 def main(argv: list[str]) -> None:
     import os
+    import sys
 
     import uvicorn
     from absl import flags
@@ -389,6 +987,9 @@ def main(argv: list[str]) -> None:
     reject_positional(argv)
     quiet_logging()
     f = flags.FLAGS
+    api_key = f.api_key or os.environ.get("LM_API_KEY")
+    if warning := exposure_warning(f.host, api_key):
+        print(warning, file=sys.stderr, flush=True)
     if not f.workdir:
         exit_with_error("--workdir is required, e.g. --workdir=runs/shakespeare_char")
     runtime.enable_compilation_cache()
@@ -401,9 +1002,9 @@ def main(argv: list[str]) -> None:
     context = loaded.model_cfg.max_len
     limits = Limits(max_prompt_tokens=min(f.max_prompt_tokens or context - 1, context - 1),
                     max_tokens=min(f.max_tokens_limit, context - 1), max_concurrent=f.max_concurrent,
-                    max_batch=f.max_batch, batch_window_ms=f.batch_window_ms)
+                    max_batch=f.max_batch, batch_window_ms=f.batch_window_ms, max_prompts=f.max_prompts)
     name = f.model_name or os.path.basename(os.path.normpath(f.workdir))
-    app = make_app(loaded, limits, name, f.api_key or os.environ.get("LM_API_KEY"))
+    app = make_app(loaded, limits, name, api_key)
     start = time.monotonic()
     app.state.engine.batcher.warm_up()
     print(f"compiled the decoding programs in {time.monotonic() - start:.1f} s", flush=True)
@@ -423,6 +1024,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("max_tokens_limit", 256, "Largest max_tokens accepted.")
     flags.DEFINE_integer("max_concurrent", 64, "Requests in flight before 429s.")
     flags.DEFINE_integer("max_batch", 32, "Most requests decoded together.")
+    flags.DEFINE_integer("max_prompts", 32, "Most prompts one /v1/completions request may carry (each is "
+                                            "decoded as its own job through the batcher).")
     flags.DEFINE_float("batch_window_ms", 10.0, "How long the first request waits for others to batch with.")
 
 

@@ -7,14 +7,20 @@ state; then one jitted step advances every slot by one token. The step's shape n
 changes, so nothing recompiles under load, and a short request never waits for a long
 one to finish (as it would in a static batch).
 
-Each slot carries its own sampling settings and random key: a request's tokens depend
-only on its prompt, settings and seed, not on which requests it shared steps with.
+Each slot carries its own sampling settings, logit bias and random key: a request's
+tokens depend only on its prompt, settings and seed, not on which requests it shared
+steps with.
+
+Both programs also return the model's log-probabilities (`Scores`): admitting, those of
+every prompt token given the ones before it; a step, that of each slot's chosen token;
+each with the TOP_K most likely ids at that position. K is fixed, so asking for
+log-probabilities (or not, or for fewer) compiles nothing new.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import flax.struct
@@ -25,23 +31,38 @@ import numpy as np
 from lm import decode
 
 MIN_BUCKET = 8
+TOP_K = 20  # the most alternatives a request may ask for (OpenAI's top_logprobs allows 20)
+
+
+class Scores(NamedTuple):
+    """The model's log-probabilities at N positions (see `decode.log_probabilities`):
+    of the token taken there, and of the TOP_K most likely ids (most likely first)."""
+
+    logprob_N: jax.Array
+    top_ids_NK: jax.Array
+    top_logprobs_NK: jax.Array
 
 
 @flax.struct.dataclass
 class Slots:
     """The decoding state of `size` slots (S): the KV cache and, per slot, the logits of
-    its next token, its next position, the ids it has seen, its key and step count, and
-    its sampling settings."""
+    its next token, its next position, the ids it has seen (prompt and output), how often
+    it has generated each id, its key and step count, its sampling settings and its
+    additive logit bias."""
 
     cache: Any
     logits_SV: jax.Array
     position_S: jax.Array
     seen_SV: jax.Array
+    generated_SV: jax.Array
     key_S: jax.Array
     count_S: jax.Array
     temperature_S: jax.Array
     top_p_S: jax.Array
     penalty_S: jax.Array
+    presence_S: jax.Array
+    frequency_S: jax.Array
+    bias_SV: jax.Array
 
 
 def empty(model: nn.Module, size: int) -> Slots:
@@ -49,10 +70,13 @@ def empty(model: nn.Module, size: int) -> Slots:
     cache = decode.init_cache(model, size)
     vocab = model.cfg.vocab_size
     ones = lambda: jnp.ones((size,), jnp.float32)  # distinct buffers: each is donated
+    zeros = lambda: jnp.zeros((size,), jnp.float32)
     return Slots(cache=cache, logits_SV=jnp.zeros((size, vocab), jnp.float32),
                  position_S=jnp.zeros((size,), jnp.int32), seen_SV=jnp.zeros((size, vocab), bool),
+                 generated_SV=jnp.zeros((size, vocab), jnp.int32),
                  key_S=jax.random.split(jax.random.key(0), size), count_S=jnp.zeros((size,), jnp.int32),
-                 temperature_S=ones(), top_p_S=ones(), penalty_S=ones())
+                 temperature_S=ones(), top_p_S=ones(), penalty_S=ones(), presence_S=zeros(), frequency_S=zeros(),
+                 bias_SV=jnp.zeros((size, vocab), jnp.float32))
 
 
 def bucket(length: int, max_len: int) -> int:
@@ -66,9 +90,13 @@ def _put_row(stacked: jax.Array, row: jax.Array, slot: jax.Array, axis: int) -> 
 
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnums=(2,))
 def admit(model: nn.Module, params: Any, slots: Slots, slot: jax.Array, tokens_1P: jax.Array, length: jax.Array,
-          seed: jax.Array, sampling: decode.Sampling) -> Slots:
+          seed: jax.Array, sampling: decode.Sampling, bias_V: jax.Array | None = None,
+          text_vocab_size: int = 0) -> tuple[Slots, Scores]:
     """`slots` with slot `slot` holding a new prompt (`tokens_1P`: `length` real tokens,
-    then padding) prefilled, and `sampling` (scalars) and `seed` as its settings."""
+    then padding) prefilled, and `sampling` (scalars), `seed` and `bias_V` (float [V]
+    added to the logits when choosing; None: none) as its settings; and the prompt's
+    `Scores` [P]: at position p, log p(token p | tokens before it) (p = 0 and padding:
+    meaningless) and the TOP_K ids most likely there (below `text_vocab_size`)."""
     valid_1P = jnp.arange(tokens_1P.shape[1])[None] < length
     positions_1P = jnp.broadcast_to(jnp.arange(tokens_1P.shape[1]), tokens_1P.shape)
     logits_1PV, cache_row = decode.extend(model, params, decode.init_cache(model, 1), tokens_1P, positions_1P,
@@ -80,28 +108,44 @@ def admit(model: nn.Module, params: Any, slots: Slots, slot: jax.Array, tokens_1
     axis = 1 if model.cfg.scan_layers else 0
     cache = jax.tree.map(lambda stacked, row: _put_row(stacked, row, slot, axis), slots.cache, cache_row)
     put = lambda values_S, value: _put_row(values_S, jnp.asarray(value)[None], slot, 0)
-    return slots.replace(
+    vocab = logits_1PV.shape[-1]
+    slots = slots.replace(
         cache=cache, logits_SV=put(slots.logits_SV, logits_1PV[0, length - 1]),
         position_S=put(slots.position_S, length),
-        seen_SV=put(slots.seen_SV, decode.seen_tokens(tokens_1P, valid_1P, logits_1PV.shape[-1])[0]),
+        seen_SV=put(slots.seen_SV, decode.seen_tokens(tokens_1P, valid_1P, vocab)[0]),
+        generated_SV=put(slots.generated_SV, jnp.zeros((vocab,), jnp.int32)),
         key_S=put(slots.key_S, jax.random.key(seed)), count_S=put(slots.count_S, 0),
         temperature_S=put(slots.temperature_S, sampling.temperature), top_p_S=put(slots.top_p_S, sampling.top_p),
-        penalty_S=put(slots.penalty_S, sampling.repetition_penalty))
+        penalty_S=put(slots.penalty_S, sampling.repetition_penalty),
+        presence_S=put(slots.presence_S, sampling.presence_penalty),
+        frequency_S=put(slots.frequency_S, sampling.frequency_penalty),
+        bias_SV=put(slots.bias_SV, jnp.zeros((vocab,), jnp.float32) if bias_V is None else bias_V))
+    # Position p's logits predict token p + 1: shift so row p scores token p.
+    logprob_P, top_ids_PK, top_logprobs_PK = decode.log_probabilities(
+        logits_1PV[0, :-1], tokens_1P[0, 1:], TOP_K, text_vocab_size)
+    pad = lambda x: jnp.concatenate([jnp.zeros((1,) + x.shape[1:], x.dtype), x])
+    return slots, Scores(pad(logprob_P), pad(top_ids_PK), pad(top_logprobs_PK))
 
 
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnums=(2,))
-def step(model: nn.Module, params: Any, slots: Slots, text_vocab_size: int = 0) -> tuple[jax.Array, Slots]:
-    """Every slot's next token [S] and the slots advanced by it. Free slots compute
-    garbage, which is harmless: rows never mix, and admitting overwrites a whole row."""
+def step(model: nn.Module, params: Any, slots: Slots, text_vocab_size: int = 0
+         ) -> tuple[jax.Array, Scores, Slots]:
+    """Every slot's next token [S], its `Scores` [S] (the model's log-probabilities at
+    that step, before penalties, bias and temperature) and the slots advanced by it. Free
+    slots compute garbage, which is harmless: rows never mix, and admitting overwrites a
+    whole row."""
     sampling = decode.Sampling(temperature=slots.temperature_S, top_p=slots.top_p_S,
-                               repetition_penalty=slots.penalty_S)
+                               repetition_penalty=slots.penalty_S, presence_penalty=slots.presence_S,
+                               frequency_penalty=slots.frequency_S)
     rng_S = jax.vmap(jax.random.fold_in)(slots.key_S, slots.count_S)
     # A free slot's position keeps growing; clamping keeps its position lookups in range.
     position_S = jnp.minimum(slots.position_S, model.cfg.max_len - 1)
-    token_S, cache, logits_SV, position_S, seen_SV = decode.advance(
-        model, params, slots.cache, slots.logits_SV, position_S, slots.seen_SV, rng_S, sampling, text_vocab_size)
-    return token_S, slots.replace(cache=cache, logits_SV=logits_SV, position_S=position_S, seen_SV=seen_SV,
-                                  count_S=slots.count_S + 1)
+    token_S, cache, logits_SV, position_S, seen_SV, generated_SV = decode.advance(
+        model, params, slots.cache, slots.logits_SV, position_S, slots.seen_SV, slots.generated_SV, rng_S, sampling,
+        text_vocab_size, slots.bias_SV)
+    scores = Scores(*decode.log_probabilities(slots.logits_SV, token_S, TOP_K, text_vocab_size))
+    return token_S, scores, slots.replace(cache=cache, logits_SV=logits_SV, position_S=position_S, seen_SV=seen_SV,
+                                          generated_SV=generated_SV, count_S=slots.count_S + 1)
 
 
 def padded_prompt(prompt: np.ndarray, max_len: int, pad_id: int) -> np.ndarray:

@@ -105,7 +105,25 @@ def test_repetition_penalty_lowers_seen_tokens_and_bad_settings_are_refused():
     model, params = tiny_model(**VARIANTS["rope_gqa"])
     with pytest.raises(ValueError, match="exceeds the model's context of 32 tokens"):
         decode.generate_batch(model, params, [np.arange(30)], 0, max_new_tokens=5, sampling=decode.Sampling())
-    assert dataclasses.asdict(decode.Sampling()) == dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+    assert dataclasses.asdict(decode.Sampling()) == dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                                                         presence_penalty=0.0, frequency_penalty=0.0)
+    with pytest.raises(ValueError, match="presence_penalty=2.5"):
+        decode.Sampling(presence_penalty=2.5).check()
+
+
+def test_presence_and_frequency_penalties_are_additive_on_generated_counts():
+    # OpenAI: logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty.
+    logits_BV = jnp.array([[2.0, -1.0, 0.5, 1.0], [2.0, -1.0, 0.5, 1.0]])
+    count_BV = jnp.array([[3, 1, 0, 0], [0, 0, 2, 0]])
+    seen_BV = jnp.ones((2, 4), bool)  # prompt tokens: the additive penalties ignore them
+    sampling = decode.Sampling(temperature=0.0, presence_penalty=0.5, frequency_penalty=-0.25)
+    out = decode.process_logits(logits_BV, seen_BV, sampling, count_BV)
+    np.testing.assert_allclose(out, [[2.0 + 0.75 - 0.5, -1.0 + 0.25 - 0.5, 0.5, 1.0],
+                                     [2.0, -1.0, 0.5 + 0.5 - 0.5, 1.0]])
+    rows = decode.Sampling(temperature=jnp.zeros(2), top_p=jnp.ones(2), repetition_penalty=jnp.ones(2),
+                           presence_penalty=jnp.array([0.5, 0.0]), frequency_penalty=jnp.array([-0.25, 1.0]))
+    np.testing.assert_allclose(decode.process_logits(logits_BV, seen_BV, rows, count_BV),
+                               [[2.25, -1.25, 0.5, 1.0], [2.0, -1.0, -1.5, 1.0]])
 
 
 def test_int8_quantization_is_per_channel_close_and_nearly_four_times_smaller():
@@ -131,10 +149,10 @@ def run_slots(model, params, size: int, schedule: dict[int, list]) -> dict[int, 
     state, made = slots.empty(model, size), {}
     for t in range(max(schedule) + 8):
         for slot, prompt, seed, sampling in schedule.get(t, []):
-            state = slots.admit(model, params, state, slot, slots.padded_prompt(prompt, model.cfg.max_len, 0),
-                                len(prompt), seed, sampling)
+            state, _ = slots.admit(model, params, state, slot, slots.padded_prompt(prompt, model.cfg.max_len, 0),
+                                   len(prompt), seed, sampling)
             made[slot] = []
-        token_S, state = slots.step(model, params, state)
+        token_S, _, state = slots.step(model, params, state)
         for slot in made:
             made[slot].append(int(token_S[slot]))
     return made
