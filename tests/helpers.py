@@ -8,9 +8,16 @@ import sys
 import time
 import urllib.request
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
+from lm import runs
 from lm.configs import shakespeare_char
+from lm.data import corpora, tokenizers
+from lm.model import ModelConfig, build
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,3 +92,18 @@ def start_server(workdir: str, *flags: str, api_key: str = "test-key"):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def random_export(path: str, seq_len: int = 48) -> str:
+    """A tiny decoder with a character vocabulary and a context of `seq_len`, written as
+    an export at `path` (random weights stand in for pretraining: tests that use it check
+    mechanics, not accuracy)."""
+    config = tiny_config(data__seq_len=seq_len)
+    with open(corpora.path("tinyshakespeare"), encoding="utf-8") as f:
+        tokenizer = tokenizers.CharTokenizer.train([f.read()])
+    model_cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size, config.data.seq_len)
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    params = nn.meta.unbox(build(model_cfg).init(jax.random.key(0), tokens)["params"])
+    runs.write_export(path, jax.tree.map(np.asarray, params), config, tokenizer,
+                      {"step": 0, "dtype": "float32", "parameters": 0})
+    return path

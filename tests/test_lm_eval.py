@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO, cli_env, run_cli, start_server
+from tests.helpers import REPO, cli_env, random_export, run_cli, start_server
 
 KEY = "test-key"
 
@@ -19,9 +19,17 @@ TASK_DIR = os.path.join("tests", "data", "lm_eval")
 ITEMS = os.path.join(TASK_DIR, "shakespeare_mc.jsonl")
 
 
+CONTEXT = 128  # every item fits: the harness and lm.evaluate cut long items differently
+
+
 @pytest.fixture(scope="module")
-def served(pretrained):
-    with start_server(pretrained, "--max_batch=8", api_key=KEY) as base:
+def model(tmp_path_factory):
+    return random_export(str(tmp_path_factory.mktemp("lm_eval") / "export"), seq_len=CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def served(model):
+    with start_server(model, "--max_batch=8", api_key=KEY) as base:
         yield base
 
 
@@ -29,11 +37,11 @@ def harness(base: str, output: str) -> dict:
     """Runs the harness's CLI as the README shows, offline; returns its results and samples."""
     env = dict(cli_env(), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", OPENAI_API_KEY=KEY)
     model_args = (f"model=tiny,base_url={base}/v1/completions,tokenizer_backend=remote,auth_token={KEY},"
-                  "max_length=48,batch_size=4")
+                  f"max_length={CONTEXT},custom_prefix_token_id=1")
     result = subprocess.run(
         [os.path.join(os.path.dirname(sys.executable), "lm_eval"), "--model", "local-completions",
          "--model_args", model_args, "--include_path", TASK_DIR, "--tasks", "lm_shakespeare_mc",
-         "--output_path", output, "--log_samples"],
+         "--batch_size", "4", "--output_path", output, "--log_samples"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     (results_file,) = glob.glob(os.path.join(output, "**", "results_*.json"), recursive=True)
@@ -45,16 +53,16 @@ def harness(base: str, output: str) -> dict:
     return {"results": results, "samples": samples}
 
 
-def test_the_harness_through_the_server_agrees_with_lm_evaluate(served, pretrained, tmp_path):
+def test_the_harness_through_the_server_agrees_with_lm_evaluate(served, model, tmp_path):
     scored = harness(served, str(tmp_path / "harness"))
-    run_cli("lm.evaluate", f"--workdir={pretrained}", f"--multiple_choice={ITEMS}",
+    run_cli("lm.evaluate", f"--workdir={model}", f"--multiple_choice={ITEMS}",
             f"--output={tmp_path / 'ours.json'}")
     with open(tmp_path / "ours.json") as f:
         ours = json.load(f)["multiple_choice/0_shot"]
 
     assert ours["questions"] == len(scored["samples"]) == 12
     for sample, row in zip(scored["samples"], ours["details"]):  # every choice of every item, in order
-        theirs = [response[0][0] for response in sample["resps"]]
+        theirs = [float(response[0][0]) for response in sample["resps"]]
         assert theirs == pytest.approx(row["log_likelihoods"], abs=1e-4)
     assert scored["results"]["acc,none"] == ours["accuracy"]
     assert scored["results"]["acc_bytes,none"] == ours["accuracy_normalized"]

@@ -7,10 +7,6 @@ server keeps serving), vLLM's tokenizer endpoints, and the API key."""
 import hashlib
 import hmac
 import json
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -20,7 +16,7 @@ import pytest
 
 from lm import runs, serve
 from lm.evaluation.scoring import continuation_log_likelihoods
-from tests.helpers import REPO, cli_env, run_cli
+from tests.helpers import run_cli, start_server
 
 KEY = "test-key"
 MAX_PROMPTS = 4
@@ -28,25 +24,8 @@ MAX_PROMPTS = 4
 
 @pytest.fixture(scope="module")
 def server(pretrained):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "lm.serve", f"--workdir={pretrained}", f"--port={port}",
-                                "--model_name=tiny", f"--api_key={KEY}", "--max_prompt_tokens=32",
-                                f"--max_prompts={MAX_PROMPTS}"],
-                               cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(base + "/health", timeout=1)
-            break
-        except OSError:
-            if process.poll() is not None:
-                raise AssertionError(process.stdout.read())
-            time.sleep(0.5)
-    yield base
-    process.terminate()
-    process.wait(timeout=30)
+    with start_server(pretrained, "--max_prompt_tokens=32", f"--max_prompts={MAX_PROMPTS}", api_key=KEY) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
