@@ -84,6 +84,28 @@ def head_dim(model: ml_collections.ConfigDict) -> int:
     return model.head_dim or model.d_model // model.num_heads
 
 
+def d_ff(model: ml_collections.ConfigDict) -> int:
+    """The MLP width: `model.d_ff`, or 0 for 4 x d_model (SwiGLU: 8/3 x d_model rounded up
+    to a multiple of 64, which keeps its three matrices' parameters equal to a 4x GELU MLP)."""
+    if model.d_ff:
+        return model.d_ff
+    return 4 * model.d_model if model.activation != "swiglu" else -(-(8 * model.d_model // 3) // 64) * 64
+
+
+def num_kv_heads(model: ml_collections.ConfigDict) -> int:
+    return model.num_kv_heads or model.num_heads
+
+
+_ZERO_DEFAULTS = ("model.head_dim", "model.d_ff", "model.num_kv_heads")
+
+
+def _resolved_model(fields: dict[str, Any]) -> dict[str, Any]:
+    """The values of `_ZERO_DEFAULTS` that `fields` (config_fields) stand for: 0 means a
+    value derived from the other model fields."""
+    model = ml_collections.ConfigDict({k[len("model."):]: v for k, v in fields.items() if k.startswith("model.")})
+    return dict(zip(_ZERO_DEFAULTS, (head_dim(model), d_ff(model), num_kv_heads(model))))
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for the first value that cannot run."""
     _validate_data(config)
@@ -409,10 +431,14 @@ def resume_conflicts(saved: dict, new: dict, ignore: Iterable[str] = ()) -> list
 
     defaults = config_fields(json.loads(base.get_config().to_json_best_effort()))
     old, new = {**defaults, **config_fields(saved)}, config_fields(new)
+    # A zero default spelled out (head_dim=16 where 0 meant 16) is no change.
+    resolved_old, resolved_new = _resolved_model(old), _resolved_model(new)
     conflicts = []
     for field in sorted(set(old) | set(new)):
         rule = RESUME.get(field, _UNCLASSIFIED)
         if field in ignore or rule.may_change:
+            continue
+        if field in _ZERO_DEFAULTS and resolved_old[field] == resolved_new[field]:
             continue
         before, after = old.get(field), new.get(field)
         if rule.key(before) != rule.key(after):

@@ -68,6 +68,14 @@ def test_the_mesh_steps_schedule_and_cadence_may_change_on_resume():
     assert config_lib.resume_conflicts(config_json(), changed) == []
 
 
+def test_a_zero_default_spelled_out_is_no_change_but_a_different_value_is():
+    spelled_out = config_json(model__head_dim=16, model__num_kv_heads=2, model__d_ff=128)  # d_model 32, 2 heads
+    assert config_lib.resume_conflicts(config_json(), spelled_out) == []
+    conflicts = config_lib.resume_conflicts(config_json(), config_json(model__head_dim=8, model__num_kv_heads=1))
+    assert [c.split(" (")[0] for c in conflicts] == ["config.model.head_dim was 0, now 8",
+                                                      "config.model.num_kv_heads was 0, now 1"]
+
+
 def test_turning_gradient_clipping_off_is_refused_as_it_changes_the_optimizer_state_tree():
     conflicts = config_lib.resume_conflicts(config_json(), config_json(optim__grad_clip=0.0))
     assert len(conflicts) == 1 and conflicts[0].startswith("config.optim.grad_clip was 1.0, now 0.0 (")

@@ -7,6 +7,7 @@ import dataclasses
 import jax.numpy as jnp
 import ml_collections
 
+from lm.config import d_ff as resolve_d_ff
 from lm.config import head_dim as resolve_head_dim
 from lm.model.layers import LoRA
 
@@ -53,20 +54,12 @@ class ModelConfig:
     @classmethod
     def from_config(cls, model: ml_collections.ConfigDict, vocab_size: int, max_len: int) -> "ModelConfig":
         """Resolves the config's zero defaults (head_dim, d_ff, vocab_size)."""
-        d_ff = model.d_ff
-        if not d_ff:
-            # SwiGLU has three matrices; 8/3 keeps its parameters equal to a 4x GELU MLP.
-            d_ff = 4 * model.d_model if model.activation != "swiglu" else _round_up(8 * model.d_model // 3, 64)
         return cls(
             vocab_size=model.vocab_size or vocab_size, max_len=max_len,
             num_layers=model.num_layers, num_heads=model.num_heads, d_model=model.d_model,
-            head_dim=resolve_head_dim(model), d_ff=d_ff, positions=model.positions,
+            head_dim=resolve_head_dim(model), d_ff=resolve_d_ff(model), positions=model.positions,
             rope_theta=model.rope_theta, norm=model.norm, norm_eps=model.norm_eps,
             activation=model.activation, use_bias=model.use_bias,
             tie_embeddings=model.tie_embeddings, dropout=model.dropout, dtype=model.dtype,
             init_std=model.init_std, num_kv_heads=model.num_kv_heads, scan_layers=model.scan_layers,
             remat=model.remat, family=model.family, num_decoder_layers=model.num_decoder_layers)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
