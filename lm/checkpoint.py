@@ -21,6 +21,8 @@ from etils import epath
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
+from lm.model import param_kinds
+
 DATA = "data"  # the data iterator's position, one JSON file per process
 
 
@@ -140,14 +142,8 @@ def _shapes_by_path(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
     """'params/embed/embedding' -> (shape, dtype) for each array (or array metadata) in
     `tree`; attribute names, dict keys and sequence indices all become path parts, so a
     dataclass state and the nested dicts orbax stores for it agree."""
-    def part(key) -> str:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                return str(getattr(key, attr))
-        return str(key)
-
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(part(k) for k in path): (tuple(leaf.shape), str(leaf.dtype)) for path, leaf in leaves}
+    return {"/".join(param_kinds.path_names(path)): (tuple(leaf.shape), str(leaf.dtype)) for path, leaf in leaves}
 
 
 def tree_mismatches(stored: dict[str, tuple], wanted: dict[str, tuple], limit: int = 5) -> list[str]:
