@@ -35,7 +35,8 @@ def served(model):
 
 def harness(base: str, output: str) -> dict:
     """Runs the harness's CLI as the README shows, offline; returns its results and samples."""
-    env = dict(cli_env(), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", OPENAI_API_KEY=KEY)
+    env = dict(cli_env(), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", OPENAI_API_KEY=KEY,
+               HF_HOME=os.path.join(output, "hf_home"))  # the datasets cache, not the user's
     model_args = (f"model=tiny,base_url={base}/v1/completions,tokenizer_backend=remote,auth_token={KEY},"
                   f"max_length={CONTEXT},custom_prefix_token_id=1")
     result = subprocess.run(
