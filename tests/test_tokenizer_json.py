@@ -83,6 +83,7 @@ def test_an_export_holds_a_tokenizer_json_with_lms_ids_and_imports_back_with_the
     with open(f"{hf_dir}/tokenizer_config.json", encoding="utf-8") as f:
         names = json.load(f)
     assert (names["eos_token"], names["pad_token"]) == (special[tokenizer.eos_id], special[tokenizer.pad_id])
+    assert names["split_special_tokens"] is True  # transformers then reads "<eos>" in text as text
 
     convert.import_hf(hf_dir, back_dir)  # no --tokenizer: the export carries its own
     original, imported = runs.load(lm_dir), runs.load(back_dir)
@@ -100,6 +101,46 @@ def test_an_export_holds_a_tokenizer_json_with_lms_ids_and_imports_back_with_the
 
     convert.export_hf(back_dir, str(tmp_path / "again"))  # an imported tokenizer exports as it came
     assert (tmp_path / "again/tokenizer.json").read_text() == (tmp_path / "hf/tokenizer.json").read_text()
+
+
+# Every character of lm's control, <unk> and byte pieces' spellings: a corpus holding them
+# leaves no character of a spelling outside the vocabulary (Shakespeare lacks "<", digits).
+SPELLING_CHARS = "<>/padsunkeo0123456789ABCDEFx"
+
+
+def never_text_spellings(tokenizer: tokenizers.Tokenizer) -> list[str]:
+    """The spelling of each piece that stands for no text of its own: control tokens,
+    `<unk>` and SentencePiece's 256 byte pieces (and "</s>", "<eos>" for every kind)."""
+    names = ["<pad>", "<eos>", "</s>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
+    if isinstance(tokenizer, tokenizers.SentencePieceTokenizer):
+        names += [tokenizer.processor.id_to_piece(i) for i in sorted(tokenizer.control_ids)]
+    return names
+
+
+@pytest.mark.parametrize("kind,extra_text,byte_fallback", [
+    ("char", "", True), ("byte", "", True), ("sentencepiece_bpe", "", True), ("sentencepiece_bpe", "", False),
+    ("sentencepiece_unigram", "", True), ("sentencepiece_unigram", SPELLING_CHARS, True),
+    ("sentencepiece_unigram", "", False), ("sentencepiece_unigram", SPELLING_CHARS, False)])
+def test_an_exported_tokenizer_json_reads_text_spelling_control_unknown_and_byte_pieces_as_lm_does(
+        kind, extra_text, byte_fallback, shakespeare):
+    train_text = shakespeare[0][:100_000] + extra_text
+    if kind.startswith("sentencepiece"):
+        tokenizer = tokenizers.train_sentencepiece(iter(train_text.split("\n\n")), 500, kind.split("_")[1],
+                                                   byte_fallback=byte_fallback, user_defined_symbols=USER_SYMBOLS)
+    else:
+        tokenizer = make_tokenizer(kind, train_text)
+    hf = HFTokenizer.from_str(tokenizer_json.to_json(tokenizer))
+    hf.encode_special_tokens = True  # as the README tells `tokenizers` users (transformers: split_special_tokens)
+    names = never_text_spellings(tokenizer)
+    texts = [" ".join(names), "".join(names), "a<sep>" + "x".join(names) + "é✓ 日本", *names]
+    for text in texts:
+        ids = tokenizer.encode(text).tolist()
+        assert hf.encode(text, add_special_tokens=False).ids == ids, text
+        assert not set(ids) & tokenizer.control_ids, text
+    batch = hf.encode_batch(texts, add_special_tokens=False)  # the batched path alike
+    assert [e.ids for e in batch] == [tokenizer.encode(t).tolist() for t in texts]
+    validation = shakespeare[1]  # and ordinary text is untouched by the fix
+    assert hf.encode(validation, add_special_tokens=False).ids == tokenizer.encode(validation).tolist()
 
 
 def test_sentencepiece_bpe_merges_follow_piece_scores_and_skip_pieces_text_cannot_form():
