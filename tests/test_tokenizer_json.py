@@ -163,3 +163,66 @@ def test_a_sentencepiece_model_with_settings_lm_does_not_train_is_refused_with_t
     with pytest.raises(ConfigError, match=r"normalization 'nmt_nfkc'.*add_dummy_prefix=true.*"
                                           r"remove_extra_whitespaces=true.*Fix: train the tokenizer with lm"):
         tokenizer_json.to_json(tokenizer)
+
+
+def gpt2_layout_json() -> str:
+    """A byte-level BPE laid out as GPT-2's: "!" is id 0 and "<|endoftext|>", its one
+    special token, comes last."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(["Hello world! To be, or not to be"] * 10, trainer)
+    hf.add_special_tokens(["<|endoftext|>"])
+    assert hf.id_to_token(0) == "!"
+    return hf.to_str()
+
+
+@pytest.fixture()
+def gpt2_dir(tmp_path):
+    """A Hugging Face directory with GPT-2's layout whose config files name neither eos nor pad."""
+    (tmp_path / "tokenizer.json").write_text(gpt2_layout_json(), encoding="utf-8")
+    return tmp_path
+
+
+def write_json(path, content: dict) -> None:
+    path.write_text(json.dumps(content), encoding="utf-8")
+
+
+@pytest.mark.parametrize("file,fields", [
+    (None, {}),  # the tokenizer's one special token spelled like an end of text
+    ("config.json", {"eos_token_id": 275}),
+    ("generation_config.json", {"eos_token_id": [275, 3]}),
+    ("tokenizer_config.json", {"eos_token": "<|endoftext|>"}),
+    ("tokenizer_config.json", {"eos_token": {"content": "<|endoftext|>", "special": True}})])
+def test_an_import_finds_eos_where_checkpoints_keep_it_and_encodes_every_character(file, fields, gpt2_dir):
+    if file:
+        write_json(gpt2_dir / file, fields)
+    hf_config = fields if file == "config.json" else {}
+    tokenizer = convert.hf_tokenizer(str(gpt2_dir), hf_config, None)
+    assert tokenizer.eos_id == tokenizer.pad_id == 275  # no padding declared: pads with eos, as GPT-2
+    ids = tokenizer.encode("Hello!")  # "!" is id 0, which an eos defaulting to 0 made a control id
+    assert 0 in ids.tolist() and tokenizer.decode(ids) == "Hello!"
+
+
+@pytest.mark.parametrize("sources,message", [
+    ({}, r"names no end-of-text token: no eos_token_id in config.json.*special tokens: 275 '<\|marker\|>'.*"
+         r"Fix: set eos_token_id in config.json"),
+    ({"config.json": {"eos_token_id": 0}}, r"config.json's eos_token_id gives eos id 0, which is not a special "
+                                           r"token.*Fix: set eos_token_id in config.json"),
+    ({"config.json": {"eos_token_id": 275, "pad_token_id": 0}}, r"config.json's pad_token_id gives pad id 0.*"
+                                                                r"Fix: set pad_token_id"),
+    ({"tokenizer_config.json": {"eos_token": "</s>"}}, r"tokenizer_config.json's eos_token '</s>' is not a special "
+                                                       r"token.*Fix: set eos_token to one of them")])
+def test_an_import_without_a_special_eos_or_pad_is_refused_naming_the_field(sources, message, tmp_path):
+    hf = HFTokenizer.from_str(gpt2_layout_json())
+    if not sources:  # no special token spelled like an end of text either
+        hf = HFTokenizer.from_str(gpt2_layout_json().replace("<|endoftext|>", "<|marker|>"))
+    (tmp_path / "tokenizer.json").write_text(hf.to_str(), encoding="utf-8")
+    for name, fields in sources.items():
+        if name != "config.json":
+            write_json(tmp_path / name, fields)
+    with pytest.raises(ConfigError, match=message):
+        convert.hf_tokenizer(str(tmp_path), sources.get("config.json", {}), None)
