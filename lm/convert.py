@@ -219,6 +219,11 @@ def export_hf(path: str, output: str, step: int | None = None) -> dict:
 
     def fill(staging: str) -> None:
         save_file(tensors, os.path.join(staging, HF_WEIGHTS), metadata={"format": "pt"})
+        # safetensors writes through a private (0600) temporary file; the weights are as
+        # readable as the export's other files (the umask's default for a new file).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(os.path.join(staging, HF_WEIGHTS), 0o666 & ~umask)
         for name, content in ((HF_CONFIG, hf_config), (HF_TOKENIZER_CONFIG, tokenizer_config)):
             with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
                 json.dump(content, f, indent=2, ensure_ascii=False)

@@ -69,6 +69,8 @@ def test_an_export_holds_a_tokenizer_json_with_lms_ids_and_imports_back_with_the
     write_run(lm_dir, tokenizer, shape)
 
     assert convert.export_hf(lm_dir, hf_dir)["tokenizer"] == tokenizer.kind
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in (tmp_path / "hf").iterdir()}
+    assert len(set(modes.values())) == 1, modes  # the weights as readable as the rest (not 0600)
     hf = HFTokenizer.from_file(f"{hf_dir}/tokenizer.json")
     ids = tokenizer.encode(validation)
     assert hf.encode(validation, add_special_tokens=False).ids == ids.tolist()
