@@ -11,6 +11,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 from typing import Any, Callable, Iterable
 
 import ml_collections
@@ -50,6 +51,35 @@ def require_positive(config: ml_collections.ConfigDict, field: str, allow_zero: 
     if not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
         fail(field, value, "must be " + ("zero or positive" if allow_zero else "positive"),
              "set a value " + (">= 0" if allow_zero else "> 0"))
+
+
+# Spellings lm's SentencePiece models reserve: its control pieces, <unk>, the byte pieces
+# of byte fallback, and "<eos>" (the end-of-document token's name in lm's other tokenizers).
+SP_RESERVED = ("<pad>", "</s>", "<eos>", "<unk>")
+
+
+def check_user_defined_symbols(symbols: Any) -> None:
+    """Raises ConfigError unless `symbols` (data.sentencepiece.user_defined_symbols) is a
+    tuple of distinct, non-empty strings that SentencePiece can keep whole as text: none
+    may spell a piece lm reserves (SP_RESERVED or a byte piece "<0x41>"), which
+    SentencePiece would reject with an unrelated INTERNAL error or which would turn a
+    control token into text, nor hold whitespace or "▁" (SentencePiece's space), which
+    would split it or change its text."""
+    field = "data.sentencepiece.user_defined_symbols"
+    example = "--config.data.sentencepiece.user_defined_symbols='(\"<sep>\",)'"
+    if isinstance(symbols, str) or not isinstance(symbols, (tuple, list)) \
+            or not all(isinstance(s, str) for s in symbols):
+        fail(field, symbols, "is not a tuple of strings", f"give a tuple, e.g. {example}")
+    for symbol in symbols:
+        if symbol in SP_RESERVED or re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", symbol):
+            fail(field, symbols, f"has {symbol!r}, a piece lm's SentencePiece models reserve (<pad>, </s> and "
+                 "<eos> are control tokens only code inserts, <unk> and <0xNN> stand for unknown text)",
+                 f"remove it, or use a name of your own such as '<sep>': {example}")
+        if not symbol or any(c.isspace() or c == "\u2581" for c in symbol):
+            fail(field, symbols, f"has {symbol!r}: a symbol is kept whole as text only if it is non-empty and "
+                 "holds no whitespace (nor '▁', SentencePiece's space)", f"use e.g. {example}")
+    if len(set(symbols)) != len(symbols):
+        fail(field, symbols, "repeats a symbol", "list each symbol once")
 
 
 def _get(config: ml_collections.ConfigDict, field: str) -> Any:
@@ -153,6 +183,7 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
         require_choice(config, "data.sentencepiece.model_type", SP_MODEL_TYPES)
         require_positive(config, "data.sentencepiece.vocab_size")
         require_positive(config, "data.sentencepiece.max_sentences")
+        check_user_defined_symbols(d.sentencepiece.user_defined_symbols)
         if d.sentencepiece.model and not os.path.isfile(os.path.expanduser(d.sentencepiece.model)):
             fail("data.sentencepiece.model", d.sentencepiece.model, "is not a file",
                  "train one with `python -m lm.data.tokenizer train`, or set it to '' to train "

@@ -65,21 +65,104 @@ def read_hf_checkpoint(hf_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
     return hf_config, tensors
 
 
+HF_GENERATION_CONFIG = "generation_config.json"
+# Spellings of the end-of-text and padding special tokens of common checkpoints, for a
+# checkpoint that names neither id in its config files (GPT-2's config.json may lack them).
+EOS_SPELLINGS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>", "<|eot_id|>")
+PAD_SPELLINGS = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>", "<|finetune_right_pad_id|>")
+
+
 def hf_tokenizer(hf_dir: str, hf_config: dict, tokenizer_path: str | None) -> tokenizers.HuggingFaceTokenizer:
+    """The checkpoint's tokenizer.json with its end-of-text and padding ids (`special_ids`).
+
+    Raises ConfigError if tokenizer.json is missing or the ids cannot be found or are not
+    special tokens of it."""
     path = tokenizer_path or os.path.join(hf_dir, HF_TOKENIZER)
     if not os.path.exists(path):
         raise ConfigError(f"{path} does not exist; lm needs the checkpoint's tokenizer to encode text. Fix: "
                           "save it beside the weights (tokenizer.save_pretrained(DIR)) or pass --tokenizer.")
     with open(path, encoding="utf-8") as f:
         tokenizer_json = f.read()
-    return tokenizers.HuggingFaceTokenizer(tokenizer_json, _first(hf_config.get("eos_token_id"), 0),
-                                           _first(hf_config.get("pad_token_id"), None))
+    sources = [(HF_CONFIG, hf_config), *((name, _read_json(os.path.join(hf_dir, name)))
+                                         for name in (HF_GENERATION_CONFIG, HF_TOKENIZER_CONFIG))]
+    eos, pad = special_ids(sources, json.loads(tokenizer_json))
+    return tokenizers.HuggingFaceTokenizer(tokenizer_json, eos, pad)
 
 
-def _first(ids: Any, default: int | None) -> int | None:
+def _read_json(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def special_ids(sources: list[tuple[str, dict]], tokenizer_json: dict) -> tuple[int, int]:
+    """(eos id, pad id) of a Hugging Face checkpoint, each a special token of its tokenizer.
+
+    `sources` are (file name, contents) of config.json, generation_config.json and
+    tokenizer_config.json, read in that order: the first `eos_token_id` (a list gives its
+    first id) or `eos_token` (a token's text, or {"content": text}) found names the eos,
+    and likewise `pad_token_id`/`pad_token` the pad. Failing those, the tokenizer's one
+    special added token spelled like an end of text (EOS_SPELLINGS, e.g. GPT-2's
+    "<|endoftext|>") or padding (PAD_SPELLINGS) is taken; a checkpoint without padding
+    pads with its eos, as GPT-2 does. Padding and the end of text must be special tokens:
+    lm never encodes text to them, so an id of an ordinary token ("!", id 0 of GPT-2's
+    vocabulary) would make that text impossible to encode.
+
+    Raises ConfigError naming the field to set when no eos is found, when a name matches
+    no token, or when an id is not a special token of the tokenizer.
+    """
+    added = {t["id"]: t["content"] for t in tokenizer_json.get("added_tokens", []) if t.get("special")}
+    by_text = {content: i for i, content in added.items()}
+    eos = _declared_id("eos", sources, by_text) or _by_spelling("eos", EOS_SPELLINGS, by_text)
+    if eos is None:
+        raise ConfigError("this checkpoint names no end-of-text token: no eos_token_id in config.json or "
+                          "generation_config.json, no eos_token in tokenizer_config.json, and no special token "
+                          f"spelled {' or '.join(EOS_SPELLINGS)} (special tokens: {_listing(added)}). Fix: set "
+                          "eos_token_id in config.json to the id of its end-of-text special token.")
+    pad = _declared_id("pad", sources, by_text) or _by_spelling("pad", PAD_SPELLINGS, by_text) or eos
+    for (name, (source, token_id)) in (("eos", eos), ("pad", pad)):
+        if token_id not in added:
+            raise ConfigError(f"{source} gives {name} id {token_id}, which is not a special token of "
+                              f"tokenizer.json, so lm would refuse the text it stands for (special tokens: "
+                              f"{_listing(added)}). Fix: set {name}_token_id in config.json to one of them "
+                              f"(or mark that token special in tokenizer.json's added_tokens).")
+    return eos[1], pad[1]
+
+
+def _declared_id(name: str, sources: list[tuple[str, dict]], by_text: dict[str, int]) -> tuple[str, int] | None:
+    """(where, id) of the first `{name}_token_id` or `{name}_token` in the sources."""
+    for source, fields in sources:
+        token_id = _first(fields.get(f"{name}_token_id"))
+        if token_id is not None:
+            return f"{source}'s {name}_token_id", token_id
+        text = fields.get(f"{name}_token")
+        text = text.get("content") if isinstance(text, dict) else text
+        if text is not None:
+            if text not in by_text:
+                raise ConfigError(f"{source}'s {name}_token {text!r} is not a special token of tokenizer.json "
+                                  f"(special tokens: {_listing({i: t for t, i in by_text.items()})}). Fix: set "
+                                  f"{name}_token to one of them, or {name}_token_id in config.json.")
+            return f"{source}'s {name}_token {text!r}", by_text[text]
+    return None
+
+
+def _by_spelling(name: str, spellings: tuple[str, ...], by_text: dict[str, int]) -> tuple[str, int] | None:
+    found = [text for text in spellings if text in by_text]
+    if len(found) > 1:
+        raise ConfigError(f"tokenizer.json has several special tokens that may end a text or pad ({found}) and "
+                          f"the config files name none. Fix: set {name}_token_id in config.json.")
+    return (f"the special token {found[0]!r}", by_text[found[0]]) if found else None
+
+
+def _listing(tokens: dict[int, str]) -> str:
+    return ", ".join(f"{i} {text!r}" for i, text in sorted(tokens.items())) or "none"
+
+
+def _first(ids: Any) -> int | None:
     if isinstance(ids, list):
-        return ids[0] if ids else default
-    return default if ids is None else int(ids)
+        return int(ids[0]) if ids else None
+    return None if ids is None else int(ids)
 
 
 def lm_config(hf_config: dict) -> ml_collections.ConfigDict:
@@ -136,6 +219,11 @@ def export_hf(path: str, output: str, step: int | None = None) -> dict:
 
     def fill(staging: str) -> None:
         save_file(tensors, os.path.join(staging, HF_WEIGHTS), metadata={"format": "pt"})
+        # safetensors writes through a private (0600) temporary file; the weights are as
+        # readable as the export's other files (the umask's default for a new file).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(os.path.join(staging, HF_WEIGHTS), 0o666 & ~umask)
         for name, content in ((HF_CONFIG, hf_config), (HF_TOKENIZER_CONFIG, tokenizer_config)):
             with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
                 json.dump(content, f, indent=2, ensure_ascii=False)

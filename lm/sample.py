@@ -56,6 +56,10 @@ def main(argv: list[str]) -> None:
     if run.model_cfg.family == "encoder":
         exit_with_error(f"{_WORKDIR.value} holds an encoder-only model, which fills in masks rather than writing "
                         "text. Fix: point --workdir at a decoder or encoder_decoder run.")
+    try:  # a prompt the tokenizer refuses is the user's to fix, whatever the decoding
+        run.tokenizer.encode(_PROMPT.value)
+    except ValueError as e:
+        exit_with_error(f"--prompt: {e}")
     if _BEAM_SIZE.value:
         print_beams(run)
         return

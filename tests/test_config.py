@@ -160,3 +160,33 @@ def test_a_mixture_needs_stream_packing():
     with pytest.raises(config_lib.ConfigError, match=r"config\.data\.packing='pack' is not supported by "
                                                      r"objective 'mixture'.*Fix: use config\.data\.packing='stream'"):
         config_lib.validate(config)
+
+
+@pytest.mark.parametrize("symbols, problem", [
+    (("</s>",), r"has '</s>', a piece lm's SentencePiece models reserve"),
+    (("<sep>", "<pad>"), r"has '<pad>', a piece lm's SentencePiece models reserve"),
+    (("<eos>",), r"has '<eos>', a piece lm's SentencePiece models reserve"),
+    (("<unk>",), r"has '<unk>', a piece lm's SentencePiece models reserve"),
+    (("<0x41>",), r"has '<0x41>', a piece lm's SentencePiece models reserve"),
+    (("",), r"has '': a symbol is kept whole as text only if it is non-empty"),
+    (("a b",), r"has 'a b': .*holds no whitespace"),
+    (("\u2581a",), r"has '\u2581a': .*holds no whitespace \(nor '\u2581'"),
+    (("<sep>", "<sep>"), r"repeats a symbol"),
+])
+def test_sentencepiece_user_defined_symbols_are_checked_before_training(symbols, problem):
+    config = tiny_config(data__tokenizer="sentencepiece", data__sentencepiece__user_defined_symbols=symbols)
+    with pytest.raises(config_lib.ConfigError, match=r"config\.data\.sentencepiece\.user_defined_symbols=.*"
+                                                     + problem + r".*Fix: "):
+        config_lib.validate(config)
+    config.data.sentencepiece.user_defined_symbols = ("<sep>", "[X]", "<s>")  # names of the user's own are text
+    config_lib.validate(config)
+
+
+def test_cli_names_user_defined_symbols_not_the_vocab_size_for_a_reserved_piece(tmp_path):
+    result = run_cli("lm.main", f"--config={os.path.join(REPO, 'configs', 'shakespeare_char.py')}",
+                     f"--workdir={tmp_path / 'run'}", *cli_flags(), "--config.data.tokenizer=sentencepiece",
+                     "--config.data.sentencepiece.user_defined_symbols=('</s>',)", check=False)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lm: error:")]
+    assert len(errors) == 1 and "config.data.sentencepiece.user_defined_symbols=('</s>',)" in errors[0], result.stderr
+    assert "vocab_size" not in errors[0] and "INTERNAL" not in result.stderr and "Traceback" not in result.stderr

@@ -7,7 +7,9 @@ Each kind becomes the Hugging Face model that reproduces its ids exactly:
   characters (ids 3...); each character missing from it becomes one `<unk>`.
 - byte: a byte-level BPE without merges: GPT-2's byte-to-character table, byte b at id 3 + b.
 - sentencepiece: read from the model proto (`sentencepiece_model_pb2`). Unigram keeps
-  the pieces and their scores (Viterbi over the same lattice). BPE gets merges derived
+  the normal pieces and their scores (Viterbi over the same lattice); see
+  `unigram_scores` and `unknown_char_split` for the pieces SentencePiece never matches
+  in text (control, `<unk>`, byte pieces), which Hugging Face's Unigram would. BPE gets merges derived
   from the vocabulary: every split of a normal piece into two normal pieces, ranked by
   the piece's score, which is the order in which SentencePiece's BPE merges pairs.
   Spaces become "▁" (lm trains with identity normalisation, no dummy prefix, whitespace
@@ -17,11 +19,19 @@ Each kind becomes the Hugging Face model that reproduces its ids exactly:
 
 `<pad>`, the end-of-document token and `<unk>` are added tokens marked special. Nothing
 here needs `transformers`.
+
+Text is data, never control, in the export too, with one switch: `tokenizers` matches a
+special token's spelling in text ("<eos>", "</s>") unless `encode_special_tokens` is set,
+and tokenizer.json cannot store that runtime flag. `tokenizer_config.json` therefore says
+`split_special_tokens: true`, which `transformers` honours (PreTrainedTokenizerFast sets
+`encode_special_tokens` from it), and a `tokenizers` user sets
+`tokenizer.encode_special_tokens = True`, as lm does. With it, every export encodes any
+text to lm's own ids.
 """
 
 from __future__ import annotations
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from lm.config import ConfigError
 from lm.data import tokenizers as lm_tokenizers
@@ -57,10 +67,14 @@ def to_json(tokenizer: lm_tokenizers.Tokenizer) -> str:
 def tokenizer_config(tokenizer: lm_tokenizers.Tokenizer, max_len: int) -> dict:
     """tokenizer_config.json for `transformers`: load tokenizer.json as it is
     (PreTrainedTokenizerFast) with its end-of-document, padding and unknown tokens named,
-    and decode without "cleaning up" spaces (which would change the text)."""
+    split special tokens' spellings in text as text (`split_special_tokens`), and decode
+    without "cleaning up" spaces (which would change the text)."""
     hf = to_hf(tokenizer)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
               "clean_up_tokenization_spaces": False,
+              # Text spelling a special token ("<eos>") is text: transformers sets the
+              # tokenizer's encode_special_tokens from this (tokenizer.json cannot hold it).
+              "split_special_tokens": True,
               "eos_token": hf.id_to_token(tokenizer.eos_id), "pad_token": hf.id_to_token(tokenizer.pad_id)}
     unk = hf.id_to_token(lm_tokenizers.UNK_ID) if not isinstance(tokenizer, lm_tokenizers.HuggingFaceTokenizer) \
         else None
@@ -119,19 +133,83 @@ def sentencepiece_tokenizer(model_proto: bytes) -> Tokenizer:
     pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
     unk_id = next(i for i, (_, _, kind) in enumerate(pieces) if kind == _UNKNOWN)
     byte_fallback = any(kind == _BYTE for _, _, kind in pieces)
-    if proto.trainer_spec.model_type == _UNIGRAM:
-        model = models.Unigram([(piece, score) for piece, score, _ in pieces], unk_id=unk_id,
-                               byte_fallback=byte_fallback)
+    unigram = proto.trainer_spec.model_type == _UNIGRAM
+    if unigram:
+        model = models.Unigram(unigram_scores(pieces), unk_id=unk_id, byte_fallback=byte_fallback)
     else:
         model = models.BPE(vocab={piece: i for i, (piece, _, _) in enumerate(pieces)}, merges=bpe_merges(pieces),
                            unk_token=pieces[unk_id][0], fuse_unk=True, byte_fallback=byte_fallback)
     hf = Tokenizer(model)
     hf.normalizer = normalizers.Replace(" ", SPACE)
+    if unigram and (split := unknown_char_split(pieces, byte_fallback)) is not None:
+        hf.pre_tokenizer = split
     hf.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
     # User-defined symbols are text SentencePiece keeps whole: added tokens, not special.
     hf.add_tokens([AddedToken(piece, special=False, normalized=True) for piece, _, kind in pieces
                    if kind == _USER_DEFINED])
     return _mark_special(hf, [piece for piece, _, kind in pieces if kind in (_CONTROL, _UNKNOWN)])
+
+
+_NEVER_IN_TEXT = (_CONTROL, _UNKNOWN, _BYTE)  # pieces SentencePiece never matches in text
+
+
+def unigram_scores(pieces: list[tuple[str, float, int]]) -> list[tuple[str, float]]:
+    """(piece, score) for Hugging Face's Unigram: normal pieces keep SentencePiece's
+    scores; control, unknown and byte pieces get one so low that Viterbi never prefers
+    them to spelling their text with normal pieces.
+
+    SentencePiece keeps those pieces out of its lattice; Hugging Face's Unigram puts every
+    vocabulary entry in it, and their SentencePiece score (0, the best) makes it match
+    "</s>" or "<0x41>" in text. A piece of L characters made of known characters has a
+    normal path of at most L single characters, each scoring at least the lowest normal
+    score m < 0, so any score below (L + 1) * m loses. The scores serve nothing else:
+    `<unk>` and byte fallback are emitted by id, not chosen by score. Lowering the minimum
+    also lowers Hugging Face's unknown-character score (minimum - 10), by the same amount
+    on every path, since only unknown nodes cover an unknown character (for a model
+    whose characters are all pieces, as lm trains them: character_coverage=1.0).
+    A spelling with a character outside the vocabulary is a different case: every path
+    through an unknown node costs 10 more than any score, so `unknown_char_split` cuts it.
+    """
+    normal = [score for _, score, kind in pieces if kind == _NORMAL]
+    longest = max((len(piece) for piece, _, kind in pieces if kind in _NEVER_IN_TEXT), default=1)
+    never = (longest + 1) * min(min(normal, default=-1.0), -1.0) - 1.0
+    return [(piece, never if kind in _NEVER_IN_TEXT else score) for piece, score, kind in pieces]
+
+
+def unknown_char_split(pieces: list[tuple[str, float, int]], byte_fallback: bool):
+    """A pre-tokenizer that cuts the spelling of every control, unknown and byte piece at
+    the characters of it the vocabulary lacks, or None where it has them all.
+
+    Hugging Face's Unigram scores an unknown character 10 below the lowest piece, so text
+    like "</s>" whose "<" is outside the vocabulary matches the piece "</s>" whatever its
+    score. Cutting the text around unknown characters never changes how text encodes
+    otherwise: no normal piece holds an unknown character, so every path already has a
+    boundary on either side of it. With byte fallback each unknown character stands alone
+    (it becomes its UTF-8 bytes either way); without it a run of unknown characters stays
+    one pre-token, since SentencePiece fuses the run into one `<unk>`.
+
+    Raises ConfigError when a piece's spelling is made only of unknown characters and no
+    cut can isolate it (without byte fallback, or a one-character piece).
+    """
+    known = {c for piece, _, kind in pieces if kind == _NORMAL for c in piece}
+    never = [piece for piece, _, kind in pieces if kind in _NEVER_IN_TEXT]
+    unknown = sorted({c for piece in never for c in piece} - known)
+    if not unknown:
+        return None
+    # A cut separates a piece from its spelling unless the piece is one pre-token itself.
+    unspellable = [piece for piece in never if not set(piece) & known and (len(piece) == 1 or not byte_fallback)]
+    if unspellable:
+        raise ConfigError(f"the SentencePiece pieces {unspellable} are spelled only in characters outside the "
+                          "vocabulary, so a tokenizer.json would read text spelling them as those pieces. Fix: "
+                          "train the tokenizer with lm (config.data.sentencepiece.byte_fallback=True).")
+    if byte_fallback:
+        return pre_tokenizers.Split(Regex(_char_class(unknown)), "isolated")
+    return pre_tokenizers.Split(Regex(_char_class(sorted(known), negate=True) + "+"), "isolated")
+
+
+def _char_class(chars: list[str], negate: bool = False) -> str:
+    """A regex character class (Oniguruma syntax, as `tokenizers.Regex` reads it)."""
+    return "[" + ("^" if negate else "") + "".join(f"\\x{{{ord(c):X}}}" for c in chars) + "]"
 
 
 def bpe_merges(pieces: list[tuple[str, float, int]]) -> list[tuple[str, str]]:
