@@ -13,7 +13,11 @@ Every request field of the `openai` client's request types is in `COMPLETION_FIE
 nothing (n=1, store=false, ...) or by OpenAI's own definition does not change the output
 (user, metadata, ...), or refused. Bodies are validated by the pydantic models below
 (unknown keys and wrong types refused); every failure is a 400 with OpenAI's error body
-naming the field (`param`), and the server keeps serving the others.
+naming the field (`param`; the message names the key path inside it), and the server
+keeps serving the others. Every text field is a `Text` (valid Unicode: no lone
+surrogates); a fault of the server's own is a 500 with the same body, `server_error`.
+Request bodies are capped (--max_request_bytes, 413), and encoding text runs in the
+threadpool, off the event loop.
 
 Requests that arrive within `--batch_window_ms` of an idle server start together; later
 ones join the running batch between steps (continuous batching over a KV cache, lm.slots).
@@ -379,8 +383,9 @@ def _invalid_key(value: Any) -> list:
 
 
 def _key_path(parts: list) -> str:
-    """['messages', 0, 'content'] -> 'messages[0].content'."""
-    return "".join(f"[{p}]" if type(p) is int else (f".{p}" if i else str(p)) for i, p in enumerate(parts))
+    """['messages', 0, 'content'] -> 'messages[0].content' (a key past 40 characters cut to them and '...')."""
+    shown = [p if type(p) is int or len(str(p)) <= 40 else f"{str(p)[:40]}..." for p in parts]
+    return "".join(f"[{p}]" if type(p) is int else (f".{p}" if i else str(p)) for i, p in enumerate(shown))
 
 
 def _relevance(error: dict, body: Any) -> tuple:

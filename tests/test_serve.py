@@ -266,7 +266,7 @@ NAMED = [
     ("/v1/completions", {"stream": True, "stream_options": {"foo": True}},
      "Unrecognized request argument supplied: stream_options.foo"),
     ("/v1/completions", {"stop": ["ok", ""]}, "'stop[1]': \"\" (String should have at least 1 character)"),
-    ("/v1/completions", {"logit_bias": {"1" * 5000: 1}}, "'logit_bias."),
+    ("/v1/completions", {"logit_bias": {"1" * 5000: 1}}, f"'logit_bias.{'1' * 40}...': \"{'1' * 199}"),
     ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x", "tool_calls": []}]},
      "Unrecognized request argument supplied: messages[0].tool_calls"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]},
