@@ -13,7 +13,11 @@ Every request field of the `openai` client's request types is in `COMPLETION_FIE
 nothing (n=1, store=false, ...) or by OpenAI's own definition does not change the output
 (user, metadata, ...), or refused. Bodies are validated by the pydantic models below
 (unknown keys and wrong types refused); every failure is a 400 with OpenAI's error body
-naming the field (`param`), and the server keeps serving the others.
+naming the field (`param`; the message names the key path inside it), and the server
+keeps serving the others. Every text field is a `Text` (valid Unicode: no lone
+surrogates); a fault of the server's own is a 500 with the same body, `server_error`.
+Request bodies are capped (--max_request_bytes, 413), and encoding text runs in the
+threadpool, off the event loop.
 
 Requests that arrive within `--batch_window_ms` of an idle server start together; later
 ones join the running batch between steps (continuous batching over a KV cache, lm.slots).
@@ -39,6 +43,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, model_validator
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
@@ -56,6 +61,8 @@ class Limits:
     max_batch: int = 32
     batch_window_ms: float = 10.0
     max_prompts: int = 32  # prompts one /v1/completions request may carry
+    max_request_bytes: int = 4 * 2**20  # a request body's size cap (--max_request_bytes)
+    max_tokens_limit: int | None = None  # --max_tokens_limit as given (max_tokens is it capped by the context)
 
 
 class RequestError(Exception):
@@ -91,7 +98,8 @@ _SHARED_FIELDS = {
                                 "sampling (not to the reported logprobs)"),
     "n": (NO_OP, "1 (one choice per prompt)"),
     "seed": (IMPLEMENTED, "an integer; the same seed gives the same text however requests are batched"),
-    "stop": (IMPLEMENTED, "a string or a list of at most 4 strings; the text ends before the first match"),
+    "stop": (IMPLEMENTED, "a non-empty string or a list of at most 4 non-empty strings; the text ends before the "
+                          "first match (an empty string would match everywhere: refused)"),
     "stream": (IMPLEMENTED, "a boolean: server-sent events"),
     "stream_options": (IMPLEMENTED, "with stream only: {include_usage: bool (a last chunk with usage and no "
                                     "choices), include_obfuscation: bool (no-op: no padding field is sent)}"),
@@ -157,6 +165,24 @@ def _only(value: Any):
     return AfterValidator(check)
 
 
+def _valid_unicode(text: str) -> str:
+    """`text` if it is valid Unicode. JSON's `\\ud800` escapes can spell lone surrogates,
+    which no tokenizer can encode (UTF-8 has no form for them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PydanticCustomError(
+            "invalid_unicode", f"text must be valid Unicode: character {e.start} is a lone surrogate "
+                               f"(\\u{ord(text[e.start]):04x}); a character outside the Basic Multilingual Plane is "
+                               "sent as a high-low surrogate pair or as itself") from None
+    return text
+
+
+# Every text a request carries is this type (a test checks that no model has a bare str).
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+NonEmptyText = Annotated[str, Field(min_length=1), AfterValidator(_valid_unicode)]
+
+
 def _needs(param: str, message: str) -> PydanticCustomError:
     """A whole-request check's failure, naming the field it is about."""
     return PydanticCustomError("field_dependency", message, {"param": param})
@@ -178,18 +204,21 @@ class StreamOptions(_Strict):
 class _Request(_Strict):
     """The fields /v1/completions and /v1/chat/completions share."""
 
-    model: str
+    model: Text
     frequency_penalty: Penalty | None = None
     presence_penalty: Penalty | None = None
-    logit_bias: dict[Annotated[str, Field(pattern=r"^\d+$")], Annotated[float, Field(ge=-100, le=100)]] | None = None
+    # ASCII digits (\\d would take other scripts' digits), few enough for int() (it refuses
+    # more than 4300) and for any vocabulary; an id past the vocabulary is refused later.
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
+                     Annotated[float, Field(ge=-100, le=100)]] | None = None
     n: Annotated[int, Field(ge=1, le=1)] | None = None
     seed: int | None = None
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    stop: NonEmptyText | Annotated[list[NonEmptyText], Field(max_length=4)] | None = None
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    user: str | None = None
+    user: Text | None = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -201,7 +230,7 @@ class _Request(_Strict):
 class CompletionRequest(_Request):
     """A /v1/completions body (see COMPLETION_FIELDS)."""
 
-    prompt: Union[str, list[str], list[TokenId], list[list[TokenId]]]
+    prompt: Union[Text, list[Text], list[TokenId], list[list[TokenId]]]
     best_of: Annotated[int, Field(ge=1, le=1)] | None = None
     echo: StrictBool | None = None
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
@@ -217,12 +246,12 @@ class CompletionRequest(_Request):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
     name: None = None  # a participant's name would need a template that shows it
 
 
@@ -246,17 +275,17 @@ class ChatRequest(_Request):
     audio: None = None
     function_call: Literal["none"] | None = None
     functions: None = None
-    metadata: dict[str, str] | None = None
+    metadata: dict[Text, Text] | None = None
     modalities: list[Literal["text"]] | None = None
     moderation: None = None
     parallel_tool_calls: None = None
     prediction: None = None
-    prompt_cache_key: str | None = None
+    prompt_cache_key: Text | None = None
     prompt_cache_options: PromptCacheOptions | None = None
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     reasoning_effort: None = None
     response_format: ResponseFormatText | None = None
-    safety_identifier: str | None = None
+    safety_identifier: Text | None = None
     service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast"] | None = None
     store: Annotated[StrictBool, _only(False)] | None = None
     tool_choice: Literal["none"] | None = None
@@ -274,47 +303,100 @@ class ChatRequest(_Request):
 class TokenizeRequest(_Strict):
     """vLLM's /tokenize body. lm adds no special tokens to text, so add_special_tokens adds nothing."""
 
-    prompt: str
+    prompt: Text
     add_special_tokens: StrictBool | None = None
-    model: str | None = None
+    model: Text | None = None
 
 
 class DetokenizeRequest(_Strict):
     tokens: list[TokenId]
-    model: str | None = None
+    model: Text | None = None
 
 
-def validation_error(errors: list[dict], fields: dict[str, tuple[str, str]]) -> RequestError:
-    """OpenAI's 400 for the first pydantic error: `param` the top-level field, the message
-    saying what was wrong and what the field accepts."""
-    error = errors[0]
-    loc = [part for part in error["loc"] if part != "body"]
+def validation_error(errors: list[dict], fields: dict[str, tuple[str, str]], body: Any = None) -> RequestError:
+    """OpenAI's 400 for the most relevant of pydantic's `errors` on the request `body`
+    (see `_relevance`): `param` the top-level field; the message names the offending key
+    path inside it (`messages[0].tool_calls`), says what was wrong and what the field accepts."""
+    error = max(errors, key=lambda e: _relevance(e, body))  # the first of the most relevant
+    loc = list(error["loc"][1:] if error["loc"][:1] == ("body",) else error["loc"])
     kind, given = error["type"], error.get("input")
     if kind == "json_invalid":
         return RequestError(400, f"the request body is not valid JSON ({error.get('ctx', {}).get('error', '')}).")
     if kind == "field_dependency":  # a whole-request check: its loc is the body, its ctx names the field
         return RequestError(400, f"{error['msg']}.", param=error["ctx"]["param"], code="invalid_value")
+    if kind == "string_unicode" and not loc:  # pydantic-core gives no location for a key that is not Unicode
+        if loc := _invalid_key(body):
+            return RequestError(400, f"Unrecognized request argument supplied: {_key_path(loc)} (not valid "
+                                     "Unicode: it holds a lone surrogate)", param=str(loc[0]),
+                                code="unknown_parameter")
+        return RequestError(400, f"the request body is not valid: {error['msg']}.")
     if not loc or isinstance(given, (bytes, bytearray)):
         if kind == "missing" or isinstance(given, (bytes, bytearray)):
             return RequestError(400, "the request needs a JSON object body sent with "
                                      "`Content-Type: application/json`.")
         return RequestError(400, "the request body must be a JSON object.")
     param = str(loc[0])
-    if kind == "extra_forbidden" and len(loc) == 1:
-        return RequestError(400, f"Unrecognized request argument supplied: {param}", param=param,
+    path = _key_path(_input_loc(loc, body, kind))
+    if kind == "extra_forbidden":
+        return RequestError(400, f"Unrecognized request argument supplied: {path}", param=param,
                             code="unknown_parameter")
     status, accepts = fields.get(param, ("", ""))
-    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:] if isinstance(p, int) or
-                    p in _NESTED_FIELDS)
     if status == REFUSED:
         return RequestError(400, f"{param} is not supported by this server ({accepts}).", param=param,
                             code="unsupported_parameter")
     if kind == "missing":
-        return RequestError(400, f"'{param}{where}' is required.", param=param, code="missing_required_parameter")
+        return RequestError(400, f"'{path}' is required.", param=param, code="missing_required_parameter")
     shown = json.dumps(given)[:200] if _jsonable(given) else repr(given)[:200]
     hint = f" {param} accepts {accepts}." if accepts else ""
-    return RequestError(400, f"Invalid value for '{param}{where}': {shown} ({error['msg']}).{hint}", param=param,
+    return RequestError(400, f"Invalid value for '{path}': {shown} ({error['msg']}).{hint}", param=param,
                         code="invalid_value")
+
+
+def _input_loc(loc: list, body: Any, kind: str) -> list:
+    """The parts of a pydantic error location that index into the request body: keys and
+    list positions, without the tags pydantic adds for union members ('str',
+    'list[TextPart]') or dict keys ('[key]'). A missing key keeps its name."""
+    kept, value = [], body
+    for i, part in enumerate(loc):
+        if isinstance(value, dict) and isinstance(part, str) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and type(part) is int and 0 <= part < len(value):
+            value = value[part]
+        elif not (kind == "missing" and i == len(loc) - 1):
+            continue
+        kept.append(part)
+    return kept or loc[:1]
+
+
+def _invalid_key(value: Any) -> list:
+    """The location of the first object key in `value` that is not valid Unicode, or []."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and not key.isascii():
+            try:
+                key.encode("utf-8")
+            except UnicodeEncodeError:
+                return [key]
+        if inner := _invalid_key(item):
+            return [key, *inner]
+    return []
+
+
+def _key_path(parts: list) -> str:
+    """['messages', 0, 'content'] -> 'messages[0].content' (a key past 40 characters cut to them and '...')."""
+    shown = [p if type(p) is int or len(str(p)) <= 40 else f"{str(p)[:40]}..." for p in parts]
+    return "".join(f"[{p}]" if type(p) is int else (f".{p}" if i else str(p)) for i, p in enumerate(shown))
+
+
+def _relevance(error: dict, body: Any) -> tuple:
+    """How well an error explains a refusal, for choosing one to report: an unknown key
+    first (it is the fault whatever else is said about its object), then the error
+    deepest in the input (the union member that matched the input furthest), then a
+    value's error over a type mismatch (`prompt: [-1]` fails as a string, as a list of
+    strings and as a list of ids; the id's range is the one to name)."""
+    loc = list(error["loc"][1:] if error["loc"][:1] == ("body",) else error["loc"])
+    return (error["type"] == "extra_forbidden", len(_input_loc(loc, body, error["type"])),
+            not error["type"].endswith("_type"))
 
 
 def _jsonable(value: Any) -> bool:
@@ -323,10 +405,6 @@ def _jsonable(value: Any) -> bool:
         return True
     except (TypeError, ValueError):
         return False
-
-
-_NESTED_FIELDS = {name for model in (Message, TextPart, StreamOptions, ResponseFormatText, PromptCacheOptions)
-                  for name in model.model_fields}
 
 
 # --- Decoding through the continuous batcher -----------------------------------------
@@ -514,33 +592,48 @@ class Engine:
     def context(self) -> int:
         return self.loaded.model_cfg.max_len
 
-    def prompt_ids(self, prompt: str | list[int]) -> np.ndarray:
+    def prompt_ids(self, prompt: str | list[int], param: str = "prompt") -> np.ndarray:
         """A prompt's ids: text encoded (an empty text starts a document: <eos>), or ids
-        checked to lie in the vocabulary. Raises RequestError (param `prompt`)."""
+        checked to lie in the vocabulary. CPU work on long text: call it off the event loop.
+        Raises RequestError naming `param` (the request field the prompt came from) for
+        text the tokenizer cannot encode (its ValueError), ids outside the vocabulary and
+        prompts longer than the limit."""
         tokenizer = self.loaded.tokenizer
         if isinstance(prompt, str):
-            ids = tokenizer.encode(prompt) if prompt else np.array([tokenizer.eos_id], np.int32)
+            try:
+                ids = tokenizer.encode(prompt) if prompt else np.array([tokenizer.eos_id], np.int32)
+            except ValueError as e:  # e.g. a character the vocabulary spells only as a control token
+                raise RequestError(400, f"{param} cannot be encoded by this model's tokenizer: {e}", param=param,
+                                   code="invalid_value") from None
         else:
             if not prompt:
-                raise RequestError(400, "a token-id prompt must hold at least one id.", param="prompt")
+                raise RequestError(400, f"a token-id {param} must hold at least one id.", param=param)
             bad = [i for i in prompt if not 0 <= i < tokenizer.vocab_size]
             if bad:
-                raise RequestError(400, f"prompt holds token id {bad[0]}, outside the vocabulary "
-                                        f"[0, {tokenizer.vocab_size}).", param="prompt", code="invalid_value")
+                raise RequestError(400, f"{param} holds token id {bad[0]}, outside the vocabulary "
+                                        f"[0, {tokenizer.vocab_size}).", param=param, code="invalid_value")
             ids = np.asarray(prompt, np.int32)
         if len(ids) > self.limits.max_prompt_tokens:
-            raise RequestError(400, f"the prompt has {len(ids)} tokens; this server takes at most "
-                                    f"{self.limits.max_prompt_tokens}.", param="prompt", code="context_length_exceeded")
+            what = "the prompt" if param == "prompt" else f"the prompt rendered from {param}"
+            raise RequestError(400, f"{what} has {len(ids)} tokens; this server takes at most "
+                                    f"{self.limits.max_prompt_tokens}.", param=param, code="context_length_exceeded")
         return ids
 
     def check_length(self, ids: np.ndarray, max_tokens: int, param: str = "max_tokens") -> None:
-        if max_tokens > self.limits.max_tokens:
-            raise RequestError(400, f"{param}={max_tokens} is more than this server's limit of "
-                                    f"{self.limits.max_tokens} (--max_tokens_limit).", param=param)
+        """Refuses (RequestError naming `param`) a prompt plus max_tokens past the context
+        (checked first: it is the cause whatever the server's limit), then max_tokens past
+        the server's limit, saying where that limit comes from."""
         if len(ids) + max_tokens > self.context:
             raise RequestError(400, f"the prompt ({len(ids)} tokens) plus {param}={max_tokens} exceeds the "
-                                    f"model's context of {self.context} tokens.", param=param,
+                                    f"model's context of {self.context} tokens; ask for at most "
+                                    f"{max(self.context - len(ids), 0)}.", param=param,
                                code="context_length_exceeded")
+        if max_tokens > self.limits.max_tokens:
+            flag = "" if self.limits.max_tokens_limit is None else f"={self.limits.max_tokens_limit}"
+            raise RequestError(400, f"{param}={max_tokens} is more than this server's limit of "
+                                    f"{self.limits.max_tokens}: the smaller of --max_tokens_limit{flag} and the "
+                                    f"model's context of {self.context} tokens less one.", param=param,
+                               code="invalid_value")
 
     def bias(self, logit_bias: dict[str, float] | None) -> np.ndarray:
         """OpenAI's logit_bias as float32 [V]. Raises RequestError for ids outside the vocabulary."""
@@ -580,7 +673,7 @@ class Engine:
         stop = generation.stop
         decoder = tokenizers.IncrementalDecoder(tokenizer)
         text, sent, finish, pending = "", 0, "length", []
-        hold = max((len(s) for s in stop), default=1) - 1  # a stop sequence may still be forming
+        hold = max([len(s) - 1 for s in stop if s], default=0)  # a stop sequence may still be forming
         while True:
             item = await job.out.get()
             if isinstance(item, RequestError):
@@ -666,20 +759,64 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
 
 
 class Guard:
-    """ASGI middleware on every path but /health: the API key, and at most
-    `max_concurrent` requests in flight (a streaming one counts until its last event).
+    """ASGI middleware on every path but /health: the API key, at most `max_concurrent`
+    requests in flight (a streaming one counts until its last event), and request bodies
+    of at most `max_request_bytes` (413 otherwise: refused from Content-Length before the
+    body is read, or, sent chunked, once more than that has arrived).
+
     The key is compared in constant time: both sides are hashed to SHA-256 digests and
     compared with `hmac.compare_digest`, so neither how much of a guess matches nor its
-    length shows in the time taken. Plain ASGI rather than `@app.middleware`, which costs
-    several milliseconds of event-loop time per request."""
+    length shows in the time taken. The scheme `Bearer` is matched in any case (RFC 7235,
+    2.1); a request with more than one Authorization header is refused. Plain ASGI rather
+    than `@app.middleware`, which costs several milliseconds of event-loop time per request."""
 
-    def __init__(self, app, api_key: str | None, max_concurrent: int):
-        self.app, self.max_concurrent, self.active = app, max_concurrent, 0
-        self.expected = hashlib.sha256(f"Bearer {api_key}".encode()).digest() if api_key else None
+    def __init__(self, app, api_key: str | None, max_concurrent: int, max_request_bytes: int = 4 * 2**20):
+        self.app, self.max_concurrent, self.max_request_bytes, self.active = app, max_concurrent, max_request_bytes, 0
+        self.expected = hashlib.sha256(api_key.encode()).digest() if api_key else None
 
     def authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
-        given = dict(headers).get(b"authorization", b"")
-        return hmac.compare_digest(hashlib.sha256(given).digest(), self.expected)
+        """Whether `headers` (ASGI's, names lower-case) carry exactly one `Authorization:
+        Bearer <key>` with the server's key."""
+        given = [value for name, value in headers if name == b"authorization"]
+        scheme, _, token = given[0].strip().partition(b" ") if len(given) == 1 else (b"", b"", b"")
+        matches = hmac.compare_digest(hashlib.sha256(token.lstrip(b" ")).digest(), self.expected)
+        return matches and scheme.lower() == b"bearer"
+
+    def _too_large(self, size: int | str) -> RequestError:
+        return RequestError(413, f"the request body is {size} bytes; this server takes at most "
+                                 f"{self.max_request_bytes} (--max_request_bytes).", code="request_too_large")
+
+    async def _capped(self, scope, receive):
+        """`receive` for the app, or a RequestError: from Content-Length when given (the
+        body unread); a chunked body is read here up to the cap and replayed."""
+        headers = dict(scope["headers"])
+        if b"content-length" in headers:
+            length = headers[b"content-length"]
+            if not length.isdigit() or int(length) > self.max_request_bytes:
+                return self._too_large(length.decode("latin-1")[:30] if not length.isdigit() else int(length))
+            return receive
+        if b"transfer-encoding" not in headers:
+            return receive  # no body
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return receive  # the client left: the app sees the disconnect
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_request_bytes:
+                return self._too_large(f"more than {self.max_request_bytes}")
+        replay = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replayed():
+            nonlocal replay
+            if replay is None:
+                return await receive()
+            message, replay = replay, None
+            return message
+
+        return replayed
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["path"] == "/health":
@@ -691,12 +828,27 @@ class Guard:
             error = RequestError(429, f"more than {self.max_concurrent} requests at once; retry shortly.",
                                  "rate_limit_error")
         if error:
-            return await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
-        self.active += 1
+            return await error_response(error)(scope, receive, send)
+        self.active += 1  # from here: a chunked body being read counts too
         try:
-            await self.app(scope, receive, send)
+            capped = await self._capped(scope, receive)
+            if isinstance(capped, RequestError):
+                return await error_response(capped)(scope, receive, send)
+            await self.app(scope, capped, send)
         finally:
             self.active -= 1
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII characters escaped: any str serializes, even one holding a lone
+    surrogate (an unknown key named in an error message), which UTF-8 cannot encode."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def error_response(error: RequestError) -> AsciiJSONResponse:
+    return AsciiJSONResponse(error.body(), status_code=error.status)
 
 
 def chat_prompt(messages: list[Message]) -> str:
@@ -733,27 +885,33 @@ def _stop(body: _Request) -> tuple[str, ...]:
 
 def make_app(loaded: Loaded, limits: Limits, model_name: str, api_key: str | None = None):
     """The FastAPI application serving `loaded` as `model_name`."""
-    app = FastAPI(title="lm", docs_url=None, redoc_url=None)
+    app = FastAPI(title="lm", docs_url=None, redoc_url=None, default_response_class=AsciiJSONResponse)
     engine = Engine(loaded, limits)
     app.state.engine = engine
-    app.add_middleware(Guard, api_key=api_key, max_concurrent=limits.max_concurrent)
+    app.add_middleware(Guard, api_key=api_key, max_concurrent=limits.max_concurrent,
+                       max_request_bytes=limits.max_request_bytes)
     tokenizer = loaded.tokenizer
     fields_of = {"/v1/completions": COMPLETION_FIELDS, "/v1/chat/completions": CHAT_FIELDS}
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, e: RequestError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return error_response(e)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, e: RequestValidationError):
-        error = validation_error(list(e.errors()), fields_of.get(request.url.path, {}))
-        return JSONResponse(error.body(), status_code=error.status)
+        return error_response(validation_error(list(e.errors()), fields_of.get(request.url.path, {}),
+                                               getattr(e, "body", None)))
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, e: HTTPException):
-        error = RequestError(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500
-                             else "server_error")
-        return JSONResponse(error.body(), status_code=e.status_code)
+        return error_response(RequestError(e.status_code, str(e.detail), "invalid_request_error"
+                                           if e.status_code < 500 else "server_error"))
+
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, e: Exception):
+        # The safety net: a fault of the server's is a 500 with OpenAI's body, not plain text
+        # (Starlette still re-raises it afterwards, so the server's log shows the traceback).
+        return error_response(unexpected_error(e))
 
     def check_model(model: str | None) -> None:
         if model is not None and model != model_name:
@@ -777,14 +935,20 @@ def make_app(loaded: Loaded, limits: Limits, model_name: str, api_key: str | Non
                 "kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "model_max_length": engine.context,
                 "max_model_len": engine.context}
 
+    # Plain `def`: FastAPI runs these in its threadpool, so a long text does not hold up the
+    # event loop (and every other request) while it is encoded or decoded.
     @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest):
+    def tokenize(body: TokenizeRequest):
         check_model(body.model)
-        tokens = tokenizer.encode(body.prompt).tolist()
+        try:
+            tokens = tokenizer.encode(body.prompt).tolist()
+        except ValueError as e:
+            raise RequestError(400, f"prompt cannot be encoded by this model's tokenizer: {e}", param="prompt",
+                               code="invalid_value") from None
         return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.context}
 
     @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest):
+    def detokenize(body: DetokenizeRequest):
         check_model(body.model)
         bad = [i for i in body.tokens if i >= tokenizer.vocab_size]
         if bad:
@@ -825,7 +989,7 @@ def make_app(loaded: Loaded, limits: Limits, model_name: str, api_key: str | Non
             try:
                 async for piece in run:
                     await pieces.put((index, piece))
-            except RequestError as e:
+            except Exception as e:  # noqa: BLE001 (raised again below, in the request's own task)
                 await pieces.put((index, e))
             await pieces.put((index, None))
 
@@ -834,7 +998,7 @@ def make_app(loaded: Loaded, limits: Limits, model_name: str, api_key: str | Non
             done = 0
             while done < len(runs):
                 index, piece = await pieces.get()
-                if isinstance(piece, RequestError):
+                if isinstance(piece, Exception):
                     raise piece
                 if piece is None:
                     done += 1
@@ -855,7 +1019,7 @@ def make_app(loaded: Loaded, limits: Limits, model_name: str, api_key: str | Non
             raise RequestError(400, f"the request holds {len(prompts)} prompts; this server takes at most "
                                     f"{limits.max_prompts} (--max_prompts).", param="prompt")
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
-        ids = [engine.prompt_ids(p) for p in prompts]
+        ids = [await run_in_threadpool(engine.prompt_ids, p) for p in prompts]  # encoding is CPU work
         for prompt_ids in ids:
             engine.check_length(prompt_ids, max_tokens)
         bias_V, sampling, stop = engine.bias(body.logit_bias), _sampling(body), _stop(body)
@@ -904,8 +1068,8 @@ def make_app(loaded: Loaded, limits: Limits, model_name: str, api_key: str | Non
                     completion_tokens += 0 if piece.prompt else len(piece.tokens)
                     yield sse(chunk({"index": index, "text": text, "finish_reason": piece.finish,
                                      "logprobs": logprobs_of(index, [piece])}))
-            except RequestError as e:
-                yield sse(e.body())
+            except Exception as e:  # noqa: BLE001 (the status is sent: the error goes in the stream)
+                yield sse((e if isinstance(e, RequestError) else unexpected_error(e)).body())
                 return
             if include_usage:
                 yield sse({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
@@ -916,7 +1080,7 @@ def make_app(loaded: Loaded, limits: Limits, model_name: str, api_key: str | Non
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
         check_model(body.model)
-        ids = engine.prompt_ids(chat_prompt(body.messages))
+        ids = await run_in_threadpool(engine.prompt_ids, chat_prompt(body.messages), "messages")
         limit = body.max_completion_tokens or body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         max_tokens = limit or min(limits.max_tokens, engine.context - len(ids))
@@ -953,8 +1117,8 @@ def make_app(loaded: Loaded, limits: Limits, model_name: str, api_key: str | Non
                     if delta or logprobs or piece.finish:
                         yield sse(chunk({"index": 0, "delta": delta, "finish_reason": piece.finish,
                                          "logprobs": logprobs}))
-            except RequestError as e:
-                yield sse(e.body())
+            except Exception as e:  # noqa: BLE001 (the status is sent: the error goes in the stream)
+                yield sse((e if isinstance(e, RequestError) else unexpected_error(e)).body())
                 return
             if include_usage:
                 yield sse({**head, "choices": [], "usage": usage(len(ids), completion_tokens)})
@@ -963,6 +1127,12 @@ def make_app(loaded: Loaded, limits: Limits, model_name: str, api_key: str | Non
         return StreamingResponse(events(), media_type="text/event-stream")
 
     return app
+
+
+def unexpected_error(e: Exception) -> RequestError:
+    """OpenAI's 500 for a fault of the server's (named by its type only: its text may hold internals)."""
+    return RequestError(500, f"the server failed on this request ({type(e).__name__}); it goes on serving "
+                             "others.", "server_error")
 
 
 def _top_dict(top: list[tuple[int, float]], text) -> dict[str, float]:
@@ -999,10 +1169,13 @@ def main(argv: list[str]) -> None:
         exit_with_error(str(e))
     if loaded.model_cfg.family != "decoder":
         exit_with_error(f"{f.workdir} holds a {loaded.model_cfg.family!r} model; the server decodes with a decoder.")
+    if f.max_request_bytes < 1:
+        exit_with_error(f"--max_request_bytes={f.max_request_bytes}: give a positive number of bytes, e.g. 4194304.")
     context = loaded.model_cfg.max_len
     limits = Limits(max_prompt_tokens=min(f.max_prompt_tokens or context - 1, context - 1),
                     max_tokens=min(f.max_tokens_limit, context - 1), max_concurrent=f.max_concurrent,
-                    max_batch=f.max_batch, batch_window_ms=f.batch_window_ms, max_prompts=f.max_prompts)
+                    max_batch=f.max_batch, batch_window_ms=f.batch_window_ms, max_prompts=f.max_prompts,
+                    max_request_bytes=f.max_request_bytes, max_tokens_limit=f.max_tokens_limit)
     name = f.model_name or os.path.basename(os.path.normpath(f.workdir))
     app = make_app(loaded, limits, name, api_key)
     start = time.monotonic()
@@ -1021,11 +1194,12 @@ def _define_flags() -> None:
     flags.DEFINE_string("model_name", None, "The model id clients ask for; default the workdir's name.")
     flags.DEFINE_string("api_key", None, "Require `Authorization: Bearer <key>` (or set LM_API_KEY).")
     flags.DEFINE_integer("max_prompt_tokens", 0, "Longest prompt accepted; 0: the context minus one.")
-    flags.DEFINE_integer("max_tokens_limit", 256, "Largest max_tokens accepted.")
+    flags.DEFINE_integer("max_tokens_limit", 256, "Largest max_tokens accepted (at most the context less one).")
     flags.DEFINE_integer("max_concurrent", 64, "Requests in flight before 429s.")
     flags.DEFINE_integer("max_batch", 32, "Most requests decoded together.")
     flags.DEFINE_integer("max_prompts", 32, "Most prompts one /v1/completions request may carry (each is "
                                             "decoded as its own job through the batcher).")
+    flags.DEFINE_integer("max_request_bytes", 4 * 2**20, "Largest request body accepted, in bytes (413 above it).")
     flags.DEFINE_float("batch_window_ms", 10.0, "How long the first request waits for others to batch with.")
 
 

@@ -4,9 +4,15 @@ lm.evaluate's log-likelihoods, echo, include_usage, additive penalties, logit_bi
 400 naming the field for every wrong-typed, unknown or unsupported one (after which the
 server keeps serving), vLLM's tokenizer endpoints, and the API key."""
 
+import dataclasses
 import hashlib
 import hmac
+import http.client
 import json
+import socket
+import threading
+import time
+import typing
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -20,11 +26,15 @@ from tests.helpers import run_cli, start_server
 
 KEY = "test-key"
 MAX_PROMPTS = 4
+MAX_TOKENS_LIMIT = 20
+MAX_REQUEST_BYTES = 8192
 
 
 @pytest.fixture(scope="module")
 def server(pretrained):
-    with start_server(pretrained, "--max_prompt_tokens=32", f"--max_prompts={MAX_PROMPTS}", api_key=KEY) as base:
+    with start_server(pretrained, "--max_prompt_tokens=32", f"--max_prompts={MAX_PROMPTS}",
+                      f"--max_tokens_limit={MAX_TOKENS_LIMIT}", f"--max_request_bytes={MAX_REQUEST_BYTES}",
+                      api_key=KEY) as base:
         yield base
 
 
@@ -224,6 +234,14 @@ BAD_COMPLETIONS = [  # (field, value): each answered by a 400 naming the field
     ("logit_bias", {"5": 101}), ("logit_bias", {"x": 1}), ("logit_bias", {"100000": 1}), ("user", 7),
     ("prompt", [1, "a"]), ("prompt", [100000]), ("prompt", []), ("prompt", ["a"] * (MAX_PROMPTS + 1)),
     ("prompt", "x" * 40), ("frobnicate", 1),
+    # An empty stop string would match everywhere (it used to cut text silently).
+    ("stop", ""), ("stop", ["", ""]), ("stop", ["ok", ""]),
+    # Text that is not Unicode (a lone surrogate, which JSON's \u escapes can spell), in every text field.
+    ("prompt", "\ud800"), ("prompt", ["ok", "\udc00"]), ("stop", "\ud800"), ("stop", ["\udfff"]), ("user", "\ud800"),
+    ("model", "\ud800"), ("\ud800", 1),
+    # A key past int()'s 4300 digits, and digits of another script (int() reads them).
+    ("logit_bias", {"1" * 5000: 1}), ("logit_bias", {"\u0663": 1}), ("temperature", float("nan")),
+    ("prompt", [-1]), ("prompt", [[0, -1]]), ("stream_options", {"foo": True}),
 ]
 BAD_CHAT = [
     ("tools", [{"type": "function", "function": {"name": "f"}}]), ("top_logprobs", 2), ("logprobs", 1),
@@ -233,6 +251,28 @@ BAD_CHAT = [
     ("messages", []), ("messages", [{"role": "tool", "content": "x"}]), ("messages", [{"role": "user"}]),
     ("messages", [{"role": "user", "content": "x", "name": "bob"}]), ("parallel_tool_calls", True),
     ("web_search_options", {}), ("prediction", {"type": "content", "content": "x"}), ("unknown_key", 1),
+    ("stop", ""), ("stop", ["", ""]), ("messages", [{"role": "user", "content": "\udc00"}]),
+    ("messages", [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]), ("metadata", {"k": "\ud800"}),
+    ("metadata", {"\ud800": "v"}), ("safety_identifier", "\ud800"), ("prompt_cache_key", "\ud800"),
+    ("messages", [{"role": "assistant", "content": "x", "tool_calls": []}]), ("messages", [{"role": "user",
+                                                                                       "content": "x" * 40}]),
+]
+# What the message says for some of them: the innermost offending key, and the reason.
+NAMED = [
+    ("/v1/completions", {"prompt": [-1]}, "'prompt[0]': -1 (Input should be greater than or equal to 0)"),
+    ("/v1/completions", {"prompt": [[0, -1]]}, "'prompt[0][1]': -1 (Input should be greater than or equal to 0)"),
+    ("/v1/completions", {"prompt": ["ok", "\udc00"]}, "'prompt[1]': \"\\udc00\" (text must be valid Unicode: "
+                                                      "character 0 is a lone surrogate (\\udc00)"),
+    ("/v1/completions", {"stream": True, "stream_options": {"foo": True}},
+     "Unrecognized request argument supplied: stream_options.foo"),
+    ("/v1/completions", {"stop": ["ok", ""]}, "'stop[1]': \"\" (String should have at least 1 character)"),
+    ("/v1/completions", {"logit_bias": {"1" * 5000: 1}}, f"'logit_bias.{'1' * 40}...': \"{'1' * 199}"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x", "tool_calls": []}]},
+     "Unrecognized request argument supplied: messages[0].tool_calls"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]},
+     "'messages[0].content[0].text'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 40}]}, "the prompt rendered from messages has"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "'messages[0].content' is required"),
 ]
 
 
@@ -247,6 +287,9 @@ def test_wrong_typed_unknown_or_unsupported_fields_get_a_400_naming_the_field(se
             error = body["error"]
             assert error["type"] == "invalid_request_error" and error["param"] == field, (field, value, error)
             assert field in error["message"], error
+    for path, change, message in NAMED:
+        status, body = post(server, path, (completion if path == "/v1/completions" else chat) | change)
+        assert status == 400 and message in body["error"]["message"], (change, body)
     with pytest.raises(openai.BadRequestError) as caught:  # the official client sees the same
         client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=4, stop=5)
     assert caught.value.param == "stop"
@@ -302,8 +345,9 @@ def test_vllm_tokenizer_endpoints_serve_the_lm_eval_remote_tokenizer(server, loa
     assert post(server, "/detokenize", {"tokens": tokens["tokens"]}) == (200, {"prompt": "ROMEO: hi"})
     status, error = post(server, "/detokenize", {"tokens": [10**6]})
     assert status == 400 and error["error"]["param"] == "tokens"
-    status, error = post(server, "/tokenize", {"prompt": 5})
-    assert status == 400 and error["error"]["param"] == "prompt"
+    for prompt in (5, "\ud800", "ok\udc00"):
+        status, error = post(server, "/tokenize", {"prompt": prompt})
+        assert status == 400 and error["error"]["param"] == "prompt", error
 
     assert check_remote_tokenizer_support(server + "/v1/completions", auth_token=KEY)
     remote = RemoteTokenizer(server + "/v1/completions", auth_token=KEY)
@@ -337,3 +381,166 @@ def test_a_server_open_to_the_network_without_a_key_warns_at_start_up():
         assert "no API key" in serve.exposure_warning(host, None)
     result = run_cli("lm.serve", "--host=0.0.0.0", "--workdir=/nonexistent/run", check=False, timeout=120)
     assert "WARNING: serving on 0.0.0.0 with no API key" in result.stderr and "--api_key" in result.stderr
+
+
+def test_max_tokens_past_the_context_blames_the_context_and_the_limit_says_where_it_comes_from(server):
+    completion = {"model": "tiny", "prompt": "ROMEO:"}
+    status, body = post(server, "/v1/completions", completion | {"max_tokens": 48})  # the context is 48
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded", body
+    assert "plus max_tokens=48 exceeds the model's context of 48 tokens; ask for at most 42" in body["error"]["message"]
+    status, body = post(server, "/v1/completions", completion | {"max_tokens": MAX_TOKENS_LIMIT + 1})
+    assert status == 400 and body["error"]["param"] == "max_tokens", body
+    assert (f"max_tokens={MAX_TOKENS_LIMIT + 1} is more than this server's limit of {MAX_TOKENS_LIMIT}: the smaller "
+            f"of --max_tokens_limit={MAX_TOKENS_LIMIT} and the model's context of 48 tokens less one"
+            in body["error"]["message"]), body
+    assert post(server, "/v1/completions", completion | {"max_tokens": MAX_TOKENS_LIMIT})[0] == 200
+
+
+def test_the_bearer_scheme_matches_in_any_case_and_one_authorization_header_is_required(server):
+    for scheme in ("bearer", "BEARER", "BeArEr"):
+        request = urllib.request.Request(server + "/v1/models", headers={"Authorization": f"{scheme} {KEY}"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.status == 200
+    connection = http.client.HTTPConnection(server.removeprefix("http://"), timeout=60)
+    connection.putrequest("GET", "/v1/models")
+    connection.putheader("Authorization", "Bearer wrong")
+    connection.putheader("Authorization", f"Bearer {KEY}")  # which one counts? neither
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 401 and json.loads(response.read())["error"]["code"] == "invalid_api_key"
+    guard = serve.Guard(None, KEY, 1)
+    assert guard.authorized([(b"authorization", f"bearer  {KEY}".encode())])
+    assert not guard.authorized([(b"authorization", f"Bearer {KEY}".encode())] * 2)
+    assert not guard.authorized([(b"authorization", f"Basic {KEY}".encode())])
+    assert not guard.authorized([(b"authorization", KEY.encode())])
+
+
+def send_body(base: str, body: bytes, chunked: bool) -> tuple[int, dict]:
+    """POST /v1/completions with `body` sent whole (with Content-Length) or chunked (without)."""
+    connection = http.client.HTTPConnection(base.removeprefix("http://"), timeout=60)
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    if chunked:
+        connection.request("POST", "/v1/completions", body=iter([body[i:i + 1000] for i in range(0, len(body), 1000)]),
+                           headers=headers, encode_chunked=True)
+    else:
+        connection.request("POST", "/v1/completions", body=body, headers=headers)
+    response = connection.getresponse()
+    return response.status, json.loads(response.read())
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_request_body_past_the_size_cap_gets_a_413_and_one_below_it_is_served(server, chunked):
+    small = json.dumps({"model": "tiny", "prompt": "ROMEO:", "max_tokens": 2, "user": "u" * 5000}).encode()
+    large = json.dumps({"model": "tiny", "prompt": "ROMEO:", "max_tokens": 2, "user": "u" * MAX_REQUEST_BYTES}).encode()
+    status, body = send_body(server, large, chunked)
+    assert status == 413, body
+    assert body["error"]["code"] == "request_too_large" and "--max_request_bytes" in body["error"]["message"]
+    assert str(MAX_REQUEST_BYTES) in body["error"]["message"]
+    status, body = send_body(server, small, chunked)
+    assert status == 200 and len(body["choices"][0]["text"]) <= 2, body
+
+
+def _has_unchecked_str(annotation) -> bool:
+    """Whether a pydantic annotation holds a str that is neither a Text (checked for lone
+    surrogates) nor pattern-bounded, nor inside a nested model that does."""
+    if annotation is str:
+        return True
+    if isinstance(annotation, type) and issubclass(annotation, serve.BaseModel):
+        return any(_has_field_unchecked_str(f) for f in annotation.model_fields.values())
+    if typing.get_origin(annotation) is typing.Annotated:
+        base, *meta = typing.get_args(annotation)
+        if base is str:
+            return not any(getattr(m, "func", None) is serve._valid_unicode or "pattern=" in repr(m) for m in meta)
+        return _has_unchecked_str(base)
+    return any(_has_unchecked_str(a) for a in typing.get_args(annotation) if not isinstance(a, str))
+
+
+def _has_field_unchecked_str(field) -> bool:
+    if field.annotation is str:  # pydantic moves a top-level Annotated's metadata to the field
+        return not any(getattr(m, "func", None) is serve._valid_unicode for m in field.metadata)
+    return _has_unchecked_str(field.annotation)
+
+
+def test_every_text_field_refuses_text_that_is_not_unicode():
+    for model in (serve.CompletionRequest, serve.ChatRequest, serve.TokenizeRequest, serve.DetokenizeRequest):
+        unchecked = [name for name, field in model.model_fields.items() if _has_field_unchecked_str(field)]
+        assert unchecked == [], (model.__name__, unchecked)
+    assert _has_unchecked_str(dict[str, serve.Text]) and _has_unchecked_str(list[str] | None)  # the check checks
+
+
+class _TestTokenizer:
+    """The served tokenizer, except for text holding "slow" (encoded after a second),
+    "boom" (a RuntimeError: a fault of the server's) or "cannot" (the ValueError the
+    tokenizers raise for text they can spell only with a control id)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def encode(self, text: str):
+        if "boom" in text:
+            raise RuntimeError("an internal fault")
+        if "cannot" in text:
+            raise ValueError("the tokenizer encodes the character '\\x00' only as a control token")
+        if "slow" in text:
+            time.sleep(1.0)
+        return self.inner.encode(text)
+
+
+@pytest.fixture(scope="module")
+def test_tokenizer_server(loaded):
+    """make_app on the served export with _TestTokenizer, served by uvicorn in this process."""
+    import uvicorn
+
+    app = serve.make_app(dataclasses.replace(loaded, tokenizer=_TestTokenizer(loaded.tokenizer)),
+                         serve.Limits(max_prompt_tokens=40, max_tokens=4), "tiny", KEY)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if uv.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    uv.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/tokenize", {"prompt": "slow"}),
+    ("/v1/completions", {"model": "tiny", "prompt": "slow", "max_tokens": 1}),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "slow"}], "max_tokens": 1}),
+])
+def test_tokenizing_runs_off_the_event_loop(test_tokenizer_server, path, body):
+    answers = []
+    slow = threading.Thread(target=lambda: answers.append(post(test_tokenizer_server, path, body)))
+    slow.start()
+    time.sleep(0.2)  # the slow request is being encoded
+    start = time.monotonic()
+    assert get(test_tokenizer_server, "/health")[0] == 200
+    assert time.monotonic() - start < 0.5 and slow.is_alive()  # answered while the encoding goes on
+    slow.join()
+    assert answers[0][0] == 200, answers
+
+
+def test_a_fault_of_the_server_gets_openai_s_500_body_and_untokenizable_text_a_400(test_tokenizer_server):
+    base = test_tokenizer_server
+    for path, body in (("/tokenize", {"prompt": "boom"}), ("/v1/completions", {"model": "tiny", "prompt": "boom"}),
+                       ("/v1/completions", {"model": "tiny", "prompt": "boom", "stream": True})):
+        status, answer = post(base, path, body)
+        assert status == 500 and answer["error"]["type"] == "server_error", (path, answer)
+        assert "RuntimeError" in answer["error"]["message"] and "internal fault" not in answer["error"]["message"]
+    for path, body, param in (
+            ("/tokenize", {"prompt": "cannot"}, "prompt"), ("/v1/completions", {"model": "tiny", "prompt": "cannot"},
+                                                            "prompt"),
+            ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "cannot"}]},
+             "messages")):
+        status, answer = post(base, path, body)
+        assert status == 400 and answer["error"]["param"] == param, (path, answer)
+        assert "only as a control token" in answer["error"]["message"]
+    assert post(base, "/v1/completions", {"model": "tiny", "prompt": "ROMEO:", "max_tokens": 2})[0] == 200
