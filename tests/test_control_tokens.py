@@ -172,7 +172,8 @@ def server(hf_tokenizer_export):
     """lm.serve's application on the export, served by uvicorn on a free local port."""
     import uvicorn
 
-    from lm.serve import Limits, make_app
+    from lm.inference.engine import Limits
+    from lm.inference.http import make_app
 
     loaded = runs.load(hf_tokenizer_export)
     app = make_app(loaded, Limits(max_prompt_tokens=40, max_tokens=4), "tiny", None)

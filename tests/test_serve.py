@@ -20,7 +20,10 @@ from collections import Counter
 import openai
 import pytest
 
-from lm import runs, serve
+from lm import runs
+from lm.inference import protocol
+from lm.inference.engine import Limits
+from lm.inference.http import Guard, exposure_warning, make_app
 from lm.evaluation.scoring import continuation_log_likelihoods
 from tests.helpers import run_cli, start_server
 
@@ -321,14 +324,14 @@ def test_every_openai_request_field_is_implemented_accepted_or_refused():
     from openai.types import completion_create_params
     from openai.types.chat import completion_create_params as chat_create_params
 
-    for module, table, model in ((completion_create_params, serve.COMPLETION_FIELDS, serve.CompletionRequest),
-                                 (chat_create_params, serve.CHAT_FIELDS, serve.ChatRequest)):
+    for module, table, model in ((completion_create_params, protocol.COMPLETION_FIELDS, protocol.CompletionRequest),
+                                 (chat_create_params, protocol.CHAT_FIELDS, protocol.ChatRequest)):
         keys = set(module.CompletionCreateParamsBase.__annotations__) | {"stream"}
         assert keys == set(table), keys ^ set(table)  # a new client field must be classified
         assert set(model.model_fields) == keys  # and validated: an unlisted key is an unknown one
         for name, (status, accepts) in table.items():
-            assert status in (serve.IMPLEMENTED, serve.NO_OP, serve.NEUTRAL, serve.REFUSED) and accepts
-            if status == serve.REFUSED:  # only null gets through
+            assert status in (protocol.IMPLEMENTED, protocol.NO_OP, protocol.NEUTRAL, protocol.REFUSED) and accepts
+            if status == protocol.REFUSED:  # only null gets through
                 assert model.model_fields[name].annotation is type(None), name
 
 
@@ -366,7 +369,7 @@ def test_the_api_key_guards_every_path_but_health_and_is_compared_in_constant_ti
 
     compared = []
     monkeypatch.setattr(hmac, "compare_digest", lambda a, b: compared.append((a, b)) or a == b)
-    guard = serve.Guard(None, KEY, 1)
+    guard = Guard(None, KEY, 1)
     assert guard.authorized([(b"authorization", f"Bearer {KEY}".encode())])
     assert not guard.authorized([(b"authorization", b"Bearer " + same_length.encode())])
     assert not guard.authorized([])
@@ -375,10 +378,10 @@ def test_the_api_key_guards_every_path_but_health_and_is_compared_in_constant_ti
 
 
 def test_a_server_open_to_the_network_without_a_key_warns_at_start_up():
-    assert serve.exposure_warning("127.0.0.1", None) is None and serve.exposure_warning("localhost", None) is None
-    assert serve.exposure_warning("::1", None) is None and serve.exposure_warning("0.0.0.0", "key") is None
+    assert exposure_warning("127.0.0.1", None) is None and exposure_warning("localhost", None) is None
+    assert exposure_warning("::1", None) is None and exposure_warning("0.0.0.0", "key") is None
     for host in ("0.0.0.0", "::", "192.168.1.5", "myhost.example"):
-        assert "no API key" in serve.exposure_warning(host, None)
+        assert "no API key" in exposure_warning(host, None)
     result = run_cli("lm.serve", "--host=0.0.0.0", "--workdir=/nonexistent/run", check=False, timeout=120)
     assert "WARNING: serving on 0.0.0.0 with no API key" in result.stderr and "--api_key" in result.stderr
 
@@ -408,7 +411,7 @@ def test_the_bearer_scheme_matches_in_any_case_and_one_authorization_header_is_r
     connection.endheaders()
     response = connection.getresponse()
     assert response.status == 401 and json.loads(response.read())["error"]["code"] == "invalid_api_key"
-    guard = serve.Guard(None, KEY, 1)
+    guard = Guard(None, KEY, 1)
     assert guard.authorized([(b"authorization", f"bearer  {KEY}".encode())])
     assert not guard.authorized([(b"authorization", f"Bearer {KEY}".encode())] * 2)
     assert not guard.authorized([(b"authorization", f"Basic {KEY}".encode())])
@@ -445,27 +448,28 @@ def _has_unchecked_str(annotation) -> bool:
     surrogates) nor pattern-bounded, nor inside a nested model that does."""
     if annotation is str:
         return True
-    if isinstance(annotation, type) and issubclass(annotation, serve.BaseModel):
+    if isinstance(annotation, type) and issubclass(annotation, protocol.BaseModel):
         return any(_has_field_unchecked_str(f) for f in annotation.model_fields.values())
     if typing.get_origin(annotation) is typing.Annotated:
         base, *meta = typing.get_args(annotation)
         if base is str:
-            return not any(getattr(m, "func", None) is serve._valid_unicode or "pattern=" in repr(m) for m in meta)
+            return not any(getattr(m, "func", None) is protocol._valid_unicode or "pattern=" in repr(m) for m in meta)
         return _has_unchecked_str(base)
     return any(_has_unchecked_str(a) for a in typing.get_args(annotation) if not isinstance(a, str))
 
 
 def _has_field_unchecked_str(field) -> bool:
     if field.annotation is str:  # pydantic moves a top-level Annotated's metadata to the field
-        return not any(getattr(m, "func", None) is serve._valid_unicode for m in field.metadata)
+        return not any(getattr(m, "func", None) is protocol._valid_unicode for m in field.metadata)
     return _has_unchecked_str(field.annotation)
 
 
 def test_every_text_field_refuses_text_that_is_not_unicode():
-    for model in (serve.CompletionRequest, serve.ChatRequest, serve.TokenizeRequest, serve.DetokenizeRequest):
+    for model in (protocol.CompletionRequest, protocol.ChatRequest, protocol.TokenizeRequest,
+                  protocol.DetokenizeRequest):
         unchecked = [name for name, field in model.model_fields.items() if _has_field_unchecked_str(field)]
         assert unchecked == [], (model.__name__, unchecked)
-    assert _has_unchecked_str(dict[str, serve.Text]) and _has_unchecked_str(list[str] | None)  # the check checks
+    assert _has_unchecked_str(dict[str, protocol.Text]) and _has_unchecked_str(list[str] | None)  # the check checks
 
 
 class _TestTokenizer:
@@ -494,8 +498,8 @@ def test_tokenizer_server(loaded):
     """make_app on the served export with _TestTokenizer, served by uvicorn in this process."""
     import uvicorn
 
-    app = serve.make_app(dataclasses.replace(loaded, tokenizer=_TestTokenizer(loaded.tokenizer)),
-                         serve.Limits(max_prompt_tokens=40, max_tokens=4), "tiny", KEY)
+    app = make_app(dataclasses.replace(loaded, tokenizer=_TestTokenizer(loaded.tokenizer)),
+                   Limits(max_prompt_tokens=40, max_tokens=4), "tiny", KEY)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
