@@ -68,13 +68,40 @@ def run_cli(module: str, *args: str, timeout: float = 300, check: bool = True) -
     return result
 
 
+def free_port() -> int:
+    """A loopback port no one listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_app(app, log_level: str = "warning"):
+    """An ASGI app (lm.serve's make_app) under uvicorn in this process, on a free loopback
+    port; yields its base URL once it listens, and stops it afterwards."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level=log_level))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 @contextlib.contextmanager
 def start_server(workdir: str, *flags: str, api_key: str = "test-key"):
     """`python -m lm.serve` on a free loopback port, as a user starts it; yields its base
     URL once /health answers, and stops it afterwards."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "lm.serve", f"--workdir={workdir}", f"--port={port}",
                                 "--model_name=tiny", f"--api_key={api_key}", *flags],
                                cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -5,9 +5,6 @@ back to itself; only code inserts control ids, and decoding drops them and the
 objectives' extra ids."""
 
 import json
-import socket
-import threading
-import time
 import urllib.request
 
 import flax.linen as nn
@@ -23,7 +20,7 @@ from lm.finetune import tasks
 from lm.interop import tokenizer_json
 from lm.model import ModelConfig, build
 from tests.hf_models import save_tokenizer
-from tests.helpers import tiny_config
+from tests.helpers import serve_app, tiny_config
 
 ENDOFTEXT = "<|endoftext|>"
 KINDS = ("char", "byte", "sentencepiece_bpe", "sentencepiece_unigram", "huggingface_gpt2",
@@ -170,26 +167,12 @@ def hf_tokenizer_export(all_kinds, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def server(hf_tokenizer_export):
     """lm.serve's application on the export, served by uvicorn on a free local port."""
-    import uvicorn
-
     from lm.inference.engine import Limits
     from lm.inference.http import make_app
 
     loaded = runs.load(hf_tokenizer_export)
-    app = make_app(loaded, Limits(max_prompt_tokens=40, max_tokens=4), "tiny", None)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if uv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", loaded
-    uv.should_exit = True
-    thread.join(timeout=30)
+    with serve_app(make_app(loaded, Limits(max_prompt_tokens=40, max_tokens=4), "tiny", None)) as base:
+        yield base, loaded
 
 
 def test_a_server_prompt_spelling_the_end_of_text_is_read_as_text(server):

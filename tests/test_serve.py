@@ -9,7 +9,6 @@ import hashlib
 import hmac
 import http.client
 import json
-import socket
 import threading
 import time
 import typing
@@ -25,7 +24,7 @@ from lm.inference import protocol
 from lm.inference.engine import Limits
 from lm.inference.http import Guard, exposure_warning, make_app
 from lm.evaluation.scoring import continuation_log_likelihoods
-from tests.helpers import run_cli, start_server
+from tests.helpers import run_cli, serve_app, start_server
 
 KEY = "test-key"
 MAX_PROMPTS = 4
@@ -496,23 +495,10 @@ class _TestTokenizer:
 @pytest.fixture(scope="module")
 def test_tokenizer_server(loaded):
     """make_app on the served export with _TestTokenizer, served by uvicorn in this process."""
-    import uvicorn
-
     app = make_app(dataclasses.replace(loaded, tokenizer=_TestTokenizer(loaded.tokenizer)),
                    Limits(max_prompt_tokens=40, max_tokens=4), "tiny", KEY)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if uv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(timeout=30)
+    with serve_app(app, log_level="critical") as base:
+        yield base
 
 
 @pytest.mark.parametrize("path, body", [

@@ -4,7 +4,6 @@ grows, and fits with clear errors on tables that cannot support them."""
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
