@@ -57,7 +57,8 @@ async def client(base: str, index: int, deadline: float, results: list) -> None:
         start = time.monotonic()
         try:
             response = await api.completions.create(model="bench", prompt=_PROMPTS[(index + i) % len(_PROMPTS)],
-                                                    max_tokens=_MAX_TOKENS.value, temperature=0.8, seed=index * 1000 + i)
+                                                    max_tokens=_MAX_TOKENS.value, temperature=0.8,
+                                                    seed=index * 1000 + i)
             ok, tokens = True, response.usage.completion_tokens
             complete = response.choices[0].finish_reason in ("length", "stop") and bool(response.choices[0].text)
         except openai.OpenAIError as e:
@@ -98,7 +99,8 @@ def main(argv: list[str]) -> None:
             process.terminate()
             process.wait(timeout=60)
         f = figures[name]
-        print(f"{name:>13}: {f['requests']} requests, {f['requests_per_s']:.2f} req/s, {f['tokens_per_s']:.1f} tokens/s, "
+        print(f"{name:>13}: {f['requests']} requests, {f['requests_per_s']:.2f} req/s, "
+              f"{f['tokens_per_s']:.1f} tokens/s, "
               f"p50 {f['p50_s']:.2f} s, p95 {f['p95_s']:.2f} s, errors {f['errors']}, incomplete {f['incomplete']}",
               flush=True)
     ratio = figures["batched"]["tokens_per_s"] / figures["one at a time"]["tokens_per_s"]

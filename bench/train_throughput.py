@@ -25,7 +25,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags  # noqa: E402
 
 from lm import objectives, runtime, sharding  # noqa: E402
@@ -68,7 +69,7 @@ def timed_steps(trainer, state, data_iterator, warmup: int, steps: int):
     float(metrics["loss"])
     first = time.perf_counter() - start
     done_times, pending = [], None
-    for i in range(warmup + steps):
+    for _ in range(warmup + steps):
         batch = pipeline.to_global(next(data_iterator), trainer.batch_sharding)
         state, metrics = trainer.step(state, batch)
         if pending is not None:

@@ -14,11 +14,11 @@ import json
 import os
 from typing import Any
 
-from absl import logging
 import grain
 import jax
-from etils import epath
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
 from lm.model import param_kinds

@@ -12,11 +12,13 @@ import glob
 import json
 import os
 import re
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import ml_collections
 
-from lm.data.documents import NORMAL_FORMS, SUFFIXES as CORPUS_SUFFIXES, UNITS
+from lm.data.documents import NORMAL_FORMS, UNITS
+from lm.data.documents import SUFFIXES as CORPUS_SUFFIXES
 
 TOKENIZERS = ("char", "byte", "sentencepiece")
 SPLIT_MODES = ("tail", "hash")

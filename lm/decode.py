@@ -74,7 +74,8 @@ def sample_text(model: nn.Module, params: Any, tokenizer, prompt: str, *, max_ne
     sampling = Sampling(temperature=float(temperature), top_k=int(top_k))
     if model.cfg.family == "encoder_decoder":
         out_BT, _ = generate_encoder_decoder(model, params, prompt_ids[None], np.ones((1, len(prompt_ids)), bool),
-                                             jax.random.key(seed), max_new_tokens=min(max_new_tokens, model.cfg.max_len),
+                                             jax.random.key(seed),
+                                             max_new_tokens=min(max_new_tokens, model.cfg.max_len),
                                              sampling=sampling, start_id=tokenizer.pad_id,
                                              text_vocab_size=tokenizer.vocab_size)
         return tokenizer.decode(_until_eos(np.asarray(out_BT[0]), tokenizer.eos_id))

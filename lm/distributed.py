@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 
@@ -32,7 +32,8 @@ class Cluster:
     def describe(self) -> str:
         if self.coordinator_address is None:
             return f"{self.source}: JAX detects the coordinator, process count and id"
-        devices = "all local devices" if self.local_device_ids is None else f"local devices {list(self.local_device_ids)}"
+        devices = ("all local devices" if self.local_device_ids is None
+                   else f"local devices {list(self.local_device_ids)}")
         return (f"{self.source}: process {self.process_id} of {self.num_processes}, coordinator "
                 f"{self.coordinator_address}, {devices}")
 

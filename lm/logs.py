@@ -9,7 +9,7 @@ import json
 import os
 import sys
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import tqdm
 from tensorboardX import SummaryWriter

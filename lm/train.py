@@ -11,9 +11,9 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from absl import logging
 import flax
 import flax.linen as nn
 import jax
@@ -21,17 +21,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
 from lm import checkpoint, decode, memory, objectives, optim, sharding, version
 from lm import config as config_lib
-from lm.objectives.distillation import distillation_kl_sum
 from lm.config import ConfigError
-from lm.data import pipeline, text_files
+from lm.data import documents, pipeline
 from lm.logs import MetricWriter, Progress
-from lm.workdir import WorkdirLock
 from lm.model import ModelConfig, build
 from lm.model.counting import abstract_params, param_counts, peak_flops, train_flops_per_token
+from lm.objectives.distillation import distillation_kl_sum
+from lm.workdir import WorkdirLock
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -329,11 +330,12 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
 def corpus_fingerprints(config: ml_collections.ConfigDict) -> dict[str, list]:
     """What identifies the training corpus, saved with each checkpoint: for `data.files`
     (key "files") or each of `data.sources`, [content fingerprint of its files, mixture
-    weight]. By content, so a corpus moved to another path is still the same corpus."""
+    weight]. By text content, so a corpus moved to another path, or saved with other line
+    endings, a byte-order mark or gzip, is still the same corpus."""
     d = config.data
     groups = {name: (src.files, float(src.weight)) for name, src in d.sources.items()} if d.sources else {
         "files": (d.files, 1.0)}
-    return {name: [text_files.fingerprint(config_lib.resolve_files(files), {}), weight]
+    return {name: [documents.text_fingerprint(config_lib.resolve_files(files)), weight]
             for name, (files, weight) in groups.items()}
 
 
@@ -535,7 +537,7 @@ class StopSignals:
         self.received: str | None = None
         self._previous: dict = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         # Several processes: JAX's preemption notifier owns SIGTERM; a Python handler would replace it.
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -593,7 +595,8 @@ def _describe_run(run: Run, progress: Progress, start: int) -> None:
     counts = param_counts(run.trainer.abstract_state().params)
     mesh = " x ".join(f"{a}={s}" for a, s in run.trainer.mesh.shape.items())
     progress.message(
-        f"lm {version.describe(version.code_version())}: {counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding); "
+        f"lm {version.describe(version.code_version())}: {counts['total']:,} parameters "
+        f"({counts['non_embedding']:,} non-embedding); "
         f"{jax.device_count()} {jax.devices()[0].platform} devices, mesh {mesh}; "
         f"vocab {run.corpus.tokenizer.vocab_size} ({run.corpus.tokenizer.kind}); "
         f"{len(run.corpus.tokens['train']):,} train / {len(run.corpus.tokens['validation']):,} validation tokens "

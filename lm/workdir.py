@@ -24,7 +24,7 @@ class WorkdirLock:
         self.path = os.path.join(workdir, LOCK_NAME)
         self._file = None
 
-    def acquire(self) -> "WorkdirLock":
+    def acquire(self) -> WorkdirLock:
         handle = open(self.path, "a+", encoding="utf-8")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

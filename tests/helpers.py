@@ -113,7 +113,7 @@ def start_server(workdir: str, *flags: str, api_key: str = "test-key"):
                 break
             except OSError:
                 if process.poll() is not None:
-                    raise AssertionError(process.stdout.read())
+                    raise AssertionError(process.stdout.read()) from None
                 time.sleep(0.5)
         yield base
     finally:

@@ -14,9 +14,9 @@ def main(coordinator: str, process_id: int, out: str, step: int) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=2, process_id=process_id,
                                local_device_ids=[0])
+    from helpers import tiny_config
     from jax.experimental import multihost_utils
 
-    from helpers import tiny_config
     from lm import sharding
     from lm.data import pipeline
 

@@ -4,8 +4,8 @@ import os
 
 import jax
 import pytest
-
 from helpers import REPO, cli_flags, run_cli, tiny_config
+
 from lm import config as config_lib
 from lm import runtime, sharding
 from lm.configs import base, shakespeare_char
@@ -73,7 +73,8 @@ def test_cpu_devices_default_to_cores_that_divide_the_batch():
 @pytest.mark.parametrize("flags, expected", [
     (["--config.model.d_model=33"], "config.model.d_model=33 is not divisible by config.model.num_heads=2"),
     (["--config.train.stepz=5"], 'Did you mean "steps"'),
-    (["--config.data.files=('/no/such/corpus.txt',)"], "config.data.files='/no/such/corpus.txt' matches no corpus file"),
+    (["--config.data.files=('/no/such/corpus.txt',)"],
+     "config.data.files='/no/such/corpus.txt' matches no corpus file"),
     (["--config.mesh.shape.data=3", "--config.mesh.cpu_devices=2"], "needs 3 devices, but 2 are available"),
     (["--workdir=gs://bucket/run"], "--workdir=gs://bucket/run is a URL"),
     (["--coordinator_address=127.0.0.1:9999"], "--num_processes --process_id missing"),

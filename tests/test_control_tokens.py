@@ -19,8 +19,8 @@ from lm.data import corpora, pipeline, tokenizers
 from lm.finetune import tasks
 from lm.interop import tokenizer_json
 from lm.model import ModelConfig, build
-from tests.hf_models import save_tokenizer
 from tests.helpers import serve_app, tiny_config
+from tests.hf_models import save_tokenizer
 
 ENDOFTEXT = "<|endoftext|>"
 KINDS = ("char", "byte", "sentencepiece_bpe", "sentencepiece_unigram", "huggingface_gpt2",

@@ -12,8 +12,8 @@ from safetensors.numpy import load_file
 from lm import convert, runs
 from lm.config import ConfigError
 from lm.interop import huggingface
-from tests.hf_models import TINY_MODELS, VOCAB, hf_logits, lm_logits, save_hf_model, torch, transformers
 from tests.helpers import run_cli
+from tests.hf_models import TINY_MODELS, VOCAB, hf_logits, lm_logits, save_hf_model, torch, transformers
 
 pytestmark = pytest.mark.interop
 

@@ -7,8 +7,8 @@ import random
 import string
 
 import pytest
-
 from helpers import tiny_config
+
 from lm.config import ConfigError
 from lm.data import pipeline, text_files
 from lm.data.documents import CorpusError, read_documents

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-
 from helpers import tiny_config
-from lm.config import ConfigError
+
 from lm import objectives
+from lm.config import ConfigError
 from lm.data import corpora, pipeline, text_files, tokenizers
 
 
@@ -213,6 +213,7 @@ def test_sampled_text_shows_each_end_of_document_as_a_paragraph_break():
 def test_sampling_never_draws_an_objectives_extra_ids_which_are_not_text():
     import flax.linen as nn
     import jax
+
     from lm.decode import generate
     from lm.model import ModelConfig, build
     text_vocab = 11  # the model has 10 more ids: task tokens and sentinels of a mixture
@@ -236,7 +237,7 @@ def test_packed_rows_read_from_many_threads_at_an_epoch_boundary_match_a_sequent
     for _ in range(5):
         concurrent = pipeline.PackedRows(tokens, documents, 31, 4, 1, 0)
         with ThreadPoolExecutor(8) as pool:
-            got = list(pool.map(lambda i: (i, concurrent[i]["tokens"]), rows[::-1]))
+            got = list(pool.map(lambda i, rows_of=concurrent: (i, rows_of[i]["tokens"]), rows[::-1]))
         assert all(np.array_equal(row, expected[i]) for i, row in got)
         assert concurrent.epoch_ends == sequential.epoch_ends[:len(concurrent.epoch_ends)]
 

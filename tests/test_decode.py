@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import REPO, cli_flags, run_cli
 
 from lm import decode, slots
 from lm.model import ModelConfig, build
-from helpers import REPO, cli_flags, run_cli
 
 VOCAB = 50
 VARIANTS = {

@@ -8,13 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import tiny_config
-from lm import aot, config as config_lib, runs, sharding
+
+from lm import aot, runs, sharding
+from lm import config as config_lib
 from lm.model import ModelConfig
+from lm.objectives import causal_lm, weighted_cross_entropy
 from lm.objectives.distillation import distillation_kl_sum
 from lm.train import apply, make_trainer
-from lm.objectives import causal_lm, weighted_cross_entropy
 
 
 def test_the_distillation_loss_is_t_squared_kl_of_the_softened_distributions():

@@ -11,10 +11,10 @@ import time
 import jax
 import numpy as np
 import pytest
+from helpers import REPO, cli_env, cli_flags, run_cli
 
 import lm
 from lm import checkpoint, runs
-from helpers import REPO, cli_env, cli_flags, run_cli
 
 CONFIG = f"--config={os.path.join(REPO, 'configs', 'shakespeare_char.py')}"
 BPE_CONFIG = f"--config={os.path.join(REPO, 'configs', 'shakespeare_bpe.py')}"
@@ -126,7 +126,7 @@ def test_a_packed_sentencepiece_run_killed_and_restarted_ends_exactly_like_an_un
     finished = run_cli("lm.main", config, f"--workdir={resumed}", *flags)
 
     assert "resuming from the checkpoint at step" in finished.stdout
-    final_line = lambda out: [l for l in out.splitlines() if l.startswith("final validation loss")][0]
+    final_line = lambda out: [line for line in out.splitlines() if line.startswith("final validation loss")][0]
     assert final_line(finished.stdout) == final_line(expected.stdout)
     by_step = lambda records: {r["step"]: r for r in records if "train/loss" in r}
     want, got = by_step(read_metrics(whole)), by_step(read_metrics(resumed))
@@ -171,8 +171,8 @@ def test_pytorch_reference_times_the_same_step_or_says_how_to_install_pytorch():
 @pytest.mark.bench
 def test_compile_time_benchmark_prints_both_depths_with_and_without_scan():
     out, _ = run_bench("compile_time.py", "--depths=1,3")
-    lines = [l for l in out.splitlines() if l.startswith("compile_seconds")]
-    assert len(lines) == 4 and all(float(l.rsplit(": ", 1)[1]) > 0 for l in lines)
+    lines = [line for line in out.splitlines() if line.startswith("compile_seconds")]
+    assert len(lines) == 4 and all(float(line.rsplit(": ", 1)[1]) > 0 for line in lines)
     assert "ratio_3_over_1 scan_layers=True" in out
 
 

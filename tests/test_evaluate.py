@@ -14,8 +14,8 @@ import pytest
 from lm import convert, runs
 from lm.config import ConfigError
 from lm.evaluation import scoring, weat
-from tests.hf_models import save_hf_model, torch
 from tests.helpers import REPO, run_cli
+from tests.hf_models import save_hf_model, torch
 
 QUESTIONS = [
     {"context": "ROMEO:\nBut soft, what light through yonder", "choices": [" window", " x", " breaks and the sun"],

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import numpy as np
-
 from helpers import REPO, cli_env, tiny_config
+
 from lm.data import pipeline
 
 

@@ -6,8 +6,8 @@ import re
 
 import numpy as np
 import pytest
-
 from helpers import REPO, run_cli, tiny_config
+
 from lm.data import pipeline
 
 pytestmark = [pytest.mark.slow, pytest.mark.recipes]

@@ -12,14 +12,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
 from helpers import REPO, cli_env, cli_flags, run_cli, tiny_config
+from test_end_to_end import CONFIG, read_metrics
+from test_train import STREAM
+
 from lm import checkpoint, sharding, train
 from lm.data import pipeline
 from lm.model import ModelConfig
 from lm.workdir import WorkdirLock
-from test_end_to_end import CONFIG, read_metrics
-from test_train import STREAM
 
 pytestmark = pytest.mark.slow
 
@@ -108,7 +108,7 @@ def test_a_run_killed_at_random_steps_and_mid_save_ends_bitwise_like_an_uninterr
 
     assert "resuming from the checkpoint at step" in finished.stdout
     assert not save_in_progress(checkpoints)  # interrupted saves were cleaned up, never restored
-    final_line = lambda out: [l for l in out.splitlines() if l.startswith("final validation loss")][0]
+    final_line = lambda out: [line for line in out.splitlines() if line.startswith("final validation loss")][0]
     assert final_line(finished.stdout) == final_line(expected.stdout)
     assert last_loss_per_step(workdir) == last_loss_per_step(tmp_path / "whole"), f"seed {seed}"
     for got, want in zip(final_params(workdir, 40), final_params(tmp_path / "whole", 40), strict=True):

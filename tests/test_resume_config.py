@@ -2,6 +2,7 @@
 one clear refusal for the others, and commands that read checkpoints print only their
 own messages."""
 
+import gzip
 import json
 import os
 import re
@@ -10,13 +11,13 @@ import shutil
 import jax
 import orbax.checkpoint as ocp
 import pytest
-
 from helpers import cli_flags, run_cli, tiny_config
+from test_end_to_end import CONFIG
+
 from lm import checkpoint, sharding, train
 from lm import config as config_lib
 from lm.configs import base
 from lm.model import ModelConfig
-from test_end_to_end import CONFIG
 
 # A GPT-2-shaped tiny run (learned positions, biases), so `lm.convert export` accepts it.
 RUN = dict(model__positions="learned", model__use_bias=True, train__checkpoint_every=2)
@@ -88,6 +89,17 @@ def test_a_field_the_checkpoint_predates_counts_as_its_default():
     assert len(config_lib.resume_conflicts(saved, config_json(model__scan_layers=True))) == 1
 
 
+def test_the_corpus_is_the_same_in_any_encoding_of_its_text_and_another_when_edited(tmp_path):
+    text = "First Citizen:\nBefore we proceed.\n\nAll:\nSpeak, speak.\n"
+    lf, crlf, gz, edited = (tmp_path / name for name in ("lf.txt", "crlf.txt", "copy.txt.gz", "edited.txt"))
+    lf.write_text(text, newline="")
+    crlf.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    gz.write_bytes(gzip.compress(text.encode("utf-16")))
+    edited.write_text(text + "Speak.\n", newline="")
+    record = lambda path: train.corpus_fingerprints(tiny_config(data__files=(str(path),)))
+    assert record(lf) == record(crlf) == record(gz) != record(edited)
+
+
 def test_a_stored_state_of_other_shapes_is_described_by_path_without_a_restore(tmp_path):
     def trainer(d_model):
         config = tiny_config(model__d_model=d_model)
@@ -122,7 +134,7 @@ def test_a_rerun_with_a_changed_model_exits_2_with_one_line_naming_each_field_an
         **RUN, model__d_model=64, model__num_layers=3, model__scan_layers=True), check=False)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()
-    assert len(lines) < 10 and [l for l in lines if l.startswith("lm: error:")] == lines, result.stderr
+    assert len(lines) < 10 and [line for line in lines if line.startswith("lm: error:")] == lines, result.stderr
     for field, old, new in (("d_model", 32, 64), ("num_layers", 2, 3), ("scan_layers", False, True)):
         assert f"config.model.{field} was {old}, now {new} (" in result.stderr
     assert not NOISE.search(result.stderr) and "does not restore" not in result.stderr

@@ -20,10 +20,10 @@ import openai
 import pytest
 
 from lm import runs
+from lm.evaluation.scoring import continuation_log_likelihoods
 from lm.inference import protocol
 from lm.inference.engine import Limits
 from lm.inference.http import Guard, exposure_warning, make_app
-from lm.evaluation.scoring import continuation_log_likelihoods
 from tests.helpers import run_cli, serve_app, start_server
 
 KEY = "test-key"
@@ -273,7 +273,8 @@ NAMED = [
      "Unrecognized request argument supplied: messages[0].tool_calls"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]},
      "'messages[0].content[0].text'"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 40}]}, "the prompt rendered from messages has"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 40}]},
+     "the prompt rendered from messages has"),
     ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "'messages[0].content' is required"),
 ]
 

@@ -9,8 +9,8 @@ import sys
 import time
 
 import pytest
-
 from helpers import REPO, cli_env, run_cli
+
 from lm.scaling import sweeps
 
 SWEEP = f"--config={os.path.join(REPO, 'tests', 'data', 'tiny_sweep.py')}"
@@ -19,7 +19,8 @@ SWEEP = f"--config={os.path.join(REPO, 'tests', 'data', 'tiny_sweep.py')}"
 def test_a_sweep_with_duplicate_points_or_an_unknown_field_is_refused_before_anything_runs(tmp_path):
     duplicate = run_cli("lm.sweep", f"{SWEEP}:duplicate", f"--workdir={tmp_path}", check=False)
     assert duplicate.returncode == 2
-    assert "sweep points 0 and 3 are the same run" in duplicate.stderr and "Fix: remove the duplicate" in duplicate.stderr
+    assert "sweep points 0 and 3 are the same run" in duplicate.stderr
+    assert "Fix: remove the duplicate" in duplicate.stderr
     unknown = run_cli("lm.sweep", f"{SWEEP}:unknown_field", f"--workdir={tmp_path}", check=False)
     assert unknown.returncode == 2 and "sets 'model.width', which is not a config field" in unknown.stderr
     assert not os.path.exists(tmp_path / "points")
@@ -27,7 +28,7 @@ def test_a_sweep_with_duplicate_points_or_an_unknown_field_is_refused_before_any
 
 def test_a_dry_run_prints_each_points_training_command_or_the_slurm_array_submission(tmp_path):
     local = run_cli("lm.sweep", SWEEP, f"--workdir={tmp_path}", "--dry_run", "--parallel=2").stdout
-    commands = [l for l in local.splitlines() if " -m lm.main " in l]
+    commands = [line for line in local.splitlines() if " -m lm.main " in line]
     assert len(commands) == 3 and all("--config.mesh.cpu_devices=" in c for c in commands)
     assert "--config.model.d_model=64 --config.train.steps=12 --config.sweep.budget=1000000000.0" in local
     slurm = run_cli("lm.sweep", SWEEP, f"--workdir={tmp_path}", "--dry_run", "--launcher=slurm",

@@ -159,7 +159,8 @@ def test_a_sentencepiece_model_with_settings_lm_does_not_train_is_refused_with_t
     import sentencepiece as spm
 
     path = tmp_path / "nfkc"
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(shakespeare[0][:100_000].split("\n\n")), model_prefix=str(path),
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(shakespeare[0][:100_000].split("\n\n")),
+                                   model_prefix=str(path),
                                    vocab_size=400, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
     tokenizer = tokenizers.SentencePieceTokenizer.from_file(f"{path}.model")
     with pytest.raises(ConfigError, match=r"normalization 'nmt_nfkc'.*add_dummy_prefix=true.*"
@@ -175,7 +176,8 @@ def gpt2_layout_json() -> str:
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     hf.train_from_iterator(["Hello world! To be, or not to be"] * 10, trainer)
     hf.add_special_tokens(["<|endoftext|>"])
     assert hf.id_to_token(0) == "!"

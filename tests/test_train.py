@@ -3,8 +3,8 @@
 import jax
 import numpy as np
 import pytest
-
 from helpers import tiny_config
+
 from lm import objectives, sharding, train
 from lm.data import pipeline
 from lm.model import ModelConfig

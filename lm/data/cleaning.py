@@ -12,10 +12,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-from typing import Callable, Iterable, Iterator, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, TypeVar
 
 import ml_collections
 
+if TYPE_CHECKING:
+    import datasketch
 
 T = TypeVar("T")
 
@@ -101,7 +104,7 @@ def quality_rules(rules: ml_collections.ConfigDict) -> list[tuple[str, Callable[
         ("max_duplicate_ngram_fraction",
          lambda t, v: duplicate_ngram_fraction(t, rules.duplicate_ngram_size) > v),
     ]
-    return [(name, (lambda check, value: lambda t: check(t, value))(check, rules[name]))
+    return [(name, lambda t, check=check, value=rules[name]: check(t, value))  # bound now, not at call time
             for name, check in checks if rules[name]]
 
 
@@ -112,7 +115,7 @@ def shingles(text: str, size: int) -> set[bytes]:
     return {" ".join(ws[i:i + size]).encode() for i in range(len(ws) - size + 1)}
 
 
-def minhash(text: str, size: int, num_perm: int) -> "datasketch.MinHash":
+def minhash(text: str, size: int, num_perm: int) -> datasketch.MinHash:
     import datasketch  # imported when a corpus is built: it pulls in scipy, slow to load for every run
 
     m = datasketch.MinHash(num_perm=num_perm, seed=1)

@@ -18,10 +18,12 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import gzip
+import hashlib
 import json
 import re
 import unicodedata
-from typing import Any, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 UNITS = ("file", "paragraph", "line")
 NORMAL_FORMS = ("none", "NFC", "NFKC")
@@ -97,6 +99,16 @@ def decode_text(data: bytes, where: str, line_in_where: bool = False) -> str:
 def read_text(path: str) -> str:
     """A text file (or its `.gz` form) as one string with LF line endings and no byte-order mark."""
     return decode_text(read_bytes(path), path)
+
+
+def text_fingerprint(paths: Iterable[str]) -> str:
+    """A hash of the files' text as `read_text` reads it, in order: the same for a CRLF,
+    BOM-prefixed, UTF-16 or gzipped copy of a file, which give the same documents.
+    Raises `CorpusError` for a file that cannot be read as text."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(hashlib.sha256(read_text(path).encode("utf-8")).digest())
+    return digest.hexdigest()[:12]
 
 
 def read_jsonl(path: str, example: str = "") -> Iterator[tuple[str, Any]]:

@@ -28,7 +28,7 @@ import json
 import os
 import sys
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import grain
 import jax
@@ -131,7 +131,7 @@ def _prepare(config: ml_collections.ConfigDict, tokenizer_path: str) -> Corpus:
         tokenizer = fit_tokenizer(config, built)
         tokenizers.save(tokenizer, tokenizer_path)
     per_source = {split: [] for split in SPLITS}
-    for name, builder in built.items():
+    for builder in built.values():
         data_sources = builder.as_data_source()
         cache = os.path.join(data_dir(config), "tokens", builder.builder_config.name, _tokenizer_id(tokenizer))
         for split in SPLITS:
@@ -270,7 +270,7 @@ class _EpochWindow(grain.experimental.MapWithIndexTransform):
     def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, per_epoch: int):
         self.tokens, self.seq_len, self.seed, self.per_epoch = tokens, seq_len, seed, per_epoch
 
-    @functools.lru_cache(maxsize=4)
+    @functools.lru_cache(maxsize=4)  # noqa: B019 (a few instances per run, each alive for all of it)
     def shift(self, epoch: int) -> int:
         return int(np.random.default_rng([self.seed, epoch]).integers(self.seq_len))
 
@@ -386,7 +386,7 @@ class PackedRows:
     def __len__(self) -> int:
         return sys.maxsize
 
-    @functools.lru_cache(maxsize=2)
+    @functools.lru_cache(maxsize=2)  # noqa: B019 (a few instances per run, each alive for all of it)
     def epoch(self, e: int) -> list[list[tuple[int, int, int]]]:
         rng = np.random.default_rng([self.seed, e])
         order = rng.permutation(len(self.documents))

@@ -23,7 +23,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import ml_collections
 import tensorflow_datasets as tfds

@@ -20,7 +20,8 @@ import io
 import json
 import os
 import re
-from typing import Iterable, Iterator, Protocol
+from collections.abc import Iterable, Iterator
+from typing import Protocol
 
 import numpy as np
 import sentencepiece as spm
@@ -67,7 +68,7 @@ class CharTokenizer:
         self.vocab_size = NUM_SPECIAL + len(self.chars)
 
     @classmethod
-    def train(cls, texts: Iterable[str]) -> "CharTokenizer":
+    def train(cls, texts: Iterable[str]) -> CharTokenizer:
         chars: set[str] = set()
         for text in texts:
             chars.update(text)
@@ -142,7 +143,7 @@ class SentencePieceTokenizer:
         self.control_ids = frozenset(i for i in range(self.vocab_size) if self.processor.is_control(i))
 
     @classmethod
-    def from_file(cls, path: str) -> "SentencePieceTokenizer":
+    def from_file(cls, path: str) -> SentencePieceTokenizer:
         with open(os.path.expanduser(path), "rb") as f:
             return cls(f.read())
 

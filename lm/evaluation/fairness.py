@@ -3,7 +3,8 @@ protected attribute (two groups, or the `privileged` value against all others)."
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 import os
 import random
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -12,8 +12,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from functools import partial
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -30,8 +30,18 @@ from starlette.exceptions import HTTPException
 
 from lm import decode
 from lm.inference.engine import Engine, Generation, Limits
-from lm.inference.protocol import (CHAT_FIELDS, COMPLETION_FIELDS, ChatRequest, CompletionRequest, DetokenizeRequest,
-                                   Message, RequestError, TokenizeRequest, unexpected_error, validation_error)
+from lm.inference.protocol import (
+    CHAT_FIELDS,
+    COMPLETION_FIELDS,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    Message,
+    RequestError,
+    TokenizeRequest,
+    unexpected_error,
+    validation_error,
+)
 from lm.inference.responses import Chat, Completion
 from lm.runs import Loaded
 

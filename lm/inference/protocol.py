@@ -8,7 +8,7 @@ that validate bodies against it (unknown keys and wrong types refused; every tex
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, model_validator
 from pydantic_core import PydanticCustomError
@@ -187,7 +187,7 @@ class _Request(_Strict):
 class CompletionRequest(_Request):
     """A /v1/completions body (see COMPLETION_FIELDS)."""
 
-    prompt: Union[Text, list[Text], list[TokenId], list[list[TokenId]]]
+    prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]]
     best_of: Annotated[int, Field(ge=1, le=1)] | None = None
     echo: StrictBool | None = None
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None

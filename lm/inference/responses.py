@@ -10,7 +10,7 @@ import dataclasses
 import json
 import time
 import uuid
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 from lm.inference.engine import Piece, Token
 from lm.inference.protocol import RequestError, unexpected_error

@@ -52,7 +52,7 @@ class ModelConfig:
         return self.init_std / (2 * self.num_layers) ** 0.5
 
     @classmethod
-    def from_config(cls, model: ml_collections.ConfigDict, vocab_size: int, max_len: int) -> "ModelConfig":
+    def from_config(cls, model: ml_collections.ConfigDict, vocab_size: int, max_len: int) -> ModelConfig:
         """Resolves the config's zero defaults (head_dim, d_ff, vocab_size)."""
         return cls(
             vocab_size=model.vocab_size or vocab_size, max_len=max_len,

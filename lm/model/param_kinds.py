@@ -39,13 +39,14 @@ spared) by accident; it must be named as above or given a rule here.
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 
 
-class Kind(str, enum.Enum):
+class Kind(enum.StrEnum):
     """What a parameter is; `decayed` says whether AdamW's weight decay applies to it."""
 
     KERNEL = "kernel"

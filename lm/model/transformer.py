@@ -242,7 +242,8 @@ def run_blocks(cfg: ModelConfig, deterministic: bool, x_BLD: Array, *context: Ar
     block = remat_block(cfg)
     num_layers = num_layers or cfg.num_layers
     if cfg.scan_layers:
-        scanned = nn.scan(block, variable_axes={"params": 0, "lora": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
+        scanned = nn.scan(block, variable_axes={"params": 0, "lora": 0, "cache": 0},
+                          split_rngs={"params": True, "dropout": True},
                           in_axes=(nn.broadcast,) * len(context), length=num_layers,
                           metadata_params={nn.PARTITION_NAME: "layers"})
         return scanned(cfg, deterministic, causal, cross, decode, name=f"{name}s")(x_BLD, *context)[0]

@@ -8,21 +8,22 @@ inputs, targets and loss weights, plus the weighted loss they share.
 - `mixture`: UL2's mixture of denoisers (span corruptions and prefix LM), each with its task token.
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from lm.objectives import mixture as mixture_lib
 from lm.objectives.causal import Example, causal_lm, loss_metrics, weighted_cross_entropy, z_loss_sum
 from lm.objectives.masked_lm import masked_lm
-from lm.objectives import mixture as mixture_lib
 from lm.objectives.mixture import Denoiser, mixture_of_denoisers
 from lm.objectives.prefix_lm import prefix_lm
 from lm.objectives.span_corruption import span_corruption, span_counts
 
 __all__ = ["Example", "MakeExample", "Denoiser", "causal_lm", "prefix_lm", "masked_lm", "span_corruption",
-           "mixture_of_denoisers", "weighted_cross_entropy", "z_loss_sum", "loss_metrics", "for_config", "model_vocab_size",
+           "mixture_of_denoisers", "weighted_cross_entropy", "z_loss_sum", "loss_metrics", "for_config",
+           "model_vocab_size",
            "extra_ids_needed", "denoisers"]
 
 MakeExample = Callable[[dict, jax.Array], Example]  # (batch, rng) -> Example

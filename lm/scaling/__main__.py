@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
 import numpy as np
+from absl import app, flags
 
 from lm.cli import exit_with_error, reject_positional
 from lm.config import ConfigError

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy import optimize, special
@@ -38,7 +38,7 @@ class Runs:
     budget: np.ndarray
 
     @classmethod
-    def of(cls, n, d, loss, c=None, budget=None) -> "Runs":
+    def of(cls, n, d, loss, c=None, budget=None) -> Runs:
         n, d, loss = (np.asarray(x, np.float64) for x in (n, d, loss))
         c = 6 * n * d if c is None else np.asarray(c, np.float64)
         budget = np.zeros_like(n) if budget is None else np.asarray(budget, np.float64)
@@ -47,7 +47,7 @@ class Runs:
     def __len__(self) -> int:
         return len(self.loss)
 
-    def take(self, index: np.ndarray) -> "Runs":
+    def take(self, index: np.ndarray) -> Runs:
         return Runs(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
 
 

@@ -66,7 +66,8 @@ def loss_contours(runs: laws.Runs, fit: laws.Parametric, directory: str, formats
     n_opt, d_opt = fit.optimal(c)
     ax.plot(n_opt, d_opt, "r--", label="compute-optimal")
     ax.set(xscale="log", yscale="log", xlim=(n[0], n[-1]), ylim=(d[0], d[-1]), xlabel="parameters N",
-           ylabel="tokens D", title=f"L(N, D) = {fit.E:.2f} + {fit.A:.3g}/N^{fit.alpha:.3f} + {fit.B:.3g}/D^{fit.beta:.3f}")
+           ylabel="tokens D",
+           title=f"L(N, D) = {fit.E:.2f} + {fit.A:.3g}/N^{fit.alpha:.3f} + {fit.B:.3g}/D^{fit.beta:.3f}")
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
     return _save(fig, directory, "loss_contours", formats)
