@@ -301,28 +301,31 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     lock = WorkdirLock(workdir).acquire() if is_main else None  # before anything is written
-    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints,
-                                           config.train.permanent_checkpoint_every)
+    directory = os.path.join(workdir, "checkpoints")
+    corpus_record = corpus_fingerprints(config)
+    reader = checkpoint.Checkpointer(directory, read_only=True)
     try:
-        corpus_record = corpus_fingerprints(config)
-        check_resumable(config, checkpointer, corpus_record, workdir)
-        corpus = prepare_corpus(config, workdir)
-        vocab_size = objectives.model_vocab_size(config.objective, corpus.tokenizer.vocab_size)
-        model_cfg = ModelConfig.from_config(config.model, vocab_size, config.data.seq_len)
-        if model_cfg.vocab_size < vocab_size:
-            raise ConfigError(
-                f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
-                f"{corpus.tokenizer.vocab_size} ids plus config.objective.extra_ids={config.objective.extra_ids}. "
-                f"Fix: set it to 0 to use {vocab_size}.")
-        if is_main:
-            with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-                f.write(config.to_json_best_effort(indent=2))
-        trainer = make_trainer(config, model_cfg, mesh, corpus.tokenizer.pad_id, corpus.tokenizer.vocab_size,
-                               teacher=load_teacher(config, corpus.tokenizer))
-        estimate = check_memory(trainer, config)
-    except BaseException:
-        checkpointer.close()
-        raise
+        check_resumable(config, reader, corpus_record, workdir)
+    finally:
+        reader.close()
+    corpus = prepare_corpus(config, workdir)
+    vocab_size = objectives.model_vocab_size(config.objective, corpus.tokenizer.vocab_size)
+    model_cfg = ModelConfig.from_config(config.model, vocab_size, config.data.seq_len)
+    if model_cfg.vocab_size < vocab_size:
+        raise ConfigError(
+            f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+            f"{corpus.tokenizer.vocab_size} ids plus config.objective.extra_ids={config.objective.extra_ids}. "
+            f"Fix: set it to 0 to use {vocab_size}.")
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    trainer = make_trainer(config, model_cfg, mesh, corpus.tokenizer.pad_id, corpus.tokenizer.vocab_size,
+                           teacher=load_teacher(config, corpus.tokenizer))
+    estimate = check_memory(trainer, config)
+    # Last: orbax's manager starts background threads (temporary-directory clean-up) that
+    # print tracebacks if the process exits on one of the errors above while they run.
+    checkpointer = checkpoint.Checkpointer(directory, config.train.keep_checkpoints,
+                                           config.train.permanent_checkpoint_every)
     return Run(config, workdir, corpus, trainer, MetricWriter(workdir, enabled=is_main), checkpointer, is_main,
                estimate, lock, corpus_record)
 
@@ -335,8 +338,11 @@ def corpus_fingerprints(config: ml_collections.ConfigDict) -> dict[str, list]:
     d = config.data
     groups = {name: (src.files, float(src.weight)) for name, src in d.sources.items()} if d.sources else {
         "files": (d.files, 1.0)}
-    return {name: [documents.text_fingerprint(config_lib.resolve_files(files)), weight]
-            for name, (files, weight) in groups.items()}
+    try:
+        return {name: [documents.text_fingerprint(config_lib.resolve_files(files)), weight]
+                for name, (files, weight) in groups.items()}
+    except documents.CorpusError as e:  # a file that is not text: the same one line as building it
+        raise ConfigError(str(e)) from None
 
 
 def check_resumable(config: ml_collections.ConfigDict, checkpointer: checkpoint.Checkpointer,
