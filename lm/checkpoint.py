@@ -103,6 +103,15 @@ class Checkpointer:
         """Only the train state (for sampling, evaluation or export)."""
         return self._read(step, state=ocp.args.StandardRestore(abstract_state))["state"]
 
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the train state's `params` (for sampling, evaluation or export), onto the
+        shardings in `abstract_params` (ShapeDtypeStructs); the optimizer state stays on
+        disk, so a reader needs neither the optimizer nor memory for its moments."""
+        target = {"params": abstract_params}
+        restored = self._read(step, state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+        return restored["state"]["params"]
+
     def metadata(self, step: int) -> dict:
         """The JSON metadata saved with `step`: step, config, code version."""
         return self._read(step, meta=ocp.args.JsonRestore())["meta"]

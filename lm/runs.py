@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from lm import checkpoint, objectives, sharding, version
+from lm import checkpoint, objectives, version
 from lm.config import ConfigError
 from lm.configs import base
 from lm.data import tokenizers
@@ -76,43 +76,50 @@ def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:
 
 def load(path: str, step: int | None = None) -> Loaded:
     """The model and parameters of a workdir (checkpoint `step`, default the latest) or
-    of an export, on the first local device."""
+    of an export, on the first local device, whatever mesh trained them. The returned
+    config is the run's own, as saved (its mesh included)."""
     config = load_config(path)
     tokenizer = tokenizers.load(os.path.join(path, "tokenizer.json"))
     model_cfg = ModelConfig.from_config(
         config.model, objectives.model_vocab_size(config.objective, tokenizer.vocab_size), config.data.seq_len)
+    device = jax.local_devices()[0]
     if is_export(path):
-        params, step = _load_export_params(path, model_cfg, config.data.seq_len)
+        params, step = _load_export_params(path, model_cfg, config.data.seq_len, device)
     else:
-        params, step = _load_checkpoint_params(path, config, model_cfg, tokenizer, step)
+        params, step = _load_checkpoint_params(path, model_cfg, config.data.seq_len, step, device)
     return Loaded(config, model_cfg, build(model_cfg), params, tokenizer, step)
 
 
-def _load_checkpoint_params(workdir: str, config: ml_collections.ConfigDict, model_cfg: ModelConfig,
-                            tokenizer: Tokenizer, step: int | None) -> tuple[Any, int]:
-    from lm.train import make_trainer  # imported late: lm.train imports this package's users
+def abstract_params_on(model_cfg: ModelConfig, seq_len: int, device: jax.Device, dtype: str | None = None) -> Any:
+    """The parameters' ShapeDtypeStructs (in `dtype`, default the model's own) placed on
+    `device`: the target a checkpoint or export restores onto. Shapes only: no optimizer,
+    objective or compiled step is built (a restore needs none)."""
+    placed = jax.sharding.SingleDeviceSharding(device)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=placed),
+                        nn.meta.unbox(abstract_params(build(model_cfg), seq_len)))
 
-    with config.unlocked():
-        config.mesh.shape = dict(data=1, fsdp=1, tensor=1)
-        config.mesh.dcn_shape = dict(data=1, fsdp=1, tensor=1)
-    trainer = make_trainer(config, model_cfg, sharding.make_mesh(config, jax.local_devices()[:1]), tokenizer.pad_id)
+
+def _load_checkpoint_params(workdir: str, model_cfg: ModelConfig, seq_len: int, step: int | None,
+                            device: jax.Device) -> tuple[Any, int]:
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-    steps = checkpointer.all_steps()
-    if not steps:
-        raise ConfigError(f"no checkpoint in {workdir}/checkpoints yet. Fix: train first, or wait for a save.")
-    if step is None:
-        step = max(steps)
-    elif step not in steps:
-        raise ConfigError(f"no checkpoint of step {step} in {workdir}/checkpoints. Fix: use one of {sorted(steps)}.")
-    return checkpointer.restore_state(step, trainer.abstract_state()).params, step
+    try:
+        steps = checkpointer.all_steps()
+        if not steps:
+            raise ConfigError(f"no checkpoint in {workdir}/checkpoints yet. Fix: train first, or wait for a save.")
+        if step is None:
+            step = max(steps)
+        elif step not in steps:
+            raise ConfigError(f"no checkpoint of step {step} in {workdir}/checkpoints. "
+                              f"Fix: use one of {sorted(steps)}.")
+        return checkpointer.restore_params(step, abstract_params_on(model_cfg, seq_len, device)), step
+    finally:
+        checkpointer.close()
 
 
-def _load_export_params(path: str, model_cfg: ModelConfig, seq_len: int) -> tuple[Any, int]:
+def _load_export_params(path: str, model_cfg: ModelConfig, seq_len: int, device: jax.Device) -> tuple[Any, int]:
     with open(os.path.join(path, EXPORT_INFO), encoding="utf-8") as f:
         info = json.load(f)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, info["dtype"], sharding=device),
-                          nn.meta.unbox(abstract_params(build(model_cfg), seq_len)))
+    target = abstract_params_on(model_cfg, seq_len, device, info["dtype"])
     return ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, "params")), target), info["step"]
 
 

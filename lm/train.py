@@ -24,8 +24,9 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
-from lm import checkpoint, decode, memory, objectives, optim, sharding, version
+from lm import checkpoint, decode, memory, objectives, optim, runs, sharding, version
 from lm import config as config_lib
+from lm.cli import DIVERGED, PREEMPTED
 from lm.config import ConfigError
 from lm.data import documents, pipeline
 from lm.logs import MetricWriter, Progress
@@ -382,8 +383,6 @@ def load_teacher(config: ml_collections.ConfigDict, tokenizer) -> Any:
     """Distillation's teacher (lm.runs.Loaded), or None; it must share the tokenizer."""
     if not config.distill.teacher:
         return None
-    from lm import runs  # imported late: lm.runs imports lm.train
-
     teacher = runs.load(config.distill.teacher)
     check_teacher(config, teacher.model_cfg)
     if teacher.tokenizer.to_json() != tokenizer.to_json():
@@ -572,8 +571,6 @@ class StopSignals:
 
 
 def _stop_for_preemption(run: Run, progress: Progress, state: TrainState, data_iterator, why: str) -> None:
-    from lm.cli import PREEMPTED
-
     step = int(state.step)
     if run.checkpointer.latest_step() != step:
         _save(run, state, data_iterator)
@@ -585,8 +582,6 @@ def _stop_for_preemption(run: Run, progress: Progress, state: TrainState, data_i
 
 def _check_finite(config: ml_collections.ConfigDict, step: int, nonfinite_steps: int) -> None:
     """Stops the run once more steps were non-finite than `train.max_nonfinite_steps` allows."""
-    from lm.cli import DIVERGED
-
     allowed = config.train.max_nonfinite_steps
     if nonfinite_steps > allowed:
         raise RunStopped(
