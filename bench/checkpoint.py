@@ -3,7 +3,7 @@
     .venv/bin/python bench/checkpoint.py --config=configs/gpt2_small.py
 
 Builds the config's full train state (parameters and AdamW moments; gpt2_small's 124M
-parameters are 1.5 GB in float32) on one device and saves it with lm.checkpoint's
+parameters are 1.5 GB in float32) on one device and saves it with lm.runs.checkpoint's
 Checkpointer, the one training uses, --repeats times each way:
 - synchronous: `save` returns once the checkpoint is on disk; the loop waits all along;
 - asynchronous: `save` returns once the arrays are copied to host memory; the write
@@ -27,12 +27,17 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from lm import checkpoint, memory, runtime, sharding  # noqa: E402
-from lm.cli import reject_positional, validated_config  # noqa: E402
 from lm.data import pipeline  # noqa: E402
+from lm.errors import reject_positional, validated_config  # noqa: E402
 from lm.model import ModelConfig  # noqa: E402
 from lm.model.counting import param_counts  # noqa: E402
-from lm.train import make_trainer  # noqa: E402
+from lm.parallel import (
+    runtime,  # noqa: E402
+    sharding,  # noqa: E402
+)
+from lm.runs import checkpoint  # noqa: E402
+from lm.training import memory  # noqa: E402
+from lm.training.loop import make_trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe whose train state to save.", lock_config=False)
 _VOCAB = flags.DEFINE_integer("vocab_size", 0, "Vocabulary size (no corpus is read); 0: config.model.vocab_size.")

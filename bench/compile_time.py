@@ -19,10 +19,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from lm import runtime, sharding  # noqa: E402
-from lm.cli import quiet_logging, reject_positional, validated_config  # noqa: E402
+from lm.errors import quiet_logging, reject_positional, validated_config  # noqa: E402
 from lm.model import ModelConfig  # noqa: E402
-from lm.train import make_trainer  # noqa: E402
+from lm.parallel import (
+    runtime,  # noqa: E402
+    sharding,  # noqa: E402
+)
+from lm.training.loop import make_trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe whose model to compile.", lock_config=False)
 _DEPTHS = flags.DEFINE_list("depths", ["2", "24"], "Numbers of layers to compile.")

@@ -24,8 +24,8 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from lm import config as config_lib  # noqa: E402
-from lm.cli import exit_with_error, quiet_logging, reject_positional, validated_config  # noqa: E402
 from lm.data import pipeline, tokenizers  # noqa: E402
+from lm.errors import exit_with_error, quiet_logging, reject_positional, validated_config  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe to measure.", lock_config=True)
 _MAX_BATCHES = flags.DEFINE_integer("max_batches", 0, "Stop batching after this many (0: one epoch).")

@@ -3,7 +3,7 @@
     python bench/quantize.py --workdir=runs/shakespeare_char
 
 Prints the validation perplexity of the float32 parameters and of their int8
-quantization (lm.quantize), the relative change, and the bytes of each.
+quantization (lm.inference.quantize), the relative change, and the bytes of each.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ import dataclasses
 
 from absl import app, flags
 
-from lm import quantize, runs, runtime
-from lm.cli import quiet_logging
+from lm.errors import quiet_logging
 from lm.evaluation import scoring
+from lm.inference import quantize
+from lm.parallel import runtime
+from lm.runs import artifacts as runs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run (or an export).", required=True)
 _MAX_WINDOWS = flags.DEFINE_integer("max_windows", 0, "Score at most this many windows; 0 = the whole split.")

@@ -3,7 +3,7 @@
     .venv/bin/python bench/train_throughput.py --config=configs/shakespeare_char.py
 
 Trains `--steps` steps after `--warmup` steps on the real data pipeline (Grain batches,
-host-to-device transfer, metrics fetched one step late as in `lm.train`) and prints
+host-to-device transfer, metrics fetched one step late as in `lm.training.loop`) and prints
 ms/step (median of the per-step times), tokens/s, compile seconds, peak RSS and MFU:
 model FLOPs/s (6·N·tokens/s plus causal attention, `lm.model.counting`) over a float32
 matmul peak this script measures on the same devices. It also prints the roofline: the
@@ -29,12 +29,16 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags  # noqa: E402
 
-from lm import objectives, runtime, sharding  # noqa: E402
-from lm.cli import quiet_logging, reject_positional, validated_config  # noqa: E402
+from lm import objectives  # noqa: E402
 from lm.data import pipeline  # noqa: E402
+from lm.errors import quiet_logging, reject_positional, validated_config  # noqa: E402
 from lm.model import ModelConfig  # noqa: E402
 from lm.model.counting import param_counts, train_flops_per_token  # noqa: E402
-from lm.train import make_trainer  # noqa: E402
+from lm.parallel import (
+    runtime,  # noqa: E402
+    sharding,  # noqa: E402
+)
+from lm.training.loop import make_trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe to measure.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 200, "Timed steps.")

@@ -81,7 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
     # "char" (vocabulary of the train split), "byte" (UTF-8) or "sentencepiece".
     d.tokenizer = "char"
     # SentencePiece: an existing .model file, or "" to train one on the train split with
-    # the settings below (cached by corpus and settings; `python -m lm.data.tokenizer`).
+    # the settings below (cached by corpus and settings; `python -m lm.tokenizer`).
     d.sentencepiece = sp = ml_collections.ConfigDict()
     sp.model = ""
     sp.model_type = "bpe"  # "bpe" or "unigram"

@@ -1,7 +1,7 @@
 """Config validation: one pass before any work, with errors that name the field and the fix.
 
 `validate(config)` checks values that need nothing but the config and the filesystem.
-Checks that need the devices (mesh shape, batch divisibility) live in `lm.sharding`
+Checks that need the devices (mesh shape, batch divisibility) live in `lm.parallel.sharding`
 and raise the same `ConfigError`.
 """
 
@@ -188,7 +188,7 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
         check_user_defined_symbols(d.sentencepiece.user_defined_symbols)
         if d.sentencepiece.model and not os.path.isfile(os.path.expanduser(d.sentencepiece.model)):
             fail("data.sentencepiece.model", d.sentencepiece.model, "is not a file",
-                 "train one with `python -m lm.data.tokenizer train`, or set it to '' to train "
+                 "train one with `python -m lm.tokenizer train`, or set it to '' to train "
                  "one from the corpus automatically")
     require_positive(config, "data.seq_len")
     require_positive(config, "data.num_threads", allow_zero=True)

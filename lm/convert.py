@@ -5,7 +5,7 @@
 
 `import` reads a local Hugging Face directory (config.json, model.safetensors or its
 shards, tokenizer.json) and writes an `lm` export, which `lm.sample`, `lm.evaluate`,
-`lm.finetune` and `lm.runs.load` read. `export` writes a run or export back as a
+`lm.finetune` and `lm.runs.artifacts.load` read. `export` writes a run or export back as a
 Hugging Face directory that `transformers`' `from_pretrained` loads, with the run's
 tokenizer, whatever its kind, as a tokenizer.json that encodes text to the same ids
 (lm.interop.tokenizer_json). Both directions are exact: export then import gives back
@@ -25,15 +25,17 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from lm import runs, runtime, version
-from lm.cli import exit_with_error, quiet_logging
 from lm.config import ConfigError
 from lm.configs import base
 from lm.data import tokenizers
+from lm.errors import exit_with_error, quiet_logging
 from lm.interop import huggingface as hf
 from lm.interop import tokenizer_json
 from lm.model import ModelConfig, build
 from lm.model.counting import abstract_params, param_counts
+from lm.parallel import runtime
+from lm.runs import artifacts as runs
+from lm.runs import version
 
 HF_CONFIG, HF_WEIGHTS, HF_INDEX, HF_TOKENIZER = ("config.json", "model.safetensors", "model.safetensors.index.json",
                                                  "tokenizer.json")

@@ -27,12 +27,13 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from lm import runs, runtime
-from lm.cli import exit_with_error, quiet_logging, reject_positional
 from lm.config import ConfigError
 from lm.data import documents
+from lm.errors import exit_with_error, quiet_logging, reject_positional
 from lm.evaluation import fairness, metrics, scoring, weat
-from lm.finetune.tasks import read_jsonl
+from lm.finetuning.tasks import read_jsonl
+from lm.parallel import runtime
+from lm.runs import artifacts as runs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir or an export (not needed for --predictions).")
 _STEP = flags.DEFINE_integer("step", None, "A workdir's checkpoint; default the latest.")
@@ -84,7 +85,7 @@ def multiple_choice_of(loaded: runs.Loaded) -> dict[str, dict]:
 
 
 def generation_of(loaded: runs.Loaded) -> dict[str, dict]:
-    from lm import decode
+    from lm.inference import decode
 
     rows = read_jsonl(_GENERATION.value)
     predictions = []

@@ -5,16 +5,17 @@
 
 Writes `--output` (a new directory): the parameters of the latest checkpoint (or
 `--step`) without optimizer state, in float32 or bfloat16, with the run's config and
-tokenizer. `python -m lm.sample --workdir=<export>` and `lm.runs.load` read it.
+tokenizer. `python -m lm.sample --workdir=<export>` and `lm.runs.artifacts.load` read it.
 """
 
 from __future__ import annotations
 
 from absl import app, flags
 
-from lm import runs, runtime
-from lm.cli import exit_with_error, quiet_logging, reject_positional
 from lm.config import ConfigError
+from lm.errors import exit_with_error, quiet_logging, reject_positional
+from lm.parallel import runtime
+from lm.runs import artifacts as runs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir (holds config.json and checkpoints/).")
 _OUTPUT = flags.DEFINE_string("output", None, "The export's directory; must not exist or be empty.")

@@ -24,9 +24,11 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from lm import aot, distributed, runtime, train
 from lm import config as config_lib
-from lm.cli import exit_with_error, quiet_logging, reject_positional
+from lm.errors import exit_with_error, quiet_logging, reject_positional
+from lm.parallel import distributed, runtime
+from lm.training import aot
+from lm.training import loop as train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Recipe file, e.g. configs/shakespeare_char.py (or file.py:arg).", lock_config=True)

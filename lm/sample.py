@@ -20,9 +20,11 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from lm import decode, runs, runtime
-from lm.cli import exit_with_error, quiet_logging, reject_positional
 from lm.config import ConfigError
+from lm.errors import exit_with_error, quiet_logging, reject_positional
+from lm.inference import decode
+from lm.parallel import runtime
+from lm.runs import artifacts as runs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir (holds config.json and checkpoints/) or an "
                                "export written by lm.export.")

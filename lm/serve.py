@@ -8,7 +8,7 @@ vLLM's tokenizer endpoints (`GET /tokenizer_info`, `POST /tokenize`, `POST /deto
 Every request field of the `openai` client is implemented, accepted as a no-op or refused
 (the tables in lm.inference.protocol). Requests that arrive within `--batch_window_ms` of
 an idle server start together; later ones join the running batch between steps
-(continuous batching over a KV cache: lm.inference.engine, lm.slots).
+(continuous batching over a KV cache: lm.inference.engine, lm.inference.slots).
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ def main(argv: list[str]) -> None:
     import uvicorn
     from absl import flags
 
-    from lm import runs, runtime
-    from lm.cli import exit_with_error, quiet_logging, reject_positional
     from lm.config import ConfigError
+    from lm.errors import exit_with_error, quiet_logging, reject_positional
+    from lm.parallel import runtime
+    from lm.runs import artifacts as runs
 
     reject_positional(argv)
     quiet_logging()

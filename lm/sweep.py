@@ -7,7 +7,7 @@ Each point of the config file's `get_sweep()` trains with `python -m lm.main` in
 their checkpoints, so rerunning the same command after a kill finishes the sweep. After
 each point, `<workdir>/results.csv` (and `.jsonl`) gains its row: N, non-embedding N,
 tokens D, FLOPs C, final train and validation loss, wall time, the overrides. Then fit:
-`python -m lm.scaling fit --results=<workdir>/results.csv`.
+`python -m lm.fit_scaling --results=<workdir>/results.csv`.
 
 `--launcher=slurm` submits the unfinished points as one SLURM array job instead
 (`launch/slurm_sweep.sbatch`), `--launcher=tpu_pod` runs them one after another on a TPU
@@ -26,9 +26,9 @@ import time
 
 from absl import app, flags
 
-from lm import runtime
-from lm.cli import PREEMPTED, exit_with_error, quiet_logging, reject_positional
 from lm.config import ConfigError, validate
+from lm.errors import PREEMPTED, exit_with_error, quiet_logging, reject_positional
+from lm.parallel import runtime
 from lm.scaling import sweeps
 
 _CONFIG = flags.DEFINE_string("config", None, "A config file with get_config() and get_sweep(), [path[:arg]].")

@@ -20,7 +20,7 @@ def shared_caches(tmp_path_factory):
     root = tmp_path_factory.mktemp("caches")
     os.environ["LM_DATA_DIR"] = str(root / "data")
     os.environ["LM_COMPILATION_CACHE"] = str(root / "xla")
-    from lm import runtime
+    from lm.parallel import runtime
 
     runtime.enable_compilation_cache(os.environ["LM_COMPILATION_CACHE"])
     yield

@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lm import runs
 from lm.configs import shakespeare_char
 from lm.data import corpora, tokenizers
 from lm.model import ModelConfig, build
+from lm.runs import artifacts as runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,7 +13,7 @@ try:
 except ImportError:  # the default run deselects these tests; `pytest -m interop` needs the extra
     torch = transformers = None
 
-from lm import runs
+from lm.runs import artifacts as runs
 from tests.helpers import REPO
 
 VOCAB = 300

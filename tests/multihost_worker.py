@@ -17,8 +17,8 @@ def main(coordinator: str, process_id: int, out: str, step: int) -> None:
     from helpers import tiny_config
     from jax.experimental import multihost_utils
 
-    from lm import sharding
     from lm.data import pipeline
+    from lm.parallel import sharding
 
     config = tiny_config(data__unit="paragraph", data__split="hash", data__tokenizer="sentencepiece",
                          data__packing="pack", data__seq_len=32, train__batch_size=8)

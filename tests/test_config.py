@@ -7,8 +7,8 @@ import pytest
 from helpers import REPO, cli_flags, run_cli, tiny_config
 
 from lm import config as config_lib
-from lm import runtime, sharding
 from lm.configs import base, shakespeare_char
+from lm.parallel import runtime, sharding
 
 
 def test_base_and_recipe_validate():

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
-from lm import runs
 from lm.data import corpora, pipeline, tokenizers
-from lm.finetune import tasks
+from lm.finetuning import tasks
 from lm.interop import tokenizer_json
 from lm.model import ModelConfig, build
+from lm.runs import artifacts as runs
 from tests.helpers import serve_app, tiny_config
 from tests.hf_models import save_tokenizer
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from lm import convert, runs
+from lm import convert
 from lm.config import ConfigError
 from lm.interop import huggingface
+from lm.runs import artifacts as runs
 from tests.helpers import run_cli
 from tests.hf_models import TINY_MODELS, VOCAB, hf_logits, lm_logits, save_hf_model, torch, transformers
 

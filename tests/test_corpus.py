@@ -271,7 +271,7 @@ def test_crlf_and_bom_copies_of_a_corpus_build_the_same_documents_report_and_tok
 
 def test_fine_tuning_evaluation_and_results_files_are_read_the_same_whatever_their_line_endings(tmp_path):
     from lm.data.documents import read_text
-    from lm.finetune.tasks import read_jsonl
+    from lm.finetuning.tasks import read_jsonl
     from lm.scaling.results import read_rows
 
     rows = [{"prompt": "Speak:\nwho goes there?", "response": "A friend.\n", "choices": ["a\nb", "c"]},

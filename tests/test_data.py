@@ -204,7 +204,7 @@ def test_sentencepiece_vocabulary_larger_than_the_corpus_supports_is_one_clear_e
 
 
 def test_sampled_text_shows_each_end_of_document_as_a_paragraph_break():
-    from lm.decode import decode_documents
+    from lm.inference.decode import decode_documents
     tok = tokenizers.CharTokenizer("abc")
     ids = np.concatenate([tok.encode("ab"), [tok.eos_id], tok.encode("c")])
     assert decode_documents(tok, ids) == "ab\n\nc"
@@ -214,7 +214,7 @@ def test_sampling_never_draws_an_objectives_extra_ids_which_are_not_text():
     import flax.linen as nn
     import jax
 
-    from lm.decode import generate
+    from lm.inference.decode import generate
     from lm.model import ModelConfig, build
     text_vocab = 11  # the model has 10 more ids: task tokens and sentinels of a mixture
     model = build(ModelConfig(vocab_size=text_vocab + 10, max_len=8, num_layers=1, num_heads=2, d_model=16,

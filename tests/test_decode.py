@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import REPO, cli_flags, run_cli
 
-from lm import decode, slots
+from lm.inference import decode, slots
 from lm.model import ModelConfig, build
 
 VOCAB = 50
@@ -127,7 +127,7 @@ def test_presence_and_frequency_penalties_are_additive_on_generated_counts():
 
 
 def test_int8_quantization_is_per_channel_close_and_nearly_four_times_smaller():
-    from lm import quantize
+    from lm.inference import quantize
 
     model, params = tiny_model(**VARIANTS["rope_gqa"])
     quantized = quantize.quantize(params)

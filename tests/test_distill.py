@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 from helpers import tiny_config
 
-from lm import aot, runs, sharding
 from lm import config as config_lib
 from lm.model import ModelConfig
 from lm.objectives import causal_lm, weighted_cross_entropy
 from lm.objectives.distillation import distillation_kl_sum
-from lm.train import apply, make_trainer
+from lm.parallel import sharding
+from lm.runs import artifacts as runs
+from lm.training import aot
+from lm.training.loop import apply, make_trainer
 
 
 def test_the_distillation_loss_is_t_squared_kl_of_the_softened_distributions():

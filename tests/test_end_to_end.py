@@ -14,7 +14,8 @@ import pytest
 from helpers import REPO, cli_env, cli_flags, run_cli
 
 import lm
-from lm import checkpoint, runs
+from lm.runs import artifacts as runs
+from lm.runs import checkpoint
 
 CONFIG = f"--config={os.path.join(REPO, 'configs', 'shakespeare_char.py')}"
 BPE_CONFIG = f"--config={os.path.join(REPO, 'configs', 'shakespeare_bpe.py')}"

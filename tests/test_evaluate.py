@@ -11,9 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from lm import convert, runs
+from lm import convert
 from lm.config import ConfigError
 from lm.evaluation import scoring, weat
+from lm.runs import artifacts as runs
 from tests.helpers import REPO, run_cli
 from tests.hf_models import save_hf_model, torch
 

@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import runs
 from lm.config import ConfigError
 from lm.configs.finetune import base as finetune_base
 from lm.data import tokenizers
-from lm.finetune import lora, optim, tasks, train
+from lm.finetuning import lora, optim, tasks, train
 from lm.model import ModelConfig, build
+from lm.runs import artifacts as runs
 from tests.helpers import run_cli
 
 
@@ -156,7 +156,7 @@ def test_sft_with_lora_trains_on_jsonl_and_exports_a_merged_model_that_samples(p
     merged = runs.load(str(tmp_path / "run" / "merged"))
     adapters = train.restore_best(str(tmp_path / "run"), {"lora": train.setup(config).params["lora"]})
     assert set(adapters) == {"lora"}
-    from lm import decode
+    from lm.inference import decode
 
     text = decode.sample_text(merged.model, merged.params, merged.tokenizer, "ROMEO:\n", max_new_tokens=8,
                               max_len=48, temperature=0.0, top_k=0)

@@ -11,13 +11,13 @@ import pytest
 from flax import traverse_util
 from helpers import tiny_config
 
-from lm import optim
 from lm.configs.finetune import base as finetune_base
-from lm.finetune import optim as finetune_optim
-from lm.finetune import tasks
+from lm.finetuning import optim as finetune_optim
+from lm.finetuning import tasks
 from lm.model import FAMILIES, ModelConfig, build, param_kinds, presets
 from lm.model.counting import abstract_params
 from lm.model.layers import LoRA
+from lm.training import optim
 
 
 def lr(config, step):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from lm import quantize
+from lm.inference import quantize
 from lm.model import ModelConfig, build
 
 

@@ -16,10 +16,12 @@ from helpers import REPO, cli_env, cli_flags, run_cli, tiny_config
 from test_end_to_end import CONFIG, read_metrics
 from test_train import STREAM
 
-from lm import checkpoint, sharding, train
 from lm.data import pipeline
 from lm.model import ModelConfig
-from lm.workdir import WorkdirLock
+from lm.parallel import sharding
+from lm.runs import checkpoint
+from lm.runs.workdir import WorkdirLock
+from lm.training import loop as train
 
 pytestmark = pytest.mark.slow
 

@@ -14,10 +14,12 @@ import pytest
 from helpers import cli_flags, run_cli, tiny_config
 from test_end_to_end import CONFIG
 
-from lm import checkpoint, sharding, train
 from lm import config as config_lib
 from lm.configs import base
 from lm.model import ModelConfig
+from lm.parallel import sharding
+from lm.runs import checkpoint
+from lm.training import loop as train
 
 # A GPT-2-shaped tiny run (learned positions, biases), so `lm.convert export` accepts it.
 RUN = dict(model__positions="learned", model__use_bias=True, train__checkpoint_every=2)

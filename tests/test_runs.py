@@ -1,4 +1,4 @@
-"""Reading a run back (lm.runs): a checkpoint written on a many-device mesh loads on one
+"""Reading a run back (lm.runs.artifacts): a checkpoint written on a many-device mesh loads on one
 device with the parameters alone, and neither loading nor exporting changes the run's
 config: an export's config.json records the mesh the run trained on."""
 
@@ -10,9 +10,13 @@ import numpy as np
 from helpers import tiny_config
 from test_train import STREAM
 
-from lm import checkpoint, objectives, runs, sharding, train
+from lm import objectives
 from lm.data import pipeline, tokenizers
 from lm.model import ModelConfig
+from lm.parallel import sharding
+from lm.runs import artifacts as runs
+from lm.runs import checkpoint
+from lm.training import loop as train
 
 FSDP_X_TENSOR = dict(data=1, fsdp=4, tensor=2)
 

@@ -13,9 +13,10 @@ from helpers import REPO, cli_env, cli_flags, run_cli, tiny_config
 from test_multihost import free_port
 from test_train import train_three_steps
 
-from lm import distributed, sharding, train
 from lm.config import ConfigError
 from lm.model import ModelConfig
+from lm.parallel import distributed, sharding
+from lm.training import loop as train
 
 # name -> (mesh shape on 8 devices, the shard shape of one [embed=32, mlp=128] MLP kernel)
 STRATEGIES = {

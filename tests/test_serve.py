@@ -19,11 +19,11 @@ from collections import Counter
 import openai
 import pytest
 
-from lm import runs
 from lm.evaluation.scoring import continuation_log_likelihoods
 from lm.inference import protocol
 from lm.inference.engine import Limits
 from lm.inference.http import Guard, exposure_warning, make_app
+from lm.runs import artifacts as runs
 from tests.helpers import run_cli, serve_app, start_server
 
 KEY = "test-key"

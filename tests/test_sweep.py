@@ -86,18 +86,18 @@ def write_table(path, rows, columns=sweeps.COLUMNS):
 
 def test_fitting_a_table_with_missing_columns_or_too_few_runs_says_what_to_fix(tmp_path):
     write_table(tmp_path / "no_loss.csv", [{"parameters": 1e6, "tokens": 1e8}], columns=("parameters", "tokens"))
-    missing = run_cli("lm.scaling", "fit", f"--results={tmp_path / 'no_loss.csv'}", check=False)
+    missing = run_cli("lm.fit_scaling", f"--results={tmp_path / 'no_loss.csv'}", check=False)
     assert missing.returncode == 2 and "lacks the column(s) val_loss" in missing.stderr
     assert "Fix: name them with --n_column" in missing.stderr
 
     rows = [{"parameters": n, "tokens": 20 * n, "flops": 120 * n * n, "val_loss": 3 - 0.1 * i}
             for i, n in enumerate((1e6, 2e6, 4e6))]
     write_table(tmp_path / "three.csv", rows)
-    three = run_cli("lm.scaling", "fit", f"--results={tmp_path / 'three.csv'}", "--bootstrap=0")
+    three = run_cli("lm.fit_scaling", f"--results={tmp_path / 'three.csv'}", "--bootstrap=0")
     assert "L(N): E=0.0000" in three.stdout  # 3 frontier points: Kaplan's form, without the offset
     assert "approach_3: skipped: L(N, D) has 5 parameters (E, A, B, alpha, beta) and needs more runs" in three.stdout
     write_table(tmp_path / "two.csv", rows[:2])
-    two = run_cli("lm.scaling", "fit", f"--results={tmp_path / 'two.csv'}", check=False)
+    two = run_cli("lm.fit_scaling", f"--results={tmp_path / 'two.csv'}", check=False)
     assert two.returncode == 2 and "no law could be fitted" in two.stderr
     assert "needs at least 3 frontier points; got 2" in two.stderr
     assert open(tmp_path / "three.csv", encoding="utf-8").read().count("\n") == 4  # tables are only read

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
-from lm import convert, runs
+from lm import convert
 from lm.config import ConfigError
 from lm.data import corpora, tokenizers
 from lm.evaluation import scoring
 from lm.interop import tokenizer_json
 from lm.model import ModelConfig, build
+from lm.runs import artifacts as runs
 from tests.helpers import tiny_config
 
 SEQ_LEN = 48

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 from helpers import tiny_config
 
-from lm import objectives, sharding, train
+from lm import objectives
 from lm.data import pipeline
 from lm.model import ModelConfig
+from lm.parallel import sharding
+from lm.training import loop as train
 
 STREAM = np.arange(3, 20_003, dtype=np.int32) % 60 + 3
 

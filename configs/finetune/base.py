@@ -17,12 +17,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.task = t = ml_collections.ConfigDict()
     t.kind = "classification"  # "classification", "token_classification" or "sft"
     # JSONL files: classification {"text", "label"}; token_classification {"words", "tags"};
-    # sft {"prompt", "response"}. Or a builder from lm.finetune.datasets.
+    # sft {"prompt", "response"}. Or a builder from lm.finetuning.datasets.
     t.train_file = ""
     t.validation_file = ""
     t.test_file = ""  # optional; the best checkpoint is scored on it
     # "shakespeare_speakers" (who speaks this speech?) or "shakespeare_word_order" (is this
-    # line as written, or shuffled?): tasks built from the embedded corpus (lm/finetune/datasets.py)
+    # line as written, or shuffled?): tasks built from the embedded corpus (lm/finetuning/datasets.py)
     t.builder = ""
     t.speakers = ()  # shakespeare_speakers: the classes
     t.max_examples = 0  # shakespeare_word_order: a seeded sample of this many lines; 0 = all

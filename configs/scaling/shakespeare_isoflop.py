@@ -2,7 +2,7 @@
 the character-level Shakespeare model (Chinchilla's Approach 2 in miniature).
 
     python -m lm.sweep --config=configs/scaling/shakespeare_isoflop.py --workdir=/tmp/isoflop --parallel=2
-    python -m lm.scaling fit --results=/tmp/isoflop/results.csv --plots=/tmp/isoflop/plots
+    python -m lm.fit_scaling --results=/tmp/isoflop/results.csv --plots=/tmp/isoflop/plots
 
 Budgets 5e11, 1e12 and 2e12 training FLOPs; for each, 5 sizes log-spaced over 16x
 around the size that 200 tokens per parameter would pick (at budgets this small the

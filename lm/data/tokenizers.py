@@ -138,7 +138,7 @@ class SentencePieceTokenizer:
         specials = (self.processor.pad_id(), self.processor.eos_id(), self.processor.unk_id())
         if specials != (PAD_ID, EOS_ID, UNK_ID):
             raise ValueError(f"SentencePiece model has <pad>, <eos>, <unk> ids {specials}, not (0, 1, 2). "
-                             "Fix: train it with `python -m lm.data.tokenizer train` (or pad_id=0, "
+                             "Fix: train it with `python -m lm.tokenizer train` (or pad_id=0, "
                              "eos_id=1, unk_id=2, bos_id=-1).")
         self.control_ids = frozenset(i for i in range(self.vocab_size) if self.processor.is_control(i))
 

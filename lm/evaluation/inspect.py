@@ -14,7 +14,7 @@ import numpy as np
 
 from lm.config import ConfigError
 from lm.model.transformer import default_positions, rotary, rotary_angles
-from lm.runs import Loaded
+from lm.runs.artifacts import Loaded
 
 
 def _layer_params(loaded: Loaded, i: int) -> dict:

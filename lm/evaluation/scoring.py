@@ -15,7 +15,7 @@ import numpy as np
 
 from lm.config import ConfigError
 from lm.objectives.causal import loss_metrics
-from lm.runs import Loaded
+from lm.runs.artifacts import Loaded
 
 
 def _row_log_likelihoods(loaded: Loaded):

@@ -1,4 +1,4 @@
-"""Decoding through the continuous batcher: `Batcher`, a thread that runs `lm.slots` steps
+"""Decoding through the continuous batcher: `Batcher`, a thread that runs `lm.inference.slots` steps
 (waiting jobs take free KV-cache rows between steps, finished ones leave theirs; when idle,
 the first job waits `batch_window_ms` for others), and `Engine`, which turns a checked
 `Generation` into `Piece`s of text with their `Token`s and log-probabilities, holding back
@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from lm import decode, slots
 from lm.data import tokenizers
+from lm.inference import decode, slots
 from lm.inference.protocol import RequestError
-from lm.runs import Loaded
+from lm.runs.artifacts import Loaded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +70,7 @@ def _row(scores: slots.Scores, i: int) -> tuple[float, list[int], list[float]]:
 
 
 class Batcher:
-    """A thread that decodes with continuous batching (lm.slots): between steps, waiting
+    """A thread that decodes with continuous batching (lm.inference.slots): between steps, waiting
     jobs take free slots and finished jobs leave theirs. When idle, the first job waits
     the batch window for others to start with it."""
 

@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from lm import decode
+from lm.inference import decode
 from lm.inference.engine import Engine, Generation, Limits
 from lm.inference.protocol import (
     CHAT_FIELDS,
@@ -43,7 +43,7 @@ from lm.inference.protocol import (
     validation_error,
 )
 from lm.inference.responses import Chat, Completion
-from lm.runs import Loaded
+from lm.runs.artifacts import Loaded
 
 
 def exposure_warning(host: str, api_key: str | None) -> str | None:

@@ -246,5 +246,5 @@ def _check_settings(proto) -> None:
         problems.append("whitespace not escaped as a '▁' prefix")
     if problems:
         raise ConfigError("this SentencePiece model has settings tokenizer.json conversion does not reproduce: "
-                          + ", ".join(problems) + ". Fix: train the tokenizer with lm (python -m lm.data.tokenizer "
+                          + ", ".join(problems) + ". Fix: train the tokenizer with lm (python -m lm.tokenizer "
                           "train, or data.sentencepiece.model='').")

@@ -53,7 +53,7 @@ class EncoderDecoder(nn.Module):
     def __call__(self, inputs_BS: Array | None, decoder_inputs_BL: Array, deterministic: bool = True,
                  input_segment_ids_BS: Array | None = None, decode: bool = False,
                  decoder_positions_BL: Array | None = None) -> Array:
-        """Logits [B, L, V] of the decoder's tokens. With `decode` (lm.decode), the decoder
+        """Logits [B, L, V] of the decoder's tokens. With `decode` (lm.inference.decode), the decoder
         extends a KV cache in the mutable "cache" collection: the first call passes the
         inputs (the encoder runs once and its keys and values are cached per layer); later
         calls pass `inputs_BS=None` and each new token's `decoder_positions_BL`."""

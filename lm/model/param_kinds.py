@@ -1,7 +1,7 @@
 """What each parameter IS (kernel, embedding table, norm scale, bias, LoRA factor), from its path.
 
-One classification for every consumer: AdamW's weight-decay mask (`lm.optim`,
-`lm.finetune.optim`), int8 quantization (`lm.quantize`: matrices only), and whatever
+One classification for every consumer: AdamW's weight-decay mask (`lm.training.optim`,
+`lm.finetuning.optim`), int8 quantization (`lm.inference.quantize`: matrices only), and whatever
 else groups parameters (per-kind learning rates, pipeline stages). It reads a
 parameter's path of names, never its rank: with `model.scan_layers` every parameter
 gains a leading `layers` axis (`layer_axes` counts it), so a norm's scale is 2-D, and a

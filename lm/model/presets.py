@@ -2,7 +2,7 @@
 
 `presets.apply(config.model, "gpt2-small")` sets a config's model fields (and returns the
 preset's vocabulary size and context, which a recipe may use for its data). Counts are
-shown by `python -m lm.model.presets` (total and non-embedding parameters, training
+shown by `python -m lm.presets` (total and non-embedding parameters, training
 FLOPs per token), computed abstractly with `jax.eval_shape`: nothing is allocated.
 """
 
@@ -67,10 +67,8 @@ def describe(name: str) -> dict:
     return {**counts, "train_flops_per_token": train_flops_per_token(cfg, cfg.max_len)}
 
 
-if __name__ == "__main__":
-    print(f"{'preset':<12} {'parameters':>14} {'non-embedding':>14} {'published':>10} {'GFLOP/token':>12}")
-    for preset in PRESETS:
-        d = describe(preset)
-        published = PUBLISHED_PARAMETERS.get(preset)
-        print(f"{preset:<12} {d['total']:>14,} {d['non_embedding']:>14,} "
-              f"{(f'{published / 1e6:,.0f}M' if published else '-'):>10} {d['train_flops_per_token'] / 1e9:>12.3f}")
+
+if __name__ == "__main__":  # the old path of `python -m lm.presets`, kept for existing scripts
+    import runpy
+
+    runpy.run_module("lm.presets", run_name="__main__", alter_sys=True)

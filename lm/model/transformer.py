@@ -118,7 +118,7 @@ class Attention(nn.Module):
         [B, G, max_len, K] twice and the mask [B, L, max_len] of what each query may see.
 
         Each row has its own index, so rows may stand at different lengths: continuous
-        batching (lm.slots) puts a new request into one row while the others go on. The
+        batching (lm.inference.slots) puts a new request into one row while the others go on. The
         cache is heads-major so a decoding step's attention reads it in place; with the
         [B, S, G, K] layout of training, every step would transpose (copy) all of it."""
         batch, length, groups, head_dim = k_BLGK.shape
@@ -260,7 +260,7 @@ class Decoder(nn.Module):
                  segment_ids_BL: Array | None = None, deterministic: bool = True,
                  prefix_BL: Array | None = None, return_hidden: bool = False, decode: bool = False) -> Array:
         """Logits [B, L, V] (float32), or with `return_hidden` the final-norm hidden
-        states [B, L, D] that fine-tuning heads read. With `decode` (lm.decode), the
+        states [B, L, D] that fine-tuning heads read. With `decode` (lm.inference.decode), the
         tokens extend the KV cache in the mutable "cache" collection; `positions` are then
         each row's own and `segment_ids` > 0 marks real (not padding) tokens."""
         c = self.cfg

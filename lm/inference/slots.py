@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import decode
+from lm.inference import decode
 
 MIN_BUCKET = 8
 TOP_K = 20  # the most alternatives a request may ask for (OpenAI's top_logprobs allows 20)

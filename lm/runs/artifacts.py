@@ -23,13 +23,14 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from lm import checkpoint, objectives, version
+from lm import objectives
 from lm.config import ConfigError
 from lm.configs import base
 from lm.data import tokenizers
 from lm.data.tokenizers import Tokenizer
 from lm.model import ModelConfig, build
 from lm.model.counting import abstract_params, param_counts
+from lm.runs import checkpoint, version
 
 EXPORT_INFO = "export.json"
 EXPORT_DTYPES = ("float32", "bfloat16")

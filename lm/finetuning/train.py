@@ -22,12 +22,13 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lm import runs, version
 from lm.config import ConfigError
 from lm.evaluation import metrics as metric_fns
-from lm.finetune import datasets, lora, optim, tasks
+from lm.finetuning import datasets, lora, optim, tasks
 from lm.model import build
 from lm.model.counting import param_counts
+from lm.runs import artifacts as runs
+from lm.runs import version
 
 RESULTS = "finetune_results.json"
 

@@ -18,10 +18,14 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from lm import memory, objectives, runs, sharding, train
+from lm import objectives
 from lm.data import pipeline
 from lm.model import ModelConfig, build
 from lm.model.counting import abstract_params, param_counts
+from lm.parallel import sharding
+from lm.runs import artifacts as runs
+from lm.training import loop as train
+from lm.training import memory
 
 
 def topology_devices(topology: str | None, compile_only: bool) -> int:

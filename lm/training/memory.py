@@ -3,7 +3,7 @@
 Parameters, gradients and optimizer state are exact: each array's shard under its
 sharding. Activations are an estimate: what one layer keeps for the backward pass
 (per the remat policy), times the layers, plus the logits and their gradient. The
-ahead-of-time check (`lm.aot`) prints XLA's own figure for the compiled step.
+ahead-of-time check (`lm.training.aot`) prints XLA's own figure for the compiled step.
 """
 
 from __future__ import annotations

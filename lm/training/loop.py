@@ -24,16 +24,21 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
-from lm import checkpoint, decode, memory, objectives, optim, runs, sharding, version
 from lm import config as config_lib
-from lm.cli import DIVERGED, PREEMPTED
+from lm import objectives
 from lm.config import ConfigError
 from lm.data import documents, pipeline
-from lm.logs import MetricWriter, Progress
+from lm.errors import DIVERGED, PREEMPTED
+from lm.inference import decode
 from lm.model import ModelConfig, build
 from lm.model.counting import abstract_params, param_counts, peak_flops, train_flops_per_token
 from lm.objectives.distillation import distillation_kl_sum
-from lm.workdir import WorkdirLock
+from lm.parallel import sharding
+from lm.runs import artifacts as runs
+from lm.runs import checkpoint, version
+from lm.runs.workdir import WorkdirLock
+from lm.training import memory, optim
+from lm.training.logs import MetricWriter, Progress
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -49,7 +54,7 @@ class TrainState:
 
 
 class RunStopped(Exception):
-    """The run stopped on purpose; `exit_code` tells a launcher what to do (see lm.cli)."""
+    """The run stopped on purpose; `exit_code` tells a launcher what to do (see lm.errors)."""
 
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
@@ -207,7 +212,7 @@ def make_trainer(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh
                  tokenizer_vocab_size: int = 0, teacher: Any = None) -> Trainer:
     """The compiled steps of `config` on `mesh`. Objectives' extra ids ([MASK], sentinels)
     follow the tokenizer's `tokenizer_vocab_size` ids (default: the model's vocabulary
-    minus `config.objective.extra_ids`). `teacher` (an lm.runs.Loaded) turns on
+    minus `config.objective.extra_ids`). `teacher` (an lm.runs.artifacts.Loaded) turns on
     distillation with `config.distill`'s temperature and alpha."""
     model = build(model_cfg)
     schedule = optim.schedule(config.optim, config.train.steps)
@@ -278,7 +283,7 @@ class Run:
     writer: MetricWriter
     checkpointer: checkpoint.Checkpointer
     is_main: bool
-    memory: dict[str, int]  # estimated bytes per device (lm.memory.estimate)
+    memory: dict[str, int]  # estimated bytes per device (lm.training.memory.estimate)
     lock: WorkdirLock | None  # held by process 0 while the run lives
     corpus_record: dict[str, list]  # corpus_fingerprints(config), saved with each checkpoint
 
@@ -380,7 +385,7 @@ def _newest_metadata(checkpointer: checkpoint.Checkpointer) -> dict | None:
 
 
 def load_teacher(config: ml_collections.ConfigDict, tokenizer) -> Any:
-    """Distillation's teacher (lm.runs.Loaded), or None; it must share the tokenizer."""
+    """Distillation's teacher (lm.runs.artifacts.Loaded), or None; it must share the tokenizer."""
     if not config.distill.teacher:
         return None
     teacher = runs.load(config.distill.teacher)
@@ -535,7 +540,7 @@ def _finishing_saves(run: Run):
 
 class StopSignals:
     """SIGTERM (preemption) or SIGINT asks the loop to checkpoint at the next step boundary
-    and exit with `lm.cli.PREEMPTED`; a second SIGINT interrupts at once. With several
+    and exit with `lm.errors.PREEMPTED`; a second SIGINT interrupts at once. With several
     processes, JAX's preemption sync point makes every process stop at the same step."""
 
     def __init__(self):

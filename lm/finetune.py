@@ -17,10 +17,10 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from lm import runtime
-from lm.cli import exit_with_error, quiet_logging, reject_positional
 from lm.config import ConfigError
-from lm.finetune import train
+from lm.errors import exit_with_error, quiet_logging, reject_positional
+from lm.finetuning import train
+from lm.parallel import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A fine-tuning recipe, e.g. "
                                           "configs/finetune/shakespeare_speakers.py.", lock_config=True)

@@ -23,7 +23,7 @@ import ml_collections
 
 from lm.config import ConfigError
 from lm.data import corpora, documents
-from lm.finetune.tasks import read_jsonl
+from lm.finetuning.tasks import read_jsonl
 
 SPLITS = ("train", "validation", "test")
 BUILDERS = ("shakespeare_speakers", "shakespeare_word_order")

@@ -1,0 +1,1 @@
+"""What a run is on disk: checkpoints, the workdir, exports, versions."""

@@ -1,0 +1,87 @@
+"""Train a SentencePiece tokenizer on a config's corpus and report its compression.
+
+    python -m lm.tokenizer train --config=configs/shakespeare_bpe.py --output=/tmp/bpe.model
+    python -m lm.tokenizer report --config=configs/shakespeare_bpe.py --model=/tmp/bpe.model
+
+`train` builds the corpus if needed, trains on (a sample of, `max_sentences`) the train
+split with `config.data.sentencepiece` (BPE or unigram, vocab size, byte fallback,
+user-defined symbols; override any with --config.data.sentencepiece.*), writes the
+model file, then reports. `report` prints, for the validation split: bytes per token,
+and whether decode(encode(text)) gives back the text exactly. Use the model in a recipe
+with --config.data.tokenizer=sentencepiece --config.data.sentencepiece.model=PATH.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from lm import config as config_lib
+from lm.data import pipeline, tokenizers
+from lm.errors import exit_with_error, quiet_logging
+
+COMMANDS = ("train", "report")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe whose corpus to use.", lock_config=True)
+_OUTPUT = flags.DEFINE_string("output", None, "train: where to write the .model file.")
+_MODEL = flags.DEFINE_string("model", None, "report: the .model file to measure.")
+
+
+def compression(tokenizer: tokenizers.SentencePieceTokenizer, texts: list[str]) -> tuple[float, bool]:
+    """(UTF-8 bytes per token, whether every text round-trips exactly)."""
+    num_bytes = num_tokens = 0
+    exact = True
+    for text in texts:
+        ids = tokenizer.encode(text)
+        num_bytes += len(text.encode("utf-8"))
+        num_tokens += len(ids)
+        exact &= tokenizer.decode(ids) == text
+    return num_bytes / max(num_tokens, 1), exact
+
+
+def train(config, built: dict, output: str) -> tokenizers.SentencePieceTokenizer:
+    start = time.perf_counter()
+    tokenizer = pipeline.train_sentencepiece(config, built)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(f"{output}.tmp", "wb") as f:
+        f.write(tokenizer.model_proto)
+    os.replace(f"{output}.tmp", output)
+    print(f"trained {config.data.sentencepiece.model_type} tokenizer, {tokenizer.vocab_size:,} pieces, in "
+          f"{time.perf_counter() - start:.1f} s: {output}")
+    return tokenizer
+
+
+def report(built: dict, tokenizer: tokenizers.SentencePieceTokenizer) -> None:
+    validation = [text for builder in built.values() for text in pipeline.texts(builder.as_data_source()["validation"])]
+    bytes_per_token, exact = compression(tokenizer, validation)
+    print(f"validation: {bytes_per_token:.3f} bytes per token over {len(validation):,} documents; "
+          f"decode(encode(text)) == text: {'yes' if exact else 'NO'}")
+
+
+def main(argv: list[str]) -> None:
+    quiet_logging()
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        exit_with_error(f"give one command, {' or '.join(COMMANDS)}, e.g. python -m lm.tokenizer "
+                        "train --config=configs/shakespeare_bpe.py --output=/tmp/bpe.model")
+    config = _CONFIG.value
+    needed = {"train": _OUTPUT, "report": _MODEL}[argv[1]]
+    if config is None or not needed.value:
+        exit_with_error(f"{argv[1]} needs --config and --{needed.name}")
+    try:
+        config_lib.validate(config)
+        built = pipeline.builders(config)  # built once, for training and for the report
+        if argv[1] == "train":
+            tokenizer = train(config, built, _OUTPUT.value)
+        else:
+            tokenizer = tokenizers.SentencePieceTokenizer.from_file(_MODEL.value)
+        report(built, tokenizer)
+    except config_lib.ConfigError as e:
+        exit_with_error(str(e))
+    except (OSError, ValueError) as e:
+        exit_with_error(f"{e}")
+
+
+if __name__ == "__main__":
+    app.run(main)

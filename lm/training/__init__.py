@@ -1,0 +1,1 @@
+"""Training: the pure steps, compiling them, the loop, the optimizer, memory and AOT checks."""
