@@ -27,8 +27,9 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from lm.config import validated_config  # noqa: E402
 from lm.data import pipeline  # noqa: E402
-from lm.errors import reject_positional, validated_config  # noqa: E402
+from lm.errors import reject_positional  # noqa: E402
 from lm.model import ModelConfig  # noqa: E402
 from lm.model.counting import param_counts  # noqa: E402
 from lm.parallel import (

@@ -23,9 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from lm import config as config_lib  # noqa: E402
+from lm.config import validated_config  # noqa: E402
 from lm.data import pipeline, tokenizers  # noqa: E402
-from lm.errors import exit_with_error, quiet_logging, reject_positional, validated_config  # noqa: E402
+from lm.errors import UsageError, exit_with_error, quiet_logging, reject_positional  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe to measure.", lock_config=True)
 _MAX_BATCHES = flags.DEFINE_integer("max_batches", 0, "Stop batching after this many (0: one epoch).")
@@ -43,7 +43,7 @@ def main(argv):
             tokens, documents, num_bytes = pipeline.token_stream(
                 source, corpus.tokenizer, os.path.join(tmp, "fresh"), "train", config.data.num_threads)
             tokenize_s = time.perf_counter() - start
-    except config_lib.ConfigError as e:
+    except UsageError as e:
         exit_with_error(str(e))
 
     row_tokens = config.train.batch_size * (config.data.seq_len + 1)

@@ -26,7 +26,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from lm.errors import reject_positional, validated_config  # noqa: E402
+from lm.config import validated_config  # noqa: E402
+from lm.errors import reject_positional  # noqa: E402
 from lm.parallel.runtime import available_cores  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe whose sizes to use.", lock_config=True)

@@ -29,9 +29,9 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags  # noqa: E402
 
-from lm import objectives  # noqa: E402
+from lm.config import validated_config  # noqa: E402
 from lm.data import pipeline  # noqa: E402
-from lm.errors import quiet_logging, reject_positional, validated_config  # noqa: E402
+from lm.errors import quiet_logging, reject_positional  # noqa: E402
 from lm.model import ModelConfig  # noqa: E402
 from lm.model.counting import param_counts, train_flops_per_token  # noqa: E402
 from lm.parallel import (
@@ -127,8 +127,7 @@ def main(argv):
     sharding.check_batch_sizes(config, mesh)
     with tempfile.TemporaryDirectory() as tmp:
         corpus = pipeline.prepare(config, os.path.join(tmp, "tokenizer.json"))
-    vocab_size = objectives.model_vocab_size(config.objective, corpus.tokenizer.vocab_size)
-    model_cfg = ModelConfig.from_config(config.model, vocab_size, config.data.seq_len)
+    model_cfg = ModelConfig.for_run(config, corpus.tokenizer.vocab_size)
     trainer = make_trainer(config, model_cfg, mesh, corpus.tokenizer.pad_id, corpus.tokenizer.vocab_size)
     data = pipeline.train_data(config, corpus)
     data_iterator = pipeline.iterate(data, config.data.num_threads, config.data.prefetch)

@@ -17,9 +17,11 @@ from typing import Any
 
 import ml_collections
 
-from lm.data.documents import NORMAL_FORMS, UNITS
-from lm.data.documents import SUFFIXES as CORPUS_SUFFIXES
+from lm.errors import UsageError, exit_with_error
 
+CORPUS_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")  # the files lm.data.documents reads
+UNITS = ("file", "paragraph", "line")  # what one document is in a .txt file
+NORMAL_FORMS = ("none", "NFC", "NFKC")
 TOKENIZERS = ("char", "byte", "sentencepiece")
 SPLIT_MODES = ("tail", "hash")
 PACKINGS = ("stream", "pack")
@@ -34,7 +36,7 @@ SCHEDULES = ("cosine", "linear", "constant", "rsqrt")
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A config that cannot run. The message names the field, its value and the fix."""
 
 
@@ -477,3 +479,17 @@ def resume_conflicts(saved: dict, new: dict, ignore: Iterable[str] = ()) -> list
         if rule.key(before) != rule.key(after):
             conflicts.append(f"config.{field} was {before!r}, now {after!r} ({rule.reason})")
     return conflicts
+
+
+def validated_config(config: ml_collections.ConfigDict | None, example: str) -> ml_collections.ConfigDict:
+    """A command's --config value, validated; exits with one message if missing or wrong.
+
+    `example` completes "--config is required, e.g. --config=...".
+    """
+    if config is None:
+        exit_with_error(f"--config is required, e.g. --config={example}")
+    try:
+        validate(config)
+    except ConfigError as e:
+        exit_with_error(str(e))
+    return config

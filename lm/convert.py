@@ -25,10 +25,9 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from lm.config import ConfigError
 from lm.configs import base
 from lm.data import tokenizers
-from lm.errors import exit_with_error, quiet_logging
+from lm.errors import UsageError, exit_with_error, quiet_logging
 from lm.interop import huggingface as hf
 from lm.interop import tokenizer_json
 from lm.model import ModelConfig, build
@@ -48,7 +47,7 @@ def read_hf_checkpoint(hf_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
 
     config_path = os.path.join(hf_dir, HF_CONFIG)
     if not os.path.exists(config_path):
-        raise ConfigError(f"{config_path} does not exist. Fix: point --hf_dir at a directory written by "
+        raise UsageError(f"{config_path} does not exist. Fix: point --hf_dir at a directory written by "
                           "transformers' save_pretrained (config.json + model.safetensors).")
     with open(config_path, encoding="utf-8") as f:
         hf_config = json.load(f)
@@ -59,7 +58,7 @@ def read_hf_checkpoint(hf_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
     elif os.path.exists(os.path.join(hf_dir, HF_WEIGHTS)):
         files = [HF_WEIGHTS]
     else:
-        raise ConfigError(f"{hf_dir} has neither {HF_WEIGHTS} nor {HF_INDEX}. Fix: save the model with "
+        raise UsageError(f"{hf_dir} has neither {HF_WEIGHTS} nor {HF_INDEX}. Fix: save the model with "
                           "safe_serialization (the default); PyTorch .bin files are not read.")
     tensors: dict[str, np.ndarray] = {}
     for name in files:
@@ -77,11 +76,11 @@ PAD_SPELLINGS = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>", "<|finetune_right_p
 def hf_tokenizer(hf_dir: str, hf_config: dict, tokenizer_path: str | None) -> tokenizers.HuggingFaceTokenizer:
     """The checkpoint's tokenizer.json with its end-of-text and padding ids (`special_ids`).
 
-    Raises ConfigError if tokenizer.json is missing or the ids cannot be found or are not
+    Raises UsageError if tokenizer.json is missing or the ids cannot be found or are not
     special tokens of it."""
     path = tokenizer_path or os.path.join(hf_dir, HF_TOKENIZER)
     if not os.path.exists(path):
-        raise ConfigError(f"{path} does not exist; lm needs the checkpoint's tokenizer to encode text. Fix: "
+        raise UsageError(f"{path} does not exist; lm needs the checkpoint's tokenizer to encode text. Fix: "
                           "save it beside the weights (tokenizer.save_pretrained(DIR)) or pass --tokenizer.")
     with open(path, encoding="utf-8") as f:
         tokenizer_json = f.read()
@@ -111,21 +110,21 @@ def special_ids(sources: list[tuple[str, dict]], tokenizer_json: dict) -> tuple[
     lm never encodes text to them, so an id of an ordinary token ("!", id 0 of GPT-2's
     vocabulary) would make that text impossible to encode.
 
-    Raises ConfigError naming the field to set when no eos is found, when a name matches
+    Raises UsageError naming the field to set when no eos is found, when a name matches
     no token, or when an id is not a special token of the tokenizer.
     """
     added = {t["id"]: t["content"] for t in tokenizer_json.get("added_tokens", []) if t.get("special")}
     by_text = {content: i for i, content in added.items()}
     eos = _declared_id("eos", sources, by_text) or _by_spelling("eos", EOS_SPELLINGS, by_text)
     if eos is None:
-        raise ConfigError("this checkpoint names no end-of-text token: no eos_token_id in config.json or "
+        raise UsageError("this checkpoint names no end-of-text token: no eos_token_id in config.json or "
                           "generation_config.json, no eos_token in tokenizer_config.json, and no special token "
                           f"spelled {' or '.join(EOS_SPELLINGS)} (special tokens: {_listing(added)}). Fix: set "
                           "eos_token_id in config.json to the id of its end-of-text special token.")
     pad = _declared_id("pad", sources, by_text) or _by_spelling("pad", PAD_SPELLINGS, by_text) or eos
     for (name, (source, token_id)) in (("eos", eos), ("pad", pad)):
         if token_id not in added:
-            raise ConfigError(f"{source} gives {name} id {token_id}, which is not a special token of "
+            raise UsageError(f"{source} gives {name} id {token_id}, which is not a special token of "
                               f"tokenizer.json, so lm would refuse the text it stands for (special tokens: "
                               f"{_listing(added)}). Fix: set {name}_token_id in config.json to one of them "
                               f"(or mark that token special in tokenizer.json's added_tokens).")
@@ -142,7 +141,7 @@ def _declared_id(name: str, sources: list[tuple[str, dict]], by_text: dict[str, 
         text = text.get("content") if isinstance(text, dict) else text
         if text is not None:
             if text not in by_text:
-                raise ConfigError(f"{source}'s {name}_token {text!r} is not a special token of tokenizer.json "
+                raise UsageError(f"{source}'s {name}_token {text!r} is not a special token of tokenizer.json "
                                   f"(special tokens: {_listing({i: t for t, i in by_text.items()})}). Fix: set "
                                   f"{name}_token to one of them, or {name}_token_id in config.json.")
             return f"{source}'s {name}_token {text!r}", by_text[text]
@@ -152,7 +151,7 @@ def _declared_id(name: str, sources: list[tuple[str, dict]], by_text: dict[str, 
 def _by_spelling(name: str, spellings: tuple[str, ...], by_text: dict[str, int]) -> tuple[str, int] | None:
     found = [text for text in spellings if text in by_text]
     if len(found) > 1:
-        raise ConfigError(f"tokenizer.json has several special tokens that may end a text or pad ({found}) and "
+        raise UsageError(f"tokenizer.json has several special tokens that may end a text or pad ({found}) and "
                           f"the config files name none. Fix: set {name}_token_id in config.json.")
     return (f"the special token {found[0]!r}", by_text[found[0]]) if found else None
 
@@ -181,7 +180,7 @@ def lm_config(hf_config: dict) -> ml_collections.ConfigDict:
 def import_hf(hf_dir: str, output: str, dtype: str = "float32", tokenizer_path: str | None = None) -> dict:
     """Writes the Hugging Face checkpoint in `hf_dir` as an `lm` export in `output`."""
     if dtype not in runs.EXPORT_DTYPES:
-        raise ConfigError(f"--dtype={dtype!r} is not supported. Fix: use one of {runs.EXPORT_DTYPES}.")
+        raise UsageError(f"--dtype={dtype!r} is not supported. Fix: use one of {runs.EXPORT_DTYPES}.")
     runs.check_new_directory(output)
     hf_config, tensors = read_hf_checkpoint(hf_dir)
     config = lm_config(hf_config)
@@ -276,7 +275,7 @@ def main(argv: list[str]) -> None:
             info = export_hf(_WORKDIR.value, _OUTPUT.value, _STEP.value)
             print(f"exported {info['architecture']} ({info['tensors']} tensors, step {info['step']}) and its "
                   f"{info['tokenizer']} tokenizer as tokenizer.json to {_OUTPUT.value}", flush=True)
-    except ConfigError as e:
+    except UsageError as e:
         exit_with_error(str(e))
 
 

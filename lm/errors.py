@@ -1,6 +1,10 @@
-"""What every `lm` command-line tool shares: one-line errors and quiet logging.
+"""Usage errors and how every `lm` command reports them: one line and exit status 2.
 
-Defines no flags, so any entry point can import it.
+A `UsageError` is a wrong config value, flag, path or file: its message names the thing
+and the fix. Libraries raise a subclass that says where the problem lies (`ConfigError`
+in `lm.config`, `CorpusError`, `MeshError`, `WorkdirError`, `RunError`, `ResultsError`);
+commands catch `UsageError` and exit with `exit_with_error`. Defines no flags, so any
+entry point can import it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,10 @@ from absl import flags, logging
 USAGE_ERROR = 2  # exit status for a wrong config, flag or path; the message says the fix
 DIVERGED = 3  # training stopped on NaN/Inf losses or gradients; the checkpoints hold finite states
 PREEMPTED = 75  # stopped by SIGTERM/SIGINT after checkpointing (EX_TEMPFAIL): rerun the same command to resume
+
+
+class UsageError(ValueError):
+    """Input that cannot work (a config value, flag, path or file); the message names it and the fix."""
 
 
 def exit_with_error(message: str, code: int = USAGE_ERROR) -> NoReturn:
@@ -30,18 +38,3 @@ def reject_positional(argv: list[str]) -> None:
     if len(argv) > 1:
         exit_with_error(f"unexpected arguments {argv[1:]}; every option is a --flag.")
 
-
-def validated_config(config, example: str):
-    """The --config value, validated; exits with one message if missing or wrong.
-
-    `example` completes "--config is required, e.g. --config=...".
-    """
-    from lm import config as config_lib  # imported late: lm.config pulls in the data modules
-
-    if config is None:
-        exit_with_error(f"--config is required, e.g. --config={example}")
-    try:
-        config_lib.validate(config)
-    except config_lib.ConfigError as e:
-        exit_with_error(str(e))
-    return config

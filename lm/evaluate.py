@@ -27,9 +27,8 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from lm.config import ConfigError
 from lm.data import documents
-from lm.errors import exit_with_error, quiet_logging, reject_positional
+from lm.errors import UsageError, exit_with_error, quiet_logging, reject_positional
 from lm.evaluation import fairness, metrics, scoring, weat
 from lm.finetuning.tasks import read_jsonl
 from lm.parallel import runtime
@@ -65,7 +64,7 @@ def perplexity_of(loaded: runs.Loaded) -> dict[str, dict]:
                                                                max_windows=_MAX_WINDOWS.value)
     if _TEXT_FILE.value:
         if not os.path.exists(_TEXT_FILE.value):
-            raise ConfigError(f"--text_file={_TEXT_FILE.value} does not exist. Fix: give a UTF-8 text file.")
+            raise UsageError(f"--text_file={_TEXT_FILE.value} does not exist. Fix: give a UTF-8 text file.")
         text = documents.read_text(_TEXT_FILE.value)  # CRLF, CR, a byte-order mark: the same text
         out[f"perplexity/{os.path.basename(_TEXT_FILE.value)}"] = scoring.perplexity(
             loaded, loaded.tokenizer.encode(text), len(text.encode("utf-8")), max_windows=_MAX_WINDOWS.value)
@@ -78,7 +77,7 @@ def multiple_choice_of(loaded: runs.Loaded) -> dict[str, dict]:
     out = {}
     for shots in _SHOTS.value:
         if not shots.isdigit():
-            raise ConfigError(f"--num_shots has {shots!r}. Fix: a list of counts, e.g. --num_shots=0,5.")
+            raise UsageError(f"--num_shots has {shots!r}. Fix: a list of counts, e.g. --num_shots=0,5.")
         result = scoring.multiple_choice(loaded, rows, int(shots), _SEED.value, fewshot)
         out[f"multiple_choice/{shots}_shot"] = result
     return out
@@ -103,7 +102,7 @@ def generation_of(loaded: runs.Loaded) -> dict[str, dict]:
 
 def weat_of(loaded: runs.Loaded) -> dict[str, dict]:
     if not os.path.exists(_WEAT.value):
-        raise ConfigError(f"--weat={_WEAT.value} does not exist. Fix: a JSON file with word lists X, Y, A, B.")
+        raise UsageError(f"--weat={_WEAT.value} does not exist. Fix: a JSON file with word lists X, Y, A, B.")
     sets = json.loads(documents.read_text(_WEAT.value))
     embedding_VD = np.asarray(loaded.params["embed"]["embedding"], np.float32)
     vectors = {name: weat.word_vectors(embedding_VD, loaded.tokenizer.encode, sets[name]) for name in "XYAB"}
@@ -117,7 +116,7 @@ def predictions_of() -> dict[str, dict]:
     out: dict[str, dict] = {"classification": metrics.classification(labels, predicted)}
     if _PROTECTED.value:
         if _PRIVILEGED.value is None:
-            raise ConfigError("--protected_column needs --privileged_value (e.g. --privileged_value=m).")
+            raise UsageError("--protected_column needs --privileged_value (e.g. --privileged_value=m).")
         groups = [str(r[_PROTECTED.value]) for r in rows]
         privileged = _PRIVILEGED.value
         positive = _POSITIVE.value
@@ -144,14 +143,14 @@ def run() -> dict[str, dict]:
     results: dict[str, dict] = {}
     model_evaluations = (_SPLIT.value, _TEXT_FILE.value, _MC.value, _GENERATION.value, _WEAT.value)
     if not any(model_evaluations) and not _PREDICTIONS.value:
-        raise ConfigError("nothing to evaluate. Fix: pass --split, --text_file, --multiple_choice, --generation, "
+        raise UsageError("nothing to evaluate. Fix: pass --split, --text_file, --multiple_choice, --generation, "
                           "--weat or --predictions.")
     if any(model_evaluations):
         if not _WORKDIR.value:
-            raise ConfigError("--workdir is required to evaluate a model. Fix: --workdir=<run or export>.")
+            raise UsageError("--workdir is required to evaluate a model. Fix: --workdir=<run or export>.")
         loaded = runs.load(_WORKDIR.value, _STEP.value)
         if loaded.model_cfg.family != "decoder":
-            raise ConfigError(f"{_WORKDIR.value} holds a {loaded.model_cfg.family!r} model; these evaluations score "
+            raise UsageError(f"{_WORKDIR.value} holds a {loaded.model_cfg.family!r} model; these evaluations score "
                               "a decoder's next-token probabilities. Fix: point --workdir at a decoder.")
         results.update(perplexity_of(loaded))
         if _MC.value:
@@ -171,7 +170,7 @@ def main(argv: list[str]) -> None:
     runtime.enable_compilation_cache()
     try:
         results = run()
-    except (ConfigError, ValueError) as e:
+    except (UsageError, ValueError) as e:
         exit_with_error(str(e))
     except KeyError as e:
         exit_with_error(f"a row or word set lacks the field {e}. Fix: see the formats in "

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from lm.config import ConfigError
-from lm.errors import exit_with_error, quiet_logging, reject_positional
+from lm.errors import UsageError, exit_with_error, quiet_logging, reject_positional
 from lm.parallel import runtime
 from lm.runs import artifacts as runs
 
@@ -33,7 +32,7 @@ def main(argv: list[str]) -> None:
     runtime.enable_compilation_cache()
     try:
         info = runs.export(_WORKDIR.value, _OUTPUT.value, _STEP.value, _DTYPE.value)
-    except ConfigError as e:
+    except UsageError as e:
         exit_with_error(str(e))
     print(f"exported step {info['step']}: {info['parameters']:,} parameters in {info['dtype']} to {_OUTPUT.value}",
           flush=True)

@@ -17,8 +17,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from lm.config import ConfigError
-from lm.errors import exit_with_error, quiet_logging, reject_positional
+from lm.errors import UsageError, exit_with_error, quiet_logging, reject_positional
 from lm.finetuning import train
 from lm.parallel import runtime
 
@@ -58,7 +57,7 @@ def main(argv: list[str]) -> None:
                 config.finetune.method = method
             workdir = os.path.join(_WORKDIR.value, method) if config.compare else _WORKDIR.value
             results[method] = train.finetune(config, workdir, log=lambda line: print(line, flush=True))
-    except ConfigError as e:
+    except UsageError as e:
         exit_with_error(str(e))
     print(comparison_table(results), flush=True)
 

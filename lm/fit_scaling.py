@@ -15,14 +15,12 @@ Any table works once its columns are named, e.g. the Chinchilla runs:
 from __future__ import annotations
 
 import json
-import os
 
-import numpy as np
 from absl import app, flags
 
-from lm.config import ConfigError
-from lm.errors import exit_with_error, reject_positional
-from lm.scaling import laws, plots, results
+from lm.errors import UsageError, exit_with_error, reject_positional
+from lm.scaling import laws, results
+from lm.scaling.fits import fit_all, holdout_error, make_plots, report
 
 _RESULTS = flags.DEFINE_string("results", None, "The results table (CSV or JSONL), e.g. <sweep>/results.csv.")
 _PLOTS = flags.DEFINE_string("plots", None, "Directory for the four plots (PNG and SVG); none if unset.")
@@ -39,66 +37,6 @@ _LOSS = flags.DEFINE_string("loss_column", "val_loss", "Column of the loss to fi
 _BUDGET_COLUMN = flags.DEFINE_string("budget_column", "budget", "Column of the IsoFLOP budget (optional).")
 
 
-def fit_all(runs: laws.Runs, samples: int, seed: int) -> tuple[dict, dict, dict]:
-    """(fits, intervals, skipped reasons) for Kaplan, Approach 2 and Approach 3."""
-    fits, intervals, skipped = {}, {}, {}
-    for name, fit in (("kaplan", laws.kaplan), ("approach_2", laws.isoflop), ("approach_3", laws.parametric)):
-        try:
-            fits[name] = fit(runs)
-        except laws.FitError as e:
-            skipped[name] = str(e)
-            continue
-        if samples:
-            if name == "approach_3":  # each resample starts from the full fit and the grid's best two
-                start = laws.theta_of(fits[name])
-                fit = lambda r, start=start: laws.parametric(r, starts=2, initial=[start])
-            intervals[name] = laws.bootstrap(fit, runs, samples, seed)
-    return fits, intervals, skipped
-
-
-def _interval(intervals: dict, key: str) -> str:
-    lo_hi = intervals.get(key)
-    return f" [{lo_hi[0]:.4g}, {lo_hi[1]:.4g}]" if lo_hi else ""
-
-
-def report(runs: laws.Runs, fits: dict, intervals: dict, skipped: dict, budget: float) -> list[str]:
-    lines = [f"{len(runs)} runs: N {runs.n.min():.3g}..{runs.n.max():.3g}, D {runs.d.min():.3g}..{runs.d.max():.3g}, "
-             f"C {runs.c.min():.3g}..{runs.c.max():.3g}, loss {runs.loss.min():.4f}..{runs.loss.max():.4f}"]
-    if "kaplan" in fits:
-        lines.append("Kaplan power laws on the frontier, L(X) = E + (X_c / X)^alpha (95% intervals):")
-        for x, law in fits["kaplan"].items():
-            iv = intervals.get("kaplan", {})
-            lines.append(f"  L({x}): E={law.E:.4f}{_interval(iv, f'{x}.E')}  X_c={law.x_c:.4g}  "
-                         f"alpha={law.alpha:.4f}{_interval(iv, f'{x}.alpha')}")
-    if "approach_2" in fits:
-        f, iv = fits["approach_2"], intervals.get("approach_2", {})
-        lines.append(f"Approach 2 (IsoFLOP, {len(f.budgets)} budgets): N_opt = {f.k_n:.4g} C^a, a={f.a:.4f}"
-                     f"{_interval(iv, 'a')}; D_opt = {f.k_d:.4g} C^b, b={f.b:.4f}{_interval(iv, 'b')}")
-    if "approach_3" in fits:
-        f, iv = fits["approach_3"], intervals.get("approach_3", {})
-        lines.append("Approach 3, L(N, D) = E + A/N^alpha + B/D^beta: " + "  ".join(
-            f"{k}={getattr(f, k):.4g}{_interval(iv, k)}" for k in ("E", "A", "B", "alpha", "beta")))
-    for name in ("approach_2", "approach_3"):
-        if name in fits:
-            n_opt, d_opt = fits[name].optimal(budget)
-            lines.append(f"compute-optimal at C={budget:.3g} ({name}): N={float(n_opt):.4g}, D={float(d_opt):.4g} "
-                         f"({float(d_opt) / float(n_opt):.1f} tokens per parameter)")
-    for name, why in skipped.items():
-        lines.append(f"{name}: skipped: {why}")
-    return lines
-
-
-def holdout_error(runs: laws.Runs, k: int) -> str:
-    order = np.argsort(runs.c)
-    train, held = runs.take(order[:-k]), runs.take(order[-k:])
-    fit = laws.parametric(train)
-    predicted = fit(held.n, held.d)
-    error = np.abs(predicted - held.loss)
-    return (f"held out the {k} highest-compute runs (C {held.c.min():.3g}..{held.c.max():.3g}): Approach 3 fitted "
-            f"without them predicts their loss with mean absolute error {error.mean():.4f} "
-            f"({(error / held.loss).mean():.2%}), worst {error.max():.4f}")
-
-
 def main(argv: list[str]) -> None:
     reject_positional(argv)
     if not _RESULTS.value:
@@ -106,7 +44,7 @@ def main(argv: list[str]) -> None:
     columns = results.Columns(_N.value, _D.value, _C.value, _LOSS.value, _BUDGET_COLUMN.value)
     try:
         runs = results.to_runs(results.read_rows(_RESULTS.value), _RESULTS.value, columns, _DROP_HIGHEST.value)
-    except ConfigError as e:
+    except UsageError as e:
         exit_with_error(str(e))
     fits, intervals, skipped = fit_all(runs, _BOOTSTRAP.value, _SEED.value)
     if not fits:
@@ -126,19 +64,6 @@ def main(argv: list[str]) -> None:
         with open(_OUTPUT.value, "w", encoding="utf-8") as f:
             json.dump({"fits": {k: laws.scalars(v) for k, v in fits.items()}, "intervals": intervals,
                        "skipped": skipped}, f, indent=2)
-
-
-def make_plots(runs: laws.Runs, fits: dict, directory: str) -> list[str]:
-    """The plots the fits allow (an IsoFLOP plot needs Approach 2's fit)."""
-    paths = plots.loss_vs_compute(runs, fits.get("kaplan", {}).get("C"), directory)
-    if "approach_2" in fits:
-        paths += plots.isoflop_profiles(runs, fits["approach_2"], directory)
-    if "approach_3" in fits:
-        paths += plots.loss_contours(runs, fits["approach_3"], directory)
-    optimal = {k: fits[k] for k in ("approach_2", "approach_3") if k in fits}
-    if optimal:
-        paths += plots.optimal_allocation(optimal, runs.c, directory)
-    return [p for p in paths if os.path.exists(p)]
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from lm import config as config_lib
-from lm.errors import exit_with_error, quiet_logging, reject_positional
+from lm.errors import UsageError, exit_with_error, quiet_logging, reject_positional
 from lm.parallel import distributed, runtime
 from lm.training import aot
 from lm.training import loop as train
@@ -70,7 +70,7 @@ def load_config():
                         "the bucket (e.g. gcsfuse) at the same path on every host and pass that path.")
     try:
         config_lib.validate(config)
-    except config_lib.ConfigError as e:
+    except UsageError as e:
         exit_with_error(str(e))
     return config
 
@@ -92,7 +92,7 @@ def main(argv: list[str]) -> None:
             aot.compile_and_report(config)
         else:
             train.train_and_evaluate(config, _WORKDIR.value)
-    except config_lib.ConfigError as e:
+    except UsageError as e:
         exit_with_error(str(e))
     except train.RunStopped as e:
         exit_with_error(str(e), e.exit_code)

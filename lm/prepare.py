@@ -16,9 +16,9 @@ import os
 from absl import app
 from ml_collections import config_flags
 
-from lm import config as config_lib
+from lm.config import validated_config
 from lm.data import pipeline, text_files
-from lm.errors import exit_with_error, quiet_logging, reject_positional, validated_config
+from lm.errors import UsageError, exit_with_error, quiet_logging, reject_positional
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe whose config.data to build.", lock_config=True)
 
@@ -39,7 +39,7 @@ def main(argv: list[str]) -> None:
     config = validated_config(_CONFIG.value, "configs/shakespeare_bpe.py")
     try:
         built = pipeline.builders(config)
-    except config_lib.ConfigError as e:
+    except UsageError as e:
         exit_with_error(str(e))
     for name, builder in built.items():
         report = text_files.report(builder)

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from lm.config import ConfigError
-from lm.errors import exit_with_error, quiet_logging, reject_positional
+from lm.errors import UsageError, exit_with_error, quiet_logging, reject_positional
 from lm.inference import decode
 from lm.parallel import runtime
 from lm.runs import artifacts as runs
@@ -53,7 +52,7 @@ def main(argv: list[str]) -> None:
     runtime.enable_compilation_cache()
     try:
         run = runs.load(_WORKDIR.value, _STEP.value)
-    except ConfigError as e:
+    except UsageError as e:
         exit_with_error(str(e))
     if run.model_cfg.family == "encoder":
         exit_with_error(f"{_WORKDIR.value} holds an encoder-only model, which fills in masks rather than writing "

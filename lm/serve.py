@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 
+from lm.errors import UsageError
 from lm.inference.engine import Limits
 from lm.inference.http import exposure_warning, make_app
 
@@ -26,7 +27,6 @@ def main(argv: list[str]) -> None:
     import uvicorn
     from absl import flags
 
-    from lm.config import ConfigError
     from lm.errors import exit_with_error, quiet_logging, reject_positional
     from lm.parallel import runtime
     from lm.runs import artifacts as runs
@@ -42,7 +42,7 @@ def main(argv: list[str]) -> None:
     runtime.enable_compilation_cache()
     try:
         loaded = runs.load(f.workdir)
-    except ConfigError as e:
+    except UsageError as e:
         exit_with_error(str(e))
     if loaded.model_cfg.family != "decoder":
         exit_with_error(f"{f.workdir} holds a {loaded.model_cfg.family!r} model; the server decodes with a decoder.")

@@ -26,8 +26,8 @@ import time
 
 from absl import app, flags
 
-from lm.config import ConfigError, validate
-from lm.errors import PREEMPTED, exit_with_error, quiet_logging, reject_positional
+from lm.config import validate
+from lm.errors import PREEMPTED, UsageError, exit_with_error, quiet_logging, reject_positional
 from lm.parallel import runtime
 from lm.scaling import sweeps
 
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> None:
         exit_with_error(f"--parallel={_PARALLEL.value} must be at least 1.")
     try:
         points, steps = _checked_points(_CONFIG.value)
-    except ConfigError as e:
+    except UsageError as e:
         exit_with_error(str(e))
     workdir = os.path.abspath(_WORKDIR.value)
     pending = [p for p in points if not sweeps.is_finished(workdir, p, steps[p.name])]
@@ -81,8 +81,8 @@ def _checked_points(config_arg: str) -> tuple[list[sweeps.Point], dict[str, int]
         config = sweeps.apply(base, point)
         try:
             validate(config)
-        except ConfigError as e:
-            raise ConfigError(f"sweep point {point.name}: {e}") from None
+        except UsageError as e:
+            raise UsageError(f"sweep point {point.name}: {e}") from None
         steps[point.name] = config.train.steps
     return points, steps
 

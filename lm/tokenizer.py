@@ -21,7 +21,7 @@ from ml_collections import config_flags
 
 from lm import config as config_lib
 from lm.data import pipeline, tokenizers
-from lm.errors import exit_with_error, quiet_logging
+from lm.errors import UsageError, exit_with_error, quiet_logging
 
 COMMANDS = ("train", "report")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe whose corpus to use.", lock_config=True)
@@ -77,7 +77,7 @@ def main(argv: list[str]) -> None:
         else:
             tokenizer = tokenizers.SentencePieceTokenizer.from_file(_MODEL.value)
         report(built, tokenizer)
-    except config_lib.ConfigError as e:
+    except UsageError as e:
         exit_with_error(str(e))
     except (OSError, ValueError) as e:
         exit_with_error(f"{e}")

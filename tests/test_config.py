@@ -51,14 +51,14 @@ def test_bad_choice_lists_the_allowed_values():
 def test_mesh_that_does_not_match_the_devices_names_both_numbers():
     config = tiny_config()
     config.mesh.shape.data = 3
-    with pytest.raises(config_lib.ConfigError, match=r"data=3 x fsdp=1 x tensor=1\) needs 3 devices, but 8"):
+    with pytest.raises(sharding.MeshError, match=r"data=3 x fsdp=1 x tensor=1\) needs 3 devices, but 8"):
         sharding.make_mesh(config, jax.devices())
 
 
 def test_batch_not_divisible_by_the_data_axes_names_both_numbers():
     config = tiny_config(train__batch_size=12)
     mesh = sharding.make_mesh(config, jax.devices())  # data=8
-    with pytest.raises(config_lib.ConfigError, match=r"train\.batch_size=12 is not divisible by the 8 batch"):
+    with pytest.raises(sharding.MeshError, match=r"train\.batch_size=12 is not divisible by the 8 batch"):
         sharding.check_batch_sizes(config, mesh)
 
 

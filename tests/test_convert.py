@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from lm import convert
-from lm.config import ConfigError
+from lm.errors import UsageError
 from lm.interop import huggingface
 from lm.runs import artifacts as runs
 from tests.helpers import run_cli
@@ -77,18 +77,18 @@ def test_bad_checkpoints_fail_with_the_problem_and_the_fix(tmp_path):
 
     hf_config["n_embd"] = 64  # the weights are 32 wide
     (tmp_path / "hf/config.json").write_text(json.dumps(hf_config))
-    with pytest.raises(ConfigError, match=r"transformer.wte.weight.*shape \(300, 32\).*needs \(300, 64\)"):
+    with pytest.raises(UsageError, match=r"transformer.wte.weight.*shape \(300, 32\).*needs \(300, 64\)"):
         convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "wide"))
 
     hf_config.update(n_embd=32, activation_function="relu")
     (tmp_path / "hf/config.json").write_text(json.dumps(hf_config))
-    with pytest.raises(ConfigError, match="activation_function='relu'.*Fix"):
+    with pytest.raises(UsageError, match="activation_function='relu'.*Fix"):
         convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "relu"))
 
     (tmp_path / "hf/tokenizer.json").unlink()
     hf_config["activation_function"] = "gelu_new"
     (tmp_path / "hf/config.json").write_text(json.dumps(hf_config))
-    with pytest.raises(ConfigError, match="tokenizer.json does not exist.*--tokenizer"):
+    with pytest.raises(UsageError, match="tokenizer.json does not exist.*--tokenizer"):
         convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "notok"))
 
 
@@ -96,7 +96,7 @@ def test_only_gpt2_or_llama_shaped_models_export_and_the_message_says_which_fiel
     from lm.configs import shakespeare_char
 
     model = shakespeare_char.get_config().model
-    with pytest.raises(ConfigError, match=r"as gpt2: model.positions='rope'.*model.use_bias=False.*"
+    with pytest.raises(UsageError, match=r"as gpt2: model.positions='rope'.*model.use_bias=False.*"
                        r"as llama: model.norm='layernorm'.*model.activation='gelu'"):
         huggingface.exportable_architecture(model)
     model.update(norm="rmsnorm", activation="swiglu")

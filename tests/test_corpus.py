@@ -115,7 +115,7 @@ def test_a_failed_build_leaves_no_dataset_that_looks_complete(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": OTHER}) + "\n" + json.dumps({"txt": "oops"}) + "\n")
     config = corpus_config(tmp_path, [good, bad])
-    with pytest.raises(ConfigError, match="bad.jsonl:2"):
+    with pytest.raises(CorpusError, match="bad.jsonl:2"):
         pipeline.build(config)
     built = [root for root, _, files in os.walk(tmp_path / "data") if "dataset_info.json" in files]
     assert built == []
@@ -123,7 +123,7 @@ def test_a_failed_build_leaves_no_dataset_that_looks_complete(tmp_path):
 
 def test_an_empty_corpus_is_one_clear_error(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n   \n")
-    with pytest.raises(ConfigError, match=r"no document .* survived cleaning.*Fix"):
+    with pytest.raises(CorpusError, match=r"no document .* survived cleaning.*Fix"):
         pipeline.build(corpus_config(tmp_path, [tmp_path / "empty.txt"]))
 
 

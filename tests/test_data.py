@@ -5,8 +5,8 @@ import pytest
 from helpers import tiny_config
 
 from lm import objectives
-from lm.config import ConfigError
 from lm.data import corpora, pipeline, text_files, tokenizers
+from lm.data.documents import CorpusError
 
 
 def test_char_tokenizer_round_trips_and_maps_unknown_characters():
@@ -64,7 +64,7 @@ def test_too_little_text_for_one_row_is_a_config_error(tmp_path):
     path = tmp_path / "tiny.txt"
     path.write_text("just a few words of text\n" * 3)
     config = tiny_config(data__files=(str(path),), data__name="tiny", data__seq_len=64)
-    with pytest.raises(ConfigError, match=r"validation split.*fewer than one row"):
+    with pytest.raises(CorpusError, match=r"validation split.*fewer than one row"):
         pipeline.prepare(config, str(tmp_path / "tokenizer.json"))
 
 
@@ -198,7 +198,7 @@ def test_sentencepiece_vocabulary_larger_than_the_corpus_supports_is_one_clear_e
     from lm.configs import shakespeare_bpe
     config = shakespeare_bpe.get_config()
     config.data.sentencepiece.vocab_size = 500_000
-    with pytest.raises(ConfigError, match=r"vocab_size=500000.*more than this corpus supports.*Fix: set "
+    with pytest.raises(CorpusError, match=r"vocab_size=500000.*more than this corpus supports.*Fix: set "
                                           r"the vocab size to at most \d+"):
         pipeline.prepare(config, str(tmp_path / "tokenizer.json"))
 

@@ -11,6 +11,7 @@ import pytest
 from helpers import tiny_config
 
 from lm import config as config_lib
+from lm.errors import UsageError
 from lm.model import ModelConfig
 from lm.objectives import causal_lm, weighted_cross_entropy
 from lm.objectives.distillation import distillation_kl_sum
@@ -85,5 +86,5 @@ def test_an_ahead_of_time_compile_of_a_distillation_step_counts_the_teacher_with
     (dict(), r"config\.distill\.teacher='t' is neither a run's workdir nor an export.*Fix"),
 ])
 def test_a_config_that_cannot_distil_fails_validation(overrides, problem):
-    with pytest.raises(config_lib.ConfigError, match=problem):
+    with pytest.raises(UsageError, match=problem):
         config_lib.validate(tiny_config(distill__teacher="t", **overrides))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lm import convert
-from lm.config import ConfigError
+from lm.errors import UsageError
 from lm.evaluation import scoring, weat
 from lm.runs import artifacts as runs
 from tests.helpers import REPO, run_cli
@@ -92,9 +92,9 @@ def test_k_shot_prompts_show_k_solved_examples_never_the_question_itself():
     prefix = scoring.few_shot_prefix(rows, 3, exclude=2, rng=random.Random(0))
     assert prefix.count("\n\n") == 3 and "Q2:" not in prefix
     assert all(f"Q{i}:{rows[i]['choices'][rows[i]['answer']]}" in prefix for i in range(5) if f"Q{i}:" in prefix)
-    with pytest.raises(ConfigError, match="5-shot needs 5 other examples; the file has 4"):
+    with pytest.raises(UsageError, match="5-shot needs 5 other examples; the file has 4"):
         scoring.few_shot_prefix(rows, 5, exclude=0, rng=random.Random(0))
-    with pytest.raises(ConfigError, match="answer 2 but 2 choices"):
+    with pytest.raises(UsageError, match="answer 2 but 2 choices"):
         scoring.multiple_choice(None, [{"context": "", "choices": ["a", "b"], "answer": 2}])
 
 
@@ -113,7 +113,7 @@ def test_weat_matches_the_definition_on_hand_made_vectors():
                   for c in itertools.combinations(range(4), 2)]
     assert result["p_value"] == pytest.approx(np.mean(np.array(partitions) >= sum(sx) - sum(sy) - 1e-12))
     assert result["p_value"] == pytest.approx(1 / 6)  # only the observed split is as extreme
-    with pytest.raises(ConfigError, match=r"\|X\|=2, \|Y\|=1"):
+    with pytest.raises(UsageError, match=r"\|X\|=2, \|Y\|=1"):
         weat.weat(x, y[:1], a, b)
 
 

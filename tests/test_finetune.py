@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm.config import ConfigError
 from lm.configs.finetune import base as finetune_base
 from lm.data import tokenizers
+from lm.errors import UsageError
 from lm.finetuning import lora, optim, tasks, train
 from lm.model import ModelConfig, build
 from lm.runs import artifacts as runs
@@ -94,15 +94,15 @@ def test_gradual_unfreezing_opens_layers_from_the_top_and_layer_decay_slows_the_
 
 
 def test_bad_targets_and_regexes_name_the_field_and_the_fix(pretrained):
-    with pytest.raises(ConfigError, match=r"lora.targets='nothing_here' matches no dense layer.*layer_0/attn/qkv"):
+    with pytest.raises(UsageError, match=r"lora.targets='nothing_here' matches no dense layer.*layer_0/attn/qkv"):
         train.setup(speaker_config(pretrained, method="lora", lora=dict(rank=4, alpha=8.0, targets="nothing_here")))
-    with pytest.raises(ConfigError, match="finetune.freeze='nope' matches no backbone parameter"):
+    with pytest.raises(UsageError, match="finetune.freeze='nope' matches no backbone parameter"):
         train.setup(speaker_config(pretrained, freeze="nope"))
-    with pytest.raises(ConfigError, match="config.init_from is empty"):
+    with pytest.raises(UsageError, match="config.init_from is empty"):
         train.setup(speaker_config(""))
     config = speaker_config(pretrained)
     config.task.speakers = ("ROMEO", "HAMLET")
-    with pytest.raises(ConfigError, match=r"unknown: \['HAMLET'\]"):
+    with pytest.raises(UsageError, match=r"unknown: \['HAMLET'\]"):
         train.setup(config)
 
 

@@ -10,7 +10,6 @@ import numpy as np
 from helpers import tiny_config
 from test_train import STREAM
 
-from lm import objectives
 from lm.data import pipeline, tokenizers
 from lm.model import ModelConfig
 from lm.parallel import sharding
@@ -28,9 +27,7 @@ def write_run(workdir: str, step: int) -> dict:
     config.mesh.shape.update(FSDP_X_TENSOR)
     # 41 characters and 3 special ids: a vocabulary of 44 splits over tensor=2
     tokenizer = tokenizers.CharTokenizer.train(["".join(chr(c) for c in range(ord("a"), ord("a") + 41))])
-    model_cfg = ModelConfig.from_config(config.model, objectives.model_vocab_size(config.objective,
-                                                                                  tokenizer.vocab_size),
-                                        config.data.seq_len)
+    model_cfg = ModelConfig.for_run(config, tokenizer.vocab_size)
     trainer = train.make_trainer(config, model_cfg, sharding.make_mesh(config, jax.devices()), tokenizer.pad_id)
     state = trainer.init()
     saver = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1)

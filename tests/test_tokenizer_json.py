@@ -12,8 +12,8 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
 from lm import convert
-from lm.config import ConfigError
 from lm.data import corpora, tokenizers
+from lm.errors import UsageError
 from lm.evaluation import scoring
 from lm.interop import tokenizer_json
 from lm.model import ModelConfig, build
@@ -164,7 +164,7 @@ def test_a_sentencepiece_model_with_settings_lm_does_not_train_is_refused_with_t
                                    model_prefix=str(path),
                                    vocab_size=400, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
     tokenizer = tokenizers.SentencePieceTokenizer.from_file(f"{path}.model")
-    with pytest.raises(ConfigError, match=r"normalization 'nmt_nfkc'.*add_dummy_prefix=true.*"
+    with pytest.raises(UsageError, match=r"normalization 'nmt_nfkc'.*add_dummy_prefix=true.*"
                                           r"remove_extra_whitespaces=true.*Fix: train the tokenizer with lm"):
         tokenizer_json.to_json(tokenizer)
 
@@ -229,5 +229,5 @@ def test_an_import_without_a_special_eos_or_pad_is_refused_naming_the_field(sour
     for name, fields in sources.items():
         if name != "config.json":
             write_json(tmp_path / name, fields)
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(UsageError, match=message):
         convert.hf_tokenizer(str(tmp_path), sources.get("config.json", {}), None)

@@ -25,9 +25,9 @@ import unicodedata
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-UNITS = ("file", "paragraph", "line")
-NORMAL_FORMS = ("none", "NFC", "NFKC")
-SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
+from lm.config import CORPUS_SUFFIXES as SUFFIXES
+from lm.errors import UsageError
+
 # How files become documents; part of a built corpus's fingerprint, so a change here
 # rebuilds corpora (and their token caches) built by an older reader. 2: line endings
 # and byte-order marks normalised, UTF-16/32 read.
@@ -41,7 +41,7 @@ _BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf
                      (codecs.BOM_UTF16_BE, "utf-16"))
 
 
-class CorpusError(ValueError):
+class CorpusError(UsageError):
     """A corpus file that cannot be read as documents; the message says where and how to fix."""
 
 

@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from lm.config import ConfigError, resolve_files
+from lm.config import resolve_files
 from lm.data import text_files, tokenizers
 from lm.data.documents import CorpusError
 
@@ -83,7 +83,7 @@ def builders(config: ml_collections.ConfigDict) -> dict[str, text_files.TextFile
         try:
             builder.download_and_prepare()
         except CorpusError as e:
-            raise ConfigError(str(e)) from None
+            raise CorpusError(str(e)) from None
         built[name] = builder
     return built
 
@@ -165,12 +165,12 @@ def _join(streams: list[tuple[np.ndarray, np.ndarray]], eos_id: int) -> tuple[np
 
 def _check_split(config: ml_collections.ConfigDict, split: str, tokens: np.ndarray, documents: np.ndarray) -> None:
     if len(tokens) < config.data.seq_len + 1 and config.data.packing == "stream":
-        raise ConfigError(
+        raise CorpusError(
             f"the {split} split of config.data.files has {len(tokens)} tokens, fewer than "
             f"one row of config.data.seq_len + 1 = {config.data.seq_len + 1}. Fix: use more text, "
             "a shorter seq_len, or a different data.validation_fraction.")
     if not len(documents):
-        raise ConfigError(f"the {split} split of config.data.files has no documents. Fix: use more "
+        raise CorpusError(f"the {split} split of config.data.files has no documents. Fix: use more "
                           "text, or a different data.validation_fraction / data.split.")
 
 
@@ -202,7 +202,7 @@ def train_sentencepiece(config: ml_collections.ConfigDict,
                                               sp.user_defined_symbols, sp.max_sentences,
                                               max(config.data.num_threads, 1))
     except ValueError as e:
-        raise ConfigError(f"config.data.sentencepiece.vocab_size={sp.vocab_size}: {e}") from None
+        raise CorpusError(f"config.data.sentencepiece.vocab_size={sp.vocab_size}: {e}") from None
 
 
 def texts(source) -> Iterator[str]:
@@ -287,7 +287,7 @@ def train_rows(tokens: np.ndarray, seq_len: int, seed: int, packing: str = "stre
         return grain.MapDataset.source(PackedRows(tokens, documents, seq_len, seed, eos_id, pad_id))
     per_epoch = (len(tokens) - seq_len) // seq_len  # room for any shift in [0, seq_len)
     if per_epoch < 1:
-        raise ConfigError(f"the train split has {len(tokens)} tokens, too few for one shifted row of "
+        raise CorpusError(f"the train split has {len(tokens)} tokens, too few for one shifted row of "
                           f"config.data.seq_len={seq_len}. Fix: use more text or a shorter seq_len.")
     return (grain.MapDataset.range(per_epoch).shuffle(seed=seed).repeat()
             .map_with_index(_EpochWindow(tokens, seq_len, seed, per_epoch)))
@@ -367,7 +367,7 @@ class PackedRows:
 
     def __init__(self, tokens, documents, seq_len: int, seed: int, eos_id: int, pad_id: int):
         if documents is None or not len(documents):
-            raise ConfigError("packing needs the split's documents; the train split has none. "
+            raise CorpusError("packing needs the split's documents; the train split has none. "
                               "Fix: use more text, or config.data.packing='stream'.")
         self.tokens, self.row_len = np.asarray(tokens).view(np.ndarray), seq_len + 1
         self.documents, self.doc_spans = documents, documents.tolist()
@@ -472,7 +472,7 @@ def eval_dataset(tokens: np.ndarray, seq_len: int, global_batch: int, pad_id: in
 
 def _local_batch(global_batch: int, process_count: int) -> int:
     if global_batch % process_count:
-        raise ConfigError(f"a global batch of {global_batch} rows cannot be split evenly over "
+        raise CorpusError(f"a global batch of {global_batch} rows cannot be split evenly over "
                           f"{process_count} processes. Fix: use a multiple of {process_count}.")
     return global_batch // process_count
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm.config import ConfigError
+from lm.errors import UsageError
 from lm.model.transformer import default_positions, rotary, rotary_angles
 from lm.runs.artifacts import Loaded
 
@@ -27,7 +27,7 @@ def _layer_params(loaded: Loaded, i: int) -> dict:
 def attention_inputs(loaded: Loaded, tokens_BL: jax.Array) -> list[jax.Array]:
     """Each layer's normalised attention input [B, L, D] (captured intermediates)."""
     if loaded.model_cfg.scan_layers:
-        raise ConfigError("attention maps read per-layer intermediates, which a scanned model stacks away. "
+        raise UsageError("attention maps read per-layer intermediates, which a scanned model stacks away. "
                           "Fix: load it with model.scan_layers=False (lm.convert.unstack_layers gives the params).")
     _, state = loaded.model.apply({"params": loaded.params}, tokens_BL, mutable=["intermediates"],
                                   capture_intermediates=lambda module, name: module.name == "attn_norm")

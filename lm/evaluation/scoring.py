@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm.config import ConfigError
+from lm.errors import UsageError
 from lm.objectives.causal import loss_metrics
 from lm.runs.artifacts import Loaded
 
@@ -48,7 +48,7 @@ def perplexity(loaded: Loaded, tokens: np.ndarray, num_bytes: int, batch_size: i
     seq_len = loaded.config.data.seq_len
     windows = (len(tokens) - 1) // seq_len
     if windows < 1:
-        raise ConfigError(f"the text has {len(tokens)} tokens; scoring needs more than the context of {seq_len}. "
+        raise UsageError(f"the text has {len(tokens)} tokens; scoring needs more than the context of {seq_len}. "
                           "Fix: give more text.")
     if max_windows:
         windows = min(windows, max_windows)
@@ -76,7 +76,7 @@ def continuation_log_likelihoods(loaded: Loaded, pairs: Sequence[tuple[str, str]
     for context, continuation in pairs:
         context_ids, continuation_ids = tokenizer.encode(context), tokenizer.encode(continuation)
         if len(continuation_ids) == 0:
-            raise ConfigError(f"the choice {continuation!r} encodes to no tokens. Fix: give non-empty choices.")
+            raise UsageError(f"the choice {continuation!r} encodes to no tokens. Fix: give non-empty choices.")
         if len(context_ids) == 0:  # the first token of a bare continuation is predicted after <eos>
             context_ids = np.array([tokenizer.eos_id], np.int32)
         sequence = np.concatenate([context_ids, continuation_ids])[-(max_len + 1):]
@@ -105,7 +105,7 @@ def few_shot_prefix(rows: Sequence[dict], k: int, exclude: int, rng: random.Rand
         return ""
     pool = [i for i in range(len(rows)) if i != exclude]
     if len(pool) < k:
-        raise ConfigError(f"{k}-shot needs {k} other examples; the file has {len(pool)}. Fix: lower --num_shots.")
+        raise UsageError(f"{k}-shot needs {k} other examples; the file has {len(pool)}. Fix: lower --num_shots.")
     shots = [rows[i] for i in rng.sample(pool, k)]
     return "".join(f"{s['context']}{s['choices'][s['answer']]}\n\n" for s in shots)
 
@@ -142,8 +142,8 @@ def multiple_choice(loaded: Loaded, rows: Sequence[dict], num_shots: int = 0, se
 def _check_rows(rows: Sequence[dict]) -> None:
     for i, row in enumerate(rows):
         if not {"context", "choices", "answer"} <= set(row):
-            raise ConfigError(f"multiple-choice row {i} lacks {sorted({'context', 'choices', 'answer'} - set(row))}. "
+            raise UsageError(f"multiple-choice row {i} lacks {sorted({'context', 'choices', 'answer'} - set(row))}. "
                               "Fix: each row is {\"context\": ..., \"choices\": [...], \"answer\": index}.")
         if not 0 <= int(row["answer"]) < len(row["choices"]):
-            raise ConfigError(f"multiple-choice row {i} has answer {row['answer']} but {len(row['choices'])} choices. "
+            raise UsageError(f"multiple-choice row {i} has answer {row['answer']} but {len(row['choices'])} choices. "
                               "Fix: answer is a 0-based index into choices.")

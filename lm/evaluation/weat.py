@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from lm.config import ConfigError
+from lm.errors import UsageError
 
 
 def word_vectors(embedding_VD: np.ndarray, encode: Callable[[str], np.ndarray], words: Sequence[str]) -> np.ndarray:
@@ -24,7 +24,7 @@ def word_vectors(embedding_VD: np.ndarray, encode: Callable[[str], np.ndarray], 
     for word in words:
         ids = encode(word)
         if len(ids) == 0:
-            raise ConfigError(f"the word {word!r} encodes to no tokens. Fix: remove it from the word set.")
+            raise UsageError(f"the word {word!r} encodes to no tokens. Fix: remove it from the word set.")
         vectors.append(np.asarray(embedding_VD)[ids].mean(0))
     return np.stack(vectors)
 
@@ -44,7 +44,7 @@ def weat(x: np.ndarray, y: np.ndarray, a: np.ndarray, b: np.ndarray, permutation
     """Effect size, test statistic and one-sided permutation p-value; exact over every
     partition when there are at most `permutations` of them."""
     if len(x) != len(y) or len(x) < 2 or len(a) < 1 or len(b) < 1:
-        raise ConfigError(f"WEAT needs target sets of equal size >= 2 and non-empty attribute sets; got "
+        raise UsageError(f"WEAT needs target sets of equal size >= 2 and non-empty attribute sets; got "
                           f"|X|={len(x)}, |Y|={len(y)}, |A|={len(a)}, |B|={len(b)}. Fix: balance the word sets.")
     s = association(np.concatenate([x, y]), a, b)
     n = len(x)

@@ -21,8 +21,8 @@ import string
 
 import ml_collections
 
-from lm.config import ConfigError
 from lm.data import corpora, documents
+from lm.errors import UsageError
 from lm.finetuning.tasks import read_jsonl
 
 SPLITS = ("train", "validation", "test")
@@ -33,13 +33,13 @@ def rows(task: ml_collections.ConfigDict) -> dict[str, list[dict]]:
     """{"train", "validation"[, "test"]} -> rows of the task."""
     if task.builder:
         if task.builder not in BUILDERS:
-            raise ConfigError(f"task.builder={task.builder!r} is not one of {BUILDERS}. Fix: pick one, or set "
+            raise UsageError(f"task.builder={task.builder!r} is not one of {BUILDERS}. Fix: pick one, or set "
                               "task.train_file and task.validation_file instead.")
         if task.builder == "shakespeare_word_order":
             return shakespeare_word_order(task.max_examples)
         return shakespeare_speakers(tuple(task.speakers))
     if not task.train_file or not task.validation_file:
-        raise ConfigError("the task has no data. Fix: set task.train_file and task.validation_file (JSONL), or "
+        raise UsageError("the task has no data. Fix: set task.train_file and task.validation_file (JSONL), or "
                           "task.builder.")
     out = {"train": read_jsonl(task.train_file), "validation": read_jsonl(task.validation_file)}
     if task.test_file:
@@ -88,7 +88,7 @@ def shakespeare_speakers(speakers: tuple[str, ...]) -> dict[str, list[dict]]:
     known = {name for name, _ in all_speeches}
     unknown = [s for s in speakers if s not in known]
     if len(speakers) < 2 or unknown:
-        raise ConfigError(f"task.speakers={speakers} needs 2 or more speakers of the corpus (unknown: {unknown}). "
+        raise UsageError(f"task.speakers={speakers} needs 2 or more speakers of the corpus (unknown: {unknown}). "
                           "Fix: use names like 'ROMEO', 'MENENIUS', 'PETRUCHIO', 'DUKE VINCENTIO'.")
     out: dict[str, list[dict]] = {split: [] for split in SPLITS}
     for i, (name, speech) in enumerate(all_speeches):

@@ -11,14 +11,14 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from lm.config import ConfigError
+from lm.errors import UsageError
 from lm.model import ModelConfig, build
 from lm.model.layers import LoRA
 
 
 def with_lora(model_cfg: ModelConfig, rank: int, alpha: float, targets: str) -> ModelConfig:
     if rank <= 0:
-        raise ConfigError(f"finetune.lora.rank={rank} must be positive. Fix: try 8.")
+        raise UsageError(f"finetune.lora.rank={rank} must be positive. Fix: try 8.")
     return dataclasses.replace(model_cfg, lora=LoRA(rank, alpha, targets))
 
 
@@ -28,7 +28,7 @@ def init_adapters(model_cfg: ModelConfig, rng: jax.Array, seq_len: int) -> dict:
     model = build(model_cfg)
     lora = nn.meta.unbox(jax.eval_shape(model.init, rng, tokens_BL).get("lora", {}))
     if not lora:
-        raise ConfigError(f"finetune.lora.targets={model_cfg.lora.targets!r} matches no dense layer. Fix: "
+        raise UsageError(f"finetune.lora.targets={model_cfg.lora.targets!r} matches no dense layer. Fix: "
                           f"match some of {dense_layer_paths(model_cfg, seq_len)}.")
     # Only the adapters leave the jitted init, so XLA drops the base weights' initialisation.
     return nn.meta.unbox(jax.jit(lambda key: model.init(key, tokens_BL)["lora"])(rng))

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from lm.config import ConfigError
+from lm.errors import UsageError
 from lm.model import param_kinds
 
 METHODS = ("full", "lora", "frozen")
@@ -28,7 +28,7 @@ def trainable_mask(params: dict, method: str, freeze: str) -> dict:
     """True for each parameter the method trains: everything ("full"), the adapters and
     head ("lora"), or the head alone ("frozen"); minus backbone paths matching `freeze`."""
     if method not in METHODS:
-        raise ConfigError(f"finetune.method={method!r} is not one of {METHODS}. Fix: pick one.")
+        raise UsageError(f"finetune.method={method!r} is not one of {METHODS}. Fix: pick one.")
     flat = traverse_util.flatten_dict(params)
     mask = {}
     for path in flat:
@@ -36,7 +36,7 @@ def trainable_mask(params: dict, method: str, freeze: str) -> dict:
         trains = {"full": path[0] != "lora", "lora": path[0] in ("lora", "head"), "frozen": path[0] == "head"}[method]
         mask[path] = trains and not (freeze and path[0] == "backbone" and re.search(freeze, joined))
     if freeze and not any(path[0] == "backbone" and re.search(freeze, "/".join(path)) for path in flat):
-        raise ConfigError(f"finetune.freeze={freeze!r} matches no backbone parameter. Fix: match paths like "
+        raise UsageError(f"finetune.freeze={freeze!r} matches no backbone parameter. Fix: match paths like "
                           f"{'/'.join(next(p for p in flat if p[0] == 'backbone'))!r}.")
     return traverse_util.unflatten_dict(mask)
 

@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm.config import ConfigError
 from lm.data import documents
 from lm.data.tokenizers import Tokenizer
+from lm.errors import UsageError
 from lm.objectives.causal import weighted_cross_entropy
 
 KINDS = ("classification", "token_classification", "sft")
@@ -52,32 +52,32 @@ def read_jsonl(path: str) -> list[dict]:
     (`lm.data.documents.read_jsonl`: CRLF, lone CR, a byte-order mark and UTF-16/32 with one
     give the same rows as LF UTF-8, string values included)."""
     if not os.path.exists(path):
-        raise ConfigError(f"{path} does not exist. Fix: point the task's *_file at a JSONL file, one example "
+        raise UsageError(f"{path} does not exist. Fix: point the task's *_file at a JSONL file, one example "
                           "per line.")
     try:
         return [row for _, row in documents.read_jsonl(path)]
     except documents.CorpusError as e:
-        raise ConfigError(str(e)) from None
+        raise UsageError(str(e)) from None
 
 
 def _require_fields(rows: list[dict], fields: tuple[str, ...], kind: str) -> None:
     for i, row in enumerate(rows):
         missing = [f for f in fields if f not in row]
         if missing:
-            raise ConfigError(f"example {i} of the {kind} task lacks {missing}. Fix: every row needs {fields}.")
+            raise UsageError(f"example {i} of the {kind} task lacks {missing}. Fix: every row needs {fields}.")
 
 
 def encode(kind: str, rows: list[dict], tokenizer: Tokenizer, seq_len: int, label_names: list[str]) -> Split:
     """Rows of one split as a `Split` of `seq_len` tokens (longer texts are truncated)."""
     if not rows:
-        raise ConfigError(f"a {kind} split is empty. Fix: give it examples.")
+        raise UsageError(f"a {kind} split is empty. Fix: give it examples.")
     return {"classification": _encode_classification, "token_classification": _encode_tokens,
             "sft": _encode_sft}[kind](rows, tokenizer, seq_len, label_names)
 
 
 def label_index(label_names: list[str], label: Any) -> int:
     if str(label) not in label_names:
-        raise ConfigError(f"label {label!r} is not one of the training labels {label_names}. Fix: relabel it, "
+        raise UsageError(f"label {label!r} is not one of the training labels {label_names}. Fix: relabel it, "
                           "or list every label in task.labels.")
     return label_names.index(str(label))
 
@@ -102,7 +102,7 @@ def _encode_tokens(rows, tokenizer, seq_len, label_names) -> Split:
     tokens, tags = [], []
     for i, row in enumerate(rows):
         if len(row["words"]) != len(row["tags"]):
-            raise ConfigError(f"example {i} has {len(row['words'])} words but {len(row['tags'])} tags. "
+            raise UsageError(f"example {i} has {len(row['words'])} words but {len(row['tags'])} tags. "
                               "Fix: one tag per word.")
         row_tokens, row_tags = [], []
         for j, (word, tag) in enumerate(zip(row["words"], row["tags"])):
@@ -138,7 +138,7 @@ def label_names(kind: str, rows: list[dict], given: tuple[str, ...]) -> list[str
         return [str(g) for g in given]
     found = {str(r["label"]) for r in rows} if kind == "classification" else {str(t) for r in rows for t in r["tags"]}
     if len(found) < 2:
-        raise ConfigError(f"the training split has {len(found)} label(s) {sorted(found)}; a classifier needs 2 "
+        raise UsageError(f"the training split has {len(found)} label(s) {sorted(found)}; a classifier needs 2 "
                           "or more. Fix: check the task's label field.")
     return sorted(found)
 

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lm.config import ConfigError
+from lm.errors import UsageError
 from lm.evaluation import metrics as metric_fns
 from lm.finetuning import datasets, lora, optim, tasks
 from lm.model import build
@@ -48,19 +48,19 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     """Everything a run needs, checked before any training."""
     ft, task = config.finetune, config.task
     if not config.init_from:
-        raise ConfigError("config.init_from is empty. Fix: set it to a pretrained run's workdir or an export, e.g. "
+        raise UsageError("config.init_from is empty. Fix: set it to a pretrained run's workdir or an export, e.g. "
                           "--config.init_from=runs/shakespeare_char.")
     if task.kind not in tasks.KINDS:
-        raise ConfigError(f"task.kind={task.kind!r} is not one of {tasks.KINDS}. Fix: pick one.")
+        raise UsageError(f"task.kind={task.kind!r} is not one of {tasks.KINDS}. Fix: pick one.")
     base = runs.load(config.init_from)
     if base.model_cfg.family != "decoder":
-        raise ConfigError(f"init_from holds a {base.model_cfg.family!r} model; fine-tuning takes a decoder. "
+        raise UsageError(f"init_from holds a {base.model_cfg.family!r} model; fine-tuning takes a decoder. "
                           "Fix: point it at a decoder run.")
     rows = datasets.rows(task)
     names = tasks.label_names(task.kind, rows["train"], tuple(task.labels))
     seq_len = task.seq_len or base.config.data.seq_len
     if base.model_cfg.positions == "learned" and seq_len > base.model_cfg.max_len:
-        raise ConfigError(f"task.seq_len={seq_len} exceeds the model's {base.model_cfg.max_len} learned positions. "
+        raise UsageError(f"task.seq_len={seq_len} exceeds the model's {base.model_cfg.max_len} learned positions. "
                           f"Fix: set it to at most {base.model_cfg.max_len}.")
     model_cfg = dataclasses.replace(base.model_cfg, dropout=ft.dropout, max_len=max(seq_len, base.model_cfg.max_len))
     rng = jax.random.key(config.seed)

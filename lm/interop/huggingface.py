@@ -16,7 +16,7 @@ from collections.abc import Callable
 import ml_collections
 import numpy as np
 
-from lm.config import ConfigError
+from lm.errors import UsageError
 
 # Buffers some versions of `transformers` save that are not parameters.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
@@ -212,7 +212,7 @@ def _llama_fits(m: ml_collections.ConfigDict) -> list[str]:
 
 def _require(hf: dict, ok: bool, what: str) -> None:
     if not ok:
-        raise ConfigError(f"the Hugging Face {hf.get('model_type')} checkpoint uses {what}, which lm's "
+        raise UsageError(f"the Hugging Face {hf.get('model_type')} checkpoint uses {what}, which lm's "
                           "decoder does not implement. Fix: convert a checkpoint without it.")
 
 
@@ -228,7 +228,7 @@ ARCHITECTURES["mistral"] = dataclasses.replace(ARCHITECTURES["llama"], model_typ
 def architecture_of(hf_config: dict) -> Architecture:
     model_type = hf_config.get("model_type")
     if model_type not in ARCHITECTURES:
-        raise ConfigError(f"Hugging Face model_type {model_type!r} (architectures "
+        raise UsageError(f"Hugging Face model_type {model_type!r} (architectures "
                           f"{hf_config.get('architectures')}) is not supported. Fix: convert one of "
                           f"{sorted(ARCHITECTURES)}.")
     return ARCHITECTURES[model_type]
@@ -237,14 +237,14 @@ def architecture_of(hf_config: dict) -> Architecture:
 def exportable_architecture(model: ml_collections.ConfigDict) -> Architecture:
     """The Hugging Face architecture an `lm` decoder config can be written as."""
     if model.family != "decoder":
-        raise ConfigError(f"model.family={model.family!r}: only decoders export to Hugging Face. "
+        raise UsageError(f"model.family={model.family!r}: only decoders export to Hugging Face. "
                           "Fix: export a decoder run.")
     reasons = {}
     for name in ("gpt2", "llama"):
         reasons[name] = ARCHITECTURES[name].fits(model)
         if not reasons[name]:
             return ARCHITECTURES[name]
-    raise ConfigError("this model is neither GPT-2 nor LLaMA shaped: "
+    raise UsageError("this model is neither GPT-2 nor LLaMA shaped: "
                       + "; ".join(f"as {name}: {', '.join(r)}" for name, r in reasons.items())
                       + ". Fix: train with a gpt2 or llama preset's model fields.")
 
@@ -257,17 +257,17 @@ def to_lm_params(rules: list[Rule], tensors: dict[str, np.ndarray], expected: di
     for rule in rules:
         missing = [k for k in rule.hf_keys if k not in tensors]
         if missing:
-            raise ConfigError(f"the checkpoint lacks {missing} (for lm's {'/'.join(rule.path)}). Fix: check "
+            raise UsageError(f"the checkpoint lacks {missing} (for lm's {'/'.join(rule.path)}). Fix: check "
                               "that config.json describes these weights.")
         value = rule.to_lm(*(tensors[k] for k in rule.hf_keys))
         want = _get(expected, rule.path).shape
         if value.shape != tuple(want):
-            raise ConfigError(f"{rule.hf_keys} give {'/'.join(rule.path)} the shape {value.shape}, but the "
+            raise UsageError(f"{rule.hf_keys} give {'/'.join(rule.path)} the shape {value.shape}, but the "
                               f"config needs {tuple(want)}. Fix: the weights do not match config.json.")
         _set(params, rule.path, value)
         unused -= set(rule.hf_keys)
     if unused:
-        raise ConfigError(f"the checkpoint has tensors lm does not use: {sorted(unused)[:5]}. Fix: convert a "
+        raise UsageError(f"the checkpoint has tensors lm does not use: {sorted(unused)[:5]}. Fix: convert a "
                           "plain causal-LM checkpoint (no task heads or adapters).")
     return params
 

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from lm.config import ConfigError
 from lm.data import tokenizers as lm_tokenizers
+from lm.errors import UsageError
 
 SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 SPECIAL_NAMES = ("<pad>", "<eos>", "<unk>")  # ids 0, 1, 2 of lm's char and byte tokenizers
@@ -43,7 +43,7 @@ SPECIAL_NAMES = ("<pad>", "<eos>", "<unk>")  # ids 0, 1, 2 of lm's char and byte
 def to_hf(tokenizer: lm_tokenizers.Tokenizer) -> Tokenizer:
     """The `tokenizers.Tokenizer` that encodes text to the same ids as `tokenizer`.
 
-    Raises ConfigError for a SentencePiece model with settings lm does not train with
+    Raises UsageError for a SentencePiece model with settings lm does not train with
     (another normalisation, a dummy prefix, word or char models).
     """
     if isinstance(tokenizer, lm_tokenizers.HuggingFaceTokenizer):
@@ -54,7 +54,7 @@ def to_hf(tokenizer: lm_tokenizers.Tokenizer) -> Tokenizer:
         return byte_tokenizer()
     if isinstance(tokenizer, lm_tokenizers.SentencePieceTokenizer):
         return sentencepiece_tokenizer(tokenizer.model_proto)
-    raise ConfigError(f"no tokenizer.json conversion for the {tokenizer.kind!r} tokenizer.")
+    raise UsageError(f"no tokenizer.json conversion for the {tokenizer.kind!r} tokenizer.")
 
 
 def to_json(tokenizer: lm_tokenizers.Tokenizer) -> str:
@@ -188,7 +188,7 @@ def unknown_char_split(pieces: list[tuple[str, float, int]], byte_fallback: bool
     (it becomes its UTF-8 bytes either way); without it a run of unknown characters stays
     one pre-token, since SentencePiece fuses the run into one `<unk>`.
 
-    Raises ConfigError when a piece's spelling is made only of unknown characters and no
+    Raises UsageError when a piece's spelling is made only of unknown characters and no
     cut can isolate it (without byte fallback, or a one-character piece).
     """
     known = {c for piece, _, kind in pieces if kind == _NORMAL for c in piece}
@@ -199,7 +199,7 @@ def unknown_char_split(pieces: list[tuple[str, float, int]], byte_fallback: bool
     # A cut separates a piece from its spelling unless the piece is one pre-token itself.
     unspellable = [piece for piece in never if not set(piece) & known and (len(piece) == 1 or not byte_fallback)]
     if unspellable:
-        raise ConfigError(f"the SentencePiece pieces {unspellable} are spelled only in characters outside the "
+        raise UsageError(f"the SentencePiece pieces {unspellable} are spelled only in characters outside the "
                           "vocabulary, so a tokenizer.json would read text spelling them as those pieces. Fix: "
                           "train the tokenizer with lm (config.data.sentencepiece.byte_fallback=True).")
     if byte_fallback:
@@ -245,6 +245,6 @@ def _check_settings(proto) -> None:
     if not norm.escape_whitespaces or spec.treat_whitespace_as_suffix:
         problems.append("whitespace not escaped as a '▁' prefix")
     if problems:
-        raise ConfigError("this SentencePiece model has settings tokenizer.json conversion does not reproduce: "
+        raise UsageError("this SentencePiece model has settings tokenizer.json conversion does not reproduce: "
                           + ", ".join(problems) + ". Fix: train the tokenizer with lm (python -m lm.tokenizer "
                           "train, or data.sentencepiece.model='').")

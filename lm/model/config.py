@@ -7,6 +7,7 @@ import dataclasses
 import jax.numpy as jnp
 import ml_collections
 
+from lm import objectives
 from lm.config import d_ff as resolve_d_ff
 from lm.config import head_dim as resolve_head_dim
 from lm.model.layers import LoRA
@@ -53,13 +54,15 @@ class ModelConfig:
 
     @classmethod
     def from_config(cls, model: ml_collections.ConfigDict, vocab_size: int, max_len: int) -> ModelConfig:
-        """Resolves the config's zero defaults (head_dim, d_ff, vocab_size)."""
-        return cls(
-            vocab_size=model.vocab_size or vocab_size, max_len=max_len,
-            num_layers=model.num_layers, num_heads=model.num_heads, d_model=model.d_model,
-            head_dim=resolve_head_dim(model), d_ff=resolve_d_ff(model), positions=model.positions,
-            rope_theta=model.rope_theta, norm=model.norm, norm_eps=model.norm_eps,
-            activation=model.activation, use_bias=model.use_bias,
-            tie_embeddings=model.tie_embeddings, dropout=model.dropout, dtype=model.dtype,
-            init_std=model.init_std, num_kv_heads=model.num_kv_heads, scan_layers=model.scan_layers,
-            remat=model.remat, family=model.family, num_decoder_layers=model.num_decoder_layers)
+        """The fields of `model` (a config's `model` block) that `ModelConfig` has, by name, with
+        its zero defaults resolved: `head_dim`, `d_ff` and `vocab_size` (0: the given one)."""
+        named = {f.name: model[f.name] for f in dataclasses.fields(cls) if f.name in model}
+        return cls(**{**named, "vocab_size": model.vocab_size or vocab_size, "max_len": max_len,
+                      "head_dim": resolve_head_dim(model), "d_ff": resolve_d_ff(model)})
+
+    @classmethod
+    def for_run(cls, config: ml_collections.ConfigDict, tokenizer_vocab_size: int) -> ModelConfig:
+        """The model a run's config trains: the tokenizer's ids plus the objective's extra ids
+        (`objectives.model_vocab_size`), over rows of `config.data.seq_len` tokens."""
+        vocab_size = objectives.model_vocab_size(config.objective, tokenizer_vocab_size)
+        return cls.from_config(config.model, vocab_size, config.data.seq_len)

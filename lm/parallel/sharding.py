@@ -18,7 +18,12 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lm.config import MESH_AXES, ConfigError
+from lm.config import MESH_AXES
+from lm.errors import UsageError
+
+
+class MeshError(UsageError):
+    """A mesh that does not fit the devices or the model; the message names the axis and the fix."""
 
 Rules = Sequence[tuple[str, Any]]
 
@@ -30,13 +35,13 @@ def mesh_shape(shape: dict[str, int], num_devices: int) -> tuple[int, ...]:
     described = _describe(sizes)
     if -1 in sizes.values():
         if num_devices % fixed:
-            raise ConfigError(
+            raise MeshError(
                 f"config.mesh.shape ({described}) cannot fill {num_devices} devices: the fixed axes "
                 f"multiply to {fixed}, which does not divide {num_devices}. Fix: choose axis sizes "
                 f"whose product divides {num_devices}.")
         sizes = {a: (num_devices // fixed if s == -1 else s) for a, s in sizes.items()}
     elif fixed != num_devices:
-        raise ConfigError(
+        raise MeshError(
             f"config.mesh.shape ({described}) needs {fixed} devices, but {num_devices} are available. "
             f"Fix: make the sizes multiply to {num_devices}, or set one axis to -1.")
     return tuple(sizes.values())
@@ -59,7 +64,7 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] |
         shape = mesh_shape(dict(config.mesh.shape), len(devices))
         return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
     if len(devices) % granules:
-        raise ConfigError(
+        raise MeshError(
             f"config.mesh.dcn_shape ({_describe(dict(zip(MESH_AXES, dcn)))}) makes {granules} slices or nodes, "
             f"which does not divide the {len(devices)} devices. Fix: make its sizes multiply to the number of "
             "slices (TPU multislice) or nodes.")
@@ -89,12 +94,12 @@ def check_batch_sizes(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         section, name = field.split(".")
         value = config[section][name]
         if value % shards:
-            raise ConfigError(
+            raise MeshError(
                 f"config.{field}={value} is not divisible by the {shards} batch shards of the mesh "
                 f"({_describe(mesh.shape)}). Fix: use a multiple of {shards}, or change config.mesh.shape.")
     micro = config.train.microbatches
     if config.train.batch_size % (micro * shards):
-        raise ConfigError(
+        raise MeshError(
             f"config.train.batch_size={config.train.batch_size} does not split into "
             f"config.train.microbatches={micro} slices of a multiple of the {shards} batch shards "
             f"({_describe(mesh.shape)}). Fix: use a batch size that is a multiple of {micro * shards}, "
@@ -119,7 +124,7 @@ def check_divisibility(boxed_params: Any, mesh: Mesh, rules: Rules) -> None:
             size = leaf.value.shape[dim]
             if size % ways:
                 where = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
-                raise ConfigError(
+                raise MeshError(
                     f"parameter {jax.tree_util.keystr(path)} has {size} along {name!r}, which the sharding rules "
                     f"split over {where} ({ways} devices); {ways} does not divide {size}. Fix: make "
                     f"{FIXES.get(name, 'that dimension')} a multiple of {ways}, or change config.mesh.shape.")

@@ -23,14 +23,17 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from lm import objectives
-from lm.config import ConfigError
 from lm.configs import base
 from lm.data import tokenizers
 from lm.data.tokenizers import Tokenizer
+from lm.errors import UsageError
 from lm.model import ModelConfig, build
 from lm.model.counting import abstract_params, param_counts
 from lm.runs import checkpoint, version
+
+
+class RunError(UsageError):
+    """A path that is not a run or an export, a checkpoint step it lacks, or an export that would overwrite."""
 
 EXPORT_INFO = "export.json"
 EXPORT_DTYPES = ("float32", "bfloat16")
@@ -57,7 +60,7 @@ def load_config(path: str) -> ml_collections.ConfigDict:
     their defaults."""
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
-        raise ConfigError(f"{config_path} does not exist. Fix: point at a workdir written by lm.main or a "
+        raise RunError(f"{config_path} does not exist. Fix: point at a workdir written by lm.main or a "
                           "directory written by lm.export.")
     with open(config_path, encoding="utf-8") as f:
         saved = json.load(f)
@@ -81,8 +84,7 @@ def load(path: str, step: int | None = None) -> Loaded:
     config is the run's own, as saved (its mesh included)."""
     config = load_config(path)
     tokenizer = tokenizers.load(os.path.join(path, "tokenizer.json"))
-    model_cfg = ModelConfig.from_config(
-        config.model, objectives.model_vocab_size(config.objective, tokenizer.vocab_size), config.data.seq_len)
+    model_cfg = ModelConfig.for_run(config, tokenizer.vocab_size)
     device = jax.local_devices()[0]
     if is_export(path):
         params, step = _load_export_params(path, model_cfg, config.data.seq_len, device)
@@ -106,11 +108,11 @@ def _load_checkpoint_params(workdir: str, model_cfg: ModelConfig, seq_len: int, 
     try:
         steps = checkpointer.all_steps()
         if not steps:
-            raise ConfigError(f"no checkpoint in {workdir}/checkpoints yet. Fix: train first, or wait for a save.")
+            raise RunError(f"no checkpoint in {workdir}/checkpoints yet. Fix: train first, or wait for a save.")
         if step is None:
             step = max(steps)
         elif step not in steps:
-            raise ConfigError(f"no checkpoint of step {step} in {workdir}/checkpoints. "
+            raise RunError(f"no checkpoint of step {step} in {workdir}/checkpoints. "
                               f"Fix: use one of {sorted(steps)}.")
         return checkpointer.restore_params(step, abstract_params_on(model_cfg, seq_len, device)), step
     finally:
@@ -126,7 +128,7 @@ def _load_export_params(path: str, model_cfg: ModelConfig, seq_len: int, device:
 
 def check_new_directory(output: str) -> None:
     if os.path.exists(output) and os.listdir(output):
-        raise ConfigError(f"{output} exists and is not empty; exporting never overwrites. Fix: choose a new "
+        raise RunError(f"{output} exists and is not empty; exporting never overwrites. Fix: choose a new "
                           "--output, or delete the old export first.")
 
 
@@ -165,7 +167,7 @@ def export(workdir: str, output: str, step: int | None = None, dtype: str = "flo
     `dtype` to the new directory `output`, with what loading needs. Returns export.json's
     content. The directory appears whole or not at all."""
     if dtype not in EXPORT_DTYPES:
-        raise ConfigError(f"--dtype={dtype!r} is not supported. Fix: use one of {EXPORT_DTYPES}.")
+        raise RunError(f"--dtype={dtype!r} is not supported. Fix: use one of {EXPORT_DTYPES}.")
     check_new_directory(output)
     loaded = load(workdir, step)
     params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), loaded.params)

@@ -12,7 +12,12 @@ import os
 import socket
 import time
 
-from lm.config import ConfigError
+from lm.errors import UsageError
+
+
+class WorkdirError(UsageError):
+    """A workdir that cannot be used (another run holds it); the message says the fix."""
+
 
 LOCK_NAME = ".lock"
 
@@ -32,7 +37,7 @@ class WorkdirLock:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
-            raise ConfigError(
+            raise WorkdirError(
                 f"the workdir {os.path.dirname(self.path)} is in use by a running run ({holder}). Fix: wait for "
                 "it to finish or stop it, or pass a different --workdir.") from None
         handle.seek(0)

@@ -9,9 +9,13 @@ import os
 
 import numpy as np
 
-from lm.config import ConfigError
 from lm.data import documents
+from lm.errors import UsageError
 from lm.scaling import laws
+
+
+class ResultsError(UsageError):
+    """A results table that is missing, empty, unreadable or lacks a named column."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +32,7 @@ class Columns:
 
 def read_rows(path: str) -> list[dict]:
     if not os.path.exists(path):
-        raise ConfigError(f"the results table {path} does not exist. Fix: run lm.sweep first, or check the path.")
+        raise ResultsError(f"the results table {path} does not exist. Fix: run lm.sweep first, or check the path.")
     # Read as corpora are: a spreadsheet's CSV often starts with a byte-order mark (which
     # would otherwise prefix the first column's name) and ends its lines with CRLF.
     try:
@@ -36,19 +40,19 @@ def read_rows(path: str) -> list[dict]:
             return [row for _, row in documents.read_jsonl(path)]
         return list(csv.DictReader(io.StringIO(documents.read_text(path))))
     except documents.CorpusError as e:
-        raise ConfigError(str(e)) from None
+        raise ResultsError(str(e)) from None
 
 
 def to_runs(rows: list[dict], path: str, columns: Columns = Columns(), drop_highest: int = 0) -> laws.Runs:
     """The runs of a table, with rows lacking a loss (unfinished) left out and the
     `drop_highest` highest-loss runs dropped."""
     if not rows:
-        raise ConfigError(f"{path} has no rows. Fix: wait for the sweep's first points to finish.")
+        raise ResultsError(f"{path} has no rows. Fix: wait for the sweep's first points to finish.")
     present = set(rows[0])
     required = [columns.n, columns.loss] + ([] if columns.d in present or columns.c in present else [columns.d])
     missing = [c for c in required if c not in present]
     if missing:
-        raise ConfigError(f"{path} lacks the column(s) {', '.join(missing)} (it has {', '.join(sorted(present))}). "
+        raise ResultsError(f"{path} lacks the column(s) {', '.join(missing)} (it has {', '.join(sorted(present))}). "
                           "Fix: name them with --n_column, --d_column, --c_column, --loss_column.")
     rows = [r for r in rows if r.get(columns.loss) not in (None, "")]
     number = lambda r, c: float(r[c]) if c in r and r[c] not in (None, "") else np.nan

@@ -20,7 +20,7 @@ from typing import Any
 
 import ml_collections
 
-from lm.config import ConfigError
+from lm.errors import UsageError
 
 SCALARS = (bool, int, float, str)
 COLUMNS = ("name", "parameters", "non_embedding_parameters", "tokens", "flops", "budget", "target_parameters",
@@ -41,12 +41,12 @@ def load(config_arg: str) -> tuple[ml_collections.ConfigDict, list[Point]]:
     """The base config and the named points of `get_sweep()` in the config file `path[:arg]`."""
     path, _, arg = config_arg.partition(":")
     if not os.path.exists(path):
-        raise ConfigError(f"the sweep config {path} does not exist. Fix: --config=configs/scaling/<file>.py")
+        raise UsageError(f"the sweep config {path} does not exist. Fix: --config=configs/scaling/<file>.py")
     spec = importlib.util.spec_from_file_location("lm_sweep_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_sweep"):
-        raise ConfigError(f"{path} has no get_sweep(). Fix: define get_sweep() beside get_config(), returning a "
+        raise UsageError(f"{path} has no get_sweep(). Fix: define get_sweep() beside get_config(), returning a "
                           "list of override dicts (see lm.scaling.designs).")
     config = module.get_config(arg) if arg else module.get_config()
     overrides = module.get_sweep(arg) if arg else module.get_sweep()
@@ -58,14 +58,14 @@ def name_points(overrides: list[dict], config: ml_collections.ConfigDict) -> lis
     sweep gains or loses others), after checking each override names a field and that no
     two points are the same run."""
     if not overrides:
-        raise ConfigError("get_sweep() returned no points. Fix: return a non-empty list of override dicts.")
+        raise UsageError("get_sweep() returned no points. Fix: return a non-empty list of override dicts.")
     points, seen = [], {}
     for i, point in enumerate(overrides):
         for key, value in point.items():
             _check_override(config, key, value, i)
         digest = hashlib.sha1(json.dumps(point, sort_keys=True).encode()).hexdigest()[:8]
         if digest in seen:
-            raise ConfigError(f"sweep points {seen[digest]} and {i} are the same run ({json.dumps(point)}). "
+            raise UsageError(f"sweep points {seen[digest]} and {i} are the same run ({json.dumps(point)}). "
                               "Fix: remove the duplicate, or make the points differ (e.g. the seed).")
         seen[digest] = i
         points.append(Point(digest, dict(point)))
@@ -78,10 +78,10 @@ def _check_override(config: ml_collections.ConfigDict, key: str, value: Any, ind
     for section in sections:
         node = node.get(section) if isinstance(node, ml_collections.ConfigDict) else None
     if not isinstance(node, ml_collections.ConfigDict) or field not in node:
-        raise ConfigError(f"sweep point {index} sets {key!r}, which is not a config field. Fix: use a dotted "
+        raise UsageError(f"sweep point {index} sets {key!r}, which is not a config field. Fix: use a dotted "
                           "field of configs/base.py, e.g. 'model.d_model'.")
     if not isinstance(value, SCALARS):
-        raise ConfigError(f"sweep point {index} sets {key}={value!r}; a sweep overrides single values only. "
+        raise UsageError(f"sweep point {index} sets {key}={value!r}; a sweep overrides single values only. "
                           "Fix: use a number, string or bool.")
 
 

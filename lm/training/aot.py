@@ -18,7 +18,6 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from lm import objectives
 from lm.data import pipeline
 from lm.model import ModelConfig, build
 from lm.model.counting import abstract_params, param_counts
@@ -42,13 +41,13 @@ def topology_devices(topology: str | None, compile_only: bool) -> int:
     return int(count)
 
 
-def _vocab_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
-    """(model vocabulary, tokenizer vocabulary): the config's, else the corpus tokenizer's."""
+def _tokenizer_vocab_size(config: ml_collections.ConfigDict) -> int:
+    """The tokenizer's vocabulary: the config's model vocabulary less the objective's extra ids,
+    else the corpus tokenizer's."""
     if config.model.vocab_size:
-        return config.model.vocab_size, config.model.vocab_size - config.objective.extra_ids
+        return config.model.vocab_size - config.objective.extra_ids
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer_vocab = pipeline.prepare(config, os.path.join(tmp, "tokenizer.json")).tokenizer.vocab_size
-    return objectives.model_vocab_size(config.objective, tokenizer_vocab), tokenizer_vocab
+        return pipeline.prepare(config, os.path.join(tmp, "tokenizer.json")).tokenizer.vocab_size
 
 
 def abstract_teacher(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> runs.Loaded | None:
@@ -57,8 +56,7 @@ def abstract_teacher(config: ml_collections.ConfigDict, tokenizer_vocab: int) ->
     if not config.distill.teacher:
         return None
     teacher_config = runs.load_config(config.distill.teacher)
-    model_cfg = ModelConfig.from_config(teacher_config.model, objectives.model_vocab_size(
-        teacher_config.objective, tokenizer_vocab), teacher_config.data.seq_len)
+    model_cfg = ModelConfig.for_run(teacher_config, tokenizer_vocab)
     train.check_teacher(config, model_cfg)
     model = build(model_cfg)
     params = nn.meta.unbox(abstract_params(model, config.data.seq_len))
@@ -69,8 +67,8 @@ def compile_and_report(config: ml_collections.ConfigDict) -> dict[str, int]:
     """Compiles the train step for all devices and prints the memory each one needs."""
     mesh = sharding.make_mesh(config)
     sharding.check_batch_sizes(config, mesh)
-    vocab_size, tokenizer_vocab = _vocab_size(config)
-    model_cfg = ModelConfig.from_config(config.model, vocab_size, config.data.seq_len)
+    tokenizer_vocab = _tokenizer_vocab_size(config)
+    model_cfg = ModelConfig.for_run(config, tokenizer_vocab)
     trainer = train.make_trainer(config, model_cfg, mesh, pad_id=0, tokenizer_vocab_size=tokenizer_vocab,
                                  teacher=abstract_teacher(config, tokenizer_vocab))
     abstract = trainer.abstract_state()

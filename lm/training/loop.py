@@ -26,9 +26,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from lm import config as config_lib
 from lm import objectives
-from lm.config import ConfigError
 from lm.data import documents, pipeline
-from lm.errors import DIVERGED, PREEMPTED
+from lm.errors import DIVERGED, PREEMPTED, UsageError
 from lm.inference import decode
 from lm.model import ModelConfig, build
 from lm.model.counting import abstract_params, param_counts, peak_flops, train_flops_per_token
@@ -300,7 +299,7 @@ class Run:
 
 def setup_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Run:
     """Validates the config against the devices and the workdir's checkpoints, prepares
-    data and compiles nothing yet. Raises ConfigError before anything is built or written
+    data and compiles nothing yet. Raises UsageError before anything is built or written
     if the checkpoints were trained with fields that may not change (`check_resumable`)."""
     mesh = sharding.make_mesh(config, devices)
     sharding.check_batch_sizes(config, mesh)
@@ -315,10 +314,10 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     finally:
         reader.close()
     corpus = prepare_corpus(config, workdir)
+    model_cfg = ModelConfig.for_run(config, corpus.tokenizer.vocab_size)
     vocab_size = objectives.model_vocab_size(config.objective, corpus.tokenizer.vocab_size)
-    model_cfg = ModelConfig.from_config(config.model, vocab_size, config.data.seq_len)
     if model_cfg.vocab_size < vocab_size:
-        raise ConfigError(
+        raise UsageError(
             f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
             f"{corpus.tokenizer.vocab_size} ids plus config.objective.extra_ids={config.objective.extra_ids}. "
             f"Fix: set it to 0 to use {vocab_size}.")
@@ -348,12 +347,12 @@ def corpus_fingerprints(config: ml_collections.ConfigDict) -> dict[str, list]:
         return {name: [documents.text_fingerprint(config_lib.resolve_files(files)), weight]
                 for name, (files, weight) in groups.items()}
     except documents.CorpusError as e:  # a file that is not text: the same one line as building it
-        raise ConfigError(str(e)) from None
+        raise UsageError(str(e)) from None
 
 
 def check_resumable(config: ml_collections.ConfigDict, checkpointer: checkpoint.Checkpointer,
                     corpus_record: dict[str, list], workdir: str) -> None:
-    """Raises ConfigError naming, with old and new values, every field that differs from
+    """Raises UsageError naming, with old and new values, every field that differs from
     the newest checkpoint's config and may not change on resume (lm.config.RESUME says
     which and why); the corpus is compared by `corpus_fingerprints` where the checkpoint
     recorded them, else by its config fields. No checkpoint: nothing to check."""
@@ -367,7 +366,7 @@ def check_resumable(config: ml_collections.ConfigDict, checkpointer: checkpoint.
         conflicts.append(f"the corpus (config.data.files or data.sources: [content fingerprint, weight]) was "
                          f"{saved['corpus']}, now {corpus_record} (the training data)")
     if conflicts:
-        raise ConfigError(
+        raise UsageError(
             f"{workdir} holds checkpoints (newest: step {saved['step']}) of a run whose config differs in fields "
             f"that cannot change on resume: {'; '.join(conflicts)}. Fix: rerun with the checkpoint's values "
             f"(the run's config is {os.path.join(workdir, 'config.json')}), or pass a new --workdir for a new run.")
@@ -391,7 +390,7 @@ def load_teacher(config: ml_collections.ConfigDict, tokenizer) -> Any:
     teacher = runs.load(config.distill.teacher)
     check_teacher(config, teacher.model_cfg)
     if teacher.tokenizer.to_json() != tokenizer.to_json():
-        raise ConfigError(f"config.distill.teacher={config.distill.teacher!r} has another tokenizer than this "
+        raise UsageError(f"config.distill.teacher={config.distill.teacher!r} has another tokenizer than this "
                           "run's, so their next-token distributions do not line up. Fix: use a teacher trained "
                           "with the same corpus and data.tokenizer settings.")
     return teacher
@@ -401,9 +400,9 @@ def check_teacher(config: ml_collections.ConfigDict, teacher_cfg: ModelConfig) -
     """A teacher must be a causal decoder that reads this run's whole rows."""
     where = f"config.distill.teacher={config.distill.teacher!r}"
     if teacher_cfg.family != "decoder":
-        raise ConfigError(f"{where} holds a {teacher_cfg.family!r} model. Fix: distil from a causal decoder.")
+        raise UsageError(f"{where} holds a {teacher_cfg.family!r} model. Fix: distil from a causal decoder.")
     if teacher_cfg.max_len < config.data.seq_len:
-        raise ConfigError(f"{where} reads at most {teacher_cfg.max_len} tokens; this run's rows have "
+        raise UsageError(f"{where} reads at most {teacher_cfg.max_len} tokens; this run's rows have "
                           f"data.seq_len={config.data.seq_len}. Fix: lower data.seq_len to at most "
                           f"{teacher_cfg.max_len}.")
 
@@ -427,7 +426,7 @@ def check_memory(trainer: Trainer, config: ml_collections.ConfigDict) -> dict[st
     estimate = memory.estimate(trainer.abstract_state(), trainer.model_cfg, config, dict(trainer.mesh.shape))
     limit = memory.device_limit(jax.local_devices()[0])
     if limit and estimate["total"] > limit:
-        raise ConfigError(
+        raise UsageError(
             f"the run needs about {memory.human(estimate['total'])} per device "
             f"({memory.describe(estimate)}) but a device has {memory.human(limit)}. Fix: shard parameters "
             "and optimizer state wider (config.mesh.shape.fsdp), rematerialise (config.model.remat='full'), "
@@ -439,7 +438,7 @@ def restore_or_init(run: Run, data_iterator) -> TrainState:
     """The newest checkpoint in the workdir that restores (moving `data_iterator` with it),
     or a fresh state. A damaged checkpoint is skipped with a warning for the one before;
     one whose stored arrays do not fit this config's state (a mismatch that
-    `check_resumable` could not name) raises ConfigError listing them, without a restore."""
+    `check_resumable` could not name) raises UsageError listing them, without a restore."""
     steps = sorted(run.checkpointer.all_steps(), reverse=True)
     abstract = run.trainer.abstract_state()
     first_error = None
@@ -454,14 +453,14 @@ def restore_or_init(run: Run, data_iterator) -> TrainState:
             logging.warning("lm: the checkpoint at step %d in %s does not restore (%s: %s); trying an older one.",
                             step, run.workdir, type(e).__name__, str(e).splitlines()[0][:300])
             continue
-        raise ConfigError(
+        raise UsageError(
             f"the checkpoint at step {step} in {run.workdir} holds a train state that this config's does not "
             f"match: {'; '.join(mismatches)}. Fix: rerun with the config that wrote it ({run.workdir}/config.json "
             "before this run), or pass a new --workdir for a new run.")
     if first_error is None:
         return run.trainer.init()
     step, e = first_error
-    raise ConfigError(
+    raise UsageError(
         f"no checkpoint in {run.workdir} restores; the newest, step {step}, fails with {type(e).__name__}: "
         f"{str(e).splitlines()[0][:300]}. Fix: use a new --workdir, or the config that wrote the checkpoints.")
 
