@@ -30,6 +30,7 @@ from absl import app, flags
 from lm.data import documents
 from lm.errors import UsageError, exit_with_error, quiet_logging, reject_positional
 from lm.evaluation import fairness, metrics, scoring, weat
+from lm.files import atomic
 from lm.finetuning.tasks import read_jsonl
 from lm.parallel import runtime
 from lm.runs import artifacts as runs
@@ -177,8 +178,7 @@ def main(argv: list[str]) -> None:
                         "`python -m lm.evaluate --help`.")
     print(table(results), flush=True)
     if _OUTPUT.value:
-        with open(_OUTPUT.value, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+        atomic.write_json(_OUTPUT.value, results, indent=2)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,10 @@ Any table works once its columns are named, e.g. the Chinchilla runs:
 
 from __future__ import annotations
 
-import json
-
 from absl import app, flags
 
 from lm.errors import UsageError, exit_with_error, reject_positional
+from lm.files import atomic
 from lm.scaling import laws, results
 from lm.scaling.fits import fit_all, holdout_error, make_plots, report
 
@@ -61,9 +60,8 @@ def main(argv: list[str]) -> None:
         for path in make_plots(runs, fits, _PLOTS.value):
             print(f"plot: {path}", flush=True)
     if _OUTPUT.value:
-        with open(_OUTPUT.value, "w", encoding="utf-8") as f:
-            json.dump({"fits": {k: laws.scalars(v) for k, v in fits.items()}, "intervals": intervals,
-                       "skipped": skipped}, f, indent=2)
+        atomic.write_json(_OUTPUT.value, {"fits": {k: laws.scalars(v) for k, v in fits.items()},
+                                          "intervals": intervals, "skipped": skipped}, indent=2)
 
 
 if __name__ == "__main__":

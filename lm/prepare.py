@@ -10,7 +10,6 @@ cleaning first. A built corpus is reused until its files or options change.
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app
@@ -19,6 +18,7 @@ from ml_collections import config_flags
 from lm.config import validated_config
 from lm.data import pipeline, text_files
 from lm.errors import UsageError, exit_with_error, quiet_logging, reject_positional
+from lm.files import atomic
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe whose config.data to build.", lock_config=True)
 
@@ -47,9 +47,7 @@ def main(argv: list[str]) -> None:
         print("\n".join(report_lines(report)))
         path = os.path.join(builder.data_dir, "cleaning_report.json")
         if not os.path.exists(path):
-            with open(f"{path}.tmp", "w") as f:
-                json.dump(report, f, indent=2)
-            os.replace(f"{path}.tmp", path)
+            atomic.write_json(path, report, indent=2)
         print(f"dataset: {builder.data_dir}\nreport: {path}")
 
 if __name__ == "__main__":

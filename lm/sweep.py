@@ -28,6 +28,7 @@ from absl import app, flags
 
 from lm.config import validate
 from lm.errors import PREEMPTED, UsageError, exit_with_error, quiet_logging, reject_positional
+from lm.files import atomic
 from lm.parallel import runtime
 from lm.scaling import sweeps
 
@@ -186,8 +187,7 @@ def _submit(workdir: str, pending: list[sweeps.Point]) -> list[str]:
         commands = [submit]
         if not _DRY_RUN.value:
             os.makedirs(workdir, exist_ok=True)
-            with open(points_file, "w", encoding="utf-8") as f:
-                f.write("\n".join(lines) + "\n")
+            atomic.write_text(points_file, "\n".join(lines) + "\n")
         else:
             print(f"# {points_file}, one line per array task:")
             for line in lines:

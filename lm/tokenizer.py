@@ -22,6 +22,7 @@ from ml_collections import config_flags
 from lm import config as config_lib
 from lm.data import pipeline, tokenizers
 from lm.errors import UsageError, exit_with_error, quiet_logging
+from lm.files import atomic
 
 COMMANDS = ("train", "report")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe whose corpus to use.", lock_config=True)
@@ -45,9 +46,7 @@ def train(config, built: dict, output: str) -> tokenizers.SentencePieceTokenizer
     start = time.perf_counter()
     tokenizer = pipeline.train_sentencepiece(config, built)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(f"{output}.tmp", "wb") as f:
-        f.write(tokenizer.model_proto)
-    os.replace(f"{output}.tmp", output)
+    atomic.write_bytes(output, tokenizer.model_proto)
     print(f"trained {config.data.sentencepiece.model_type} tokenizer, {tokenizer.vocab_size:,} pieces, in "
           f"{time.perf_counter() - start:.1f} s: {output}")
     return tokenizer

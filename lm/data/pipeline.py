@@ -39,6 +39,7 @@ import tensorflow_datasets as tfds
 from lm.config import resolve_files
 from lm.data import text_files, tokenizers
 from lm.data.documents import CorpusError
+from lm.files import atomic
 
 SPLITS = ("train", "validation")
 
@@ -258,10 +259,8 @@ def _encode_chunk(tokenizer: tokenizers.Tokenizer, source, chunk: int) -> tuple[
 
 
 def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic.replacing(path, "wb") as f:
         write(f)
-    os.replace(tmp, path)
 
 
 class _EpochWindow(grain.experimental.MapWithIndexTransform):

@@ -26,6 +26,8 @@ from typing import Protocol
 import numpy as np
 import sentencepiece as spm
 
+from lm.files import atomic
+
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 NUM_SPECIAL = 3
 
@@ -331,10 +333,7 @@ def from_json(spec: dict) -> Tokenizer:
 
 
 def save(tokenizer: Tokenizer, path: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(tokenizer.to_json(), f, ensure_ascii=False)
-    os.replace(tmp, path)  # never leave a half-written tokenizer behind
+    atomic.write_json(path, tokenizer.to_json(), ensure_ascii=False)  # never a half-written tokenizer
 
 
 def load(path: str) -> Tokenizer:

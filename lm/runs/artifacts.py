@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +26,7 @@ from lm.configs import base
 from lm.data import tokenizers
 from lm.data.tokenizers import Tokenizer
 from lm.errors import UsageError
+from lm.files import atomic
 from lm.model import ModelConfig, build
 from lm.model.counting import abstract_params, param_counts
 from lm.runs import checkpoint, version
@@ -133,16 +133,10 @@ def check_new_directory(output: str) -> None:
 
 
 def publish_directory(output: str, fill: Callable[[str], None]) -> None:
-    """Creates the new directory `output` whole or not at all: `fill` writes into a staging
-    directory beside it, which is then renamed into place."""
+    """Creates the new directory `output` (refusing a non-empty one) whole or not at all:
+    `fill` writes into a staging directory beside it, which is then renamed into place."""
     check_new_directory(output)
-    staging = os.path.abspath(output.rstrip("/") + f".partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    fill(staging)
-    if os.path.exists(output):
-        os.rmdir(output)  # empty, checked above
-    os.replace(staging, output)
+    atomic.write_directory(output, fill)
 
 
 def write_export(output: str, params: Any, config: ml_collections.ConfigDict, tokenizer: Tokenizer,

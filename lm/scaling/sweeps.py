@@ -21,6 +21,7 @@ from typing import Any
 import ml_collections
 
 from lm.errors import UsageError
+from lm.files import atomic
 
 SCALARS = (bool, int, float, str)
 COLUMNS = ("name", "parameters", "non_embedding_parameters", "tokens", "flops", "budget", "target_parameters",
@@ -111,7 +112,7 @@ def add_wall_seconds(sweep_dir: str, point: Point, seconds: float) -> None:
     record = _read_json(path) or {"overrides": point.overrides, "wall_seconds": 0.0, "attempts": 0}
     record["wall_seconds"] += seconds
     record["attempts"] += 1
-    _write_atomically(path, json.dumps(record, indent=2))
+    atomic.write_json(path, record, indent=2)
 
 
 def result_row(sweep_dir: str, point: Point) -> dict[str, Any]:
@@ -148,8 +149,8 @@ def write_results(sweep_dir: str, rows: list[dict[str, Any]]) -> str:
     writer = csv.DictWriter(text, fieldnames=COLUMNS)
     writer.writeheader()
     writer.writerows(ordered)
-    _write_atomically(csv_path, text.getvalue())
-    _write_atomically(jsonl_path, "".join(json.dumps(row) + "\n" for row in ordered))
+    atomic.write_text(csv_path, text.getvalue())
+    atomic.write_text(jsonl_path, "".join(json.dumps(row) + "\n" for row in ordered))
     return csv_path
 
 
@@ -158,10 +159,3 @@ def _read_json(path: str) -> dict | None:
         return None
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def _write_atomically(path: str, text: str) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(temporary, path)
