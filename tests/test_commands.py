@@ -1,0 +1,37 @@
+"""Commands: every `python -m lm.X` the README shows is a top-level command of lm, and the
+paths commands had before the restructuring (issue 20) still run them."""
+
+import pathlib
+import re
+
+import pytest
+from helpers import REPO, run_cli
+
+
+def _readme_commands() -> set[str]:
+    text = (pathlib.Path(REPO) / "README.md").read_text(encoding="utf-8")
+    return set(re.findall(r"python -m (lm(?:\.\w+)+)", text))
+
+
+def test_every_command_the_readme_shows_is_a_top_level_module_with_a_main():
+    commands = _readme_commands()
+    assert {"lm.main", "lm.sample", "lm.serve", "lm.evaluate", "lm.prepare", "lm.fit_scaling"} <= commands
+    for command in sorted(commands):
+        assert command.count(".") == 1, f"{command}: a command is a top-level lm/X.py"
+        source = (pathlib.Path(REPO) / "lm" / f"{command.split('.')[1]}.py").read_text(encoding="utf-8")
+        assert 'if __name__ == "__main__":' in source, command
+
+
+@pytest.mark.parametrize("old_path, args, expected", [
+    ("lm.data.prepare", (), "--config is required"),
+    ("lm.data.tokenizer", (), "give one command, train or report"),
+    ("lm.scaling", ("fit", "--results=/no/such/results.csv"), "/no/such/results.csv does not exist"),
+])
+def test_an_old_command_path_runs_the_moved_command(old_path, args, expected):
+    result = run_cli(old_path, *args, check=False)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+
+
+def test_the_old_presets_path_prints_the_table():
+    assert "gpt2-small" in run_cli("lm.model.presets").stdout
