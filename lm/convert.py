@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from lm.configs import base
+from lm.config import schema
 from lm.data import tokenizers
 from lm.errors import UsageError, exit_with_error, quiet_logging
 from lm.interop import huggingface as hf
@@ -169,7 +169,7 @@ def _first(ids: Any) -> int | None:
 def lm_config(hf_config: dict) -> ml_collections.ConfigDict:
     """The `lm` config of a Hugging Face model: base defaults, the model's fields, its context."""
     arch = hf.architecture_of(hf_config)
-    config = base.get_config()
+    config = schema.get_config()
     config.model.update(arch.model_fields(hf_config))
     config.model.vocab_size = hf_config["vocab_size"]
     config.model.dropout = 0.0

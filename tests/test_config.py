@@ -1,5 +1,6 @@
 """Configs: every recipe validates, and bad input fails up front with the field and the fix."""
 
+import ast
 import os
 
 import jax
@@ -7,7 +8,10 @@ import pytest
 from helpers import REPO, cli_flags, run_cli, tiny_config
 
 from lm import config as config_lib
+from lm.config import schema
 from lm.configs import base, shakespeare_char
+from lm.data import corpora
+from lm.errors import UsageError
 from lm.parallel import runtime, sharding
 
 
@@ -191,3 +195,38 @@ def test_cli_names_user_defined_symbols_not_the_vocab_size_for_a_reserved_piece(
     errors = [line for line in result.stderr.splitlines() if line.startswith("lm: error:")]
     assert len(errors) == 1 and "config.data.sentencepiece.user_defined_symbols=('</s>',)" in errors[0], result.stderr
     assert "vocab_size" not in errors[0] and "INTERNAL" not in result.stderr and "Traceback" not in result.stderr
+
+
+def _names(node: ast.expr) -> str:
+    """The name an exception expression ends in: `ConfigError`, `config_lib.ConfigError(...)`."""
+    node = node.func if isinstance(node, ast.Call) else node
+    return node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", "")
+
+
+def test_config_error_is_raised_and_defined_only_under_lm_config():
+    """A ConfigError says "this config cannot run"; a workdir, checkpoint or table error
+    has its own UsageError subclass, so only lm/config/ raises ConfigError."""
+    raised, defined = {}, {}
+    for root, dirs, files in os.walk(os.path.join(REPO, "lm")):
+        dirs[:] = [d for d in dirs if d not in ("configs", "__pycache__")]  # configs: a worktree's link to recipes
+        for name in (f for f in files if f.endswith(".py")):
+            path = os.path.relpath(os.path.join(root, name), REPO)
+            with open(os.path.join(REPO, path), encoding="utf-8") as f:
+                tree = ast.parse(f.read(), path)
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Raise) and node.exc is not None and _names(node.exc) == "ConfigError":
+                    raised[path] = raised.get(path, 0) + 1
+                if isinstance(node, ast.ClassDef) and (node.name == "ConfigError"
+                                                       or "ConfigError" in map(_names, node.bases)):
+                    defined[path] = node.name
+    assert raised, "found no `raise ConfigError` at all: the walk is looking in the wrong place"
+    assert {p for p in raised if not p.startswith(os.path.join("lm", "config") + os.sep)} == set(), raised
+    assert defined == {os.path.join("lm", "config", "validation.py"): "ConfigError"}
+    assert issubclass(config_lib.ConfigError, UsageError)
+
+
+def test_the_schema_lives_in_lm_config_and_recipes_reach_it_through_configs_base():
+    assert base.get_config is schema.get_config and base.DEFAULT_RULES is schema.DEFAULT_RULES
+    # The schema finds the embedded corpus without importing lm.data (it sits below it).
+    assert schema.get_config().data.files == (corpora.path("tinyshakespeare"),)
+    assert os.path.isfile(schema.get_config().data.files[0])

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from lm.config import schema
+
 # Shared styles, then each preset's own numbers.
 _GPT2 = dict(family="decoder", positions="learned", norm="layernorm", activation="gelu_tanh", use_bias=True,
              tie_embeddings=True, vocab_size=50257, max_len=1024)
@@ -49,10 +51,9 @@ def apply(model: ml_collections.ConfigDict, name: str) -> tuple[int, int]:
 
 def model_config(name: str):
     """The preset's `ModelConfig` (with its own vocabulary and context)."""
-    from lm.configs import base
     from lm.model import ModelConfig
 
-    model = base.get_config().model
+    model = schema.get_config().model
     vocab_size, max_len = apply(model, name)
     return ModelConfig.from_config(model, vocab_size or 256, max_len or 64)
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from lm.configs import base
+from lm.config import schema
 from lm.data import tokenizers
 from lm.data.tokenizers import Tokenizer
 from lm.errors import UsageError
@@ -64,7 +64,7 @@ def load_config(path: str) -> ml_collections.ConfigDict:
                           "directory written by lm.export.")
     with open(config_path, encoding="utf-8") as f:
         saved = json.load(f)
-    config = base.get_config()
+    config = schema.get_config()
     _merge(config, saved)
     return config
 

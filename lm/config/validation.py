@@ -1,39 +1,23 @@
 """Config validation: one pass before any work, with errors that name the field and the fix.
 
-`validate(config)` checks values that need nothing but the config and the filesystem.
-Checks that need the devices (mesh shape, batch divisibility) live in `lm.parallel.sharding`
-and raise the same `ConfigError`.
+`validate(config)` checks values that need nothing but the config and the filesystem, and
+raises `ConfigError`. Checks that need the devices (mesh shape, batch divisibility) live
+in `lm.parallel.sharding` and raise its `MeshError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import ml_collections
 
+from lm.config import choices
 from lm.errors import UsageError, exit_with_error
-
-CORPUS_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")  # the files lm.data.documents reads
-UNITS = ("file", "paragraph", "line")  # what one document is in a .txt file
-NORMAL_FORMS = ("none", "NFC", "NFKC")
-TOKENIZERS = ("char", "byte", "sentencepiece")
-SPLIT_MODES = ("tail", "hash")
-PACKINGS = ("stream", "pack")
-SP_MODEL_TYPES = ("bpe", "unigram")
-FAMILIES = ("decoder", "encoder", "encoder_decoder")
-POSITIONS = ("learned", "rope")
-NORMS = ("layernorm", "rmsnorm")
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
-DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
-SCHEDULES = ("cosine", "linear", "constant", "rsqrt")
-MESH_AXES = ("data", "fsdp", "tensor")
 
 
 class ConfigError(UsageError):
@@ -41,31 +25,29 @@ class ConfigError(UsageError):
 
 
 def fail(field: str, value: Any, problem: str, fix: str) -> None:
+    """Raises ConfigError "config.FIELD=VALUE PROBLEM. Fix: FIX."."""
     raise ConfigError(f"config.{field}={value!r} {problem}. Fix: {fix}.")
 
 
-def require_choice(config: ml_collections.ConfigDict, field: str, choices: Iterable[str]) -> None:
+def require_choice(config: ml_collections.ConfigDict, field: str, allowed: Iterable[str]) -> None:
+    """Raises ConfigError, listing `allowed`, unless the dotted `field` holds one of them."""
     value = _get(config, field)
-    if value not in choices:
-        fail(field, value, "is not a known choice", f"use one of {', '.join(map(repr, choices))}")
+    if value not in allowed:
+        fail(field, value, "is not a known choice", f"use one of {', '.join(map(repr, allowed))}")
 
 
 def require_positive(config: ml_collections.ConfigDict, field: str, allow_zero: bool = False) -> None:
+    """Raises ConfigError unless the dotted `field` is a number > 0 (>= 0 with `allow_zero`)."""
     value = _get(config, field)
     if not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
         fail(field, value, "must be " + ("zero or positive" if allow_zero else "positive"),
              "set a value " + (">= 0" if allow_zero else "> 0"))
 
 
-# Spellings lm's SentencePiece models reserve: its control pieces, <unk>, the byte pieces
-# of byte fallback, and "<eos>" (the end-of-document token's name in lm's other tokenizers).
-SP_RESERVED = ("<pad>", "</s>", "<eos>", "<unk>")
-
-
 def check_user_defined_symbols(symbols: Any) -> None:
     """Raises ConfigError unless `symbols` (data.sentencepiece.user_defined_symbols) is a
     tuple of distinct, non-empty strings that SentencePiece can keep whole as text: none
-    may spell a piece lm reserves (SP_RESERVED or a byte piece "<0x41>"), which
+    may spell a piece lm reserves (choices.SP_RESERVED or a byte piece "<0x41>"), which
     SentencePiece would reject with an unrelated INTERNAL error or which would turn a
     control token into text, nor hold whitespace or "▁" (SentencePiece's space), which
     would split it or change its text."""
@@ -75,7 +57,7 @@ def check_user_defined_symbols(symbols: Any) -> None:
             or not all(isinstance(s, str) for s in symbols):
         fail(field, symbols, "is not a tuple of strings", f"give a tuple, e.g. {example}")
     for symbol in symbols:
-        if symbol in SP_RESERVED or re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", symbol):
+        if symbol in choices.SP_RESERVED or re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", symbol):
             fail(field, symbols, f"has {symbol!r}, a piece lm's SentencePiece models reserve (<pad>, </s> and "
                  "<eos> are control tokens only code inserts, <unk> and <0xNN> stand for unknown text)",
                  f"remove it, or use a name of your own such as '<sep>': {example}")
@@ -104,40 +86,14 @@ def resolve_files(patterns: Iterable[str]) -> list[str]:
         if os.path.isdir(expanded):
             expanded = os.path.join(expanded, "**", "*")
         matches = sorted(p for p in glob.glob(expanded, recursive=True)
-                         if os.path.isfile(p) and p.endswith(CORPUS_SUFFIXES))
+                         if os.path.isfile(p) and p.endswith(choices.CORPUS_SUFFIXES))
         if not matches:
             fail("data.files", pattern, f"matches no corpus file (looked for {expanded} "
-                 f"ending in {', '.join(CORPUS_SUFFIXES)})",
+                 f"ending in {', '.join(choices.CORPUS_SUFFIXES)})",
                  "point data.files at existing text files, e.g. "
                  "--config.data.files='(\"/path/to/corpus.txt\",)'")
         files.extend(matches)
     return files
-
-
-def head_dim(model: ml_collections.ConfigDict) -> int:
-    return model.head_dim or model.d_model // model.num_heads
-
-
-def d_ff(model: ml_collections.ConfigDict) -> int:
-    """The MLP width: `model.d_ff`, or 0 for 4 x d_model (SwiGLU: 8/3 x d_model rounded up
-    to a multiple of 64, which keeps its three matrices' parameters equal to a 4x GELU MLP)."""
-    if model.d_ff:
-        return model.d_ff
-    return 4 * model.d_model if model.activation != "swiglu" else -(-(8 * model.d_model // 3) // 64) * 64
-
-
-def num_kv_heads(model: ml_collections.ConfigDict) -> int:
-    return model.num_kv_heads or model.num_heads
-
-
-_ZERO_DEFAULTS = ("model.head_dim", "model.d_ff", "model.num_kv_heads")
-
-
-def _resolved_model(fields: dict[str, Any]) -> dict[str, Any]:
-    """The values of `_ZERO_DEFAULTS` that `fields` (config_fields) stand for: 0 means a
-    value derived from the other model fields."""
-    model = ml_collections.ConfigDict({k[len("model."):]: v for k, v in fields.items() if k.startswith("model.")})
-    return dict(zip(_ZERO_DEFAULTS, (head_dim(model), d_ff(model), num_kv_heads(model))))
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -169,10 +125,10 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
     if not 0.0 < d.validation_fraction < 1.0:
         fail("data.validation_fraction", d.validation_fraction, "must lie strictly between 0 and 1",
              "hold out a fraction such as 0.1")
-    require_choice(config, "data.unit", UNITS)
-    require_choice(config, "data.normalize", NORMAL_FORMS)
-    require_choice(config, "data.split", SPLIT_MODES)
-    require_choice(config, "data.packing", PACKINGS)
+    require_choice(config, "data.unit", choices.UNITS)
+    require_choice(config, "data.normalize", choices.NORMAL_FORMS)
+    require_choice(config, "data.split", choices.SPLIT_MODES)
+    require_choice(config, "data.packing", choices.PACKINGS)
     for field, value in d.filters.items():
         require_positive(config, f"data.filters.{field}", allow_zero=True)
         if field.endswith("_fraction") and value > 1:
@@ -182,9 +138,9 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
              "use e.g. 0.8, or 0 to turn near-duplicate removal off")
     require_positive(config, "data.dedup.num_perm")
     require_positive(config, "data.dedup.shingle_words")
-    require_choice(config, "data.tokenizer", TOKENIZERS)
+    require_choice(config, "data.tokenizer", choices.TOKENIZERS)
     if d.tokenizer == "sentencepiece":
-        require_choice(config, "data.sentencepiece.model_type", SP_MODEL_TYPES)
+        require_choice(config, "data.sentencepiece.model_type", choices.SP_MODEL_TYPES)
         require_positive(config, "data.sentencepiece.vocab_size")
         require_positive(config, "data.sentencepiece.max_sentences")
         check_user_defined_symbols(d.sentencepiece.user_defined_symbols)
@@ -201,7 +157,7 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
 
 def _validate_model(config: ml_collections.ConfigDict) -> None:
     m = config.model
-    require_choice(config, "model.family", FAMILIES)
+    require_choice(config, "model.family", choices.FAMILIES)
     for field in ("num_layers", "num_heads", "d_model"):
         require_positive(config, f"model.{field}")
     for field in ("head_dim", "d_ff", "vocab_size"):
@@ -210,26 +166,21 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
         nearest = m.num_heads * max(1, round(m.d_model / m.num_heads))
         fail("model.d_model", m.d_model, f"is not divisible by config.model.num_heads={m.num_heads}",
              f"choose d_model a multiple of num_heads (e.g. {nearest}), or set model.head_dim explicitly")
-    require_choice(config, "model.positions", POSITIONS)
-    if m.positions == "rope" and head_dim(m) % 2:
-        fail("model.head_dim", head_dim(m), "must be even for rotary positions",
+    require_choice(config, "model.positions", choices.POSITIONS)
+    if m.positions == "rope" and choices.head_dim(m) % 2:
+        fail("model.head_dim", choices.head_dim(m), "must be even for rotary positions",
              "choose an even head_dim or use model.positions='learned'")
     require_positive(config, "model.num_kv_heads", allow_zero=True)
     if m.num_kv_heads and m.num_heads % m.num_kv_heads:
         fail("model.num_kv_heads", m.num_kv_heads, f"does not divide config.model.num_heads={m.num_heads}",
              "choose a divisor of num_heads (e.g. 1 for multi-query attention), or 0 for num_heads")
-    require_choice(config, "model.remat", REMAT_POLICIES)
-    require_choice(config, "model.norm", NORMS)
-    require_choice(config, "model.activation", ACTIVATIONS)
-    require_choice(config, "model.dtype", DTYPES)
+    require_choice(config, "model.remat", choices.REMAT_POLICIES)
+    require_choice(config, "model.norm", choices.NORMS)
+    require_choice(config, "model.activation", choices.ACTIVATIONS)
+    require_choice(config, "model.dtype", choices.DTYPES)
     if not 0.0 <= m.dropout < 1.0:
         fail("model.dropout", m.dropout, "must lie in [0, 1)", "use e.g. 0.0 or 0.1")
     require_positive(config, "model.init_std")
-
-
-OBJECTIVES = ("causal", "prefix_lm", "masked_lm", "span_corruption", "mixture")
-OBJECTIVE_FAMILIES = {"causal": ("decoder",), "prefix_lm": ("decoder",), "masked_lm": ("encoder",),
-                      "span_corruption": ("encoder_decoder",), "mixture": ("encoder_decoder", "decoder")}
 
 
 def _validate_mixture(config: ml_collections.ConfigDict) -> None:
@@ -259,13 +210,13 @@ def _validate_objective(config: ml_collections.ConfigDict) -> None:
     from lm.objectives import denoisers, extra_ids_needed, mixture  # late: lm.objectives imports jax
 
     ob = config.objective
-    require_choice(config, "objective.name", OBJECTIVES)
-    fits = OBJECTIVE_FAMILIES[ob.name]
+    require_choice(config, "objective.name", choices.OBJECTIVES)
+    fits = choices.OBJECTIVE_FAMILIES[ob.name]
     if config.model.family not in fits:
         fail("objective.name", ob.name, f"does not fit config.model.family={config.model.family!r}: it needs "
              f"{' or '.join(map(repr, fits))}",
              f"set config.model.family={fits[0]!r}, or pick an objective for {config.model.family!r} "
-             f"({', '.join(o for o, f in OBJECTIVE_FAMILIES.items() if config.model.family in f)})")
+             f"({', '.join(o for o, f in choices.OBJECTIVE_FAMILIES.items() if config.model.family in f)})")
     require_positive(config, "objective.z_loss", allow_zero=True)
     require_positive(config, "objective.extra_ids", allow_zero=True)
     if not 0.0 <= ob.prefix_lm.prefix_fraction < 1.0:
@@ -291,7 +242,7 @@ def _validate_objective(config: ml_collections.ConfigDict) -> None:
 
 def _validate_optim(config: ml_collections.ConfigDict) -> None:
     o = config.optim
-    require_choice(config, "optim.schedule", SCHEDULES)
+    require_choice(config, "optim.schedule", choices.SCHEDULES)
     require_positive(config, "optim.lr")
     require_positive(config, "optim.final_lr", allow_zero=True)
     require_positive(config, "optim.warmup_steps", allow_zero=True)
@@ -336,8 +287,8 @@ def _validate_train(config: ml_collections.ConfigDict) -> None:
 
 def _validate_mesh_fields(config: ml_collections.ConfigDict) -> None:
     shape = dict(config.mesh.shape)
-    if set(shape) != set(MESH_AXES):
-        fail("mesh.shape", shape, f"must name exactly the axes {MESH_AXES}",
+    if set(shape) != set(choices.MESH_AXES):
+        fail("mesh.shape", shape, f"must name exactly the axes {choices.MESH_AXES}",
              "give a size for each, e.g. dict(data=-1, fsdp=1, tensor=1)")
     for axis, size in shape.items():
         if not isinstance(size, int) or (size < 1 and size != -1):
@@ -346,139 +297,16 @@ def _validate_mesh_fields(config: ml_collections.ConfigDict) -> None:
     if list(shape.values()).count(-1) > 1:
         fail("mesh.shape", shape, "has more than one axis set to -1", "give explicit sizes to all but one")
     dcn = dict(config.mesh.dcn_shape)
-    if set(dcn) != set(MESH_AXES) or not all(isinstance(v, int) and v >= 1 for v in dcn.values()):
-        fail("mesh.dcn_shape", dcn, f"must give a positive slice count for each of {MESH_AXES}",
+    if set(dcn) != set(choices.MESH_AXES) or not all(isinstance(v, int) and v >= 1 for v in dcn.values()):
+        fail("mesh.dcn_shape", dcn, f"must give a positive slice count for each of {choices.MESH_AXES}",
              "e.g. dict(data=2, fsdp=1, tensor=1) for two slices or nodes")
     require_positive(config, "mesh.cpu_devices", allow_zero=True)
     for rule in config.sharding.rules:
         axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
-        unknown = [a for a in axes if a is not None and a not in MESH_AXES]
+        unknown = [a for a in axes if a is not None and a not in choices.MESH_AXES]
         if unknown:
             fail("sharding.rules", rule, f"maps to unknown mesh axes {unknown}",
-                 f"map logical axes to {MESH_AXES} or None")
-
-
-# --- Resuming: which fields may differ from the checkpoint's config -------------------
-
-@dataclasses.dataclass(frozen=True)
-class OnResume:
-    """What a rerun on a workdir with checkpoints may do with one config field.
-
-    `may_change`: False refuses a new value, since the checkpoint's train state or the
-    data position it holds would no longer mean what the config says. `key` maps a value
-    to what must stay equal (e.g. `bool` for "on or off"); `reason` is said in the error.
-    """
-
-    may_change: bool
-    reason: str
-    key: Callable[[Any], Any] = lambda value: value
-
-
-_STATE = "the train state's shapes or what its parameters compute"
-_OBJECTIVE = "the objective (the loss the train state was optimised for)"
-_DATA = "the training data: documents, rows and their order, which the checkpoint's data position indexes"
-_TOKENIZER = "the tokenizer: the workdir's tokenizer.json is reused, so a new value would be silently ignored"
-_RUNTIME = "how the same computation runs, not what it computes"
-_CADENCE = "evaluation, logging or checkpoint cadence, which the train state does not depend on"
-_SCHEDULE = ("a hyperparameter of the same optimizer state (moments and step count keep their meaning); lowering "
-             "the learning rate or tightening the clip and resuming is the usual cure for a loss spike")
-
-# Every leaf of configs/base.py (a dict-valued entry is one field: its keys are user data),
-# classified; tests/test_resume_config.py fails on an unclassified one.
-RESUME: dict[str, OnResume] = {
-    "seed": OnResume(False, "initialisation, data order and dropout noise all derive from it"),
-    "data.name": OnResume(True, "a label of the built dataset; the corpus itself is compared by content"),
-    "data.files": OnResume(False, _DATA),
-    "data.sources": OnResume(False, _DATA),
-    **{f"data.{f}": OnResume(False, _DATA) for f in ("unit", "normalize", "split", "validation_fraction",
-                                                      "packing", "seq_len")},
-    **{f"data.filters.{f}": OnResume(False, _DATA) for f in (
-        "min_chars", "max_chars", "min_words", "max_words", "max_non_alpha_fraction", "max_duplicate_line_fraction",
-        "max_top_bigram_fraction", "max_duplicate_ngram_fraction", "duplicate_ngram_size")},
-    **{f"data.dedup.{f}": OnResume(False, _DATA) for f in ("exact", "near_threshold", "num_perm", "shingle_words")},
-    "data.tokenizer": OnResume(False, _TOKENIZER),
-    **{f"data.sentencepiece.{f}": OnResume(False, _TOKENIZER) for f in (
-        "model", "model_type", "vocab_size", "byte_fallback", "user_defined_symbols", "max_sentences")},
-    "data.data_dir": OnResume(True, "a cache location; the same corpus builds the same tokens anywhere"),
-    "data.num_threads": OnResume(True, _RUNTIME),
-    "data.prefetch": OnResume(True, _RUNTIME),
-    **{f"model.{f}": OnResume(False, _STATE) for f in (
-        "family", "num_decoder_layers", "num_layers", "num_heads", "d_model", "head_dim", "d_ff", "vocab_size",
-        "positions", "rope_theta", "norm", "norm_eps", "activation", "use_bias", "tie_embeddings", "dropout",
-        "init_std", "num_kv_heads", "scan_layers")},
-    "model.dtype": OnResume(True, "the compute dtype of the same float32 parameters (what the hardware suits)"),
-    "model.remat": OnResume(True, "recomputation trades memory for time and gives the same gradients"),
-    **{f"objective.{f}": OnResume(False, _OBJECTIVE) for f in (
-        "name", "z_loss", "prefix_lm.prefix_fraction", "masked_lm.rate", "masked_lm.mask_prob",
-        "masked_lm.random_prob", "span_corruption.noise_density", "span_corruption.mean_span_length",
-        "mixture.preset", "mixture.denoisers")},
-    "objective.extra_ids": OnResume(False, _STATE + " (the vocabulary)"),
-    **{f"optim.{f}": OnResume(True, _SCHEDULE) for f in (
-        "lr", "schedule", "warmup_steps", "decay_steps", "final_lr", "b1", "b2", "eps", "weight_decay")},
-    "optim.grad_clip": OnResume(False, "clipping on or off changes the optimizer's state tree; its threshold "
-                                       "may change", key=bool),
-    "train.steps": OnResume(True, "a longer run extends the same one"),
-    "train.batch_size": OnResume(False, "the checkpoint's data position counts batches of the old size: a new "
-                                        "size would skip or repeat rows, and a step would mean other tokens"),
-    "train.microbatches": OnResume(True, "gradient accumulation gives the full batch's update"),
-    "train.peak_flops_per_device": OnResume(True, "only the logged MFU"),
-    **{f"train.{f}": OnResume(True, _CADENCE) for f in (
-        "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "permanent_checkpoint_every")},
-    "train.max_nonfinite_steps": OnResume(True, "a stopping rule: allowing more skipped steps and resuming is a "
-                                                "documented cure for a divergence"),
-    "eval.batch_size": OnResume(True, _CADENCE),
-    "eval.num_batches": OnResume(True, _CADENCE),
-    **{f"distill.{f}": OnResume(False, _OBJECTIVE) for f in ("teacher", "temperature", "alpha")},
-    **{f"sample.{f}": OnResume(True, "only the sample printed at the end") for f in (
-        "prompt", "max_new_tokens", "temperature", "top_k")},
-    "sweep.budget": OnResume(True, "sweep bookkeeping, no effect on training"),
-    "sweep.target_parameters": OnResume(True, "sweep bookkeeping, no effect on training"),
-    "mesh.shape": OnResume(True, "checkpoints restore onto any mesh"),
-    "mesh.dcn_shape": OnResume(True, "checkpoints restore onto any mesh"),
-    "mesh.cpu_devices": OnResume(True, "checkpoints restore onto any mesh"),
-    "sharding.rules": OnResume(True, "a layout: restoring reshards the state"),
-}
-
-_UNCLASSIFIED = OnResume(False, "not classified in lm.config.RESUME, so refused to be safe")
-
-
-def config_fields(config_json: dict, prefix: str = "") -> dict[str, Any]:
-    """A config as JSON (`ConfigDict.to_json_best_effort`), flattened to `RESUME`'s dotted
-    names: a nested dict is a section unless `RESUME` names it as one field."""
-    fields = {}
-    for name, value in config_json.items():
-        path = prefix + name
-        if isinstance(value, dict) and path not in RESUME:
-            fields.update(config_fields(value, path + "."))
-        else:
-            fields[path] = value
-    return fields
-
-
-def resume_conflicts(saved: dict, new: dict, ignore: Iterable[str] = ()) -> list[str]:
-    """The fields (besides `ignore`) whose value in config JSON `new` may not replace the
-    checkpoint's `saved` one, each as "config.F was OLD, now NEW (REASON)".
-
-    A field that `saved` lacks (added to lm after the checkpoint) counts as its default
-    from configs/base.py.
-    """
-    from lm.configs import base  # late: base imports lm.data
-
-    defaults = config_fields(json.loads(base.get_config().to_json_best_effort()))
-    old, new = {**defaults, **config_fields(saved)}, config_fields(new)
-    # A zero default spelled out (head_dim=16 where 0 meant 16) is no change.
-    resolved_old, resolved_new = _resolved_model(old), _resolved_model(new)
-    conflicts = []
-    for field in sorted(set(old) | set(new)):
-        rule = RESUME.get(field, _UNCLASSIFIED)
-        if field in ignore or rule.may_change:
-            continue
-        if field in _ZERO_DEFAULTS and resolved_old[field] == resolved_new[field]:
-            continue
-        before, after = old.get(field), new.get(field)
-        if rule.key(before) != rule.key(after):
-            conflicts.append(f"config.{field} was {before!r}, now {after!r} ({rule.reason})")
-    return conflicts
+                 f"map logical axes to {choices.MESH_AXES} or None")
 
 
 def validated_config(config: ml_collections.ConfigDict | None, example: str) -> ml_collections.ConfigDict:

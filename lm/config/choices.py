@@ -1,0 +1,53 @@
+"""The values a config field may take, and what its zero defaults resolve to.
+
+Each tuple lists the allowed values of one choice field of the schema (`lm.config.schema`);
+validation (`lm.config.validation`) checks against them and names them in its errors, and
+the libraries that implement a choice import its tuple from here (e.g. `lm.data.documents`
+reads the files `CORPUS_SUFFIXES` names).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+CORPUS_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")  # the files lm.data.documents reads
+UNITS = ("file", "paragraph", "line")  # what one document is in a .txt file
+NORMAL_FORMS = ("none", "NFC", "NFKC")
+TOKENIZERS = ("char", "byte", "sentencepiece")
+SPLIT_MODES = ("tail", "hash")
+PACKINGS = ("stream", "pack")
+SP_MODEL_TYPES = ("bpe", "unigram")
+FAMILIES = ("decoder", "encoder", "encoder_decoder")
+POSITIONS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+SCHEDULES = ("cosine", "linear", "constant", "rsqrt")
+MESH_AXES = ("data", "fsdp", "tensor")
+OBJECTIVES = ("causal", "prefix_lm", "masked_lm", "span_corruption", "mixture")
+# The model families each objective trains.
+OBJECTIVE_FAMILIES = {"causal": ("decoder",), "prefix_lm": ("decoder",), "masked_lm": ("encoder",),
+                      "span_corruption": ("encoder_decoder",), "mixture": ("encoder_decoder", "decoder")}
+
+# Spellings lm's SentencePiece models reserve: its control pieces, <unk>, the byte pieces
+# of byte fallback, and "<eos>" (the end-of-document token's name in lm's other tokenizers).
+SP_RESERVED = ("<pad>", "</s>", "<eos>", "<unk>")
+
+
+def head_dim(model: ml_collections.ConfigDict) -> int:
+    """The per-head width: `model.head_dim`, or 0 for d_model // num_heads."""
+    return model.head_dim or model.d_model // model.num_heads
+
+
+def d_ff(model: ml_collections.ConfigDict) -> int:
+    """The MLP width: `model.d_ff`, or 0 for 4 x d_model (SwiGLU: 8/3 x d_model rounded up
+    to a multiple of 64, which keeps its three matrices' parameters equal to a 4x GELU MLP)."""
+    if model.d_ff:
+        return model.d_ff
+    return 4 * model.d_model if model.activation != "swiglu" else -(-(8 * model.d_model // 3) // 64) * 64
+
+
+def num_kv_heads(model: ml_collections.ConfigDict) -> int:
+    """The key/value heads: `model.num_kv_heads`, or 0 for num_heads (multi-head attention)."""
+    return model.num_kv_heads or model.num_heads
