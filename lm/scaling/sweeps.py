@@ -80,7 +80,7 @@ def _check_override(config: ml_collections.ConfigDict, key: str, value: Any, ind
         node = node.get(section) if isinstance(node, ml_collections.ConfigDict) else None
     if not isinstance(node, ml_collections.ConfigDict) or field not in node:
         raise UsageError(f"sweep point {index} sets {key!r}, which is not a config field. Fix: use a dotted "
-                          "field of configs/base.py, e.g. 'model.d_model'.")
+                          "field of lm/config/schema.py, e.g. 'model.d_model'.")
     if not isinstance(value, SCALARS):
         raise UsageError(f"sweep point {index} sets {key}={value!r}; a sweep overrides single values only. "
                           "Fix: use a number, string or bool.")
