@@ -46,7 +46,7 @@ def tree_bytes(directory) -> dict[str, bytes]:
 def test_every_config_field_is_classified_for_resuming():
     fields = config_lib.config_fields(json.loads(base.get_config().to_json_best_effort()))
     assert set(fields) - set(config_lib.RESUME) == set(), "classify the new field in lm.config.RESUME"
-    assert set(config_lib.RESUME) - set(fields) == set(), "RESUME names a field the schema (lm/config/schema.py) no longer has"
+    assert set(config_lib.RESUME) - set(fields) == set(), "RESUME names a field lm/config/schema.py no longer has"
     assert all(rule.reason for rule in config_lib.RESUME.values())
 
 
