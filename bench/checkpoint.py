@@ -28,7 +28,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from lm.config import validated_config  # noqa: E402
-from lm.data import pipeline  # noqa: E402
+from lm.data import batches, rows  # noqa: E402
 from lm.errors import reject_positional  # noqa: E402
 from lm.model import ModelConfig  # noqa: E402
 from lm.model.counting import param_counts  # noqa: E402
@@ -49,7 +49,7 @@ _DIRECTORY = flags.DEFINE_string("directory", None, "Where to write (on the disk
 def blocked_seconds(directory: str, state, asynchronous: bool, repeats: int) -> list[float]:
     """Seconds each `save` call holds the caller, over `repeats` saves of `state`."""
     saver = checkpoint.Checkpointer(directory, keep=1, asynchronous=asynchronous)
-    data_iterator = pipeline.iterate(pipeline.train_dataset(np.zeros(4096, np.int32), 8, 1, 0), 0, 0)
+    data_iterator = batches.iterate(batches.per_process(rows.train_rows(np.zeros(4096, np.int32), 8, 0), 1), 0, 0)
     seconds = []
     for step in range(1, repeats + 1):
         start = time.perf_counter()

@@ -24,7 +24,8 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from lm.config import validated_config  # noqa: E402
-from lm.data import pipeline, tokenizers  # noqa: E402
+from lm.data import batches, rows, tokenizers  # noqa: E402
+from lm.data.corpus import builders, prepare, token_stream  # noqa: E402
 from lm.errors import UsageError, exit_with_error, quiet_logging, reject_positional  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe to measure.", lock_config=True)
@@ -37,10 +38,10 @@ def main(argv):
     config = validated_config(_CONFIG.value, "configs/shakespeare_bpe.py")
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            corpus = pipeline.prepare(config, os.path.join(tmp, "tokenizer.json"))  # builds, trains, caches
-            source = pipeline.build(config).as_data_source()["train"]
+            corpus = prepare(config, os.path.join(tmp, "tokenizer.json"))  # builds, trains, caches
+            source = next(iter(builders(config).values())).as_data_source()["train"]  # the first source
             start = time.perf_counter()
-            tokens, documents, num_bytes = pipeline.token_stream(
+            tokens, documents, num_bytes = token_stream(
                 source, corpus.tokenizer, os.path.join(tmp, "fresh"), "train", config.data.num_threads)
             tokenize_s = time.perf_counter() - start
     except UsageError as e:
@@ -48,20 +49,20 @@ def main(argv):
 
     row_tokens = config.train.batch_size * (config.data.seq_len + 1)
     if config.data.packing == "pack":
-        efficiency = pipeline.packing_efficiency(documents, config.data.seq_len)
-        rows_per_epoch = len(pipeline.PackedRows(tokens, documents, config.data.seq_len, config.seed,
-                                                  tokenizers.EOS_ID, tokenizers.PAD_ID).epoch(0))
+        efficiency = rows.packing_efficiency(documents, config.data.seq_len)
+        rows_per_epoch = len(rows.PackedRows(tokens, documents, config.data.seq_len, config.seed,
+                                              tokenizers.EOS_ID, tokenizers.PAD_ID).epoch(0))
     else:
         efficiency, rows_per_epoch = 1.0, len(tokens) // config.data.seq_len
-    batches = max(rows_per_epoch // config.train.batch_size, 1)
+    num_batches = max(rows_per_epoch // config.train.batch_size, 1)
     if _MAX_BATCHES.value:
-        batches = min(batches, _MAX_BATCHES.value)
-    iterator = pipeline.iterate(pipeline.train_data(config, corpus), config.data.num_threads, config.data.prefetch)
+        num_batches = min(num_batches, _MAX_BATCHES.value)
+    iterator = batches.iterate(batches.train_data(config, corpus), config.data.num_threads, config.data.prefetch)
     start = time.perf_counter()
-    for _ in range(batches):
+    for _ in range(num_batches):
         next(iterator)
     batch_s = time.perf_counter() - start
-    batched_tokens = batches * row_tokens * efficiency
+    batched_tokens = num_batches * row_tokens * efficiency
 
     tokenize_rate = len(tokens) / tokenize_s
     batch_rate = batched_tokens / batch_s
@@ -70,7 +71,7 @@ def main(argv):
           f"{config.data.packing} rows of {config.data.seq_len + 1} tokens, {config.data.num_threads} threads")
     print(f"train split: {len(documents):,} documents, {len(tokens):,} tokens, {num_bytes:,} bytes")
     print(f"read_and_tokenize_tokens_per_second: {tokenize_rate:,.0f} ({tokenize_s:.2f} s)")
-    print(f"pack_and_batch_tokens_per_second: {batch_rate:,.0f} ({batches} batches in {batch_s:.2f} s)")
+    print(f"pack_and_batch_tokens_per_second: {batch_rate:,.0f} ({num_batches} batches in {batch_s:.2f} s)")
     print(f"pipeline_tokens_per_second: {pipeline_rate:,.0f}")
     print(f"packing_efficiency: {efficiency:.4f}")
 

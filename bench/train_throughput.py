@@ -30,7 +30,8 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags  # noqa: E402
 
 from lm.config import validated_config  # noqa: E402
-from lm.data import pipeline  # noqa: E402
+from lm.data import batches  # noqa: E402
+from lm.data.corpus import prepare  # noqa: E402
 from lm.errors import quiet_logging, reject_positional  # noqa: E402
 from lm.model import ModelConfig  # noqa: E402
 from lm.model.counting import param_counts, train_flops_per_token  # noqa: E402
@@ -67,14 +68,14 @@ def matmul_peak_flops(mesh, size: int = 1024, repeats: int = 20) -> float:
 
 def timed_steps(trainer, state, data_iterator, warmup: int, steps: int):
     """(first step seconds, per-step seconds): step i's time ends when its loss is on the host."""
-    batch = pipeline.to_global(next(data_iterator), trainer.batch_sharding)
+    batch = batches.to_global(next(data_iterator), trainer.batch_sharding)
     start = time.perf_counter()
     state, metrics = trainer.step(state, batch)
     float(metrics["loss"])
     first = time.perf_counter() - start
     done_times, pending = [], None
     for _ in range(warmup + steps):
-        batch = pipeline.to_global(next(data_iterator), trainer.batch_sharding)
+        batch = batches.to_global(next(data_iterator), trainer.batch_sharding)
         state, metrics = trainer.step(state, batch)
         if pending is not None:
             float(pending["loss"])  # the previous step: the host keeps one step queued
@@ -95,11 +96,11 @@ def profile_steps(trainer, state, data_iterator, directory: str, steps: int = 10
     import re
 
     for _ in range(3):  # warm: the trace should hold steady-state steps only
-        state, metrics = trainer.step(state, pipeline.to_global(next(data_iterator), trainer.batch_sharding))
+        state, metrics = trainer.step(state, batches.to_global(next(data_iterator), trainer.batch_sharding))
     float(metrics["loss"])
     with jax.profiler.trace(directory, create_perfetto_trace=True):
         for _ in range(steps):
-            state, metrics = trainer.step(state, pipeline.to_global(next(data_iterator), trainer.batch_sharding))
+            state, metrics = trainer.step(state, batches.to_global(next(data_iterator), trainer.batch_sharding))
         float(metrics["loss"])
     trace = json.load(gzip.open(sorted(glob.glob(f"{directory}/**/*.trace.json.gz", recursive=True))[-1]))
     names = {(e["pid"], e["tid"]): e["args"]["name"] for e in trace["traceEvents"]
@@ -126,11 +127,11 @@ def main(argv):
     mesh = sharding.make_mesh(config)
     sharding.check_batch_sizes(config, mesh)
     with tempfile.TemporaryDirectory() as tmp:
-        corpus = pipeline.prepare(config, os.path.join(tmp, "tokenizer.json"))
+        corpus = prepare(config, os.path.join(tmp, "tokenizer.json"))
     model_cfg = ModelConfig.for_run(config, corpus.tokenizer.vocab_size)
     trainer = make_trainer(config, model_cfg, mesh, corpus.tokenizer.pad_id, corpus.tokenizer.vocab_size)
-    data = pipeline.train_data(config, corpus)
-    data_iterator = pipeline.iterate(data, config.data.num_threads, config.data.prefetch)
+    data = batches.train_data(config, corpus)
+    data_iterator = batches.iterate(data, config.data.num_threads, config.data.prefetch)
 
     if _PROFILE.value:
         profile_steps(trainer, trainer.init(), data_iterator, _PROFILE.value)

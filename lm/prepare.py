@@ -16,7 +16,7 @@ from absl import app
 from ml_collections import config_flags
 
 from lm.config import validated_config
-from lm.data import pipeline, text_files
+from lm.data import corpus, text_files
 from lm.errors import UsageError, exit_with_error, quiet_logging, reject_positional
 from lm.files import atomic
 
@@ -38,7 +38,7 @@ def main(argv: list[str]) -> None:
     quiet_logging()
     config = validated_config(_CONFIG.value, "configs/shakespeare_bpe.py")
     try:
-        built = pipeline.builders(config)
+        built = corpus.builders(config)
     except UsageError as e:
         exit_with_error(str(e))
     for name, builder in built.items():

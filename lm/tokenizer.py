@@ -20,7 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from lm import config as config_lib
-from lm.data import pipeline, tokenizers
+from lm.data import corpus, tokenizers
 from lm.errors import UsageError, exit_with_error, quiet_logging
 from lm.files import atomic
 
@@ -44,7 +44,7 @@ def compression(tokenizer: tokenizers.SentencePieceTokenizer, texts: list[str]) 
 
 def train(config, built: dict, output: str) -> tokenizers.SentencePieceTokenizer:
     start = time.perf_counter()
-    tokenizer = pipeline.train_sentencepiece(config, built)
+    tokenizer = corpus.train_sentencepiece(config, built)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     atomic.write_bytes(output, tokenizer.model_proto)
     print(f"trained {config.data.sentencepiece.model_type} tokenizer, {tokenizer.vocab_size:,} pieces, in "
@@ -53,7 +53,7 @@ def train(config, built: dict, output: str) -> tokenizers.SentencePieceTokenizer
 
 
 def report(built: dict, tokenizer: tokenizers.SentencePieceTokenizer) -> None:
-    validation = [text for builder in built.values() for text in pipeline.texts(builder.as_data_source()["validation"])]
+    validation = [text for builder in built.values() for text in corpus.texts(builder.as_data_source()["validation"])]
     bytes_per_token, exact = compression(tokenizer, validation)
     print(f"validation: {bytes_per_token:.3f} bytes per token over {len(validation):,} documents; "
           f"decode(encode(text)) == text: {'yes' if exact else 'NO'}")
@@ -70,7 +70,7 @@ def main(argv: list[str]) -> None:
         exit_with_error(f"{argv[1]} needs --config and --{needed.name}")
     try:
         config_lib.validate(config)
-        built = pipeline.builders(config)  # built once, for training and for the report
+        built = corpus.builders(config)  # built once, for training and for the report
         if argv[1] == "train":
             tokenizer = train(config, built, _OUTPUT.value)
         else:

@@ -17,16 +17,17 @@ def main(coordinator: str, process_id: int, out: str, step: int) -> None:
     from helpers import tiny_config
     from jax.experimental import multihost_utils
 
-    from lm.data import pipeline
+    from lm.data import batches
+    from lm.data.corpus import prepare
     from lm.parallel import sharding
 
     config = tiny_config(data__unit="paragraph", data__split="hash", data__tokenizer="sentencepiece",
                          data__packing="pack", data__seq_len=32, train__batch_size=8)
-    corpus = pipeline.prepare(config, f"{out}.tokenizer.json")
+    corpus = prepare(config, f"{out}.tokenizer.json")
     mesh = sharding.make_mesh(config)
-    local = pipeline.train_data(config, corpus)[step]
+    local = batches.train_data(config, corpus)[step]
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-    global_batch = pipeline.to_global(local, batch_sharding)
+    global_batch = batches.to_global(local, batch_sharding)
     gathered = {k: multihost_utils.process_allgather(v, tiled=True) for k, v in global_batch.items()}
     np.savez(out, **{f"local_{k}": v for k, v in local.items()}, **{f"global_{k}": v for k, v in gathered.items()},
              devices=np.array(jax.device_count()), process_count=np.array(jax.process_count()))

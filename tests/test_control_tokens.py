@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
-from lm.data import corpora, pipeline, tokenizers
+from lm.data import corpora, tokenizers
+from lm.data.corpus import prepare
 from lm.finetuning import tasks
 from lm.interop import tokenizer_json
 from lm.model import ModelConfig, build
@@ -140,7 +141,7 @@ def test_a_corpus_document_spelling_control_tokens_holds_no_control_id(all_kinds
     config = tiny_config(data__files=(str(tmp_path / "corpus.txt"),), data__name="control_spellings",
                          data__unit="paragraph", data__validation_fraction=0.25)
     tokenizers.save(tokenizer, str(tmp_path / "tokenizer.json"))  # as a run's workdir holds it
-    corpus = pipeline.prepare(config, str(tmp_path / "tokenizer.json"))
+    corpus = prepare(config, str(tmp_path / "tokenizer.json"))
     for split in ("train", "validation"):
         tokens, documents = np.asarray(corpus.tokens[split]), corpus.documents[split]
         assert len(documents) > 1

@@ -10,7 +10,8 @@ import pytest
 from helpers import tiny_config
 
 from lm.config import ConfigError
-from lm.data import pipeline, text_files
+from lm.data import batches, text_files
+from lm.data.corpus import builders, prepare, texts
 from lm.data.documents import CorpusError, read_documents
 
 PROSE = ("The quick brown fox jumps over the lazy dog while the farmer watches from the old "
@@ -35,10 +36,10 @@ def corpus_config(tmp_path, files, **overrides):
 
 
 def built_texts(config) -> tuple[dict, list[str]]:
-    builder = pipeline.build(config)
+    builder = builders(config)[config.data.name]
     sources = builder.as_data_source()
-    texts = [t for split in ("train", "validation") for t in pipeline.texts(sources[split])]
-    return text_files.report(builder), texts
+    documents = [t for split in ("train", "validation") for t in texts(sources[split])]
+    return text_files.report(builder), documents
 
 
 def test_cleaning_removes_low_quality_exact_and_near_duplicates_and_reports_them(tmp_path):
@@ -89,8 +90,8 @@ def test_hash_split_puts_a_document_in_the_same_split_whatever_else_is_in_the_co
     (tmp_path / "half.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[::-2]))
 
     def validation(name):
-        builder = pipeline.build(corpus_config(tmp_path, [tmp_path / name], data__name=name.split(".")[0]))
-        return set(pipeline.texts(builder.as_data_source()["validation"]))
+        config = corpus_config(tmp_path, [tmp_path / name], data__name=name.split(".")[0])
+        return set(texts(builders(config)[config.data.name].as_data_source()["validation"]))
 
     everything, half = validation("all.jsonl"), validation("half.jsonl")
     assert 20 < len(everything) < 60  # about 20% of 200
@@ -116,7 +117,7 @@ def test_a_failed_build_leaves_no_dataset_that_looks_complete(tmp_path):
     bad.write_text(json.dumps({"text": OTHER}) + "\n" + json.dumps({"txt": "oops"}) + "\n")
     config = corpus_config(tmp_path, [good, bad])
     with pytest.raises(CorpusError, match="bad.jsonl:2"):
-        pipeline.build(config)
+        builders(config)
     built = [root for root, _, files in os.walk(tmp_path / "data") if "dataset_info.json" in files]
     assert built == []
 
@@ -124,7 +125,7 @@ def test_a_failed_build_leaves_no_dataset_that_looks_complete(tmp_path):
 def test_an_empty_corpus_is_one_clear_error(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n   \n")
     with pytest.raises(CorpusError, match=r"no document .* survived cleaning.*Fix"):
-        pipeline.build(corpus_config(tmp_path, [tmp_path / "empty.txt"]))
+        builders(corpus_config(tmp_path, [tmp_path / "empty.txt"]))
 
 
 def test_a_directory_is_read_recursively_and_a_pattern_matching_nothing_is_an_error(tmp_path):
@@ -148,14 +149,14 @@ def test_a_mixture_draws_training_rows_in_proportion_to_the_weights_and_validate
                            data__seq_len=31, train__batch_size=8)
     config.data.sources = ml_collections.ConfigDict({
         "lower": dict(files=(str(lower),), weight=3.0), "upper": dict(files=(str(upper),), weight=1.0)})
-    corpus = pipeline.prepare(config, str(tmp_path / "tokenizer.json"))
+    corpus = prepare(config, str(tmp_path / "tokenizer.json"))
     decode = corpus.tokenizer.decode
-    batches = pipeline.train_data(config, corpus)
-    rows = [decode(row) for step in range(50) for row in batches[step]["tokens"]]
+    train_batches = batches.train_data(config, corpus)
+    rows = [decode(row) for step in range(50) for row in train_batches[step]["tokens"]]
     from_upper = sum(any(c.isupper() for c in row) for row in rows)
     assert all(row.islower() or row.isupper() for row in rows)  # a row comes from one source
     assert from_upper == len(rows) // 4  # weights 3:1
-    assert np.array_equal(pipeline.train_data(config, corpus)[17]["tokens"], batches[17]["tokens"])
+    assert np.array_equal(batches.train_data(config, corpus)[17]["tokens"], train_batches[17]["tokens"])
     validation = decode(corpus.tokens["validation"])
     assert any(c.isupper() for c in validation) and any(c.islower() for c in validation)
     assert set(corpus.reports) == {"test_lower", "test_upper"}
@@ -255,7 +256,7 @@ def test_crlf_and_bom_copies_of_a_corpus_build_the_same_documents_report_and_tok
         (tmp_path / f"{name}.txt").write_bytes(data)
         config = corpus_config(tmp_path, [tmp_path / f"{name}.txt"], data__name=name, data__unit=unit,
                                data__split=split, data__validation_fraction=0.1)
-        corpus = pipeline.prepare(config, str(tmp_path / f"{name}_{unit}_tokenizer.json"))
+        corpus = prepare(config, str(tmp_path / f"{name}_{unit}_tokenizer.json"))
         report, texts = built_texts(config)
         built[name] = dict(texts=texts, report=report, tokenizer=corpus.tokenizer.to_json(),
                            tokens={split: corpus.tokens[split].tolist() for split in ("train", "validation")})

@@ -1,11 +1,12 @@
-"""Data: the TFDS builder, tokenizers and the Grain pipeline (batch = f(seed, step))."""
+"""Data: the TFDS builder, tokenizers, the token cache, rows and batches (batch = f(seed, step))."""
 
 import numpy as np
 import pytest
 from helpers import tiny_config
 
 from lm import objectives
-from lm.data import corpora, pipeline, text_files, tokenizers
+from lm.data import batches, corpora, rows, text_files, tokenizers
+from lm.data.corpus import builders, prepare, texts
 from lm.data.documents import CorpusError
 
 
@@ -27,7 +28,7 @@ def test_byte_tokenizer_round_trips_any_text():
 
 
 def test_shakespeare_split_matches_nanogpt(tmp_path):
-    corpus = pipeline.prepare(tiny_config(), str(tmp_path / "tokenizer.json"))
+    corpus = prepare(tiny_config(), str(tmp_path / "tokenizer.json"))
     assert len(corpus.tokens["train"]) == 1_003_854
     assert len(corpus.tokens["validation"]) == 111_540
     assert corpus.tokenizer.vocab_size == 65 + 3
@@ -35,7 +36,7 @@ def test_shakespeare_split_matches_nanogpt(tmp_path):
     text = open(corpora.path("tinyshakespeare"), encoding="utf-8").read()
     assert corpus.tokenizer.decode(corpus.tokens["validation"][:200]) == text[1_003_854:1_004_054]
     # A second run reuses the saved tokenizer and the cached token streams.
-    again = pipeline.prepare(tiny_config(), str(tmp_path / "tokenizer.json"))
+    again = prepare(tiny_config(), str(tmp_path / "tokenizer.json"))
     assert np.array_equal(again.tokens["train"][-100:], corpus.tokens["train"][-100:])
 
 
@@ -57,7 +58,7 @@ def test_non_utf8_file_fails_with_a_fix(tmp_path):
     path.write_bytes("café\n".encode("latin-1") * 100)
     config = tiny_config(data__files=(str(path),), data__name="latin1")
     with pytest.raises(ValueError, match=r"latin1\.txt is not valid UTF-8.*Fix"):
-        pipeline.prepare(config, str(tmp_path / "tokenizer.json"))
+        prepare(config, str(tmp_path / "tokenizer.json"))
 
 
 def test_too_little_text_for_one_row_is_a_config_error(tmp_path):
@@ -65,62 +66,63 @@ def test_too_little_text_for_one_row_is_a_config_error(tmp_path):
     path.write_text("just a few words of text\n" * 3)
     config = tiny_config(data__files=(str(path),), data__name="tiny", data__seq_len=64)
     with pytest.raises(CorpusError, match=r"validation split.*fewer than one row"):
-        pipeline.prepare(config, str(tmp_path / "tokenizer.json"))
+        prepare(config, str(tmp_path / "tokenizer.json"))
 
 
 STREAM = np.arange(10_000, dtype=np.int32)
 
 
 def test_train_batches_are_a_function_of_seed_and_step():
-    a = pipeline.train_dataset(STREAM, 16, 8, seed=7)
-    b = pipeline.train_dataset(STREAM, 16, 8, seed=7)
-    c = pipeline.train_dataset(STREAM, 16, 8, seed=8)
+    a = batches.per_process(rows.train_rows(STREAM, 16, seed=7), 8)
+    b = batches.per_process(rows.train_rows(STREAM, 16, seed=7), 8)
+    c = batches.per_process(rows.train_rows(STREAM, 16, seed=8), 8)
     for step in (0, 5, 1234):
         assert np.array_equal(a[step]["tokens"], b[step]["tokens"])
         assert not np.array_equal(a[step]["tokens"], c[step]["tokens"])
     assert a[3]["tokens"].shape == (8, 17)
-    rows = a[3]["tokens"]
-    assert np.all(np.diff(rows, axis=1) == 1)  # contiguous windows of the stream
+    windows = a[3]["tokens"]
+    assert np.all(np.diff(windows, axis=1) == 1)  # contiguous windows of the stream
 
 
 def test_each_epoch_visits_every_window_once_at_its_own_shift():
     seq_len, per_epoch = 16, (len(STREAM) - 16) // 16
-    rows = pipeline.train_dataset(STREAM, seq_len, 1, seed=0)
+    data = batches.per_process(rows.train_rows(STREAM, seq_len, seed=0), 1)
     for epoch in range(2):
-        starts = np.sort([rows[epoch * per_epoch + i]["tokens"][0, 0] for i in range(per_epoch)])
+        starts = np.sort([data[epoch * per_epoch + i]["tokens"][0, 0] for i in range(per_epoch)])
         assert len(set(starts)) == per_epoch and set(np.diff(starts)) == {seq_len}
         assert starts[0] < seq_len and starts[-1] + seq_len + 1 <= len(STREAM)
 
 
 def test_processes_read_disjoint_rows_whose_union_is_the_global_batch():
-    whole = pipeline.train_dataset(STREAM, 16, 8, seed=3)
-    parts = [pipeline.train_dataset(STREAM, 16, 8, seed=3, process_index=p, process_count=2) for p in range(2)]
+    whole = batches.per_process(rows.train_rows(STREAM, 16, seed=3), 8)
+    parts = [batches.per_process(rows.train_rows(STREAM, 16, seed=3), 8, process_index=p, process_count=2)
+             for p in range(2)]
     for step in (0, 9):
         np.testing.assert_array_equal(np.concatenate([p[step]["tokens"] for p in parts]), whole[step]["tokens"])
 
 
 def test_iterator_state_resumes_at_the_same_batch():
-    dataset = pipeline.train_dataset(STREAM, 16, 4, seed=1)
-    it = pipeline.iterate(dataset, num_threads=2, prefetch=4)
+    dataset = batches.per_process(rows.train_rows(STREAM, 16, seed=1), 4)
+    it = batches.iterate(dataset, num_threads=2, prefetch=4)
     for _ in range(5):
         next(it)
     state = it.get_state()
     expected = next(it)["tokens"]
-    resumed = pipeline.iterate(dataset, num_threads=2, prefetch=4)
+    resumed = batches.iterate(dataset, num_threads=2, prefetch=4)
     resumed.set_state(state)
     np.testing.assert_array_equal(next(resumed)["tokens"], expected)
 
 
 def test_eval_covers_every_target_once_and_pads_with_zero_weight_rows():
     stream = np.arange(3, 1003, dtype=np.int32)  # ids >= 3: no special tokens
-    dataset = pipeline.eval_dataset(stream, 16, 8, pad_id=0)
-    rows = np.concatenate([dataset[i]["tokens"] for i in range(len(dataset))])
-    real = rows[rows[:, 0] != 0]
+    dataset = batches.per_process(rows.validation_rows(stream, 16, 8, pad_id=0), 8)
+    scored = np.concatenate([dataset[i]["tokens"] for i in range(len(dataset))])
+    real = scored[scored[:, 0] != 0]
     targets = real[:, 1:].ravel()
     assert np.array_equal(targets, stream[1:1 + len(targets)])  # in order, no overlap, no gap
     assert len(stream) - 1 - len(targets) < 16  # only a partial last window is dropped
-    assert np.all(rows[rows[:, 0] == 0] == 0) and len(rows) % 8 == 0
-    assert len(pipeline.eval_dataset(stream, 16, 8, pad_id=0, num_batches=2)) == 2
+    assert np.all(scored[scored[:, 0] == 0] == 0) and len(scored) % 8 == 0
+    assert len(batches.per_process(rows.validation_rows(stream, 16, 8, pad_id=0, num_batches=2), 8)) == 2
 
 
 def packed_corpus(num_docs: int = 300, seed: int = 0):
@@ -135,10 +137,10 @@ def packed_corpus(num_docs: int = 300, seed: int = 0):
 
 def test_packing_places_every_document_and_its_eos_once_with_restarting_positions():
     tokens, documents, docs = packed_corpus()
-    rows = pipeline.PackedRows(tokens, documents, 31, 3, 1, 0)
-    plan, covered = rows.epoch(0), {d: [] for d in range(len(docs))}
+    packed = rows.PackedRows(tokens, documents, 31, 3, 1, 0)
+    plan, covered = packed.epoch(0), {d: [] for d in range(len(docs))}
     for i, pieces in enumerate(plan):
-        row = rows[i]
+        row = packed[i]
         for segment, (doc, offset, size) in enumerate(pieces, start=1):
             at = row["segment_ids"] == segment
             expected = (docs[doc].tolist() + [1])[offset:offset + size]  # the document, then <eos>
@@ -149,16 +151,16 @@ def test_packing_places_every_document_and_its_eos_once_with_restarting_position
     for doc, spans in covered.items():  # each token of each document exactly once
         assert sum(size for _, size in spans) == len(docs[doc]) + 1
         assert sorted(o for o, _ in spans) == list(range(0, len(docs[doc]) + 1, 32))
-    batch = pipeline.train_dataset(tokens, 31, 4, seed=3, packing="pack", documents=documents)[7]
+    batch = batches.per_process(rows.train_rows(tokens, 31, seed=3, packing="pack", documents=documents), 4)[7]
     assert batch["tokens"].shape == batch["segment_ids"].shape == batch["positions"].shape == (4, 32)
 
 
 def test_packed_batches_are_a_function_of_seed_and_step_and_split_over_processes():
     tokens, documents, _ = packed_corpus()
-    a = pipeline.train_dataset(tokens, 31, 8, seed=7, packing="pack", documents=documents)
-    b = pipeline.train_dataset(tokens, 31, 8, seed=7, packing="pack", documents=documents)
-    halves = [pipeline.train_dataset(tokens, 31, 8, seed=7, process_index=p, process_count=2,
-                                     packing="pack", documents=documents) for p in (0, 1)]
+    a = batches.per_process(rows.train_rows(tokens, 31, seed=7, packing="pack", documents=documents), 8)
+    b = batches.per_process(rows.train_rows(tokens, 31, seed=7, packing="pack", documents=documents), 8)
+    halves = [batches.per_process(rows.train_rows(tokens, 31, seed=7, packing="pack", documents=documents), 8,
+                                  process_index=p, process_count=2) for p in (0, 1)]
     for step in (0, 3, 500):  # 500 is several epochs in
         for key in ("tokens", "segment_ids", "positions"):
             assert np.array_equal(a[step][key], b[step][key])
@@ -167,9 +169,8 @@ def test_packed_batches_are_a_function_of_seed_and_step_and_split_over_processes
 
 def test_packed_evaluation_covers_every_validation_document_once():
     tokens, documents, docs = packed_corpus(50)
-    data = pipeline.eval_dataset(tokens, 31, 4, pad_id=0, packing="pack", documents=documents)
-    batches = [data[i] for i in range(len(data))]
-    scored = sum(float(objectives.causal_lm(b, 0).weights_BL.sum()) for b in batches)
+    data = batches.per_process(rows.validation_rows(tokens, 31, 4, pad_id=0, packing="pack", documents=documents), 4)
+    scored = sum(float(objectives.causal_lm(data[i], 0).weights_BL.sum()) for i in range(len(data)))
     pieces = sum(-(-(len(d) + 1) // 32) for d in docs)  # the first token of each piece has no input
     assert scored == sum(len(d) + 1 for d in docs) - pieces
 
@@ -179,9 +180,9 @@ def test_sentencepiece_bpe_2000_trains_fast_and_round_trips_the_validation_text_
 
     from lm.configs import shakespeare_bpe
     config = shakespeare_bpe.get_config()
-    builder = pipeline.build(config)
+    builder = builders(config)[config.data.name]
     start = time.perf_counter()
-    tokenizer = tokenizers.train_sentencepiece(pipeline.texts(builder.as_data_source()["train"]), 2000, "bpe")
+    tokenizer = tokenizers.train_sentencepiece(texts(builder.as_data_source()["train"]), 2000, "bpe")
     assert time.perf_counter() - start < 60
     assert tokenizer.vocab_size == 2000
     text = open(corpora.path("tinyshakespeare"), encoding="utf-8").read()
@@ -200,7 +201,7 @@ def test_sentencepiece_vocabulary_larger_than_the_corpus_supports_is_one_clear_e
     config.data.sentencepiece.vocab_size = 500_000
     with pytest.raises(CorpusError, match=r"vocab_size=500000.*more than this corpus supports.*Fix: set "
                                           r"the vocab size to at most \d+"):
-        pipeline.prepare(config, str(tmp_path / "tokenizer.json"))
+        prepare(config, str(tmp_path / "tokenizer.json"))
 
 
 def test_sampled_text_shows_each_end_of_document_as_a_paragraph_break():
@@ -230,14 +231,14 @@ def test_sampling_never_draws_an_objectives_extra_ids_which_are_not_text():
 def test_packed_rows_read_from_many_threads_at_an_epoch_boundary_match_a_sequential_read():
     from concurrent.futures import ThreadPoolExecutor
     tokens, documents, _ = packed_corpus()
-    sequential = pipeline.PackedRows(tokens, documents, 31, 4, 1, 0)
+    sequential = rows.PackedRows(tokens, documents, 31, 4, 1, 0)
     first_epoch = len(sequential.epoch(0))
-    rows = list(range(first_epoch - 20, first_epoch + 20)) * 4  # straddle the boundary, repeatedly
-    expected = {i: sequential[i]["tokens"] for i in rows}
+    indices = list(range(first_epoch - 20, first_epoch + 20)) * 4  # straddle the boundary, repeatedly
+    expected = {i: sequential[i]["tokens"] for i in indices}
     for _ in range(5):
-        concurrent = pipeline.PackedRows(tokens, documents, 31, 4, 1, 0)
+        concurrent = rows.PackedRows(tokens, documents, 31, 4, 1, 0)
         with ThreadPoolExecutor(8) as pool:
-            got = list(pool.map(lambda i, rows_of=concurrent: (i, rows_of[i]["tokens"]), rows[::-1]))
+            got = list(pool.map(lambda i, rows_of=concurrent: (i, rows_of[i]["tokens"]), indices[::-1]))
         assert all(np.array_equal(row, expected[i]) for i, row in got)
         assert concurrent.epoch_ends == sequential.epoch_ends[:len(concurrent.epoch_ends)]
 

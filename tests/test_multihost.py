@@ -8,7 +8,8 @@ import sys
 import numpy as np
 from helpers import REPO, cli_env, tiny_config
 
-from lm.data import pipeline
+from lm.data import batches
+from lm.data.corpus import prepare
 
 
 def free_port() -> int:
@@ -20,9 +21,9 @@ def free_port() -> int:
 def test_two_processes_read_disjoint_rows_whose_union_is_the_single_process_batch(tmp_path):
     config = tiny_config(data__unit="paragraph", data__split="hash", data__tokenizer="sentencepiece",
                          data__packing="pack", data__seq_len=32, train__batch_size=8)
-    corpus = pipeline.prepare(config, str(tmp_path / "tokenizer.json"))  # builds the shared caches once
+    corpus = prepare(config, str(tmp_path / "tokenizer.json"))  # builds the shared caches once
     step = 11
-    expected = pipeline.train_data(config, corpus)[step]
+    expected = batches.train_data(config, corpus)[step]
 
     coordinator = f"127.0.0.1:{free_port()}"
     env = cli_env()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import REPO, run_cli, tiny_config
 
-from lm.data import pipeline
+from lm.data.corpus import prepare
 
 pytestmark = [pytest.mark.slow, pytest.mark.recipes]
 RECIPES = ["causal.py", "prefix_lm.py", "masked_lm.py", "span_corruption.py", "mixture.py", "mixture.py:decoder"]
@@ -17,7 +17,7 @@ RECIPES = ["causal.py", "prefix_lm.py", "masked_lm.py", "span_corruption.py", "m
 @pytest.fixture(scope="module")
 def unigram_entropy(tmp_path_factory) -> float:
     """Entropy (nats) of the character distribution of the Shakespeare train split."""
-    corpus = pipeline.prepare(tiny_config(), str(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
+    corpus = prepare(tiny_config(), str(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
     counts = np.bincount(np.asarray(corpus.tokens["train"]))
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())

@@ -16,7 +16,7 @@ from helpers import REPO, cli_env, cli_flags, run_cli, tiny_config
 from test_end_to_end import CONFIG, read_metrics
 from test_train import STREAM
 
-from lm.data import pipeline
+from lm.data import batches, rows
 from lm.model import ModelConfig
 from lm.parallel import sharding
 from lm.runs import checkpoint
@@ -189,19 +189,19 @@ def test_a_data_parallel_checkpoint_restores_onto_fsdp_x_tensor_and_takes_the_sa
         mesh = sharding.make_mesh(config, jax.devices())
         return train.make_trainer(config, ModelConfig.from_config(config.model, 64, 16), mesh, pad_id=0)
 
-    data = pipeline.train_dataset(STREAM, 16, 16, seed=0)
+    data = batches.per_process(rows.train_rows(STREAM, 16, seed=0), 16)
     dp = trainer_on(dict(data=8, fsdp=1, tensor=1))
     state = dp.init()
     for step in range(2):
-        state, _ = dp.step(state, pipeline.to_global(data[step], dp.batch_sharding))
+        state, _ = dp.step(state, batches.to_global(data[step], dp.batch_sharding))
     saver = checkpoint.Checkpointer(str(tmp_path), keep=1)
-    saver.save(2, state, pipeline.iterate(data, 0, 0), {"step": 2})
+    saver.save(2, state, batches.iterate(data, 0, 0), {"step": 2})
     saver.wait()
-    _, expected = dp.step(state, pipeline.to_global(data[2], dp.batch_sharding))
+    _, expected = dp.step(state, batches.to_global(data[2], dp.batch_sharding))
 
     fsdp_tp = trainer_on(dict(data=1, fsdp=4, tensor=2))
     restored = checkpoint.Checkpointer(str(tmp_path), keep=1).restore_state(2, fsdp_tp.abstract_state())
     kernel = restored.params["layer_0"]["mlp"]["wi"]["kernel"]
     assert kernel.addressable_shards[0].data.shape == (8, 64)  # embed over fsdp=4, mlp over tensor=2
-    _, metrics = fsdp_tp.step(restored, pipeline.to_global(data[2], fsdp_tp.batch_sharding))
+    _, metrics = fsdp_tp.step(restored, batches.to_global(data[2], fsdp_tp.batch_sharding))
     np.testing.assert_allclose(float(metrics["loss"]), float(expected["loss"]), rtol=0, atol=1e-5)

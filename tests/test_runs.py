@@ -10,7 +10,7 @@ import numpy as np
 from helpers import tiny_config
 from test_train import STREAM
 
-from lm.data import pipeline, tokenizers
+from lm.data import batches, rows, tokenizers
 from lm.model import ModelConfig
 from lm.parallel import sharding
 from lm.runs import artifacts as runs
@@ -31,8 +31,8 @@ def write_run(workdir: str, step: int) -> dict:
     trainer = train.make_trainer(config, model_cfg, sharding.make_mesh(config, jax.devices()), tokenizer.pad_id)
     state = trainer.init()
     saver = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1)
-    data = pipeline.train_dataset(STREAM % 40 + 3, 16, 16, seed=0)
-    saver.save(step, state, pipeline.iterate(data, 0, 0), {"step": step, "version": {"lm": "test"}})
+    data = batches.per_process(rows.train_rows(STREAM % 40 + 3, 16, seed=0), 16)
+    saver.save(step, state, batches.iterate(data, 0, 0), {"step": step, "version": {"lm": "test"}})
     saver.close()
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
         f.write(config.to_json_best_effort(indent=2))

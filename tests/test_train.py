@@ -6,7 +6,7 @@ import pytest
 from helpers import tiny_config
 
 from lm import objectives
-from lm.data import pipeline
+from lm.data import batches, rows
 from lm.model import ModelConfig
 from lm.parallel import sharding
 from lm.training import loop as train
@@ -22,10 +22,10 @@ def train_three_steps(mesh_shape: dict, devices, **overrides) -> tuple[list[floa
     model_cfg = ModelConfig.from_config(config.model, 64 + config.objective.extra_ids, config.data.seq_len)
     trainer = train.make_trainer(config, model_cfg, mesh, pad_id=0)
     state = trainer.init()
-    data = pipeline.train_dataset(STREAM, config.data.seq_len, config.train.batch_size, seed=0)
+    data = batches.per_process(rows.train_rows(STREAM, config.data.seq_len, seed=0), config.train.batch_size)
     losses = []
     for step in range(3):
-        state, metrics = trainer.step(state, pipeline.to_global(data[step], trainer.batch_sharding))
+        state, metrics = trainer.step(state, batches.to_global(data[step], trainer.batch_sharding))
         losses.append(float(metrics["loss"]))
     return losses, state
 
@@ -90,16 +90,17 @@ def test_evaluation_is_the_mean_loss_over_every_target_once_on_any_mesh():
     config = tiny_config(eval__batch_size=16, eval__num_batches=0)
     stream = STREAM[:1000]
     model_cfg = ModelConfig.from_config(config.model, 64, config.data.seq_len)
+    validation = batches.per_process(rows.validation_rows(stream, 16, 16, pad_id=0), 16)
     losses = []
     for shape, devices in [(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
                            (dict(data=2, fsdp=4, tensor=1), jax.devices())]:
         config.mesh.shape.update(shape)
         trainer = train.make_trainer(config, model_cfg, sharding.make_mesh(config, devices), pad_id=0)
         params = trainer.init().params
-        losses.append(train.evaluate(trainer, params, pipeline.eval_dataset(stream, 16, 16, pad_id=0)))
+        losses.append(train.evaluate(trainer, params, validation))
     windows = (len(stream) - 1) // 16
-    rows = np.stack([stream[i * 16:i * 16 + 17] for i in range(windows)])
-    example = objectives.causal_lm({"tokens": rows}, pad_id=0)
+    windows_BL = np.stack([stream[i * 16:i * 16 + 17] for i in range(windows)])
+    example = objectives.causal_lm({"tokens": windows_BL}, pad_id=0)
     total, count = objectives.weighted_cross_entropy(
         trainer.model.apply({"params": jax.device_get(params)}, example.inputs_BL), example.targets_BL,
         example.weights_BL)

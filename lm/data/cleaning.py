@@ -1,4 +1,5 @@
-"""Document cleaning: quality rules (in the spirit of Gopher's), exact and near deduplication.
+"""Documents -> the documents worth training on: quality rules (in the spirit of Gopher's),
+exact and near deduplication, and the report of what each removed.
 
 `clean(documents, rules, dedup)` keeps documents in order and returns them with a
 `Report` that counts what came in, what each rule dropped, the duplicates removed and

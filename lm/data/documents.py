@@ -1,7 +1,8 @@
-"""Raw corpus files -> documents: `.txt`, `.jsonl` (a `text` field) and their `.gz` forms.
+"""Reading text files: corpus files -> documents, and the one reader of every user text file.
 
-A `.jsonl` line is one document. A `.txt` file is one document, or one per paragraph
-(blank-line separated) or per line, as `unit` says. Text is normalised to a Unicode
+Corpus files are `.txt`, `.jsonl` (a `text` field) and their `.gz` forms. A `.jsonl`
+line is one document. A `.txt` file is one document, or one per paragraph (blank-line
+separated) or per line, as `unit` says. Text is normalised to a Unicode
 normal form (NFC, NFKC) or left as is ("none"). Every problem names the file, the line
 or byte, and the fix.
 

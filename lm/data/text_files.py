@@ -1,4 +1,5 @@
-"""A TFDS builder over local corpus files, written as array_record (no TensorFlow needed).
+"""Corpus files -> a TFDS dataset of cleaned train and validation documents (array_record,
+no TensorFlow needed): the dataset builder, its options and its cleaning report.
 
 Building reads the files as documents (`lm.data.documents`), assigns each to `train` or
 `validation`, cleans them (`lm.data.cleaning`: quality rules, exact and near

@@ -34,9 +34,9 @@ def _row_log_likelihoods(loaded: Loaded):
 def corpus_split(loaded: Loaded, workdir: str, split: str) -> tuple[np.ndarray, int]:
     """A split of the run's corpus, tokenized with the run's own tokenizer (saved in
     `workdir`): (tokens, the split's UTF-8 bytes)."""
-    from lm.data import pipeline  # the data stack loads only when a corpus is scored
+    from lm.data.corpus import prepare  # the data stack loads only when a corpus is scored
 
-    corpus = pipeline.prepare(loaded.config, os.path.join(workdir, "tokenizer.json"))
+    corpus = prepare(loaded.config, os.path.join(workdir, "tokenizer.json"))
     tokens = np.asarray(corpus.tokens[split])
     return tokens, int(round(corpus.bytes_per_token[split] * len(tokens)))
 

@@ -81,7 +81,7 @@ class Checkpointer:
     def _data_state_from_other_process_count(self, step: int) -> dict | None:
         """The saved data position if a different number of processes wrote it, else None.
 
-        Every process's iterator stands at the same index, the step (lm.data.pipeline
+        Every process's iterator stands at the same index, the step (lm.data.batches
         gives process p batch s*P + p as its element s), so any process's state serves.
         """
         data_dir = os.path.join(self.directory, str(step), DATA)

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from lm.data import pipeline
+from lm.data import corpus
 from lm.model import ModelConfig, build
 from lm.model.counting import abstract_params, param_counts
 from lm.parallel import sharding
@@ -47,7 +47,7 @@ def _tokenizer_vocab_size(config: ml_collections.ConfigDict) -> int:
     if config.model.vocab_size:
         return config.model.vocab_size - config.objective.extra_ids
     with tempfile.TemporaryDirectory() as tmp:
-        return pipeline.prepare(config, os.path.join(tmp, "tokenizer.json")).tokenizer.vocab_size
+        return corpus.prepare(config, os.path.join(tmp, "tokenizer.json")).tokenizer.vocab_size
 
 
 def abstract_teacher(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> runs.Loaded | None:

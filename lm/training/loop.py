@@ -26,7 +26,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from lm import config as config_lib
 from lm import objectives
-from lm.data import documents, pipeline
+from lm.data import batches, documents
+from lm.data.corpus import Corpus, prepare
 from lm.errors import DIVERGED, PREEMPTED, UsageError
 from lm.inference import decode
 from lm.model import ModelConfig, build
@@ -266,7 +267,7 @@ def evaluate(trainer: Trainer, params: Any, dataset) -> float:
     """Mean token loss over every batch of `dataset` (summed on device, fetched once)."""
     totals = tuple(jax.device_put(np.zeros((), np.float32), sharding.replicated(trainer.mesh)) for _ in range(2))
     for local_batch in dataset:
-        totals = trainer.eval_step(params, pipeline.to_global(local_batch, trainer.batch_sharding), totals)
+        totals = trainer.eval_step(params, batches.to_global(local_batch, trainer.batch_sharding), totals)
     loss_sum, weight_sum = jax.device_get(totals)
     return float(loss_sum) / max(float(weight_sum), 1.0)
 
@@ -277,7 +278,7 @@ class Run:
 
     config: ml_collections.ConfigDict
     workdir: str
-    corpus: pipeline.Corpus
+    corpus: Corpus
     trainer: Trainer
     writer: MetricWriter
     checkpointer: checkpoint.Checkpointer
@@ -293,7 +294,7 @@ class Run:
             self.lock.release()
 
     def eval_metrics(self, params: Any) -> dict[str, float]:
-        loss = evaluate(self.trainer, params, pipeline.validation_data(self.config, self.corpus))
+        loss = evaluate(self.trainer, params, batches.validation_data(self.config, self.corpus))
         return objectives.loss_metrics(loss, self.corpus.bytes_per_token["validation"])
 
 
@@ -407,18 +408,18 @@ def check_teacher(config: ml_collections.ConfigDict, teacher_cfg: ModelConfig) -
                           f"{teacher_cfg.max_len}.")
 
 
-def prepare_corpus(config: ml_collections.ConfigDict, workdir: str) -> pipeline.Corpus:
+def prepare_corpus(config: ml_collections.ConfigDict, workdir: str) -> Corpus:
     """The tokenized corpus. With several processes, process 0 builds the dataset and
     tokenizer first and the others then read them, so processes sharing a filesystem
     never build the same files at once (hosts with their own disks each build theirs)."""
     path = os.path.join(workdir, "tokenizer.json")
     if jax.process_count() == 1:
-        return pipeline.prepare(config, path)
+        return prepare(config, path)
     from jax.experimental import multihost_utils
 
-    corpus = pipeline.prepare(config, path) if jax.process_index() == 0 else None
+    corpus = prepare(config, path) if jax.process_index() == 0 else None
     multihost_utils.sync_global_devices("lm: corpus prepared by process 0")
-    return corpus or pipeline.prepare(config, path)
+    return corpus or prepare(config, path)
 
 
 def check_memory(trainer: Trainer, config: ml_collections.ConfigDict) -> dict[str, int]:
@@ -479,8 +480,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _train(run: Run) -> dict[str, float]:
     config = run.config
     t, c = run.trainer, config.train
-    train_data = pipeline.train_data(config, run.corpus)
-    data_iterator = pipeline.iterate(train_data, config.data.num_threads, config.data.prefetch)
+    train_data = batches.train_data(config, run.corpus)
+    data_iterator = batches.iterate(train_data, config.data.num_threads, config.data.prefetch)
     state = restore_or_init(run, data_iterator)
     start = int(state.step)
     progress = Progress(c.steps, start, enabled=run.is_main)
@@ -494,7 +495,7 @@ def _train(run: Run) -> dict[str, float]:
     last_log = (start, time.perf_counter())
     with StopSignals() as signals, _finishing_saves(run):
         for step in range(start, c.steps):
-            batch = pipeline.to_global(next(data_iterator), t.batch_sharding)
+            batch = batches.to_global(next(data_iterator), t.batch_sharding)
             state, metrics = t.step(state, batch)
             done = step + 1
             if pending is not None:  # fetch the previous step's metrics: the host never waits on this one
