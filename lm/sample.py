@@ -5,10 +5,11 @@
 
 Loads the run's config, tokenizer and latest checkpoint (or `--step`) from the workdir,
 or a params-only export (`python -m lm.export`), and prints `--num_samples`
-continuations of the prompt (with a KV cache when prompt and continuation fit the
-context). An encoder-decoder (T5-style) run reads the prompt as its input and prints
-its output. With `--beam_size=W` it prints the `--num_samples` best of W beams and
-their scores (log-probability over GNMT's length penalty, `--length_penalty`):
+continuations of the prompt, decoded through a KV cache (past the context, the cache is
+refilled with its last half: lm.inference.decode.generate_windowed). An encoder-decoder
+(T5-style) run reads the prompt as its input and prints its output. With `--beam_size=W`
+it prints the `--num_samples` best of W beams and their scores (log-probability over
+GNMT's length penalty, `--length_penalty`):
 
     python -m lm.sample --workdir=/tmp/shakespeare_char --prompt="ROMEO:" \
         --max_new_tokens=40 --beam_size=4 --num_samples=2
@@ -21,7 +22,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from lm.errors import UsageError, exit_with_error, quiet_logging, reject_positional
-from lm.inference import decode
+from lm.inference import beam, decode
 from lm.parallel import runtime
 from lm.runs import artifacts as runs
 
@@ -76,7 +77,7 @@ def main(argv: list[str]) -> None:
 
 def print_beams(run: runs.Loaded) -> None:
     try:
-        beams = decode.beam_texts(run.model, run.params, run.tokenizer, _PROMPT.value, beam_size=_BEAM_SIZE.value,
+        beams = beam.beam_texts(run.model, run.params, run.tokenizer, _PROMPT.value, beam_size=_BEAM_SIZE.value,
                                   max_new_tokens=_MAX_NEW_TOKENS.value, length_penalty=_LENGTH_PENALTY.value)
     except ValueError as e:
         exit_with_error(f"{e} (beam search keeps every beam in a KV cache of the model's context)")

@@ -205,7 +205,7 @@ def test_sentencepiece_vocabulary_larger_than_the_corpus_supports_is_one_clear_e
 
 
 def test_sampled_text_shows_each_end_of_document_as_a_paragraph_break():
-    from lm.inference.decode import decode_documents
+    from lm.inference.text import decode_documents
     tok = tokenizers.CharTokenizer("abc")
     ids = np.concatenate([tok.encode("ab"), [tok.eos_id], tok.encode("c")])
     assert decode_documents(tok, ids) == "ab\n\nc"
@@ -215,15 +215,15 @@ def test_sampling_never_draws_an_objectives_extra_ids_which_are_not_text():
     import flax.linen as nn
     import jax
 
-    from lm.inference.decode import generate
+    from lm.inference.decode import generate_windowed
+    from lm.inference.sampling import Sampling
     from lm.model import ModelConfig, build
     text_vocab = 11  # the model has 10 more ids: task tokens and sentinels of a mixture
     model = build(ModelConfig(vocab_size=text_vocab + 10, max_len=8, num_layers=1, num_heads=2, d_model=16,
                               head_dim=8, d_ff=32, init_std=2.0))  # large weights: flat, wild logits
     params = nn.meta.unbox(model.init(jax.random.key(0), np.zeros((1, 8), np.int32))["params"])
-    draw = lambda limit: np.asarray(generate(model, params, np.array([3, 4], np.int32), jax.random.key(1),
-                                             max_new_tokens=300, max_len=8, temperature=2.0, top_k=0,
-                                             text_vocab_size=limit))[2:]
+    draw = lambda limit: generate_windowed(model, params, np.array([3, 4], np.int32), 0, max_new_tokens=300, window=8,
+                                           sampling=Sampling(temperature=2.0), seed=1, text_vocab_size=limit)
     assert draw(0).max() >= text_vocab  # unrestricted, the model does draw extra ids
     assert draw(text_vocab).max() < text_vocab
 

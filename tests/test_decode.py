@@ -12,6 +12,8 @@ import pytest
 from helpers import REPO, cli_flags, run_cli
 
 from lm.inference import decode, slots
+from lm.inference.beam import beam_search, beam_search_encoder_decoder
+from lm.inference.sampling import Sampling, process_logits
 from lm.model import ModelConfig, build
 
 VOCAB = 50
@@ -42,7 +44,7 @@ def test_cached_decoding_equals_recomputing_the_forward_pass_at_every_step(varia
     model, params = tiny_model(**VARIANTS[variant])
     tokens_BP, valid_BP, positions_BP = decode.left_pad(PROMPTS, pad_id=0)
     new_BT, logits_BTV = decode.generate_cached(model, params, tokens_BP, valid_BP, positions_BP, jax.random.key(0),
-                                                max_new_tokens=10, sampling=decode.Sampling(temperature=0.0))
+                                                max_new_tokens=10, sampling=Sampling(temperature=0.0))
     # Each row recomputed alone, from its first token (right padding cannot reach back
     # through a causal mask), in one jitted forward pass.
     sequences = [np.concatenate([prompt, np.asarray(new_BT[row])]) for row, prompt in enumerate(PROMPTS)]
@@ -61,20 +63,34 @@ def test_beam_one_and_top_k_one_are_greedy_and_seeded_sampling_repeats():
     model, params = tiny_model(**VARIANTS["rope_gqa"])
     prompt = PROMPTS[0]
     greedy = decode.generate_batch(model, params, [prompt], 0, max_new_tokens=12,
-                                   sampling=decode.Sampling(temperature=0.0))[0]
-    beam, _ = decode.beam_search(model, params, jnp.asarray(prompt), beam_size=1, max_new_tokens=12)
+                                   sampling=Sampling(temperature=0.0))[0]
+    beam, _ = beam_search(model, params, jnp.asarray(prompt), beam_size=1, max_new_tokens=12)
     np.testing.assert_array_equal(beam[0], greedy)
     top_1 = decode.generate_batch(model, params, [prompt], 0, max_new_tokens=12,
-                                  sampling=decode.Sampling(temperature=1.5, top_k=1), seed=3)[0]
+                                  sampling=Sampling(temperature=1.5, top_k=1), seed=3)[0]
     np.testing.assert_array_equal(top_1, greedy)
     tiny_nucleus = decode.generate_batch(model, params, [prompt], 0, max_new_tokens=12,
-                                         sampling=decode.Sampling(temperature=1.0, top_p=1e-6), seed=3)[0]
+                                         sampling=Sampling(temperature=1.0, top_p=1e-6), seed=3)[0]
     np.testing.assert_array_equal(tiny_nucleus, greedy)
 
     sample = lambda seed: decode.generate_batch(model, params, PROMPTS, 0, max_new_tokens=12,
-                                                sampling=decode.Sampling(temperature=1.0), seed=seed)
+                                                sampling=Sampling(temperature=1.0), seed=seed)
     np.testing.assert_array_equal(sample(7), sample(7))
     assert not np.array_equal(sample(7), sample(8))
+
+
+def test_decoding_past_the_context_refills_the_cache_with_its_last_half_and_numbers_draws_across_refills():
+    model, params = tiny_model(**VARIANTS["rope_gqa"])  # a context of 32 tokens
+    prompt, greedy = PROMPTS[0], Sampling(temperature=0.0)  # 7 tokens: 25 new ones fill the cache
+    long = decode.generate_windowed(model, params, prompt, 0, max_new_tokens=40, window=32, sampling=greedy)
+    first = decode.generate_batch(model, params, [prompt], 0, max_new_tokens=25, sampling=greedy)[0]
+    after = decode.generate_batch(model, params, [np.concatenate([prompt, first])[-16:]], 0, max_new_tokens=15,
+                                  sampling=greedy)[0]
+    np.testing.assert_array_equal(long, np.concatenate([first, after]))
+    warm = Sampling(temperature=1.0)
+    drawn = decode.generate_windowed(model, params, prompt, 0, max_new_tokens=40, window=32, sampling=warm, seed=4)
+    fits = decode.generate_batch(model, params, [prompt], 0, max_new_tokens=25, sampling=warm, seed=4)[0]
+    np.testing.assert_array_equal(drawn[:25], fits)
 
 
 @pytest.mark.decode
@@ -88,8 +104,8 @@ def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy():
         return float(sum(log_p[t - 1, sequence[t]] for t in range(len(prompt), len(sequence))))
 
     greedy = decode.generate_batch(model, params, [np.asarray(prompt)], 0, max_new_tokens=6,
-                                   sampling=decode.Sampling(temperature=0.0))[0]
-    beams, scores = decode.beam_search(model, params, prompt, beam_size=4, max_new_tokens=6)
+                                   sampling=Sampling(temperature=0.0))[0]
+    beams, scores = beam_search(model, params, prompt, beam_size=4, max_new_tokens=6)
     assert log_likelihood(beams[0]) >= log_likelihood(greedy) - 1e-5
     assert float(scores[0]) == pytest.approx(log_likelihood(beams[0]), abs=1e-4)  # no penalty, no <eos>
     assert list(np.asarray(scores)) == sorted(np.asarray(scores), reverse=True)
@@ -98,17 +114,17 @@ def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy():
 def test_repetition_penalty_lowers_seen_tokens_and_bad_settings_are_refused():
     logits_BV = jnp.array([[2.0, -1.0, 0.5, 1.0]])
     seen_BV = jnp.array([[True, True, False, False]])
-    out = decode.process_logits(logits_BV, seen_BV, decode.Sampling(temperature=0.0, repetition_penalty=2.0))
+    out = process_logits(logits_BV, seen_BV, Sampling(temperature=0.0, repetition_penalty=2.0))
     np.testing.assert_allclose(out, [[1.0, -2.0, 0.5, 1.0]])
     with pytest.raises(ValueError, match="top_p=0.0"):
-        decode.Sampling(top_p=0.0).check()
+        Sampling(top_p=0.0).check()
     model, params = tiny_model(**VARIANTS["rope_gqa"])
     with pytest.raises(ValueError, match="exceeds the model's context of 32 tokens"):
-        decode.generate_batch(model, params, [np.arange(30)], 0, max_new_tokens=5, sampling=decode.Sampling())
-    assert dataclasses.asdict(decode.Sampling()) == dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+        decode.generate_batch(model, params, [np.arange(30)], 0, max_new_tokens=5, sampling=Sampling())
+    assert dataclasses.asdict(Sampling()) == dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
                                                          presence_penalty=0.0, frequency_penalty=0.0)
     with pytest.raises(ValueError, match="presence_penalty=2.5"):
-        decode.Sampling(presence_penalty=2.5).check()
+        Sampling(presence_penalty=2.5).check()
 
 
 def test_presence_and_frequency_penalties_are_additive_on_generated_counts():
@@ -116,13 +132,13 @@ def test_presence_and_frequency_penalties_are_additive_on_generated_counts():
     logits_BV = jnp.array([[2.0, -1.0, 0.5, 1.0], [2.0, -1.0, 0.5, 1.0]])
     count_BV = jnp.array([[3, 1, 0, 0], [0, 0, 2, 0]])
     seen_BV = jnp.ones((2, 4), bool)  # prompt tokens: the additive penalties ignore them
-    sampling = decode.Sampling(temperature=0.0, presence_penalty=0.5, frequency_penalty=-0.25)
-    out = decode.process_logits(logits_BV, seen_BV, sampling, count_BV)
+    sampling = Sampling(temperature=0.0, presence_penalty=0.5, frequency_penalty=-0.25)
+    out = process_logits(logits_BV, seen_BV, sampling, count_BV)
     np.testing.assert_allclose(out, [[2.0 + 0.75 - 0.5, -1.0 + 0.25 - 0.5, 0.5, 1.0],
                                      [2.0, -1.0, 0.5 + 0.5 - 0.5, 1.0]])
-    rows = decode.Sampling(temperature=jnp.zeros(2), top_p=jnp.ones(2), repetition_penalty=jnp.ones(2),
+    rows = Sampling(temperature=jnp.zeros(2), top_p=jnp.ones(2), repetition_penalty=jnp.ones(2),
                            presence_penalty=jnp.array([0.5, 0.0]), frequency_penalty=jnp.array([-0.25, 1.0]))
-    np.testing.assert_allclose(decode.process_logits(logits_BV, seen_BV, rows, count_BV),
+    np.testing.assert_allclose(process_logits(logits_BV, seen_BV, rows, count_BV),
                                [[2.25, -1.25, 0.5, 1.0], [2.0, -1.0, -1.5, 1.0]])
 
 
@@ -152,9 +168,9 @@ def run_slots(model, params, size: int, schedule: dict[int, list]) -> dict[int, 
             state, _ = slots.admit(model, params, state, slot, slots.padded_prompt(prompt, model.cfg.max_len, 0),
                                    len(prompt), seed, sampling)
             made[slot] = []
-        token_S, _, state = slots.step(model, params, state)
+        token_B, _, state = slots.step(model, params, state)
         for slot in made:
-            made[slot].append(int(token_S[slot]))
+            made[slot].append(int(token_B[slot]))
     return made
 
 
@@ -162,7 +178,7 @@ def run_slots(model, params, size: int, schedule: dict[int, list]) -> dict[int, 
 @pytest.mark.parametrize("variant", ["learned_bias", "rope_scanned"])
 def test_continuous_batching_gives_each_request_the_tokens_it_gets_alone(variant):
     model, params = tiny_model(**VARIANTS[variant])
-    greedy, warm = decode.Sampling(temperature=0.0), decode.Sampling(temperature=1.0, top_p=0.9,
+    greedy, warm = Sampling(temperature=0.0), Sampling(temperature=1.0, top_p=0.9,
                                                                      repetition_penalty=1.3)
     # Requests join at different steps, sample differently, and one slot is reused.
     together = run_slots(model, params, 4, {0: [(0, PROMPTS[0], 0, greedy)], 2: [(2, PROMPTS[1], 5, warm)],
@@ -184,7 +200,7 @@ def test_encoder_decoder_cached_decoding_equals_recomputing_the_decoder_at_every
         inputs_BS[row, :len(prompt)] = prompt
     valid_BS = inputs_BS != 0
     new_BT, logits_BTV = decode.generate_encoder_decoder(model, params, inputs_BS, valid_BS, jax.random.key(0),
-                                                         max_new_tokens=8, sampling=decode.Sampling(temperature=0.0))
+                                                         max_new_tokens=8, sampling=Sampling(temperature=0.0))
     decoder_inputs_BT = np.concatenate([np.zeros((len(PROMPTS), 1), np.int32), np.asarray(new_BT)[:, :-1]], axis=1)
     full_BTV = jax.jit(model.apply)({"params": params}, inputs_BS, decoder_inputs_BT,
                                     input_segment_ids_BS=valid_BS.astype(np.int32))
@@ -204,13 +220,13 @@ def test_encoder_decoder_beam_search_with_one_beam_is_greedy_and_its_best_beam_i
 
     greedy_BT, _ = decode.generate_encoder_decoder(model, params, inputs_S[None], jnp.ones((1, len(PROMPTS[0])), bool),
                                                    jax.random.key(0), max_new_tokens=6,
-                                                   sampling=decode.Sampling(temperature=0.0))
-    one, _ = decode.beam_search_encoder_decoder(model, params, inputs_S, beam_size=1, max_new_tokens=6)
+                                                   sampling=Sampling(temperature=0.0))
+    one, _ = beam_search_encoder_decoder(model, params, inputs_S, beam_size=1, max_new_tokens=6)
     np.testing.assert_array_equal(one[0], greedy_BT[0])
-    beams, scores = decode.beam_search_encoder_decoder(model, params, inputs_S, beam_size=4, max_new_tokens=6)
+    beams, scores = beam_search_encoder_decoder(model, params, inputs_S, beam_size=4, max_new_tokens=6)
     assert log_likelihood(beams[0]) >= log_likelihood(greedy_BT[0]) - 1e-5
     assert float(scores[0]) == pytest.approx(log_likelihood(beams[0]), abs=1e-4)
-    text_only, _ = decode.beam_search_encoder_decoder(model, params, inputs_S, beam_size=4, max_new_tokens=6,
+    text_only, _ = beam_search_encoder_decoder(model, params, inputs_S, beam_size=4, max_new_tokens=6,
                                                       text_vocab_size=10)
     assert int(jnp.max(text_only)) < 10  # sentinels and other non-text ids are never chosen
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm.errors import UsageError
+from lm.inference.text import encode_prompt
 from lm.objectives.causal import loss_metrics
 from lm.runs.artifacts import Loaded
 
@@ -74,11 +75,10 @@ def continuation_log_likelihoods(loaded: Loaded, pairs: Sequence[tuple[str, str]
     tokenizer, max_len = loaded.tokenizer, loaded.config.data.seq_len
     encoded = []
     for context, continuation in pairs:
-        context_ids, continuation_ids = tokenizer.encode(context), tokenizer.encode(continuation)
+        # A bare continuation's first token is predicted after <eos> (an empty context encodes to it).
+        context_ids, continuation_ids = encode_prompt(tokenizer, context), tokenizer.encode(continuation)
         if len(continuation_ids) == 0:
             raise UsageError(f"the choice {continuation!r} encodes to no tokens. Fix: give non-empty choices.")
-        if len(context_ids) == 0:  # the first token of a bare continuation is predicted after <eos>
-            context_ids = np.array([tokenizer.eos_id], np.int32)
         sequence = np.concatenate([context_ids, continuation_ids])[-(max_len + 1):]
         encoded.append((sequence, min(len(continuation_ids), len(sequence) - 1)))
     length = 1 << max(3, math.ceil(math.log2(max(len(s) - 1 for s, _ in encoded))))  # few shapes, few compiles

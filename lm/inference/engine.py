@@ -19,8 +19,10 @@ from typing import Any
 import numpy as np
 
 from lm.data import tokenizers
-from lm.inference import decode, slots
+from lm.inference import slots
 from lm.inference.protocol import RequestError
+from lm.inference.sampling import Sampling
+from lm.inference.text import encode_prompt
 from lm.runs.artifacts import Loaded
 
 
@@ -46,7 +48,7 @@ class Job:
 
     prompt_ids: np.ndarray
     max_tokens: int
-    sampling: decode.Sampling
+    sampling: Sampling
     bias_V: np.ndarray
     seed: int
     loop: asyncio.AbstractEventLoop
@@ -66,7 +68,7 @@ def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
 
 
 def _row(scores: slots.Scores, i: int) -> tuple[float, list[int], list[float]]:
-    return float(scores.logprob_N[i]), scores.top_ids_NK[i].tolist(), scores.top_logprobs_NK[i].tolist()
+    return float(scores.logprob_N[i]), scores.top_ids_NA[i].tolist(), scores.top_logprobs_NA[i].tolist()
 
 
 class Batcher:
@@ -94,7 +96,7 @@ class Batcher:
         with self.lock:
             for length in buckets:
                 self.slots, _ = slots.admit(self.loaded.model, self.loaded.params, self.slots, 0,
-                                            np.zeros((1, length), np.int32), 1, 0, decode.Sampling(), bias_V,
+                                            np.zeros((1, length), np.int32), 1, 0, Sampling(), bias_V,
                                             self.loaded.tokenizer.vocab_size)
             _, _, self.slots = slots.step(self.loaded.model, self.loaded.params, self.slots,
                                           self.loaded.tokenizer.vocab_size)
@@ -152,15 +154,15 @@ class Batcher:
 
     def _step(self) -> None:
         with self.lock:
-            token_S, scores, self.slots = slots.step(self.loaded.model, self.loaded.params, self.slots,
+            token_B, scores, self.slots = slots.step(self.loaded.model, self.loaded.params, self.slots,
                                                      self.loaded.tokenizer.vocab_size)
-        token_S = np.asarray(token_S)
+        token_B = np.asarray(token_B)
         if any(job.want_scores for job in self.running.values()):
             scores = slots.Scores(*(np.asarray(x) for x in scores))
         self.steps_run += 1
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for slot, job in list(self.running.items()):
-            token = int(token_S[slot])
+            token = int(token_B[slot])
             items = by_loop.setdefault(job.loop, [])
             if not job.finished:
                 items.append((job.out, (token, _row(scores, slot) if job.want_scores else None)))
@@ -200,7 +202,7 @@ class Generation:
 
     ids: np.ndarray
     max_tokens: int
-    sampling: decode.Sampling
+    sampling: Sampling
     bias_V: np.ndarray
     stop: tuple[str, ...]
     seed: int
@@ -229,7 +231,7 @@ class Engine:
         tokenizer = self.loaded.tokenizer
         if isinstance(prompt, str):
             try:
-                ids = tokenizer.encode(prompt) if prompt else np.array([tokenizer.eos_id], np.int32)
+                ids = encode_prompt(tokenizer, prompt)
             except ValueError as e:  # e.g. a character the vocabulary spells only as a control token
                 raise RequestError(400, f"{param} cannot be encoded by this model's tokenizer: {e}", param=param,
                                    code="invalid_value") from None

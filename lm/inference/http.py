@@ -28,7 +28,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from lm.inference import decode
 from lm.inference.engine import Engine, Generation, Limits
 from lm.inference.protocol import (
     CHAT_FIELDS,
@@ -43,6 +42,7 @@ from lm.inference.protocol import (
     validation_error,
 )
 from lm.inference.responses import Chat, Completion
+from lm.inference.sampling import Sampling
 from lm.runs.artifacts import Loaded
 
 
@@ -175,8 +175,8 @@ def _prompts(prompt: Any) -> list[str | list[int]]:
     return list(prompt)
 
 
-def _sampling(body: CompletionRequest | ChatRequest) -> decode.Sampling:
-    return decode.Sampling(temperature=1.0 if body.temperature is None else body.temperature,
+def _sampling(body: CompletionRequest | ChatRequest) -> Sampling:
+    return Sampling(temperature=1.0 if body.temperature is None else body.temperature,
                            top_p=max(1e-9, 1.0 if body.top_p is None else body.top_p),  # 0: the top token only
                            presence_penalty=body.presence_penalty or 0.0,
                            frequency_penalty=body.frequency_penalty or 0.0)

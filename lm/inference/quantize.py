@@ -5,6 +5,9 @@ Matrices hold nearly all of a transformer's bytes, so int8 storage is close to 4
 smaller than float32; vectors (norm scales, biases) stay float32. Computation stays in
 floating point: this saves memory and bandwidth, not FLOPs. `bench/quantize.py` reports
 the perplexity it costs and the bytes it saves.
+
+Its only user is bench/quantize.py (and the tests): no command of lm loads int8 weights;
+serving and sampling run the float parameters.
 """
 
 from __future__ import annotations

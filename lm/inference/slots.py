@@ -1,5 +1,6 @@
 """Continuous batching: a fixed number of KV-cache rows ("slots") that requests join and
-leave between decoding steps.
+leave between decoding steps. A slot is a batch row (B in lm/model/transformer.py's shape
+legend), never a cache position.
 
 A request is prefilled alone into a free slot (its prompt right-padded to a power-of-two
 bucket, so a handful of programs serve every length) while the other slots keep their
@@ -13,8 +14,8 @@ steps with.
 
 Both programs also return the model's log-probabilities (`Scores`): admitting, those of
 every prompt token given the ones before it; a step, that of each slot's chosen token;
-each with the TOP_K most likely ids at that position. K is fixed, so asking for
-log-probabilities (or not, or for fewer) compiles nothing new.
+each with the TOP_K most likely ids at that position (A = TOP_K alternatives). TOP_K is
+fixed, so asking for log-probabilities (or not, or for fewer) compiles nothing new.
 """
 
 from __future__ import annotations
@@ -29,40 +30,41 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm.inference import decode
+from lm.inference.sampling import Sampling, log_probabilities
 
 MIN_BUCKET = 8
 TOP_K = 20  # the most alternatives a request may ask for (OpenAI's top_logprobs allows 20)
 
 
 class Scores(NamedTuple):
-    """The model's log-probabilities at N positions (see `decode.log_probabilities`):
-    of the token taken there, and of the TOP_K most likely ids (most likely first)."""
+    """The model's log-probabilities at N positions (see `sampling.log_probabilities`):
+    of the token taken there, and of the A = TOP_K most likely ids (most likely first)."""
 
     logprob_N: jax.Array
-    top_ids_NK: jax.Array
-    top_logprobs_NK: jax.Array
+    top_ids_NA: jax.Array
+    top_logprobs_NA: jax.Array
 
 
 @flax.struct.dataclass
 class Slots:
-    """The decoding state of `size` slots (S): the KV cache and, per slot, the logits of
+    """The decoding state of `size` slots (B rows): the KV cache and, per slot, the logits of
     its next token, its next position, the ids it has seen (prompt and output), how often
     it has generated each id, its key and step count, its sampling settings and its
     additive logit bias."""
 
     cache: Any
-    logits_SV: jax.Array
-    position_S: jax.Array
-    seen_SV: jax.Array
-    generated_SV: jax.Array
-    key_S: jax.Array
-    count_S: jax.Array
-    temperature_S: jax.Array
-    top_p_S: jax.Array
-    penalty_S: jax.Array
-    presence_S: jax.Array
-    frequency_S: jax.Array
-    bias_SV: jax.Array
+    logits_BV: jax.Array
+    position_B: jax.Array
+    seen_BV: jax.Array
+    generated_BV: jax.Array
+    key_B: jax.Array
+    count_B: jax.Array
+    temperature_B: jax.Array
+    top_p_B: jax.Array
+    penalty_B: jax.Array
+    presence_B: jax.Array
+    frequency_B: jax.Array
+    bias_BV: jax.Array
 
 
 def empty(model: nn.Module, size: int) -> Slots:
@@ -71,12 +73,12 @@ def empty(model: nn.Module, size: int) -> Slots:
     vocab = model.cfg.vocab_size
     ones = lambda: jnp.ones((size,), jnp.float32)  # distinct buffers: each is donated
     zeros = lambda: jnp.zeros((size,), jnp.float32)
-    return Slots(cache=cache, logits_SV=jnp.zeros((size, vocab), jnp.float32),
-                 position_S=jnp.zeros((size,), jnp.int32), seen_SV=jnp.zeros((size, vocab), bool),
-                 generated_SV=jnp.zeros((size, vocab), jnp.int32),
-                 key_S=jax.random.split(jax.random.key(0), size), count_S=jnp.zeros((size,), jnp.int32),
-                 temperature_S=ones(), top_p_S=ones(), penalty_S=ones(), presence_S=zeros(), frequency_S=zeros(),
-                 bias_SV=jnp.zeros((size, vocab), jnp.float32))
+    return Slots(cache=cache, logits_BV=jnp.zeros((size, vocab), jnp.float32),
+                 position_B=jnp.zeros((size,), jnp.int32), seen_BV=jnp.zeros((size, vocab), bool),
+                 generated_BV=jnp.zeros((size, vocab), jnp.int32),
+                 key_B=jax.random.split(jax.random.key(0), size), count_B=jnp.zeros((size,), jnp.int32),
+                 temperature_B=ones(), top_p_B=ones(), penalty_B=ones(), presence_B=zeros(), frequency_B=zeros(),
+                 bias_BV=jnp.zeros((size, vocab), jnp.float32))
 
 
 def bucket(length: int, max_len: int) -> int:
@@ -90,7 +92,7 @@ def _put_row(stacked: jax.Array, row: jax.Array, slot: jax.Array, axis: int) -> 
 
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnums=(2,))
 def admit(model: nn.Module, params: Any, slots: Slots, slot: jax.Array, tokens_1P: jax.Array, length: jax.Array,
-          seed: jax.Array, sampling: decode.Sampling, bias_V: jax.Array | None = None,
+          seed: jax.Array, sampling: Sampling, bias_V: jax.Array | None = None,
           text_vocab_size: int = 0) -> tuple[Slots, Scores]:
     """`slots` with slot `slot` holding a new prompt (`tokens_1P`: `length` real tokens,
     then padding) prefilled, and `sampling` (scalars), `seed` and `bias_V` (float [V]
@@ -101,51 +103,50 @@ def admit(model: nn.Module, params: Any, slots: Slots, slot: jax.Array, tokens_1
     positions_1P = jnp.broadcast_to(jnp.arange(tokens_1P.shape[1]), tokens_1P.shape)
     logits_1PV, cache_row = decode.extend(model, params, decode.init_cache(model, 1), tokens_1P, positions_1P,
                                           valid_1P)
-    # The next token goes right after the real ones (over the first padding slot).
+    # The next token goes right after the real ones (over the first padding position).
     cache_row = flax.traverse_util.unflatten_dict({
         path: (jnp.full_like(leaf, length) if path[-1] == "index" else leaf)
         for path, leaf in flax.traverse_util.flatten_dict(cache_row).items()})
     axis = 1 if model.cfg.scan_layers else 0
     cache = jax.tree.map(lambda stacked, row: _put_row(stacked, row, slot, axis), slots.cache, cache_row)
-    put = lambda values_S, value: _put_row(values_S, jnp.asarray(value)[None], slot, 0)
+    put = lambda values_B, value: _put_row(values_B, jnp.asarray(value)[None], slot, 0)
     vocab = logits_1PV.shape[-1]
     slots = slots.replace(
-        cache=cache, logits_SV=put(slots.logits_SV, logits_1PV[0, length - 1]),
-        position_S=put(slots.position_S, length),
-        seen_SV=put(slots.seen_SV, decode.seen_tokens(tokens_1P, valid_1P, vocab)[0]),
-        generated_SV=put(slots.generated_SV, jnp.zeros((vocab,), jnp.int32)),
-        key_S=put(slots.key_S, jax.random.key(seed)), count_S=put(slots.count_S, 0),
-        temperature_S=put(slots.temperature_S, sampling.temperature), top_p_S=put(slots.top_p_S, sampling.top_p),
-        penalty_S=put(slots.penalty_S, sampling.repetition_penalty),
-        presence_S=put(slots.presence_S, sampling.presence_penalty),
-        frequency_S=put(slots.frequency_S, sampling.frequency_penalty),
-        bias_SV=put(slots.bias_SV, jnp.zeros((vocab,), jnp.float32) if bias_V is None else bias_V))
+        cache=cache, logits_BV=put(slots.logits_BV, logits_1PV[0, length - 1]),
+        position_B=put(slots.position_B, length),
+        seen_BV=put(slots.seen_BV, decode.seen_tokens(tokens_1P, valid_1P, vocab)[0]),
+        generated_BV=put(slots.generated_BV, jnp.zeros((vocab,), jnp.int32)),
+        key_B=put(slots.key_B, jax.random.key(seed)), count_B=put(slots.count_B, 0),
+        temperature_B=put(slots.temperature_B, sampling.temperature), top_p_B=put(slots.top_p_B, sampling.top_p),
+        penalty_B=put(slots.penalty_B, sampling.repetition_penalty),
+        presence_B=put(slots.presence_B, sampling.presence_penalty),
+        frequency_B=put(slots.frequency_B, sampling.frequency_penalty),
+        bias_BV=put(slots.bias_BV, jnp.zeros((vocab,), jnp.float32) if bias_V is None else bias_V))
     # Position p's logits predict token p + 1: shift so row p scores token p.
-    logprob_P, top_ids_PK, top_logprobs_PK = decode.log_probabilities(
+    logprob_P, top_ids_PA, top_logprobs_PA = log_probabilities(
         logits_1PV[0, :-1], tokens_1P[0, 1:], TOP_K, text_vocab_size)
     pad = lambda x: jnp.concatenate([jnp.zeros((1,) + x.shape[1:], x.dtype), x])
-    return slots, Scores(pad(logprob_P), pad(top_ids_PK), pad(top_logprobs_PK))
+    return slots, Scores(pad(logprob_P), pad(top_ids_PA), pad(top_logprobs_PA))
 
 
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnums=(2,))
 def step(model: nn.Module, params: Any, slots: Slots, text_vocab_size: int = 0
          ) -> tuple[jax.Array, Scores, Slots]:
-    """Every slot's next token [S], its `Scores` [S] (the model's log-probabilities at
+    """Every slot's next token [B], its `Scores` [B] (the model's log-probabilities at
     that step, before penalties, bias and temperature) and the slots advanced by it. Free
     slots compute garbage, which is harmless: rows never mix, and admitting overwrites a
     whole row."""
-    sampling = decode.Sampling(temperature=slots.temperature_S, top_p=slots.top_p_S,
-                               repetition_penalty=slots.penalty_S, presence_penalty=slots.presence_S,
-                               frequency_penalty=slots.frequency_S)
-    rng_S = jax.vmap(jax.random.fold_in)(slots.key_S, slots.count_S)
+    sampling = Sampling(temperature=slots.temperature_B, top_p=slots.top_p_B, repetition_penalty=slots.penalty_B,
+                        presence_penalty=slots.presence_B, frequency_penalty=slots.frequency_B)
+    rng_B = jax.vmap(jax.random.fold_in)(slots.key_B, slots.count_B)
     # A free slot's position keeps growing; clamping keeps its position lookups in range.
-    position_S = jnp.minimum(slots.position_S, model.cfg.max_len - 1)
-    token_S, cache, logits_SV, position_S, seen_SV, generated_SV = decode.advance(
-        model, params, slots.cache, slots.logits_SV, position_S, slots.seen_SV, slots.generated_SV, rng_S, sampling,
-        text_vocab_size, slots.bias_SV)
-    scores = Scores(*decode.log_probabilities(slots.logits_SV, token_S, TOP_K, text_vocab_size))
-    return token_S, scores, slots.replace(cache=cache, logits_SV=logits_SV, position_S=position_S, seen_SV=seen_SV,
-                                          generated_SV=generated_SV, count_S=slots.count_S + 1)
+    position_B = jnp.minimum(slots.position_B, model.cfg.max_len - 1)
+    token_B, cache, logits_BV, position_B, seen_BV, generated_BV = decode.advance(
+        model, params, slots.cache, slots.logits_BV, position_B, slots.seen_BV, slots.generated_BV, rng_B, sampling,
+        text_vocab_size, slots.bias_BV)
+    scores = Scores(*log_probabilities(slots.logits_BV, token_B, TOP_K, text_vocab_size))
+    return token_B, scores, slots.replace(cache=cache, logits_BV=logits_BV, position_B=position_B, seen_BV=seen_BV,
+                                          generated_BV=generated_BV, count_B=slots.count_B + 1)
 
 
 def padded_prompt(prompt: np.ndarray, max_len: int, pad_id: int) -> np.ndarray:

@@ -7,6 +7,28 @@ earlier tokens of its own document. With `prefix_BL` (prefix LM) the tokens of t
 prefix also attend to later prefix tokens. Activations carry logical-axis sharding
 constraints at block boundaries; under a mesh and `nn.logical_axis_rules` they place
 the computation, outside one they are no-ops.
+
+Shape legend. An array's name ends in one letter per axis (`x_BLD` is [batch, length,
+d_model]); each letter means the same wherever it appears in lm:
+
+    B  batch rows (in serving, a "slot" is one such row: lm.inference.slots)
+    L  length: a row's tokens (the queries, in attention)
+    S  source length: the positions attention reads keys and values from (the encoder's
+       output in cross-attention; the KV cache's `max_len` positions while decoding)
+    P  a prompt's tokens          T  tokens decoded after it
+    W  beams (beam search's width)
+    D  model width (d_model)      F  MLP width (d_ff)
+    H  query heads                G  key/value heads (grouped-query attention)
+    Q  query heads per key/value head (H / G)
+    K  head dimension (head_dim)  K2  half of it (rotary's pairs)
+    V  vocabulary                 A  alternatives listed per position (top log-probabilities)
+    C  classes (a fine-tuning head's outputs)
+    I, R, O  a Dense layer's flattened inputs, LoRA rank and outputs (lm.model.layers)
+    N  a flat count of items (positions, tokens, examples) where no letter above fits
+    1, 2, 3  an axis of that size (2 or 3: fused halves, or query/key/value)
+
+A cache "position" is one of the S entries of the KV cache along a row; "slot" is never
+used for it.
 """
 
 from __future__ import annotations
@@ -70,31 +92,31 @@ class Attention(nn.Module):
                  mask_B1LS: Array | None, causal: bool, deterministic: bool, decode: bool = False,
                  valid_BL: Array | None = None) -> Array:
         """With `decode`, keys and values are appended to a KV cache (the "cache"
-        collection) and the queries attend to every valid cached slot up to their own."""
+        collection) and the queries attend to every valid cache position up to their own."""
         c = self.cfg
         dense = lambda x, features, axes, name: Dense(features, axes, init_std=c.init_std, use_bias=c.use_bias,
                                                       dtype=c.compute_dtype, lora=c.lora, name=name)(x)
         if c.kv_heads == c.num_heads and not self.cross:  # one fused matmul for q, k and v
             qkv_BL3HK = dense(x_BLD, (3, c.num_heads, c.head_dim), ("embed", "fused", "heads", "head_dim"), "qkv")
-            q_BLHK, k_BSHK, v_BSHK = (qkv_BL3HK[:, :, i] for i in range(3))
+            q_BLHK, k_BSGK, v_BSGK = (qkv_BL3HK[:, :, i] for i in range(3))
         else:  # separate queries; grouped-query attention shares each key/value head among a group
             q_BLHK = dense(x_BLD, (c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), "q")
-            k_BSHK = v_BSHK = None  # decoding after the first step: cross keys/values are cached
+            k_BSGK = v_BSGK = None  # decoding after the first step: cross keys/values are cached
             if memory_BSD is not None or not self.cross:
                 kv_BS2GK = dense(memory_BSD if self.cross else x_BLD, (2, c.kv_heads, c.head_dim),
                                  ("embed", "fused", "kv_heads", "head_dim"), "kv")
-                k_BSHK, v_BSHK = kv_BS2GK[:, :, 0], kv_BS2GK[:, :, 1]
+                k_BSGK, v_BSGK = kv_BS2GK[:, :, 0], kv_BS2GK[:, :, 1]
             if decode and self.cross:
-                k_BSHK, v_BSHK, mask_B1LS = self._cross_cache(k_BSHK, v_BSHK, mask_B1LS, x_BLD.shape[1])
+                k_BSGK, v_BSGK, mask_B1LS = self._cross_cache(k_BSGK, v_BSGK, mask_B1LS, x_BLD.shape[1])
         if c.positions == "rope" and not self.cross:
             sin_BLK2, cos_BLK2 = rotary_angles(positions_BL, c.head_dim, c.max_len, c.rope_theta)
             q_BLHK = rotary(q_BLHK, sin_BLK2, cos_BLK2)
-            k_BSHK = rotary(k_BSHK, sin_BLK2, cos_BLK2)
+            k_BSGK = rotary(k_BSGK, sin_BLK2, cos_BLK2)
         q_BLHK = nn.with_logical_constraint(q_BLHK, ("batch", "length", "act_heads", "head_dim"))
         if decode and not self.cross:
-            out_BLHK = attend_cache(q_BLHK, *self._extend_cache(k_BSHK, v_BSHK, valid_BL))
+            out_BLHK = attend_cache(q_BLHK, *self._extend_cache(k_BSGK, v_BSGK, valid_BL))
         else:
-            out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BSHK, v_BSHK, mask=mask_B1LS, is_causal=causal)
+            out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, mask=mask_B1LS, is_causal=causal)
         out_BLD = Dense((c.d_model,), ("heads", "head_dim", "embed"), in_dims=2,
                         init_std=c.residual_init_std, use_bias=c.use_bias, dtype=c.compute_dtype,
                         lora=c.lora, name="out")(out_BLHK)
@@ -122,29 +144,29 @@ class Attention(nn.Module):
         cache is heads-major so a decoding step's attention reads it in place; with the
         [B, S, G, K] layout of training, every step would transpose (copy) all of it."""
         batch, length, groups, head_dim = k_BLGK.shape
-        slots = self.cfg.max_len
-        cached_k = self.variable("cache", "k", jnp.zeros, (batch, groups, slots, head_dim), k_BLGK.dtype)
-        cached_v = self.variable("cache", "v", jnp.zeros, (batch, groups, slots, head_dim), v_BLGK.dtype)
-        cached_valid = self.variable("cache", "valid", jnp.zeros, (batch, slots), bool)
+        cache_len = self.cfg.max_len
+        cached_k = self.variable("cache", "k", jnp.zeros, (batch, groups, cache_len, head_dim), k_BLGK.dtype)
+        cached_v = self.variable("cache", "v", jnp.zeros, (batch, groups, cache_len, head_dim), v_BLGK.dtype)
+        cached_valid = self.variable("cache", "valid", jnp.zeros, (batch, cache_len), bool)
         index = self.variable("cache", "index", jnp.zeros, (batch,), jnp.int32)
         start_B = index.value
         cached_k.value = _write(cached_k.value, jnp.swapaxes(k_BLGK, 1, 2), start_B, axis=2)
         cached_v.value = _write(cached_v.value, jnp.swapaxes(v_BLGK, 1, 2), start_B, axis=2)
         cached_valid.value = _write(cached_valid.value, valid_BL, start_B, axis=1)
         index.value = start_B + length
-        query_slot_BL = start_B[:, None] + jnp.arange(length)
-        slot_S = jnp.arange(slots)
-        visible_BLS = slot_S[None, None, :] <= query_slot_BL[:, :, None]
+        query_position_BL = start_B[:, None] + jnp.arange(length)
+        position_S = jnp.arange(cache_len)
+        visible_BLS = position_S[None, None, :] <= query_position_BL[:, :, None]
         # A padding query sees itself, so its (unused) output stays finite: a NaN there would
         # reach later layers' cached values, and 0 * NaN is NaN even under a mask.
-        itself_BLS = slot_S[None, None, :] == query_slot_BL[:, :, None]
+        itself_BLS = position_S[None, None, :] == query_position_BL[:, :, None]
         mask_BLS = (cached_valid.value[:, None, :] & visible_BLS) | itself_BLS
         return cached_k.value, cached_v.value, mask_BLS
 
 
 def _write(cache: Array, new: Array, start_B: Array, axis: int) -> Array:
     """cache[b, ..., start[b]:start[b] + L, ...] = new[b] along `axis`, for each row b.
-    One new token is a scatter of one slot per row (in place in a donated cache); a
+    One new token is a scatter of one position per row (in place in a donated cache); a
     row past the end of the cache (a free serving slot) is left as it is."""
     length = new.shape[axis]
     if length > 1:
@@ -156,17 +178,17 @@ def _write(cache: Array, new: Array, start_B: Array, axis: int) -> Array:
 
 
 def attend_cache(q_BLHK: Array, k_BGSK: Array, v_BGSK: Array, mask_BLS: Array) -> Array:
-    """Attention of new queries over a heads-major KV cache; grouped-query heads (R per
+    """Attention of new queries over a heads-major KV cache; grouped-query heads (Q per
     group) share their group's keys and values. Softmax in float32."""
     batch, length, heads, head_dim = q_BLHK.shape
     groups = k_BGSK.shape[1]
-    q_BLGRK = q_BLHK.reshape(batch, length, groups, heads // groups, head_dim)
-    scores_BGRLS = jnp.einsum("blgrk,bgsk->bgrls", q_BLGRK, k_BGSK,
+    q_BLGQK = q_BLHK.reshape(batch, length, groups, heads // groups, head_dim)
+    scores_BGQLS = jnp.einsum("blgqk,bgsk->bgqls", q_BLGQK, k_BGSK,
                               preferred_element_type=jnp.float32) / jnp.sqrt(head_dim).astype(jnp.float32)
-    scores_BGRLS = jnp.where(mask_BLS[:, None, None], scores_BGRLS, jnp.finfo(jnp.float32).min)
-    probs_BGRLS = jax.nn.softmax(scores_BGRLS, axis=-1).astype(v_BGSK.dtype)
-    out_BLGRK = jnp.einsum("bgrls,bgsk->blgrk", probs_BGRLS, v_BGSK)
-    return out_BLGRK.reshape(batch, length, heads, head_dim)
+    scores_BGQLS = jnp.where(mask_BLS[:, None, None], scores_BGQLS, jnp.finfo(jnp.float32).min)
+    probs_BGQLS = jax.nn.softmax(scores_BGQLS, axis=-1).astype(v_BGSK.dtype)
+    out_BLGQK = jnp.einsum("bgqls,bgsk->blgqk", probs_BGQLS, v_BGSK)
+    return out_BLGQK.reshape(batch, length, heads, head_dim)
 
 
 class MLP(nn.Module):
