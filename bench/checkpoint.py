@@ -38,7 +38,7 @@ from lm.parallel import (
 )
 from lm.runs import checkpoint  # noqa: E402
 from lm.training import memory  # noqa: E402
-from lm.training.loop import make_trainer  # noqa: E402
+from lm.training.trainer import make_trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe whose train state to save.", lock_config=False)
 _VOCAB = flags.DEFINE_integer("vocab_size", 0, "Vocabulary size (no corpus is read); 0: config.model.vocab_size.")

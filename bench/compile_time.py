@@ -26,7 +26,7 @@ from lm.parallel import (
     runtime,  # noqa: E402
     sharding,  # noqa: E402
 )
-from lm.training.loop import make_trainer  # noqa: E402
+from lm.training.trainer import make_trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe whose model to compile.", lock_config=False)
 _DEPTHS = flags.DEFINE_list("depths", ["2", "24"], "Numbers of layers to compile.")

@@ -39,7 +39,7 @@ from lm.parallel import (
     runtime,  # noqa: E402
     sharding,  # noqa: E402
 )
-from lm.training.loop import make_trainer  # noqa: E402
+from lm.training.trainer import make_trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe to measure.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 200, "Timed steps.")

@@ -27,8 +27,8 @@ from ml_collections import config_flags
 from lm import config as config_lib
 from lm.errors import UsageError, exit_with_error, quiet_logging, reject_positional
 from lm.parallel import distributed, runtime
-from lm.training import aot
-from lm.training import loop as train
+from lm.training import aot, loop
+from lm.training.stopping import RunStopped
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Recipe file, e.g. configs/shakespeare_char.py (or file.py:arg).", lock_config=True)
@@ -91,10 +91,10 @@ def main(argv: list[str]) -> None:
         if _COMPILE_ONLY.value:
             aot.compile_and_report(config)
         else:
-            train.train_and_evaluate(config, _WORKDIR.value)
+            loop.train_and_evaluate(config, _WORKDIR.value)
     except UsageError as e:
         exit_with_error(str(e))
-    except train.RunStopped as e:
+    except RunStopped as e:
         exit_with_error(str(e), e.exit_code)
 
 

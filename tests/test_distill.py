@@ -18,7 +18,8 @@ from lm.objectives.distillation import distillation_kl_sum
 from lm.parallel import sharding
 from lm.runs import artifacts as runs
 from lm.training import aot
-from lm.training.loop import apply, make_trainer
+from lm.training.step import apply
+from lm.training.trainer import make_trainer
 
 
 def test_the_distillation_loss_is_t_squared_kl_of_the_softened_distributions():

@@ -152,7 +152,7 @@ def test_decayed_parameters_are_exactly_the_kernels_and_embedding_tables(preset,
         trainable, _ = finetune_optim.partition(tree, finetune_optim.trainable_mask(tree, method, ""))
         kernels_and_tables = {("backbone",) + p for p in expected} | {("head", "kernel")} | {
             ("lora",) + p for p in flat(adapters)}  # LoRA's A and B are low-rank kernels
-        assert decayed_paths(finetune_optim.decay_mask(trainable)) == kernels_and_tables & set(flat(trainable))
+        assert decayed_paths(optim.decay_mask(trainable)) == kernels_and_tables & set(flat(trainable))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -21,7 +21,7 @@ from lm.model import ModelConfig
 from lm.parallel import sharding
 from lm.runs import checkpoint
 from lm.runs.workdir import WorkdirLock
-from lm.training import loop as train
+from lm.training.trainer import make_trainer
 
 pytestmark = pytest.mark.slow
 
@@ -187,7 +187,7 @@ def test_a_data_parallel_checkpoint_restores_onto_fsdp_x_tensor_and_takes_the_sa
         config = tiny_config(train__batch_size=16, model__num_heads=4)
         config.mesh.shape.update(mesh_shape)
         mesh = sharding.make_mesh(config, jax.devices())
-        return train.make_trainer(config, ModelConfig.from_config(config.model, 64, 16), mesh, pad_id=0)
+        return make_trainer(config, ModelConfig.from_config(config.model, 64, 16), mesh, pad_id=0)
 
     data = batches.per_process(rows.train_rows(STREAM, 16, seed=0), 16)
     dp = trainer_on(dict(data=8, fsdp=1, tensor=1))

@@ -19,7 +19,8 @@ from lm.configs import base
 from lm.model import ModelConfig
 from lm.parallel import sharding
 from lm.runs import checkpoint
-from lm.training import loop as train
+from lm.training.setup import corpus_fingerprints
+from lm.training.trainer import make_trainer
 
 # A GPT-2-shaped tiny run (learned positions, biases), so `lm.convert export` accepts it.
 RUN = dict(model__positions="learned", model__use_bias=True, train__checkpoint_every=2)
@@ -98,7 +99,7 @@ def test_the_corpus_is_the_same_in_any_encoding_of_its_text_and_another_when_edi
     crlf.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
     gz.write_bytes(gzip.compress(text.encode("utf-16")))
     edited.write_text(text + "Speak.\n", newline="")
-    record = lambda path: train.corpus_fingerprints(tiny_config(data__files=(str(path),)))
+    record = lambda path: corpus_fingerprints(tiny_config(data__files=(str(path),)))
     assert record(lf) == record(crlf) == record(gz) != record(edited)
 
 
@@ -106,8 +107,8 @@ def test_a_stored_state_of_other_shapes_is_described_by_path_without_a_restore(t
     def trainer(d_model):
         config = tiny_config(model__d_model=d_model)
         config.mesh.shape.update(dict(data=1, fsdp=1, tensor=1))
-        return train.make_trainer(config, ModelConfig.from_config(config.model, 64, 16),
-                                  sharding.make_mesh(config, jax.devices()[:1]), pad_id=0)
+        return make_trainer(config, ModelConfig.from_config(config.model, 64, 16),
+                            sharding.make_mesh(config, jax.devices()[:1]), pad_id=0)
 
     saved = trainer(32)
     with ocp.StandardCheckpointer() as saver:  # closing waits for the save

@@ -15,7 +15,7 @@ from lm.model import ModelConfig
 from lm.parallel import sharding
 from lm.runs import artifacts as runs
 from lm.runs import checkpoint
-from lm.training import loop as train
+from lm.training.trainer import make_trainer
 
 FSDP_X_TENSOR = dict(data=1, fsdp=4, tensor=2)
 
@@ -28,7 +28,7 @@ def write_run(workdir: str, step: int) -> dict:
     # 41 characters and 3 special ids: a vocabulary of 44 splits over tensor=2
     tokenizer = tokenizers.CharTokenizer.train(["".join(chr(c) for c in range(ord("a"), ord("a") + 41))])
     model_cfg = ModelConfig.for_run(config, tokenizer.vocab_size)
-    trainer = train.make_trainer(config, model_cfg, sharding.make_mesh(config, jax.devices()), tokenizer.pad_id)
+    trainer = make_trainer(config, model_cfg, sharding.make_mesh(config, jax.devices()), tokenizer.pad_id)
     state = trainer.init()
     saver = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1)
     data = batches.per_process(rows.train_rows(STREAM % 40 + 3, 16, seed=0), 16)

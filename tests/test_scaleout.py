@@ -16,7 +16,7 @@ from test_train import train_three_steps
 from lm.model import ModelConfig
 from lm.parallel import distributed, sharding
 from lm.parallel.sharding import MeshError
-from lm.training import loop as train
+from lm.training.trainer import make_trainer
 
 # name -> (mesh shape on 8 devices, the shard shape of one [embed=32, mlp=128] MLP kernel)
 STRATEGIES = {
@@ -56,7 +56,7 @@ def test_a_mesh_axis_that_does_not_divide_the_dimension_it_shards_fails_before_c
     with pytest.raises(MeshError, match=r"parameter \['layer_0'\]\['attn'\]\['\w+'\]\['kernel'\] has 2 along "
                                           r"'heads'.*tensor=4 \(4 devices\); 4 does not divide 2\. Fix: make "
                                           r"config\.model\.num_heads a multiple of 4"):
-        train.make_trainer(config, ModelConfig.from_config(config.model, 64, 16), mesh, pad_id=0)
+        make_trainer(config, ModelConfig.from_config(config.model, 64, 16), mesh, pad_id=0)
 
 
 @pytest.mark.multihost

@@ -9,18 +9,19 @@ from lm import objectives
 from lm.data import batches, rows
 from lm.model import ModelConfig
 from lm.parallel import sharding
-from lm.training import loop as train
+from lm.training.step import TrainState, microbatch_slices
+from lm.training.trainer import evaluate, make_trainer
 
 STREAM = np.arange(3, 20_003, dtype=np.int32) % 60 + 3
 
 
-def train_three_steps(mesh_shape: dict, devices, **overrides) -> tuple[list[float], train.TrainState]:
+def train_three_steps(mesh_shape: dict, devices, **overrides) -> tuple[list[float], TrainState]:
     config = tiny_config(**{"train__batch_size": 16, **overrides})
     config.mesh.shape.update(mesh_shape)
     mesh = sharding.make_mesh(config, devices)
     sharding.check_batch_sizes(config, mesh)
     model_cfg = ModelConfig.from_config(config.model, 64 + config.objective.extra_ids, config.data.seq_len)
-    trainer = train.make_trainer(config, model_cfg, mesh, pad_id=0)
+    trainer = make_trainer(config, model_cfg, mesh, pad_id=0)
     state = trainer.init()
     data = batches.per_process(rows.train_rows(STREAM, config.data.seq_len, seed=0), config.train.batch_size)
     losses = []
@@ -95,9 +96,9 @@ def test_evaluation_is_the_mean_loss_over_every_target_once_on_any_mesh():
     for shape, devices in [(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
                            (dict(data=2, fsdp=4, tensor=1), jax.devices())]:
         config.mesh.shape.update(shape)
-        trainer = train.make_trainer(config, model_cfg, sharding.make_mesh(config, devices), pad_id=0)
+        trainer = make_trainer(config, model_cfg, sharding.make_mesh(config, devices), pad_id=0)
         params = trainer.init().params
-        losses.append(train.evaluate(trainer, params, validation))
+        losses.append(evaluate(trainer, params, validation))
     windows = (len(stream) - 1) // 16
     windows_BL = np.stack([stream[i * 16:i * 16 + 17] for i in range(windows)])
     example = objectives.causal_lm({"tokens": windows_BL}, pad_id=0)
@@ -119,5 +120,5 @@ def test_gradient_accumulation_over_4_microbatches_equals_the_full_batch_step():
 
 def test_microbatch_slices_take_strided_rows_so_each_device_keeps_its_own():
     rows = np.arange(8)[:, None] * np.ones((1, 3), int)
-    slices = np.asarray(train.microbatch_slices(rows, 4))
+    slices = np.asarray(microbatch_slices(rows, 4))
     assert slices.shape == (4, 2, 3) and slices[1, :, 0].tolist() == [1, 5]

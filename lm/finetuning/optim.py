@@ -19,7 +19,7 @@ import optax
 from flax import traverse_util
 
 from lm.errors import UsageError
-from lm.model import param_kinds
+from lm.training import optim as training_optim
 
 METHODS = ("full", "lora", "frozen")
 
@@ -100,21 +100,13 @@ def learning_rate(ft: ml_collections.ConfigDict) -> float:
     return {"full": ft.learning_rate, "lora": ft.lora.learning_rate, "frozen": ft.frozen_learning_rate}[ft.method]
 
 
-def decay_mask(trainable: dict) -> dict:
-    """True where AdamW's weight decay applies in the fine-tuning tree {"backbone", "head",
-    "lora"}: kernels (the head's too), embedding tables and LoRA factors; never norms or
-    biases (`lm.model.param_kinds`)."""
-    return param_kinds.decay_mask(trainable)
-
-
 def make(trainable: dict, num_layers: int, ft: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW with warmup + cosine decay, clipping, weight decay on kernels, embedding tables
-    and LoRA factors only (`lm.model.param_kinds`: never on norms or biases, whatever their
-    rank), then the layerwise scaling."""
+    """Pretraining's AdamW (`lm.training.optim.adamw`: clipping, weight decay on kernels,
+    embedding tables and LoRA factors only, never on norms or biases) with warmup + cosine
+    decay to a tenth of the method's rate, then the layerwise scaling."""
     peak = learning_rate(ft)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, peak, max(ft.warmup_steps, 1),
-                                                  max(ft.steps, ft.warmup_steps + 1), peak * 0.1)
+    schedule = training_optim.learning_rate_schedule("cosine", peak, max(ft.warmup_steps, 1),
+                                                     max(ft.steps, ft.warmup_steps + 1), peak * 0.1)
     depths = traverse_util.path_aware_map(lambda path, x: depth(path, num_layers), trainable)
-    return optax.chain(optax.clip_by_global_norm(ft.grad_clip),
-                       optax.adamw(schedule, weight_decay=ft.weight_decay, mask=decay_mask(trainable)),
+    return optax.chain(training_optim.adamw(schedule, ft.weight_decay, ft.grad_clip),
                        layerwise(depths, ft.layer_decay, ft.unfreeze_every))

@@ -24,11 +24,13 @@ import orbax.checkpoint as ocp
 
 from lm.errors import UsageError
 from lm.evaluation import metrics as metric_fns
+from lm.files import atomic
 from lm.finetuning import datasets, lora, optim, tasks
 from lm.model import build
 from lm.model.counting import param_counts
 from lm.runs import artifacts as runs
 from lm.runs import version
+from lm.training.step import apply_gradients
 
 RESULTS = "finetune_results.json"
 
@@ -77,7 +79,9 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
 
 
 def make_steps(s: Setup):
-    """(train_step, eval_step), jitted; both take the trainable and frozen halves."""
+    """(optimizer, train_step, eval_step), the steps jitted; both take the trainable and
+    frozen halves. The update is pretraining's (`lm.training.step.apply_gradients`: a
+    NaN/Inf loss or gradient skips it)."""
     model, kind, pooling = build(s.model_cfg), s.config.task.kind, s.config.task.pooling
 
     def loss_fn(trainable, frozen, batch, dropout_rng, deterministic):
@@ -91,9 +95,11 @@ def make_steps(s: Setup):
 
     @partial(jax.jit, donate_argnums=(0, 1))
     def train_step(trainable, opt_state, frozen, batch, dropout_rng):
+        # The task's mean loss is differentiated directly: pretraining's step differentiates a
+        # sum and scales after, which rounds differently, so only the update is shared.
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch, dropout_rng, False)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        return jax.tree.map(jnp.add, trainable, updates), opt_state, loss
+        update = apply_gradients(trainable, opt_state, grads, loss, optimizer)
+        return update.params, update.opt_state, loss
 
     @jax.jit
     def eval_step(trainable, frozen, batch):
@@ -193,8 +199,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict
     s = setup(config)
     ft, kind = config.finetune, config.task.kind
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    atomic.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     trainable, frozen = optim.partition(s.params, s.mask)
     trainable = jax.tree.map(jnp.array, trainable)  # own copies: the train step donates them
     counts = {"trainable": param_counts(trainable)["total"], "total": param_counts(s.params)["total"]}
@@ -212,8 +217,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict
     if kind != "sft":
         scored = s.splits.get("test", s.splits["validation"])
         results["majority_baseline"] = majority_baseline(s.splits["train"], scored)
-    with open(os.path.join(workdir, RESULTS), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
+    atomic.write_json(os.path.join(workdir, RESULTS), results, indent=2)
     if ft.export_merged:
         export_merged(s, trainable, frozen, os.path.join(workdir, "merged"))
     return results
@@ -231,18 +235,17 @@ def majority_baseline(train: tasks.Split, test: tasks.Split) -> float:
 
 
 def save_best(workdir: str, trainable: dict, info: dict) -> None:
-    """Replaces `workdir/best` with `trainable` (the old best stays on disk until the new one is whole)."""
-    best, partial_dir = os.path.join(workdir, "best"), os.path.join(workdir, "best.partial")
-    shutil.rmtree(partial_dir, ignore_errors=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.abspath(os.path.join(partial_dir, "trainable")), trainable)
-    checkpointer.wait_until_finished()
-    with open(os.path.join(partial_dir, "best.json"), "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2)
-    if os.path.exists(best):
-        os.replace(best, best + ".old")
-    os.replace(partial_dir, best)
-    shutil.rmtree(best + ".old", ignore_errors=True)
+    """Replaces `workdir/best` with `trainable` (in `best/trainable`) and `info` (in
+    `best/best.json`); the old best stays on disk until the new one is whole."""
+
+    def fill(staging: str) -> None:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.join(staging, "trainable"), trainable)
+        checkpointer.wait_until_finished()
+        with open(os.path.join(staging, "best.json"), "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=2)
+
+    atomic.write_directory(os.path.join(workdir, "best"), fill)
 
 
 def restore_best(workdir: str, like: dict) -> dict:

@@ -1,1 +1,2 @@
-"""Training: the pure steps, compiling them, the loop, the optimizer, memory and AOT checks."""
+"""Training: the pure steps (step), compiling them (trainer), a run's setup (setup), the loop
+(loop), early stops (stopping), the optimizer (optim), memory and AOT checks, and logs."""

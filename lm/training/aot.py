@@ -23,8 +23,9 @@ from lm.model import ModelConfig, build
 from lm.model.counting import abstract_params, param_counts
 from lm.parallel import sharding
 from lm.runs import artifacts as runs
-from lm.training import loop as train
 from lm.training import memory
+from lm.training.setup import check_teacher
+from lm.training.trainer import make_trainer
 
 
 def topology_devices(topology: str | None, compile_only: bool) -> int:
@@ -57,7 +58,7 @@ def abstract_teacher(config: ml_collections.ConfigDict, tokenizer_vocab: int) ->
         return None
     teacher_config = runs.load_config(config.distill.teacher)
     model_cfg = ModelConfig.for_run(teacher_config, tokenizer_vocab)
-    train.check_teacher(config, model_cfg)
+    check_teacher(config, model_cfg)
     model = build(model_cfg)
     params = nn.meta.unbox(abstract_params(model, config.data.seq_len))
     return runs.Loaded(teacher_config, model_cfg, model, params, tokenizer=None, step=-1)
@@ -69,8 +70,8 @@ def compile_and_report(config: ml_collections.ConfigDict) -> dict[str, int]:
     sharding.check_batch_sizes(config, mesh)
     tokenizer_vocab = _tokenizer_vocab_size(config)
     model_cfg = ModelConfig.for_run(config, tokenizer_vocab)
-    trainer = train.make_trainer(config, model_cfg, mesh, pad_id=0, tokenizer_vocab_size=tokenizer_vocab,
-                                 teacher=abstract_teacher(config, tokenizer_vocab))
+    trainer = make_trainer(config, model_cfg, mesh, pad_id=0, tokenizer_vocab_size=tokenizer_vocab,
+                           teacher=abstract_teacher(config, tokenizer_vocab))
     abstract = trainer.abstract_state()
     counts = param_counts(abstract.params)
     layout = " x ".join(f"{axis}={size}" for axis, size in mesh.shape.items())

@@ -1,0 +1,223 @@
+"""A run before its first step: the workdir's lock and resume checks, the corpus, the
+distillation teacher, the memory check, config.json, the compiled `Trainer`, and the
+state to start from (the newest checkpoint that restores, or a fresh one)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+
+from lm import config as config_lib
+from lm import objectives
+from lm.data import batches, documents
+from lm.data.corpus import Corpus, prepare
+from lm.errors import UsageError
+from lm.files import atomic
+from lm.model import ModelConfig
+from lm.parallel import sharding
+from lm.runs import artifacts as runs
+from lm.runs import checkpoint
+from lm.runs.workdir import WorkdirLock
+from lm.training import memory
+from lm.training.logs import MetricWriter
+from lm.training.step import TrainState
+from lm.training.trainer import Trainer, evaluate, make_trainer
+
+
+@dataclasses.dataclass
+class Run:
+    """What the loop needs besides the trainer: data, outputs and the workdir."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    corpus: Corpus
+    trainer: Trainer
+    writer: MetricWriter
+    checkpointer: checkpoint.Checkpointer
+    is_main: bool
+    memory: dict[str, int]  # estimated bytes per device (lm.training.memory.estimate)
+    lock: WorkdirLock | None  # held by process 0 while the run lives
+    corpus_record: dict[str, list]  # corpus_fingerprints(config), saved with each checkpoint
+
+    def close(self) -> None:
+        """Ends the run's hold on the workdir: saves under way finish, orbax's threads stop."""
+        self.checkpointer.close()
+        if self.lock is not None:
+            self.lock.release()
+
+    def eval_metrics(self, params: Any) -> dict[str, float]:
+        loss = evaluate(self.trainer, params, batches.validation_data(self.config, self.corpus))
+        return objectives.loss_metrics(loss, self.corpus.bytes_per_token["validation"])
+
+
+def setup_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Run:
+    """Validates the config against the devices and the workdir's checkpoints, prepares
+    data and compiles nothing yet. Raises UsageError before anything is built or written
+    if the checkpoints were trained with fields that may not change (`check_resumable`)."""
+    mesh = sharding.make_mesh(config, devices)
+    sharding.check_batch_sizes(config, mesh)
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    lock = WorkdirLock(workdir).acquire() if is_main else None  # before anything is written
+    directory = os.path.join(workdir, "checkpoints")
+    corpus_record = corpus_fingerprints(config)
+    reader = checkpoint.Checkpointer(directory, read_only=True)
+    try:
+        check_resumable(config, reader, corpus_record, workdir)
+    finally:
+        reader.close()
+    corpus = prepare_corpus(config, workdir)
+    model_cfg = ModelConfig.for_run(config, corpus.tokenizer.vocab_size)
+    vocab_size = objectives.model_vocab_size(config.objective, corpus.tokenizer.vocab_size)
+    if model_cfg.vocab_size < vocab_size:
+        raise UsageError(
+            f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+            f"{corpus.tokenizer.vocab_size} ids plus config.objective.extra_ids={config.objective.extra_ids}. "
+            f"Fix: set it to 0 to use {vocab_size}.")
+    if is_main:
+        atomic.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    trainer = make_trainer(config, model_cfg, mesh, corpus.tokenizer.pad_id, corpus.tokenizer.vocab_size,
+                           teacher=load_teacher(config, corpus.tokenizer))
+    estimate = check_memory(trainer, config)
+    # Last: orbax's manager starts background threads (temporary-directory clean-up) that
+    # print tracebacks if the process exits on one of the errors above while they run.
+    checkpointer = checkpoint.Checkpointer(directory, config.train.keep_checkpoints,
+                                           config.train.permanent_checkpoint_every)
+    return Run(config, workdir, corpus, trainer, MetricWriter(workdir, enabled=is_main), checkpointer, is_main,
+               estimate, lock, corpus_record)
+
+
+def corpus_fingerprints(config: ml_collections.ConfigDict) -> dict[str, list]:
+    """What identifies the training corpus, saved with each checkpoint: for `data.files`
+    (key "files") or each of `data.sources`, [content fingerprint of its files, mixture
+    weight]. By text content, so a corpus moved to another path, or saved with other line
+    endings, a byte-order mark or gzip, is still the same corpus."""
+    d = config.data
+    groups = {name: (src.files, float(src.weight)) for name, src in d.sources.items()} if d.sources else {
+        "files": (d.files, 1.0)}
+    try:
+        return {name: [documents.text_fingerprint(config_lib.resolve_files(files)), weight]
+                for name, (files, weight) in groups.items()}
+    except documents.CorpusError as e:  # a file that is not text: the same one line as building it
+        raise UsageError(str(e)) from None
+
+
+def check_resumable(config: ml_collections.ConfigDict, checkpointer: checkpoint.Checkpointer,
+                    corpus_record: dict[str, list], workdir: str) -> None:
+    """Raises UsageError naming, with old and new values, every field that differs from
+    the newest checkpoint's config and may not change on resume (lm.config.RESUME says
+    which and why); the corpus is compared by `corpus_fingerprints` where the checkpoint
+    recorded them, else by its config fields. No checkpoint: nothing to check."""
+    saved = _newest_metadata(checkpointer)
+    if saved is None or "config" not in saved:
+        return
+    recorded = "corpus" in saved
+    conflicts = config_lib.resume_conflicts(saved["config"], json.loads(config.to_json_best_effort()),
+                                            ignore=("data.files", "data.sources") if recorded else ())
+    if recorded and saved["corpus"] != corpus_record:
+        conflicts.append(f"the corpus (config.data.files or data.sources: [content fingerprint, weight]) was "
+                         f"{saved['corpus']}, now {corpus_record} (the training data)")
+    if conflicts:
+        raise UsageError(
+            f"{workdir} holds checkpoints (newest: step {saved['step']}) of a run whose config differs in fields "
+            f"that cannot change on resume: {'; '.join(conflicts)}. Fix: rerun with the checkpoint's values "
+            f"(the run's config is {os.path.join(workdir, 'config.json')}), or pass a new --workdir for a new run.")
+
+
+def _newest_metadata(checkpointer: checkpoint.Checkpointer) -> dict | None:
+    """The metadata of the newest checkpoint whose metadata reads (a damaged one is skipped
+    here as in `restore_or_init`)."""
+    for step in sorted(checkpointer.all_steps(), reverse=True):
+        try:
+            return checkpointer.metadata(step)
+        except Exception:  # orbax raises many types for missing or truncated files
+            continue
+    return None
+
+
+def load_teacher(config: ml_collections.ConfigDict, tokenizer) -> Any:
+    """Distillation's teacher (lm.runs.artifacts.Loaded), or None; it must share the tokenizer."""
+    if not config.distill.teacher:
+        return None
+    teacher = runs.load(config.distill.teacher)
+    check_teacher(config, teacher.model_cfg)
+    if teacher.tokenizer.to_json() != tokenizer.to_json():
+        raise UsageError(f"config.distill.teacher={config.distill.teacher!r} has another tokenizer than this "
+                          "run's, so their next-token distributions do not line up. Fix: use a teacher trained "
+                          "with the same corpus and data.tokenizer settings.")
+    return teacher
+
+
+def check_teacher(config: ml_collections.ConfigDict, teacher_cfg: ModelConfig) -> None:
+    """A teacher must be a causal decoder that reads this run's whole rows."""
+    where = f"config.distill.teacher={config.distill.teacher!r}"
+    if teacher_cfg.family != "decoder":
+        raise UsageError(f"{where} holds a {teacher_cfg.family!r} model. Fix: distil from a causal decoder.")
+    if teacher_cfg.max_len < config.data.seq_len:
+        raise UsageError(f"{where} reads at most {teacher_cfg.max_len} tokens; this run's rows have "
+                          f"data.seq_len={config.data.seq_len}. Fix: lower data.seq_len to at most "
+                          f"{teacher_cfg.max_len}.")
+
+
+def prepare_corpus(config: ml_collections.ConfigDict, workdir: str) -> Corpus:
+    """The tokenized corpus. With several processes, process 0 builds the dataset and
+    tokenizer first and the others then read them, so processes sharing a filesystem
+    never build the same files at once (hosts with their own disks each build theirs)."""
+    path = os.path.join(workdir, "tokenizer.json")
+    if jax.process_count() == 1:
+        return prepare(config, path)
+    from jax.experimental import multihost_utils
+
+    corpus = prepare(config, path) if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("lm: corpus prepared by process 0")
+    return corpus or prepare(config, path)
+
+
+def check_memory(trainer: Trainer, config: ml_collections.ConfigDict) -> dict[str, int]:
+    """The per-device memory estimate; an error before anything is allocated if it cannot fit."""
+    estimate = memory.estimate(trainer.abstract_state(), trainer.model_cfg, config, dict(trainer.mesh.shape))
+    limit = memory.device_limit(jax.local_devices()[0])
+    if limit and estimate["total"] > limit:
+        raise UsageError(
+            f"the run needs about {memory.human(estimate['total'])} per device "
+            f"({memory.describe(estimate)}) but a device has {memory.human(limit)}. Fix: shard parameters "
+            "and optimizer state wider (config.mesh.shape.fsdp), rematerialise (config.model.remat='full'), "
+            "or hold fewer rows at once (config.train.microbatches).")
+    return estimate
+
+
+def restore_or_init(run: Run, data_iterator) -> TrainState:
+    """The newest checkpoint in the workdir that restores (moving `data_iterator` with it),
+    or a fresh state. A damaged checkpoint is skipped with a warning for the one before;
+    one whose stored arrays do not fit this config's state (a mismatch that
+    `check_resumable` could not name) raises UsageError listing them, without a restore."""
+    steps = sorted(run.checkpointer.all_steps(), reverse=True)
+    abstract = run.trainer.abstract_state()
+    first_error = None
+    for step in steps:
+        try:
+            mismatches = run.checkpointer.state_mismatches(step, abstract)
+            if not mismatches:
+                state, _ = run.checkpointer.restore(step, abstract, data_iterator)
+                return state
+        except Exception as e:  # orbax raises many types for missing or truncated files
+            first_error = first_error or (step, e)
+            logging.warning("lm: the checkpoint at step %d in %s does not restore (%s: %s); trying an older one.",
+                            step, run.workdir, type(e).__name__, str(e).splitlines()[0][:300])
+            continue
+        raise UsageError(
+            f"the checkpoint at step {step} in {run.workdir} holds a train state that this config's does not "
+            f"match: {'; '.join(mismatches)}. Fix: rerun with the config that wrote it ({run.workdir}/config.json "
+            "before this run), or pass a new --workdir for a new run.")
+    if first_error is None:
+        return run.trainer.init()
+    step, e = first_error
+    raise UsageError(
+        f"no checkpoint in {run.workdir} restores; the newest, step {step}, fails with {type(e).__name__}: "
+        f"{str(e).splitlines()[0][:300]}. Fix: use a new --workdir, or the config that wrote the checkpoints.")
