@@ -16,7 +16,7 @@ from lm.errors import quiet_logging
 from lm.evaluation import scoring
 from lm.inference import quantize
 from lm.parallel import runtime
-from lm.runs import artifacts as runs
+from lm.runs import artifacts
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run (or an export).", required=True)
 _MAX_WINDOWS = flags.DEFINE_integer("max_windows", 0, "Score at most this many windows; 0 = the whole split.")
@@ -26,7 +26,7 @@ def main(argv: list[str]) -> None:
     del argv
     quiet_logging()
     runtime.enable_compilation_cache()
-    loaded = runs.load(_WORKDIR.value)
+    loaded = artifacts.load(_WORKDIR.value)
     tokens, num_bytes = scoring.corpus_split(loaded, _WORKDIR.value, "validation")
     float32 = scoring.perplexity(loaded, tokens, num_bytes, max_windows=_MAX_WINDOWS.value)
     quantized = quantize.quantize(loaded.params)

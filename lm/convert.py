@@ -33,8 +33,7 @@ from lm.interop import tokenizer_json
 from lm.model import ModelConfig, build
 from lm.model.counting import abstract_params, param_counts
 from lm.parallel import runtime
-from lm.runs import artifacts as runs
-from lm.runs import version
+from lm.runs import artifacts, version
 
 HF_CONFIG, HF_WEIGHTS, HF_INDEX, HF_TOKENIZER = ("config.json", "model.safetensors", "model.safetensors.index.json",
                                                  "tokenizer.json")
@@ -179,9 +178,9 @@ def lm_config(hf_config: dict) -> ml_collections.ConfigDict:
 
 def import_hf(hf_dir: str, output: str, dtype: str = "float32", tokenizer_path: str | None = None) -> dict:
     """Writes the Hugging Face checkpoint in `hf_dir` as an `lm` export in `output`."""
-    if dtype not in runs.EXPORT_DTYPES:
-        raise UsageError(f"--dtype={dtype!r} is not supported. Fix: use one of {runs.EXPORT_DTYPES}.")
-    runs.check_new_directory(output)
+    if dtype not in artifacts.EXPORT_DTYPES:
+        raise UsageError(f"--dtype={dtype!r} is not supported. Fix: use one of {artifacts.EXPORT_DTYPES}.")
+    artifacts.check_new_directory(output)
     hf_config, tensors = read_hf_checkpoint(hf_dir)
     config = lm_config(hf_config)
     tokenizer = hf_tokenizer(hf_dir, hf_config, tokenizer_path)
@@ -194,7 +193,7 @@ def import_hf(hf_dir: str, output: str, dtype: str = "float32", tokenizer_path: 
             "source": os.path.abspath(hf_dir), "imported_from": {"model_type": hf_config["model_type"],
                                                                  "architectures": hf_config.get("architectures")},
             "exported_by": version.code_version()}
-    runs.write_export(output, params, config, tokenizer, info)
+    artifacts.write_export(output, params, config, tokenizer, info)
     return info
 
 
@@ -203,8 +202,8 @@ def export_hf(path: str, output: str, step: int | None = None) -> dict:
     config.json, model.safetensors, tokenizer.json and tokenizer_config.json."""
     from safetensors.numpy import save_file
 
-    runs.check_new_directory(output)
-    loaded = runs.load(path, step)
+    artifacts.check_new_directory(output)
+    loaded = artifacts.load(path, step)
     model = ml_collections.ConfigDict(dataclasses.asdict(loaded.model_cfg))
     arch = hf.exportable_architecture(model)
     params = jax.tree.map(np.asarray, unstack_layers(loaded.params, model.num_layers))
@@ -231,7 +230,7 @@ def export_hf(path: str, output: str, step: int | None = None) -> dict:
         with open(os.path.join(staging, HF_TOKENIZER), "w", encoding="utf-8") as f:
             f.write(tokenizer_text)
 
-    runs.publish_directory(output, fill)
+    artifacts.publish_directory(output, fill)
     return {"architecture": arch.name, "tensors": len(tensors), "step": loaded.step,
             "tokenizer": loaded.tokenizer.kind}
 
@@ -249,7 +248,7 @@ def unstack_layers(params: dict, num_layers: int) -> dict:
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "import: a local Hugging Face checkpoint directory.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "export: an lm run's workdir or an lm export.")
 _OUTPUT = flags.DEFINE_string("output", None, "The new directory to write; must not exist or be empty.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", list(runs.EXPORT_DTYPES), "import: the parameters' dtype.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", list(artifacts.EXPORT_DTYPES), "import: the parameters' dtype.")
 _STEP = flags.DEFINE_integer("step", None, "export: the checkpoint of a workdir; default the latest.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "import: a tokenizer.json; default the one in --hf_dir.")
 

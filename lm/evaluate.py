@@ -33,7 +33,7 @@ from lm.evaluation import fairness, metrics, scoring, weat
 from lm.files import atomic
 from lm.finetuning.tasks import read_jsonl
 from lm.parallel import runtime
-from lm.runs import artifacts as runs
+from lm.runs import artifacts
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir or an export (not needed for --predictions).")
 _STEP = flags.DEFINE_integer("step", None, "A workdir's checkpoint; default the latest.")
@@ -57,7 +57,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "Write the results here as JSON.")
 _SEED = flags.DEFINE_integer("seed", 0, "Which few-shot examples are drawn.")
 
 
-def perplexity_of(loaded: runs.Loaded) -> dict[str, dict]:
+def perplexity_of(loaded: artifacts.Loaded) -> dict[str, dict]:
     out = {}
     if _SPLIT.value:
         tokens, num_bytes = scoring.corpus_split(loaded, _WORKDIR.value, _SPLIT.value)
@@ -72,7 +72,7 @@ def perplexity_of(loaded: runs.Loaded) -> dict[str, dict]:
     return out
 
 
-def multiple_choice_of(loaded: runs.Loaded) -> dict[str, dict]:
+def multiple_choice_of(loaded: artifacts.Loaded) -> dict[str, dict]:
     rows = read_jsonl(_MC.value)
     fewshot = read_jsonl(_FEWSHOT_FILE.value) if _FEWSHOT_FILE.value else None
     out = {}
@@ -84,7 +84,7 @@ def multiple_choice_of(loaded: runs.Loaded) -> dict[str, dict]:
     return out
 
 
-def generation_of(loaded: runs.Loaded) -> dict[str, dict]:
+def generation_of(loaded: artifacts.Loaded) -> dict[str, dict]:
     from lm.inference import decode
 
     rows = read_jsonl(_GENERATION.value)
@@ -101,7 +101,7 @@ def generation_of(loaded: runs.Loaded) -> dict[str, dict]:
     return {"generation": result}
 
 
-def weat_of(loaded: runs.Loaded) -> dict[str, dict]:
+def weat_of(loaded: artifacts.Loaded) -> dict[str, dict]:
     if not os.path.exists(_WEAT.value):
         raise UsageError(f"--weat={_WEAT.value} does not exist. Fix: a JSON file with word lists X, Y, A, B.")
     sets = json.loads(documents.read_text(_WEAT.value))
@@ -149,7 +149,7 @@ def run() -> dict[str, dict]:
     if any(model_evaluations):
         if not _WORKDIR.value:
             raise UsageError("--workdir is required to evaluate a model. Fix: --workdir=<run or export>.")
-        loaded = runs.load(_WORKDIR.value, _STEP.value)
+        loaded = artifacts.load(_WORKDIR.value, _STEP.value)
         if loaded.model_cfg.family != "decoder":
             raise UsageError(f"{_WORKDIR.value} holds a {loaded.model_cfg.family!r} model; these evaluations score "
                               "a decoder's next-token probabilities. Fix: point --workdir at a decoder.")

@@ -14,12 +14,12 @@ from absl import app, flags
 
 from lm.errors import UsageError, exit_with_error, quiet_logging, reject_positional
 from lm.parallel import runtime
-from lm.runs import artifacts as runs
+from lm.runs import artifacts
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir (holds config.json and checkpoints/).")
 _OUTPUT = flags.DEFINE_string("output", None, "The export's directory; must not exist or be empty.")
 _STEP = flags.DEFINE_integer("step", None, "The checkpoint to export; default the latest.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", list(runs.EXPORT_DTYPES), "The parameters' dtype in the export.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", list(artifacts.EXPORT_DTYPES), "The parameters' dtype in the export.")
 
 
 def main(argv: list[str]) -> None:
@@ -27,11 +27,11 @@ def main(argv: list[str]) -> None:
     quiet_logging()
     if not _WORKDIR.value or not _OUTPUT.value:
         exit_with_error("--workdir and --output are required, e.g. --workdir=/tmp/run --output=/tmp/run_export")
-    if runs.is_export(_WORKDIR.value):
+    if artifacts.is_export(_WORKDIR.value):
         exit_with_error(f"{_WORKDIR.value} is already an export. Fix: point --workdir at a training workdir.")
     runtime.enable_compilation_cache()
     try:
-        info = runs.export(_WORKDIR.value, _OUTPUT.value, _STEP.value, _DTYPE.value)
+        info = artifacts.export(_WORKDIR.value, _OUTPUT.value, _STEP.value, _DTYPE.value)
     except UsageError as e:
         exit_with_error(str(e))
     print(f"exported step {info['step']}: {info['parameters']:,} parameters in {info['dtype']} to {_OUTPUT.value}",

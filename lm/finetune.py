@@ -18,7 +18,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from lm.errors import UsageError, exit_with_error, quiet_logging, reject_positional
-from lm.finetuning import train
+from lm.finetuning import loop
 from lm.parallel import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A fine-tuning recipe, e.g. "
@@ -56,7 +56,7 @@ def main(argv: list[str]) -> None:
             with config.unlocked():
                 config.finetune.method = method
             workdir = os.path.join(_WORKDIR.value, method) if config.compare else _WORKDIR.value
-            results[method] = train.finetune(config, workdir, log=lambda line: print(line, flush=True))
+            results[method] = loop.finetune(config, workdir, log=lambda line: print(line, flush=True))
     except UsageError as e:
         exit_with_error(str(e))
     print(comparison_table(results), flush=True)

@@ -24,7 +24,7 @@ from absl import app, flags
 from lm.errors import UsageError, exit_with_error, quiet_logging, reject_positional
 from lm.inference import beam, decode
 from lm.parallel import runtime
-from lm.runs import artifacts as runs
+from lm.runs import artifacts
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir (holds config.json and checkpoints/) or an "
                                "export written by lm.export.")
@@ -52,7 +52,7 @@ def main(argv: list[str]) -> None:
                         "and at most that many --num_samples.")
     runtime.enable_compilation_cache()
     try:
-        run = runs.load(_WORKDIR.value, _STEP.value)
+        run = artifacts.load(_WORKDIR.value, _STEP.value)
     except UsageError as e:
         exit_with_error(str(e))
     if run.model_cfg.family == "encoder":
@@ -75,7 +75,7 @@ def main(argv: list[str]) -> None:
         print_text(run, f"sample {i + 1}", text)
 
 
-def print_beams(run: runs.Loaded) -> None:
+def print_beams(run: artifacts.Loaded) -> None:
     try:
         beams = beam.beam_texts(run.model, run.params, run.tokenizer, _PROMPT.value, beam_size=_BEAM_SIZE.value,
                                   max_new_tokens=_MAX_NEW_TOKENS.value, length_penalty=_LENGTH_PENALTY.value)
@@ -85,7 +85,7 @@ def print_beams(run: runs.Loaded) -> None:
         print_text(run, f"beam {i + 1} of {_BEAM_SIZE.value}, score {score:.4f}", text)
 
 
-def print_text(run: runs.Loaded, title: str, text: str) -> None:
+def print_text(run: artifacts.Loaded, title: str, text: str) -> None:
     if run.model_cfg.family == "encoder_decoder":  # the output is not a continuation
         print(f"--- {title} (checkpoint step {run.step}) ---\ninput: {_PROMPT.value}\noutput: {text}", flush=True)
     else:

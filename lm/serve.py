@@ -29,7 +29,7 @@ def main(argv: list[str]) -> None:
 
     from lm.errors import exit_with_error, quiet_logging, reject_positional
     from lm.parallel import runtime
-    from lm.runs import artifacts as runs
+    from lm.runs import artifacts
 
     reject_positional(argv)
     quiet_logging()
@@ -41,7 +41,7 @@ def main(argv: list[str]) -> None:
         exit_with_error("--workdir is required, e.g. --workdir=runs/shakespeare_char")
     runtime.enable_compilation_cache()
     try:
-        loaded = runs.load(f.workdir)
+        loaded = artifacts.load(f.workdir)
     except UsageError as e:
         exit_with_error(str(e))
     if loaded.model_cfg.family != "decoder":

@@ -17,7 +17,7 @@ import numpy as np
 from lm.configs import shakespeare_char
 from lm.data import corpora, tokenizers
 from lm.model import ModelConfig, build
-from lm.runs import artifacts as runs
+from lm.runs import artifacts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -131,6 +131,6 @@ def random_export(path: str, seq_len: int = 48) -> str:
     model_cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size, config.data.seq_len)
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     params = nn.meta.unbox(build(model_cfg).init(jax.random.key(0), tokens)["params"])
-    runs.write_export(path, jax.tree.map(np.asarray, params), config, tokenizer,
+    artifacts.write_export(path, jax.tree.map(np.asarray, params), config, tokenizer,
                       {"step": 0, "dtype": "float32", "parameters": 0})
     return path

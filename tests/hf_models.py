@@ -13,7 +13,7 @@ try:
 except ImportError:  # the default run deselects these tests; `pytest -m interop` needs the extra
     torch = transformers = None
 
-from lm.runs import artifacts as runs
+from lm.runs import artifacts
 from tests.helpers import REPO
 
 VOCAB = 300
@@ -71,5 +71,5 @@ def hf_logits(model, tokens_BL: np.ndarray) -> np.ndarray:
 
 
 def lm_logits(path: str, tokens_BL: np.ndarray) -> np.ndarray:
-    loaded = runs.load(path)
+    loaded = artifacts.load(path)
     return np.asarray(loaded.model.apply({"params": loaded.params}, jax.numpy.asarray(tokens_BL)))

@@ -19,7 +19,7 @@ from lm.data.corpus import prepare
 from lm.finetuning import tasks
 from lm.interop import tokenizer_json
 from lm.model import ModelConfig, build
-from lm.runs import artifacts as runs
+from lm.runs import artifacts
 from tests.helpers import serve_app, tiny_config
 from tests.hf_models import save_tokenizer
 
@@ -160,7 +160,7 @@ def hf_tokenizer_export(all_kinds, tmp_path_factory) -> str:
     model_cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size, 48)
     params = nn.meta.unbox(build(model_cfg).init(jax.random.key(0), jnp.zeros((1, 48), jnp.int32))["params"])
     path = str(tmp_path_factory.mktemp("hf_export") / "export")
-    runs.write_export(path, jax.tree.map(np.asarray, params), config, tokenizer,
+    artifacts.write_export(path, jax.tree.map(np.asarray, params), config, tokenizer,
                       {"step": 0, "dtype": "float32", "parameters": 0})
     return path
 
@@ -171,7 +171,7 @@ def server(hf_tokenizer_export):
     from lm.inference.engine import Limits
     from lm.inference.http import make_app
 
-    loaded = runs.load(hf_tokenizer_export)
+    loaded = artifacts.load(hf_tokenizer_export)
     with serve_app(make_app(loaded, Limits(max_prompt_tokens=40, max_tokens=4), "tiny", None)) as base:
         yield base, loaded
 

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 from lm import convert
 from lm.errors import UsageError
 from lm.interop import huggingface
-from lm.runs import artifacts as runs
+from lm.runs import artifacts
 from tests.helpers import run_cli
 from tests.hf_models import TINY_MODELS, VOCAB, hf_logits, lm_logits, save_hf_model, torch, transformers
 
@@ -36,14 +36,15 @@ def test_an_imported_model_gives_transformers_logits_and_exports_back_bit_for_bi
     np.testing.assert_array_equal(hf_logits(reloaded, tokens_BL), hf_logits(model, tokens_BL))
 
     convert.import_hf(back_dir, str(tmp_path / "again"))
-    jax.tree.map(np.testing.assert_array_equal, runs.load(lm_dir).params, runs.load(str(tmp_path / "again")).params)
+    jax.tree.map(np.testing.assert_array_equal, artifacts.load(lm_dir).params,
+                 artifacts.load(str(tmp_path / "again")).params)
 
 
 def test_an_imported_model_samples_what_transformers_generates_greedily(tmp_path):
     model = save_hf_model("gpt2", str(tmp_path / "hf"))
     result = run_cli("lm.convert", "import", f"--hf_dir={tmp_path}/hf", f"--output={tmp_path}/lm")
     assert "imported gpt2: " in result.stdout
-    tokenizer = runs.load(str(tmp_path / "lm")).tokenizer
+    tokenizer = artifacts.load(str(tmp_path / "lm")).tokenizer
     assert tokenizer.decode(tokenizer.encode("To be, or not to be")) == "To be, or not to be"
 
     sample = run_cli("lm.sample", f"--workdir={tmp_path}/lm", "--prompt=ROMEO:", "--max_new_tokens=8",
@@ -57,7 +58,7 @@ def test_an_imported_model_samples_what_transformers_generates_greedily(tmp_path
 def test_a_scanned_lm_model_exports_like_its_unrolled_twin(tmp_path):
     save_hf_model("llama_gqa", str(tmp_path / "hf"))
     convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "lm"))
-    loaded = runs.load(str(tmp_path / "lm"))
+    loaded = artifacts.load(str(tmp_path / "lm"))
     stacked = {k: v for k, v in loaded.params.items() if not k.startswith("layer_")}
     stacked["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *(loaded.params[f"layer_{i}"] for i in range(2)))
     assert jax.tree.all(jax.tree.map(np.array_equal, convert.unstack_layers(stacked, 2), loaded.params))

@@ -16,7 +16,7 @@ from lm.model import ModelConfig
 from lm.objectives import causal_lm, weighted_cross_entropy
 from lm.objectives.distillation import distillation_kl_sum
 from lm.parallel import sharding
-from lm.runs import artifacts as runs
+from lm.runs import artifacts
 from lm.training import aot
 from lm.training.step import apply
 from lm.training.trainer import make_trainer
@@ -59,7 +59,7 @@ def distilled_student(pretrained, teacher, alpha: float, steps: int):
 
 @pytest.mark.finetune
 def test_distilled_steps_move_the_student_toward_the_teacher_and_report_cross_entropy(pretrained):
-    teacher = runs.load(pretrained)
+    teacher = artifacts.load(pretrained)
     # Sharper than its random init, so the teacher has something to teach.
     teacher = dataclasses.replace(teacher, params=jax.tree.map(lambda p: p * 6 if p.ndim >= 2 else p, teacher.params))
     before, distilled, loss, ce = distilled_student(pretrained, teacher, alpha=1.0, steps=10)
@@ -71,7 +71,7 @@ def test_distilled_steps_move_the_student_toward_the_teacher_and_report_cross_en
 
 def test_an_ahead_of_time_compile_of_a_distillation_step_counts_the_teacher_without_reading_its_weights(
         pretrained, capsys):
-    vocab = runs.load(pretrained).model_cfg.vocab_size
+    vocab = artifacts.load(pretrained).model_cfg.vocab_size
     alone = aot.compile_and_report(tiny_config(model__vocab_size=vocab))
     distilled = aot.compile_and_report(tiny_config(model__vocab_size=vocab, distill__teacher=pretrained))
     teacher_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(aot.abstract_teacher(

@@ -14,8 +14,7 @@ import pytest
 from helpers import REPO, cli_env, cli_flags, run_cli
 
 import lm
-from lm.runs import artifacts as runs
-from lm.runs import checkpoint
+from lm.runs import artifacts, checkpoint
 
 CONFIG = f"--config={os.path.join(REPO, 'configs', 'shakespeare_char.py')}"
 BPE_CONFIG = f"--config={os.path.join(REPO, 'configs', 'shakespeare_bpe.py')}"
@@ -86,11 +85,11 @@ def test_checkpoints_record_the_config_and_code_and_an_export_keeps_only_the_par
     assert meta["config"]["train"]["steps"] == 8 and meta["version"]["lm"] == lm.__version__
     assert meta["version"]["git_commit"] is None or len(meta["version"]["git_commit"]) == 40
 
-    trained = runs.load(str(trained_run))
+    trained = artifacts.load(str(trained_run))
     for dtype in ("float32", "bfloat16"):
         out = run_cli("lm.export", f"--workdir={trained_run}", f"--output={tmp_path / dtype}", f"--dtype={dtype}")
         assert "exported step 8: " in out.stdout and f"in {dtype} to" in out.stdout
-        exported = runs.load(str(tmp_path / dtype))
+        exported = artifacts.load(str(tmp_path / dtype))
         assert sorted(os.listdir(tmp_path / dtype)) == ["config.json", "export.json", "params", "tokenizer.json"]
         for got, want in zip(jax.tree.leaves(exported.params), jax.tree.leaves(trained.params), strict=True):
             assert got.dtype == dtype and np.array_equal(np.asarray(got), np.asarray(want.astype(dtype)))

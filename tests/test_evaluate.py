@@ -14,7 +14,7 @@ import pytest
 from lm import convert
 from lm.errors import UsageError
 from lm.evaluation import scoring, weat
-from lm.runs import artifacts as runs
+from lm.runs import artifacts
 from tests.helpers import REPO, run_cli
 from tests.hf_models import save_hf_model, torch
 
@@ -48,7 +48,7 @@ def torch_log_likelihood(model, tokenizer, context: str, continuation: str) -> f
 @pytest.mark.interop
 def test_multiple_choice_picks_the_highest_total_and_per_byte_log_likelihood(gpt2):
     model, path = gpt2
-    loaded = runs.load(path)
+    loaded = artifacts.load(path)
     result = scoring.multiple_choice(loaded, QUESTIONS, batch_size=4)
     answers = []
     for question, detail in zip(QUESTIONS, result["details"]):
@@ -65,7 +65,7 @@ def test_multiple_choice_picks_the_highest_total_and_per_byte_log_likelihood(gpt
 def test_multiple_choice_on_an_lm_model_picks_what_full_forward_passes_rank_highest(pretrained):
     """The known answer without torch: each choice's log-likelihood from a forward pass
     over its whole sequence (right-padded, which a causal mask keeps from reaching back)."""
-    loaded = runs.load(pretrained)
+    loaded = artifacts.load(pretrained)
     result = scoring.multiple_choice(loaded, QUESTIONS, batch_size=3)
     sequences, spans = [], []
     for question in QUESTIONS:
@@ -135,7 +135,7 @@ def test_evaluate_cli_scores_perplexity_multiple_choice_weat_and_predictions(gpt
     assert "| multiple_choice/1_shot | accuracy |" in result.stdout
     results = json.load(open(tmp_path / "results.json"))
 
-    loaded = runs.load(path)
+    loaded = artifacts.load(path)
     tokens = loaded.tokenizer.encode(text)
     seq_len = loaded.config.data.seq_len
     windows = (len(tokens) - 1) // seq_len
@@ -175,7 +175,7 @@ def test_attention_maps_are_the_weights_the_model_attends_with(kind, tmp_path):
 
     save_hf_model(kind, str(tmp_path / "hf"))
     convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "lm"))
-    loaded = runs.load(str(tmp_path / "lm"))
+    loaded = artifacts.load(str(tmp_path / "lm"))
     tokens_BL = np.random.default_rng(0).integers(0, 300, (2, 12))
     maps = inspect.attention_maps(loaded, tokens_BL)  # [layers, B, H, L, L]
     assert maps.shape == (2, 2, 4, 12, 12)
@@ -197,7 +197,7 @@ def test_attention_maps_are_the_weights_the_model_attends_with(kind, tmp_path):
 def test_nearest_tokens_rank_by_cosine_similarity(gpt2):
     from lm.evaluation import inspect
 
-    loaded = runs.load(gpt2[1])
+    loaded = artifacts.load(gpt2[1])
     table = np.asarray(loaded.params["embed"]["embedding"])
     neighbours = inspect.nearest_tokens(loaded, 7, k=5)
     cosine = table @ table[7] / np.linalg.norm(table, axis=1) / np.linalg.norm(table[7])

@@ -12,9 +12,9 @@ import pytest
 from lm.configs.finetune import base as finetune_base
 from lm.data import tokenizers
 from lm.errors import UsageError
-from lm.finetuning import lora, optim, tasks, train
+from lm.finetuning import loop, lora, optim, tasks
 from lm.model import ModelConfig, build
-from lm.runs import artifacts as runs
+from lm.runs import artifacts
 from tests.helpers import run_cli
 
 
@@ -28,11 +28,11 @@ def speaker_config(pretrained: str, **finetune):
     return config
 
 
-def train_steps(setup: train.Setup, steps: int):
+def train_steps(setup: loop.Setup, steps: int):
     """The fine-tuning train step `steps` times; returns the whole parameter tree."""
     trainable, frozen = optim.partition(setup.params, setup.mask)
     trainable = jax.tree.map(jnp.array, trainable)
-    optimizer, train_step, _ = train.make_steps(setup)
+    optimizer, train_step, _ = loop.make_steps(setup)
     opt_state = optimizer.init(trainable)
     for step in range(steps):
         batch = setup.splits["train"].batch(np.arange(step * 8, step * 8 + 8))
@@ -49,7 +49,7 @@ def changed(before, after) -> dict[str, bool]:
 def test_lora_trains_only_the_adapters_and_head_and_its_merge_equals_the_adapted_model(pretrained):
     config = speaker_config(pretrained, method="lora")
     config.finetune.lora.learning_rate = 1e-2
-    setup = train.setup(config)
+    setup = loop.setup(config)
     after = train_steps(setup, 4)
 
     moved = changed(setup.params["backbone"], after["backbone"])
@@ -66,12 +66,12 @@ def test_lora_trains_only_the_adapters_and_head_and_its_merge_equals_the_adapted
 
 
 def test_frozen_trains_the_head_alone_and_freeze_keeps_matching_parameters_fixed(pretrained):
-    setup = train.setup(speaker_config(pretrained, method="frozen"))
+    setup = loop.setup(speaker_config(pretrained, method="frozen"))
     after = train_steps(setup, 2)
     assert not any(changed(setup.params["backbone"], after["backbone"]).values())
     assert all(changed(setup.params["head"], after["head"]).values())
 
-    setup = train.setup(speaker_config(pretrained, method="full", freeze=r"embed|layer_0/"))
+    setup = loop.setup(speaker_config(pretrained, method="full", freeze=r"embed|layer_0/"))
     moved = changed(setup.params["backbone"], train_steps(setup, 2)["backbone"])
     assert not any(v for k, v in moved.items() if "embed" in k or "layer_0" in k)
     assert all(v for k, v in moved.items() if "layer_1" in k)
@@ -79,7 +79,7 @@ def test_frozen_trains_the_head_alone_and_freeze_keeps_matching_parameters_fixed
 
 @pytest.mark.finetune
 def test_gradual_unfreezing_opens_layers_from_the_top_and_layer_decay_slows_the_bottom(pretrained):
-    setup = train.setup(speaker_config(pretrained, unfreeze_every=2))
+    setup = loop.setup(speaker_config(pretrained, unfreeze_every=2))
     first = changed(setup.params, train_steps(setup, 2))  # steps 0, 1: depth 0 only (head, final norm)
     assert all(v for k, v in first.items() if "head" in k or "final_norm" in k)
     assert not any(v for k, v in first.items() if "layer_" in k or "embed" in k)
@@ -95,15 +95,15 @@ def test_gradual_unfreezing_opens_layers_from_the_top_and_layer_decay_slows_the_
 
 def test_bad_targets_and_regexes_name_the_field_and_the_fix(pretrained):
     with pytest.raises(UsageError, match=r"lora.targets='nothing_here' matches no dense layer.*layer_0/attn/qkv"):
-        train.setup(speaker_config(pretrained, method="lora", lora=dict(rank=4, alpha=8.0, targets="nothing_here")))
+        loop.setup(speaker_config(pretrained, method="lora", lora=dict(rank=4, alpha=8.0, targets="nothing_here")))
     with pytest.raises(UsageError, match="finetune.freeze='nope' matches no backbone parameter"):
-        train.setup(speaker_config(pretrained, freeze="nope"))
+        loop.setup(speaker_config(pretrained, freeze="nope"))
     with pytest.raises(UsageError, match="config.init_from is empty"):
-        train.setup(speaker_config(""))
+        loop.setup(speaker_config(""))
     config = speaker_config(pretrained)
     config.task.speakers = ("ROMEO", "HAMLET")
     with pytest.raises(UsageError, match=r"unknown: \['HAMLET'\]"):
-        train.setup(config)
+        loop.setup(config)
 
 
 def test_sft_puts_loss_on_the_response_and_token_tags_on_first_tokens():
@@ -131,10 +131,10 @@ def test_finetune_cli_compares_methods_in_a_table_and_stops_early(pretrained, tm
     assert [row.split("|")[1].strip() for row in table[2:]] == ["majority class", "full", "lora", "frozen"]
     assert "early stop at step 4" in result.stdout  # lr 0: the score never improves after the first eval
     for method in ("full", "lora", "frozen"):
-        results = json.load(open(os.path.join(tmp_path, method, train.RESULTS)))
+        results = json.load(open(os.path.join(tmp_path, method, loop.RESULTS)))
         assert results["best_step"] == 2 and 0 <= results["test"]["accuracy"] <= 1
         assert os.path.exists(os.path.join(tmp_path, method, "best", "best.json"))
-    trainable = {m: json.load(open(os.path.join(tmp_path, m, train.RESULTS)))["trainable_parameters"]
+    trainable = {m: json.load(open(os.path.join(tmp_path, m, loop.RESULTS)))["trainable_parameters"]
                  for m in ("full", "lora", "frozen")}
     assert trainable["full"] > trainable["lora"] > trainable["frozen"] == 32 * 2 + 2
 
@@ -151,10 +151,10 @@ def test_sft_with_lora_trains_on_jsonl_and_exports_a_merged_model_that_samples(p
     config = speaker_config(pretrained, method="lora", export_merged=True)
     config.task.update(kind="sft", builder="", train_file=write_jsonl(tmp_path / "train.jsonl", rows),
                        validation_file=write_jsonl(tmp_path / "val.jsonl", rows[:4]))
-    results = train.finetune(config, str(tmp_path / "run"), log=lambda _: None)
+    results = loop.finetune(config, str(tmp_path / "run"), log=lambda _: None)
     assert results["kind"] == "sft" and results["validation"]["loss"] > 0 and "majority_baseline" not in results
-    merged = runs.load(str(tmp_path / "run" / "merged"))
-    adapters = train.restore_best(str(tmp_path / "run"), {"lora": train.setup(config).params["lora"]})
+    merged = artifacts.load(str(tmp_path / "run" / "merged"))
+    adapters = loop.restore_best(str(tmp_path / "run"), {"lora": loop.setup(config).params["lora"]})
     assert set(adapters) == {"lora"}
     from lm.inference import decode
 
@@ -172,7 +172,7 @@ def test_token_classification_trains_a_tagger_on_jsonl(pretrained, tmp_path):
                        validation_file=write_jsonl(tmp_path / "v.jsonl", rows[:4]),
                        test_file=write_jsonl(tmp_path / "test.jsonl", rows[:2]))
     config.finetune.update(learning_rate=3e-3, steps=30, eval_every=10, patience=0)
-    results = train.finetune(config, str(tmp_path / "run"), log=lambda _: None)
+    results = loop.finetune(config, str(tmp_path / "run"), log=lambda _: None)
     assert results["labels"] == ["ADJ", "NOUN"]
     assert results["majority_baseline"] == pytest.approx(3 / 5)  # NOUN, on the 5 first tokens of the test rows
     assert results["test"]["accuracy"] == 1.0  # learnt: the first word is ADJ, the others NOUN

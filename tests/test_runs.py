@@ -13,8 +13,7 @@ from test_train import STREAM
 from lm.data import batches, rows, tokenizers
 from lm.model import ModelConfig
 from lm.parallel import sharding
-from lm.runs import artifacts as runs
-from lm.runs import checkpoint
+from lm.runs import artifacts, checkpoint
 from lm.training.trainer import make_trainer
 
 FSDP_X_TENSOR = dict(data=1, fsdp=4, tensor=2)
@@ -49,16 +48,16 @@ def test_a_sharded_run_loads_on_one_device_and_its_export_keeps_the_runs_mesh(tm
     workdir, output = str(tmp_path / "run"), str(tmp_path / "export")
     params = write_run(workdir, step=3)
 
-    loaded = runs.load(workdir)
+    loaded = artifacts.load(workdir)
     assert loaded.step == 3
     assert dict(loaded.config.mesh.shape) == FSDP_X_TENSOR  # the run's config, as saved
     assert {leaf.sharding.device_set == {jax.local_devices()[0]} for leaf in jax.tree.leaves(loaded.params)} == {True}
     assert_same_params(loaded.params, params)
 
-    info = runs.export(workdir, output)
+    info = artifacts.export(workdir, output)
     with open(os.path.join(output, "config.json"), encoding="utf-8") as f:
         assert json.load(f)["mesh"]["shape"] == FSDP_X_TENSOR
     assert info["step"] == 3
-    exported = runs.load(output)
+    exported = artifacts.load(output)
     assert dict(exported.config.mesh.shape) == FSDP_X_TENSOR
     assert_same_params(exported.params, params)

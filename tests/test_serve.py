@@ -23,7 +23,7 @@ from lm.evaluation.scoring import continuation_log_likelihoods
 from lm.inference import protocol
 from lm.inference.engine import Limits
 from lm.inference.http import Guard, exposure_warning, make_app
-from lm.runs import artifacts as runs
+from lm.runs import artifacts
 from tests.helpers import run_cli, serve_app, start_server
 
 KEY = "test-key"
@@ -48,7 +48,7 @@ def client(server):
 @pytest.fixture(scope="module")
 def loaded(pretrained):
     """The served export, loaded in this process: lm.evaluate's view of the same model."""
-    return runs.load(pretrained)
+    return artifacts.load(pretrained)
 
 
 def post(base: str, path: str, body: bytes | dict, key: str | None = KEY) -> tuple[int, dict]:

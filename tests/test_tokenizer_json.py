@@ -17,7 +17,7 @@ from lm.errors import UsageError
 from lm.evaluation import scoring
 from lm.interop import tokenizer_json
 from lm.model import ModelConfig, build
-from lm.runs import artifacts as runs
+from lm.runs import artifacts
 from tests.helpers import tiny_config
 
 SEQ_LEN = 48
@@ -56,7 +56,7 @@ def write_run(path: str, tokenizer: tokenizers.Tokenizer, shape: str) -> None:
     config = tiny_config(data__seq_len=SEQ_LEN, **{f"model__{k}": v for k, v in SHAPES[shape].items()})
     model_cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size, SEQ_LEN)
     params = nn.meta.unbox(build(model_cfg).init(jax.random.key(0), jnp.zeros((1, SEQ_LEN), jnp.int32))["params"])
-    runs.write_export(path, jax.tree.map(np.asarray, params), config, tokenizer,
+    artifacts.write_export(path, jax.tree.map(np.asarray, params), config, tokenizer,
                       {"step": 0, "dtype": "float32", "parameters": 0})
 
 
@@ -89,7 +89,7 @@ def test_an_export_holds_a_tokenizer_json_with_lms_ids_and_imports_back_with_the
     assert names["split_special_tokens"] is True  # transformers then reads "<eos>" in text as text
 
     convert.import_hf(hf_dir, back_dir)  # no --tokenizer: the export carries its own
-    original, imported = runs.load(lm_dir), runs.load(back_dir)
+    original, imported = artifacts.load(lm_dir), artifacts.load(back_dir)
     assert imported.tokenizer.kind == "huggingface"
     assert imported.tokenizer.encode(validation).tolist() == ids.tolist()
     assert imported.tokenizer.decode(ids) == validation

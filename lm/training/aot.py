@@ -22,7 +22,7 @@ from lm.data import corpus
 from lm.model import ModelConfig, build
 from lm.model.counting import abstract_params, param_counts
 from lm.parallel import sharding
-from lm.runs import artifacts as runs
+from lm.runs import artifacts
 from lm.training import memory
 from lm.training.setup import check_teacher
 from lm.training.trainer import make_trainer
@@ -51,17 +51,17 @@ def _tokenizer_vocab_size(config: ml_collections.ConfigDict) -> int:
         return corpus.prepare(config, os.path.join(tmp, "tokenizer.json")).tokenizer.vocab_size
 
 
-def abstract_teacher(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> runs.Loaded | None:
+def abstract_teacher(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> artifacts.Loaded | None:
     """Distillation's teacher as the step needs it, from its config.json alone: its model
     and parameter shapes (the check reads no weights, which may live only on the pod)."""
     if not config.distill.teacher:
         return None
-    teacher_config = runs.load_config(config.distill.teacher)
+    teacher_config = artifacts.load_config(config.distill.teacher)
     model_cfg = ModelConfig.for_run(teacher_config, tokenizer_vocab)
     check_teacher(config, model_cfg)
     model = build(model_cfg)
     params = nn.meta.unbox(abstract_params(model, config.data.seq_len))
-    return runs.Loaded(teacher_config, model_cfg, model, params, tokenizer=None, step=-1)
+    return artifacts.Loaded(teacher_config, model_cfg, model, params, tokenizer=None, step=-1)
 
 
 def compile_and_report(config: ml_collections.ConfigDict) -> dict[str, int]:

@@ -21,8 +21,7 @@ from lm.errors import UsageError
 from lm.files import atomic
 from lm.model import ModelConfig
 from lm.parallel import sharding
-from lm.runs import artifacts as runs
-from lm.runs import checkpoint
+from lm.runs import artifacts, checkpoint
 from lm.runs.workdir import WorkdirLock
 from lm.training import memory
 from lm.training.logs import MetricWriter
@@ -145,7 +144,7 @@ def load_teacher(config: ml_collections.ConfigDict, tokenizer) -> Any:
     """Distillation's teacher (lm.runs.artifacts.Loaded), or None; it must share the tokenizer."""
     if not config.distill.teacher:
         return None
-    teacher = runs.load(config.distill.teacher)
+    teacher = artifacts.load(config.distill.teacher)
     check_teacher(config, teacher.model_cfg)
     if teacher.tokenizer.to_json() != tokenizer.to_json():
         raise UsageError(f"config.distill.teacher={config.distill.teacher!r} has another tokenizer than this "

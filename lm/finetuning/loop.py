@@ -28,8 +28,7 @@ from lm.files import atomic
 from lm.finetuning import datasets, lora, optim, tasks
 from lm.model import build
 from lm.model.counting import param_counts
-from lm.runs import artifacts as runs
-from lm.runs import version
+from lm.runs import artifacts, version
 from lm.training.step import apply_gradients
 
 RESULTS = "finetune_results.json"
@@ -38,7 +37,7 @@ RESULTS = "finetune_results.json"
 @dataclasses.dataclass
 class Setup:
     config: ml_collections.ConfigDict
-    base: runs.Loaded
+    base: artifacts.Loaded
     model_cfg: Any
     label_names: list[str]
     splits: dict[str, tasks.Split]
@@ -54,7 +53,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
                           "--config.init_from=runs/shakespeare_char.")
     if task.kind not in tasks.KINDS:
         raise UsageError(f"task.kind={task.kind!r} is not one of {tasks.KINDS}. Fix: pick one.")
-    base = runs.load(config.init_from)
+    base = artifacts.load(config.init_from)
     if base.model_cfg.family != "decoder":
         raise UsageError(f"init_from holds a {base.model_cfg.family!r} model; fine-tuning takes a decoder. "
                           "Fix: point it at a decoder run.")
@@ -264,4 +263,4 @@ def export_merged(s: Setup, trainable: dict, frozen: dict, output: str) -> None:
             "source": os.path.abspath(s.config.init_from), "finetuned": s.config.finetune.method,
             "exported_by": version.code_version()}
     shutil.rmtree(output, ignore_errors=True)  # this run's own previous merge
-    runs.write_export(output, backbone, config, s.base.tokenizer, info)
+    artifacts.write_export(output, backbone, config, s.base.tokenizer, info)
