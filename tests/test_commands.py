@@ -10,7 +10,7 @@ from helpers import REPO, run_cli
 
 def _readme_commands() -> set[str]:
     text = (pathlib.Path(REPO) / "README.md").read_text(encoding="utf-8")
-    return set(re.findall(r"python -m (lm(?:\.\w+)+)", text))
+    return set(re.findall(r"\.venv/bin/python -m (lm(?:\.\w+)+)", text))  # the commands to type
 
 
 def test_every_command_the_readme_shows_is_a_top_level_module_with_a_main():
