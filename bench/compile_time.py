@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from lm.config import validated_config  # noqa: E402
+from lm.config import parse_flags, validated_config  # noqa: E402
 from lm.errors import quiet_logging, reject_positional  # noqa: E402
 from lm.model import ModelConfig  # noqa: E402
 from lm.parallel import (
@@ -60,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

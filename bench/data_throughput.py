@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from lm.config import validated_config  # noqa: E402
+from lm.config import parse_flags, validated_config  # noqa: E402
 from lm.data import batches, rows, tokenizers  # noqa: E402
 from lm.data.corpus import builders, prepare, token_stream  # noqa: E402
 from lm.errors import UsageError, exit_with_error, quiet_logging, reject_positional  # noqa: E402
@@ -77,4 +77,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from lm.config import validated_config  # noqa: E402
+from lm.config import parse_flags, validated_config  # noqa: E402
 from lm.errors import reject_positional  # noqa: E402
 from lm.parallel.runtime import available_cores  # noqa: E402
 
@@ -144,4 +144,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

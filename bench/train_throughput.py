@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags  # noqa: E402
 
-from lm.config import validated_config  # noqa: E402
+from lm.config import parse_flags, validated_config  # noqa: E402
 from lm.data import batches  # noqa: E402
 from lm.data.corpus import prepare  # noqa: E402
 from lm.errors import quiet_logging, reject_positional  # noqa: E402
@@ -165,4 +165,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -22,7 +22,7 @@ for arg in "$@"; do
     --extra=*) extra="${arg#--extra=}" ;;
     --config=*) config="${arg#--config=}" ;;
     --workdir=*) workdir="${arg#--workdir=}" ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
     *) passthrough+=("$arg") ;;
   esac
 done

@@ -10,6 +10,8 @@
 #   --partition=P --time=T --account=A   passed to sbatch
 #   --dry_run            print the sbatch command, then what process 0 of the job would
 #                        run and use (SLURM's variables simulated), and submit nothing
+# The nodes run the repository's .venv/bin/python (made by the README's install), or
+# the interpreter LM_PYTHON names.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +25,7 @@ while [[ $# -gt 0 ]]; do
     --partition=*|--time=*|--account=*) sbatch_extra+=("$1") ;;
     --dry_run) dry_run=1 ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
     *) echo "slurm.sh: unknown option $1. Fix: see launch/slurm.sh --help; lm.main flags go after --." >&2
        exit 2 ;;
   esac

@@ -37,7 +37,7 @@ while [[ $# -gt 0 ]]; do
     --dry_run) dry_run=1 ;;
     --delete) delete=1 ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
     *) echo "tpu_pod.sh: unknown option $1. Fix: see launch/tpu_pod.sh --help; lm.main flags go after --." >&2
        exit 2 ;;
   esac

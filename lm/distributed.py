@@ -2,14 +2,23 @@
 
     python -m lm.distributed
 
-Prints the coordinator, process count and id that `lm.main --distributed` would use here
-(from `LM_*` or SLURM variables, or JAX's own detection), or `single process`.
+Prints the coordinator, process count and id that `lm.main --distributed` would use here:
+from `LM_*` or SLURM variables, or else that JAX's own detection (TPU VMs, other
+clusters JAX knows) would say at start-up.
 """
 
 from __future__ import annotations
 
+from absl import app
+
+from lm.errors import reject_positional
 from lm.parallel import distributed
 
+
+def main(argv: list[str]) -> None:
+    reject_positional(argv)
+    print(distributed.resolve(distributed=True).describe())
+
+
 if __name__ == "__main__":
-    found = distributed.resolve(distributed=True)
-    print(found.describe() if found else "single process")
+    app.run(main)

@@ -1,4 +1,4 @@
-"""Evaluate a model, or score predictions; results to JSON and a printed table.
+r"""Evaluate a model, or score predictions; results to JSON and a printed table.
 
     # perplexity and bits per byte of the run's own corpus split, or of any text file
     python -m lm.evaluate --workdir=runs/shakespeare_char --split=validation

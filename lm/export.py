@@ -1,4 +1,4 @@
-"""Export a run's parameters alone, for inference and fine-tuning.
+r"""Export a run's parameters alone, for inference and fine-tuning.
 
     python -m lm.export --workdir=/tmp/shakespeare_char --output=/tmp/shakespeare_export \
         --dtype=bfloat16

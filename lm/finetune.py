@@ -1,4 +1,4 @@
-"""Fine-tune a pretrained model on a task.
+r"""Fine-tune a pretrained model on a task.
 
     python -m lm.finetune --config=configs/finetune/shakespeare_speakers.py --workdir=runs/speakers \
         --config.init_from=runs/shakespeare_char
@@ -17,6 +17,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from lm.config import parse_flags
 from lm.errors import UsageError, exit_with_error, quiet_logging, reject_positional
 from lm.finetuning import loop
 from lm.parallel import runtime
@@ -63,4 +64,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

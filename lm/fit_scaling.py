@@ -1,4 +1,4 @@
-"""Fit scaling laws to a results table, print them with intervals, and plot them.
+r"""Fit scaling laws to a results table, print them with intervals, and plot them.
 
     python -m lm.fit_scaling --results=/tmp/isoflop/results.csv --plots=/tmp/isoflop/plots
 

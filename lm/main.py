@@ -11,7 +11,7 @@ command resumes it.
 
 Several processes (hosts of a TPU slice, SLURM tasks) run the same command with
 `--distributed` (the environment says who is who) or with explicit
-`--coordinator_address --num_processes --process_id` (see lm/distributed.py).
+`--coordinator_address --num_processes --process_id` (see lm/parallel/distributed.py).
 
     python -m lm.main --config=configs/gpt2_small.py --compile_only --topology=cpu:64
 
@@ -42,19 +42,6 @@ _COMPILE_ONLY = flags.DEFINE_bool(
     "compile_only", False, "Compile the train step ahead of time, print its per-device memory, train nothing.")
 _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "With --compile_only: the devices to compile for, e.g. cpu:64 (fake CPU devices).")
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, with config-loading failures turned into one clear message."""
-    try:
-        rest = flags.FLAGS(argv)
-        _ = _CONFIG.value and _CONFIG.value.keys()  # a missing or broken config file fails here
-    except flags.Error as e:
-        exit_with_error(str(e))
-    except (AttributeError, KeyError, TypeError, ValueError, OSError, SyntaxError, ImportError) as e:
-        exit_with_error(f"could not load the config ({type(e).__name__}: {e}). Fix: check the "
-                        "--config file and the --config.* overrides (fields are listed in configs/base.py).")
-    return rest
 
 
 def load_config():
@@ -99,4 +86,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=config_lib.parse_flags)

@@ -15,7 +15,7 @@ import os
 from absl import app
 from ml_collections import config_flags
 
-from lm.config import validated_config
+from lm.config import parse_flags, validated_config
 from lm.data import corpus, text_files
 from lm.errors import UsageError, exit_with_error, quiet_logging, reject_positional
 from lm.files import atomic
@@ -51,4 +51,4 @@ def main(argv: list[str]) -> None:
         print(f"dataset: {builder.data_dir}\nreport: {path}")
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -6,10 +6,15 @@ training GFLOPs per token (computed abstractly: nothing is allocated).
 
 from __future__ import annotations
 
+from absl import app
+
+from lm.errors import quiet_logging, reject_positional
 from lm.model import presets
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
+    reject_positional(argv)
+    quiet_logging()
     print(f"{'preset':<12} {'parameters':>14} {'non-embedding':>14} {'published':>10} {'GFLOP/token':>12}")
     for preset in presets.PRESETS:
         d = presets.describe(preset)
@@ -19,4 +24,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -1,4 +1,4 @@
-"""Sample text from a trained run.
+r"""Sample text from a trained run.
 
     python -m lm.sample --workdir=/tmp/shakespeare_char --prompt="ROMEO:" \
         --max_new_tokens=200 --temperature=0.8 --top_k=200

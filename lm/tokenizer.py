@@ -20,6 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from lm import config as config_lib
+from lm.config import parse_flags
 from lm.data import corpus, tokenizers
 from lm.errors import UsageError, exit_with_error, quiet_logging
 from lm.files import atomic
@@ -83,4 +84,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

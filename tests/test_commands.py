@@ -35,3 +35,27 @@ def test_an_old_command_path_runs_the_moved_command(old_path, args, expected):
 
 def test_the_old_presets_path_prints_the_table():
     assert "gpt2-small" in run_cli("lm.model.presets").stdout
+
+
+@pytest.mark.parametrize("command, args", [
+    ("lm.prepare", ("--config=configs/shakespeare_bpe.py", "--config.data.unti=line")),
+    ("lm.finetune", ("--config=configs/finetune/shakespeare_word_order.py", "--workdir=/tmp/unused",
+                     "--config.finetune.stepz=3")),
+    ("lm.tokenizer", ("train", "--config=configs/shakespeare_bpe.py", "--config.data.unti=line", "--output=/x")),
+])
+def test_a_mistyped_override_is_one_line_naming_the_flag_on_every_command_taking_a_config(command, args):
+    result = run_cli(command, *args, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    override = [a for a in args if a.startswith("--config.")][0].split("=")[0]
+    assert result.stderr.startswith(f"lm: error: {override}: the config has no field"), result.stderr
+
+
+def test_config_load_errors_name_the_file_or_the_field_and_the_close_match():
+    from lm.config.flags import load_error
+
+    missing = OSError("Failed loading config file config_config\n [Errno 2] No such file or directory: 'x/y.py'")
+    assert load_error(missing, []).startswith("--config=x/y.py: no such file. Fix:")
+    typo = AttributeError(KeyError('\'stepz\'\nDid you mean "steps" instead of "stepz"?'))
+    message = load_error(typo, ["prog", "--config=c.py", "--config.train.stepz=3"])
+    assert message == ("--config.train.stepz: the config has no field 'stepz'. Fix: did you mean 'steps'? "
+                       "The fields are listed in lm/config/schema.py.")

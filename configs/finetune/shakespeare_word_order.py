@@ -11,7 +11,7 @@ frozen backbone (a linear probe):
 4,000 lines of 5+ words, lower-cased and without punctuation, half with their words
 shuffled (70/15/15 split; lm/finetuning/datasets.py). The table printed at the end gives
 each method's test accuracy and trainable parameters beside the majority-class baseline
-(about 0.52). Expected on a 2-core CPU (about 12 minutes): see the README's fine-tuning
+(about 0.52). Expected on a 2-core CPU (about 8.5 minutes): see the README's fine-tuning
 section for the figures measured.
 """
 

@@ -1,10 +1,10 @@
-"""An IsoFLOP sweep small enough for a 2-core CPU: 3 compute budgets x 5 model sizes of
+"""An IsoFLOP sweep small enough for a 2-core CPU: 3 compute budgets x 4-5 model sizes (14 runs) of
 the character-level Shakespeare model (Chinchilla's Approach 2 in miniature).
 
     python -m lm.sweep --config=configs/scaling/shakespeare_isoflop.py --workdir=/tmp/isoflop --parallel=2
     python -m lm.fit_scaling --results=/tmp/isoflop/results.csv --plots=/tmp/isoflop/plots
 
-Budgets 5e11, 1e12 and 2e12 training FLOPs; for each, 5 sizes log-spaced over 16x
+Budgets 5e11, 1e12 and 2e12 training FLOPs; for each, up to 5 sizes log-spaced over 16x
 around the size that 200 tokens per parameter would pick (at budgets this small the
 character model is best served by far more tokens per parameter than Chinchilla's 20:
 centred there, each profile brackets its minimum), with d_model / layers = 16 and

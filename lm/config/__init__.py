@@ -6,6 +6,7 @@
   (`head_dim`, `d_ff`, `num_kv_heads`) resolve to.
 - `validation`: `validate(config)`, one pass before any work that raises `ConfigError`
   naming the field, its value and the fix; `validated_config` for commands.
+- `flags`: `parse_flags`, the command-line parser of every command taking `--config`.
 - `resume`: which fields a rerun on a workdir with checkpoints may change (`RESUME`,
   `resume_conflicts`).
 
@@ -36,6 +37,7 @@ from lm.config.choices import (
     head_dim,
     num_kv_heads,
 )
+from lm.config.flags import parse_flags
 from lm.config.resume import RESUME, OnResume, config_fields, resume_conflicts
 from lm.config.validation import (
     ConfigError,
@@ -52,7 +54,7 @@ __all__ = [
     "ACTIVATIONS", "CORPUS_SUFFIXES", "DTYPES", "FAMILIES", "MESH_AXES", "NORMAL_FORMS", "NORMS",
     "OBJECTIVE_FAMILIES", "OBJECTIVES", "PACKINGS", "POSITIONS", "REMAT_POLICIES", "SCHEDULES",
     "SP_MODEL_TYPES", "SP_RESERVED", "SPLIT_MODES", "TOKENIZERS", "UNITS", "d_ff", "head_dim", "num_kv_heads",
-    "RESUME", "OnResume", "config_fields", "resume_conflicts",
+    "parse_flags", "RESUME", "OnResume", "config_fields", "resume_conflicts",
     "ConfigError", "check_user_defined_symbols", "fail", "require_choice", "require_positive", "resolve_files",
     "validate", "validated_config",
 ]

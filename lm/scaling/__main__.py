@@ -1,4 +1,4 @@
-"""`python -m lm.fit_scaling`, the old spelling of `python -m lm.fit_scaling` (kept for existing scripts)."""
+"""`python -m lm.scaling fit` still runs `python -m lm.fit_scaling`, its new name (kept for existing scripts)."""
 
 import runpy
 
