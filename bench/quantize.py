@@ -12,6 +12,7 @@ import dataclasses
 
 from absl import app, flags
 
+from lm.config import parse_flags
 from lm.errors import quiet_logging
 from lm.evaluation import scoring
 from lm.inference import quantize
@@ -41,4 +42,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from lm.config import schema
+from lm.config import parse_flags, schema
 from lm.data import tokenizers
 from lm.errors import UsageError, exit_with_error, quiet_logging
 from lm.interop import huggingface as hf
@@ -279,4 +279,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

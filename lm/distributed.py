@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from absl import app
 
+from lm.config import parse_flags
 from lm.errors import reject_positional
 from lm.parallel import distributed
 
@@ -21,4 +22,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
+from lm.config import parse_flags
 from lm.data import documents
 from lm.errors import UsageError, exit_with_error, quiet_logging, reject_positional
 from lm.evaluation import fairness, metrics, scoring, weat
@@ -182,4 +183,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

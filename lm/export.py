@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from lm.config import parse_flags
 from lm.errors import UsageError, exit_with_error, quiet_logging, reject_positional
 from lm.parallel import runtime
 from lm.runs import artifacts
@@ -39,4 +40,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from lm.config import parse_flags
 from lm.errors import UsageError, exit_with_error, reject_positional
 from lm.files import atomic
 from lm.scaling import laws, results
@@ -65,4 +66,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

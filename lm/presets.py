@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from absl import app
 
+from lm.config import parse_flags
 from lm.errors import quiet_logging, reject_positional
 from lm.model import presets
 
@@ -24,4 +25,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

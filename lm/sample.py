@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from lm.config import parse_flags
 from lm.errors import UsageError, exit_with_error, quiet_logging, reject_positional
 from lm.inference import beam, decode
 from lm.parallel import runtime
@@ -93,4 +94,4 @@ def print_text(run: artifacts.Loaded, title: str, text: str) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 
+from lm.config import parse_flags
 from lm.errors import UsageError
 from lm.inference.engine import Limits
 from lm.inference.http import exposure_warning, make_app
@@ -84,4 +85,4 @@ if __name__ == "__main__":
     from absl import app as absl_app
 
     _define_flags()
-    absl_app.run(main)
+    absl_app.run(main, flags_parser=parse_flags)

@@ -26,7 +26,7 @@ import time
 
 from absl import app, flags
 
-from lm.config import validate
+from lm.config import parse_flags, validate
 from lm.errors import PREEMPTED, UsageError, exit_with_error, quiet_logging, reject_positional
 from lm.files import atomic
 from lm.parallel import runtime
@@ -206,4 +206,4 @@ def _submit(workdir: str, pending: list[sweeps.Point]) -> list[str]:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -8,6 +8,7 @@ Every command that takes `--config` runs `app.run(main, flags_parser=parse_flags
 
 from __future__ import annotations
 
+import os
 import re
 
 from absl import flags
@@ -24,10 +25,16 @@ def parse_flags(argv: list[str]) -> list[str]:
         if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
             flags.FLAGS["config"].value.keys()  # a missing or broken config file fails here
     except flags.Error as e:
-        exit_with_error(str(e))
+        exit_with_error(f"{str(e).rstrip('.')}. Fix: see the flags in `{_command(argv)} --help`.")
     except (AttributeError, KeyError, TypeError, ValueError, OSError, SyntaxError, ImportError) as e:
         exit_with_error(load_error(e, argv))
     return rest
+
+
+def _command(argv: list[str]) -> str:
+    """`python -m lm.<name>` from the running module's path (argv[0])."""
+    name = os.path.splitext(os.path.basename(argv[0]))[0] if argv else "main"
+    return f"python -m lm.{name}"
 
 
 def load_error(error: Exception, argv: list[str]) -> str:
