@@ -22,8 +22,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl's parser, then the `--config` file loaded (where it fails); exits with one line."""
     try:
         rest = flags.FLAGS(argv)
-        if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
-            flags.FLAGS["config"].value.keys()  # a missing or broken config file fails here
+        config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+        if config is not None and not isinstance(config, str):  # lm.sweep's --config is a path
+            config.keys()  # a missing or broken config file fails here
     except flags.Error as e:
         exit_with_error(f"{str(e).rstrip('.')}. Fix: see the flags in `{_command(argv)} --help`.")
     except (AttributeError, KeyError, TypeError, ValueError, OSError, SyntaxError, ImportError) as e:
