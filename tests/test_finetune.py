@@ -109,6 +109,16 @@ def test_bad_targets_and_regexes_name_the_field_and_the_fix(pretrained):
         loop.setup(config)
 
 
+def test_the_finetuning_recipes_validate():
+    from lm.config import validate_finetune
+    from lm.configs.finetune import shakespeare_speakers, shakespeare_word_order
+
+    for recipe in (finetune_base, shakespeare_speakers, shakespeare_word_order):
+        config = recipe.get_config()
+        config.init_from = "runs/shakespeare_char"
+        validate_finetune(config)
+
+
 @pytest.mark.parametrize("field, value, problem", [
     ("finetune.freeze", "layer_[0", "is not a valid regular expression"),
     ("finetune.lora.targets", "attn/(q", "is not a valid regular expression"),

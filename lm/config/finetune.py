@@ -15,12 +15,13 @@ import ml_collections
 from lm.config import choices
 from lm.config.validation import ConfigError, fail, require_choice, require_finite, require_positive
 
-# Fields that must be > 0, and those that may also be 0 (what 0 means is in the schema).
-_POSITIVE = ("finetune.steps", "finetune.batch_size", "finetune.eval_every", "finetune.learning_rate",
-             "finetune.frozen_learning_rate", "finetune.layer_decay", "finetune.lora.rank",
-             "finetune.lora.alpha", "finetune.lora.learning_rate")
-_NON_NEGATIVE = ("task.seq_len", "task.max_examples", "finetune.warmup_steps", "finetune.weight_decay",
-                 "finetune.grad_clip", "finetune.patience", "finetune.unfreeze_every")
+# Fields that must be > 0, and those that may also be 0 (what 0 means is in the schema; a
+# learning rate of 0 keeps the weights, which tests of the loop's mechanics use).
+_POSITIVE = ("finetune.steps", "finetune.batch_size", "finetune.eval_every", "finetune.lora.rank")
+_NON_NEGATIVE = ("task.seq_len", "task.max_examples", "finetune.learning_rate", "finetune.frozen_learning_rate",
+                 "finetune.lora.learning_rate", "finetune.lora.alpha", "finetune.layer_decay",
+                 "finetune.warmup_steps", "finetune.weight_decay", "finetune.grad_clip", "finetune.patience",
+                 "finetune.unfreeze_every")
 # Regexes searched in parameter paths such as "backbone/layer_0/attn/qkv/kernel".
 _REGEXES = ("finetune.freeze", "finetune.lora.targets")
 
