@@ -7,19 +7,20 @@ Writes to the workdir: the config, `best/` (the trainable parameters at the best
 validation score) and `finetune_results.json` (validation and test metrics of that
 checkpoint, trainable parameter count, majority baseline). With `config.compare` set it
 runs each method in `workdir/<method>` and prints a comparison table. Exit status 2
-means the config, a file or the pretrained run was wrong; the message says the fix.
+means the config, a file, the workdir or the pretrained run was wrong; the message says
+the fix. A workdir holding a pretraining run, an export or a fine-tuning run with another
+config is refused (lm.finetuning.workdir).
 """
 
 from __future__ import annotations
 
-import os
-
 from absl import app, flags
 from ml_collections import config_flags
 
-from lm.config import parse_flags
+from lm.config import parse_flags, validate_finetune
 from lm.errors import UsageError, exit_with_error, quiet_logging, reject_positional
 from lm.finetuning import loop
+from lm.finetuning import workdir as workdir_lib
 from lm.parallel import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A fine-tuning recipe, e.g. "
@@ -49,14 +50,15 @@ def main(argv: list[str]) -> None:
     if config is None or not _WORKDIR.value:
         exit_with_error("--config and --workdir are required, e.g. --config=configs/finetune/"
                         "shakespeare_speakers.py --workdir=runs/speakers --config.init_from=runs/shakespeare_char")
-    runtime.enable_compilation_cache()
-    methods = tuple(config.compare) or (config.finetune.method,)
     results = {}
     try:
-        for method in methods:
+        validate_finetune(config)
+        workdirs = workdir_lib.method_workdirs(_WORKDIR.value, config)
+        workdir_lib.check_workdirs(_WORKDIR.value, config)  # every method's, before any trains
+        runtime.enable_compilation_cache()
+        for method, workdir in workdirs.items():
             with config.unlocked():
                 config.finetune.method = method
-            workdir = os.path.join(_WORKDIR.value, method) if config.compare else _WORKDIR.value
             results[method] = loop.finetune(config, workdir, log=lambda line: print(line, flush=True))
     except UsageError as e:
         exit_with_error(str(e))

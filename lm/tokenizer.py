@@ -6,8 +6,9 @@
 `train` builds the corpus if needed, trains on (a sample of, `max_sentences`) the train
 split with `config.data.sentencepiece` (BPE or unigram, vocab size, byte fallback,
 user-defined symbols; override any with --config.data.sentencepiece.*), writes the
-model file, then reports. `report` prints, for the validation split: bytes per token,
-and whether decode(encode(text)) gives back the text exactly. Use the model in a recipe
+model file (a new path: train never replaces a file, and checks that before training),
+then reports. `report` prints, for the validation split: bytes per token, and whether
+decode(encode(text)) gives back the text exactly. Use the model in a recipe
 with --config.data.tokenizer=sentencepiece --config.data.sentencepiece.model=PATH.
 """
 
@@ -43,6 +44,24 @@ def compression(tokenizer: tokenizers.SentencePieceTokenizer, texts: list[str]) 
     return num_bytes / max(num_tokens, 1), exact
 
 
+def check_output(output: str) -> None:
+    """Raises UsageError unless `output` is a new file path: not an existing file (train
+    never replaces one), nor a directory, nor under a file. Checked before training."""
+    path = os.path.abspath(os.path.expanduser(output))
+    if os.path.isdir(path):
+        raise UsageError(f"--output={output} is a directory. Fix: give a file path in it, e.g. "
+                         f"--output={os.path.join(output, 'bpe.model')}.")
+    if os.path.lexists(path):
+        raise UsageError(f"--output={output} exists; lm.tokenizer train never replaces a file. Fix: choose a new "
+                         "path, or delete the old file first.")
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"--output={output} lies under {parent}, which is a file. Fix: choose a path in a "
+                         "directory.")
+
+
 def train(config, built: dict, output: str) -> tokenizers.SentencePieceTokenizer:
     start = time.perf_counter()
     tokenizer = corpus.train_sentencepiece(config, built)
@@ -71,11 +90,13 @@ def main(argv: list[str]) -> None:
         exit_with_error(f"{argv[1]} needs --config and --{needed.name}")
     try:
         config_lib.validate(config)
+        if argv[1] == "train":
+            check_output(_OUTPUT.value)
+        else:  # read before the corpus is built: a wrong --model fails at once
+            tokenizer = tokenizers.SentencePieceTokenizer.from_file(_MODEL.value)
         built = corpus.builders(config)  # built once, for training and for the report
         if argv[1] == "train":
             tokenizer = train(config, built, _OUTPUT.value)
-        else:
-            tokenizer = tokenizers.SentencePieceTokenizer.from_file(_MODEL.value)
         report(built, tokenizer)
     except UsageError as e:
         exit_with_error(str(e))

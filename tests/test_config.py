@@ -122,6 +122,50 @@ def test_a_recipe_takes_an_argument_from_the_command_line(tmp_path):
                      f"--workdir={tmp_path}", check=False)
     assert result.returncode == 2
     assert "unknown variant 'tpu'" in result.stderr and "shakespeare_char.py:gpu" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_recipe_that_raises_is_one_line_with_its_own_message():
+    from lm.config.flags import _flag_error
+
+    text = ("flag --config=configs/r.py:tpu: Error whilst parsing config file:\n\nTraceback (most recent call "
+            "last):\n  File \"configs/r.py\", line 3, in get_config\n    raise ValueError(...)\n"
+            "ValueError: unknown variant 'tpu'; use one of cpu, gpu\n")
+    assert _flag_error(text, ["lm/main.py"]) == (
+        "--config=configs/r.py:tpu: the recipe raised ValueError: unknown variant 'tpu'; use one of cpu, gpu. "
+        "Fix: follow the recipe's message, or check the argument after ':' against get_config in configs/r.py.")
+
+
+def test_a_recipe_returning_none_says_so_not_that_config_is_missing(tmp_path):
+    recipe = tmp_path / "none_recipe.py"
+    recipe.write_text("def get_config():\n    config = 1\n")
+    result = run_cli("lm.prepare", f"--config={recipe}", check=False)
+    assert result.returncode == 2
+    assert result.stderr == (f"lm: error: --config={recipe}: the recipe's get_config() returned None, not a config. "
+                             f"Fix: end get_config() in {recipe} with `return config`.\n")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("optim.lr", float("nan")), ("optim.lr", float("inf")), ("optim.final_lr", float("-inf")),
+    ("model.rope_theta", float("nan")), ("optim.eps", float("nan")), ("model.dropout", float("nan")),
+    ("data.filters.max_non_alpha_fraction", float("nan")), ("sweep.budget", float("inf"))])
+def test_a_non_finite_float_is_refused_naming_the_field(field, value):
+    config = tiny_config(**{field.replace(".", "__"): value})
+    with pytest.raises(config_lib.ConfigError, match=rf"^config\.{field}={value!r} is not a finite number\. Fix:"):
+        config_lib.validate(config)
+
+
+def test_a_non_finite_float_inside_a_tuple_of_dicts_is_named_by_its_index():
+    config = tiny_config(model__family="encoder_decoder", objective__name="mixture", objective__extra_ids=100)
+    config.objective.mixture.denoisers = (dict(kind="span_corruption", task="[NLU]", weight=float("inf")),)
+    with pytest.raises(config_lib.ConfigError, match=r"config\.objective\.mixture\.denoisers\[0\]\.weight=inf"):
+        config_lib.validate(config)
+
+
+@pytest.mark.parametrize("steps", [0, -5])
+def test_train_steps_that_are_not_positive_are_named_before_the_schedule(steps):
+    with pytest.raises(config_lib.ConfigError, match=rf"^config\.train\.steps={steps} must be positive"):
+        config_lib.validate(tiny_config(train__steps=steps))
 
 
 @pytest.mark.parametrize("objective, family, needs", [

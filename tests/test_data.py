@@ -2,12 +2,13 @@
 
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import run_cli, tiny_config
 
 from lm import objectives
 from lm.data import batches, corpora, rows, text_files, tokenizers
 from lm.data.corpus import builders, prepare, texts
 from lm.data.documents import CorpusError
+from lm.errors import UsageError
 
 
 def test_char_tokenizer_round_trips_and_maps_unknown_characters():
@@ -255,3 +256,32 @@ def test_incremental_decoding_emits_each_character_once_complete_and_adds_up_to_
     cut = ids[:max(k for k in range(len(ids)) if tokenizer.decode(ids[:k]).endswith("\ufffd"))]  # mid-character
     decoder = tokenizers.IncrementalDecoder(tokenizer)
     assert "".join(decoder.push(i) for i in cut) + decoder.flush() == tokenizer.decode(cut)
+
+
+def test_a_sentencepiece_model_that_is_missing_or_not_one_is_a_usage_error_naming_the_file(tmp_path):
+    (tmp_path / "garbage.model").write_bytes(b"not a model\n")
+    (tmp_path / "empty.model").write_bytes(b"")
+    for name, problem in [("garbage.model", "is not a SentencePiece model"),
+                          ("empty.model", "is not a SentencePiece model"),
+                          ("missing.model", r"cannot read the SentencePiece model .* \(No such file or directory\)")]:
+        with pytest.raises(tokenizers.TokenizerError, match=problem) as error:
+            tokenizers.SentencePieceTokenizer.from_file(str(tmp_path / name))
+        assert str(tmp_path / name) in str(error.value) and "Fix: give a .model file" in str(error.value)
+    assert issubclass(tokenizers.TokenizerError, UsageError)
+
+
+def test_tokenizer_train_refuses_an_output_path_that_exists_or_cannot_be_a_file_before_training(tmp_path):
+    from lm.tokenizer import check_output
+
+    (tmp_path / "old.model").write_bytes(b"keep me")
+    check_output(str(tmp_path / "new" / "bpe.model"))  # missing directories are made
+    for output, problem in [(tmp_path / "old.model", "exists; lm.tokenizer train never replaces a file"),
+                            (tmp_path, "is a directory"),
+                            (tmp_path / "old.model" / "bpe.model", f"lies under {tmp_path / 'old.model'}")]:
+        with pytest.raises(UsageError, match=problem):
+            check_output(str(output))
+    result = run_cli("lm.tokenizer", "train", "--config=configs/shakespeare_bpe.py",
+                     f"--output={tmp_path / 'old.model'}", check=False)
+    assert result.returncode == 2 and result.stderr.startswith("lm: error: --output="), result.stderr
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "old.model").read_bytes() == b"keep me"

@@ -9,12 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lm.config import ConfigError
 from lm.configs.finetune import base as finetune_base
 from lm.data import tokenizers
 from lm.errors import UsageError
 from lm.finetuning import loop, lora, optim, tasks
+from lm.finetuning import workdir as workdir_lib
 from lm.model import ModelConfig, build
 from lm.runs import artifacts
+from lm.runs.workdir import WorkdirError
 from tests.helpers import run_cli
 
 
@@ -104,6 +107,74 @@ def test_bad_targets_and_regexes_name_the_field_and_the_fix(pretrained):
     config.task.speakers = ("ROMEO", "HAMLET")
     with pytest.raises(UsageError, match=r"unknown: \['HAMLET'\]"):
         loop.setup(config)
+
+
+def test_the_finetuning_recipes_validate():
+    from lm.config import validate_finetune
+    from lm.configs.finetune import shakespeare_speakers, shakespeare_word_order
+
+    for recipe in (finetune_base, shakespeare_speakers, shakespeare_word_order):
+        config = recipe.get_config()
+        config.init_from = "runs/shakespeare_char"
+        validate_finetune(config)
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("finetune.freeze", "layer_[0", "is not a valid regular expression"),
+    ("finetune.lora.targets", "attn/(q", "is not a valid regular expression"),
+    ("finetune.steps", 0, "must be positive"), ("finetune.batch_size", 0, "must be positive"),
+    ("finetune.eval_every", 0, "must be positive"), ("finetune.patience", -1, "must be zero or positive"),
+    ("finetune.learning_rate", float("nan"), "is not a finite number"),
+    ("finetune.dropout", 1.0, "must lie in"), ("task.pooling", "max", "is not a known choice"),
+    ("task.kind", "regression", "is not a known choice"), ("finetune.method", "qlora", "is not a known choice"),
+    ("compare", ("full", "bogus"), "has 'bogus', not a method")])
+def test_a_bad_finetuning_config_is_refused_before_the_model_loads(field, value, problem):
+    config = speaker_config("/no/such/pretrained/run")  # validation comes first: it is never read
+    *sections, name = field.split(".")
+    node = config
+    for section in sections:
+        node = node[section]
+    node[name] = value
+    with pytest.raises(ConfigError) as error:
+        loop.setup(config)
+    assert str(error.value).startswith(f"config.{field}={value!r} {problem}") and ". Fix: " in str(error.value)
+
+
+def test_a_task_longer_than_the_pretrained_context_is_refused(pretrained):
+    config = speaker_config(pretrained)
+    config.task.seq_len = 100_000  # a rotary model: 33 TB of attention asked for, before this check
+    with pytest.raises(UsageError, match=r"task.seq_len=100000 exceeds the 48-token context.*at most 48"):
+        loop.setup(config)
+
+
+def test_a_workdir_that_is_a_file_a_pretraining_run_or_an_export_is_refused_untouched(pretrained, tmp_path):
+    config = speaker_config(pretrained)
+    (tmp_path / "file").write_text("x")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text('{"model": {}}')
+    cases = {str(tmp_path / "file"): "is a file", str(tmp_path / "file" / "sub"): "lies under",
+             str(run): "pretraining run's workdir", pretrained: "is an export"}
+    for workdir, problem in cases.items():
+        with pytest.raises(WorkdirError, match=problem):
+            workdir_lib.check_workdirs(workdir, config)
+    with pytest.raises(WorkdirError, match="pretraining run's workdir"):
+        loop.finetune(config, str(run))
+    assert (run / "config.json").read_text() == '{"model": {}}'
+
+
+def test_a_rerun_with_another_config_is_refused_naming_the_fields(pretrained, tmp_path):
+    first = speaker_config(pretrained)
+    (tmp_path / "config.json").write_text(first.to_json_best_effort(indent=2))
+    saved = (tmp_path / "config.json").read_text()
+    workdir_lib.check_workdirs(str(tmp_path), first)  # the same config: a rerun
+    first.compare = ("full",)  # picks methods only: runs in workdir/full
+    workdir_lib.check_workdirs(str(tmp_path), first)
+    second = speaker_config(pretrained, method="lora", steps=7)
+    with pytest.raises(WorkdirError, match=r"config.finetune.method was 'full', now 'lora'; "
+                                           r"config.finetune.steps was 6, now 7\)"):
+        loop.finetune(second, str(tmp_path))
+    assert (tmp_path / "config.json").read_text() == saved
 
 
 def test_sft_puts_loss_on_the_response_and_token_tags_on_first_tokens():

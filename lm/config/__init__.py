@@ -6,6 +6,8 @@
   (`head_dim`, `d_ff`, `num_kv_heads`) resolve to.
 - `validation`: `validate(config)`, one pass before any work that raises `ConfigError`
   naming the field, its value and the fix; `validated_config` for commands.
+- `finetune`: `validate_finetune(config)`, the same for a fine-tuning config
+  (configs/finetune/base.py).
 - `flags`: `parse_flags`, the command-line parser of every command taking `--config`.
 - `resume`: which fields a rerun on a workdir with checkpoints may change (`RESUME`,
   `resume_conflicts`).
@@ -19,24 +21,29 @@ from lm.config.choices import (
     CORPUS_SUFFIXES,
     DTYPES,
     FAMILIES,
+    FINETUNE_METHODS,
     MESH_AXES,
     NORMAL_FORMS,
     NORMS,
     OBJECTIVE_FAMILIES,
     OBJECTIVES,
     PACKINGS,
+    POOLINGS,
     POSITIONS,
     REMAT_POLICIES,
     SCHEDULES,
     SP_MODEL_TYPES,
     SP_RESERVED,
     SPLIT_MODES,
+    TASK_BUILDERS,
+    TASK_KINDS,
     TOKENIZERS,
     UNITS,
     d_ff,
     head_dim,
     num_kv_heads,
 )
+from lm.config.finetune import validate_finetune
 from lm.config.flags import parse_flags
 from lm.config.resume import RESUME, OnResume, config_fields, resume_conflicts
 from lm.config.validation import (
@@ -44,6 +51,7 @@ from lm.config.validation import (
     check_user_defined_symbols,
     fail,
     require_choice,
+    require_finite,
     require_positive,
     resolve_files,
     validate,
@@ -54,7 +62,9 @@ __all__ = [
     "ACTIVATIONS", "CORPUS_SUFFIXES", "DTYPES", "FAMILIES", "MESH_AXES", "NORMAL_FORMS", "NORMS",
     "OBJECTIVE_FAMILIES", "OBJECTIVES", "PACKINGS", "POSITIONS", "REMAT_POLICIES", "SCHEDULES",
     "SP_MODEL_TYPES", "SP_RESERVED", "SPLIT_MODES", "TOKENIZERS", "UNITS", "d_ff", "head_dim", "num_kv_heads",
+    "FINETUNE_METHODS", "POOLINGS", "TASK_BUILDERS", "TASK_KINDS",
     "parse_flags", "RESUME", "OnResume", "config_fields", "resume_conflicts",
-    "ConfigError", "check_user_defined_symbols", "fail", "require_choice", "require_positive", "resolve_files",
-    "validate", "validated_config",
+    "ConfigError", "check_user_defined_symbols", "fail", "require_choice", "require_finite",
+    "require_positive", "resolve_files",
+    "validate", "validated_config", "validate_finetune",
 ]

@@ -30,6 +30,12 @@ OBJECTIVES = ("causal", "prefix_lm", "masked_lm", "span_corruption", "mixture")
 OBJECTIVE_FAMILIES = {"causal": ("decoder",), "prefix_lm": ("decoder",), "masked_lm": ("encoder",),
                       "span_corruption": ("encoder_decoder",), "mixture": ("encoder_decoder", "decoder")}
 
+# Fine-tuning (configs/finetune/base.py): what trains, the task and how it is built.
+FINETUNE_METHODS = ("full", "lora", "frozen")  # everything; adapters + head; the head alone
+TASK_KINDS = ("classification", "token_classification", "sft")
+TASK_BUILDERS = ("shakespeare_speakers", "shakespeare_word_order")  # lm.finetuning.datasets
+POOLINGS = ("last", "mean")  # classification: the hidden state a head reads
+
 # Spellings lm's SentencePiece models reserve: its control pieces, <unk>, the byte pieces
 # of byte fallback, and "<eos>" (the end-of-document token's name in lm's other tokenizers).
 SP_RESERVED = ("<pad>", "</s>", "<eos>", "<unk>")

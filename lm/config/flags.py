@@ -1,7 +1,8 @@
 """Reading `--config=recipe.py --config.a.b=value` from the command line, with one clear
-line for each way it can go wrong: a missing recipe file, a recipe that fails to load, a
-field an override names that the config lacks (with the close match ml_collections
-suggests), a value of the wrong type.
+line for each way it can go wrong: a missing recipe file, a recipe that fails to load or
+rejects its argument (`recipe.py:arg`), a recipe whose get_config() returns None, a field
+an override names that the config lacks (with the close match ml_collections suggests), a
+value of the wrong type.
 
 Every command that takes `--config` runs `app.run(main, flags_parser=parse_flags)`.
 """
@@ -11,25 +12,57 @@ from __future__ import annotations
 import os
 import re
 
-from absl import flags
+from absl import flags, logging
 
 from lm.errors import exit_with_error
 
 SCHEMA = "lm/config/schema.py"
+FINETUNE_SCHEMA = "configs/finetune/base.py"  # lm.finetune's recipes start from this one
+# What ml_collections puts before the traceback of a recipe's get_config() that raised
+# ValueError or TypeError (e.g. an argument after ':' the recipe rejects).
+_RECIPE_RAISED = "Error whilst parsing config file"
 
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parser, then the `--config` file loaded (where it fails); exits with one line."""
+    silence = _ReturnedNone()  # ml_collections warns before the one line below says it
+    logging.get_absl_logger().addFilter(silence)
     try:
         rest = flags.FLAGS(argv)
         config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
         if config is not None and not isinstance(config, str):  # lm.sweep's --config is a path
             config.keys()  # a missing or broken config file fails here
     except flags.Error as e:
-        exit_with_error(f"{str(e).rstrip('.')}. Fix: see the flags in `{_command(argv)} --help`.")
+        exit_with_error(_flag_error(str(e), argv))
     except (AttributeError, KeyError, TypeError, ValueError, OSError, SyntaxError, ImportError) as e:
         exit_with_error(load_error(e, argv))
+    finally:
+        logging.get_absl_logger().removeFilter(silence)
+    if "config" in flags.FLAGS and flags.FLAGS["config"].present and flags.FLAGS["config"].value is None:
+        recipe = flags.FLAGS["config"].config_filename
+        exit_with_error(f"--config={recipe}: the recipe's get_config() returned None, not a config. Fix: end "
+                        f"get_config() in {recipe.split(':', 1)[0]} with `return config`.")
     return rest
+
+
+class _ReturnedNone:
+    """A logging filter that drops ml_collections' "get_config() returned None" warning."""
+
+    def filter(self, record) -> bool:
+        return "returned None" not in record.getMessage()
+
+
+def _flag_error(text: str, argv: list[str]) -> str:
+    """One line for a flag absl refused; a recipe that raised is named with its own message."""
+    if _RECIPE_RAISED not in text:
+        return f"{text.rstrip('.')}. Fix: see the flags in `{_command(argv)} --help`."
+    flag, _, trace = text.partition(f": {_RECIPE_RAISED}")
+    # The exception's own line: the first one at column 0 after the last traceback header.
+    after_header = trace.rsplit("Traceback (most recent call last):", 1)[-1].splitlines()
+    raised = next((line for line in after_header if line and not line[0].isspace()), trace.strip())
+    recipe = flag.removeprefix("flag ")
+    return (f"{recipe}: the recipe raised {raised.rstrip('.')}. Fix: follow the recipe's message, or check "
+            f"the argument after ':' against get_config in {recipe.split('=', 1)[-1].split(':', 1)[0]}.")
 
 
 def _command(argv: list[str]) -> str:
@@ -53,11 +86,16 @@ def load_error(error: Exception, argv: list[str]) -> str:
         if unknown:
             return _unknown_field(unknown.group(1), re.search(r'Did you mean "([^"]+)"', text), argv)
     return (f"could not load the config ({type(error).__name__}: {text.splitlines()[0] if text else ''}). "
-            f"Fix: check the --config file and the --config.* overrides (the fields are in {SCHEMA}).")
+            f"Fix: check the --config file and the --config.* overrides (the fields are in {_schema(argv)}).")
 
 
 def _unknown_field(name: str, suggestion: re.Match | None, argv: list[str]) -> str:
     overrides = [a.split("=", 1)[0] for a in argv if re.match(rf"--config(\.\w+)*\.{re.escape(name)}(=|$)", a)]
     where = overrides[0] if overrides else f"a --config.* override naming {name!r}"
     hint = f"did you mean {suggestion.group(1)!r}? The" if suggestion else "the"
-    return f"{where}: the config has no field {name!r}. Fix: {hint} fields are listed in {SCHEMA}."
+    return f"{where}: the config has no field {name!r}. Fix: {hint} fields are listed in {_schema(argv)}."
+
+
+def _schema(argv: list[str]) -> str:
+    """Where the fields of the running command's config are listed."""
+    return FINETUNE_SCHEMA if _command(argv) == "python -m lm.finetune" else SCHEMA

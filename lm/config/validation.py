@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import math
 import os
 import re
 from collections.abc import Iterable
@@ -37,11 +38,38 @@ def require_choice(config: ml_collections.ConfigDict, field: str, allowed: Itera
 
 
 def require_positive(config: ml_collections.ConfigDict, field: str, allow_zero: bool = False) -> None:
-    """Raises ConfigError unless the dotted `field` is a number > 0 (>= 0 with `allow_zero`)."""
+    """Raises ConfigError unless the dotted `field` is a finite number > 0 (>= 0 with `allow_zero`)."""
     value = _get(config, field)
+    _require_finite_value(field, value)
     if not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
         fail(field, value, "must be " + ("zero or positive" if allow_zero else "positive"),
              "set a value " + (">= 0" if allow_zero else "> 0"))
+
+
+def require_finite(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the first float of `config` (sections, tuples and dicts
+    inside it included) that is NaN or infinite. No field of lm's configs means anything
+    there, and range checks pass NaN (every comparison with it is false): a NaN learning
+    rate would train until the run diverged, after writing checkpoints."""
+    for field, value in _leaves(config):
+        _require_finite_value(field, value)
+
+
+def _require_finite_value(field: str, value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        fail(field, value, "is not a finite number", "give a finite number (nan and inf are no field's value)")
+
+
+def _leaves(node: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    """(dotted field, value) of every leaf below `node`; tuple items are named `field[i]`."""
+    if isinstance(node, (ml_collections.ConfigDict, dict)):
+        for key, value in node.items():
+            yield from _leaves(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(node, (tuple, list)):
+        for i, value in enumerate(node):
+            yield from _leaves(value, f"{prefix}[{i}]")
+    else:
+        yield prefix, node
 
 
 def check_user_defined_symbols(symbols: Any) -> None:
@@ -98,11 +126,12 @@ def resolve_files(patterns: Iterable[str]) -> list[str]:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for the first value that cannot run."""
+    require_finite(config)
     _validate_data(config)
     _validate_model(config)
     _validate_objective(config)
+    _validate_train(config)  # before the schedule, which is measured in train.steps
     _validate_optim(config)
-    _validate_train(config)
     _validate_distill(config)
     _validate_mesh_fields(config)
 

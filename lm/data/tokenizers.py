@@ -26,10 +26,18 @@ from typing import Protocol
 import numpy as np
 import sentencepiece as spm
 
+from lm.errors import UsageError
 from lm.files import atomic
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 NUM_SPECIAL = 3
+# What a SentencePiece model that lm cannot use should be replaced with.
+_SP_FIX = ("Fix: give a .model file written by `python -m lm.tokenizer train` (e.g. "
+           "--config=configs/shakespeare_bpe.py --output=/tmp/bpe.model)")
+
+
+class TokenizerError(UsageError):
+    """A tokenizer file that is missing or that lm cannot use; the message names it and the fix."""
 
 
 class Tokenizer(Protocol):
@@ -133,21 +141,31 @@ class SentencePieceTokenizer:
     kind = "sentencepiece"
     pad_id, eos_id, unk_id = PAD_ID, EOS_ID, UNK_ID
 
-    def __init__(self, model_proto: bytes):
+    def __init__(self, model_proto: bytes, source: str = "the model given"):
+        """Raises TokenizerError, naming `source` (where the bytes came from), if
+        `model_proto` is not a SentencePiece model with lm's special ids."""
         self.model_proto = model_proto
-        self.processor = spm.SentencePieceProcessor(model_proto=model_proto)
+        try:  # empty bytes would load no model at all, silently
+            self.processor = spm.SentencePieceProcessor(model_proto=model_proto or b"\0")
+        except RuntimeError:  # SentencePiece's parse failure names only its own C++ source line
+            raise TokenizerError(f"{source} is not a SentencePiece model. {_SP_FIX}.") from None
         self.vocab_size = self.processor.get_piece_size()
         specials = (self.processor.pad_id(), self.processor.eos_id(), self.processor.unk_id())
         if specials != (PAD_ID, EOS_ID, UNK_ID):
-            raise ValueError(f"SentencePiece model has <pad>, <eos>, <unk> ids {specials}, not (0, 1, 2). "
-                             "Fix: train it with `python -m lm.tokenizer train` (or pad_id=0, "
-                             "eos_id=1, unk_id=2, bos_id=-1).")
+            raise TokenizerError(f"SentencePiece model {source} has <pad>, <eos>, <unk> ids {specials}, not "
+                                 "(0, 1, 2). Fix: train it with `python -m lm.tokenizer train` (or pad_id=0, "
+                                 "eos_id=1, unk_id=2, bos_id=-1).")
         self.control_ids = frozenset(i for i in range(self.vocab_size) if self.processor.is_control(i))
 
     @classmethod
     def from_file(cls, path: str) -> SentencePieceTokenizer:
-        with open(os.path.expanduser(path), "rb") as f:
-            return cls(f.read())
+        """Raises TokenizerError naming `path` if it cannot be read or is no model lm can use."""
+        try:
+            with open(os.path.expanduser(path), "rb") as f:
+                model_proto = f.read()
+        except OSError as e:
+            raise TokenizerError(f"cannot read the SentencePiece model {path} ({e.strerror}). {_SP_FIX}.") from None
+        return cls(model_proto, path)
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self.processor.encode(text), np.int32)

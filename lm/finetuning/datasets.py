@@ -21,12 +21,13 @@ import string
 
 import ml_collections
 
+from lm.config import choices
 from lm.data import corpora, documents
 from lm.errors import UsageError
 from lm.finetuning.tasks import read_jsonl
 
 SPLITS = ("train", "validation", "test")
-BUILDERS = ("shakespeare_speakers", "shakespeare_word_order")
+BUILDERS = choices.TASK_BUILDERS
 
 
 def rows(task: ml_collections.ConfigDict) -> dict[str, list[dict]]:

@@ -22,11 +22,13 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lm.config import validate_finetune
 from lm.errors import UsageError
 from lm.evaluation import metrics as metric_fns
 from lm.files import atomic
 from lm.finetuning import datasets, lora, optim, tasks
-from lm.model import build
+from lm.finetuning.workdir import check_workdir
+from lm.model import ModelConfig, build
 from lm.model.counting import param_counts
 from lm.runs import artifacts, version
 from lm.training.step import apply_gradients
@@ -48,21 +50,15 @@ class Setup:
 def setup(config: ml_collections.ConfigDict) -> Setup:
     """Everything a run needs, checked before any training."""
     ft, task = config.finetune, config.task
-    if not config.init_from:
-        raise UsageError("config.init_from is empty. Fix: set it to a pretrained run's workdir or an export, e.g. "
-                          "--config.init_from=runs/shakespeare_char.")
-    if task.kind not in tasks.KINDS:
-        raise UsageError(f"task.kind={task.kind!r} is not one of {tasks.KINDS}. Fix: pick one.")
+    validate_finetune(config)
     base = artifacts.load(config.init_from)
     if base.model_cfg.family != "decoder":
         raise UsageError(f"init_from holds a {base.model_cfg.family!r} model; fine-tuning takes a decoder. "
                           "Fix: point it at a decoder run.")
+    seq_len = task.seq_len or base.config.data.seq_len
+    check_seq_len(seq_len, base.model_cfg)
     rows = datasets.rows(task)
     names = tasks.label_names(task.kind, rows["train"], tuple(task.labels))
-    seq_len = task.seq_len or base.config.data.seq_len
-    if base.model_cfg.positions == "learned" and seq_len > base.model_cfg.max_len:
-        raise UsageError(f"task.seq_len={seq_len} exceeds the model's {base.model_cfg.max_len} learned positions. "
-                          f"Fix: set it to at most {base.model_cfg.max_len}.")
     model_cfg = dataclasses.replace(base.model_cfg, dropout=ft.dropout, max_len=max(seq_len, base.model_cfg.max_len))
     rng = jax.random.key(config.seed)
     params: dict = {"backbone": base.params}
@@ -75,6 +71,19 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
               for name, split_rows in rows.items()}
     mask = optim.trainable_mask(params, ft.method, ft.freeze)
     return Setup(config, base, model_cfg, names, splits, params, mask)
+
+
+def check_seq_len(seq_len: int, model_cfg: ModelConfig) -> None:
+    """Raises UsageError if `seq_len` (task.seq_len) exceeds the pretrained context: learned
+    positions end there, and rotary ones beyond it were never trained (and attention's
+    memory grows with the square of the length: 100k tokens asked 33 TB)."""
+    if seq_len <= model_cfg.max_len:
+        return
+    what = (f"the model's {model_cfg.max_len} learned positions" if model_cfg.positions == "learned" else
+            f"the {model_cfg.max_len}-token context the model was pretrained on (rotary positions beyond it "
+            "are untrained)")
+    raise UsageError(f"task.seq_len={seq_len} exceeds {what}. Fix: set it to at most {model_cfg.max_len}, "
+                     "or 0 for the pretrained context.")
 
 
 def make_steps(s: Setup):
@@ -195,6 +204,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict
     """Trains, keeps the best validation checkpoint in `workdir/best`, and returns (and
     writes to `workdir/finetune_results.json`) the test metrics of that checkpoint."""
     start_time = time.time()
+    check_workdir(workdir, json.loads(config.to_json_best_effort()))
     s = setup(config)
     ft, kind = config.finetune, config.task.kind
     os.makedirs(workdir, exist_ok=True)

@@ -18,10 +18,11 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from lm.config import choices
 from lm.errors import UsageError
 from lm.training import optim as training_optim
 
-METHODS = ("full", "lora", "frozen")
+METHODS = choices.FINETUNE_METHODS
 
 
 def trainable_mask(params: dict, method: str, freeze: str) -> dict:

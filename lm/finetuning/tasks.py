@@ -19,12 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm.config import choices
 from lm.data import documents
 from lm.data.tokenizers import Tokenizer
 from lm.errors import UsageError
 from lm.objectives.causal import weighted_cross_entropy
 
-KINDS = ("classification", "token_classification", "sft")
+KINDS = choices.TASK_KINDS
 IGNORE = -1
 
 
