@@ -34,26 +34,33 @@ from lm.model import ModelConfig, build
 from lm.model.counting import abstract_params, param_counts
 from lm.parallel import runtime
 from lm.runs import artifacts, version
+from lm.runs.json_files import read_json
 
 HF_CONFIG, HF_WEIGHTS, HF_INDEX, HF_TOKENIZER = ("config.json", "model.safetensors", "model.safetensors.index.json",
                                                  "tokenizer.json")
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
-def read_hf_checkpoint(hf_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """(config.json, {name: tensor}) of a local Hugging Face checkpoint directory."""
-    from safetensors.numpy import load_file
+_RESAVE = "save the model again with transformers' save_pretrained, or download it again."
 
+
+def read_hf_checkpoint(hf_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """(config.json, {name: tensor}) of a local Hugging Face checkpoint directory.
+
+    Raises UsageError naming the file if config.json or the weights are missing, are not
+    JSON, or are damaged safetensors."""
     config_path = os.path.join(hf_dir, HF_CONFIG)
     if not os.path.exists(config_path):
         raise UsageError(f"{config_path} does not exist. Fix: point --hf_dir at a directory written by "
                           "transformers' save_pretrained (config.json + model.safetensors).")
-    with open(config_path, encoding="utf-8") as f:
-        hf_config = json.load(f)
+    hf_config = read_json(config_path, fix=_RESAVE)
     hf.architecture_of(hf_config)  # an unsupported model fails before its weights are read
-    if os.path.exists(os.path.join(hf_dir, HF_INDEX)):
-        with open(os.path.join(hf_dir, HF_INDEX), encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+    index_path = os.path.join(hf_dir, HF_INDEX)
+    if os.path.exists(index_path):
+        weight_map = read_json(index_path, fix=_RESAVE).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UsageError(f"{index_path} has no weight_map of tensor names to files. Fix: {_RESAVE}")
+        files = sorted(set(weight_map.values()))
     elif os.path.exists(os.path.join(hf_dir, HF_WEIGHTS)):
         files = [HF_WEIGHTS]
     else:
@@ -61,8 +68,18 @@ def read_hf_checkpoint(hf_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
                           "safe_serialization (the default); PyTorch .bin files are not read.")
     tensors: dict[str, np.ndarray] = {}
     for name in files:
-        tensors.update(load_file(os.path.join(hf_dir, name)))
+        tensors.update(_read_safetensors(os.path.join(hf_dir, name)))
     return hf_config, tensors
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(path)
+    except Exception as e:  # SafetensorError (truncated, not safetensors) or OSError (missing, unreadable)
+        raise UsageError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''}). Fix: {_RESAVE}") from None
 
 
 HF_GENERATION_CONFIG = "generation_config.json"
@@ -81,19 +98,24 @@ def hf_tokenizer(hf_dir: str, hf_config: dict, tokenizer_path: str | None) -> to
     if not os.path.exists(path):
         raise UsageError(f"{path} does not exist; lm needs the checkpoint's tokenizer to encode text. Fix: "
                           "save it beside the weights (tokenizer.save_pretrained(DIR)) or pass --tokenizer.")
+    fix = "pass a Hugging Face tokenizer.json file (tokenizer.save_pretrained(DIR) writes DIR/tokenizer.json)."
+    spec = read_json(path, fix=fix)
     with open(path, encoding="utf-8") as f:
         tokenizer_json = f.read()
     sources = [(HF_CONFIG, hf_config), *((name, _read_json(os.path.join(hf_dir, name)))
                                          for name in (HF_GENERATION_CONFIG, HF_TOKENIZER_CONFIG))]
-    eos, pad = special_ids(sources, json.loads(tokenizer_json))
-    return tokenizers.HuggingFaceTokenizer(tokenizer_json, eos, pad)
+    try:
+        eos, pad = special_ids(sources, spec)
+        return tokenizers.HuggingFaceTokenizer(tokenizer_json, eos, pad)
+    except UsageError:
+        raise
+    except Exception as e:  # the tokenizers library's own error for a file it cannot build
+        raise UsageError(f"{path} is not a tokenizer the tokenizers library can build ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''}). Fix: {fix}") from None
 
 
 def _read_json(path: str) -> dict:
-    if not os.path.exists(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(path, fix=_RESAVE) if os.path.exists(path) else {}
 
 
 def special_ids(sources: list[tuple[str, dict]], tokenizer_json: dict) -> tuple[int, int]:
@@ -182,7 +204,16 @@ def import_hf(hf_dir: str, output: str, dtype: str = "float32", tokenizer_path: 
         raise UsageError(f"--dtype={dtype!r} is not supported. Fix: use one of {artifacts.EXPORT_DTYPES}.")
     artifacts.check_new_directory(output)
     hf_config, tensors = read_hf_checkpoint(hf_dir)
-    config = lm_config(hf_config)
+    try:
+        config = lm_config(hf_config)
+    except KeyError as e:
+        raise UsageError(f"{os.path.join(hf_dir, HF_CONFIG)} lacks {e.args[0]!r}, which a "
+                         f"{hf_config.get('model_type')} config needs. Fix: {_RESAVE}") from None
+    except (TypeError, ValueError) as e:
+        if isinstance(e, UsageError):
+            raise
+        raise UsageError(f"{os.path.join(hf_dir, HF_CONFIG)} has a field of the wrong type ({e}). "
+                         f"Fix: {_RESAVE}") from None
     tokenizer = hf_tokenizer(hf_dir, hf_config, tokenizer_path)
     model_cfg = ModelConfig.from_config(config.model, config.model.vocab_size, config.data.seq_len)
     expected = nn.meta.unbox(abstract_params(build(model_cfg), config.data.seq_len))

@@ -12,13 +12,17 @@ from __future__ import annotations
 from absl import app
 
 from lm.config import parse_flags
-from lm.errors import reject_positional
+from lm.errors import UsageError, exit_with_error, reject_positional
 from lm.parallel import distributed
 
 
 def main(argv: list[str]) -> None:
     reject_positional(argv)
-    print(distributed.resolve(distributed=True).describe())
+    try:
+        cluster = distributed.resolve(distributed=True)
+    except UsageError as e:
+        exit_with_error(str(e))
+    print(cluster.describe())
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from helpers import REPO, cli_env, cli_flags, run_cli, tiny_config
 from test_multihost import free_port
 from test_train import train_three_steps
 
+from lm.errors import UsageError
 from lm.model import ModelConfig
 from lm.parallel import distributed, sharding
 from lm.parallel.sharding import MeshError
@@ -105,6 +106,31 @@ def test_explicit_cluster_flags_must_come_together_and_slurm_variables_name_the_
         ("gpu07:" + str(61000 + 4242 % 4096), 16, 9, (1,))
     assert distributed.resolve(env=env) is None  # without --distributed a SLURM job step may be one process
     assert distributed.expand_hostlist("a[1-3,10],b7,c[08-09]") == ["a1", "a2", "a3", "a10", "b7", "c08", "c09"]
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"LM_COORDINATOR_ADDRESS": "h:1"}, "LM_NUM_PROCESSES is not set"),
+    ({"LM_COORDINATOR_ADDRESS": "h:1", "LM_NUM_PROCESSES": "x", "LM_PROCESS_ID": "0"}, "LM_NUM_PROCESSES='x' is not"),
+    ({"LM_COORDINATOR_ADDRESS": "h:1", "LM_NUM_PROCESSES": "2", "LM_PROCESS_ID": "7"},
+     r"LM_PROCESS_ID=7 is not in \[0, LM_NUM_PROCESSES=2\)"),
+    ({"LM_COORDINATOR_ADDRESS": "h", "LM_NUM_PROCESSES": "2", "LM_PROCESS_ID": "1"}, "'h' is not host:port"),
+    ({"SLURM_JOB_ID": "abc", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "a1"}, "SLURM_JOB_ID='abc' is not"),
+    ({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "two"}, "SLURM_NTASKS='two' is not"),
+    ({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2"}, "no node list names a node"),
+    ({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "a[1-2]", "SLURM_PROCID": "2"},
+     r"SLURM_PROCID=2 is not in \[0, SLURM_NTASKS=2\)"),
+])
+def test_a_cluster_environment_that_cannot_work_is_a_usage_error_naming_the_variable(env, message):
+    with pytest.raises(UsageError, match=message + ".*Fix"):
+        distributed.resolve(distributed=True, env=env)
+
+
+def test_lm_distributed_reports_a_bad_cluster_environment_in_one_line():
+    result = subprocess.run([sys.executable, "-m", "lm.distributed"], cwd=REPO, capture_output=True, text=True,
+                            env=dict(cli_env(), LM_COORDINATOR_ADDRESS="h:1"), timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "lm: error: LM_NUM_PROCESSES is not set. Fix: set it with the other variables of the cluster, or unset them."]
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 
 from lm.config import schema
 from lm.data import tokenizers
@@ -29,14 +30,18 @@ from lm.errors import UsageError
 from lm.files import atomic
 from lm.model import ModelConfig, build
 from lm.model.counting import abstract_params, param_counts
-from lm.runs import checkpoint, version
+from lm.runs import checkpoint, version, workdir
+from lm.runs.json_files import read_json
 
 
 class RunError(UsageError):
-    """A path that is not a run or an export, a checkpoint step it lacks, or an export that would overwrite."""
+    """A path that is not a run or an export, a checkpoint step it lacks or that is damaged,
+    a damaged config.json or tokenizer.json, or an export that would overwrite."""
 
-EXPORT_INFO = "export.json"
+
+EXPORT_INFO = workdir.EXPORT_INFO
 EXPORT_DTYPES = ("float32", "bfloat16")
+_WHAT_LOADS = "point at a workdir written by lm.main or a directory written by lm.export"
 
 
 @dataclasses.dataclass
@@ -57,13 +62,15 @@ def is_export(path: str) -> bool:
 
 def load_config(path: str) -> ml_collections.ConfigDict:
     """The resolved config saved in a workdir or export; fields newer than the run keep
-    their defaults."""
+    their defaults. Raises RunError if config.json is missing, damaged or not a run's."""
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
-        raise RunError(f"{config_path} does not exist. Fix: point at a workdir written by lm.main or a "
-                          "directory written by lm.export.")
-    with open(config_path, encoding="utf-8") as f:
-        saved = json.load(f)
+        raise RunError(f"{config_path} does not exist. Fix: {_WHAT_LOADS}.")
+    saved = read_json(config_path, error=RunError, kind=None, fix="restore the file the run wrote (a checkpoint's "
+                      "metadata holds a copy of its config), or load another run or export.")
+    what = workdir.config_kind(saved)
+    if what is not None:
+        raise RunError(f"{config_path} is {what}. Fix: {_WHAT_LOADS}.")
     config = schema.get_config()
     _merge(config, saved)
     return config
@@ -78,12 +85,27 @@ def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:
                 config[key] = value
 
 
+def load_tokenizer(path: str) -> Tokenizer:
+    """The tokenizer saved in a workdir or export; RunError if tokenizer.json is missing or
+    does not describe an lm tokenizer."""
+    tokenizer_path = os.path.join(path, "tokenizer.json")
+    fix = "restore the tokenizer.json the run wrote (ids must not change under a model), or load another run."
+    spec = read_json(tokenizer_path, error=RunError, fix=fix)
+    try:
+        return tokenizers.from_json(spec)
+    except Exception as e:  # a missing field, an unknown kind, or a model the tokenizer library refuses
+        raise RunError(f"{tokenizer_path} does not describe an lm tokenizer ({_first_line(e)}). Fix: {fix}") from None
+
+
 def load(path: str, step: int | None = None) -> Loaded:
-    """The model and parameters of a workdir (checkpoint `step`, default the latest) or
-    of an export, on the first local device, whatever mesh trained them. The returned
-    config is the run's own, as saved (its mesh included)."""
+    """The model and parameters of a workdir (checkpoint `step`, default the newest that
+    restores) or of an export, on the first local device, whatever mesh trained them. The
+    returned config is the run's own, as saved (its mesh included). Raises RunError, naming
+    the file and the fix, for a fine-tuning workdir, a damaged config.json, tokenizer.json or
+    checkpoint, or parameters that config.json does not describe."""
+    _check_not_finetuning(path)
     config = load_config(path)
-    tokenizer = tokenizers.load(os.path.join(path, "tokenizer.json"))
+    tokenizer = load_tokenizer(path)
     model_cfg = ModelConfig.for_run(config, tokenizer.vocab_size)
     device = jax.local_devices()[0]
     if is_export(path):
@@ -91,6 +113,18 @@ def load(path: str, step: int | None = None) -> Loaded:
     else:
         params, step = _load_checkpoint_params(path, model_cfg, config.data.seq_len, step, device)
     return Loaded(config, model_cfg, build(model_cfg), params, tokenizer, step)
+
+
+def _check_not_finetuning(path: str) -> None:
+    found = workdir.finetuning_files(path)
+    if not found or is_export(path):
+        return
+    merged = os.path.join(path, "merged")
+    fix = (f"load {merged}, the fine-tuned model merged into an export" if is_export(merged) else
+           "fine-tune with finetune.export_merged=True, which writes the tuned model as an export in "
+           f"{merged}, and load that; or load the model it started from (its config's init_from)")
+    raise RunError(f"{path} is a fine-tuning workdir (it has {' and '.join(found)}): it holds the tuned "
+                   f"parameters alone, not a model to load. Fix: {fix}.")
 
 
 def abstract_params_on(model_cfg: ModelConfig, seq_len: int, device: jax.Device, dtype: str | None = None) -> Any:
@@ -102,41 +136,106 @@ def abstract_params_on(model_cfg: ModelConfig, seq_len: int, device: jax.Device,
                         nn.meta.unbox(abstract_params(build(model_cfg), seq_len)))
 
 
-def _load_checkpoint_params(workdir: str, model_cfg: ModelConfig, seq_len: int, step: int | None,
+def _load_checkpoint_params(path: str, model_cfg: ModelConfig, seq_len: int, step: int | None,
                             device: jax.Device) -> tuple[Any, int]:
-    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+    """The parameters of checkpoint `step`, or of the newest one that restores: a damaged
+    newest checkpoint is skipped with a warning, as lm.main does when it resumes."""
+    checkpointer = checkpoint.Checkpointer(os.path.join(path, "checkpoints"), read_only=True)
     try:
         steps = checkpointer.all_steps()
         if not steps:
-            raise RunError(f"no checkpoint in {workdir}/checkpoints yet. Fix: train first, or wait for a save.")
-        if step is None:
-            step = max(steps)
-        elif step not in steps:
-            raise RunError(f"no checkpoint of step {step} in {workdir}/checkpoints. "
-                              f"Fix: use one of {sorted(steps)}.")
-        return checkpointer.restore_params(step, abstract_params_on(model_cfg, seq_len, device)), step
+            raise RunError(f"no checkpoint in {path}/checkpoints yet. Fix: train first, or wait for a save.")
+        if step is not None and step not in steps:
+            raise RunError(f"no checkpoint of step {step} in {path}/checkpoints. "
+                           f"Fix: use one of {sorted(steps)}.")
+        target = abstract_params_on(model_cfg, seq_len, device)
+        failures = []
+        for candidate in [step] if step is not None else sorted(steps, reverse=True):
+            try:
+                return _restore_checked(checkpointer, candidate, target, path), candidate
+            except RunError:
+                raise
+            except Exception as e:  # orbax raises many types for missing or truncated files
+                failures.append(f"step {candidate}: {_first_line(e)}")
+                if step is None:
+                    logging.warning("lm: the checkpoint at step %d in %s does not restore (%s); trying an older "
+                                    "one.", candidate, path, _first_line(e))
+        raise _damaged(path, step, steps, failures)
     finally:
         checkpointer.close()
 
 
+def _damaged(path: str, step: int | None, steps: list[int], failures: list[str]) -> RunError:
+    """The error for checkpoint `step` (None: every one) failing to restore."""
+    if step is None:
+        return RunError(f"no checkpoint in {path}/checkpoints restores ({'; '.join(failures)}). Fix: train again, "
+                        "or restore the checkpoints from a copy.")
+    others = sorted(set(steps) - {step})
+    fix = f"pick another with --step (one of {others})." if others else "train again, or restore it from a copy."
+    return RunError(f"the checkpoint at step {step} in {path}/checkpoints does not restore "
+                    f"({failures[0].split(': ', 1)[1]}). Fix: {fix}")
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def _restore_checked(checkpointer: checkpoint.Checkpointer, step: int, target: Any, path: str) -> Any:
+    """Restores step `step`'s parameters onto `target`, first checking their stored shapes
+    against config.json's model (a mismatch is a RunError listing the differences, not a
+    failed restore)."""
+    mismatches = checkpointer.params_mismatches(step, target)
+    if mismatches:
+        raise RunError(f"the checkpoint at step {step} in {path} holds parameters that {path}/config.json does "
+                       f"not describe: {'; '.join(mismatches)}. Fix: restore the config.json the run wrote "
+                       "(lm.finetune or an edit may have replaced it).")
+    return checkpointer.restore_params(step, target)
+
+
 def _load_export_params(path: str, model_cfg: ModelConfig, seq_len: int, device: jax.Device) -> tuple[Any, int]:
-    with open(os.path.join(path, EXPORT_INFO), encoding="utf-8") as f:
-        info = json.load(f)
+    info = read_json(os.path.join(path, EXPORT_INFO), error=RunError, fix="export the run again.")
+    if info.get("dtype") not in EXPORT_DTYPES or not isinstance(info.get("step"), int):
+        raise RunError(f"{path}/{EXPORT_INFO} lacks a dtype in {EXPORT_DTYPES} or an integer step. Fix: export the "
+                       "run again.")
     target = abstract_params_on(model_cfg, seq_len, device, info["dtype"])
-    return ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, "params")), target), info["step"]
+    params_dir = os.path.abspath(os.path.join(path, "params"))
+    try:
+        mismatches = checkpoint.tree_mismatches(checkpoint.stored_shapes(params_dir),
+                                                checkpoint.shapes_by_path(target), where="the export",
+                                                wanter="config.json", wanted_tree="parameters")
+    except Exception as e:  # orbax raises many types for missing or truncated files
+        raise RunError(f"{params_dir} is damaged ({_first_line(e)}). Fix: export the run again.") from None
+    if mismatches:
+        raise RunError(f"{path}/config.json does not describe the parameters in {params_dir}: "
+                       f"{'; '.join(mismatches)}. Fix: restore the config.json the export was written with.")
+    try:
+        return ocp.StandardCheckpointer().restore(params_dir, target), info["step"]
+    except Exception as e:  # a truncated or missing array file
+        raise RunError(f"{params_dir} does not restore ({_first_line(e)}). Fix: export the run again.") from None
 
 
 def check_new_directory(output: str) -> None:
+    """Raises RunError unless `output` can be made a new directory: it must not be a file,
+    lie under a file or in an unwritable folder, or be a directory with anything in it.
+    The one check of every command that writes a new directory (lm.export, lm.convert)."""
+    problem = atomic.directory_problem(output)
+    if problem:
+        raise RunError(f"{problem}. Fix: choose a new directory as --output.")
     if os.path.exists(output) and os.listdir(output):
         raise RunError(f"{output} exists and is not empty; exporting never overwrites. Fix: choose a new "
-                          "--output, or delete the old export first.")
+                       "--output, or delete the old export first.")
 
 
 def publish_directory(output: str, fill: Callable[[str], None]) -> None:
     """Creates the new directory `output` (refusing a non-empty one) whole or not at all:
-    `fill` writes into a staging directory beside it, which is then renamed into place."""
+    `fill` writes into a staging directory beside it, which is then renamed into place. If
+    another process made `output` meanwhile, its directory stays and RunError is raised."""
     check_new_directory(output)
-    atomic.write_directory(output, fill)
+    try:
+        atomic.write_directory(output, fill, replace=False)
+    except FileExistsError:
+        raise RunError(f"{output} was written by another process while this one wrote; exporting never "
+                       "overwrites, so that one stays. Fix: choose a new --output.") from None
 
 
 def write_export(output: str, params: Any, config: ml_collections.ConfigDict, tokenizer: Tokenizer,

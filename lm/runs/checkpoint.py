@@ -122,8 +122,15 @@ class Checkpointer:
         only the checkpoint's array metadata, so an incompatible state is told apart from
         a damaged one without a restore that fails (orbax's failing restores also spill
         "Event loop is closed" tracebacks from their reader threads)."""
-        stored = ocp.StandardCheckpointHandler().metadata(epath.Path(self.directory) / str(step) / "state").tree
-        return tree_mismatches(_shapes_by_path(stored), _shapes_by_path(abstract_state))
+        stored = stored_shapes(os.path.join(self.directory, str(step), "state"))
+        return tree_mismatches(stored, shapes_by_path(abstract_state))
+
+    def params_mismatches(self, step: int, abstract_params: Any) -> list[str]:
+        """`state_mismatches` of the parameters alone (what `restore_params` reads)."""
+        state = stored_shapes(os.path.join(self.directory, str(step), "state"))
+        stored = {path: shape for path, shape in state.items() if path.startswith("params/")}
+        return tree_mismatches(stored, shapes_by_path({"params": abstract_params}),
+                               wanter="config.json", wanted_tree="parameters")
 
     def _read(self, step: int, **items: Any) -> Any:
         if self._manager is not None:
@@ -147,7 +154,13 @@ class Checkpointer:
                 opened.close()
 
 
-def _shapes_by_path(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+def stored_shapes(directory: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """`shapes_by_path` of the arrays an orbax standard save wrote into `directory` (a
+    checkpoint's `state`, an export's `params`), read from its metadata alone."""
+    return shapes_by_path(ocp.StandardCheckpointHandler().metadata(epath.Path(os.path.abspath(directory))).tree)
+
+
+def shapes_by_path(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
     """'params/embed/embedding' -> (shape, dtype) for each array (or array metadata) in
     `tree`; attribute names, dict keys and sequence indices all become path parts, so a
     dataclass state and the nested dicts orbax stores for it agree."""
@@ -155,13 +168,15 @@ def _shapes_by_path(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
     return {"/".join(param_kinds.path_names(path)): (tuple(leaf.shape), str(leaf.dtype)) for path, leaf in leaves}
 
 
-def tree_mismatches(stored: dict[str, tuple], wanted: dict[str, tuple], limit: int = 5) -> list[str]:
-    """Up to `limit` differences between two `_shapes_by_path` maps, described (parameters
-    first: the optimizer's moments repeat them), and a count of the rest."""
+def tree_mismatches(stored: dict[str, tuple], wanted: dict[str, tuple], limit: int = 5, where: str = "the checkpoint",
+                    wanter: str = "this config", wanted_tree: str = "state") -> list[str]:
+    """Up to `limit` differences between two `shapes_by_path` maps, described (parameters
+    first: the optimizer's moments repeat them), and a count of the rest. `where` names
+    what stored the arrays, `wanter` what asks for them and `wanted_tree` which arrays."""
     order = lambda paths: sorted(paths, key=lambda p: (not p.startswith("params/"), p))
-    out = [f"{p} is missing from the checkpoint" for p in order(set(wanted) - set(stored))]
-    out += [f"{p} is in the checkpoint but not in this config's state" for p in order(set(stored) - set(wanted))]
-    out += [f"{p} is stored as {stored[p][0]} {stored[p][1]}, this config needs {wanted[p][0]} {wanted[p][1]}"
+    out = [f"{p} is missing from {where}" for p in order(set(wanted) - set(stored))]
+    out += [f"{p} is in {where} but not in {wanter}'s {wanted_tree}" for p in order(set(stored) - set(wanted))]
+    out += [f"{p} is stored as {stored[p][0]} {stored[p][1]}, {wanter} needs {wanted[p][0]} {wanted[p][1]}"
             for p in order(set(stored) & set(wanted)) if stored[p] != wanted[p]]
     return out[:limit] + ([f"and {len(out) - limit} more"] if len(out) > limit else [])
 

@@ -4,9 +4,11 @@ state to start from (the newest checkpoint that restores, or a fresh one)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -22,7 +24,7 @@ from lm.files import atomic
 from lm.model import ModelConfig
 from lm.parallel import sharding
 from lm.runs import artifacts, checkpoint
-from lm.runs.workdir import WorkdirLock
+from lm.runs.workdir import LOCK_NAME, WorkdirLock, check_for_training
 from lm.training import memory
 from lm.training.logs import MetricWriter
 from lm.training.step import TrainState
@@ -56,14 +58,34 @@ class Run:
 
 
 def setup_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Run:
-    """Validates the config against the devices and the workdir's checkpoints, prepares
-    data and compiles nothing yet. Raises UsageError before anything is built or written
-    if the checkpoints were trained with fields that may not change (`check_resumable`)."""
+    """Validates the workdir (`workdir.check_for_training`), the config against the devices
+    and the workdir's checkpoints, prepares data and compiles nothing yet. Raises
+    UsageError before anything is written if the workdir is not a run's, or if the
+    checkpoints were trained with fields that may not change (`check_resumable`); a new
+    workdir that fails a later check (a mesh that cannot split the vocabulary, a run that
+    cannot fit in memory) is removed again, and a resumed run's config.json is rewritten
+    only once every check has passed."""
+    check_for_training(workdir)
     mesh = sharding.make_mesh(config, devices)
     sharding.check_batch_sizes(config, mesh)
     is_main = jax.process_index() == 0
+    created = not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
     lock = WorkdirLock(workdir).acquire() if is_main else None  # before anything is written
+    fresh = is_main and set(os.listdir(workdir)) == {LOCK_NAME}  # all else in it is this run's, under the lock
+    try:
+        return _prepare_run(config, workdir, mesh, lock)
+    except UsageError:
+        if lock is not None:
+            lock.release()
+        if fresh:
+            _remove_new_workdir(workdir, created)
+        raise
+
+
+def _prepare_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
+                 lock: WorkdirLock | None) -> Run:
+    is_main = lock is not None
     directory = os.path.join(workdir, "checkpoints")
     corpus_record = corpus_fingerprints(config)
     reader = checkpoint.Checkpointer(directory, read_only=True)
@@ -79,17 +101,32 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
             f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
             f"{corpus.tokenizer.vocab_size} ids plus config.objective.extra_ids={config.objective.extra_ids}. "
             f"Fix: set it to 0 to use {vocab_size}.")
-    if is_main:
-        atomic.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     trainer = make_trainer(config, model_cfg, mesh, corpus.tokenizer.pad_id, corpus.tokenizer.vocab_size,
                            teacher=load_teacher(config, corpus.tokenizer))
     estimate = check_memory(trainer, config)
+    if is_main:  # only now: a config that fails a check above never replaces the run's own
+        atomic.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     # Last: orbax's manager starts background threads (temporary-directory clean-up) that
     # print tracebacks if the process exits on one of the errors above while they run.
     checkpointer = checkpoint.Checkpointer(directory, config.train.keep_checkpoints,
                                            config.train.permanent_checkpoint_every)
     return Run(config, workdir, corpus, trainer, MetricWriter(workdir, enabled=is_main), checkpointer, is_main,
                estimate, lock, corpus_record)
+
+
+def _remove_new_workdir(workdir: str, created: bool) -> None:
+    """Removes what a run that failed its checks wrote into a workdir that held nothing
+    else (the tokenizer, the lock), and the directory itself if the run made it."""
+    for name in os.listdir(workdir):
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+    if created:
+        with contextlib.suppress(OSError):
+            os.rmdir(workdir)
 
 
 def corpus_fingerprints(config: ml_collections.ConfigDict) -> dict[str, list]:
