@@ -54,7 +54,6 @@ RUN_CONFIG = tiny_config().to_json_best_effort()
     ({"config.json": json.dumps({"finetune": {}, "task": {}})}, "its config.json is a fine-tuning config"),
     ({"config.json": json.dumps({"model_type": "gpt2"})}, "Hugging Face model's config"),
     ({"config.json": "{oops"}, r"config.json is not valid JSON \(Expecting property name"),
-    ({"thesis.tex": "..."}, "not an lm run: it holds thesis.tex"),
     ({"config.json": RUN_CONFIG, "tokenizer.json": "{"}, "tokenizer.json is not valid JSON"),
 ])
 def test_training_refuses_a_directory_that_is_not_a_run_and_changes_nothing(tmp_path, files, message):
@@ -76,6 +75,7 @@ def test_training_refuses_a_file_or_a_path_under_one(tmp_path):
 @pytest.mark.parametrize("files", [
     None, {}, {".lock": "", "tokenizer.json": '{"kind": "byte"}'},  # new, empty, stopped before config.json
     {"config.json": RUN_CONFIG, "tokenizer.json": '{"kind": "byte"}', "checkpoints/2/x": "", "notes.txt": ""},
+    {"sweep.log": ""},  # a sweep point's directory: lm.sweep opens the point's log before lm.main starts
 ])
 def test_training_accepts_a_new_or_empty_directory_and_a_run(tmp_path, files):
     path = str(tmp_path / "d")

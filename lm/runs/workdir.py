@@ -29,8 +29,6 @@ EXPORT_INFO = "export.json"  # marks an export (lm.export, lm.convert import)
 FINETUNE_FILES = ("finetune_results.json", "best")  # mark a fine-tuning workdir (lm.finetune)
 # What lm.main writes into a workdir; a directory holding only these is a run (perhaps one
 # that stopped before its first checkpoint, or before config.json).
-RUN_FILES = frozenset({LOCK_NAME, "config.json", "tokenizer.json", "checkpoints", "metrics.jsonl", "tensorboard",
-                       "samples.txt", "final_metrics.json"})
 RUN_SECTIONS = ("data", "model", "train", "optim")  # sections every run's config.json has
 
 
@@ -65,9 +63,7 @@ def foreign_content(path: str) -> str | None:
                               "from --config); otherwise pass a new --workdir.")
         what = config_kind(saved)
         return None if what is None else f"not an lm run: its config.json is {what}"
-    if entries and not entries & RUN_FILES:
-        return f"not an lm run: it holds {', '.join(sorted(entries)[:5])}{', ...' if len(entries) > 5 else ''}"
-    return None
+    return None  # other files (a sweep's sweep.log, a launcher's logs, notes) may live beside a run
 
 
 def check_for_training(path: str) -> None:
