@@ -101,3 +101,19 @@ def test_fitting_a_table_with_missing_columns_or_too_few_runs_says_what_to_fix(t
     assert two.returncode == 2 and "no law could be fitted" in two.stderr
     assert "needs at least 3 frontier points; got 2" in two.stderr
     assert open(tmp_path / "three.csv", encoding="utf-8").read().count("\n") == 4  # tables are only read
+
+
+def test_fitting_checks_its_outputs_holdout_and_numbers_before_printing_anything(tmp_path):
+    rows = [{"parameters": n, "tokens": 20 * n, "flops": 120 * n * n, "val_loss": 3 - 0.1 * i}
+            for i, n in enumerate((1e6, 2e6, 4e6, 8e6, 16e6, 32e6, 64e6))]
+    write_table(tmp_path / "seven.csv", rows)
+    (tmp_path / "afile").write_text("keep me")
+    table = f"--results={tmp_path / 'seven.csv'}"
+    for flags, problem in ((["--holdout=3"], "--holdout=3 leaves 4 runs; Approach 3 needs more than 5"),
+                           ([f"--plots={tmp_path}/afile/plots"], "is a file, so no directory can be made under it"),
+                           ([f"--output={tmp_path}"], f"--output={tmp_path} is a directory"),
+                           (["--bootstrap=-5"], "-5 is not a non-negative integer")):
+        result = run_cli("lm.fit_scaling", table, *flags, check=False)
+        assert result.returncode == 2 and result.stdout == "" and problem in result.stderr, result.stderr
+        assert result.stderr.startswith("lm: error: ") and result.stderr.count("\n") == 1
+    assert (tmp_path / "afile").read_text() == "keep me"
