@@ -35,7 +35,7 @@ from lm.parallel import runtime
 from lm.runs import artifacts
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir or an export (not needed for --predictions).")
-_STEP = flags.DEFINE_integer("step", None, "A workdir's checkpoint; default the latest.")
+_STEP = flags.DEFINE_integer("step", None, "A workdir's checkpoint; default the latest.", lower_bound=0)
 _SPLIT = flags.DEFINE_enum("split", None, ["train", "validation"], "Perplexity of the run's corpus split.")
 _TEXT_FILE = flags.DEFINE_string("text_file", None, "Perplexity of this UTF-8 text file.")
 _MAX_WINDOWS = flags.DEFINE_integer("max_windows", 0, "Score at most this many context windows; 0 = all.",
