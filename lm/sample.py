@@ -29,15 +29,16 @@ from lm.runs import artifacts
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir (holds config.json and checkpoints/) or an "
                                "export written by lm.export.")
-_STEP = flags.DEFINE_integer("step", None, "The checkpoint to sample from; default the latest.")
+_STEP = flags.DEFINE_integer("step", None, "The checkpoint to sample from; default the latest.", lower_bound=0)
 _PROMPT = flags.DEFINE_string("prompt", "\n", "Text to continue.")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate per sample.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 is greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 200, "Sample among the k most likely tokens; 0 keeps all.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "How many samples to print.")
+# Each number has its range: absl refuses one outside it in one line, before the run loads.
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate per sample.", lower_bound=1)
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 is greedy.", lower_bound=0.0)
+_TOP_K = flags.DEFINE_integer("top_k", 200, "Sample among the k most likely tokens; 0 keeps all.", lower_bound=0)
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "How many samples to print.", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (sample i uses seed + i).")
 _BEAM_SIZE = flags.DEFINE_integer("beam_size", 0, "If > 0, beam search with this many beams instead of "
-                                  "sampling; prints the --num_samples best.")
+                                  "sampling; prints the --num_samples best.", lower_bound=0)
 _LENGTH_PENALTY = flags.DEFINE_float("length_penalty", 0.0, "Beam search: GNMT's length penalty exponent "
                                      "(0 ranks by total log-probability; larger favours longer outputs).")
 
@@ -47,7 +48,7 @@ def main(argv: list[str]) -> None:
     quiet_logging()
     if not _WORKDIR.value:
         exit_with_error("--workdir is required. Fix: --workdir=<a directory written by lm.main>.")
-    if _BEAM_SIZE.value < 0 or (_BEAM_SIZE.value and not 1 <= _NUM_SAMPLES.value <= _BEAM_SIZE.value):
+    if _BEAM_SIZE.value and _NUM_SAMPLES.value > _BEAM_SIZE.value:
         exit_with_error(f"--beam_size={_BEAM_SIZE.value} with --num_samples={_NUM_SAMPLES.value}: beam search "
                         "prints between 1 and beam_size beams. Fix: a positive --beam_size (0 samples instead) "
                         "and at most that many --num_samples.")

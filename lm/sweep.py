@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,20 +29,22 @@ from absl import app, flags
 
 from lm.config import parse_flags, validate
 from lm.errors import PREEMPTED, UsageError, exit_with_error, quiet_logging, reject_positional
-from lm.files import atomic
+from lm.files import atomic, paths
 from lm.parallel import runtime
 from lm.scaling import sweeps
 
 _CONFIG = flags.DEFINE_string("config", None, "A config file with get_config() and get_sweep(), [path[:arg]].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The sweep's directory (points/, results.csv).")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Points trained at once on this machine; on CPU each gets "
-                                 "cores / parallel devices.")
+                                 "cores / parallel devices.", lower_bound=1)
 _LAUNCHER = flags.DEFINE_enum("launcher", "local", ["local", "slurm", "tpu_pod"], "Where the points run.")
 _LAUNCHER_ARGS = flags.DEFINE_list("launcher_args", [], "Extra arguments for the launch script, e.g. "
                                    "--launcher_args=--nodes=1,--gpus_per_node=8 or --name=pod,--zone=...")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them.")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What each launcher submits with (launch/tpu_pod.sh calls gcloud), and where that is installed.
+LAUNCHER_PROGRAMS = {"slurm": ("sbatch", "a SLURM login node"), "tpu_pod": ("gcloud", "the Google Cloud CLI installed")}
 
 
 def main(argv: list[str]) -> None:
@@ -50,28 +53,38 @@ def main(argv: list[str]) -> None:
     if not _CONFIG.value or not _WORKDIR.value:
         exit_with_error("--config and --workdir are required, e.g. --config=configs/scaling/shakespeare_isoflop.py "
                         "--workdir=/tmp/isoflop")
-    if _PARALLEL.value < 1:
-        exit_with_error(f"--parallel={_PARALLEL.value} must be at least 1.")
+    workdir = os.path.abspath(_WORKDIR.value)
     try:
-        points, steps = _checked_points(_CONFIG.value)
+        points, steps, pending = _plan(workdir)
+        print(f"sweep {_CONFIG.value}: {len(points)} points, {len(points) - len(pending)} finished, "
+              f"{len(pending)} to run", flush=True)
+        failed = _run_local(workdir, pending) if _LAUNCHER.value == "local" else _submit(workdir, pending)
+        if not _DRY_RUN.value and _LAUNCHER.value == "local":
+            finished = [p for p in points if sweeps.is_finished(workdir, p, steps[p.name])]
+            if finished:
+                path = sweeps.write_results(workdir, [sweeps.result_row(workdir, p) for p in finished])
+                print(f"results: {len(finished)} of {len(points)} points in {path}", flush=True)
     except UsageError as e:
         exit_with_error(str(e))
-    workdir = os.path.abspath(_WORKDIR.value)
-    pending = [p for p in points if not sweeps.is_finished(workdir, p, steps[p.name])]
-    print(f"sweep {_CONFIG.value}: {len(points)} points, {len(points) - len(pending)} finished, "
-          f"{len(pending)} to run", flush=True)
-    if _LAUNCHER.value == "local":
-        failed = _run_local(workdir, pending)
-    else:
-        failed = _submit(workdir, pending)
-    if not _DRY_RUN.value and _LAUNCHER.value == "local":
-        finished = [p for p in points if sweeps.is_finished(workdir, p, steps[p.name])]
-        if finished:
-            path = sweeps.write_results(workdir, [sweeps.result_row(workdir, p) for p in finished])
-            print(f"results: {len(finished)} of {len(points)} points in {path}", flush=True)
     if failed:
         exit_with_error(f"{len(failed)} point(s) failed: {', '.join(failed)}; each one's log is "
                         "points/<name>/sweep.log. Rerun the same command to retry them.", code=1)
+
+
+def _plan(workdir: str) -> tuple[list[sweeps.Point], dict[str, int], list[sweeps.Point]]:
+    """(points, their step counts, the unfinished ones), once everything that can be checked
+    before a point runs is: the workdir, the launcher's program, every point's config, and
+    the files already in the workdir."""
+    paths.check_output_dir(_WORKDIR.value, "--workdir")
+    program, where = LAUNCHER_PROGRAMS.get(_LAUNCHER.value, (None, ""))
+    if program and not _DRY_RUN.value and shutil.which(program) is None:
+        raise UsageError(f"--launcher={_LAUNCHER.value} submits with `{program}`, which is not installed here. "
+                         f"Fix: run the sweep on a machine with {where}, print the commands with --dry_run, "
+                         "or train here with --launcher=local.")
+    points, steps = _checked_points(_CONFIG.value)
+    if _LAUNCHER.value == "local" and not _DRY_RUN.value:
+        sweeps.read_results(workdir)  # a damaged table fails now, not once the first point has trained
+    return points, steps, [p for p in points if not sweeps.is_finished(workdir, p, steps[p.name])]
 
 
 def _checked_points(config_arg: str) -> tuple[list[sweeps.Point], dict[str, int]]:
@@ -83,7 +96,7 @@ def _checked_points(config_arg: str) -> tuple[list[sweeps.Point], dict[str, int]
         try:
             validate(config)
         except UsageError as e:
-            raise UsageError(f"sweep point {point.name}: {e}") from None
+            raise UsageError(f"{point.label}: {e}") from None
         steps[point.name] = config.train.steps
     return points, steps
 
@@ -197,8 +210,9 @@ def _submit(workdir: str, pending: list[sweeps.Point]) -> list[str]:
                      *main_args(workdir, p, _config_path())] for p in pending]
     for cmd in commands:
         print(("" if _DRY_RUN.value else "+ ") + shlex.join(cmd), flush=True)
-        if not _DRY_RUN.value:
-            subprocess.run(cmd, check=True)
+        if not _DRY_RUN.value and (code := subprocess.run(cmd).returncode):
+            exit_with_error(f"`{shlex.join(cmd[:1])}` exited {code}; its output is above. Fix: see that output, "
+                            "then rerun the same command (finished points are not submitted again).", code=1)
     if not _DRY_RUN.value:
         print(f"submitted; when the points finish, rerun this command with --launcher=local to collect "
               f"{workdir}/results.csv (finished points are not rerun).", flush=True)

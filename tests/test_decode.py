@@ -244,3 +244,10 @@ def test_the_sample_cli_writes_an_encoder_decoder_runs_output_for_a_prompt(tmp_p
     beams = run_cli("lm.sample", f"--workdir={tmp_path}", "--prompt=ROMEO: But soft", "--max_new_tokens=8",
                     "--beam_size=3", "--num_samples=2")
     assert beams.stdout.count("output: ") == 2 and "--- beam 2 of 3, score " in beams.stdout
+
+
+def test_the_sample_cli_refuses_a_count_out_of_range_before_loading_the_run():
+    """--num_samples=-1 printed nothing and exited 0; now every number has its range."""
+    result = run_cli("lm.sample", "--workdir=/nonexistent/run", "--num_samples=-1", check=False, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("lm: error: flag --num_samples=-1: -1 is not a positive integer. Fix:")

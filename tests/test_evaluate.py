@@ -13,7 +13,7 @@ import pytest
 
 from lm import convert
 from lm.errors import UsageError
-from lm.evaluation import scoring, weat
+from lm.evaluation import scoring, tasks, weat
 from lm.runs import artifacts
 from tests.helpers import REPO, run_cli
 from tests.hf_models import save_hf_model, torch
@@ -115,6 +115,39 @@ def test_weat_matches_the_definition_on_hand_made_vectors():
     assert result["p_value"] == pytest.approx(1 / 6)  # only the observed split is as extreme
     with pytest.raises(UsageError, match=r"\|X\|=2, \|Y\|=1"):
         weat.weat(x, y[:1], a, b)
+
+
+def test_task_files_name_the_flag_the_row_and_the_field_and_weat_json_names_the_file(tmp_path):
+    with pytest.raises(tasks.TaskError, match=r"--fewshot_file=\S*nope.jsonl does not exist. Fix: give a JSONL file"):
+        tasks.read_rows(str(tmp_path / "nope.jsonl"), "--fewshot_file", "multiple-choice")
+    (tmp_path / "gen.jsonl").write_text('{"prompt": "A", "references": "b"}\n{"prompt": 5, "references": ["b"]}\n')
+    with pytest.raises(tasks.TaskError, match=r"generation row 1 of \S*gen.jsonl has prompt=5, not text"):
+        tasks.read_rows(str(tmp_path / "gen.jsonl"), "--generation", "generation")
+    (tmp_path / "mc.jsonl").write_text('{"context": "a", "choices": ["b"], "answer": "0"}\n')
+    with pytest.raises(tasks.TaskError, match="answer=\"0\", not a 0-based index"):
+        tasks.read_rows(str(tmp_path / "mc.jsonl"), "--multiple_choice", "multiple-choice")
+    (tmp_path / "list.jsonl").write_text('["label", "prediction"]\n')
+    with pytest.raises(tasks.TaskError, match=r"list.jsonl:1 is not a JSON object"):
+        tasks.read_rows(str(tmp_path / "list.jsonl"), "--predictions", "predictions")
+    (tmp_path / "weat.json").write_text("{bad")
+    with pytest.raises(UsageError, match=r"weat.json is not JSON \(Expecting property name .*line 1 column 2\)\. "
+                                         r"Fix: a JSON object of word lists"):
+        tasks.read_word_sets(str(tmp_path / "weat.json"))
+    (tmp_path / "weat.json").write_text('{"X": ["a", "b"], "Y": ["c", "d"], "A": "e"}')
+    with pytest.raises(tasks.TaskError, match="the word set.s. A, B are missing or not lists of words"):
+        tasks.read_word_sets(str(tmp_path / "weat.json"))
+
+
+def test_evaluate_checks_its_output_path_flags_and_files_before_loading_a_model(tmp_path):
+    """The workdir does not exist: each bad input is found before the model would load."""
+    (tmp_path / "gen.jsonl").write_text('{"prompt": 5, "references": ["b"]}\n')
+    for flags, problem in ((["--split=validation", f"--output={tmp_path}"], f"--output={tmp_path} is a directory"),
+                           (["--split=validation", f"--output={tmp_path}/missing/r.json"], "its directory"),
+                           ([f"--generation={tmp_path}/gen.jsonl"], "generation row 0"),
+                           (["--split=validation", "--max_windows=-1"], "-1 is not a non-negative integer")):
+        result = run_cli("lm.evaluate", "--workdir=/nonexistent/run", *flags, check=False, timeout=120)
+        assert result.returncode == 2 and result.stderr.startswith("lm: error: ") and problem in result.stderr
+        assert result.stderr.count("\n") == 1 and "Fix:" in result.stderr, result.stderr
 
 
 @pytest.mark.interop

@@ -113,3 +113,27 @@ def test_the_scaling_notebook_runs_top_to_bottom_on_the_stored_sweep_results(tmp
     assert "approach_3: C=" in printed
     assert sorted(p for p in os.listdir(tmp_path) if p.endswith(".png")) == [
         "isoflop_profiles.png", "loss_contours.png", "loss_vs_compute.png", "optimal_allocation.png"]
+
+
+def test_a_cell_that_is_not_a_positive_number_is_named_by_row_and_column_and_short_frontiers_say_why(tmp_path):
+    from lm.scaling import fits, results
+
+    rows = [{"parameters": str(n), "tokens": str(20 * n), "val_loss": str(3 - 0.1 * i)}
+            for i, n in enumerate((1e6, 2e6, 4e6))]
+    with pytest.raises(results.ResultsError, match=r"t.csv row 2, column 'val_loss': 'oops' is not a number"):
+        results.to_runs([rows[0], {**rows[1], "val_loss": "oops"}], "t.csv")
+    with pytest.raises(results.ResultsError, match=r"t.csv row 1: N, D, C and the loss must be positive numbers"):
+        results.to_runs([{**rows[0], "parameters": "-5"}], "t.csv")
+    with pytest.raises(results.ResultsError, match="--drop_highest=3 drops all 3 finished runs"):
+        results.to_runs(rows, "t.csv", drop_highest=3)
+    runs = results.to_runs(rows + [{"parameters": "8e6", "val_loss": ""}], "t.csv")  # unfinished: left out
+    assert len(runs) == 3 and runs.c[0] == 6 * 1e6 * 20e6
+
+    # One size, three token counts: L(D) has 3 frontier points (E is not fitted), L(N) and L(C) too few.
+    one_size = laws.Runs.of([1e6] * 3, [1e7, 2e7, 4e7], [3.0, 2.9, 2.8], c=[1e14, 1e14 * 1.005, 1e14 * 1.008])
+    fitted, intervals, skipped = fits.fit_all(one_size, 0, 0)
+    assert set(fitted["kaplan"]) == {"D"} and laws.kaplan_skipped(one_size).keys() == {"N", "C"}
+    assert skipped["kaplan L(N)"].startswith("its frontier has 1 point(s); a power law needs at least 3. Fix:")
+    lines = fits.report(one_size, fitted, intervals, skipped, 1e15)
+    assert any(line.startswith("  L(D): E=0.0000 (not fitted: under 4 frontier points)") for line in lines)
+    assert "kaplan L(C): skipped: its frontier has 1 point(s)" in "\n".join(lines)

@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import http.client
 import json
+import socket
 import threading
 import time
 import typing
@@ -22,7 +23,7 @@ import pytest
 from lm.evaluation.scoring import continuation_log_likelihoods
 from lm.inference import protocol
 from lm.inference.engine import Limits
-from lm.inference.http import Guard, exposure_warning, make_app
+from lm.inference.http import Guard, ListenError, exposure_warning, listening_sockets, make_app
 from lm.runs import artifacts
 from tests.helpers import run_cli, serve_app, start_server
 
@@ -382,8 +383,30 @@ def test_a_server_open_to_the_network_without_a_key_warns_at_start_up():
     assert exposure_warning("::1", None) is None and exposure_warning("0.0.0.0", "key") is None
     for host in ("0.0.0.0", "::", "192.168.1.5", "myhost.example"):
         assert "no API key" in exposure_warning(host, None)
-    result = run_cli("lm.serve", "--host=0.0.0.0", "--workdir=/nonexistent/run", check=False, timeout=120)
+    result = run_cli("lm.serve", "--host=0.0.0.0", "--port=0", "--workdir=/nonexistent/run", check=False,
+                     timeout=120)
     assert "WARNING: serving on 0.0.0.0 with no API key" in result.stderr and "--api_key" in result.stderr
+
+
+def test_an_address_that_cannot_be_listened_on_or_a_number_out_of_range_fails_in_one_line_before_loading():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ListenError, match=f"cannot listen on 127.0.0.1 port {port}: .*Fix: choose another"):
+            listening_sockets("127.0.0.1", port)
+        # The workdir does not exist: the address is checked first, before any loading.
+        in_use = run_cli("lm.serve", "--workdir=/nonexistent/run", f"--port={port}", check=False, timeout=120)
+    with pytest.raises(ListenError, match="--host=not.a.host.invalid does not resolve"):
+        listening_sockets("not.a.host.invalid", 0)
+    sockets = listening_sockets("127.0.0.1", 0)  # bound for uvicorn, which listens on them
+    assert len(sockets) == 1 and sockets[0].getsockname()[1] > 0
+    sockets[0].close()
+    zero_batch = run_cli("lm.serve", "--workdir=/nonexistent/run", "--max_batch=0", check=False, timeout=120)
+    for result, problem in ((in_use, f"cannot listen on 127.0.0.1 port {port}"),
+                            (zero_batch, "flag --max_batch=0: 0 is not a positive integer")):
+        assert result.returncode == 2 and result.stderr == f"lm: error: {problem}" + result.stderr.split(problem)[1]
+        assert result.stderr.count("\n") == 1 and "Fix:" in result.stderr, result.stderr
 
 
 def test_max_tokens_past_the_context_blames_the_context_and_the_limit_says_where_it_comes_from(server):

@@ -4,6 +4,7 @@ grows, and fits with clear errors on tables that cannot support them."""
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ import time
 import pytest
 from helpers import REPO, cli_env, run_cli
 
+from lm.errors import UsageError
 from lm.scaling import sweeps
 
 SWEEP = f"--config={os.path.join(REPO, 'tests', 'data', 'tiny_sweep.py')}"
@@ -101,3 +103,58 @@ def test_fitting_a_table_with_missing_columns_or_too_few_runs_says_what_to_fix(t
     assert two.returncode == 2 and "no law could be fitted" in two.stderr
     assert "needs at least 3 frontier points; got 2" in two.stderr
     assert open(tmp_path / "three.csv", encoding="utf-8").read().count("\n") == 4  # tables are only read
+
+
+def test_fitting_checks_its_outputs_holdout_and_numbers_before_printing_anything(tmp_path):
+    rows = [{"parameters": n, "tokens": 20 * n, "flops": 120 * n * n, "val_loss": 3 - 0.1 * i}
+            for i, n in enumerate((1e6, 2e6, 4e6, 8e6, 16e6, 32e6, 64e6))]
+    write_table(tmp_path / "seven.csv", rows)
+    (tmp_path / "afile").write_text("keep me")
+    table = f"--results={tmp_path / 'seven.csv'}"
+    for flags, problem in ((["--holdout=3"], "--holdout=3 leaves 4 runs; Approach 3 needs more than 5"),
+                           ([f"--plots={tmp_path}/afile/plots"], "is a file, so no directory can be made under it"),
+                           ([f"--output={tmp_path}"], f"--output={tmp_path} is a directory"),
+                           (["--bootstrap=-5"], "-5 is not a non-negative integer")):
+        result = run_cli("lm.fit_scaling", table, *flags, check=False)
+        assert result.returncode == 2 and result.stdout == "" and problem in result.stderr, result.stderr
+        assert result.stderr.startswith("lm: error: ") and result.stderr.count("\n") == 1
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_a_sweep_config_that_fails_or_returns_no_list_of_dicts_is_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "sweep.py"
+    base = "def get_config(arg=''):\n    return {}\n"
+    for body, problem in (("def get_sweep(:\n", "could not be loaded: SyntaxError: invalid syntax (line 3)"),
+                          ("def get_sweep(arg=''):\n    raise ValueError('boom')\n",
+                           "failed in get_sweep(): ValueError: boom (line 4)"),
+                          ("def get_sweep(arg=''):\n    return 5\n", "returned 5. Fix: return a list of override"),
+                          ("def get_sweep(arg=''):\n    return [5]\n", "returned [5]. Fix: return a list")):
+        path.write_text(base + body)
+        with pytest.raises(sweeps.SweepError, match=re.escape(problem)):
+            sweeps.load(str(path))
+    assert sweeps.Point("71488681", {"model.d_model": 33}, 2).label == 'sweep point 2 ({"model.d_model": 33})'
+
+
+def test_damaged_files_of_a_sweep_directory_are_named_with_the_fix_and_never_rewritten(tmp_path):
+    point = sweeps.Point("abc", {"model.d_model": 32})
+    os.makedirs(tmp_path / "points" / "abc")
+    (tmp_path / "points" / "abc" / "final_metrics.json").write_text('{"step": 4,\n')
+    with pytest.raises(UsageError, match=r"final_metrics.json is not JSON .*Fix: delete it and rerun"):
+        sweeps.is_finished(str(tmp_path), point, 4)
+    cut = '{"name": "abc", "flops": 1.0}\n{"name": "de'
+    (tmp_path / "results.jsonl").write_text(cut)
+    with pytest.raises(UsageError, match=r"results.jsonl:2 is not JSON"):
+        sweeps.write_results(str(tmp_path), [{"name": "xyz", "flops": 2.0}])
+    assert (tmp_path / "results.jsonl").read_text() == cut and not (tmp_path / "results.csv").exists()
+
+
+def test_the_sweep_cli_checks_its_workdir_and_launcher_before_anything_runs(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("keep me")
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable))  # no sbatch
+    for flags, problem in (([f"--workdir={tmp_path}/afile/sweep"], "is a file, so no directory can be made"),
+                           ([f"--workdir={tmp_path}/sweep", "--launcher=slurm"],
+                            "--launcher=slurm submits with `sbatch`, which is not installed here")):
+        result = run_cli("lm.sweep", SWEEP, *flags, check=False)
+        assert result.returncode == 2 and result.stderr.startswith("lm: error: ") and problem in result.stderr
+        assert result.stderr.count("\n") == 1 and "Fix:" in result.stderr, result.stderr
+    assert os.listdir(tmp_path) == ["afile"]

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm.errors import UsageError
+from lm.evaluation import tasks
 from lm.inference.text import encode_prompt
 from lm.objectives.causal import loss_metrics
 from lm.runs.artifacts import Loaded
@@ -115,7 +116,8 @@ def multiple_choice(loaded: Loaded, rows: Sequence[dict], num_shots: int = 0, se
     """Picks, for each {"context", "choices", "answer"} row, the choice of highest total
     log-likelihood (`accuracy`) and of highest log-likelihood per UTF-8 byte
     (`accuracy_normalized`, which does not favour short choices)."""
-    _check_rows(rows)
+    tasks.check_rows(rows, "multiple-choice")
+    tasks.check_rows(fewshot_rows or [], "multiple-choice", " of the few-shot rows")
     rng = random.Random(seed)
     pairs = []
     for i, row in enumerate(rows):
@@ -138,12 +140,3 @@ def multiple_choice(loaded: Loaded, rows: Sequence[dict], num_shots: int = 0, se
             "accuracy_normalized": float(np.mean(np.array(picks_normalized) == answers)),
             "questions": len(rows), "num_shots": num_shots, "details": details}
 
-
-def _check_rows(rows: Sequence[dict]) -> None:
-    for i, row in enumerate(rows):
-        if not {"context", "choices", "answer"} <= set(row):
-            raise UsageError(f"multiple-choice row {i} lacks {sorted({'context', 'choices', 'answer'} - set(row))}. "
-                              "Fix: each row is {\"context\": ..., \"choices\": [...], \"answer\": index}.")
-        if not 0 <= int(row["answer"]) < len(row["choices"]):
-            raise UsageError(f"multiple-choice row {i} has answer {row['answer']} but {len(row['choices'])} choices. "
-                              "Fix: answer is a 0-based index into choices.")

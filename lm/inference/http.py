@@ -20,6 +20,7 @@ import hmac
 import ipaddress
 import json
 import secrets
+import socket
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,6 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from lm.errors import UsageError
 from lm.inference.engine import Engine, Generation, Limits
 from lm.inference.protocol import (
     CHAT_FIELDS,
@@ -59,6 +61,38 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
         return None
     return (f"WARNING: serving on {host} with no API key: anyone who can reach this address can use the model. "
             "Fix: pass --api_key=<secret> (or set LM_API_KEY), or listen on --host=127.0.0.1.")
+
+
+class ListenError(UsageError):
+    """A --host and --port the server cannot listen on."""
+
+
+def listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to `port` on every address `host` resolves to, as asyncio's
+    `create_server` (and so uvicorn) binds them, for `uvicorn.Server.run(sockets=...)`.
+    Taken before the model loads, so that a host that does not resolve or a port in use
+    fails in a second, not after loading and compiling. Raises ListenError."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        reason = getattr(e, "strerror", None) or e
+        raise ListenError(f"--host={host} does not resolve to an address ({reason}). Fix: give an address or name "
+                          "of this machine, e.g. --host=127.0.0.1 (this machine only) or --host=0.0.0.0 (every "
+                          "interface).") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):  # a host may list an address twice
+            sockets.append(socket.socket(family, kind, proto))
+            sockets[-1].setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio: restart at once
+            if family == socket.AF_INET6:
+                sockets[-1].setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sockets[-1].bind(address)
+    except OSError as e:
+        for s in sockets:
+            s.close()
+        raise ListenError(f"cannot listen on {host} port {port}: {e.strerror or e}. Fix: choose another --port "
+                          "(another server may hold this one), or a --host address of this machine.") from None
+    return sockets
 
 
 class Guard:

@@ -29,6 +29,8 @@ def fit_all(runs: laws.Runs, samples: int, seed: int) -> tuple[dict, dict, dict]
                 start = laws.theta_of(fits[name])
                 fit = lambda r, start=start: laws.parametric(r, starts=2, initial=[start])
             intervals[name] = laws.bootstrap(fit, runs, samples, seed)
+    if "kaplan" in fits:  # the laws it could fit are shown; say why the others are not
+        skipped.update({f"kaplan L({x})": why for x, why in laws.kaplan_skipped(runs).items()})
     return fits, intervals, skipped
 
 
@@ -44,7 +46,9 @@ def report(runs: laws.Runs, fits: dict, intervals: dict, skipped: dict, budget: 
         lines.append("Kaplan power laws on the frontier, L(X) = E + (X_c / X)^alpha (95% intervals):")
         for x, law in fits["kaplan"].items():
             iv = intervals.get("kaplan", {})
-            lines.append(f"  L({x}): E={law.E:.4f}{_interval(iv, f'{x}.E')}  X_c={law.x_c:.4g}  "
+            # E is exactly 0 only when not fitted: under 4 frontier points (laws.kaplan) fit Kaplan's own form.
+            fixed = " (not fitted: under 4 frontier points)" if law.E == 0.0 else _interval(iv, f"{x}.E")
+            lines.append(f"  L({x}): E={law.E:.4f}{fixed}  X_c={law.x_c:.4g}  "
                          f"alpha={law.alpha:.4f}{_interval(iv, f'{x}.alpha')}")
     if "approach_2" in fits:
         f, iv = fits["approach_2"], intervals.get("approach_2", {})

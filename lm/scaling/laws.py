@@ -106,7 +106,8 @@ def fit_power_law(x: np.ndarray, loss: np.ndarray, irreducible: bool = True) -> 
 def kaplan(runs: Runs, irreducible: bool = True) -> dict[str, PowerLaw]:
     """L(N), L(D) and L(C), each on its frontier. A frontier too short for the offset E
     (under 4 points, e.g. the 3 budgets of a small IsoFLOP sweep) gets Kaplan's own form,
-    E = 0; one shorter still is left out. Raises FitError only if no law can be fitted."""
+    E = 0; one shorter still is left out (`kaplan_skipped` says why). Raises FitError only
+    if no law can be fitted."""
     laws, reasons = {}, []
     for name, x in (("N", runs.n), ("D", runs.d), ("C", runs.c)):
         idx = frontier(x, runs.loss)
@@ -117,6 +118,14 @@ def kaplan(runs: Runs, irreducible: bool = True) -> dict[str, PowerLaw]:
     if not laws:
         raise FitError(" ".join(reasons))
     return laws
+
+
+def kaplan_skipped(runs: Runs) -> dict[str, str]:
+    """Why `kaplan` leaves out each law it leaves out, {"N": reason, ...}: a frontier of
+    fewer than 3 points (the fewest `fit_power_law` takes, for E = 0)."""
+    return {name: f"its frontier has {len(frontier(x, runs.loss))} point(s); a power law needs at least 3. "
+                  "Fix: add runs at more sizes, token counts or budgets."
+            for name, x in (("N", runs.n), ("D", runs.d), ("C", runs.c)) if len(frontier(x, runs.loss)) < 3}
 
 
 # --- Chinchilla Approach 2: IsoFLOP profiles --------------------------------------------

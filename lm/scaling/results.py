@@ -45,7 +45,9 @@ def read_rows(path: str) -> list[dict]:
 
 def to_runs(rows: list[dict], path: str, columns: Columns = Columns(), drop_highest: int = 0) -> laws.Runs:
     """The runs of a table, with rows lacking a loss (unfinished) left out and the
-    `drop_highest` highest-loss runs dropped."""
+    `drop_highest` highest-loss runs dropped. Raises ResultsError naming the row and
+    column of a cell that is not a number, or an N, D, C or loss that is not positive
+    (the laws take their logarithms)."""
     if not rows:
         raise ResultsError(f"{path} has no rows. Fix: wait for the sweep's first points to finish.")
     present = set(rows[0])
@@ -54,15 +56,34 @@ def to_runs(rows: list[dict], path: str, columns: Columns = Columns(), drop_high
     if missing:
         raise ResultsError(f"{path} lacks the column(s) {', '.join(missing)} (it has {', '.join(sorted(present))}). "
                           "Fix: name them with --n_column, --d_column, --c_column, --loss_column.")
-    rows = [r for r in rows if r.get(columns.loss) not in (None, "")]
-    number = lambda r, c: float(r[c]) if c in r and r[c] not in (None, "") else np.nan
-    n, loss = (np.array([number(r, c) for r in rows]) for c in (columns.n, columns.loss))
-    d = np.array([number(r, columns.d) for r in rows])
-    c = np.array([number(r, columns.c) for r in rows])
+    finished = [(i, r) for i, r in enumerate(rows) if r.get(columns.loss) not in (None, "")]
+    names = (columns.n, columns.d, columns.c, columns.loss, columns.budget)
+    n, d, c, loss, budget = np.array([[_number(r, name, i, path) for name in names] for i, r in finished]
+                                     ).reshape(-1, len(names)).T
     d = np.where(np.isnan(d), c / (6 * n), d)
     c = np.where(np.isnan(c), 6 * n * d, c)
-    budget = np.nan_to_num(np.array([number(r, columns.budget) for r in rows]))
-    runs = laws.Runs(n, d, c, loss, budget)
+    for (i, _), values in zip(finished, zip(n, d, c, loss, strict=True), strict=True):
+        if not all(np.isfinite(v) and v > 0 for v in values):
+            raise ResultsError(f"{path} row {i + 1}: N, D, C and the loss must be positive numbers; they are "
+                               f"{', '.join(f'{v:g}' for v in values)} ({columns.n}, {columns.d} or C / 6N, "
+                               f"{columns.c} or 6ND, {columns.loss}). Fix: correct or remove the row.")
+    runs = laws.Runs(n, d, c, loss, np.nan_to_num(budget))
+    if drop_highest >= len(runs) > 0:
+        raise ResultsError(f"--drop_highest={drop_highest} drops all {len(runs)} finished runs of {path}. "
+                           "Fix: drop fewer.")
     if drop_highest:
         runs = runs.take(np.argsort(loss)[:-drop_highest])
     return runs
+
+
+def _number(row: dict, column: str, i: int, path: str) -> float:
+    """The cell as a float; NaN when the column is absent or the cell empty."""
+    value = row.get(column)
+    if value in (None, ""):
+        return np.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ResultsError(f"{path} row {i + 1}, column {column!r}: {str(value)[:40]!r} is not a number. Fix: "
+                           "correct the cell, or name the right column with --n_column, --d_column, --c_column, "
+                           "--loss_column or --budget_column.") from None

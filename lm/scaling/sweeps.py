@@ -16,22 +16,34 @@ import importlib.util
 import io
 import json
 import os
+import traceback
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
 
 from lm.errors import UsageError
-from lm.files import atomic
+from lm.files import atomic, paths
 
 SCALARS = (bool, int, float, str)
 COLUMNS = ("name", "parameters", "non_embedding_parameters", "tokens", "flops", "budget", "target_parameters",
            "train_loss", "val_loss", "val_bits_per_byte", "wall_seconds", "overrides")
 
 
+class SweepError(UsageError):
+    """A sweep config, or a file of the sweep's directory, that cannot be used; the message says how to fix it."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Point:
-    name: str
+    name: str  # the hash of the overrides: its directory, points/<name>
     overrides: dict[str, Any]
+    index: int = 0  # its place in get_sweep()'s list, as the user counts in the file (from 0)
+
+    @property
+    def label(self) -> str:
+        """How messages name the point: its index in get_sweep()'s list and its overrides."""
+        return f"sweep point {self.index} ({json.dumps(self.overrides, sort_keys=True)})"
 
     def flags(self) -> list[str]:
         return [f"--config.{key}={value!r}" if isinstance(value, str) else f"--config.{key}={value}"
@@ -45,13 +57,34 @@ def load(config_arg: str) -> tuple[ml_collections.ConfigDict, list[Point]]:
         raise UsageError(f"the sweep config {path} does not exist. Fix: --config=configs/scaling/<file>.py")
     spec = importlib.util.spec_from_file_location("lm_sweep_config", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    _run_user_code(path, "could not be loaded", lambda: spec.loader.exec_module(module))
     if not hasattr(module, "get_sweep"):
         raise UsageError(f"{path} has no get_sweep(). Fix: define get_sweep() beside get_config(), returning a "
                           "list of override dicts (see lm.scaling.designs).")
-    config = module.get_config(arg) if arg else module.get_config()
-    overrides = module.get_sweep(arg) if arg else module.get_sweep()
-    return config, name_points(overrides, config)
+    args = (arg,) if arg else ()
+    config = _run_user_code(path, "failed in get_config()", lambda: module.get_config(*args))
+    overrides = _run_user_code(path, "failed in get_sweep()", lambda: module.get_sweep(*args))
+    if not isinstance(overrides, list | tuple) or not all(isinstance(point, dict) for point in overrides):
+        raise SweepError(f"get_sweep() of {path} returned {json.dumps(overrides, default=repr)[:80]}. Fix: return a "
+                         "list of override dicts, e.g. [{\"model.d_model\": 64}, {\"model.d_model\": 128}].")
+    return config, name_points(list(overrides), config)
+
+
+def _run_user_code(path: str, failed: str, call: Callable[[], Any]) -> Any:
+    """`call()`, code of the sweep config `path`; whatever it raises is a SweepError saying it
+    `failed` (e.g. "failed in get_sweep()"), the error and its line in `path`."""
+    try:
+        return call()
+    except Exception as e:  # the user's code: any error is theirs to fix
+        if isinstance(e, SyntaxError):  # the line only when in this file, not in a module it imports
+            same = os.path.abspath(e.filename or "") == os.path.abspath(path)
+            detail, line = (e.msg, e.lineno) if same else (str(e), None)
+        else:
+            frames = [f for f in traceback.extract_tb(e.__traceback__)
+                      if os.path.abspath(f.filename) == os.path.abspath(path)]
+            detail, line = (str(e).splitlines() or [""])[0], frames[-1].lineno if frames else None
+        raise SweepError(f"the sweep config {path} {failed}: {type(e).__name__}: {detail}"
+                         f"{f' (line {line})' if line else ''}. Fix: correct the file.") from None
 
 
 def name_points(overrides: list[dict], config: ml_collections.ConfigDict) -> list[Point]:
@@ -69,7 +102,7 @@ def name_points(overrides: list[dict], config: ml_collections.ConfigDict) -> lis
             raise UsageError(f"sweep points {seen[digest]} and {i} are the same run ({json.dumps(point)}). "
                               "Fix: remove the duplicate, or make the points differ (e.g. the seed).")
         seen[digest] = i
-        points.append(Point(digest, dict(point)))
+        points.append(Point(digest, dict(point), i))
     return points
 
 
@@ -103,13 +136,14 @@ def point_dir(sweep_dir: str, point: Point) -> str:
 
 
 def is_finished(sweep_dir: str, point: Point, steps: int) -> bool:
-    final = _read_json(os.path.join(point_dir(sweep_dir, point), "final_metrics.json"))
+    final = _read_record(point_dir(sweep_dir, point), "final_metrics.json")
     return bool(final) and final.get("step") == steps
 
 
 def add_wall_seconds(sweep_dir: str, point: Point, seconds: float) -> None:
     path = os.path.join(point_dir(sweep_dir, point), "sweep.json")
-    record = _read_json(path) or {"overrides": point.overrides, "wall_seconds": 0.0, "attempts": 0}
+    record = _read_record(point_dir(sweep_dir, point), "sweep.json") or {
+        "overrides": point.overrides, "wall_seconds": 0.0, "attempts": 0}
     record["wall_seconds"] += seconds
     record["attempts"] += 1
     atomic.write_json(path, record, indent=2)
@@ -118,13 +152,16 @@ def add_wall_seconds(sweep_dir: str, point: Point, seconds: float) -> None:
 def result_row(sweep_dir: str, point: Point) -> dict[str, Any]:
     """The results-table row of a finished point."""
     directory = point_dir(sweep_dir, point)
-    final = _read_json(os.path.join(directory, "final_metrics.json"))
-    config = _read_json(os.path.join(directory, "config.json"))
-    record = _read_json(os.path.join(directory, "sweep.json")) or {}
+    final = _read_record(directory, "final_metrics.json")
+    config = _read_record(directory, "config.json")
+    record = _read_record(directory, "sweep.json") or {}
     train_loss = None
     with open(os.path.join(directory, "metrics.jsonl"), encoding="utf-8") as f:
         for line in f:
-            train_loss = json.loads(line).get("train/loss", train_loss)
+            try:
+                train_loss = json.loads(line).get("train/loss", train_loss)
+            except json.JSONDecodeError:  # a line cut short by a kill; the resumed run logged on after it
+                continue
     sweep = config.get("sweep", {})
     return {"name": point.name, "parameters": final["parameters"],
             "non_embedding_parameters": final["non_embedding_parameters"], "tokens": final["train_tokens"],
@@ -135,14 +172,27 @@ def result_row(sweep_dir: str, point: Point) -> dict[str, Any]:
             "overrides": json.dumps(point.overrides, sort_keys=True)}
 
 
+def read_results(sweep_dir: str) -> dict[str, dict[str, Any]]:
+    """The rows of the sweep's results.jsonl by name ({} before the first point finishes).
+    Raises SweepError naming the line that is not JSON: the table is then never rewritten,
+    so no row is lost."""
+    path = os.path.join(sweep_dir, "results.jsonl")
+    if not os.path.exists(path):
+        return {}
+    fix = f"delete {path} and rerun the sweep: the rows of its finished points are collected again from points/."
+    with open(path, encoding="utf-8") as f:
+        rows = [paths.loads(line, f"{path}:{number}", fix) for number, line in enumerate(f, start=1)
+                if line.strip()]
+    if not all(isinstance(row, dict) and "name" in row for row in rows):
+        raise SweepError(f"{path} holds a line that is not a results row. Fix: {fix}")
+    return {row["name"]: row for row in rows}
+
+
 def write_results(sweep_dir: str, rows: list[dict[str, Any]]) -> str:
     """Merges `rows` into the sweep's results table by name (existing rows are kept, never
     dropped) and writes results.csv and results.jsonl, each replaced whole. Returns the CSV path."""
     csv_path, jsonl_path = os.path.join(sweep_dir, "results.csv"), os.path.join(sweep_dir, "results.jsonl")
-    merged = {}
-    if os.path.exists(jsonl_path):
-        with open(jsonl_path, encoding="utf-8") as f:
-            merged = {row["name"]: row for row in map(json.loads, f)}
+    merged = read_results(sweep_dir)
     merged.update({row["name"]: row for row in rows})
     ordered = sorted(merged.values(), key=lambda row: (float(row["flops"]), row["name"]))
     text = io.StringIO()
@@ -154,8 +204,20 @@ def write_results(sweep_dir: str, rows: list[dict[str, Any]]) -> str:
     return csv_path
 
 
-def _read_json(path: str) -> dict | None:
+# What to do about each file of a point's directory that is not JSON.
+_FIXES = {"final_metrics.json": "delete it and rerun the sweep: the point resumes from its last checkpoint and "
+                                "writes it again.",
+          "sweep.json": "delete it (it only sums the point's wall time and attempts) and rerun the sweep.",
+          "config.json": "the point's run is damaged: delete its directory and rerun the sweep to train it again."}
+
+
+def _read_record(directory: str, name: str) -> dict | None:
+    """The JSON object in `directory`/`name`, None when absent; SweepError when it is not
+    a JSON object (a damaged file), naming it and the fix."""
+    path = os.path.join(directory, name)
     if not os.path.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    record = paths.read_json(path, _FIXES[name])
+    if not isinstance(record, dict):
+        raise SweepError(f"{path} is not a JSON object. Fix: {_FIXES[name]}")
+    return record
