@@ -28,13 +28,13 @@ from absl import app, flags
 from lm.config import parse_flags, schema
 from lm.data import tokenizers
 from lm.errors import UsageError, exit_with_error, quiet_logging
+from lm.files.paths import read_json
 from lm.interop import huggingface as hf
 from lm.interop import tokenizer_json
 from lm.model import ModelConfig, build
 from lm.model.counting import abstract_params, param_counts
 from lm.parallel import runtime
 from lm.runs import artifacts, version
-from lm.runs.json_files import read_json
 
 HF_CONFIG, HF_WEIGHTS, HF_INDEX, HF_TOKENIZER = ("config.json", "model.safetensors", "model.safetensors.index.json",
                                                  "tokenizer.json")
@@ -53,11 +53,11 @@ def read_hf_checkpoint(hf_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
     if not os.path.exists(config_path):
         raise UsageError(f"{config_path} does not exist. Fix: point --hf_dir at a directory written by "
                           "transformers' save_pretrained (config.json + model.safetensors).")
-    hf_config = read_json(config_path, fix=_RESAVE)
+    hf_config = read_json(config_path, fix=_RESAVE, kind=dict)
     hf.architecture_of(hf_config)  # an unsupported model fails before its weights are read
     index_path = os.path.join(hf_dir, HF_INDEX)
     if os.path.exists(index_path):
-        weight_map = read_json(index_path, fix=_RESAVE).get("weight_map")
+        weight_map = read_json(index_path, fix=_RESAVE, kind=dict).get("weight_map")
         if not isinstance(weight_map, dict):
             raise UsageError(f"{index_path} has no weight_map of tensor names to files. Fix: {_RESAVE}")
         files = sorted(set(weight_map.values()))
@@ -99,7 +99,7 @@ def hf_tokenizer(hf_dir: str, hf_config: dict, tokenizer_path: str | None) -> to
         raise UsageError(f"{path} does not exist; lm needs the checkpoint's tokenizer to encode text. Fix: "
                           "save it beside the weights (tokenizer.save_pretrained(DIR)) or pass --tokenizer.")
     fix = "pass a Hugging Face tokenizer.json file (tokenizer.save_pretrained(DIR) writes DIR/tokenizer.json)."
-    spec = read_json(path, fix=fix)
+    spec = read_json(path, fix=fix, kind=dict)
     with open(path, encoding="utf-8") as f:
         tokenizer_json = f.read()
     sources = [(HF_CONFIG, hf_config), *((name, _read_json(os.path.join(hf_dir, name)))
@@ -115,7 +115,7 @@ def hf_tokenizer(hf_dir: str, hf_config: dict, tokenizer_path: str | None) -> to
 
 
 def _read_json(path: str) -> dict:
-    return read_json(path, fix=_RESAVE) if os.path.exists(path) else {}
+    return read_json(path, fix=_RESAVE, kind=dict) if os.path.exists(path) else {}
 
 
 def special_ids(sources: list[tuple[str, dict]], tokenizer_json: dict) -> tuple[int, int]:

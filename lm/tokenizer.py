@@ -24,7 +24,7 @@ from lm import config as config_lib
 from lm.config import parse_flags
 from lm.data import corpus, tokenizers
 from lm.errors import UsageError, exit_with_error, quiet_logging
-from lm.files import atomic
+from lm.files import atomic, paths
 
 COMMANDS = ("train", "report")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe whose corpus to use.", lock_config=True)
@@ -42,24 +42,6 @@ def compression(tokenizer: tokenizers.SentencePieceTokenizer, texts: list[str]) 
         num_tokens += len(ids)
         exact &= tokenizer.decode(ids) == text
     return num_bytes / max(num_tokens, 1), exact
-
-
-def check_output(output: str) -> None:
-    """Raises UsageError unless `output` is a new file path: not an existing file (train
-    never replaces one), nor a directory, nor under a file. Checked before training."""
-    path = os.path.abspath(os.path.expanduser(output))
-    if os.path.isdir(path):
-        raise UsageError(f"--output={output} is a directory. Fix: give a file path in it, e.g. "
-                         f"--output={os.path.join(output, 'bpe.model')}.")
-    if os.path.lexists(path):
-        raise UsageError(f"--output={output} exists; lm.tokenizer train never replaces a file. Fix: choose a new "
-                         "path, or delete the old file first.")
-    parent = os.path.dirname(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise UsageError(f"--output={output} lies under {parent}, which is a file. Fix: choose a path in a "
-                         "directory.")
 
 
 def train(config, built: dict, output: str) -> tokenizers.SentencePieceTokenizer:
@@ -91,7 +73,7 @@ def main(argv: list[str]) -> None:
     try:
         config_lib.validate(config)
         if argv[1] == "train":
-            check_output(_OUTPUT.value)
+            paths.check_new_file(_OUTPUT.value, "--output")
         else:  # read before the corpus is built: a wrong --model fails at once
             tokenizer = tokenizers.SentencePieceTokenizer.from_file(_MODEL.value)
         built = corpus.builders(config)  # built once, for training and for the report

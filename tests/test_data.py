@@ -271,15 +271,15 @@ def test_a_sentencepiece_model_that_is_missing_or_not_one_is_a_usage_error_namin
 
 
 def test_tokenizer_train_refuses_an_output_path_that_exists_or_cannot_be_a_file_before_training(tmp_path):
-    from lm.tokenizer import check_output
+    from lm.files.paths import check_new_file
 
     (tmp_path / "old.model").write_bytes(b"keep me")
-    check_output(str(tmp_path / "new" / "bpe.model"))  # missing directories are made
-    for output, problem in [(tmp_path / "old.model", "exists; lm.tokenizer train never replaces a file"),
+    check_new_file(str(tmp_path / "new" / "bpe.model"), "--output")  # missing directories are made
+    for output, problem in [(tmp_path / "old.model", "exists, and this command never replaces a file"),
                             (tmp_path, "is a directory"),
-                            (tmp_path / "old.model" / "bpe.model", f"lies under {tmp_path / 'old.model'}")]:
+                            (tmp_path / "old.model" / "bpe.model", f"{tmp_path / 'old.model'} is a file, not a directory")]:
         with pytest.raises(UsageError, match=problem):
-            check_output(str(output))
+            check_new_file(str(output), "--output")
     result = run_cli("lm.tokenizer", "train", "--config=configs/shakespeare_bpe.py",
                      f"--output={tmp_path / 'old.model'}", check=False)
     assert result.returncode == 2 and result.stderr.startswith("lm: error: --output="), result.stderr

@@ -27,9 +27,9 @@ def test_an_output_directory_may_be_missing_but_no_part_of_it_a_file(tmp_path):
     (tmp_path / "afile").write_text("keep me")
     paths.check_output_dir(str(tmp_path), "--plots")
     paths.check_output_dir(str(tmp_path / "a" / "b"), "--plots")  # made on demand
-    with pytest.raises(paths.PathError, match=r"--plots=\S*afile is a file, not a directory"):
+    with pytest.raises(paths.PathError, match=r"--plots=\S*afile: \S*afile is a file, not a directory"):
         paths.check_output_dir(str(tmp_path / "afile"), "--plots")
-    with pytest.raises(paths.PathError, match=r"afile is a file, so no directory can be made under it"):
+    with pytest.raises(paths.PathError, match=r"q: \S*q lies under \S*afile, which is a file"):
         paths.check_output_dir(str(tmp_path / "afile" / "p" / "q"), "--plots")
     assert sorted(os.listdir(tmp_path)) == ["afile"]
 

@@ -53,8 +53,8 @@ RUN_CONFIG = tiny_config().to_json_best_effort()
     ({"best/best.json": "{}"}, "is a fine-tuning workdir"),
     ({"config.json": json.dumps({"finetune": {}, "task": {}})}, "its config.json is a fine-tuning config"),
     ({"config.json": json.dumps({"model_type": "gpt2"})}, "Hugging Face model's config"),
-    ({"config.json": "{oops"}, r"config.json is not valid JSON \(Expecting property name"),
-    ({"config.json": RUN_CONFIG, "tokenizer.json": "{"}, "tokenizer.json is not valid JSON"),
+    ({"config.json": "{oops"}, r"config.json is not JSON \(Expecting property name"),
+    ({"config.json": RUN_CONFIG, "tokenizer.json": "{"}, "tokenizer.json is not JSON"),
 ])
 def test_training_refuses_a_directory_that_is_not_a_run_and_changes_nothing(tmp_path, files, message):
     path = make(tmp_path / "d", files)
@@ -148,9 +148,9 @@ def test_loading_names_a_config_json_that_does_not_describe_the_checkpoint(run_w
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda d: make(d, {"config.json": "{oops"}), r"config.json is not valid JSON \(Expecting property name"),
+    (lambda d: make(d, {"config.json": "{oops"}), r"config.json is not JSON \(Expecting property name"),
     (lambda d: make(d, {"config.json": '{"model_type": "gpt2"}'}), "config.json is a Hugging Face model's config"),
-    (lambda d: make(d, {"tokenizer.json": ""}), "tokenizer.json is not valid JSON"),
+    (lambda d: make(d, {"tokenizer.json": ""}), "tokenizer.json is not JSON"),
     (lambda d: make(d, {"tokenizer.json": '{"version": "1.0"}'}), "tokenizer.json does not describe an lm tokenizer"),
     (lambda d: (os.remove(os.path.join(d, "export.json")), make(d, {"finetune_results.json": "{}", "best/x": ""})),
      "is a fine-tuning workdir .*not a model to load"),
@@ -226,10 +226,10 @@ LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_si
 
 
 @pytest.mark.parametrize("config, weights, tokenizer, message", [
-    ("{oops", None, None, r"hf/config.json is not valid JSON"),
+    ("{oops", None, None, r"hf/config.json is not JSON"),
     (LLAMA, b"\x08\x00\x00", None, r"model.safetensors is not a readable safetensors file \(SafetensorError"),
     ({k: v for k, v in LLAMA.items() if k != "hidden_size"}, None, None, "config.json lacks 'hidden_size'"),
-    (LLAMA, None, "garbage", "tokenizer.json is not valid JSON"),
+    (LLAMA, None, "garbage", "tokenizer.json is not JSON"),
 ])
 def test_a_damaged_hugging_face_checkpoint_names_the_file(tmp_path, config, weights, tokenizer, message):
     hf_dir = write_hf_dir(tmp_path / "hf", config, weights, tokenizer)

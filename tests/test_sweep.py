@@ -112,7 +112,7 @@ def test_fitting_checks_its_outputs_holdout_and_numbers_before_printing_anything
     (tmp_path / "afile").write_text("keep me")
     table = f"--results={tmp_path / 'seven.csv'}"
     for flags, problem in ((["--holdout=3"], "--holdout=3 leaves 4 runs; Approach 3 needs more than 5"),
-                           ([f"--plots={tmp_path}/afile/plots"], "is a file, so no directory can be made under it"),
+                           ([f"--plots={tmp_path}/afile/plots"], "lies under"),
                            ([f"--output={tmp_path}"], f"--output={tmp_path} is a directory"),
                            (["--bootstrap=-5"], "-5 is not a non-negative integer")):
         result = run_cli("lm.fit_scaling", table, *flags, check=False)
@@ -151,7 +151,7 @@ def test_damaged_files_of_a_sweep_directory_are_named_with_the_fix_and_never_rew
 def test_the_sweep_cli_checks_its_workdir_and_launcher_before_anything_runs(tmp_path, monkeypatch):
     (tmp_path / "afile").write_text("keep me")
     monkeypatch.setenv("PATH", os.path.dirname(sys.executable))  # no sbatch
-    for flags, problem in (([f"--workdir={tmp_path}/afile/sweep"], "is a file, so no directory can be made"),
+    for flags, problem in (([f"--workdir={tmp_path}/afile/sweep"], "lies under"),
                            ([f"--workdir={tmp_path}/sweep", "--launcher=slurm"],
                             "--launcher=slurm submits with `sbatch`, which is not installed here")):
         result = run_cli("lm.sweep", SWEEP, *flags, check=False)

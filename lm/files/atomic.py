@@ -139,20 +139,3 @@ def _rename_onto_new(staging: str, path: str) -> None:
             raise FileExistsError(e.errno, f"{path} exists and is not an empty directory", path) from None
         raise
 
-
-def directory_problem(path: str) -> str | None:
-    """Why the directory `path` cannot be used or created, as a sentence naming the file in
-    the way (`path` is a file, or lies under one) or the unwritable folder; None if it can.
-    Checked before expensive work, so a writer fails on the path before it loads or trains."""
-    path = os.path.abspath(path.rstrip("/") or "/")
-    if os.path.exists(path) and not os.path.isdir(path):
-        return f"{path} is a file, not a directory"
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        return f"{path} lies under {existing}, which is a file"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        where = "" if existing == path else f", where {path} would be made,"
-        return f"{existing}{where} is not writable"
-    return None

@@ -40,39 +40,74 @@ def check_output_file(path: str, flag: str) -> None:
         raise PathError(f"{flag}={path}: the directory {directory} is not writable. Fix: write somewhere else.")
 
 
+def check_new_file(path: str, flag: str) -> None:
+    """Raises PathError unless `path` (given as `flag`) names a file that does not exist yet
+    (a command that never replaces a file) in a directory that exists or can be made."""
+    if os.path.isdir(path):
+        raise PathError(f"{flag}={path} is a directory. Fix: give a file path in it, e.g. "
+                        f"{flag}={os.path.join(path, 'out')}.")
+    if os.path.lexists(path):
+        raise PathError(f"{flag}={path} exists, and this command never replaces a file. Fix: choose a new path, "
+                        "or delete the old file first.")
+    problem = directory_problem(os.path.dirname(os.path.abspath(path)))  # made on demand
+    if problem:
+        raise PathError(f"{flag}={path}: {problem}. Fix: choose a path in a writable directory.")
+
+
 def check_output_dir(path: str, flag: str) -> None:
     """Raises PathError unless the directory `path` (given as `flag`) exists or can be made:
     it is not a file, and its nearest existing parent is a writable directory."""
-    absolute = os.path.abspath(path)
-    if os.path.lexists(absolute) and not os.path.isdir(absolute):
-        raise PathError(f"{flag}={path} is a file, not a directory. Fix: give a directory (it is created when "
-                        "missing), or move the file away.")
-    ancestor = absolute
-    while not os.path.lexists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor):
-        raise PathError(f"{flag}={path}: {ancestor} is a file, so no directory can be made under it. Fix: give "
-                        "a directory path that runs through directories only.")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise PathError(f"{flag}={path}: {ancestor} is not writable. Fix: write somewhere else.")
+    problem = directory_problem(path)
+    if problem:
+        raise PathError(f"{flag}={path}: {problem}. Fix: give a directory path that runs through writable "
+                        "directories only (it is created when missing).")
 
 
-def loads(text: str, where: str, fix: str) -> Any:
-    """`json.loads(text)`; PathError naming `where` (a file, or file:line), the syntax
-    error with its line and column, and `fix` when the text is not JSON."""
+def directory_problem(path: str) -> str | None:
+    """Why the directory `path` cannot be used or created, as a sentence naming the file in
+    the way (`path` is a file, or lies under one) or the unwritable folder; None if it can.
+    Checked before expensive work, so a writer fails on the path before it loads or trains."""
+    path = os.path.abspath(path.rstrip("/") or "/")
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{path} is a file, not a directory"
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{path} lies under {existing}, which is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path else f", where {path} would be made,"
+        return f"{existing}{where} is not writable"
+    return None
+
+
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+def loads(text: str, where: str, fix: str, error: type[UsageError] = PathError) -> Any:
+    """`json.loads(text)`; `error` naming `where` (a file, or file:line), the syntax error
+    with its line and column, and `fix` when the text is not JSON."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise PathError(f"{where} is not JSON ({e.msg}: line {e.lineno} column {e.colno}). Fix: {fix}") from None
+        raise error(f"{where} is not JSON ({e.msg}: line {e.lineno} column {e.colno}). Fix: {fix}") from None
 
 
-def read_json(path: str, fix: str) -> Any:
-    """The JSON value in the file `path` (UTF-8, a byte-order mark allowed); PathError
-    naming the path and `fix` when it is missing, unreadable or not JSON."""
+def read_json(path: str, fix: str, error: type[UsageError] = PathError, kind: type | None = None) -> Any:
+    """The JSON value in the file `path` (UTF-8, a byte-order mark allowed), which must be a
+    `kind` (e.g. dict; None: any value). Raises `error` naming `path`, what is wrong and
+    `fix` when the file is missing, a directory, unreadable, not UTF-8 JSON, or another kind."""
     try:
         with open(path, encoding="utf-8-sig") as f:
             text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) else f"not UTF-8 at byte {e.start}"
-        raise PathError(f"cannot read {path} ({reason}). Fix: {fix}") from None
-    return loads(text, path, fix)
+    except IsADirectoryError:
+        raise error(f"{path} is a directory, not a JSON file. Fix: {fix}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"cannot read {path} (not UTF-8 at byte {e.start}: a binary or damaged file). Fix: {fix}") from None
+    except OSError as e:
+        raise error(f"cannot read {path} ({e.strerror}). Fix: {fix}") from None
+    value = loads(text, path, fix, error)
+    if kind is not None and not isinstance(value, kind):
+        raise error(f"{path} holds a JSON {_JSON_TYPES.get(type(value), 'null')}, not the "
+                    f"{_JSON_TYPES.get(kind, kind.__name__)} lm expects. Fix: {fix}")
+    return value

@@ -17,6 +17,7 @@ import os
 import ml_collections
 
 from lm.config import config_fields
+from lm.files import paths
 from lm.runs.artifacts import EXPORT_INFO
 from lm.runs.workdir import WorkdirError
 
@@ -61,14 +62,9 @@ def check_workdir(workdir: str, config_json: dict) -> None:
 def _check_directory(workdir: str) -> None:
     """Raises WorkdirError if `workdir` is a file, lies under one, or holds a pretraining
     run or an export."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise WorkdirError(f"--workdir {workdir} is a file, not a directory. Fix: choose a new directory.")
-    parent = os.path.dirname(os.path.abspath(workdir))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise WorkdirError(f"--workdir {workdir} lies under {parent}, which is a file. Fix: choose a directory "
-                           "elsewhere.")
+    problem = paths.directory_problem(workdir)
+    if problem:
+        raise WorkdirError(f"--workdir {workdir}: {problem}. Fix: choose a new directory elsewhere.")
     what = ("an export (it has export.json)" if os.path.exists(os.path.join(workdir, EXPORT_INFO)) else
             "a pretraining run's workdir (it has checkpoints/)" if os.path.isdir(os.path.join(workdir, "checkpoints"))
             else None)

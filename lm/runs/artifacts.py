@@ -27,11 +27,11 @@ from lm.config import schema
 from lm.data import tokenizers
 from lm.data.tokenizers import Tokenizer
 from lm.errors import UsageError
-from lm.files import atomic
+from lm.files import atomic, paths
+from lm.files.paths import read_json
 from lm.model import ModelConfig, build
 from lm.model.counting import abstract_params, param_counts
 from lm.runs import checkpoint, version, workdir
-from lm.runs.json_files import read_json
 
 
 class RunError(UsageError):
@@ -90,7 +90,7 @@ def load_tokenizer(path: str) -> Tokenizer:
     does not describe an lm tokenizer."""
     tokenizer_path = os.path.join(path, "tokenizer.json")
     fix = "restore the tokenizer.json the run wrote (ids must not change under a model), or load another run."
-    spec = read_json(tokenizer_path, error=RunError, fix=fix)
+    spec = read_json(tokenizer_path, error=RunError, fix=fix, kind=dict)
     try:
         return tokenizers.from_json(spec)
     except Exception as e:  # a missing field, an unknown kind, or a model the tokenizer library refuses
@@ -193,7 +193,7 @@ def _restore_checked(checkpointer: checkpoint.Checkpointer, step: int, target: A
 
 
 def _load_export_params(path: str, model_cfg: ModelConfig, seq_len: int, device: jax.Device) -> tuple[Any, int]:
-    info = read_json(os.path.join(path, EXPORT_INFO), error=RunError, fix="export the run again.")
+    info = read_json(os.path.join(path, EXPORT_INFO), error=RunError, fix="export the run again.", kind=dict)
     if info.get("dtype") not in EXPORT_DTYPES or not isinstance(info.get("step"), int):
         raise RunError(f"{path}/{EXPORT_INFO} lacks a dtype in {EXPORT_DTYPES} or an integer step. Fix: export the "
                        "run again.")
@@ -218,7 +218,7 @@ def check_new_directory(output: str) -> None:
     """Raises RunError unless `output` can be made a new directory: it must not be a file,
     lie under a file or in an unwritable folder, or be a directory with anything in it.
     The one check of every command that writes a new directory (lm.export, lm.convert)."""
-    problem = atomic.directory_problem(output)
+    problem = paths.directory_problem(output)
     if problem:
         raise RunError(f"{problem}. Fix: choose a new directory as --output.")
     if os.path.exists(output) and os.listdir(output):

@@ -16,8 +16,8 @@ import time
 from typing import Any
 
 from lm.errors import UsageError
-from lm.files import atomic
-from lm.runs.json_files import read_json
+from lm.files import paths
+from lm.files.paths import read_json
 
 
 class WorkdirError(UsageError):
@@ -71,7 +71,7 @@ def check_for_training(path: str) -> None:
     a file or a path under one, an unwritable place, or a directory that is not an lm run
     (an export, a fine-tuning workdir, another program's files or config.json), or a run
     whose tokenizer.json is damaged. A missing or empty directory and a run pass."""
-    problem = atomic.directory_problem(path)
+    problem = paths.directory_problem(path)
     if problem:
         raise WorkdirError(f"{problem}. Fix: pass a new directory as --workdir, or an lm run's workdir to "
                            "resume it.")
@@ -85,7 +85,7 @@ def check_for_training(path: str) -> None:
     tokenizer = os.path.join(path, "tokenizer.json")
     if os.path.exists(tokenizer) and "kind" not in read_json(
             tokenizer, error=WorkdirError, fix="delete it if the run has no checkpoint yet (lm.main fits it "
-                                                "again), or restore the run's own tokenizer.json."):
+                                                "again), or restore the run's own tokenizer.json.", kind=dict):
         raise WorkdirError(f"{tokenizer} is not an lm tokenizer (it has no 'kind'; a Hugging Face tokenizer.json?). "
                            "Fix: pass a new directory as --workdir.")
 
