@@ -277,7 +277,8 @@ def test_tokenizer_train_refuses_an_output_path_that_exists_or_cannot_be_a_file_
     check_new_file(str(tmp_path / "new" / "bpe.model"), "--output")  # missing directories are made
     for output, problem in [(tmp_path / "old.model", "exists, and this command never replaces a file"),
                             (tmp_path, "is a directory"),
-                            (tmp_path / "old.model" / "bpe.model", f"{tmp_path / 'old.model'} is a file, not a directory")]:
+                            (tmp_path / "old.model" / "bpe.model",
+                             f"{tmp_path / 'old.model'} is a file, not a directory")]:
         with pytest.raises(UsageError, match=problem):
             check_new_file(str(output), "--output")
     result = run_cli("lm.tokenizer", "train", "--config=configs/shakespeare_bpe.py",
