@@ -62,3 +62,15 @@ def test_every_top_level_module_is_a_command():
         if 'if __name__ == "__main__":' not in path.read_text(encoding="utf-8"):
             libraries.append(path.name)
     assert not libraries, f"top-level modules that are not commands: {libraries}; move them into a package"
+
+
+def test_setup_cfg_installs_every_package():
+    """A package missing from setup.cfg imports in a checkout but not from a wheel."""
+    import configparser
+
+    parser = configparser.ConfigParser()
+    parser.read(LM.parent / "setup.cfg", encoding="utf-8")
+    listed = set(parser["options"]["packages"].split())
+    found = {".".join(p.parent.relative_to(LM.parent).parts) for p in LM.rglob("__init__.py")
+             if "configs" not in p.relative_to(LM).parts}
+    assert found <= listed, f"add to setup.cfg's packages: {sorted(found - listed)}"
