@@ -218,12 +218,19 @@ def test_grouped_query_attention_shares_key_value_heads_and_stays_causal():
     np.testing.assert_allclose(before[0, :9], after[0, :9], atol=1e-6)
 
 
-@pytest.mark.parametrize("preset", ["gpt2-small", "bert-base", "t5-base", "llama-1b"])
+@pytest.mark.parametrize("preset", ["gpt2-small", "bert-base", "t5-base", "llama-1b", "llama3-8b"])
 def test_preset_parameter_counts_match_the_published_ones_within_2_percent(preset):
     from lm.model import presets
     counts = presets.describe(preset)  # jax.eval_shape: no parameter is allocated
     assert abs(counts["total"] / presets.PUBLISHED_PARAMETERS[preset] - 1) < 0.02, counts
     assert counts["non_embedding"] < counts["total"]
+
+
+def test_llama3_8b_has_exactly_the_published_8030261248_parameters():
+    """Meta's model card: 8.03B. Untied 128,256 x 4,096 embedding and head, 32 layers of
+    GQA attention (32 query heads, 8 key/value heads of 128) and a 14,336-wide SwiGLU."""
+    from lm.model import presets
+    assert presets.describe("llama3-8b")["total"] == 8_030_261_248
 
 
 def test_the_encoder_is_bidirectional_and_the_encoder_decoder_decoder_is_causal_and_reads_the_inputs():

@@ -3,6 +3,7 @@ one device; multi-process runs, the ahead-of-time check, launch scripts' dry run
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -140,6 +141,14 @@ def test_the_ahead_of_time_check_compiles_gpt2_small_over_64_devices_without_all
     out = result.stdout
     assert "on 64 cpu devices, mesh data=1 x fsdp=64 x tensor=1" in out
     assert "per device, estimated: parameters" in out and "per device, compiled (XLA): arguments" in out
+
+
+def test_the_ahead_of_time_check_compiles_llama3_8b_at_context_8192_over_64_devices():
+    result = run_cli("lm.main", "--config=configs/llama3_8b.py", "--compile_only", "--topology=cpu:64", timeout=600)
+    assert "8,030,261,248 parameters on 64 cpu devices, mesh data=1 x fsdp=64 x tensor=1" in result.stdout
+    estimate = re.search(r"optimizer state ([\d.]+) MiB", result.stdout)
+    sharded_adam = 8_030_261_248 * 8 / 64 / 2**20  # two float32 moments, 1/64 each (norms are replicated)
+    assert estimate and abs(float(estimate.group(1)) / sharded_adam - 1) < 0.005, result.stdout
 
 
 def run_launcher(*args: str) -> str:

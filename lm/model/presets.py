@@ -28,13 +28,15 @@ PRESETS: dict[str, dict] = {
     "gpt2-medium": dict(_GPT2, num_layers=24, num_heads=16, d_model=1024, d_ff=4096),  # 355M
     "llama-1b": dict(_LLAMA, num_layers=16, num_heads=32, num_kv_heads=8, d_model=2048, d_ff=8192,
                      vocab_size=128256, max_len=2048, tie_embeddings=True),  # Llama 3.2 1B: 1.24B
+    "llama3-8b": dict(_LLAMA, num_layers=32, num_heads=32, num_kv_heads=8, d_model=4096, d_ff=14336,
+                      vocab_size=128256, max_len=8192, tie_embeddings=False),  # Llama 3 8B: 8.03B
     "bert-base": dict(_BERT, num_layers=12, num_heads=12, d_model=768, d_ff=3072),  # 110M
     "t5-small": dict(_T5, num_layers=6, num_heads=8, d_model=512, d_ff=2048),  # 60M
     "t5-base": dict(_T5, num_layers=12, num_heads=12, d_model=768, d_ff=3072),  # 220M
 }
 
-PUBLISHED_PARAMETERS = {"gpt2-small": 124e6, "gpt2-medium": 355e6, "llama-1b": 1.24e9, "bert-base": 110e6,
-                        "t5-small": 60e6, "t5-base": 220e6}
+PUBLISHED_PARAMETERS = {"gpt2-small": 124e6, "gpt2-medium": 355e6, "llama-1b": 1.24e9, "llama3-8b": 8.03e9,
+                        "bert-base": 110e6, "t5-small": 60e6, "t5-base": 220e6}
 
 
 def apply(model: ml_collections.ConfigDict, name: str) -> tuple[int, int]:
