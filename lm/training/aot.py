@@ -12,6 +12,7 @@ accelerator itself, `--compile_only` without `--topology` compiles for the real 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 
 import flax.linen as nn
@@ -21,7 +22,7 @@ import ml_collections
 from lm.data import corpus
 from lm.model import ModelConfig, build
 from lm.model.counting import abstract_params, param_counts
-from lm.parallel import sharding
+from lm.parallel import sharding, topologies
 from lm.runs import artifacts
 from lm.training import memory
 from lm.training.setup import check_teacher
@@ -35,6 +36,12 @@ def topology_devices(topology: str | None, compile_only: bool) -> int:
     if not compile_only:
         raise ValueError(f"--topology={topology} only applies to an ahead-of-time check. Fix: add --compile_only.")
     kind, _, count = topology.partition(":")
+    if kind != "cpu" and re.fullmatch(r"v\d+[a-z]*-\d+", topology):
+        slices = topologies.parse(topology)  # an unknown generation or size is its own message
+        raise topologies.TopologyError(
+            f"--topology={topology} ({slices.describe()}): compiling with the TPU compiler is not in lm yet. Fix: "
+            f"check the mesh on {slices.chips} fake CPU devices with --topology=cpu:{slices.chips} (XLA:CPU's "
+            "memory figures, not the chip's).")
     if kind != "cpu" or not count.isdigit() or int(count) < 1:
         raise ValueError(f"--topology={topology!r} is not a topology this check can fake. Fix: use cpu:N for "
                          "N fake CPU devices (e.g. cpu:64 for a 64-chip slice); on a TPU or GPU machine, "

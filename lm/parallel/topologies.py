@@ -1,0 +1,78 @@
+"""Cloud TPU slice names, read as the chips they hold: `v5p-128` is 64 TPU v5p chips.
+
+The number in a name counts TensorCores on v4 and v5p (two per chip) and chips on v5e
+and v6e (one core each), as Cloud TPU's accelerator types do (`v4-8`, `v5p-128`,
+`v5litepod-256` or `v5e-256`, `v6e-64`). Multi-slice runs join `num_slices` such slices
+over the data-centre network. Each chip carries its HBM and its bfloat16 matmul peak from
+Google's datasheets, what an ahead-of-time check compares a compiled step against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from lm.errors import UsageError
+
+GiB = 2**30
+
+
+class TopologyError(UsageError):
+    """A TPU slice name or slice count that does not describe a slice; the message says the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    generation: str  # "v4", "v5p", "v5e", "v6e"
+    hbm_bytes: int  # high-bandwidth memory per chip
+    peak_flops: float  # bfloat16 matmul FLOP/s per chip
+    cores_per_chip: int  # TensorCores the slice name counts per chip (2 on v4 and v5p, else 1)
+
+
+CHIPS = {
+    "v4": Chip("v4", 32 * GiB, 275e12, 2),
+    "v5p": Chip("v5p", 95 * GiB, 459e12, 2),
+    "v5e": Chip("v5e", 16 * GiB, 197e12, 1),
+    "v6e": Chip("v6e", 32 * GiB, 918e12, 1),
+}
+ALIASES = {"v5litepod": "v5e"}  # Cloud TPU's accelerator type for v5e
+
+
+@dataclasses.dataclass(frozen=True)
+class Slices:
+    name: str  # as given, e.g. "v5p-128"
+    chip: Chip
+    chips_per_slice: int
+    num_slices: int = 1
+
+    @property
+    def chips(self) -> int:
+        return self.chips_per_slice * self.num_slices
+
+    def describe(self) -> str:
+        slices = f" x {self.num_slices} slices" if self.num_slices > 1 else ""
+        return (f"{self.name}{slices}: {self.chips} TPU {self.chip.generation} chips, "
+                f"{self.chip.hbm_bytes / GiB:.0f} GiB of HBM each")
+
+
+def parse(name: str, num_slices: int = 1) -> Slices:
+    """The slices `name` (a Cloud TPU accelerator type) and `num_slices` describe.
+
+    Raises TopologyError for an unknown generation, a size that is not a positive whole
+    number of chips, or a slice count below 1.
+    """
+    known = ", ".join([*CHIPS, *ALIASES])
+    match = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", name.strip())
+    generation = ALIASES.get(match.group(1), match.group(1)) if match else None
+    if generation not in CHIPS:
+        raise TopologyError(f"--topology={name!r} is not a TPU slice name lm knows. Fix: give a Cloud TPU "
+                            f"accelerator type, <generation>-<size> with a generation in {known} (e.g. v5p-128, "
+                            "v5e-16), or cpu:N for N fake CPU devices.")
+    chip, size = CHIPS[generation], int(match.group(2))
+    if size < chip.cores_per_chip or size % chip.cores_per_chip:
+        unit = "TensorCores, two per chip" if chip.cores_per_chip == 2 else "chips"
+        raise TopologyError(f"--topology={name}: a {generation} slice's size counts {unit}, so {size} is not a "
+                            f"slice. Fix: use a size such as {generation}-{8 * chip.cores_per_chip}.")
+    if num_slices < 1:
+        raise TopologyError(f"--num_slices={num_slices} must be at least 1. Fix: give the number of slices.")
+    return Slices(name, chip, size // chip.cores_per_chip, num_slices)
