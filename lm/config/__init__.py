@@ -18,6 +18,7 @@ config_lib.validate(...)` or `from lm.config import ConfigError, MESH_AXES`.
 
 from lm.config.choices import (
     ACTIVATIONS,
+    ATTENTIONS,
     CORPUS_SUFFIXES,
     DTYPES,
     FAMILIES,
@@ -60,7 +61,7 @@ from lm.config.validation import (
 
 __all__ = [
     "ACTIVATIONS", "CORPUS_SUFFIXES", "DTYPES", "FAMILIES", "MESH_AXES", "NORMAL_FORMS", "NORMS",
-    "OBJECTIVE_FAMILIES", "OBJECTIVES", "PACKINGS", "POSITIONS", "REMAT_POLICIES", "SCHEDULES",
+    "ATTENTIONS", "OBJECTIVE_FAMILIES", "OBJECTIVES", "PACKINGS", "POSITIONS", "REMAT_POLICIES", "SCHEDULES",
     "SP_MODEL_TYPES", "SP_RESERVED", "SPLIT_MODES", "TOKENIZERS", "UNITS", "d_ff", "head_dim", "num_kv_heads",
     "FINETUNE_METHODS", "POOLINGS", "TASK_BUILDERS", "TASK_KINDS",
     "parse_flags", "RESUME", "OnResume", "config_fields", "resume_conflicts",

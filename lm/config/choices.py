@@ -22,6 +22,7 @@ POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTIONS = ("auto", "xla", "splash", "cudnn")  # lm.model.attention
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 SCHEDULES = ("cosine", "linear", "constant", "rsqrt")
 MESH_AXES = ("data", "fsdp", "tensor")

@@ -66,6 +66,7 @@ RESUME: dict[str, OnResume] = {
         "init_std", "num_kv_heads", "scan_layers")},
     "model.dtype": OnResume(True, "the compute dtype of the same float32 parameters (what the hardware suits)"),
     "model.remat": OnResume(True, "recomputation trades memory for time and gives the same gradients"),
+    "model.attention": OnResume(True, "each kernel computes the same attention of the same parameters"),
     **{f"objective.{f}": OnResume(False, _OBJECTIVE) for f in (
         "name", "z_loss", "prefix_lm.prefix_fraction", "masked_lm.rate", "masked_lm.mask_prob",
         "masked_lm.random_prob", "span_corruption.noise_density", "span_corruption.mean_span_length",

@@ -202,6 +202,10 @@ def _model() -> ml_collections.ConfigDict:
     # Recompute each layer's activations in the backward pass to save memory: "none",
     # "full" (keep nothing), "dots_saveable" or "dots_with_no_batch_dims_saveable".
     m.remat = "none"
+    # The attention kernel: "auto" (a fused kernel where the platform has one: splash on
+    # TPU, cuDNN on GPU; XLA elsewhere), "xla" (jax.nn.dot_product_attention's XLA path,
+    # which holds the [B, H, L, L] scores), "splash" (TPU, Pallas) or "cudnn" (GPU).
+    m.attention = "auto"
     return m
 
 

@@ -204,6 +204,7 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
         fail("model.num_kv_heads", m.num_kv_heads, f"does not divide config.model.num_heads={m.num_heads}",
              "choose a divisor of num_heads (e.g. 1 for multi-query attention), or 0 for num_heads")
     require_choice(config, "model.remat", choices.REMAT_POLICIES)
+    require_choice(config, "model.attention", choices.ATTENTIONS)
     require_choice(config, "model.norm", choices.NORMS)
     require_choice(config, "model.activation", choices.ACTIVATIONS)
     require_choice(config, "model.dtype", choices.DTYPES)

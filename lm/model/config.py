@@ -35,6 +35,7 @@ class ModelConfig:
     num_kv_heads: int = 0  # grouped-query attention: key/value heads; 0 = num_heads
     scan_layers: bool = False  # one scanned layer (compile time flat in depth) or a Python loop
     remat: str = "none"  # activation rematerialisation policy of each layer (see layers.REMAT_POLICIES)
+    attention: str = "xla"  # the attention kernel: "xla", "splash" (TPU) or "cudnn" (GPU), resolved from "auto"
     family: str = "decoder"  # "decoder", "encoder" or "encoder_decoder"
     num_decoder_layers: int = 0  # encoder-decoder: decoder depth; 0 = num_layers
     lora: LoRA | None = None  # fine-tuning: low-rank adapters on the matching dense layers
