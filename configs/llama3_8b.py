@@ -10,18 +10,18 @@ The layout: every device holds 1/N of the parameters, gradients and Adam state (
 ZeRO-3): 16 bytes a parameter in float32 state, 128 GB in all, so 1.9 GiB a chip on 64
 chips (a v5p-128 slice). The global batch is 64 rows of 8,192 tokens (524,288 tokens a
 step), one row a chip on 64 chips. One row, because attention here is XLA's, which
-holds each layer's [B, H, L, L] scores: measured with the command below, 4 rows a chip
-need 287.0 GiB of XLA:CPU temporaries per device (lm's estimate: 150 GiB of
-activations), one row 73.9 GiB (estimate 37.5 GiB), against a v5p chip's 95 GiB. A fused
-attention kernel, which never writes the scores, is what lets the batch grow. On a larger
-slice keep fsdp=-1 and raise the batch with the chips.
+holds each layer's [B, H, L, L] scores: on 64 fake CPU devices (--topology=cpu:64), 4
+rows a chip needed 287.0 GiB of XLA:CPU temporaries per device, one row 73.9 GiB. A fused
+attention kernel, which never writes the scores, is what lets the batch grow. On a
+larger slice keep fsdp=-1 and raise the batch with the chips.
 
-    python -m lm.main --config=configs/llama3_8b.py --compile_only --topology=cpu:64
+    python -m lm.main --config=configs/llama3_8b.py --compile_only --topology=v5p-128
 
-compiles the train step for 64 fake CPU devices in about 9 seconds, allocating nothing
-(seen: 8,030,261,248 parameters; per device 479.6 MiB of parameters, as much of
-gradients, 959.3 MiB of Adam state; XLA: arguments 1.41 GiB, temporaries 73.89 GiB).
-These are XLA:CPU's figures, not a TPU's. Train on your own corpus with
+compiles the train step with the TPU compiler for a v5p-128 slice (64 chips) on any
+machine, allocating nothing (seen, in about 2 minutes on 2 cores: 8,030,261,248
+parameters; per chip 479.6 MiB of parameters, as much of gradients, 959.3 MiB of Adam
+state; the compiler: arguments 1.41 GiB, temporaries 61.22 GiB, total 62.63 GiB, so the
+step fits a v5p chip's 95 GiB at 66%). Train on your own corpus with
 `--config.data.files=...` and a 128,256-piece tokenizer; the embedded Shakespeare is
 far too small.
 """

@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 def _quiet_tpu_runtime_off_tpu() -> None:
     """On a machine with no TPU chip, give libtpu (the `[tpu]` extra: the TPU compiler that
     `--compile_only --topology=v5p-128` uses) the worker name and accelerator type it would
-    otherwise look for, so that it prints no warnings when JAX starts its backends.
+    otherwise look for, so that it prints no warnings when JAX starts its backends, and let
+    more than one process load it (it otherwise locks /tmp/libtpu_lockfile).
 
     Runs at import, before any backend starts. A TPU VM and anything the user set are left
     alone: a TPU shows as /dev/accel* or as a Google PCI device (vendor 0x1ae0, JAX's own
@@ -26,6 +27,8 @@ def _quiet_tpu_runtime_off_tpu() -> None:
             continue
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")  # any known type; the compiler takes its own
+    # No chip to guard: two compile-only processes (two checks, a test beside a run) may both load libtpu.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 _quiet_tpu_runtime_off_tpu()

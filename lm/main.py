@@ -41,7 +41,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, fr
 _COMPILE_ONLY = flags.DEFINE_bool(
     "compile_only", False, "Compile the train step ahead of time, print its per-device memory, train nothing.")
 _TOPOLOGY = flags.DEFINE_string(
-    "topology", None, "With --compile_only: the devices to compile for, e.g. cpu:64 (fake CPU devices).")
+    "topology", None, "With --compile_only: the devices to compile for: a Cloud TPU slice (v5p-128, v5e-16; the "
+    "TPU compiler, from the [tpu] extra) or cpu:N (N fake CPU devices).")
+_NUM_SLICES = flags.DEFINE_integer(
+    "num_slices", 1, "With --topology=<TPU slice>: that many slices joined over the data-centre network (DCN).")
 
 
 def load_config():
@@ -69,14 +72,15 @@ def main(argv: list[str]) -> None:
     try:
         cluster = distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                       _DISTRIBUTED.value)
-        devices = aot.topology_devices(_TOPOLOGY.value, _COMPILE_ONLY.value)
+        target = aot.target(_TOPOLOGY.value, _COMPILE_ONLY.value, _NUM_SLICES.value)
     except ValueError as e:
         exit_with_error(str(e))
-    runtime.setup(config, cpu_devices=devices)
+    # Compile-only TPU programs cannot be read back from the persistent cache (no TPU client).
+    runtime.setup(config, compilation_cache=target.slices is None, cpu_devices=target.host_cpu_devices)
     distributed.initialize(cluster)
     try:
         if _COMPILE_ONLY.value:
-            aot.compile_and_report(config)
+            aot.compile_and_report(config, target.slices)
         else:
             loop.train_and_evaluate(config, _WORKDIR.value)
     except UsageError as e:

@@ -135,20 +135,24 @@ def test_lm_distributed_reports_a_bad_cluster_environment_in_one_line():
 
 
 @pytest.mark.slow
-def test_the_ahead_of_time_check_compiles_gpt2_small_over_64_devices_without_allocating_it():
-    result = run_cli("lm.main", "--config=configs/gpt2_small.py", "--compile_only", "--topology=cpu:64",
+def test_gpt2_small_compiles_with_the_tpu_compiler_for_a_v5e_16_and_fits_its_16_gib_chips():
+    result = run_cli("lm.main", "--config=configs/gpt2_small.py", "--compile_only", "--topology=v5e-16",
                      timeout=600)
     out = result.stdout
-    assert "on 64 cpu devices, mesh data=1 x fsdp=64 x tensor=1" in out
-    assert "per device, estimated: parameters" in out and "per device, compiled (XLA): arguments" in out
+    assert "for v5e-16: 16 TPU v5e chips, 16 GiB of HBM each, mesh data=1 x fsdp=16 x tensor=1" in out
+    assert "per device, compiled (TPU compiler): arguments" in out
+    assert "memory: the step fits in a TPU v5e chip's 16.00 GiB of HBM" in out, out
 
 
-def test_the_ahead_of_time_check_compiles_llama3_8b_at_context_8192_over_64_devices():
-    result = run_cli("lm.main", "--config=configs/llama3_8b.py", "--compile_only", "--topology=cpu:64", timeout=600)
-    assert "8,030,261,248 parameters on 64 cpu devices, mesh data=1 x fsdp=64 x tensor=1" in result.stdout
+def test_llama3_8b_compiles_with_the_tpu_compiler_for_a_v5p_128_and_fits_its_95_gib_chips():
+    result = run_cli("lm.main", "--config=configs/llama3_8b.py", "--compile_only", "--topology=v5p-128", timeout=900)
+    assert "8,030,261,248 parameters for v5p-128: 64 TPU v5p chips, 95 GiB of HBM each, mesh data=1 x fsdp=64" \
+        in result.stdout
     estimate = re.search(r"optimizer state ([\d.]+) MiB", result.stdout)
     sharded_adam = 8_030_261_248 * 8 / 64 / 2**20  # two float32 moments, 1/64 each (norms are replicated)
     assert estimate and abs(float(estimate.group(1)) / sharded_adam - 1) < 0.005, result.stdout
+    assert "memory: the step fits in a TPU v5p chip's 95.00 GiB of HBM" in result.stdout
+    assert re.search(r"FLOPs per step: compiled program [\d.e+]+ \(per device x 64\), lm's count", result.stdout)
 
 
 def run_launcher(*args: str) -> str:

@@ -35,23 +35,26 @@ def param_counts(params: Any) -> dict[str, int]:
     return {"total": total, "non_embedding": total - embedding}
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, causal_in_full: bool = False) -> float:
     """Forward + backward FLOPs per trained token: 6·(matmul params) + attention scores.
 
-    Causal self-attention counts half its score matmuls; an encoder's counts them all.
-    An encoder-decoder's figure is per pair of (input, target) tokens of equal lengths.
+    Causal self-attention counts half its score matmuls (the masked half is skipped by a
+    fused kernel), or all of them with `causal_in_full` (as XLA's cost analysis counts
+    them); an encoder's counts them all. An encoder-decoder's figure is per pair of
+    (input, target) tokens of equal lengths.
     """
     attention_proj = 2 * cfg.d_model * (cfg.num_heads + cfg.kv_heads) * cfg.head_dim  # q, out + k, v
     mlp = (3 if cfg.activation == "swiglu" else 2) * cfg.d_model * cfg.d_ff
     scores = 12 * seq_len * cfg.num_heads * cfg.head_dim  # two score matmuls, forward and backward
+    causal = scores if causal_in_full else scores / 2
     logits = cfg.d_model * cfg.vocab_size
     if cfg.family == "decoder":
-        return 6.0 * (cfg.num_layers * (attention_proj + mlp) + logits) + cfg.num_layers * scores / 2
+        return 6.0 * (cfg.num_layers * (attention_proj + mlp) + logits) + cfg.num_layers * causal
     if cfg.family == "encoder":
         return 6.0 * (cfg.num_layers * (attention_proj + mlp) + logits) + cfg.num_layers * scores
     decoder_layers = cfg.num_decoder_layers or cfg.num_layers
     matmuls = cfg.num_layers * (attention_proj + mlp) + decoder_layers * (2 * attention_proj + mlp) + logits
-    return 6.0 * matmuls + cfg.num_layers * scores + decoder_layers * (scores / 2 + scores)
+    return 6.0 * matmuls + cfg.num_layers * scores + decoder_layers * (causal + scores)
 
 
 # Dense bf16 peak FLOP/s per device (one chip, or one GPU), from the vendors' data sheets;

@@ -27,13 +27,14 @@ class Chip:
     hbm_bytes: int  # high-bandwidth memory per chip
     peak_flops: float  # bfloat16 matmul FLOP/s per chip
     cores_per_chip: int  # TensorCores the slice name counts per chip (2 on v4 and v5p, else 1)
+    torus_dims: int  # the chips' interconnect: a 3-D torus (v4, v5p) or a 2-D one (v5e, v6e)
 
 
 CHIPS = {
-    "v4": Chip("v4", 32 * GiB, 275e12, 2),
-    "v5p": Chip("v5p", 95 * GiB, 459e12, 2),
-    "v5e": Chip("v5e", 16 * GiB, 197e12, 1),
-    "v6e": Chip("v6e", 32 * GiB, 918e12, 1),
+    "v4": Chip("v4", 32 * GiB, 275e12, 2, 3),
+    "v5p": Chip("v5p", 95 * GiB, 459e12, 2, 3),
+    "v5e": Chip("v5e", 16 * GiB, 197e12, 1, 2),
+    "v6e": Chip("v6e", 32 * GiB, 918e12, 1, 2),
 }
 ALIASES = {"v5litepod": "v5e"}  # Cloud TPU's accelerator type for v5e
 
@@ -48,6 +49,11 @@ class Slices:
     @property
     def chips(self) -> int:
         return self.chips_per_slice * self.num_slices
+
+    @property
+    def topology_name(self) -> str:
+        """One slice's chip grid as libtpu names it, e.g. "v5p:4x4x4" for v5p-128."""
+        return f"{self.chip.generation}:{'x'.join(map(str, chip_grid(self.chips_per_slice, self.chip.torus_dims)))}"
 
     def describe(self) -> str:
         slices = f" x {self.num_slices} slices" if self.num_slices > 1 else ""
@@ -76,3 +82,48 @@ def parse(name: str, num_slices: int = 1) -> Slices:
     if num_slices < 1:
         raise TopologyError(f"--num_slices={num_slices} must be at least 1. Fix: give the number of slices.")
     return Slices(name, chip, size // chip.cores_per_chip, num_slices)
+
+
+def chip_grid(chips: int, dims: int) -> tuple[int, ...]:
+    """The most nearly cubic (square) grid of `chips`, sides ascending, as Cloud TPU lays
+    out its slices: 64 v5p chips are 4x4x4, 128 are 4x4x8, 32 v5e chips 4x8; a 3-D slice
+    of one host's 4 chips is 2x2x1."""
+    best = min((sides for sides in _factorizations(chips, dims)), key=lambda sides: sides[::-1])
+    if dims == 3 and best[0] == 1 and chips > 1:
+        return (*best[1:], 1)
+    return best
+
+
+def _factorizations(n: int, dims: int) -> list[tuple[int, ...]]:
+    """Every way to write n as `dims` ascending factors."""
+    if dims == 1:
+        return [(n,)]
+    return [(a, *rest) for a in range(1, n + 1) if n % a == 0
+            for rest in _factorizations(n // a, dims - 1) if rest[0] >= a]
+
+
+def compile_devices(slices: Slices) -> list:
+    """Compile-only TPU devices for `slices` (libtpu's compiler, no TPU needed): what a mesh
+    is built over to compile a step for the pod on any machine, as MaxText's
+    train_compile.py does through `jax.experimental.topologies`.
+
+    Raises TopologyError when libtpu (the `[tpu]` extra) is missing or rejects the slice.
+    """
+    try:
+        import libtpu  # noqa: F401  (the TPU compiler; only its presence is checked here)
+    except ImportError:
+        raise TopologyError(f"--topology={slices.name} compiles with the TPU compiler (libtpu), which is not "
+                            "installed. Fix: pip install -e '.[tpu]' (any machine; no TPU needed), or check the "
+                            f"mesh on fake CPU devices with --topology=cpu:{slices.chips}.") from None
+    from jax.experimental import topologies as jax_topologies
+
+    try:
+        description = jax_topologies.get_topology_desc(
+            platform="tpu", topology_name=slices.topology_name, num_slices=slices.num_slices)
+    except Exception as e:  # libtpu's own message says what it rejected
+        raise TopologyError(f"--topology={slices.name}: the TPU compiler rejects the slice "
+                            f"{slices.topology_name} ({str(e).splitlines()[0]}). Fix: use a slice size Cloud TPU "
+                            "offers (e.g. v5e-16, v5p-128).") from None
+    devices = list(description.devices)
+    assert len(devices) == slices.chips, (len(devices), slices.chips)
+    return devices

@@ -11,9 +11,12 @@ accelerator itself, `--compile_only` without `--topology` compiles for the real 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import re
 import tempfile
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -21,7 +24,7 @@ import ml_collections
 
 from lm.data import corpus
 from lm.model import ModelConfig, build
-from lm.model.counting import abstract_params, param_counts
+from lm.model.counting import abstract_params, param_counts, peak_flops, train_flops_per_token
 from lm.parallel import sharding, topologies
 from lm.runs import artifacts
 from lm.training import memory
@@ -29,24 +32,44 @@ from lm.training.setup import check_teacher
 from lm.training.trainer import make_trainer
 
 
-def topology_devices(topology: str | None, compile_only: bool) -> int:
-    """The fake CPU device count `--topology` asks for (0: the machine's own devices)."""
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What `--topology` asks to compile for: N fake CPU devices, TPU slices, or (neither)
+    this machine's own devices."""
+
+    cpu_devices: int = 0  # cpu:N
+    slices: topologies.Slices | None = None  # v5p-128 and --num_slices
+
+    @property
+    def host_cpu_devices(self) -> int:
+        """The CPU devices to start this process with (a TPU target compiles from one)."""
+        return 1 if self.slices else self.cpu_devices
+
+
+def target(topology: str | None, compile_only: bool, num_slices: int = 1) -> Target:
+    """The devices `--topology` (and `--num_slices`) name.
+
+    Raises ValueError (or TopologyError) for a topology without --compile_only, a name that
+    is neither cpu:N nor a Cloud TPU slice, or --num_slices without a TPU slice.
+    """
     if not topology:
-        return 0
+        if num_slices != 1:
+            raise ValueError(f"--num_slices={num_slices} needs a TPU slice to multiply. Fix: add e.g. "
+                             "--topology=v5p-128.")
+        return Target()
     if not compile_only:
         raise ValueError(f"--topology={topology} only applies to an ahead-of-time check. Fix: add --compile_only.")
     kind, _, count = topology.partition(":")
-    if kind != "cpu" and re.fullmatch(r"v\d+[a-z]*-\d+", topology):
-        slices = topologies.parse(topology)  # an unknown generation or size is its own message
-        raise topologies.TopologyError(
-            f"--topology={topology} ({slices.describe()}): compiling with the TPU compiler is not in lm yet. Fix: "
-            f"check the mesh on {slices.chips} fake CPU devices with --topology=cpu:{slices.chips} (XLA:CPU's "
-            "memory figures, not the chip's).")
+    if kind != "cpu" and re.fullmatch(r"v\d+[a-z]*-\d+", topology.strip()):
+        return Target(slices=topologies.parse(topology, num_slices))  # an unknown generation is its own message
     if kind != "cpu" or not count.isdigit() or int(count) < 1:
-        raise ValueError(f"--topology={topology!r} is not a topology this check can fake. Fix: use cpu:N for "
-                         "N fake CPU devices (e.g. cpu:64 for a 64-chip slice); on a TPU or GPU machine, "
-                         "drop --topology to compile for its real devices.")
-    return int(count)
+        raise ValueError(f"--topology={topology!r} is not a topology this check can compile for. Fix: give a "
+                         "Cloud TPU slice (e.g. v5p-128, v5e-16) or cpu:N for N fake CPU devices; on a TPU or "
+                         "GPU machine, drop --topology to compile for its real devices.")
+    if num_slices != 1:
+        raise ValueError(f"--num_slices={num_slices} multiplies TPU slices, not cpu:{count}. Fix: give the total "
+                         "as cpu:N with config.mesh.dcn_shape, or a TPU slice name.")
+    return Target(cpu_devices=int(count))
 
 
 def _tokenizer_vocab_size(config: ml_collections.ConfigDict) -> int:
@@ -71,9 +94,17 @@ def abstract_teacher(config: ml_collections.ConfigDict, tokenizer_vocab: int) ->
     return artifacts.Loaded(teacher_config, model_cfg, model, params, tokenizer=None, step=-1)
 
 
-def compile_and_report(config: ml_collections.ConfigDict) -> dict[str, int]:
-    """Compiles the train step for all devices and prints the memory each one needs."""
-    mesh = sharding.make_mesh(config)
+def compile_and_report(config: ml_collections.ConfigDict, slices: topologies.Slices | None = None) -> dict:
+    """Compiles the train step for all devices, or for TPU `slices` with the TPU compiler
+    (no TPU needed), and prints what one device needs: memory against its memory, FLOPs
+    per step beside lm's count, and the step time and MFU those FLOPs bound.
+
+    Returns XLA's per-device bytes (arguments, outputs, aliased, temporaries, total) and
+    the FLOP figures. Raises memory.DoesNotFitError when the step does not fit a device's
+    memory (a TPU chip's HBM, or a GPU's), after the report; MeshError or TopologyError
+    for a mesh or slice that cannot be built.
+    """
+    mesh = _mesh(config, slices)
     sharding.check_batch_sizes(config, mesh)
     tokenizer_vocab = _tokenizer_vocab_size(config)
     model_cfg = ModelConfig.for_run(config, tokenizer_vocab)
@@ -82,18 +113,106 @@ def compile_and_report(config: ml_collections.ConfigDict) -> dict[str, int]:
     abstract = trainer.abstract_state()
     counts = param_counts(abstract.params)
     layout = " x ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
-    print(f"compiling the train step: {counts['total']:,} parameters on {mesh.size} "
-          f"{jax.devices()[0].platform} devices, mesh {layout}", flush=True)
+    where = slices.describe() if slices else f"{mesh.size} {jax.devices()[0].platform} devices"
+    print(f"compiling the train step: {counts['total']:,} parameters for {where}, mesh {layout}", flush=True)
     estimate = memory.estimate(abstract, model_cfg, config, dict(mesh.shape))
-    compiled = trainer.compile_step(config.train.batch_size, config.data.seq_len)
+    limit = slices.chip.hbm_bytes if slices else memory.device_limit(jax.devices()[0])
+    try:
+        compiled = trainer.compile_step(config.train.batch_size, config.data.seq_len)
+    except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program its HBM cannot hold
+        if "RESOURCE_EXHAUSTED" not in str(e) or not limit:
+            raise
+        print(f"per device, estimated: {memory.describe(estimate)}")
+        said = str(e).splitlines()[0].removeprefix("RESOURCE_EXHAUSTED: ")
+        print(f"memory: the step does NOT fit: the compiler says: {said}", flush=True)
+        raise memory.DoesNotFitError(memory.does_not_fit(
+            _bytes_said(said) or estimate["total"], limit, f"the compiler: {said}", config, dict(mesh.shape),
+            model_cfg)) from None
     analysis = compiled.memory_analysis()
     xla = {"arguments": analysis.argument_size_in_bytes, "outputs": analysis.output_size_in_bytes,
            "aliased": analysis.alias_size_in_bytes, "temporaries": analysis.temp_size_in_bytes}
     xla["total"] = xla["arguments"] + xla["outputs"] - xla["aliased"] + xla["temporaries"]
     print(f"per device, estimated: {memory.describe(estimate)}")
-    print(f"per device, compiled (XLA): {memory.describe(xla)}")
-    limit = memory.device_limit(jax.devices()[0])
+    print(f"per device, compiled ({'TPU compiler' if slices else 'XLA'}): {memory.describe(xla)}")
+    flops = flop_counts(compiled, model_cfg, config, mesh.size)
+    peak = slices.chip.peak_flops if slices else peak_flops(mesh.devices.flat[0].device_kind,
+                                                           config.train.peak_flops_per_device)
+    for line in describe_flops(flops, model_cfg, config, mesh.size, peak):
+        print(line)
     if limit:
-        verdict = "fits" if xla["total"] <= limit else "does NOT fit"
-        print(f"device memory {memory.human(limit)}: the step {verdict}")
-    return xla
+        chip = f"a TPU {slices.chip.generation} chip's {memory.human(limit)} of HBM" if slices else \
+            f"the device's {memory.human(limit)}"
+        fits = xla["total"] <= limit
+        print(f"memory: the step {'fits' if fits else 'does NOT fit'} in {chip} "
+              f"({memory.human(xla['total'])} needed, {100 * xla['total'] / limit:.0f}%)", flush=True)
+        if not fits:
+            raise memory.DoesNotFitError(memory.does_not_fit(xla["total"], limit, memory.describe(xla), config,
+                                                             dict(mesh.shape), model_cfg))
+    return {**xla, **flops}
+
+
+def _bytes_said(message: str) -> int:
+    """The bytes in a compiler's out-of-memory message ("... required ... (32.34G) exceeds ..."), or 0."""
+    match = re.search(r"\((\d+(?:\.\d+)?)([KMGT])\)", message)
+    return int(float(match.group(1)) * 1024 ** "KMGT".index(match.group(2)) * 1024) if match else 0
+
+
+def _mesh(config: ml_collections.ConfigDict, slices: topologies.Slices | None) -> jax.sharding.Mesh:
+    """The run's mesh over this machine's devices, or over compile-only TPU devices."""
+    if slices is None:
+        return sharding.make_mesh(config)
+    granules = math.prod(dict(config.mesh.dcn_shape).values())
+    if granules != slices.num_slices:
+        raise topologies.TopologyError(
+            f"--num_slices={slices.num_slices} but config.mesh.dcn_shape ({dict(config.mesh.dcn_shape)}) spreads "
+            f"the mesh over {granules} slice(s). Fix: make the dcn_shape sizes multiply to the number of slices "
+            f"(e.g. --config.mesh.dcn_shape.data={slices.num_slices}: data parallel across slices over DCN).")
+    return sharding.make_mesh(config, topologies.compile_devices(slices))
+
+
+def flop_counts(compiled: Any, model_cfg: ModelConfig, config: ml_collections.ConfigDict,
+                devices: int) -> dict[str, float]:
+    """FLOPs of one train step: the compiled program's (XLA's cost analysis, per device
+    times devices) and lm's (`train_flops_per_token` times the step's tokens)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older JAX: one dict per program
+    tokens = config.train.batch_size * config.data.seq_len
+    return {"flops_per_step_compiled": float((cost or {}).get("flops", 0.0)) * devices,
+            "flops_per_step_lm": train_flops_per_token(model_cfg, config.data.seq_len) * tokens}
+
+
+def flop_differences(model_cfg: ModelConfig, config: ml_collections.ConfigDict) -> list[str]:
+    """Why the compiled program's FLOPs differ from lm's count, for this config."""
+    reasons = []
+    if model_cfg.remat != "none":
+        reasons.append(f"remat={model_cfg.remat!r} recomputes forward matmuls in the backward pass (XLA counts them)")
+    if model_cfg.family != "encoder":
+        reasons.append("XLA counts causal attention's score matmuls in full, lm at half")
+    if model_cfg.scan_layers:
+        reasons.append(f"XLA counts the scanned layers' loop body once, not {model_cfg.num_layers} times")
+    if config.train.microbatches > 1:
+        reasons.append(f"XLA counts the microbatch loop's body once, not {config.train.microbatches} times")
+    if model_cfg.attention in ("splash", "cudnn"):
+        reasons.append(f"XLA's cost analysis cannot see inside the {model_cfg.attention} attention kernel")
+    reasons.append("XLA also counts element-wise work (norms, softmax, the optimizer), lm only matmuls")
+    return reasons
+
+
+def describe_flops(flops: dict[str, float], model_cfg: ModelConfig, config: ml_collections.ConfigDict,
+                   devices: int, peak: float) -> list[str]:
+    """The FLOP lines of the report: both counts and why they differ, then (with a known
+    peak) the step time the larger count needs at the peak and the MFU that bounds."""
+    compiled, counted = flops["flops_per_step_compiled"], flops["flops_per_step_lm"]
+    lines = [f"FLOPs per step: compiled program {compiled:.4g} (per device x {devices}), lm's count {counted:.4g} "
+             f"(ratio {compiled / counted:.3f})" if counted else f"FLOPs per step: compiled {compiled:.4g}"]
+    lines += [f"  differs because: {reason}" for reason in flop_differences(model_cfg, config)]
+    if peak:
+        # Full remat runs each layer's forward twice: 8 of lm's 6 FLOPs a parameter and token.
+        executed = counted * (8 / 6 if model_cfg.remat == "full" else 1.0)
+        seconds = max(compiled, executed) / devices / peak
+        tokens = config.train.batch_size * config.data.seq_len
+        lines.append(f"step time at least {1e3 * seconds:.1f} ms at {peak / 1e12:.0f} TFLOP/s a device "
+                     f"(bf16 peak): at most {tokens / seconds:,.0f} tokens/s and "
+                     f"{100 * counted / (seconds * devices * peak):.0f}% MFU (memory traffic and "
+                     "communication only add to it)")
+    return lines

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from lm.errors import UsageError
 from lm.model import ModelConfig
 
 GiB = 1024**3
@@ -55,6 +56,31 @@ def estimate(abstract_state: Any, cfg: ModelConfig, config: ml_collections.Confi
     parts = {"parameters": params, "gradients": params, "optimizer_state": shard_bytes(abstract_state.opt_state),
              "activations": activation_bytes(cfg, config, mesh_shape)}
     return {**parts, "total": sum(parts.values())}
+
+
+class DoesNotFitError(UsageError):
+    """A train step that needs more memory than a device has; the message says what lowers it."""
+
+
+def does_not_fit(needed: int, limit: int, breakdown: str, config: ml_collections.ConfigDict,
+                 mesh_shape: dict[str, int], cfg: ModelConfig) -> str:
+    """The message for a step needing `needed` bytes a device against its `limit`: the
+    figures, then the settings that lower them, starting from this run's own values."""
+    devices = math.prod(mesh_shape.values())
+    fixes = []
+    if mesh_shape.get("fsdp", 1) < devices:
+        fixes.append(f"shard parameters, gradients and optimizer state over every device (FSDP: "
+                     f"config.mesh.shape.fsdp=-1 with data=1; now fsdp={mesh_shape.get('fsdp', 1)})")
+    if cfg.remat != "full":
+        fixes.append(f"rematerialise each layer (config.model.remat='full'; now {cfg.remat!r})")
+    fixes.append(f"hold fewer rows at once (config.train.microbatches={2 * config.train.microbatches}, or a smaller "
+                 f"config.train.batch_size; now {config.train.batch_size} rows in "
+                 f"{config.train.microbatches} microbatch(es))")
+    if cfg.attention == "xla":
+        fixes.append("a fused attention kernel that never holds the [B, H, L, L] scores (config.model.attention="
+                     "'auto' on a TPU or GPU)")
+    return (f"the train step needs {human(needed)} a device ({breakdown}) but a device has {human(limit)}. "
+            f"Fix: {'; or '.join(fixes)}.")
 
 
 def human(nbytes: float) -> str:

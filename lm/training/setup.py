@@ -220,11 +220,8 @@ def check_memory(trainer: Trainer, config: ml_collections.ConfigDict) -> dict[st
     estimate = memory.estimate(trainer.abstract_state(), trainer.model_cfg, config, dict(trainer.mesh.shape))
     limit = memory.device_limit(jax.local_devices()[0])
     if limit and estimate["total"] > limit:
-        raise UsageError(
-            f"the run needs about {memory.human(estimate['total'])} per device "
-            f"({memory.describe(estimate)}) but a device has {memory.human(limit)}. Fix: shard parameters "
-            "and optimizer state wider (config.mesh.shape.fsdp), rematerialise (config.model.remat='full'), "
-            "or hold fewer rows at once (config.train.microbatches).")
+        raise memory.DoesNotFitError(memory.does_not_fit(estimate["total"], limit, memory.describe(estimate), config,
+                                                         dict(trainer.mesh.shape), trainer.model_cfg))
     return estimate
 
 
