@@ -79,9 +79,13 @@ class Timeline:
             self.switch(previous)
 
     def seconds(self) -> dict[str, float]:
-        """Seconds per part of `PARTS` from the start to now; they add up to the wall time."""
+        """Seconds per part of `PARTS` from the start to now; they add up to `elapsed()`."""
         self.switch(self._current)
         return dict(self._seconds)
+
+    def elapsed(self) -> float:
+        """Wall seconds from the start to the last switch (`seconds()` ends there too)."""
+        return self._mark - self.start
 
     def total(self, *parts: str) -> float:
         """Seconds in `parts` together from the start to now: a clock that runs only in them."""
@@ -113,14 +117,17 @@ class Throughput:
 class Goodput:
     """A run's wall time by part, and what its training steps achieved."""
 
+    wall_seconds: float
     seconds: dict[str, float]  # per part of PARTS; they add up to wall_seconds
     steps: int  # training steps this process ran (a resumed run's earlier steps are not its)
     throughput: Throughput
     peak_source: str = ""  # where throughput's peak comes from (lm.training.peak), "" if unknown
 
-    @property
-    def wall_seconds(self) -> float:
-        return sum(self.seconds.values())
+    @classmethod
+    def of(cls, timeline: Timeline, steps: int, throughput: Throughput, peak_source: str = "") -> Goodput:
+        """The goodput of the run `timeline` has timed, from its start to now."""
+        seconds = timeline.seconds()
+        return cls(timeline.elapsed(), seconds, steps, throughput, peak_source)
 
     @property
     def goodput(self) -> float:

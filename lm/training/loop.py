@@ -71,7 +71,7 @@ def _train(run: Run, timeline: goodput.Timeline) -> dict[str, float]:
     progress.close()
     _finish(run, state, final, timeline)
     if run.is_main:
-        summary = goodput.Goodput(timeline.seconds(), int(state.step) - start, throughput, peak_source)
+        summary = goodput.Goodput.of(timeline, int(state.step) - start, throughput, peak_source)
         print(summary.table(), flush=True)
         _write_final_metrics(run, state, final, summary)
     run.writer.close()
