@@ -161,10 +161,10 @@ class Goodput:
         if rates:
             line = (f"  training steps: {self.steps:,} steps, {self.tokens:,} tokens, "
                     f"{rates['tokens_per_second']:,.0f} tokens/s ({rates['tokens_per_second_per_device']:,.0f}/device)")
-            if "mfu" in rates:
-                line += (f", MFU {rates['mfu']:.1%} of {_flops(self.throughput.peak_flops_per_device)}/device "
-                         f"({self.peak_source})")
             lines.append(line)
+            if "mfu" in rates:
+                lines.append(f"  MFU {rates['mfu']:.1%} of {_flops(self.throughput.peak_flops_per_device)} per "
+                             f"device ({self.peak_source})")
         return "\n".join(lines)
 
 
