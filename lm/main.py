@@ -27,7 +27,7 @@ from ml_collections import config_flags
 from lm import config as config_lib
 from lm.errors import UsageError, exit_with_error, quiet_logging, reject_positional
 from lm.parallel import distributed, runtime
-from lm.training import aot, loop
+from lm.training import aot, goodput, loop
 from lm.training.stopping import RunStopped
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -66,6 +66,8 @@ def load_config():
 
 
 def main(argv: list[str]) -> None:
+    # The run's goodput counts from the process's start (where /proc cannot say, from here).
+    started = goodput.process_start()
     reject_positional(argv)
     quiet_logging()
     config = load_config()
@@ -82,7 +84,7 @@ def main(argv: list[str]) -> None:
         if _COMPILE_ONLY.value:
             aot.compile_and_report(config, target.slices)
         else:
-            loop.train_and_evaluate(config, _WORKDIR.value)
+            loop.train_and_evaluate(config, _WORKDIR.value, started)
     except UsageError as e:
         exit_with_error(str(e))
     except RunStopped as e:

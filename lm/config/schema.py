@@ -254,8 +254,9 @@ def _train() -> ml_collections.ConfigDict:
     # Gradient accumulation: the step runs the batch in this many slices (a lax.scan),
     # holding one slice's activations at a time; the update equals the full batch's.
     t.microbatches = 1
-    # Peak FLOP/s of one device for the MFU in the training log; 0 looks the device up
-    # in lm.model.counting.PEAK_FLOPS (TPUs, recent NVIDIA GPUs) and omits MFU when it is unknown.
+    # Peak FLOP/s of one device for the MFU in the training log and the goodput; 0 looks the device
+    # up in lm.model.counting.PEAK_FLOPS (TPUs, recent NVIDIA GPUs), measures it on CPU
+    # (lm.training.peak) and omits MFU on an accelerator missing from the table.
     t.peak_flops_per_device = 0.0
     t.log_every = 10  # steps between metric records (JSONL, TensorBoard, progress bar)
     t.eval_every = 250  # steps between validation passes; 0: only at the end

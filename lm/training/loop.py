@@ -1,14 +1,14 @@
 """The training loop (the one place that knows every module): steps, metrics and
 throughput logs, evaluation and checkpoint cadence, early stops, and the end of a run
-(a sample, the final validation loss and the scaling summary in final_metrics.json)."""
+(a sample, the final validation loss, and the scaling summary and the run's goodput in
+final_metrics.json)."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
-import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -18,75 +18,119 @@ from lm.data import batches
 from lm.errors import PREEMPTED
 from lm.files import atomic
 from lm.inference import decode
-from lm.model.counting import param_counts, peak_flops, train_flops_per_token
+from lm.model.counting import param_counts, train_flops_per_token
 from lm.runs import version
-from lm.training import memory
+from lm.training import goodput, memory
 from lm.training.logs import Progress
+from lm.training.peak import peak_flops_per_device
 from lm.training.setup import Run, restore_or_init, setup_run
 from lm.training.step import Metrics, TrainState
 from lm.training.stopping import RunStopped, StopSignals, check_finite
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, started: float | None = None
+                       ) -> dict[str, float]:
     """Trains `config` in `workdir` (resuming from its latest checkpoint), evaluates,
     checkpoints and samples. Returns the final validation metrics. However it ends, the
-    checkpoint manager is closed (its saves finish, its threads stop) and the lock released."""
+    checkpoint manager is closed (its saves finish, its threads stop) and the lock released.
+
+    The run's goodput (lm.training.goodput), printed at the end and kept in
+    final_metrics.json, counts from `started` on `time.perf_counter`'s clock (lm.main
+    passes the process's start) or, by default, from this call."""
+    timeline = goodput.Timeline(started, part=goodput.STARTUP)
     run = setup_run(config, workdir)
     try:
-        return _train(run)
+        return _train(run, timeline)
     finally:
         run.close()
 
 
-def _train(run: Run) -> dict[str, float]:
-    config = run.config
-    t, c = run.trainer, config.train
-    train_data = batches.train_data(config, run.corpus)
-    data_iterator = batches.iterate(train_data, config.data.num_threads, config.data.prefetch)
-    state = restore_or_init(run, data_iterator)
+def _train(run: Run, timeline: goodput.Timeline) -> dict[str, float]:
+    """Start-up (until the eval step's compile), the steps, and the end of the run."""
+    config, c = run.config, run.config.train
+    data_iterator = batches.iterate(batches.train_data(config, run.corpus), config.data.num_threads,
+                                    config.data.prefetch)
+    state = jax.block_until_ready(restore_or_init(run, data_iterator))  # init's or restore's compute is start-up's
     start = int(state.step)
     progress = Progress(c.steps, start, enabled=run.is_main)
     _describe_run(run, progress, start)
-
-    tokens_per_step = c.batch_size * config.data.seq_len
-    flops_per_token = train_flops_per_token(t.model_cfg, config.data.seq_len)
-    throughput = Throughput(tokens_per_step, flops_per_token, jax.device_count(),
-                            peak_flops(jax.devices()[0].device_kind, c.peak_flops_per_device))
-    pending: tuple[int, Metrics] | None = None
-    last_log = (start, time.perf_counter())
+    peak, peak_source = peak_flops_per_device(c.peak_flops_per_device)
+    throughput = goodput.Throughput(c.batch_size * config.data.seq_len,
+                                    train_flops_per_token(run.trainer.model_cfg, config.data.seq_len),
+                                    jax.device_count(), peak)
+    timeline.switch(goodput.OTHER)
+    _compile_eval(run, state.params, timeline)
     with StopSignals() as signals, _finishing_saves(run):
-        for step in range(start, c.steps):
-            batch = batches.to_global(next(data_iterator), t.batch_sharding)
-            state, metrics = t.step(state, batch)
-            done = step + 1
-            if pending is not None:  # fetch the previous step's metrics: the host never waits on this one
-                last_log = _log_train(run, progress, *pending, last_log, throughput)
-                pending = None
-            if done % c.log_every == 0 or done == c.steps:
-                pending = (done, metrics)
-            if signals.stop_requested(done):
-                _stop_for_preemption(run, progress, state, data_iterator, signals.received)
-            evaluating = c.eval_every and done % c.eval_every == 0 and done != c.steps
-            saving = _checkpoint_due(c, done) and done != c.steps
-            if evaluating or saving:
-                # Steps are dispatched ahead; without this wait the queued steps' compute would
-                # land in the paused time, which tokens/s leaves out, and overstate it.
-                jax.block_until_ready(state)
-                paused = time.perf_counter()
-                if evaluating:
-                    _log_eval(run, progress, done, state.params)
-                if saving:
-                    _save(run, state, data_iterator)
-                last_log = (last_log[0], last_log[1] + time.perf_counter() - paused)  # tokens/s excludes these
-    if pending is not None:
-        _log_train(run, progress, *pending, last_log, throughput)
-    final = _log_eval(run, progress, c.steps, state.params)
-    if run.checkpointer.latest_step() != c.steps:
-        _save(run, state, data_iterator)
-    run.checkpointer.wait()
+        state = _steps(run, state, data_iterator, progress, throughput, timeline, signals)
+    with timeline.part(goodput.EVALUATION):
+        final = _log_eval(run, progress, c.steps, state.params)
+    with timeline.part(goodput.CHECKPOINTING):
+        if run.checkpointer.latest_step() != c.steps:
+            _save(run, state, data_iterator)
+        run.checkpointer.wait()
     progress.close()
-    _finish(run, state, final)
+    _finish(run, state, final, timeline)
+    if run.is_main:
+        summary = goodput.Goodput.of(timeline, int(state.step) - start, throughput, peak_source)
+        print(summary.table(), flush=True)
+        _write_final_metrics(run, state, final, summary)
+    run.writer.close()
     return final
+
+
+def _steps(run: Run, state: TrainState, data_iterator, progress: Progress, throughput: goodput.Throughput,
+           timeline: goodput.Timeline, signals: StopSignals) -> TrainState:
+    """The training steps from `state` to `train.steps`, with their logs, evaluations and
+    saves, each charged to its part of `timeline`."""
+    t, c = run.trainer, run.config.train
+    start = int(state.step)
+    # Logged tokens/s runs on a clock that stops while compiling, evaluating and saving.
+    clock = lambda: timeline.total(goodput.TRAINING, goodput.DATA_WAIT, goodput.OTHER)
+    pending: tuple[int, Metrics] | None = None
+    last_log = (start, clock())
+    for step in range(start, c.steps):
+        with timeline.part(goodput.DATA_WAIT):
+            batch = batches.to_global(next(data_iterator), t.batch_sharding)
+        with timeline.part(goodput.COMPILATION if step == start else goodput.TRAINING):
+            state, metrics = t.step(state, batch)  # the first call traces and compiles, then queues the step
+        done = step + 1
+        with timeline.part(goodput.TRAINING):
+            if step == start:
+                jax.block_until_ready(state)  # the first step's compute, apart from its compile
+            if pending is not None:  # fetch the previous step's metrics: the host never waits on this one
+                last_log = _log_train(run, progress, *pending, last_log, throughput, clock)
+                pending = None
+        if done % c.log_every == 0 or done == c.steps:
+            pending = (done, metrics)
+        if signals.stop_requested(done):
+            with timeline.part(goodput.CHECKPOINTING):
+                _stop_for_preemption(run, progress, state, data_iterator, signals.received)
+        evaluating = c.eval_every and done % c.eval_every == 0 and done != c.steps
+        saving = _checkpoint_due(c, done) and done != c.steps
+        if evaluating or saving:
+            with timeline.part(goodput.TRAINING):
+                # Steps are dispatched ahead; without this wait the queued steps' compute would
+                # land in evaluation's or checkpointing's time.
+                jax.block_until_ready(state)
+            if evaluating:
+                with timeline.part(goodput.EVALUATION):
+                    _log_eval(run, progress, done, state.params)
+            if saving:
+                with timeline.part(goodput.CHECKPOINTING):
+                    _save(run, state, data_iterator)
+    if pending is not None:
+        with timeline.part(goodput.TRAINING):
+            _log_train(run, progress, *pending, last_log, throughput, clock)
+    return state
+
+
+def _compile_eval(run: Run, params: Any, timeline: goodput.Timeline) -> None:
+    """Compiles the eval step before the first evaluation, so its compile is measured apart:
+    one call on the first validation batch (`Run.first_eval_step`), whose result is dropped."""
+    with timeline.part(goodput.COMPILATION):
+        totals = run.first_eval_step(params)
+    with timeline.part(goodput.EVALUATION):
+        jax.block_until_ready(totals)
 
 
 @contextlib.contextmanager
@@ -99,7 +143,6 @@ def _finishing_saves(run: Run):
         raise
 
 
-
 def _stop_for_preemption(run: Run, progress: Progress, state: TrainState, data_iterator, why: str) -> None:
     step = int(state.step)
     if run.checkpointer.latest_step() != step:
@@ -108,7 +151,6 @@ def _stop_for_preemption(run: Run, progress: Progress, state: TrainState, data_i
     progress.close()
     raise RunStopped(f"stopped by {why} at step {step}; the checkpoint of step {step} is saved. Rerun the same "
                      "command to resume from it.", PREEMPTED)
-
 
 
 def _describe_run(run: Run, progress: Progress, start: int) -> None:
@@ -127,30 +169,12 @@ def _describe_run(run: Run, progress: Progress, start: int) -> None:
         progress.message(f"resuming from the checkpoint at step {start} in {run.workdir}")
 
 
-@dataclasses.dataclass(frozen=True)
-class Throughput:
-    """What turns steps per second into tokens/s, per device, and model FLOPs utilisation."""
-
-    tokens_per_step: int
-    flops_per_token: float
-    devices: int
-    peak_flops_per_device: float  # 0: unknown, no MFU
-
-    def metrics(self, steps: int, seconds: float) -> dict[str, float]:
-        tokens_per_second = steps * self.tokens_per_step / seconds
-        out = {"tokens_per_second": tokens_per_second,
-               "tokens_per_second_per_device": tokens_per_second / self.devices,
-               "tflops_per_second": tokens_per_second * self.flops_per_token / 1e12}
-        if self.peak_flops_per_device:
-            out["mfu"] = tokens_per_second * self.flops_per_token / (self.peak_flops_per_device * self.devices)
-        return out
-
-
 def _log_train(run: Run, progress: Progress, step: int, metrics: Metrics, last_log: tuple[int, float],
-               throughput: Throughput) -> tuple[int, float]:
+               throughput: goodput.Throughput, clock: Callable[[], float]) -> tuple[int, float]:
+    """Writes step `step`'s metrics with the tokens/s since `last_log` = (step, `clock()`)."""
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     check_finite(run.config, step, int(values["nonfinite_steps"]))
-    now = time.perf_counter()
+    now = clock()
     last_step, last_time = last_log
     if step > last_step:
         values.update(throughput.metrics(step - last_step, now - last_time))
@@ -195,14 +219,15 @@ def _scale(run: Run, step: int) -> dict[str, float]:
             "train_flops": tokens * train_flops_per_token(run.trainer.model_cfg, run.config.data.seq_len)}
 
 
-def _finish(run: Run, state: TrainState, final: dict[str, float]) -> None:
-    """Prints a sample and the final validation loss, and stores the sample."""
+def _finish(run: Run, state: TrainState, final: dict[str, float], timeline: goodput.Timeline) -> None:
+    """Prints a sample (an evaluation, in the goodput) and the final validation loss, and stores the sample."""
     s = run.config.sample
     samples = run.trainer.model_cfg.family == "decoder"  # encoders and T5 models do not continue text
     if samples:
-        text = decode.sample_text(run.trainer.model, state.params, run.corpus.tokenizer, s.prompt,
-                                  max_new_tokens=s.max_new_tokens, max_len=run.config.data.seq_len,
-                                  temperature=s.temperature, top_k=s.top_k, seed=run.config.seed)
+        with timeline.part(goodput.EVALUATION):
+            text = decode.sample_text(run.trainer.model, state.params, run.corpus.tokenizer, s.prompt,
+                                      max_new_tokens=s.max_new_tokens, max_len=run.config.data.seq_len,
+                                      temperature=s.temperature, top_k=s.top_k, seed=run.config.seed)
     if run.is_main and samples:
         with open(os.path.join(run.workdir, "samples.txt"), "a", encoding="utf-8") as f:
             f.write(f"--- step {int(state.step)}, prompt {s.prompt!r}\n{s.prompt}{text}\n")
@@ -210,7 +235,9 @@ def _finish(run: Run, state: TrainState, final: dict[str, float]) -> None:
     if run.is_main:
         print(f"final validation loss {final['loss']:.4f} "
               f"(perplexity {final['perplexity']:.2f}, {final['bits_per_byte']:.4f} bits/byte)", flush=True)
-        atomic.write_json(os.path.join(run.workdir, "final_metrics.json"),
-                          {**_scale(run, int(state.step)), **{f"validation/{k}": v for k, v in final.items()}},
-                          indent=2)
-    run.writer.close()
+
+
+def _write_final_metrics(run: Run, state: TrainState, final: dict[str, float], summary: goodput.Goodput) -> None:
+    atomic.write_json(os.path.join(run.workdir, "final_metrics.json"),
+                      {**_scale(run, int(state.step)), **{f"validation/{k}": v for k, v in final.items()},
+                       "goodput": summary.to_json()}, indent=2)

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
 from lm import config as config_lib
@@ -27,7 +28,7 @@ from lm.runs import artifacts, checkpoint
 from lm.runs.workdir import LOCK_NAME, WorkdirLock, check_for_training
 from lm.training import memory
 from lm.training.logs import MetricWriter
-from lm.training.step import TrainState
+from lm.training.step import EvalTotals, TrainState
 from lm.training.trainer import Trainer, evaluate, make_trainer
 
 
@@ -55,6 +56,17 @@ class Run:
     def eval_metrics(self, params: Any) -> dict[str, float]:
         loss = evaluate(self.trainer, params, batches.validation_data(self.config, self.corpus))
         return objectives.loss_metrics(loss, self.corpus.bytes_per_token["validation"])
+
+    def first_eval_step(self, params: Any) -> EvalTotals:
+        """One eval step on the first validation batch, with arguments of the types
+        `trainer.evaluate` passes (so its calls reuse this compile); the totals, unawaited.
+        What the first call costs the host is the eval step's compile."""
+        validation = batches.validation_data(self.config, self.corpus)
+        totals = tuple(jax.device_put(np.zeros((), np.float32), sharding.replicated(self.trainer.mesh))
+                       for _ in range(2))
+        if not len(validation):
+            return totals
+        return self.trainer.eval_step(params, batches.to_global(validation[0], self.trainer.batch_sharding), totals)
 
 
 def setup_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Run:
