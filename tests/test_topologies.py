@@ -1,6 +1,7 @@
 """Cloud TPU slice names read as chips: the number counts TensorCores on v4 and v5p (two a
 chip) and chips on v5e and v6e."""
 
+import importlib.util
 import sys
 
 import pytest
@@ -136,3 +137,15 @@ def test_slices_over_dcn_need_a_dcn_shape_that_spans_them():
     with pytest.raises(TopologyError, match=r"--num_slices=2 but config.mesh.dcn_shape .* over 1 slice\(s\)\. "
                                             r"Fix: .*--config.mesh.dcn_shape.data=2"):
         aot.compile_and_report(_tpu_config(), topologies.parse("v5e-4", num_slices=2))
+
+
+def test_with_the_tpu_compiler_installed_a_cpu_process_starts_jax_without_a_word():
+    import subprocess
+
+    from helpers import REPO, cli_env
+
+    assert importlib.util.find_spec("libtpu"), "the test extra installs libtpu"
+    env = {k: v for k, v in cli_env().items() if not k.startswith("TPU_")}
+    result = subprocess.run([sys.executable, "-c", "import lm, jax; print(jax.devices()[0].platform)"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "cpu" and result.stderr == "", result.stderr
