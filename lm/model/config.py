@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
 from lm import objectives
 from lm.config import d_ff as resolve_d_ff
 from lm.config import head_dim as resolve_head_dim
+from lm.model import attention as attention_kernels
 from lm.model.layers import LoRA
 
 
@@ -40,6 +42,12 @@ class ModelConfig:
     num_decoder_layers: int = 0  # encoder-decoder: decoder depth; 0 = num_layers
     lora: LoRA | None = None  # fine-tuning: low-rank adapters on the matching dense layers
 
+    def __post_init__(self):
+        if self.attention not in attention_kernels.KERNELS:
+            raise attention_kernels.AttentionError(
+                f"ModelConfig.attention={self.attention!r} is not a resolved kernel. Fix: build it with "
+                "ModelConfig.for_run or from_config, or pass lm.model.attention.resolve(choice, platform).")
+
     @property
     def kv_heads(self) -> int:
         return self.num_kv_heads or self.num_heads
@@ -54,16 +62,24 @@ class ModelConfig:
         return self.init_std / (2 * self.num_layers) ** 0.5
 
     @classmethod
-    def from_config(cls, model: ml_collections.ConfigDict, vocab_size: int, max_len: int) -> ModelConfig:
+    def from_config(cls, model: ml_collections.ConfigDict, vocab_size: int, max_len: int,
+                    platform: str | None = None, strict: bool = True) -> ModelConfig:
         """The fields of `model` (a config's `model` block) that `ModelConfig` has, by name, with
-        its zero defaults resolved: `head_dim`, `d_ff` and `vocab_size` (0: the given one)."""
+        its zero defaults resolved: `head_dim`, `d_ff` and `vocab_size` (0: the given one), and
+        `attention` resolved to a kernel for `platform` (default: jax's default backend) by
+        lm.model.attention.resolve: AttentionError for a fused kernel the platform lacks, or
+        with `strict=False` (a saved run loaded elsewhere) that platform's "auto" kernel."""
         named = {f.name: model[f.name] for f in dataclasses.fields(cls) if f.name in model}
+        kernel = attention_kernels.resolve(model.get("attention", "auto"), platform or jax.default_backend(), strict)
         return cls(**{**named, "vocab_size": model.vocab_size or vocab_size, "max_len": max_len,
-                      "head_dim": resolve_head_dim(model), "d_ff": resolve_d_ff(model)})
+                      "head_dim": resolve_head_dim(model), "d_ff": resolve_d_ff(model), "attention": kernel})
 
     @classmethod
-    def for_run(cls, config: ml_collections.ConfigDict, tokenizer_vocab_size: int) -> ModelConfig:
-        """The model a run's config trains: the tokenizer's ids plus the objective's extra ids
-        (`objectives.model_vocab_size`), over rows of `config.data.seq_len` tokens."""
+    def for_run(cls, config: ml_collections.ConfigDict, tokenizer_vocab_size: int, platform: str | None = None,
+                strict: bool = True) -> ModelConfig:
+        """The model a run's config trains on `platform` (default: jax's default backend; an
+        ahead-of-time compile for a TPU passes "tpu"): the tokenizer's ids plus the objective's
+        extra ids (`objectives.model_vocab_size`), over rows of `config.data.seq_len` tokens,
+        with `model.attention` resolved as in `from_config`."""
         vocab_size = objectives.model_vocab_size(config.objective, tokenizer_vocab_size)
-        return cls.from_config(config.model, vocab_size, config.data.seq_len)
+        return cls.from_config(config.model, vocab_size, config.data.seq_len, platform, strict)

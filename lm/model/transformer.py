@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm.model import attention
 from lm.model.config import ModelConfig
 from lm.model.layers import ACTIVATIONS, REMAT_POLICIES, Dense, Embed, norm
 
@@ -65,24 +66,12 @@ def rotary(x_BLHK: Array, sin_BLK2: Array, cos_BLK2: Array) -> Array:
     return rotated.astype(x_BLHK.dtype)
 
 
-def attention_mask(segment_ids_BL: Array | None, prefix_BL: Array | None, length: int) -> Array | None:
-    """bool[B, 1, L, L] of allowed (query, key) pairs beyond causality, or None.
-
-    Packed rows: a token sees only its own document. Prefix LM: the causal mask is
-    opened between prefix tokens, so the prefix attends in both directions.
-    """
-    mask_B1LL = None
-    if segment_ids_BL is not None:
-        mask_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
-    if prefix_BL is not None:
-        causal_LL = jnp.tril(jnp.ones((length, length), bool))
-        open_B1LL = causal_LL | (prefix_BL[:, None, :, None] & prefix_BL[:, None, None, :])
-        mask_B1LL = open_B1LL if mask_B1LL is None else mask_B1LL & open_B1LL
-    return mask_B1LL
-
-
 class Attention(nn.Module):
-    """Multi-head (or grouped-query) attention; `cross=True` reads keys and values from `memory`."""
+    """Multi-head (or grouped-query) attention; `cross=True` reads keys and values from `memory`.
+
+    Self-attention over whole rows runs on `cfg.attention`'s kernel (lm.model.attention)
+    with the row's `segment_ids` and `prefix`; cross-attention takes the dense
+    `mask_B1LS` on XLA; decoding reads the KV cache (`attend_cache`) on every kernel."""
 
     cfg: ModelConfig
     cross: bool = False
@@ -90,7 +79,8 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x_BLD: Array, memory_BSD: Array | None, positions_BL: Array | None,
                  mask_B1LS: Array | None, causal: bool, deterministic: bool, decode: bool = False,
-                 valid_BL: Array | None = None) -> Array:
+                 valid_BL: Array | None = None, segment_ids_BL: Array | None = None,
+                 prefix_BL: Array | None = None) -> Array:
         """With `decode`, keys and values are appended to a KV cache (the "cache"
         collection) and the queries attend to every valid cache position up to their own."""
         c = self.cfg
@@ -115,8 +105,11 @@ class Attention(nn.Module):
         q_BLHK = nn.with_logical_constraint(q_BLHK, ("batch", "length", "act_heads", "head_dim"))
         if decode and not self.cross:
             out_BLHK = attend_cache(q_BLHK, *self._extend_cache(k_BSGK, v_BSGK, valid_BL))
-        else:
+        elif self.cross:
             out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, mask=mask_B1LS, is_causal=causal)
+        else:
+            out_BLHK = attention.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, kernel=c.attention, causal=causal,
+                                                       segment_ids_BL=segment_ids_BL, prefix_BL=prefix_BL)
         out_BLD = Dense((c.d_model,), ("heads", "head_dim", "embed"), in_dims=2,
                         init_std=c.residual_init_std, use_bias=c.use_bias, dtype=c.compute_dtype,
                         lora=c.lora, name="out")(out_BLHK)
@@ -229,16 +222,12 @@ class Block(nn.Module):
                  prefix_BL: Array | None, memory_BSD: Array | None = None,
                  memory_mask_B1LS: Array | None = None) -> tuple[Array, None]:
         c = self.cfg
-        causal = self.causal and prefix_BL is None  # a prefix mask carries its own causality
         valid_BL = None
         if self.decode:
-            mask_B1LL = None
             valid_BL = jnp.ones(x_BLD.shape[:2], bool) if segment_ids_BL is None else segment_ids_BL > 0
-        else:
-            mask_B1LL = attention_mask(segment_ids_BL, prefix_BL if self.causal else None, x_BLD.shape[1])
         h_BLD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "attn_norm")(x_BLD)
-        x_BLD = x_BLD + Attention(c, name="attn")(h_BLD, None, positions_BL, mask_B1LL, causal, self.deterministic,
-                                                  self.decode, valid_BL)
+        x_BLD = x_BLD + Attention(c, name="attn")(h_BLD, None, positions_BL, None, self.causal, self.deterministic,
+                                                  self.decode, valid_BL, segment_ids_BL, prefix_BL)
         if self.cross:
             h_BLD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "cross_norm")(x_BLD)
             x_BLD = x_BLD + Attention(c, cross=True, name="cross_attn")(

@@ -106,7 +106,9 @@ def load(path: str, step: int | None = None) -> Loaded:
     _check_not_finetuning(path)
     config = load_config(path)
     tokenizer = load_tokenizer(path)
-    model_cfg = ModelConfig.for_run(config, tokenizer.vocab_size)
+    # strict=False: a run trained with a fused kernel (splash on a TPU) loads on any platform,
+    # on that platform's own kernel (the kernels compute the same attention of the same parameters).
+    model_cfg = ModelConfig.for_run(config, tokenizer.vocab_size, strict=False)
     device = jax.local_devices()[0]
     if is_export(path):
         params, step = _load_export_params(path, model_cfg, config.data.seq_len, device)

@@ -47,7 +47,7 @@ def flops_per_token(config: ml_collections.ConfigDict, shape: dict[str, int], vo
     """Training FLOPs per token of `config` with the model fields of `shape`."""
     model = ml_collections.ConfigDict(config.model.to_dict())
     model.update(shape)
-    return train_flops_per_token(ModelConfig.from_config(model, vocab_size, config.data.seq_len),
+    return train_flops_per_token(ModelConfig.from_config(model, vocab_size, config.data.seq_len, strict=False),
                                  config.data.seq_len)
 
 
