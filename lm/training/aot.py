@@ -81,13 +81,14 @@ def _tokenizer_vocab_size(config: ml_collections.ConfigDict) -> int:
         return corpus.prepare(config, os.path.join(tmp, "tokenizer.json")).tokenizer.vocab_size
 
 
-def abstract_teacher(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> artifacts.Loaded | None:
+def abstract_teacher(config: ml_collections.ConfigDict, tokenizer_vocab: int,
+                     platform: str | None = None) -> artifacts.Loaded | None:
     """Distillation's teacher as the step needs it, from its config.json alone: its model
     and parameter shapes (the check reads no weights, which may live only on the pod)."""
     if not config.distill.teacher:
         return None
     teacher_config = artifacts.load_config(config.distill.teacher)
-    model_cfg = ModelConfig.for_run(teacher_config, tokenizer_vocab)
+    model_cfg = ModelConfig.for_run(teacher_config, tokenizer_vocab, platform, strict=False)  # its kernel here
     check_teacher(config, model_cfg)
     model = build(model_cfg)
     params = nn.meta.unbox(abstract_params(model, config.data.seq_len))
@@ -107,14 +108,16 @@ def compile_and_report(config: ml_collections.ConfigDict, slices: topologies.Sli
     mesh = _mesh(config, slices)
     sharding.check_batch_sizes(config, mesh)
     tokenizer_vocab = _tokenizer_vocab_size(config)
-    model_cfg = ModelConfig.for_run(config, tokenizer_vocab)
+    platform = "tpu" if slices else None  # the attention kernel is the target's, not this machine's
+    model_cfg = ModelConfig.for_run(config, tokenizer_vocab, platform)
     trainer = make_trainer(config, model_cfg, mesh, pad_id=0, tokenizer_vocab_size=tokenizer_vocab,
-                           teacher=abstract_teacher(config, tokenizer_vocab))
+                           teacher=abstract_teacher(config, tokenizer_vocab, platform))
     abstract = trainer.abstract_state()
     counts = param_counts(abstract.params)
     layout = " x ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
     where = slices.describe() if slices else f"{mesh.size} {jax.devices()[0].platform} devices"
-    print(f"compiling the train step: {counts['total']:,} parameters for {where}, mesh {layout}", flush=True)
+    print(f"compiling the train step: {counts['total']:,} parameters for {where}, mesh {layout}, "
+          f"{model_cfg.attention} attention", flush=True)
     estimate = memory.estimate(abstract, model_cfg, config, dict(mesh.shape))
     limit = slices.chip.hbm_bytes if slices else memory.device_limit(jax.devices()[0])
     try:
