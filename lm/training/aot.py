@@ -189,14 +189,15 @@ def flop_differences(model_cfg: ModelConfig, config: ml_collections.ConfigDict) 
     reasons = []
     if model_cfg.remat != "none":
         reasons.append(f"remat={model_cfg.remat!r} recomputes forward matmuls in the backward pass (XLA counts them)")
-    if model_cfg.family != "encoder":
+    kernel = memory.attention_kernel(model_cfg, config)
+    if model_cfg.family != "encoder" and kernel == "xla":
         reasons.append("XLA counts causal attention's score matmuls in full, lm at half")
     if model_cfg.scan_layers:
         reasons.append(f"XLA counts the scanned layers' loop body once, not {model_cfg.num_layers} times")
     if config.train.microbatches > 1:
         reasons.append(f"XLA counts the microbatch loop's body once, not {config.train.microbatches} times")
-    if model_cfg.attention in ("splash", "cudnn"):
-        reasons.append(f"XLA's cost analysis cannot see inside the {model_cfg.attention} attention kernel")
+    if kernel != "xla":
+        reasons.append(f"XLA's cost analysis cannot see inside the {kernel} attention kernel")
     reasons.append("XLA also counts element-wise work (norms, softmax, the optimizer), lm only matmuls")
     return reasons
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from lm.errors import UsageError
-from lm.model import ModelConfig
+from lm.model import ModelConfig, attention
 
 GiB = 1024**3
 
@@ -30,6 +30,14 @@ def shard_bytes(tree: Any) -> int:
     return total
 
 
+def attention_kernel(cfg: ModelConfig, config: ml_collections.ConfigDict) -> str:
+    """The kernel that serves the run's self-attention: `cfg.attention`, or XLA where that
+    kernel falls back (packed rows on cuDNN, prefix-LM rows, lengths its blocks do not divide)."""
+    return attention.plan(cfg.attention, causal=cfg.family != "encoder", has_segments=config.data.packing == "pack",
+                          has_prefix=config.objective.name == "prefix_lm", length=config.data.seq_len,
+                          dtype=cfg.dtype, head_dim=cfg.head_dim)[0]
+
+
 def activation_bytes(cfg: ModelConfig, config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> int:
     """Estimated activations one device keeps for the backward pass of one microbatch."""
     batch_shards = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
@@ -39,6 +47,8 @@ def activation_bytes(cfg: ModelConfig, config: ml_collections.ConfigDict, mesh_s
     heads_dims = cfg.num_heads * cfg.head_dim / tensor
     mlp = cfg.d_ff * (3 if cfg.activation == "swiglu" else 2) / tensor
     scores = 2 * cfg.num_heads / tensor * config.data.seq_len  # scores and probabilities, per query
+    if attention_kernel(cfg, config) != "xla":
+        scores = 0  # a fused kernel keeps only each row's softmax statistics
     whole_layer = 4 * cfg.d_model + 4 * heads_dims + scores + mlp
     kept = {"none": whole_layer, "full": cfg.d_model,
             "dots_saveable": cfg.d_model + 4 * heads_dims + scores / 2 + mlp / 2,
