@@ -8,9 +8,10 @@ nothing is allocated):
 prints the per-chip memory of the compiled train step (seen: 124,475,904 parameters;
 parameters, gradients and Adam state sharded 16 ways: 30.0, 30.0 and 60.1 MiB a chip;
 temporaries 9.96 GiB, nearly all activations and logits of 16 rows of 1,024 tokens, so
-the step fits a v5e chip's 16 GiB at 63%; splash attention, the TPU's "auto"). The batch of 512 rows runs as 2 microbatches:
-32 rows a chip at once need 19.80 GiB. `--topology=cpu:64` checks the mesh on 64 fake
-CPU devices instead (XLA:CPU's figures: 3.21 GiB a device).
+the step fits a v5e chip's 16 GiB at 63%; splash attention, the TPU's "auto"). The batch
+of 512 rows runs as 2 microbatches: 32 rows a chip at once need 19.80 GiB.
+`--topology=cpu:64` checks the mesh on 64 fake CPU devices instead (XLA:CPU's figures:
+3.21 GiB a device).
 Train it on a TPU slice with launch/tpu_pod.sh and your own corpus
 (`--config.data.files=...`): the embedded Shakespeare is far too small for GPT-2's
 50,257-token SentencePiece vocabulary (the model pads it to 50,304, a multiple of 64).

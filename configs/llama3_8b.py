@@ -12,8 +12,8 @@ chips (a v5p-128 slice). The global batch is 64 rows of 8,192 tokens (524,288 to
 step), one row a chip on 64 chips. One row, because attention here is XLA's, which
 holds each layer's [B, H, L, L] scores: on 64 fake CPU devices (--topology=cpu:64), 4
 rows a chip needed 287.0 GiB of XLA:CPU temporaries per device, one row 73.9 GiB. A fused
-attention kernel (splash, below), which never writes the scores, is what lets the batch grow. On a
-larger slice keep fsdp=-1 and raise the batch with the chips.
+attention kernel (splash, below), which never writes the scores, is what lets the batch
+grow. On a larger slice keep fsdp=-1 and raise the batch with the chips.
 
     python -m lm.main --config=configs/llama3_8b.py --compile_only --topology=v5p-128
 
