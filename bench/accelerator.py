@@ -86,13 +86,17 @@ def bench_config(config):
     return validated_config(config, "configs/gpt2_small.py")
 
 
-def attention_kernel(choice: str, platform: str) -> str:
-    """The kernel `choice` runs on `platform` (lm.model.attention's resolution)."""
+def attention_kernel(choice: str, model_cfg: ModelConfig, platform: str) -> str:
+    """The kernel that serves `choice` on `platform` for this model's synthetic rows (causal,
+    unpacked): lm.model.attention's resolution, and its fallback to XLA where it takes one."""
     try:
         from lm.model import attention
     except ImportError:  # before lm.model.attention: every choice runs jax.nn.dot_product_attention's XLA path
         return "xla" if choice in ("auto", "xla") else f"xla ({choice}: no kernel in lm yet)"
-    return attention.resolve(choice, platform)
+    kernel = attention.resolve(choice, platform)
+    used, _ = attention.plan(kernel, model_cfg.family != "encoder", False, False, model_cfg.max_len, model_cfg.dtype,
+                             model_cfg.head_dim)
+    return kernel if used == kernel else f"{used} ({kernel} falls back)"
 
 
 def matmul_peak(mesh, dtype: jnp.dtype, repeats: int = 10) -> float:
@@ -168,8 +172,8 @@ def measure(config) -> dict:
     return dict(device=f"{device.device_kind} x {mesh.size}", jax=jax.__version__,
                 model=f"{_PRESET.value or 'config'}: {model_cfg.num_layers} layers, d_model {model_cfg.d_model}",
                 params=param_counts(trainer.abstract_state().params)["total"], context=seq_len, batch=batch_size,
-                attention=attention_kernel(config.model.attention, device.platform), tokens_per_s=tokens_per_s,
-                step_ms=1e3 * step_s, mfu=mfu, against=against, memory=peak_memory(compiled),
+                attention=attention_kernel(config.model.attention, model_cfg, device.platform),
+                tokens_per_s=tokens_per_s, step_ms=1e3 * step_s, mfu=mfu, against=against, memory=peak_memory(compiled),
                 compile_s=compile_s, loss=loss, timed=len(per_step), dtype=model_cfg.dtype)
 
 

@@ -52,3 +52,13 @@ def test_accelerator_bench_rejects_an_unknown_preset_in_one_line():
     assert result.returncode != 0
     assert "--preset=gpt5 is not a preset. Fix: use one of tiny, gpt2-small" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_device_check_rejects_an_unknown_argument_and_a_missing_wheels_folder(tmp_path):
+    script = os.path.join(REPO, "bench", "device_check.sh")
+    run = lambda *args: subprocess.run(["bash", script, *args, f"--out={tmp_path}"], cwd=REPO, capture_output=True,
+                                       text=True, timeout=60)
+    unknown = run("--gpu")
+    assert unknown.returncode == 2 and "unknown argument --gpu. Fix: use --wheels=DIR" in unknown.stderr
+    missing = run(f"--wheels={tmp_path}/nowhere")
+    assert missing.returncode == 2 and "is not a folder. Fix: pass the folder pip download wrote" in missing.stderr
