@@ -145,3 +145,9 @@ def tree_shardings(mesh: Mesh, rules: Rules, boxed_tree: Any) -> Any:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `tree` (arrays or abstract values) carrying `shardings`: the
+    target a checkpoint restores onto, or an ahead-of-time compile's inputs."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

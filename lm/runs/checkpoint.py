@@ -179,8 +179,3 @@ def tree_mismatches(stored: dict[str, tuple], wanted: dict[str, tuple], limit: i
     out += [f"{p} is stored as {stored[p][0]} {stored[p][1]}, {wanter} needs {wanted[p][0]} {wanted[p][1]}"
             for p in order(set(stored) & set(wanted)) if stored[p] != wanted[p]]
     return out[:limit] + ([f"and {len(out) - limit} more"] if len(out) > limit else [])
-
-
-def abstract_like(tree: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs of `tree` (arrays or abstract values) carrying `shardings`."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

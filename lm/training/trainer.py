@@ -17,11 +17,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from lm import objectives
-from lm.data import batches
 from lm.model import ModelConfig, build
 from lm.model.counting import abstract_params
 from lm.parallel import sharding
-from lm.runs import checkpoint
 from lm.training import optim
 from lm.training.step import Batch, EvalTotals, Metrics, TrainState, eval_step, train_step
 
@@ -64,7 +62,7 @@ class Trainer:
 
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs with shardings: the target a checkpoint restores onto."""
-        return checkpoint.abstract_like(jax.eval_shape(self._init), self.state_shardings)
+        return sharding.abstract_like(jax.eval_shape(self._init), self.state_shardings)
 
 
 def make_trainer(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: Mesh, pad_id: int,
@@ -124,6 +122,8 @@ def _place(tree: Any, target: jax.sharding.Sharding) -> Any:
 
 def evaluate(trainer: Trainer, params: Any, dataset) -> float:
     """Mean token loss over every batch of `dataset` (summed on device, fetched once)."""
+    from lm.data import batches  # late: lm.data brings Grain and TFDS, which the step itself never needs
+
     totals = tuple(jax.device_put(np.zeros((), np.float32), sharding.replicated(trainer.mesh)) for _ in range(2))
     for local_batch in dataset:
         totals = trainer.eval_step(params, batches.to_global(local_batch, trainer.batch_sharding), totals)
