@@ -67,7 +67,7 @@ if [ -n "$WHEELS" ]; then
       echo "wheels: $dist $found is installed already; $(basename "$wheel") is not used"
       continue
     fi
-    mkdir -p "$SITE"
+    rm -rf "$SITE"/"$dist"* && mkdir -p "$SITE"
     if "$PY" -m pip --version >/dev/null 2>&1; then
       "$PY" -m pip install --quiet --no-index --no-deps --disable-pip-version-check --target "$SITE" "$wheel" || exit 1
     else
@@ -76,15 +76,24 @@ if [ -n "$WHEELS" ]; then
     echo "wheels: installed $(basename "$wheel") into $SITE"
   done
 fi
-export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# lm is not installed, so the package_dir mapping of setup.cfg (configs/ as lm.configs, which
+# the recipes import) is rebuilt as a folder of links: lm's own files, plus configs.
+# Commands run from that folder (it links bench/ and configs/ too), so the checkout's own
+# lm/, which Python would find first in the working directory, stays out of the way.
+SRC="$OUT/src"
+rm -rf "$SRC" && mkdir -p "$SRC/lm" || exit 2
+for entry in "$REPO"/lm/*; do ln -s "$entry" "$SRC/lm/"; done
+ln -s "$REPO/configs" "$SRC/lm/configs"
+ln -s "$REPO/configs" "$REPO/bench" "$SRC/"
+export PYTHONPATH="$SITE:$SRC${PYTHONPATH:+:$PYTHONPATH}"
 # A GPU's runtime takes 75% of its memory by default; the benches size batches for ~90%.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}
-cd "$REPO" || exit 2
+cd "$SRC" || exit 2
 
 # 2. The versions that run, and the platform.
 "$PY" - <<'EOF' || { echo "device_check.sh: the model's imports fail (above). Fix: add the missing package's wheel to --wheels." >&2; exit 1; }
 import importlib.metadata as m, platform
-import jax, flax, optax, ml_collections, lm.training.trainer  # the bench's imports, checked before any run
+import jax, flax, optax, ml_collections, lm.training.trainer, lm.configs.base  # the bench's imports, checked first
 def version(dist):
     try:
         return m.version(dist)
