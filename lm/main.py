@@ -77,8 +77,7 @@ def main(argv: list[str]) -> None:
         target = aot.target(_TOPOLOGY.value, _COMPILE_ONLY.value, _NUM_SLICES.value)
     except ValueError as e:
         exit_with_error(str(e))
-    # Compile-only TPU programs cannot be read back from the persistent cache (no TPU client).
-    runtime.setup(config, compilation_cache=target.slices is None, cpu_devices=target.host_cpu_devices)
+    runtime.setup(config, cpu_devices=target.host_cpu_devices)
     distributed.initialize(cluster)
     try:
         if _COMPILE_ONLY.value:

@@ -134,3 +134,14 @@ def test_lm_main_reports_its_goodput_and_a_resumed_run_counts_only_its_own(tmp_p
     resumed = json.loads((tmp_path / "final_metrics.json").read_text())
     _check(resumed["goodput"], steps=2, tokens_per_step=tokens_per_step)
     assert resumed["train_tokens"] == 6 * tokens_per_step  # the run's, where goodput counts this process's
+
+
+def test_over_attempts_the_time_between_a_stopped_attempt_and_its_resumption_counts_against_the_run():
+    seconds = lambda training: {goodput.TRAINING: training}
+    stopped = {"started_at": 100.0, "ended_at": 130.0, "wall_seconds": 30.0, "seconds": seconds(24.0)}
+    resumed = {"started_at": 170.0, "ended_at": 200.0, "wall_seconds": 30.0, "seconds": seconds(24.0)}
+    over = goodput.over_attempts([stopped, resumed])
+    assert over == {"attempts": 2, "span_seconds": 100.0, "training_seconds": 48.0, "down_seconds": 40.0,
+                    "goodput": 0.48}
+    with pytest.raises(ValueError):
+        goodput.over_attempts([])

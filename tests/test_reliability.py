@@ -1,6 +1,7 @@
 """Reliability: preemption, divergence, damaged checkpoints, one run per workdir, and
 restoring onto a different mesh."""
 
+import json
 import os
 import random
 import signal
@@ -132,6 +133,14 @@ def test_sigterm_checkpoints_at_the_next_step_and_exits_75_and_the_rerun_resumes
     resumed = run_cli("lm.main", CONFIG, f"--workdir={tmp_path}",
                       *cli_flags(train__steps=stopped_at + 2, train__log_every=1, optim__warmup_steps=2))
     assert f"resuming from the checkpoint at step {stopped_at}" in resumed.stdout
+    # Each attempt's goodput is kept; the run's counts the stopped one and the time between.
+    attempts = [json.loads(line) for line in (tmp_path / "goodput.jsonl").read_text().splitlines()]
+    assert [a["ended"] for a in attempts] == ["stopped", "finished"]
+    assert attempts[0]["steps"] == stopped_at and attempts[1]["steps"] == 2
+    over = json.loads((tmp_path / "final_metrics.json").read_text())["goodput_over_attempts"]
+    assert over["attempts"] == 2
+    assert over["training_seconds"] == pytest.approx(sum(a["seconds"]["training_steps"] for a in attempts))
+    assert over["span_seconds"] >= sum(a["wall_seconds"] for a in attempts) - 1e-6
 
 
 def finite_params(step_dir) -> bool:

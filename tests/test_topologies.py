@@ -2,6 +2,7 @@
 chip) and chips on v5e and v6e."""
 
 import importlib.util
+import re
 import sys
 
 import pytest
@@ -43,8 +44,8 @@ def test_a_name_that_is_not_a_slice_is_one_usage_error_with_the_fix(name, num_sl
 
 @pytest.mark.parametrize("name, grid", [
     ("v5p-8", "v5p:2x2x1"), ("v5p-16", "v5p:2x2x2"), ("v5p-128", "v5p:4x4x4"), ("v5p-256", "v5p:4x4x8"),
-    ("v4-32", "v4:2x2x4"), ("v5e-8", "v5e:2x4"), ("v5e-16", "v5e:4x4"), ("v5litepod-256", "v5e:16x16"),
-    ("v6e-64", "v6e:8x8"),
+    ("v4-32", "v4:2x2x4"), ("v5e-1", "v5e:1x1"), ("v5e-8", "v5e:2x4"), ("v5e-16", "v5e:4x4"),
+    ("v5litepod-256", "v5e:16x16"), ("v6e-64", "v6e:8x8"),
 ])
 def test_a_slice_is_laid_out_as_cloud_tpu_lays_out_its_chips(name, grid):
     assert topologies.parse(name).topology_name == grid
@@ -56,9 +57,22 @@ def test_the_tpu_compiler_gives_one_compile_only_device_per_chip_and_slice():
     assert sorted({d.slice_index for d in devices}) == [0, 1]
 
 
-def test_a_slice_the_tpu_compiler_rejects_is_one_usage_error():
-    with pytest.raises(TopologyError, match=r"v5e-12: the TPU compiler rejects the slice v5e:3x4 .*Fix: use a slice "):
+@pytest.mark.parametrize("name", ["v4-8", "v5p-8", "v5e-1", "v6e-1", "v5e-8"])
+def test_every_generation_compiles_for_one_device_a_chip(name):
+    slices = topologies.parse(name)
+    assert len(topologies.compile_devices(slices)) == slices.chips
+
+
+def test_a_slice_the_tpu_compiler_rejects_is_one_usage_error_listing_the_sizes_cloud_tpu_offers():
+    with pytest.raises(TopologyError, match=r"v5e-12: 12 v5e chips do not make a slice .*Fix: use a slice size Cloud "
+                                            r"TPU offers: v5e-1, v5e-4, v5e-8, v5e-16"):
         topologies.compile_devices(topologies.parse("v5e-12"))
+
+
+def test_a_slice_name_is_read_trimmed_and_in_its_canonical_spelling():
+    assert topologies.parse(" v5e-016 ").name == "v5e-16"
+    with pytest.raises(TopologyError, match=r"slice names are lower case\. Fix: --topology=v5p-128"):
+        aot.target("V5P-128", compile_only=True)
 
 
 def test_without_libtpu_the_check_says_which_extra_installs_it(monkeypatch):
@@ -123,14 +137,40 @@ def test_a_step_that_does_not_fit_the_chip_names_the_bytes_the_hbm_and_the_setti
         aot.compile_and_report(config, topologies.parse("v5e-4"))
     message = str(error.value)
     assert "a device has 16.00 GiB" in message and "GiB a device (the compiler: Ran out of memory on HBM" in message
-    for fix in ("config.mesh.shape.fsdp=-1", "config.model.remat='full'", "config.train.microbatches=2"):
-        assert fix in message
+    assert "config.model.remat='full'" in message
+    microbatches = int(re.search(r"config\.train\.microbatches=(\d+): (\d+) of the 128 rows", message).group(1))
+    assert microbatches >= 2 and 128 % microbatches == 0  # enough for the excess, and dividing the rows
+    assert "fsdp" not in message  # 1 MiB of parameters: sharding them is no fix
     assert "does NOT fit" in capsys.readouterr().out  # the report comes first
+
+
+def test_the_fixes_offered_follow_what_takes_the_memory():
+    config = _tpu_config(train__batch_size=64, mesh__shape={"data": 8, "fsdp": 1, "tensor": 1})
+    cfg = ModelConfig.for_run(config, 1024)
+    big_state = memory.does_not_fit(40 * GiB, 16 * GiB, "...", config, {"data": 8, "fsdp": 1, "tensor": 1}, cfg,
+                                    state_bytes=20 * GiB)
+    assert "config.mesh.shape.fsdp=-1" in big_state and "20.00 GiB of train state a device" in big_state
+    one_row_config = _tpu_config(train__batch_size=8, mesh__shape={"data": 8, "fsdp": 1, "tensor": 1})
+    one_row = memory.does_not_fit(40 * GiB, 16 * GiB, "...", one_row_config, {"data": 8, "fsdp": 1, "tensor": 1}, cfg,
+                                  state_bytes=GiB)
+    assert "even one of the 1 rows a device at once is too many: a smaller data.seq_len" in one_row
 
 
 def test_a_mesh_that_does_not_divide_the_slices_chips_is_one_error():
     with pytest.raises(sharding.MeshError, match=r"needs 3 devices, but 4 are available"):
         aot.compile_and_report(_tpu_config(mesh__shape={"data": 3, "fsdp": 1, "tensor": 1}), topologies.parse("v5e-4"))
+
+
+def test_a_dcn_shape_over_more_slices_than_the_devices_form_is_one_error():
+    config = _tpu_config(mesh__dcn_shape={"data": 2, "fsdp": 1, "tensor": 1})
+    with pytest.raises(sharding.MeshError, match=r"spreads the mesh over 2 slices or nodes, but these 8 devices form "
+                                                 r"1 slice\(s\) in 1 process\(es\)\. Fix: .*--num_slices=2"):
+        sharding.make_mesh(config)
+
+
+def test_when_the_kernel_falls_back_the_report_names_the_one_that_serves(capsys):
+    aot.compile_and_report(_tpu_config(), topologies.parse("v5e-4"))  # rows of 64 tokens: splash needs 128s
+    assert "xla attention (splash falls back to it here)" in capsys.readouterr().out
 
 
 def test_slices_over_dcn_need_a_dcn_shape_that_spans_them():

@@ -70,7 +70,15 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] |
             "slices (TPU multislice) or nodes.")
     ici = mesh_shape(dict(config.mesh.shape), len(devices) // granules)
     # TPU multislice: slices are the granules. GPUs and CPUs report one slice: nodes (processes) are.
-    by_process = len({getattr(d, "slice_index", 0) for d in devices}) < granules
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    by_process = slices < granules
+    processes = len({d.process_index for d in devices})
+    if by_process and processes != granules:
+        raise MeshError(
+            f"config.mesh.dcn_shape ({_describe(dict(zip(MESH_AXES, dcn)))}) spreads the mesh over {granules} "
+            f"slices or nodes, but these {len(devices)} devices form {slices} slice(s) in {processes} process(es). "
+            "Fix: keep dcn_shape at 1 on one slice or node, or run one process a node on that many nodes (for "
+            f"an ahead-of-time check: --topology=<TPU slice> --num_slices={granules}).")
     array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process)
     return Mesh(array, MESH_AXES, axis_types=axis_types)
 

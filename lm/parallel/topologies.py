@@ -68,7 +68,12 @@ def parse(name: str, num_slices: int = 1) -> Slices:
     number of chips, or a slice count below 1.
     """
     known = ", ".join([*CHIPS, *ALIASES])
-    match = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", name.strip())
+    if num_slices < 1:
+        raise TopologyError(f"--num_slices={num_slices} must be at least 1. Fix: give the number of slices.")
+    name = name.strip()
+    if name != name.lower() and re.fullmatch(r"v\d+[a-z]*-\d+", name.lower()):
+        raise TopologyError(f"--topology={name!r}: slice names are lower case. Fix: --topology={name.lower()}.")
+    match = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", name)
     generation = ALIASES.get(match.group(1), match.group(1)) if match else None
     if generation not in CHIPS:
         raise TopologyError(f"--topology={name!r} is not a TPU slice name lm knows. Fix: give a Cloud TPU "
@@ -79,9 +84,7 @@ def parse(name: str, num_slices: int = 1) -> Slices:
         unit = "TensorCores, two per chip" if chip.cores_per_chip == 2 else "chips"
         raise TopologyError(f"--topology={name}: a {generation} slice's size counts {unit}, so {size} is not a "
                             f"slice. Fix: use a size such as {generation}-{8 * chip.cores_per_chip}.")
-    if num_slices < 1:
-        raise TopologyError(f"--num_slices={num_slices} must be at least 1. Fix: give the number of slices.")
-    return Slices(name, chip, size // chip.cores_per_chip, num_slices)
+    return Slices(f"{match.group(1)}-{size}", chip, size // chip.cores_per_chip, num_slices)
 
 
 def chip_grid(chips: int, dims: int) -> tuple[int, ...]:
@@ -117,13 +120,24 @@ def compile_devices(slices: Slices) -> list:
                             f"mesh on fake CPU devices with --topology=cpu:{slices.chips}.") from None
     from jax.experimental import topologies as jax_topologies
 
+    # One device per chip: v4 and v5p chips join their two TensorCores ("megacore", as
+    # MaxText compiles them); a one-chip slice is one host's only chip.
+    options = {"chip_config_name": "megacore"} if slices.chip.cores_per_chip == 2 else {}
+    if slices.chips_per_slice == 1:
+        options["chips_per_host_bounds"] = (1, 1, 1)
     try:
         description = jax_topologies.get_topology_desc(
-            platform="tpu", topology_name=slices.topology_name, num_slices=slices.num_slices)
+            platform="tpu", topology_name=slices.topology_name, num_slices=slices.num_slices, **options)
     except Exception as e:  # libtpu's own message says what it rejected
-        raise TopologyError(f"--topology={slices.name}: the TPU compiler rejects the slice "
-                            f"{slices.topology_name} ({str(e).splitlines()[0]}). Fix: use a slice size Cloud TPU "
-                            "offers (e.g. v5e-16, v5p-128).") from None
+        generation, unit = slices.chip.generation, slices.chip.cores_per_chip
+        sizes = ", ".join(f"{generation}-{n * unit}" for n in (1, 4, 8, 16, 32, 64, 128, 256)[unit - 1:])
+        raise TopologyError(f"--topology={slices.name}: {slices.chips_per_slice} {generation} chips do not make a "
+                            f"slice the TPU compiler can lay out as {slices.topology_name} "
+                            f"({str(e).splitlines()[0]}). Fix: use a slice size Cloud TPU offers: {sizes}, ...") \
+            from None
     devices = list(description.devices)
-    assert len(devices) == slices.chips, (len(devices), slices.chips)
+    if len(devices) != slices.chips:
+        raise TopologyError(f"--topology={slices.name}: the TPU compiler gave {len(devices)} devices for "
+                            f"{slices.chips} chips. Fix: report this with the libtpu version; meanwhile check the "
+                            f"mesh with --topology=cpu:{slices.chips}.")
     return devices

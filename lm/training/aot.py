@@ -11,6 +11,7 @@ accelerator itself, `--compile_only` without `--topology` compiles for the real 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -52,23 +53,28 @@ def target(topology: str | None, compile_only: bool, num_slices: int = 1) -> Tar
     Raises ValueError (or TopologyError) for a topology without --compile_only, a name that
     is neither cpu:N nor a Cloud TPU slice, or --num_slices without a TPU slice.
     """
+    if num_slices < 1:
+        raise ValueError(f"--num_slices={num_slices} must be at least 1. Fix: give the number of TPU slices.")
     if not topology:
         if num_slices != 1:
-            raise ValueError(f"--num_slices={num_slices} needs a TPU slice to multiply. Fix: add e.g. "
-                             "--topology=v5p-128.")
+            raise ValueError(f"--num_slices={num_slices} needs a TPU slice to multiply. Fix: add --compile_only "
+                             "and a slice, e.g. --topology=v5p-128.")
         return Target()
     if not compile_only:
         raise ValueError(f"--topology={topology} only applies to an ahead-of-time check. Fix: add --compile_only.")
-    kind, _, count = topology.partition(":")
-    if kind != "cpu" and re.fullmatch(r"v\d+[a-z]*-\d+", topology.strip()):
+    kind, _, count = topology.strip().partition(":")
+    if kind != "cpu" and re.fullmatch(r"v\d+[a-z]*-\d+", topology.strip(), re.IGNORECASE):
         return Target(slices=topologies.parse(topology, num_slices))  # an unknown generation is its own message
-    if kind != "cpu" or not count.isdigit() or int(count) < 1:
+    if kind == "cpu" and count.isdigit() and int(count) < 1:
+        raise ValueError(f"--topology={topology}: N must be at least 1. Fix: e.g. --topology=cpu:8.")
+    if kind != "cpu" or not count.isdigit():
         raise ValueError(f"--topology={topology!r} is not a topology this check can compile for. Fix: give a "
                          "Cloud TPU slice (e.g. v5p-128, v5e-16) or cpu:N for N fake CPU devices; on a TPU or "
                          "GPU machine, drop --topology to compile for its real devices.")
     if num_slices != 1:
-        raise ValueError(f"--num_slices={num_slices} multiplies TPU slices, not cpu:{count}. Fix: give the total "
-                         "as cpu:N with config.mesh.dcn_shape, or a TPU slice name.")
+        raise ValueError(f"--num_slices={num_slices} multiplies TPU slices, not cpu:{count}. Fix: check a "
+                         f"multi-slice layout with a TPU slice name (e.g. --topology=v5e-16 "
+                         f"--num_slices={num_slices} --config.mesh.dcn_shape.data={num_slices}).")
     return Target(cpu_devices=int(count))
 
 
@@ -116,12 +122,16 @@ def compile_and_report(config: ml_collections.ConfigDict, slices: topologies.Sli
     counts = param_counts(abstract.params)
     layout = " x ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
     where = slices.describe() if slices else f"{mesh.size} {jax.devices()[0].platform} devices"
-    print(f"compiling the train step: {counts['total']:,} parameters for {where}, mesh {layout}, "
-          f"{model_cfg.attention} attention", flush=True)
+    served = memory.attention_kernel(model_cfg, config)
+    kernel = f"{served} attention" + (f" ({model_cfg.attention} falls back to it here)" if served !=
+                                      model_cfg.attention else "")
+    print(f"compiling the train step: {counts['total']:,} parameters for {where}, mesh {layout}, {kernel}",
+          flush=True)
     estimate = memory.estimate(abstract, model_cfg, config, dict(mesh.shape))
     limit = slices.chip.hbm_bytes if slices else memory.device_limit(jax.devices()[0])
     try:
-        compiled = trainer.compile_step(config.train.batch_size, config.data.seq_len)
+        with _no_cache_writes() if slices else contextlib.nullcontext():
+            compiled = trainer.compile_step(config.train.batch_size, config.data.seq_len)
     except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program its HBM cannot hold
         if "RESOURCE_EXHAUSTED" not in str(e) or not limit:
             raise
@@ -130,7 +140,7 @@ def compile_and_report(config: ml_collections.ConfigDict, slices: topologies.Sli
         print(f"memory: the step does NOT fit: the compiler says: {said}", flush=True)
         raise memory.DoesNotFitError(memory.does_not_fit(
             _bytes_said(said) or estimate["total"], limit, f"the compiler: {said}", config, dict(mesh.shape),
-            model_cfg)) from None
+            model_cfg, estimate["total"] - estimate["activations"])) from None
     analysis = compiled.memory_analysis()
     xla = {"arguments": analysis.argument_size_in_bytes, "outputs": analysis.output_size_in_bytes,
            "aliased": analysis.alias_size_in_bytes, "temporaries": analysis.temp_size_in_bytes}
@@ -150,8 +160,23 @@ def compile_and_report(config: ml_collections.ConfigDict, slices: topologies.Sli
               f"({memory.human(xla['total'])} needed, {100 * xla['total'] / limit:.0f}%)", flush=True)
         if not fits:
             raise memory.DoesNotFitError(memory.does_not_fit(xla["total"], limit, memory.describe(xla), config,
-                                                             dict(mesh.shape), model_cfg))
+                                                             dict(mesh.shape), model_cfg,
+                                                             estimate["total"] - estimate["activations"]))
     return {**xla, **flops}
+
+
+@contextlib.contextmanager
+def _no_cache_writes():
+    """Keeps compiled programs out of the persistent compilation cache: a compile-only TPU
+    program cannot be read back (there is no TPU client to load it), so every later read
+    would warn and recompile."""
+    name = "jax_persistent_cache_min_compile_time_secs"
+    before = getattr(jax.config, name)
+    jax.config.update(name, float("inf"))
+    try:
+        yield
+    finally:
+        jax.config.update(name, before)
 
 
 def _bytes_said(message: str) -> int:
@@ -166,10 +191,12 @@ def _mesh(config: ml_collections.ConfigDict, slices: topologies.Slices | None) -
         return sharding.make_mesh(config)
     granules = math.prod(dict(config.mesh.dcn_shape).values())
     if granules != slices.num_slices:
+        fix = (f"--config.mesh.dcn_shape.data={slices.num_slices} (data parallel across the slices over DCN)"
+               if slices.num_slices > 1 else
+               f"--num_slices={granules} to compile for {granules} slices, or dcn_shape sizes of 1 for one")
         raise topologies.TopologyError(
             f"--num_slices={slices.num_slices} but config.mesh.dcn_shape ({dict(config.mesh.dcn_shape)}) spreads "
-            f"the mesh over {granules} slice(s). Fix: make the dcn_shape sizes multiply to the number of slices "
-            f"(e.g. --config.mesh.dcn_shape.data={slices.num_slices}: data parallel across slices over DCN).")
+            f"the mesh over {granules} slice(s). Fix: {fix}.")
     return sharding.make_mesh(config, topologies.compile_devices(slices))
 
 

@@ -168,6 +168,24 @@ class Goodput:
         return "\n".join(lines)
 
 
+def over_attempts(records: list[dict]) -> dict:
+    """The goodput of a run made of several processes (attempts: one stopped by a
+    preemption, the one that resumed it, ...), from each one's record in goodput.jsonl:
+    their training-step seconds over the span from the first's start to the last's end,
+    so the time between attempts (down time, a restart) counts against it.
+
+    Each record has "started_at" and "ended_at" (Unix seconds), "wall_seconds" and
+    "seconds" (by part). Raises ValueError for no records.
+    """
+    if not records:
+        raise ValueError("no attempts recorded")
+    span = max(r["ended_at"] for r in records) - min(r["started_at"] for r in records)
+    training = sum(r["seconds"][TRAINING] for r in records)
+    running = sum(r["wall_seconds"] for r in records)
+    return {"attempts": len(records), "span_seconds": span, "training_seconds": training,
+            "down_seconds": max(span - running, 0.0), "goodput": training / span if span > 0 else 0.0}
+
+
 def _flops(per_second: float) -> str:
     for scale, unit in ((1e12, "TFLOP/s"), (1e9, "GFLOP/s")):
         if per_second >= scale:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -60,8 +61,14 @@ def _train(run: Run, timeline: goodput.Timeline) -> dict[str, float]:
                                     jax.device_count(), peak)
     timeline.switch(goodput.OTHER)
     _compile_eval(run, state.params, timeline)
-    with StopSignals() as signals, _finishing_saves(run):
-        state = _steps(run, state, data_iterator, progress, throughput, timeline, signals)
+    try:
+        with StopSignals() as signals, _finishing_saves(run):
+            state = _steps(run, state, data_iterator, progress, throughput, timeline, signals)
+    except RunStopped:  # a preempted attempt's goodput still counts toward the run's
+        stopped_at = run.checkpointer.latest_step() or start
+        _record_goodput(run, goodput.Goodput.of(timeline, max(stopped_at - start, 0), throughput, peak_source),
+                        "stopped", start)
+        raise
     with timeline.part(goodput.EVALUATION):
         final = _log_eval(run, progress, c.steps, state.params)
     with timeline.part(goodput.CHECKPOINTING):
@@ -70,10 +77,10 @@ def _train(run: Run, timeline: goodput.Timeline) -> dict[str, float]:
         run.checkpointer.wait()
     progress.close()
     _finish(run, state, final, timeline)
+    summary = goodput.Goodput.of(timeline, int(state.step) - start, throughput, peak_source)
+    attempts = _record_goodput(run, summary, "finished", start)
     if run.is_main:
-        summary = goodput.Goodput.of(timeline, int(state.step) - start, throughput, peak_source)
-        print(summary.table(), flush=True)
-        _write_final_metrics(run, state, final, summary)
+        _write_final_metrics(run, state, final, summary, attempts)
     run.writer.close()
     return final
 
@@ -131,6 +138,24 @@ def _compile_eval(run: Run, params: Any, timeline: goodput.Timeline) -> None:
         totals = run.first_eval_step(params)
     with timeline.part(goodput.EVALUATION):
         jax.block_until_ready(totals)
+
+
+def _record_goodput(run: Run, summary: goodput.Goodput, ended: str, first_step: int) -> dict:
+    """Prints this attempt's goodput and appends it to the workdir's goodput.jsonl (one
+    line an attempt: finished, or stopped by a preemption); returns the goodput over all
+    the run's attempts so far (goodput.over_attempts)."""
+    if not run.is_main:
+        return {}
+    print(summary.table(), flush=True)
+    path = os.path.join(run.workdir, "goodput.jsonl")
+    now = time.time()
+    record = {"ended": ended, "first_step": first_step, "started_at": now - summary.wall_seconds, "ended_at": now,
+              **summary.to_json()}
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return goodput.over_attempts(records)
 
 
 @contextlib.contextmanager
@@ -237,7 +262,8 @@ def _finish(run: Run, state: TrainState, final: dict[str, float], timeline: good
               f"(perplexity {final['perplexity']:.2f}, {final['bits_per_byte']:.4f} bits/byte)", flush=True)
 
 
-def _write_final_metrics(run: Run, state: TrainState, final: dict[str, float], summary: goodput.Goodput) -> None:
+def _write_final_metrics(run: Run, state: TrainState, final: dict[str, float], summary: goodput.Goodput,
+                        attempts: dict) -> None:
     atomic.write_json(os.path.join(run.workdir, "final_metrics.json"),
                       {**_scale(run, int(state.step)), **{f"validation/{k}": v for k, v in final.items()},
-                       "goodput": summary.to_json()}, indent=2)
+                       "goodput": summary.to_json(), "goodput_over_attempts": attempts}, indent=2)

@@ -73,20 +73,33 @@ class DoesNotFitError(UsageError):
 
 
 def does_not_fit(needed: int, limit: int, breakdown: str, config: ml_collections.ConfigDict,
-                 mesh_shape: dict[str, int], cfg: ModelConfig) -> str:
+                 mesh_shape: dict[str, int], cfg: ModelConfig, state_bytes: int) -> str:
     """The message for a step needing `needed` bytes a device against its `limit`: the
-    figures, then the settings that lower them, starting from this run's own values."""
+    figures, then the settings that lower them, from this run's own values: FSDP where
+    the train state (`state_bytes` a device: parameters, gradients, optimizer state) is a
+    real share, remat, enough microbatches for the excess, and a fused attention kernel."""
     devices = math.prod(mesh_shape.values())
     fixes = []
-    if mesh_shape.get("fsdp", 1) < devices:
+    if mesh_shape.get("fsdp", 1) < devices and state_bytes > needed / 10:
         fixes.append(f"shard parameters, gradients and optimizer state over every device (FSDP: "
-                     f"config.mesh.shape.fsdp=-1 with data=1; now fsdp={mesh_shape.get('fsdp', 1)})")
+                     f"config.mesh.shape.fsdp=-1 with data=1; now fsdp={mesh_shape.get('fsdp', 1)}, "
+                     f"{human(state_bytes)} of train state a device)")
     if cfg.remat != "full":
         fixes.append(f"rematerialise each layer (config.model.remat='full'; now {cfg.remat!r})")
-    fixes.append(f"hold fewer rows at once (config.train.microbatches={2 * config.train.microbatches}, or a smaller "
-                 f"config.train.batch_size; now {config.train.batch_size} rows in "
-                 f"{config.train.microbatches} microbatch(es))")
-    if cfg.attention == "xla":
+    rows = config.train.batch_size // (mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1))
+    ratio = (needed - state_bytes) / max(limit - state_bytes, 1) * config.train.microbatches
+    wanted = next((m for m in range(1, rows + 1) if rows % m == 0 and m >= ratio), 0)
+    if wanted > config.train.microbatches:
+        fixes.append(f"hold fewer rows at once (config.train.microbatches={wanted}: {rows // wanted} of the "
+                     f"{rows} rows a device at once; now {config.train.microbatches} microbatch(es))")
+    elif limit > state_bytes:
+        fixes.append(f"even one of the {rows} rows a device at once is too many: a smaller data.seq_len "
+                     f"(now {config.data.seq_len}) or model")
+    kernel = attention_kernel(cfg, config)
+    if kernel == "xla" and cfg.attention != "xla":
+        fixes.append(f"a data.seq_len that {cfg.attention} attention serves (a multiple of 128, not "
+                     f"{config.data.seq_len}; it falls back to XLA's [B, H, L, L] scores)")
+    elif kernel == "xla":
         fixes.append("a fused attention kernel that never holds the [B, H, L, L] scores (config.model.attention="
                      "'auto' on a TPU or GPU)")
     return (f"the train step needs {human(needed)} a device ({breakdown}) but a device has {human(limit)}. "

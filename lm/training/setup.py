@@ -232,8 +232,9 @@ def check_memory(trainer: Trainer, config: ml_collections.ConfigDict) -> dict[st
     estimate = memory.estimate(trainer.abstract_state(), trainer.model_cfg, config, dict(trainer.mesh.shape))
     limit = memory.device_limit(jax.local_devices()[0])
     if limit and estimate["total"] > limit:
-        raise memory.DoesNotFitError(memory.does_not_fit(estimate["total"], limit, memory.describe(estimate), config,
-                                                         dict(trainer.mesh.shape), trainer.model_cfg))
+        raise memory.DoesNotFitError(memory.does_not_fit(
+            estimate["total"], limit, memory.describe(estimate), config, dict(trainer.mesh.shape), trainer.model_cfg,
+            estimate["total"] - estimate["activations"]))
     return estimate
 
 
