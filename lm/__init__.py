@@ -6,6 +6,22 @@ import os
 __version__ = "0.1.0"
 
 
+def tpu_chip_present() -> bool:
+    """Whether this machine has a TPU chip: /dev/accel*, or a Google PCI device (vendor
+    0x1ae0, JAX's own check) other than the gVNIC network card (0x0042) every Compute
+    Engine VM has."""
+    if glob.glob("/dev/accel*"):
+        return True
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(vendor) as f, open(os.path.join(os.path.dirname(vendor), "device")) as g:
+                if f.read().strip() == "0x1ae0" and g.read().strip() != "0x0042":
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def _quiet_tpu_runtime_off_tpu() -> None:
     """On a machine with no TPU chip, give libtpu (the `[tpu]` extra: the TPU compiler that
     `--compile_only --topology=v5p-128` uses) the worker name and accelerator type it would
@@ -13,18 +29,10 @@ def _quiet_tpu_runtime_off_tpu() -> None:
     more than one process load it (it otherwise locks /tmp/libtpu_lockfile).
 
     Runs at import, before any backend starts. A TPU VM and anything the user set are left
-    alone: a TPU shows as /dev/accel* or as a Google PCI device (vendor 0x1ae0, JAX's own
-    check) other than the gVNIC network card (0x0042) every Compute Engine VM has.
+    alone.
     """
-    if glob.glob("/dev/accel*"):
+    if tpu_chip_present():
         return
-    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
-        try:
-            with open(vendor) as f, open(os.path.join(os.path.dirname(vendor), "device")) as g:
-                if f.read().strip() == "0x1ae0" and g.read().strip() != "0x0042":
-                    return
-        except OSError:
-            continue
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")  # any known type; the compiler takes its own
     # No chip to guard: two compile-only processes (two checks, a test beside a run) may both load libtpu.

@@ -12,6 +12,8 @@ import jax
 import ml_collections
 from absl import logging
 
+import lm
+
 FORCED_DEVICES_FLAG = "xla_force_host_platform_device_count"
 
 
@@ -46,6 +48,7 @@ def cpu_device_count(config: ml_collections.ConfigDict, cores: int | None = None
 def setup(config: ml_collections.ConfigDict, compilation_cache: bool = True, cpu_devices: int = 0) -> None:
     """Sets the CPU device count (`cpu_devices`, else from the config) and the persistent
     compilation cache."""
+    skip_absent_tpu_backend()
     if compilation_cache:
         enable_compilation_cache()
     if cpu_devices:
@@ -62,8 +65,23 @@ def setup(config: ml_collections.ConfigDict, compilation_cache: bool = True, cpu
                         jax.device_count(), count)
 
 
+def skip_absent_tpu_backend() -> None:
+    """On a machine without a TPU chip, keeps JAX from loading libtpu (the `[tpu]` extra)
+    to look for one when its backends start: about 70 ms at every start otherwise
+    (bench/tpu_compiler_startup.py). The TPU compiler of `--topology=v5p-128` loads
+    libtpu on its own. The factory table is JAX's private one: should it move, JAX just
+    looks for a TPU as before."""
+    from jax._src import xla_bridge
+
+    factories = getattr(xla_bridge, "_backend_factories", None)
+    if isinstance(factories, dict) and not xla_bridge.backends_are_initialized() and not lm.tpu_chip_present():
+        factories.pop("tpu", None)
+
+
 def enable_compilation_cache(path: str | None = None) -> None:
-    """Persistent XLA cache: a repeated run or test skips recompiling its step."""
+    """Persistent XLA cache: a repeated run or test skips recompiling its step. (Called
+    first by every command, so it also skips the absent TPU backend.)"""
+    skip_absent_tpu_backend()
     path = path or os.environ.get("LM_COMPILATION_CACHE",
                                   os.path.join(os.path.expanduser("~"), ".cache", "lm", "xla"))
     jax.config.update("jax_compilation_cache_dir", path)
