@@ -5,6 +5,7 @@ Call `setup(config)` first thing in an entry point (before any JAX operation).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -68,14 +69,22 @@ def setup(config: ml_collections.ConfigDict, compilation_cache: bool = True, cpu
 def skip_absent_tpu_backend() -> None:
     """On a machine without a TPU chip, keeps JAX from loading libtpu (the `[tpu]` extra)
     to look for one when its backends start: about 70 ms at every start otherwise
-    (bench/tpu_compiler_startup.py). The TPU compiler of `--topology=v5p-128` loads
-    libtpu on its own. The factory table is JAX's private one: should it move, JAX just
-    looks for a TPU as before."""
+    (bench/tpu_compiler_startup.py). JAX does the same for CUDA without an NVIDIA device.
+    The TPU platform stays registered (Pallas TPU kernels lower for it) and the TPU
+    compiler of `--topology=v5p-128` loads libtpu on its own. The registration table is
+    JAX's private one: should it move, JAX just looks for a TPU as before."""
     from jax._src import xla_bridge
 
     factories = getattr(xla_bridge, "_backend_factories", None)
-    if isinstance(factories, dict) and not xla_bridge.backends_are_initialized() and not lm.tpu_chip_present():
-        factories.pop("tpu", None)
+    registration = factories.get("tpu") if isinstance(factories, dict) else None
+    if (registration is None or not getattr(registration, "fail_quietly", False)
+            or xla_bridge.backends_are_initialized() or lm.tpu_chip_present()):
+        return
+    factories["tpu"] = dataclasses.replace(registration, factory=_no_tpu_chip)
+
+
+def _no_tpu_chip():
+    raise RuntimeError("no TPU chip on this machine (lm.tpu_chip_present)")
 
 
 def enable_compilation_cache(path: str | None = None) -> None:

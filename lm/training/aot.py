@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -119,28 +120,12 @@ def compile_and_report(config: ml_collections.ConfigDict, slices: topologies.Sli
     trainer = make_trainer(config, model_cfg, mesh, pad_id=0, tokenizer_vocab_size=tokenizer_vocab,
                            teacher=abstract_teacher(config, tokenizer_vocab, platform))
     abstract = trainer.abstract_state()
-    counts = param_counts(abstract.params)
-    layout = " x ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
-    where = slices.describe() if slices else f"{mesh.size} {jax.devices()[0].platform} devices"
-    served = memory.attention_kernel(model_cfg, config)
-    kernel = f"{served} attention" + (f" ({model_cfg.attention} falls back to it here)" if served !=
-                                      model_cfg.attention else "")
-    print(f"compiling the train step: {counts['total']:,} parameters for {where}, mesh {layout}, {kernel}",
-          flush=True)
+    _print_header(config, model_cfg, mesh, slices, param_counts(abstract.params)["total"])
     estimate = memory.estimate(abstract, model_cfg, config, dict(mesh.shape))
     limit = slices.chip.hbm_bytes if slices else memory.device_limit(jax.devices()[0])
-    try:
-        with _no_cache_writes() if slices else contextlib.nullcontext():
-            compiled = trainer.compile_step(config.train.batch_size, config.data.seq_len)
-    except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program its HBM cannot hold
-        if "RESOURCE_EXHAUSTED" not in str(e) or not limit:
-            raise
-        print(f"per device, estimated: {memory.describe(estimate)}")
-        said = str(e).splitlines()[0].removeprefix("RESOURCE_EXHAUSTED: ")
-        print(f"memory: the step does NOT fit: the compiler says: {said}", flush=True)
-        raise memory.DoesNotFitError(memory.does_not_fit(
-            _bytes_said(said) or estimate["total"], limit, f"the compiler: {said}", config, dict(mesh.shape),
-            model_cfg, estimate["total"] - estimate["activations"])) from None
+    fit = functools.partial(memory.does_not_fit, limit=limit, config=config, mesh_shape=dict(mesh.shape),
+                            cfg=model_cfg, state_bytes=estimate["total"] - estimate["activations"])
+    compiled = _compile(trainer, config, slices, estimate, fit if limit else None)
     analysis = compiled.memory_analysis()
     xla = {"arguments": analysis.argument_size_in_bytes, "outputs": analysis.output_size_in_bytes,
            "aliased": analysis.alias_size_in_bytes, "temporaries": analysis.temp_size_in_bytes}
@@ -159,10 +144,37 @@ def compile_and_report(config: ml_collections.ConfigDict, slices: topologies.Sli
         print(f"memory: the step {'fits' if fits else 'does NOT fit'} in {chip} "
               f"({memory.human(xla['total'])} needed, {100 * xla['total'] / limit:.0f}%)", flush=True)
         if not fits:
-            raise memory.DoesNotFitError(memory.does_not_fit(xla["total"], limit, memory.describe(xla), config,
-                                                             dict(mesh.shape), model_cfg,
-                                                             estimate["total"] - estimate["activations"]))
+            raise memory.DoesNotFitError(fit(xla["total"], breakdown=memory.describe(xla)))
     return {**xla, **flops}
+
+
+def _print_header(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: jax.sharding.Mesh,
+                  slices: topologies.Slices | None, parameters: int) -> None:
+    """The first line of the report: the model, the devices, the mesh and the attention
+    kernel that serves (and the one chosen, where it falls back)."""
+    layout = " x ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
+    where = slices.describe() if slices else f"{mesh.size} {jax.devices()[0].platform} devices"
+    served = memory.attention_kernel(model_cfg, config)
+    fallback = f" ({model_cfg.attention} falls back to it here)" if served != model_cfg.attention else ""
+    print(f"compiling the train step: {parameters:,} parameters for {where}, mesh {layout}, {served} attention"
+          f"{fallback}", flush=True)
+
+
+def _compile(trainer: Any, config: ml_collections.ConfigDict, slices: topologies.Slices | None,
+             estimate: dict[str, int], does_not_fit: Any) -> Any:
+    """The compiled train step. The TPU compiler refuses a program its HBM cannot hold:
+    that is a DoesNotFitError (with `does_not_fit`'s message) after the estimate."""
+    try:
+        with _no_cache_writes() if slices else contextlib.nullcontext():
+            return trainer.compile_step(config.train.batch_size, config.data.seq_len)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e) or does_not_fit is None:
+            raise
+        print(f"per device, estimated: {memory.describe(estimate)}")
+        said = str(e).splitlines()[0].removeprefix("RESOURCE_EXHAUSTED: ")
+        print(f"memory: the step does NOT fit: the compiler says: {said}", flush=True)
+        raise memory.DoesNotFitError(does_not_fit(_bytes_said(said) or estimate["total"],
+                                                  breakdown=f"the compiler: {said}")) from None
 
 
 @contextlib.contextmanager
