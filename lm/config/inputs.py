@@ -58,16 +58,21 @@ def matches(pattern: str) -> list[str]:
     `DatasetDict` folder, whose splits must be named one by one."""
     expanded = os.path.abspath(os.path.expanduser(pattern))
     if os.path.isdir(expanded) and not is_hf_dataset(expanded):
+        _refuse_splits(expanded)
         expanded = os.path.join(expanded, "**", "*")
     found = set()
     for path in glob.glob(expanded, recursive=True):
-        if hf_splits(path):
-            raise ValueError(f"{path} is a datasets.DatasetDict folder with splits {', '.join(hf_splits(path))}; "
-                             f"name the split to read, e.g. {os.path.join(path, hf_splits(path)[0])}")
+        _refuse_splits(path)
         inside_hf = is_hf_dataset(os.path.dirname(path))  # a save_to_disk folder's own files
         if (os.path.isfile(path) and path.endswith(CORPUS_SUFFIXES) and not inside_hf) or is_hf_dataset(path):
             found.add(path)
     return sorted(found)
+
+
+def _refuse_splits(path: str) -> None:
+    if splits := hf_splits(path):
+        raise ValueError(f"{path} is a datasets.DatasetDict folder with splits {', '.join(splits)}; name the "
+                         f"split to read, e.g. {os.path.join(path, splits[0])}")
 
 
 def parse_where(text: str) -> tuple[Condition, ...]:
