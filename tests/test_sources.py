@@ -30,8 +30,8 @@ def rows_of(texts: list[str]) -> list[dict]:
 
 def corpus_rows() -> list[dict]:
     near = PROSE.replace("old wooden fence", "old painted fence")
-    texts = [PROSE, OTHER, PROSE, near, "too short", "windows\r\nline ends and more words here", THIRD, "   "] + fillers(40)
-    return rows_of(texts)
+    texts = [PROSE, OTHER, PROSE, near, "too short", "windows\r\nline ends and more words here", THIRD, "   "]
+    return rows_of(texts + fillers(40))
 
 
 def write_as(kind: str, rows: list[dict], path) -> str:
