@@ -1,13 +1,15 @@
 """Corpus files -> a TFDS dataset of cleaned train and validation documents (array_record,
 no TensorFlow needed): the dataset builder, its options and its cleaning report.
 
-Building reads the files as documents (`lm.data.documents`), assigns each to `train` or
+Building reads the files as documents (`lm.data.documents` for `.txt` and `.jsonl`(`.gz`)
+with the default text column and no filter; `lm.data.sources` for `.jsonl.zst`, Parquet,
+`datasets` folders, `data.text_column` and `data.where`), assigns each to `train` or
 `validation`, cleans them (`lm.data.cleaning`: quality rules, exact and near
 deduplication across both splits) and stores one record per document, in order. The
 cleaning report is saved in the dataset's metadata (`builder.info.metadata["report"]`).
 
 Validation is either the tail of each file (`split="tail"`: the last
-`validation_fraction` of a text file's characters, or of a JSONL file's documents;
+`validation_fraction` of a text file's characters, or of any other input's documents;
 nanoGPT's split of tiny Shakespeare) or chosen by document hash (`split="hash"`: stable
 under reordering, adding or removing other documents).
 
