@@ -100,6 +100,11 @@ def test_each_source_of_a_mixture_takes_its_own_text_column_and_filter(tmp_path)
     got = {name: sorted(built_texts_of(b)) for name, b in built.items()}
     assert got == {"test_web": sorted(r["text"] for r in rows_of(fillers(30, seed=1)) if r["language"] == "fr"),
                    "test_code": sorted(r["content"] for r in code if r["stars"] >= 10)}
+    # A run records a source's own options with its corpus, so a resume cannot change them.
+    from lm.training.setup import corpus_fingerprints
+    record = corpus_fingerprints(config)
+    assert record["code"][2] == {"text_column": "content", "where": "stars >= 10"}
+    assert record["web"][2] == {"where": 'language == "fr"'}
     # The options name the dataset: another filter is another build; defaults keep old names.
     names = {b.builder_config.name for b in built.values()}
     config.data.sources.web.where = 'language == "en"'
