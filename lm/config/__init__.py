@@ -38,6 +38,7 @@ from lm.config.choices import (
     SPLIT_MODES,
     TASK_BUILDERS,
     TASK_KINDS,
+    TEXT_SUFFIXES,
     TOKENIZERS,
     UNITS,
     d_ff,
@@ -62,7 +63,8 @@ from lm.config.validation import (
 __all__ = [
     "ACTIVATIONS", "CORPUS_SUFFIXES", "DTYPES", "FAMILIES", "MESH_AXES", "NORMAL_FORMS", "NORMS",
     "ATTENTIONS", "OBJECTIVE_FAMILIES", "OBJECTIVES", "PACKINGS", "POSITIONS", "REMAT_POLICIES", "SCHEDULES",
-    "SP_MODEL_TYPES", "SP_RESERVED", "SPLIT_MODES", "TOKENIZERS", "UNITS", "d_ff", "head_dim", "num_kv_heads",
+    "SP_MODEL_TYPES", "SP_RESERVED", "SPLIT_MODES", "TEXT_SUFFIXES", "TOKENIZERS", "UNITS",
+    "d_ff", "head_dim", "num_kv_heads",
     "FINETUNE_METHODS", "POOLINGS", "TASK_BUILDERS", "TASK_KINDS",
     "parse_flags", "RESUME", "OnResume", "config_fields", "resume_conflicts",
     "ConfigError", "check_user_defined_symbols", "fail", "require_choice", "require_finite",

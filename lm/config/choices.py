@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ml_collections
 
-CORPUS_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")  # the files lm.data.documents reads
+TEXT_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")  # the files lm.data.documents reads
+# The files lm.data.sources reads (also `datasets` save_to_disk folders, found by their state.json).
+CORPUS_SUFFIXES = TEXT_SUFFIXES + (".jsonl.zst", ".parquet")
 UNITS = ("file", "paragraph", "line")  # what one document is in a .txt file
 NORMAL_FORMS = ("none", "NFC", "NFKC")
 TOKENIZERS = ("char", "byte", "sentencepiece")

@@ -48,8 +48,8 @@ RESUME: dict[str, OnResume] = {
     "data.name": OnResume(True, "a label of the built dataset; the corpus itself is compared by content"),
     "data.files": OnResume(False, _DATA),
     "data.sources": OnResume(False, _DATA),
-    **{f"data.{f}": OnResume(False, _DATA) for f in ("unit", "normalize", "split", "validation_fraction",
-                                                      "packing", "seq_len")},
+    **{f"data.{f}": OnResume(False, _DATA) for f in ("text_column", "where", "unit", "normalize", "split",
+                                                      "validation_fraction", "packing", "seq_len")},
     **{f"data.filters.{f}": OnResume(False, _DATA) for f in (
         "min_chars", "max_chars", "min_words", "max_words", "max_non_alpha_fraction", "max_duplicate_line_fraction",
         "max_top_bigram_fraction", "max_duplicate_ngram_fraction", "duplicate_ngram_size")},

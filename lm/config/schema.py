@@ -95,12 +95,19 @@ def _data() -> ml_collections.ConfigDict:
     """The corpus, its cleaning, the tokenizer and the rows."""
     d = ml_collections.ConfigDict()
     d.name = "tinyshakespeare"  # corpus name; names the built TFDS dataset
-    # Files, directories or glob patterns (`**` recurses): .txt, .jsonl (a "text" field
-    # per line, one document each) and their .gz forms, UTF-8.
+    # Files, directories or glob patterns (`**` recurses) of .txt, .jsonl (one document a
+    # line) and their .gz forms (UTF-8), .jsonl.zst, .parquet, and folders written by
+    # `datasets`' save_to_disk (lm.data.sources).
     d.files = (os.path.join(EMBEDDED_CORPORA, "tinyshakespeare", "input.txt"),)
-    # Several corpora mixed in training: name -> ConfigDict(files=(...), weight=w); rows
-    # are drawn in proportion to the weights and validation scores the union. Empty:
-    # one corpus, `files`. Sources share the options below and the tokenizer.
+    # The column (JSONL field) holding a document's text in .jsonl, .parquet and datasets inputs.
+    d.text_column = "text"
+    # Rows kept: comparisons of metadata columns joined by `and`, e.g.
+    # 'language == "en" and score >= 3'; "" keeps every row.
+    d.where = ""
+    # Several corpora mixed in training: name -> ConfigDict(files=(...), weight=w) and,
+    # optionally, its own text_column and where; rows are drawn in proportion to the
+    # weights and validation scores the union. Empty: one corpus, `files`. Sources share
+    # the options below and the tokenizer.
     d.sources = ml_collections.ConfigDict()
     d.unit = "file"  # a .txt file's documents: "file" (one), "paragraph" or "line"
     d.normalize = "none"  # Unicode normal form: "none", "NFC" or "NFKC"

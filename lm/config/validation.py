@@ -8,7 +8,6 @@ in `lm.parallel.sharding` and raise its `MeshError`.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import math
 import os
 import re
@@ -17,7 +16,7 @@ from typing import Any
 
 import ml_collections
 
-from lm.config import choices
+from lm.config import choices, inputs
 from lm.errors import UsageError, exit_with_error
 
 
@@ -103,25 +102,41 @@ def _get(config: ml_collections.ConfigDict, field: str) -> Any:
     return node
 
 
-def resolve_files(patterns: Iterable[str]) -> list[str]:
-    """Expands `data.files` (paths or globs, `~` allowed) to a sorted list of files.
+def resolve_files(patterns: Iterable[str], field: str = "data.files") -> list[str]:
+    """Expands `data.files` (paths, directories or globs, `~` allowed) to the corpus inputs
+    (`lm.config.inputs.matches`): each pattern's matches sorted, in the patterns' order, an
+    input named twice kept at its first place.
 
-    Raises ConfigError naming the pattern that matched nothing.
+    Raises ConfigError naming the pattern that matched nothing, or a DatasetDict folder.
     """
-    files: list[str] = []
+    files: dict[str, None] = {}
     for pattern in patterns:
-        expanded = os.path.abspath(os.path.expanduser(pattern))
-        if os.path.isdir(expanded):
-            expanded = os.path.join(expanded, "**", "*")
-        matches = sorted(p for p in glob.glob(expanded, recursive=True)
-                         if os.path.isfile(p) and p.endswith(choices.CORPUS_SUFFIXES))
-        if not matches:
-            fail("data.files", pattern, f"matches no corpus file (looked for {expanded} "
-                 f"ending in {', '.join(choices.CORPUS_SUFFIXES)})",
-                 "point data.files at existing text files, e.g. "
-                 "--config.data.files='(\"/path/to/corpus.txt\",)'")
-        files.extend(matches)
-    return files
+        try:
+            found = inputs.matches(pattern)
+        except ValueError as e:
+            fail(field, pattern, "names no single dataset", str(e))
+        if not found:
+            fail(field, pattern, f"matches no corpus file (looked for {os.path.abspath(os.path.expanduser(pattern))} "
+                 f"ending in {', '.join(choices.CORPUS_SUFFIXES)}, or a datasets save_to_disk folder)",
+                 f"point {field} at existing corpus files, e.g. --config.{field}='(\"/path/to/corpus.txt\",)'")
+        files.update(dict.fromkeys(found))
+    return list(files)
+
+
+def check_where(field: str, text: Any) -> None:
+    """Raises ConfigError unless `text` (data.where or a source's) is a filter
+    `lm.config.inputs.parse_where` reads."""
+    if not isinstance(text, str):
+        fail(field, text, "is not a string", f"give a filter string, e.g. --config.{field}={inputs.WHERE_EXAMPLE}")
+    try:
+        inputs.parse_where(text)
+    except ValueError as e:
+        fail(field, text, str(e), f"write e.g. --config.{field}={inputs.WHERE_EXAMPLE}, or '' for every row")
+
+
+def check_text_column(field: str, name: Any) -> None:
+    if not isinstance(name, str) or not name:
+        fail(field, name, "must name a column", f"give the column holding the text, e.g. --config.{field}=text")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -142,15 +157,22 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
         fail("data.files", d.files, "must be a non-empty tuple of paths or globs",
              "write it as a tuple, e.g. ('corpus.txt',)")
     resolve_files(d.files)
+    check_text_column("data.text_column", d.text_column)
+    check_where("data.where", d.where)
     for name, source in d.sources.items():
-        if set(source.keys()) != {"files", "weight"}:
-            fail(f"data.sources.{name}", source.to_dict(), "must have exactly the fields files and weight",
-                 f"write data.sources.{name} = ml_collections.ConfigDict(dict(files=('a.txt',), weight=1.0))")
+        if not {"files", "weight"} <= set(source.keys()) <= {"files", "weight", "text_column", "where"}:
+            fail(f"data.sources.{name}", source.to_dict(), "must have the fields files and weight, and may have "
+                 "text_column and where (else data's)", f"write data.sources.{name} = "
+                 "ml_collections.ConfigDict(dict(files=('a.parquet',), weight=1.0, where='score >= 3'))")
         if isinstance(source.files, str) or not source.files:
             fail(f"data.sources.{name}.files", source.files, "must be a non-empty tuple of paths or globs",
                  "write it as a tuple, e.g. ('corpus.jsonl',)")
-        resolve_files(source.files)
+        resolve_files(source.files, f"data.sources.{name}.files")
         require_positive(config, f"data.sources.{name}.weight")
+        if "text_column" in source:
+            check_text_column(f"data.sources.{name}.text_column", source.text_column)
+        if "where" in source:
+            check_where(f"data.sources.{name}.where", source.where)
     if not 0.0 < d.validation_fraction < 1.0:
         fail("data.validation_fraction", d.validation_fraction, "must lie strictly between 0 and 1",
              "hold out a fraction such as 0.1")

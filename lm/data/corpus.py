@@ -69,8 +69,8 @@ def builders(config: ml_collections.ConfigDict) -> dict[str, text_files.TextFile
     Raises CorpusError (naming the file and the fix) for a file that cannot be read."""
     built = {}
     tfds.disable_progress_bar()
-    for name, files, _ in sources(config):
-        builder = text_files.builder(name, resolve_files(files), text_files.corpus_options(config.data),
+    for (name, files, _), source in zip(sources(config), list(config.data.sources) or [""]):
+        builder = text_files.builder(name, resolve_files(files), text_files.corpus_options(config.data, source),
                                      data_dir(config))
         try:
             builder.download_and_prepare()

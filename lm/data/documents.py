@@ -21,12 +21,13 @@ import dataclasses
 import gzip
 import hashlib
 import json
+import os
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from lm.config import CORPUS_SUFFIXES as SUFFIXES
+from lm.config import TEXT_SUFFIXES as SUFFIXES
 from lm.errors import UsageError
 
 # How files become documents; part of a built corpus's fingerprint, so a change here
@@ -104,12 +105,31 @@ def read_text(path: str) -> str:
 
 def text_fingerprint(paths: Iterable[str]) -> str:
     """A hash of the files' text as `read_text` reads it, in order: the same for a CRLF,
-    BOM-prefixed, UTF-16 or gzipped copy of a file, which give the same documents.
-    Raises `CorpusError` for a file that cannot be read as text."""
+    BOM-prefixed, UTF-16 or gzipped copy of a file, which give the same documents. Other
+    inputs (`.parquet`, `.jsonl.zst`, a `datasets` folder) count by their bytes
+    (`file_digest`). Raises `CorpusError` for a text file that cannot be read as text."""
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(hashlib.sha256(read_text(path).encode("utf-8")).digest())
+        if path.endswith(SUFFIXES):
+            digest.update(hashlib.sha256(read_text(path).encode("utf-8")).digest())
+        else:
+            digest.update(bytes.fromhex(file_digest(path)))
     return digest.hexdigest()[:12]
+
+
+def file_digest(path: str) -> str:
+    """SHA-256 (hex) of a file's bytes, read in chunks (a shard may be GBs); for a folder
+    (a `datasets` save_to_disk folder), of its files' relative names and digests."""
+    if not os.path.isdir(path):
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    digest = hashlib.sha256()
+    for root, dirs, names in os.walk(path):
+        dirs.sort()
+        for name in sorted(names):
+            full = os.path.join(root, name)
+            digest.update(os.path.relpath(full, path).encode() + b"\0" + bytes.fromhex(file_digest(full)))
+    return digest.hexdigest()
 
 
 def read_jsonl(path: str, example: str = "") -> Iterator[tuple[str, Any]]:
@@ -117,8 +137,13 @@ def read_jsonl(path: str, example: str = "") -> Iterator[tuple[str, Any]]:
     as `read_text` reads (so CRLF, lone CR and a byte-order mark are fine), with CRLF and
     CR inside string values turned into LF too. Raises `CorpusError` naming the line; its
     fix shows `example`, a line as the caller wants it."""
-    text = decode_text(read_bytes(path), path, line_in_where=True)
-    for number, line in enumerate(text.split("\n"), start=1):
+    yield from jsonl_values(decode_text(read_bytes(path), path, line_in_where=True), path, example)
+
+
+def jsonl_values(text: str, path: str, example: str = "", first_line: int = 1) -> Iterator[tuple[str, Any]]:
+    """(`path:line`, value) of each non-blank line of decoded JSONL `text` (LF line endings)
+    whose first line is line `first_line` of `path`; see `read_jsonl`."""
+    for number, line in enumerate(text.split("\n"), start=first_line):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -155,7 +180,8 @@ def split_units(text: str, unit: str) -> list[str]:
 def read_documents(path: str, unit: str = "file", form: str = "none") -> Iterator[Document]:
     """The documents of one corpus file, in file order."""
     if not path.endswith(SUFFIXES):
-        raise CorpusError(f"{path} has an unknown suffix. Fix: use one of {', '.join(SUFFIXES)}.")
+        raise CorpusError(f"{path} is not a text corpus file. Fix: use one of {', '.join(SUFFIXES)}, or read "
+                          "it with lm.data.sources.read (Parquet, .jsonl.zst, datasets folders).")
     if path.endswith((".jsonl", ".jsonl.gz")):
         yield from _jsonl_documents(path, form)
         return

@@ -1,13 +1,15 @@
 """Corpus files -> a TFDS dataset of cleaned train and validation documents (array_record,
 no TensorFlow needed): the dataset builder, its options and its cleaning report.
 
-Building reads the files as documents (`lm.data.documents`), assigns each to `train` or
+Building reads the files as documents (`lm.data.documents` for `.txt` and `.jsonl`(`.gz`)
+with the default text column and no filter; `lm.data.sources` for `.jsonl.zst`, Parquet,
+`datasets` folders, `data.text_column` and `data.where`), assigns each to `train` or
 `validation`, cleans them (`lm.data.cleaning`: quality rules, exact and near
 deduplication across both splits) and stores one record per document, in order. The
 cleaning report is saved in the dataset's metadata (`builder.info.metadata["report"]`).
 
 Validation is either the tail of each file (`split="tail"`: the last
-`validation_fraction` of a text file's characters, or of a JSONL file's documents;
+`validation_fraction` of a text file's characters, or of any other input's documents;
 nanoGPT's split of tiny Shakespeare) or chosen by document hash (`split="hash"`: stable
 under reordering, adding or removing other documents).
 
@@ -30,7 +32,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 from absl import logging
 
-from lm.data import cleaning, documents
+from lm.data import cleaning, documents, sources
 from lm.data.documents import CorpusError, Document
 
 
@@ -40,11 +42,21 @@ class TextFilesConfig(tfds.core.BuilderConfig):
     options: str = "{}"  # JSON of the cleaning options (`corpus_options`)
 
 
-def corpus_options(data: ml_collections.ConfigDict) -> dict:
-    """The part of `config.data` that decides the built dataset's contents."""
-    return {"unit": data.unit, "normalize": data.normalize, "split": data.split,
-            "validation_fraction": data.validation_fraction,
-            "filters": data.filters.to_dict(), "dedup": data.dedup.to_dict()}
+def corpus_options(data: ml_collections.ConfigDict, source: str = "") -> dict:
+    """The part of `config.data` that decides the built dataset's contents; with `source`
+    (a key of `data.sources`), that source's own text_column and where where it has them.
+    Those two are present only when not the defaults ("text", no filter), so corpora built
+    before they existed keep their fingerprints (and token caches)."""
+    options = {"unit": data.unit, "normalize": data.normalize, "split": data.split,
+               "validation_fraction": data.validation_fraction,
+               "filters": data.filters.to_dict(), "dedup": data.dedup.to_dict()}
+    own = data.sources[source] if source else {}
+    text_column, where = own.get("text_column", data.text_column), own.get("where", data.where)
+    if text_column != "text":
+        options["text_column"] = text_column
+    if where.strip():
+        options["where"] = where
+    return options
 
 
 class TextFiles(tfds.core.GeneratorBasedBuilder):
@@ -92,7 +104,7 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
         if not any(by_split.values()):
             raise CorpusError(f"no document of {', '.join(self.builder_config.files)} survived cleaning "
                               f"({report.read.documents} read). Fix: check the files have text, or relax "
-                              "config.data.filters / config.data.dedup.")
+                              "config.data.where / config.data.filters / config.data.dedup.")
         for split, docs in by_split.items():
             if not docs:
                 raise CorpusError(f"the {split} split is empty ({report.kept.documents} documents kept in "
@@ -103,14 +115,28 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
         return by_split
 
 
+def _file_documents(path: str, options: dict) -> Iterator[Document]:
+    """One input's documents: `.txt` and `.jsonl`(`.gz`) read as always, without a text
+    column or filter option; other inputs, or with those, through `lm.data.sources`."""
+    text_column, where = options.get("text_column", "text"), options.get("where", "")
+    if path.endswith(documents.SUFFIXES) and text_column == "text" and not where:
+        yield from documents.read_documents(path, options["unit"], options["normalize"])
+        return
+    for text, _ in sources.read(path, text_column, where, unit=options["unit"], normalize=options["normalize"],
+                                columns=()):
+        yield Document(text, path)
+
+
 def _documents_with_splits(files: Sequence[str], options: dict) -> Iterator[tuple[Document, str]]:
     fraction = options["validation_fraction"]
+    sources.check_schemas(files, options.get("text_column", "text"), options.get("where", ""))
     for path in files:
         if options["split"] == "hash":
-            for doc in documents.read_documents(path, options["unit"], options["normalize"]):
+            for doc in _file_documents(path, options):
                 yield doc, "validation" if _unit_hash(doc.text) < fraction else "train"
-        elif path.endswith((".jsonl", ".jsonl.gz")):
-            docs = list(documents.read_documents(path, options["unit"], options["normalize"]))
+        elif not path.endswith((".txt", ".txt.gz")) or options.get("where"):
+            # Documents of a JSONL, Parquet or datasets input: its last fraction is validation.
+            docs = list(_file_documents(path, options))
             cut = int(len(docs) * (1.0 - fraction))
             yield from ((doc, "train" if i < cut else "validation") for i, doc in enumerate(docs))
         else:
@@ -127,9 +153,8 @@ def _unit_hash(text: str) -> float:
 
 def fingerprint(files: Sequence[str], options: dict) -> str:
     digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
-    for path in files:
-        with open(path, "rb") as f:
-            digest.update(hashlib.sha256(f.read()).digest())
+    for path in files:  # a file's SHA-256, or a datasets folder's (`documents.file_digest`)
+        digest.update(bytes.fromhex(documents.file_digest(path)))
     return digest.hexdigest()[:12]
 
 

@@ -144,14 +144,15 @@ def _remove_new_workdir(workdir: str, created: bool) -> None:
 def corpus_fingerprints(config: ml_collections.ConfigDict) -> dict[str, list]:
     """What identifies the training corpus, saved with each checkpoint: for `data.files`
     (key "files") or each of `data.sources`, [content fingerprint of its files, mixture
-    weight]. By text content, so a corpus moved to another path, or saved with other line
-    endings, a byte-order mark or gzip, is still the same corpus."""
+    weight] and, for a source with its own text_column or where, those. By text content, so
+    a corpus moved to another path, or saved with other line endings, a byte-order mark or
+    gzip, is still the same corpus."""
     d = config.data
-    groups = {name: (src.files, float(src.weight)) for name, src in d.sources.items()} if d.sources else {
-        "files": (d.files, 1.0)}
+    groups = {name: (src.files, float(src.weight), {k: src[k] for k in ("text_column", "where") if k in src})
+              for name, src in d.sources.items()} if d.sources else {"files": (d.files, 1.0, {})}
     try:
-        return {name: [documents.text_fingerprint(config_lib.resolve_files(files)), weight]
-                for name, (files, weight) in groups.items()}
+        return {name: [documents.text_fingerprint(config_lib.resolve_files(files)), weight, *([own] if own else [])]
+                for name, (files, weight, own) in groups.items()}
     except documents.CorpusError as e:  # a file that is not text: the same one line as building it
         raise UsageError(str(e)) from None
 
