@@ -152,17 +152,21 @@ def test_a_failed_build_names_the_file_and_leaves_no_dataset_that_looks_complete
     assert [root for root, _, files in os.walk(tmp_path / "data") if "dataset_info.json" in files] == []
 
 
+# datatrove's Ray executor uses Ray's older placement-group options.
+@pytest.mark.filterwarnings("ignore:placement_group:DeprecationWarning")
 def test_the_ray_executor_builds_the_same_dataset_as_the_local_one(tmp_path, corpus):
     ray = pytest.importorskip("ray")
     paths, _ = corpus
-    local = dataset(config_for(tmp_path, paths, "datatrove", near=THRESHOLD, data_dir="local"), workers=1)
+    near = 0.9  # 5 bands: fewer near-dedup tasks (Ray actors) than at THRESHOLD, the same stages
+    local = dataset(config_for(tmp_path, paths, "datatrove", near=near, data_dir="local"), workers=1)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        on_ray = dataset(config_for(tmp_path, paths, "datatrove", near=THRESHOLD, data_dir="ray"),
+        on_ray = dataset(config_for(tmp_path, paths, "datatrove", near=near, data_dir="ray"),
                          executor="ray", workers=2)
     finally:
         ray.shutdown()
     assert on_ray == local
+    assert local[0]["near_duplicates"]["documents"] > 0  # every stage ran on Ray
 
 
 def test_slurm_dry_run_prints_one_sbatch_script_per_stage_and_builds_nothing(tmp_path, corpus):

@@ -71,10 +71,8 @@ def builders(config: ml_collections.ConfigDict, **build_options) -> dict[str, te
     Raises CorpusError (naming the file and the fix) for a file that cannot be read."""
     built = {}
     tfds.disable_progress_bar()
-    options = text_files.corpus_options(config.data)
-    if config.data.build != "memory":
-        options["build"] = config.data.build  # near dedup differs a little: each build is its own dataset
     for name, files, _ in sources(config):
+        options = _with_build(config, text_files.corpus_options(config.data))
         builder = text_files.builder(name, resolve_files(files), options, data_dir(config))
         try:
             if config.data.build == "datatrove":
@@ -88,6 +86,12 @@ def builders(config: ml_collections.ConfigDict, **build_options) -> dict[str, te
             raise CorpusError(str(e)) from None
         built[name] = builder
     return built
+
+
+def _with_build(config: ml_collections.ConfigDict, options: dict) -> dict:
+    """A corpus's options, naming its build where it is not the in-memory one: near dedup
+    differs a little between builds, so each build is its own dataset (and token cache)."""
+    return options if config.data.build == "memory" else {**options, "build": config.data.build}
 
 
 def train_texts(built: dict[str, text_files.TextFiles]) -> Iterator[str]:
