@@ -5,11 +5,13 @@ import json
 import os
 import random
 import string
+import subprocess
+import sys
 
 import pytest
-from helpers import run_cli, tiny_config
+from helpers import REPO, cli_env, run_cli, tiny_config
 
-from lm.data import build, cleaning, text_files
+from lm.data import cleaning, text_files
 from lm.data.corpus import builders, prepare, texts
 from lm.data.documents import CorpusError
 
@@ -171,18 +173,21 @@ def test_the_ray_executor_builds_the_same_dataset_as_the_local_one(tmp_path, cor
 
 def test_slurm_dry_run_prints_one_sbatch_script_per_stage_and_builds_nothing(tmp_path, corpus):
     paths, _ = corpus
-    flags = [f"--config.data.files=({','.join(repr(str(p)) for p in paths)},)", "--config.data.split=hash",
-             "--config.data.build=datatrove", f"--config.data.data_dir={tmp_path / 'data'}",
-             "--config.data.dedup.near_threshold=0.8"]
-    out = run_cli("lm.prepare", "--config=configs/shakespeare_char.py", *flags, "--executor=slurm", "--dry_run",
-                  "--slurm_partition=cpu", "--slurm_sbatch_arg=account=lm").stdout
+    flags = [f"--config.data.files=({','.join(repr(str(p)) for p in paths)},)",
+             f"--config.data.data_dir={tmp_path / 'data'}", "--config.data.dedup.near_threshold=0.8"]
+    env = {**cli_env(), "LM_VENV": sys.prefix}  # the jobs source this virtualenv
+    result = subprocess.run(["bash", "launch/prepare_slurm.sh", "--partition=cpu", "--account=lm", "--dry_run", "--",
+                             "--config=configs/shakespeare_char.py", *flags], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
     stages = ["filter", "exact_find", "exact_filter", "near_buckets", "near_cluster", "write", "finish"]
     assert [line.split()[2].rstrip(":") for line in out.splitlines() if line.startswith("# stage")] == stages
     assert out.count("#SBATCH --partition=cpu") == len(stages) and "#SBATCH --account=lm" in out
+    assert out.count(f"source {sys.prefix}/bin/activate") == len(stages)
     assert out.count("launch_pickled_pipeline") == len(stages)
     assert "#SBATCH --array=0-2" in out  # the files' three tasks
     assert not any("dataset_info.json" in files for _, _, files in os.walk(tmp_path / "data"))
-    assert build.is_built  # the public entry point exists
 
 
 def test_executor_flags_without_the_datatrove_build_are_one_clear_error():
