@@ -9,8 +9,8 @@
 #   --workers=N          at most N tasks of a stage at once (default: one per core here)
 #   --cpus_per_task=C --mem_per_cpu_gb=M   each task's CPUs and memory (default 1, 2)
 #   --dry_run            print the lm.prepare command, run nothing
-# The config's data_dir must be on a file system every Ray node sees. The config must say
-# data.build="datatrove" and data.split="hash" (this script sets both).
+# The config's data_dir must be on a file system every Ray node sees. The script sets
+# data.build="datatrove" and data.split="hash".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -12,8 +12,8 @@
 #   --dry_run                        print the sbatch scripts of every stage, submit nothing
 # The jobs source the repository's .venv/bin/activate (made by the README's install), or
 # the virtualenv LM_VENV names, and read and write the config's data_dir: put it on a
-# file system every node sees. The config must say data.build="datatrove" and
-# data.split="hash" (this script sets both).
+# file system every node sees. The script sets data.build="datatrove" and
+# data.split="hash".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
