@@ -193,3 +193,31 @@ def test_slurm_dry_run_prints_one_sbatch_script_per_stage_and_builds_nothing(tmp
 def test_executor_flags_without_the_datatrove_build_are_one_clear_error():
     result = run_cli("lm.prepare", "--config=configs/shakespeare_char.py", "--executor=ray", check=False)
     assert result.returncode != 0 and "--config.data.build=datatrove" in result.stderr
+
+
+def test_parquet_zstd_jsonl_and_a_datasets_folder_build_the_jsonl_corpus_dataset_and_a_filter_drops_its_rows(
+        tmp_path, corpus):
+    pytest.importorskip("lm.data.sources")  # the inputs beyond .txt/.jsonl(.gz)
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    paths, _ = corpus
+    rows = [[{**json.loads(line), "lang": "en" if i % 7 else "fr"} for i, line in enumerate(p.read_text().splitlines())]
+            for p in paths]
+    (tmp_path / "pq").mkdir()
+    (tmp_path / "zst").mkdir()
+    for i, part in enumerate(rows):
+        pq.write_table(pa.Table.from_pylist(part), tmp_path / "pq" / f"part-{i}.parquet", row_group_size=50)
+        text = "".join(json.dumps(r) + "\n" for r in part).encode()
+        (tmp_path / "zst" / f"part-{i}.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(text))
+        datasets.Dataset.from_list(part).save_to_disk(str(tmp_path / "hf" / f"part-{i}"))
+    expected = dataset(config_for(tmp_path, paths, "datatrove", data_dir="jsonl"), workers=1)
+    for kind in ("pq", "zst", "hf"):
+        inputs = sorted(str(p) for p in (tmp_path / kind).iterdir())
+        assert dataset(config_for(tmp_path, inputs, "datatrove", data_dir=kind), workers=1) == expected, kind
+    english = config_for(tmp_path, sorted(map(str, (tmp_path / "pq").iterdir())), "datatrove", data_dir="en")
+    english.data.where = 'lang == "en"'
+    report, _ = dataset(english, workers=1)
+    assert report["read"]["documents"] == sum(r["lang"] == "en" for part in rows for r in part)
