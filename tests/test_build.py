@@ -11,6 +11,7 @@ import sys
 import pytest
 from helpers import REPO, cli_env, run_cli, tiny_config
 
+from lm.config import ConfigError, validate
 from lm.data import cleaning, text_files
 from lm.data.corpus import builders, prepare, texts
 from lm.data.documents import CorpusError
@@ -188,6 +189,11 @@ def test_slurm_dry_run_prints_one_sbatch_script_per_stage_and_builds_nothing(tmp
     assert out.count("launch_pickled_pipeline") == len(stages)
     assert "#SBATCH --array=0-2" in out  # the files' three tasks
     assert not any("dataset_info.json" in files for _, _, files in os.walk(tmp_path / "data"))
+
+
+def test_the_datatrove_build_with_the_tail_split_is_one_config_error():
+    with pytest.raises(ConfigError, match=r"data.split.*data.build='datatrove'.*--config.data.split=hash"):
+        validate(tiny_config(data__build="datatrove"))
 
 
 def test_executor_flags_without_the_datatrove_build_are_one_clear_error():

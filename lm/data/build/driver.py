@@ -14,6 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
+import ml_collections
 from datatrove.pipeline.base import PipelineStep
 
 from lm.data import cleaning, text_files
@@ -40,7 +41,7 @@ def finish(builder: text_files.TextFiles, layout: Layout, stage_names: list[str]
     build does) when nothing, or no document of one split, survived cleaning."""
     options = json.loads(builder.builder_config.options)
     counts = report.merged_counts(os.path.join(layout.logs(name), "stats") for name in stage_names)
-    rules = [name for name, _ in cleaning.quality_rules(_config(options["filters"]))]
+    rules = [name for name, _ in cleaning.quality_rules(ml_collections.ConfigDict(options["filters"]))]
     result = report.build_report(counts, rules)
     files = ", ".join(builder.builder_config.files)
     if not result["kept"]["documents"]:
@@ -54,12 +55,6 @@ def finish(builder: text_files.TextFiles, layout: Layout, stage_names: list[str]
     os.rename(layout.dataset, builder.data_dir)  # the one step that makes it look complete
     shutil.rmtree(layout.work, ignore_errors=True)
     return builder.data_dir
-
-
-def _config(values: dict):
-    import ml_collections
-
-    return ml_collections.ConfigDict(values)
 
 
 class Finish(PipelineStep):

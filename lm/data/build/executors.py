@@ -53,6 +53,28 @@ def _quiet_datatrove():
 
 
 @contextlib.contextmanager
+def _forkserver():
+    """Lean workers: datatrove's pool starts them from a forkserver, which first imports
+    `lm.data.build` here (by default `__main__`), and each worker then imports the module
+    the parent runs as `__main__` (multiprocessing's "main fixup"): `lm.prepare` or
+    `lm.main` bring JAX, ~135 MB more in every worker, and a script without a main guard
+    would run again. The build's steps live in `lm.data.build`, so `__main__` is hidden
+    from the workers while they start. (datatrove's manager process still forks this one:
+    started from the forkserver it measured 60 MB larger.)"""
+    import multiprocess
+
+    multiprocess.set_forkserver_preload(["lm.data.build"])
+    main = sys.modules["__main__"]
+    hidden = {key: main.__dict__.pop(key) for key in ("__spec__", "__file__") if key in main.__dict__}
+    main.__spec__ = None  # no module name and no file: nothing for a worker to import as main
+    try:
+        yield
+    finally:
+        del main.__spec__
+        main.__dict__.update(hidden)
+
+
+@contextlib.contextmanager
 def _progress_line(progress: Progress, every: float = 5.0):
     """Prints `progress.line()` every `every` seconds while the block runs, and once at its end."""
     done = threading.Event()
@@ -74,17 +96,12 @@ def _progress_line(progress: Progress, every: float = 5.0):
 
 def run_local(stages: Sequence[Stage], layout: Layout, workers: int) -> None:
     """Runs the stages here, `workers` tasks at a time."""
-    import multiprocess
-
-    # datatrove's workers fork from a forkserver, which by default first imports __main__:
-    # `lm.prepare` brings JAX (~120 MB more in every worker); a script would run again.
-    multiprocess.get_context("forkserver").set_forkserver_preload(["lm.data.build"])
-    with _quiet_datatrove():
+    with _quiet_datatrove(), _forkserver():
         for stage in stages:
             executor = _QuietLocal(stage.pipeline, tasks=stage.tasks, workers=max(1, min(workers, stage.tasks)),
                                    logging_dir=layout.logs(stage.name))
             reads, start = stage is stages[0], time.monotonic()
-            with _progress_line(Progress(layout.progress, stage.tasks)) if reads else contextlib.nullcontext():
+            with _progress_line(Progress(layout.progress)) if reads else contextlib.nullcontext():
                 executor.run()
             print(f"stage {stage.name}: {stage.tasks} task(s) in {time.monotonic() - start:.1f} s", flush=True)
 

@@ -94,13 +94,12 @@ class ReadFiles(PipelineStep):
 class Progress:
     """The build's progress line: documents and MB read by all tasks so far, and MB/s."""
 
-    def __init__(self, progress_dir: str, tasks: int, stream=None):
-        self.progress_dir, self.tasks, self.stream = progress_dir, tasks, stream
-        self.start = time.monotonic()
+    def __init__(self, progress_dir: str):
+        self.progress_dir, self.start = progress_dir, time.monotonic()
 
-    def totals(self) -> tuple[int, int, int]:
-        """(documents, bytes, tasks reporting) over the progress files written so far."""
-        docs = num_bytes = reporting = 0
+    def totals(self) -> tuple[int, int]:
+        """(documents, UTF-8 bytes) read so far, over the tasks' progress files."""
+        docs = num_bytes = 0
         for name in os.listdir(self.progress_dir) if os.path.isdir(self.progress_dir) else ():
             if name.endswith(".json"):
                 try:
@@ -108,11 +107,11 @@ class Progress:
                         record = json.load(f)
                 except (OSError, ValueError):  # replaced under us: next time
                     continue
-                docs, num_bytes, reporting = docs + record["documents"], num_bytes + record["bytes"], reporting + 1
-        return docs, num_bytes, reporting
+                docs, num_bytes = docs + record["documents"], num_bytes + record["bytes"]
+        return docs, num_bytes
 
     def line(self) -> str:
-        docs, num_bytes, _ = self.totals()
+        docs, num_bytes = self.totals()
         seconds = max(time.monotonic() - self.start, 1e-9)
         return (f"read {docs:,} documents, {num_bytes / 1e6:,.1f} MB in {seconds:.0f} s "
                 f"({num_bytes / 1e6 / seconds:.2f} MB/s)")

@@ -55,7 +55,7 @@ def build_report(counts: dict[str, float], rule_order: Iterable[str]) -> dict:
                if counts.get(f"dropped.{rule}.documents")}
     report = cleaning.Report(read=read, dropped=dropped, exact_duplicates=_minus(passed, unique),
                              near_duplicates=_minus(unique, kept), kept=kept)
-    splits = {split: dataclasses_dict(_tally(counts, f"splits.{split}")) for split in ("train", "validation")}
+    splits = {split: _as_dict(_tally(counts, f"splits.{split}")) for split in ("train", "validation")}
     return {**report.to_json(), "splits": splits}
 
 
@@ -64,5 +64,5 @@ def split_bytes(counts: dict[str, float]) -> dict[str, int]:
     return {split: int(counts.get(f"splits.{split}.bytes", 0)) for split in ("train", "validation")}
 
 
-def dataclasses_dict(tally: cleaning.Tally) -> dict:
+def _as_dict(tally: cleaning.Tally) -> dict:
     return {"documents": tally.documents, "chars": tally.chars}
