@@ -219,11 +219,11 @@ def test_parquet_zstd_jsonl_and_a_datasets_folder_build_the_jsonl_corpus_dataset
         text = "".join(json.dumps(r) + "\n" for r in part).encode()
         (tmp_path / "zst" / f"part-{i}.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(text))
         datasets.Dataset.from_list(part).save_to_disk(str(tmp_path / "hf" / f"part-{i}"))
-    expected = dataset(config_for(tmp_path, paths, "datatrove", data_dir="jsonl"), workers=1)
+    expected = dataset(config_for(tmp_path, paths, "datatrove", data_dir="data_jsonl"), workers=1)
     for kind in ("pq", "zst", "hf"):
         inputs = sorted(str(p) for p in (tmp_path / kind).iterdir())
-        assert dataset(config_for(tmp_path, inputs, "datatrove", data_dir=kind), workers=1) == expected, kind
-    english = config_for(tmp_path, sorted(map(str, (tmp_path / "pq").iterdir())), "datatrove", data_dir="en")
+        assert dataset(config_for(tmp_path, inputs, "datatrove", data_dir=f"data_{kind}"), workers=1) == expected, kind
+    english = config_for(tmp_path, sorted(map(str, (tmp_path / "pq").iterdir())), "datatrove", data_dir="data_en")
     english.data.where = 'lang == "en"'
     report, _ = dataset(english, workers=1)
     assert report["read"]["documents"] == sum(r["lang"] == "en" for part in rows for r in part)
