@@ -6,13 +6,20 @@ Prints the cleaning report (documents and characters read, dropped by each rule,
 duplicates removed, kept per split) and where the dataset and its report live. Training
 builds the corpus the same way on first use; this command lets you inspect and tune the
 cleaning first. A built corpus is reused until its files or options change.
+
+With `--config.data.build=datatrove` (and `data.split=hash`) the build runs as datatrove
+stages in bounded memory (`lm.data.build`), on this machine (`--workers=N`, with a
+progress line), on Slurm (`--executor=slurm --slurm_partition=...`; `--dry_run` prints
+the sbatch scripts) or on Ray (`--executor=ray [--ray_address=...]`):
+
+    python -m lm.prepare --config=my_corpus.py --config.data.build=datatrove --workers=16
 """
 
 from __future__ import annotations
 
 import os
 
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
 from lm.config import parse_flags, validated_config
@@ -21,6 +28,31 @@ from lm.errors import UsageError, exit_with_error, quiet_logging, reject_positio
 from lm.files import atomic
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe whose config.data to build.", lock_config=True)
+_EXECUTOR = flags.DEFINE_enum("executor", "local", ["local", "slurm", "ray"],
+                              "data.build=datatrove: where the stages run.")
+_WORKERS = flags.DEFINE_integer("workers", 0, "data.build=datatrove: tasks run at once (local: processes; "
+                                "Slurm: the job array's limit; Ray: tasks in flight); 0 = one per core "
+                                "(Slurm: no limit).", lower_bound=0)
+_TASKS = flags.DEFINE_integer("tasks", 0, "data.build=datatrove: parts the files are read in; 0 = one per "
+                              "file (memory per task: one file).", lower_bound=0)
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "--executor=slurm: print the sbatch scripts, submit nothing.")
+_SLURM = {
+    "partition": flags.DEFINE_string("slurm_partition", "", "Slurm partition (required for --executor=slurm)."),
+    "time": flags.DEFINE_string("slurm_time", "24:00:00", "Slurm time limit of each task."),
+    "cpus_per_task": flags.DEFINE_integer("slurm_cpus_per_task", 1, "Slurm CPUs per task.", lower_bound=1),
+    "mem_per_cpu_gb": flags.DEFINE_integer("slurm_mem_per_cpu_gb", 2, "Slurm memory per CPU, GB.", lower_bound=1),
+    "qos": flags.DEFINE_string("slurm_qos", "normal", "Slurm QOS."),
+    "venv_path": flags.DEFINE_string("slurm_venv", "", "A virtualenv's activate script each job sources."),
+    "env_command": flags.DEFINE_string("slurm_env_command", "", "A shell command each job runs first."),
+    "sbatch_args": flags.DEFINE_multi_string("slurm_sbatch_arg", [], "More #SBATCH lines, key=value "
+                                             "(e.g. account=my_account); repeatable."),
+}
+_RAY = {
+    "address": flags.DEFINE_string("ray_address", "", "Ray cluster address; '' = the cluster ray.init finds "
+                                   "(RAY_ADDRESS, or a local one)."),
+    "cpus_per_task": flags.DEFINE_integer("ray_cpus_per_task", 1, "Ray CPUs per task.", lower_bound=1),
+    "mem_per_cpu_gb": flags.DEFINE_float("ray_mem_per_cpu_gb", 2.0, "Ray memory per CPU, GB.", lower_bound=0.1),
+}
 
 
 def report_lines(report: dict) -> list[str]:
@@ -33,14 +65,41 @@ def report_lines(report: dict) -> list[str]:
     return lines
 
 
+def build_options(config) -> dict:
+    """`lm.data.build.run`'s options from the flags; {} for the in-memory build. Raises
+    UsageError for executor flags the config's build does not take."""
+    if config.data.build != "datatrove":
+        if _EXECUTOR.value != "local" or _DRY_RUN.value:
+            raise UsageError(f"--executor={_EXECUTOR.value}{' --dry_run' if _DRY_RUN.value else ''} runs the "
+                             "datatrove build. Fix: add --config.data.build=datatrove --config.data.split=hash.")
+        return {}
+    if _DRY_RUN.value and _EXECUTOR.value != "slurm":
+        raise UsageError("--dry_run prints Slurm's sbatch scripts. Fix: add --executor=slurm.")
+    options = {}
+    if _EXECUTOR.value == "slurm":
+        options = {key: flag.value for key, flag in _SLURM.items()}
+        pairs = [arg.split("=", 1) for arg in options["sbatch_args"]]
+        if any(len(pair) != 2 for pair in pairs):
+            raise UsageError(f"--slurm_sbatch_arg={options['sbatch_args']}: each must be key=value. "
+                             "Fix: e.g. --slurm_sbatch_arg=account=my_account.")
+        options["sbatch_args"] = dict(pairs)
+    elif _EXECUTOR.value == "ray":
+        options = {key: flag.value for key, flag in _RAY.items()}
+    return dict(executor=_EXECUTOR.value, workers=_WORKERS.value, tasks=_TASKS.value, dry_run=_DRY_RUN.value,
+                executor_options=options)
+
+
 def main(argv: list[str]) -> None:
     reject_positional(argv)
     quiet_logging()
     config = validated_config(_CONFIG.value, "configs/shakespeare_bpe.py")
     try:
-        built = corpus.builders(config)
+        options = build_options(config)
+        built = corpus.builders(config, **options)
     except UsageError as e:
         exit_with_error(str(e))
+    if not built and options:
+        print("nothing built here: " + ("a dry run" if options["dry_run"] else "the Slurm jobs build it"))
     for name, builder in built.items():
         report = text_files.report(builder)
         print(f"corpus {name}: {len(builder.builder_config.files)} file(s)")
@@ -49,6 +108,7 @@ def main(argv: list[str]) -> None:
         if not os.path.exists(path):
             atomic.write_json(path, report, indent=2)
         print(f"dataset: {builder.data_dir}\nreport: {path}")
+
 
 if __name__ == "__main__":
     app.run(main, flags_parser=parse_flags)

@@ -17,6 +17,7 @@ UNITS = ("file", "paragraph", "line")  # what one document is in a .txt file
 NORMAL_FORMS = ("none", "NFC", "NFKC")
 TOKENIZERS = ("char", "byte", "sentencepiece")
 SPLIT_MODES = ("tail", "hash")
+BUILDS = ("memory", "datatrove")  # how a corpus is built (lm.data.text_files, lm.data.build)
 PACKINGS = ("stream", "pack")
 SP_MODEL_TYPES = ("bpe", "unigram")
 FAMILIES = ("decoder", "encoder", "encoder_decoder")

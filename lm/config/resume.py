@@ -50,6 +50,7 @@ RESUME: dict[str, OnResume] = {
     "data.sources": OnResume(False, _DATA),
     **{f"data.{f}": OnResume(False, _DATA) for f in ("text_column", "where", "unit", "normalize", "split",
                                                       "validation_fraction", "packing", "seq_len")},
+    "data.build": OnResume(False, "near-duplicate removal keeps slightly different documents in each build"),
     **{f"data.filters.{f}": OnResume(False, _DATA) for f in (
         "min_chars", "max_chars", "min_words", "max_words", "max_non_alpha_fraction", "max_duplicate_line_fraction",
         "max_top_bigram_fraction", "max_duplicate_ngram_fraction", "duplicate_ngram_size")},

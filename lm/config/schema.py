@@ -120,6 +120,10 @@ def _data() -> ml_collections.ConfigDict:
     d.filters = _filters()
     # Deduplication across both splits; the first copy of a document is kept.
     d.dedup = _dedup()
+    # How the corpus is built: "memory" (every kept document in one process; small
+    # corpora) or "datatrove" (lm.data.build: stages in bounded memory, on one machine,
+    # Slurm or Ray; needs split="hash").
+    d.build = "memory"
     # "char" (vocabulary of the train split), "byte" (UTF-8) or "sentencepiece".
     d.tokenizer = "char"
     # SentencePiece: an existing .model file, or "" to train one on the train split with

@@ -179,6 +179,10 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
     require_choice(config, "data.unit", choices.UNITS)
     require_choice(config, "data.normalize", choices.NORMAL_FORMS)
     require_choice(config, "data.split", choices.SPLIT_MODES)
+    require_choice(config, "data.build", choices.BUILDS)
+    if d.build == "datatrove" and d.split != "hash":
+        fail("data.split", d.split, "cannot be built by data.build='datatrove' (the tail of each file needs "
+             "the whole file's documents in memory)", "set --config.data.split=hash, or data.build='memory'")
     require_choice(config, "data.packing", choices.PACKINGS)
     for field, value in d.filters.items():
         require_positive(config, f"data.filters.{field}", allow_zero=True)

@@ -63,21 +63,35 @@ def sources(config: ml_collections.ConfigDict) -> list[tuple[str, tuple[str, ...
     return [(f"{d.name}_{name}", tuple(src.files), float(src.weight)) for name, src in d.sources.items()]
 
 
-def builders(config: ml_collections.ConfigDict) -> dict[str, text_files.TextFiles]:
+def builders(config: ml_collections.ConfigDict, **build_options) -> dict[str, text_files.TextFiles]:
     """Builds (once per content and options) each source's TFDS dataset: dataset name
     (`config.data.name`, or `<name>_<source>` for each of `config.data.sources`) -> builder.
+    With `config.data.build="datatrove"`, `lm.data.build.run` builds it (`build_options`:
+    its executor, workers, tasks...); a build queued on Slurm is left out until it is done.
     Raises CorpusError (naming the file and the fix) for a file that cannot be read."""
     built = {}
     tfds.disable_progress_bar()
     for (name, files, _), source in zip(sources(config), list(config.data.sources) or [""]):
-        builder = text_files.builder(name, resolve_files(files), text_files.corpus_options(config.data, source),
-                                     data_dir(config))
+        options = _with_build(config, text_files.corpus_options(config.data, source))
+        builder = text_files.builder(name, resolve_files(files), options, data_dir(config))
         try:
+            if config.data.build == "datatrove":
+                from lm.data import build  # datatrove: imported by the builds that use it
+
+                build.run(builder, **build_options)
+                if not build.is_built(builder):
+                    continue
             builder.download_and_prepare()
         except CorpusError as e:
             raise CorpusError(str(e)) from None
         built[name] = builder
     return built
+
+
+def _with_build(config: ml_collections.ConfigDict, options: dict) -> dict:
+    """A corpus's options, naming its build where it is not the in-memory one: near dedup
+    differs a little between builds, so each build is its own dataset (and token cache)."""
+    return options if config.data.build == "memory" else {**options, "build": config.data.build}
 
 
 def train_texts(built: dict[str, text_files.TextFiles]) -> Iterator[str]:

@@ -1,0 +1,162 @@
+"""Running the stages: datatrove's local, Slurm and Ray executors.
+
+`local`: `LocalPipelineExecutor`, stage after stage, `workers` tasks at a time in worker
+processes, with a progress line while the files are read. `ray`: `RayPipelineExecutor`
+on the Ray cluster `ray.init` finds (or the one at `ray_address`), stage after stage
+from this process. `slurm`: one `SlurmPipelineExecutor` job array per stage, each
+depending on the one before, and a last one-task job that assembles the dataset;
+`submit` returns once they are queued. Every executor records a task's completion, so a
+build that failed (or a job that was preempted) reruns only its unfinished tasks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from datatrove.executor import LocalPipelineExecutor
+
+from lm.data.build.read import Progress
+from lm.data.build.stages import Layout, Stage
+
+EXECUTORS = ("local", "slurm", "ray")
+# Executor options (`lm.prepare` flags without their `slurm_`/`ray_` prefix) and defaults.
+SLURM_DEFAULTS = dict(partition="", time="24:00:00", cpus_per_task=1, mem_per_cpu_gb=2, qos="normal",
+                      venv_path="", env_command="", sbatch_args={})
+RAY_DEFAULTS = dict(address="", cpus_per_task=1, mem_per_cpu_gb=2)
+
+
+class _QuietLocal(LocalPipelineExecutor):
+    """A task's console output (datatrove's log lines, its steps' tqdm bars) goes to the stage's
+    `logs/task_<rank>.stderr`; the console keeps the progress line, and errors are raised."""
+
+    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
+        from loguru import logger
+
+        logger.disable("datatrove.executor.local")  # its "k/N tasks completed", once per task
+        with self.logging_dir.open(f"logs/task_{rank:05d}.stderr", "w") as err, contextlib.redirect_stderr(err):
+            return super()._run_for_rank(rank, local_rank, node_rank)
+
+
+@contextlib.contextmanager
+def _quiet_datatrove():
+    from loguru import logger
+
+    logger.disable("datatrove")  # this process only: its executor's chatter and in-process tasks
+    try:
+        yield
+    finally:
+        logger.enable("datatrove")
+
+
+@contextlib.contextmanager
+def _forkserver():
+    """Lean workers: datatrove's pool starts them from a forkserver, which first imports
+    `lm.data.build` here (by default `__main__`), and each worker then imports the module
+    the parent runs as `__main__` (multiprocessing's "main fixup"): `lm.prepare` or
+    `lm.main` bring JAX, ~135 MB more in every worker, and a script without a main guard
+    would run again. The build's steps live in `lm.data.build`, so `__main__` is hidden
+    from the workers while they start. (datatrove's manager process still forks this one:
+    started from the forkserver it measured 60 MB larger.)"""
+    import multiprocess
+
+    multiprocess.set_forkserver_preload(["lm.data.build"])
+    main = sys.modules["__main__"]
+    hidden = {key: main.__dict__.pop(key) for key in ("__spec__", "__file__") if key in main.__dict__}
+    main.__spec__ = None  # no module name and no file: nothing for a worker to import as main
+    try:
+        yield
+    finally:
+        del main.__spec__
+        main.__dict__.update(hidden)
+
+
+@contextlib.contextmanager
+def _progress_line(progress: Progress, every: float = 5.0):
+    """Prints `progress.line()` every `every` seconds while the block runs, and once at its end."""
+    done = threading.Event()
+    stream = sys.stdout  # looked up now: a caller may have redirected it
+
+    def loop() -> None:
+        while not done.wait(every):
+            print(progress.line(), file=stream, flush=True)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        print(progress.line(), file=stream, flush=True)
+
+
+def run_local(stages: Sequence[Stage], layout: Layout, workers: int) -> None:
+    """Runs the stages here, `workers` tasks at a time."""
+    with _quiet_datatrove(), _forkserver():
+        for stage in stages:
+            executor = _QuietLocal(stage.pipeline, tasks=stage.tasks, workers=max(1, min(workers, stage.tasks)),
+                                   logging_dir=layout.logs(stage.name))
+            reads, start = stage is stages[0], time.monotonic()
+            with _progress_line(Progress(layout.progress)) if reads else contextlib.nullcontext():
+                executor.run()
+            print(f"stage {stage.name}: {stage.tasks} task(s) in {time.monotonic() - start:.1f} s", flush=True)
+
+
+def run_ray(stages: Sequence[Stage], layout: Layout, workers: int, options: dict) -> None:
+    """Runs the stages on a Ray cluster (started by the caller, or found at `options["address"]`)."""
+    import ray
+    from datatrove.executor.ray import RayPipelineExecutor
+
+    options = {**RAY_DEFAULTS, **options}
+    if not ray.is_initialized():
+        ray.init(address=options["address"] or None)
+    with _quiet_datatrove():
+        for stage in stages:
+            RayPipelineExecutor(stage.pipeline, tasks=stage.tasks, workers=max(1, min(workers, stage.tasks)),
+                                logging_dir=layout.logs(stage.name), cpus_per_task=options["cpus_per_task"],
+                                mem_per_cpu_gb=options["mem_per_cpu_gb"]).run()
+
+
+def slurm_executors(stages: Sequence[Stage], layout: Layout, workers: int, options: dict, job_name: str):
+    """One SlurmPipelineExecutor per stage, each depending on the one before."""
+    from datatrove.executor.slurm import SlurmPipelineExecutor
+
+    options = {**SLURM_DEFAULTS, **options}
+    if not options["partition"]:
+        from lm.data.documents import CorpusError
+
+        raise CorpusError("--executor=slurm needs a partition. Fix: pass --slurm_partition=<partition>.")
+    executors, before = [], None
+    for stage in stages:
+        before = SlurmPipelineExecutor(
+            stage.pipeline, tasks=stage.tasks, workers=workers if workers > 0 else -1, depends=before,
+            time=options["time"], partition=options["partition"], cpus_per_task=options["cpus_per_task"],
+            mem_per_cpu_gb=options["mem_per_cpu_gb"], qos=options["qos"], venv_path=options["venv_path"] or None,
+            env_command=options["env_command"] or None, sbatch_args=dict(options["sbatch_args"]),
+            job_name=f"{job_name}_{stage.name}", logging_dir=layout.logs(stage.name),
+            slurm_logs_folder=layout.logs(f"slurm/{stage.name}"))
+        executors.append(before)
+    return executors
+
+
+def sbatch_scripts(executors) -> list[str]:
+    """The sbatch script each Slurm stage would submit (what `launch_job` writes), without submitting."""
+    scripts = []
+    for executor in executors:
+        array = min(executor.tasks, executor.max_array_size)
+        pickled = executor.logging_dir.resolve_paths("executor.pik")
+        command = (f"srun -l -n {executor.nodes_per_task} launch_pickled_pipeline {pickled}"
+                   if executor.with_srun else f"launch_pickled_pipeline {pickled}")
+        scripts.append(executor.get_launch_file_contents(executor.get_sbatch_args(array), command))
+    return scripts
+
+
+def submit_slurm(executors, print_fn: Callable[[str], None] = print) -> None:
+    """Queues the stages' job arrays (the last launches the ones it depends on)."""
+    executors[-1].run()
+    print_fn(f"submitted {len(executors)} Slurm job arrays; the last ({executors[-1].job_name}, job "
+             f"{executors[-1].job_id}) assembles the dataset")
