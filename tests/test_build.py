@@ -143,33 +143,44 @@ def test_a_datatrove_build_is_opened_and_tokenized_like_an_in_memory_one(tmp_pat
     assert info.features["text"].__class__.__name__ == "Text"
 
 
-def test_a_failed_build_names_the_file_and_leaves_no_dataset_that_looks_complete(tmp_path):
+def bad_corpus_config(tmp_path):
+    """A datatrove build of two files, the second corrupt at its line 2."""
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"text": "a fine document " * 20}) + "\n")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "another document " * 20}) + "\n" + "{not json\n")
-    config = tiny_config(data__files=(str(good), str(bad)), data__split="hash", data__build="datatrove",
-                         data__data_dir=str(tmp_path / "data"))
+    return tiny_config(data__files=(str(good), str(bad)), data__split="hash", data__build="datatrove",
+                       data__data_dir=str(tmp_path / "bad"))
+
+
+def test_a_failed_build_names_the_file_and_leaves_no_dataset_that_looks_complete(tmp_path):
     with pytest.raises(CorpusError, match="bad.jsonl:2"):
-        builders(config, workers=1)
-    assert [root for root, _, files in os.walk(tmp_path / "data") if "dataset_info.json" in files] == []
+        builders(bad_corpus_config(tmp_path), workers=1)
+    assert [root for root, _, files in os.walk(tmp_path / "bad") if "dataset_info.json" in files] == []
 
 
 # datatrove's Ray executor uses Ray's older placement-group options.
 @pytest.mark.filterwarnings("ignore:placement_group:DeprecationWarning")
-def test_the_ray_executor_builds_the_same_dataset_as_the_local_one(tmp_path, corpus):
+def test_the_ray_executor_builds_the_same_dataset_as_the_local_one_and_names_a_bad_file(tmp_path, corpus, capsys):
     ray = pytest.importorskip("ray")
     paths, _ = corpus
     near = 0.9  # 5 bands: fewer near-dedup tasks (Ray actors) than at THRESHOLD, the same stages
     local = dataset(config_for(tmp_path, paths, "datatrove", near=near, data_dir="local"), workers=1)
+    capsys.readouterr()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         on_ray = dataset(config_for(tmp_path, paths, "datatrove", near=near, data_dir="ray"),
                          executor="ray", workers=2)
+        progress = capsys.readouterr().out
+        with pytest.raises(CorpusError, match="bad.jsonl:2") as failed:  # Ray logs a task's error and goes on
+            builders(bad_corpus_config(tmp_path), executor="ray", workers=2)
     finally:
         ray.shutdown()
     assert on_ray == local
     assert local[0]["near_duplicates"]["documents"] > 0  # every stage ran on Ray
+    assert "documents" in progress and "MB/s" in progress  # the progress line, read from the tasks' records
+    assert type(failed.value) is CorpusError  # one message, not Ray's wrapper around the task's traceback
+    assert [root for root, _, files in os.walk(tmp_path / "bad") if "dataset_info.json" in files] == []
 
 
 def test_slurm_dry_run_prints_one_sbatch_script_per_stage_and_builds_nothing(tmp_path, corpus):

@@ -3,24 +3,32 @@
 `local`: `LocalPipelineExecutor`, stage after stage, `workers` tasks at a time in worker
 processes, with a progress line while the files are read. `ray`: `RayPipelineExecutor`
 on the Ray cluster `ray.init` finds (or the one at `ray_address`), stage after stage
-from this process. `slurm`: one `SlurmPipelineExecutor` job array per stage, each
-depending on the one before, and a last one-task job that assembles the dataset;
-`submit` returns once they are queued. Every executor records a task's completion, so a
-build that failed (or a job that was preempted) reruns only its unfinished tasks.
+from this process, with the same progress line (the tasks write their progress to the
+build's folder, which the cluster shares). A task that fails on either raises its error
+here (`raise_failed`): a file that cannot be read is one CorpusError naming it. `slurm`:
+one `SlurmPipelineExecutor` job array per stage, each depending on the one before, and a
+last one-task job that assembles the dataset; `submit` returns once they are queued.
+Every executor records a task's completion, so a build that failed (or a job that was
+preempted) reruns only its unfinished tasks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import shutil
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 
 from datatrove.executor import LocalPipelineExecutor
+from datatrove.executor.ray import RayPipelineExecutor
 
 from lm.data.build.read import Progress
 from lm.data.build.stages import Layout, Stage
+from lm.data.documents import CorpusError
 
 EXECUTORS = ("local", "slurm", "ray")
 # Executor options (`lm.prepare` flags without their `slurm_`/`ray_` prefix) and defaults.
@@ -29,7 +37,49 @@ SLURM_DEFAULTS = dict(partition="", time="24:00:00", cpus_per_task=1, mem_per_cp
 RAY_DEFAULTS = dict(address="", cpus_per_task=1, mem_per_cpu_gb=2)
 
 
-class _QuietLocal(LocalPipelineExecutor):
+class _RecordsErrors:
+    """A task that fails writes its error to the stage's `errors/<rank>.json` before it
+    re-raises: executors report a failed task differently (the local one raises it here;
+    Ray's logs it and returns; a Slurm job just fails), and `raise_failed` turns the record
+    into one message, naming the file, whatever ran the task."""
+
+    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
+        try:
+            return super()._run_for_rank(rank, local_rank, node_rank)
+        except Exception as e:
+            with self.logging_dir.open(f"errors/{rank:05d}.json", "w") as f:
+                json.dump({"corpus_error": isinstance(e, CorpusError), "type": type(e).__name__,
+                           "message": str(e)}, f)
+            raise
+
+
+def raise_failed(stage: Stage, layout: Layout, executor) -> None:
+    """Raises, after a stage ran, for the first of its tasks that failed (CorpusError for a
+    corpus file that cannot be read, as `read` raises it) or did not finish."""
+    errors = os.path.join(layout.logs(stage.name), "errors")
+    for name in sorted(os.listdir(errors)) if os.path.isdir(errors) else ():
+        with open(os.path.join(errors, name), encoding="utf-8") as f:
+            error = json.load(f)
+        if error["corpus_error"]:
+            raise CorpusError(error["message"])
+        raise RuntimeError(f"task {int(name.split('.')[0])} of the build's {stage.name} stage failed: "
+                           f"{error['type']}: {error['message']} (its log: {layout.logs(stage.name)}/logs/)")
+    unfinished = executor.get_incomplete_ranks(range(stage.tasks))
+    if unfinished:
+        raise RuntimeError(f"{len(unfinished)} task(s) of the build's {stage.name} stage did not finish (first: "
+                           f"{unfinished[0]}; logs in {layout.logs(stage.name)}/logs/). Fix: rerun the same "
+                           "command: the build resumes from the tasks that finished.")
+
+
+def _clear_errors(stage: Stage, layout: Layout) -> None:
+    shutil.rmtree(os.path.join(layout.logs(stage.name), "errors"), ignore_errors=True)  # a rerun's slate
+
+
+class _RayTasks(_RecordsErrors, RayPipelineExecutor):
+    pass
+
+
+class _QuietLocal(_RecordsErrors, LocalPipelineExecutor):
     """A task's console output (datatrove's log lines, its steps' tqdm bars) goes to the stage's
     `logs/task_<rank>.stderr`; the console keeps the progress line, and errors are raised."""
 
@@ -94,31 +144,39 @@ def _progress_line(progress: Progress, every: float = 5.0):
         print(progress.line(), file=stream, flush=True)
 
 
+def _run_stage(stage: Stage, stages: Sequence[Stage], layout: Layout, executor) -> None:
+    """Runs one stage with `executor` (the progress line while the first reads the files),
+    prints its time, and raises for a task that failed (`raise_failed`)."""
+    _clear_errors(stage, layout)
+    start = time.monotonic()
+    with _progress_line(Progress(layout.progress)) if stage is stages[0] else contextlib.nullcontext():
+        executor.run()
+    raise_failed(stage, layout, executor)
+    print(f"stage {stage.name}: {stage.tasks} task(s) in {time.monotonic() - start:.1f} s", flush=True)
+
+
 def run_local(stages: Sequence[Stage], layout: Layout, workers: int) -> None:
     """Runs the stages here, `workers` tasks at a time."""
     with _quiet_datatrove(), _forkserver():
         for stage in stages:
             executor = _QuietLocal(stage.pipeline, tasks=stage.tasks, workers=max(1, min(workers, stage.tasks)),
                                    logging_dir=layout.logs(stage.name))
-            reads, start = stage is stages[0], time.monotonic()
-            with _progress_line(Progress(layout.progress)) if reads else contextlib.nullcontext():
-                executor.run()
-            print(f"stage {stage.name}: {stage.tasks} task(s) in {time.monotonic() - start:.1f} s", flush=True)
+            _run_stage(stage, stages, layout, executor)
 
 
 def run_ray(stages: Sequence[Stage], layout: Layout, workers: int, options: dict) -> None:
     """Runs the stages on a Ray cluster (started by the caller, or found at `options["address"]`)."""
     import ray
-    from datatrove.executor.ray import RayPipelineExecutor
 
     options = {**RAY_DEFAULTS, **options}
     if not ray.is_initialized():
         ray.init(address=options["address"] or None)
     with _quiet_datatrove():
         for stage in stages:
-            RayPipelineExecutor(stage.pipeline, tasks=stage.tasks, workers=max(1, min(workers, stage.tasks)),
-                                logging_dir=layout.logs(stage.name), cpus_per_task=options["cpus_per_task"],
-                                mem_per_cpu_gb=options["mem_per_cpu_gb"]).run()
+            executor = _RayTasks(stage.pipeline, tasks=stage.tasks, workers=max(1, min(workers, stage.tasks)),
+                                 logging_dir=layout.logs(stage.name), cpus_per_task=options["cpus_per_task"],
+                                 mem_per_cpu_gb=options["mem_per_cpu_gb"])
+            _run_stage(stage, stages, layout, executor)
 
 
 def slurm_executors(stages: Sequence[Stage], layout: Layout, workers: int, options: dict, job_name: str):
