@@ -238,3 +238,40 @@ def test_parquet_zstd_jsonl_and_a_datasets_folder_build_the_jsonl_corpus_dataset
     english.data.where = 'lang == "en"'
     report, _ = dataset(english, workers=1)
     assert report["read"]["documents"] == sum(r["lang"] == "en" for part in rows for r in part)
+
+
+def _fake_slurm(bin_dir, queue_file, calls_file):
+    """`sbatch` that numbers each submission and logs it, and `squeue` that lists what
+    `queue_file` holds: stand-ins for a Slurm cluster, which the test machine has none of."""
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {calls_file}\n'
+                                    f'echo "Submitted batch job $((100 + $(wc -l < {calls_file})))"\n')
+    (bin_dir / "squeue").write_text(f"#!/bin/sh\ncat {queue_file} 2>/dev/null\n")
+    for name in ("sbatch", "squeue"):
+        (bin_dir / name).chmod(0o755)
+
+
+def test_a_slurm_build_is_not_submitted_again_while_its_jobs_run_and_a_resubmission_names_the_failed_task(
+        tmp_path, monkeypatch, capsys):
+    queue, calls = tmp_path / "queue", tmp_path / "sbatch_calls"
+    _fake_slurm(tmp_path / "bin", queue, calls)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    config = bad_corpus_config(tmp_path)
+    with pytest.raises(CorpusError):
+        builders(config, workers=1)  # the local attempt fails at bad.jsonl and records it
+    slurm = dict(executor="slurm", executor_options={"partition": "cpu"})
+    assert builders(config, **slurm) == {}  # queued: no dataset yet
+    out = capsys.readouterr().out
+    assert "the last attempt's task 1 of stage filter" in out and "bad.jsonl:2" in out
+    submitted = calls.read_text().splitlines()
+    assert submitted and "submitted" in out
+    last_job = out.split("Slurm job arrays (")[1].split(")")[0].split(", ")[-1]
+    queue.write_text(f"{last_job}_0\n")  # the assembly job still queued
+    builders(config, **slurm)
+    out = capsys.readouterr().out
+    assert f"Slurm jobs {last_job} are queued or running: not submitting again" in out
+    assert calls.read_text().splitlines() == submitted  # nothing submitted twice
+    queue.write_text("")  # the jobs are gone (e.g. cancelled): a rerun submits the unfinished tasks again
+    builders(config, **slurm)
+    assert len(calls.read_text().splitlines()) > len(submitted)
+    assert "the last attempt's" not in capsys.readouterr().out  # its failure was reported once

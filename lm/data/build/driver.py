@@ -20,7 +20,7 @@ from datatrove.pipeline.base import PipelineStep
 from lm.data import cleaning, text_files
 from lm.data.build import executors, report, shards
 from lm.data.build.dedup import MAX_TASKS
-from lm.data.build.read import check_inputs
+from lm.data.build.read import Progress, check_inputs
 from lm.data.build.stages import Layout, Stage, stages
 from lm.data.documents import CorpusError
 
@@ -77,6 +77,22 @@ class Finish(PipelineStep):
         yield from ()
 
 
+def _resubmit_slurm(jobs, planned: list[Stage], layout: Layout) -> None:
+    """Submits the build's jobs unless its last submission's are still queued or running
+    (two submissions would run the same tasks at once, into the same files): then it prints
+    the build's progress instead. A resubmission says which tasks failed last time; datatrove
+    runs only the unfinished tasks again."""
+    live = executors.live_slurm_jobs(layout)
+    if live:
+        docs, num_bytes = Progress(layout.progress).totals()
+        print(f"this build's Slurm jobs {', '.join(live)} are queued or running: not submitting again. "
+              f"Its tasks have read {docs:,} documents, {num_bytes / 1e6:,.1f} MB so far.")
+        return
+    for line in executors.failed_tasks(planned, layout):
+        print(f"the last attempt's {line}")
+    executors.submit_slurm(jobs, layout)
+
+
 def run(builder: text_files.TextFiles, *, executor: str = "local", workers: int = 0, tasks: int = 0,
         dry_run: bool = False, executor_options: dict | None = None) -> str:
     """Builds `builder`'s dataset with datatrove unless it is built; returns its directory.
@@ -106,7 +122,7 @@ def run(builder: text_files.TextFiles, *, executor: str = "local", workers: int 
             for stage, script in zip(planned, executors.sbatch_scripts(jobs)):
                 print(f"# stage {stage.name}: {stage.tasks} task(s)\n{script}")
         else:
-            executors.submit_slurm(jobs)
+            _resubmit_slurm(jobs, planned, layout)
         return builder.data_dir
     if executor == "ray":
         executors.run_ray(planned, layout, workers or os.cpu_count() or 1, executor_options or {})

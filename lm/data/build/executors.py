@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -25,6 +26,7 @@ from collections.abc import Callable, Sequence
 
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.executor.ray import RayPipelineExecutor
+from datatrove.executor.slurm import SlurmPipelineExecutor
 
 from lm.data.build.read import Progress
 from lm.data.build.stages import Layout, Stage
@@ -56,13 +58,10 @@ class _RecordsErrors:
 def raise_failed(stage: Stage, layout: Layout, executor) -> None:
     """Raises, after a stage ran, for the first of its tasks that failed (CorpusError for a
     corpus file that cannot be read, as `read` raises it) or did not finish."""
-    errors = os.path.join(layout.logs(stage.name), "errors")
-    for name in sorted(os.listdir(errors)) if os.path.isdir(errors) else ():
-        with open(os.path.join(errors, name), encoding="utf-8") as f:
-            error = json.load(f)
+    for rank, error in recorded_errors(stage, layout)[:1]:
         if error["corpus_error"]:
             raise CorpusError(error["message"])
-        raise RuntimeError(f"task {int(name.split('.')[0])} of the build's {stage.name} stage failed: "
+        raise RuntimeError(f"task {rank} of the build's {stage.name} stage failed: "
                            f"{error['type']}: {error['message']} (its log: {layout.logs(stage.name)}/logs/)")
     unfinished = executor.get_incomplete_ranks(range(stage.tasks))
     if unfinished:
@@ -71,11 +70,25 @@ def raise_failed(stage: Stage, layout: Layout, executor) -> None:
                            "command: the build resumes from the tasks that finished.")
 
 
+def recorded_errors(stage: Stage, layout: Layout) -> list[tuple[int, dict]]:
+    """(rank, error record) of each of the stage's tasks that recorded a failure, by rank."""
+    errors = os.path.join(layout.logs(stage.name), "errors")
+    records = []
+    for name in sorted(os.listdir(errors)) if os.path.isdir(errors) else ():
+        with open(os.path.join(errors, name), encoding="utf-8") as f:
+            records.append((int(name.split(".")[0]), json.load(f)))
+    return records
+
+
 def _clear_errors(stage: Stage, layout: Layout) -> None:
     shutil.rmtree(os.path.join(layout.logs(stage.name), "errors"), ignore_errors=True)  # a rerun's slate
 
 
 class _RayTasks(_RecordsErrors, RayPipelineExecutor):
+    pass
+
+
+class _SlurmTasks(_RecordsErrors, SlurmPipelineExecutor):
     pass
 
 
@@ -181,8 +194,6 @@ def run_ray(stages: Sequence[Stage], layout: Layout, workers: int, options: dict
 
 def slurm_executors(stages: Sequence[Stage], layout: Layout, workers: int, options: dict, job_name: str):
     """One SlurmPipelineExecutor per stage, each depending on the one before."""
-    from datatrove.executor.slurm import SlurmPipelineExecutor
-
     options = {**SLURM_DEFAULTS, **options}
     if not options["partition"]:
         from lm.data.documents import CorpusError
@@ -190,7 +201,7 @@ def slurm_executors(stages: Sequence[Stage], layout: Layout, workers: int, optio
         raise CorpusError("--executor=slurm needs a partition. Fix: pass --slurm_partition=<partition>.")
     executors, before = [], None
     for stage in stages:
-        before = SlurmPipelineExecutor(
+        before = _SlurmTasks(
             stage.pipeline, tasks=stage.tasks, workers=workers if workers > 0 else -1, depends=before,
             time=options["time"], partition=options["partition"], cpus_per_task=options["cpus_per_task"],
             mem_per_cpu_gb=options["mem_per_cpu_gb"], qos=options["qos"], venv_path=options["venv_path"] or None,
@@ -213,8 +224,41 @@ def sbatch_scripts(executors) -> list[str]:
     return scripts
 
 
-def submit_slurm(executors, print_fn: Callable[[str], None] = print) -> None:
-    """Queues the stages' job arrays (the last launches the ones it depends on)."""
+SLURM_JOBS = "slurm_jobs.json"  # in the build's folder: the job ids of its last submission
+
+
+def submit_slurm(executors, layout: Layout, print_fn: Callable[[str], None] = print) -> None:
+    """Queues the stages' job arrays (the last launches the ones it depends on) and records
+    their job ids, by which `live_slurm_jobs` tells a rerun they are still queued or running."""
     executors[-1].run()
-    print_fn(f"submitted {len(executors)} Slurm job arrays; the last ({executors[-1].job_name}, job "
-             f"{executors[-1].job_id}) assembles the dataset")
+    ids = [str(e.job_id) for e in executors if e.job_id not in (None, -1)]  # -1: every task done before
+    os.makedirs(layout.work, exist_ok=True)
+    with open(os.path.join(layout.work, SLURM_JOBS), "w", encoding="utf-8") as f:
+        json.dump(ids, f)
+    print_fn(f"submitted {len(ids)} Slurm job arrays ({', '.join(ids)}); the last ({executors[-1].job_name}) "
+             "assembles the dataset. Rerun the same command for the build's progress.")
+
+
+def live_slurm_jobs(layout: Layout) -> list[str]:
+    """The jobs of the build's last submission that `squeue` still lists (queued or running)."""
+    path = os.path.join(layout.work, SLURM_JOBS)
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        ids = json.load(f)
+    if not ids:
+        return []
+    listed = subprocess.run(["squeue", "--noheader", "--format=%i", f"--jobs={','.join(ids)}"],
+                            capture_output=True, text=True, check=False).stdout.split()
+    return sorted({job.split("_")[0] for job in listed} & set(ids))  # an array's tasks show as <id>_<task>
+
+
+def failed_tasks(stages: Sequence[Stage], layout: Layout) -> list[str]:
+    """One line per task a stage's last attempt recorded as failed (`_RecordsErrors`); clears
+    the records, since the tasks are about to run again."""
+    lines = []
+    for stage in stages:
+        lines += [f"task {rank} of stage {stage.name}: {error['message']}"
+                  for rank, error in recorded_errors(stage, layout)]
+        _clear_errors(stage, layout)
+    return lines
