@@ -10,6 +10,7 @@ cleaning report. `lm.data.corpus` opens either result the same way.
 read.py      each task's share of the files as documents; the progress line
 filters.py   the quality rules as a datatrove filter; the counts the report is made of
 dedup.py     config.data.dedup as datatrove's exact and MinHash stages (threshold -> bands)
+near.py      near-dup candidates verified by exact Jaccard (shingle hashes on disk, clusters)
 shards.py    the hash split and ArrayRecord shards; the TFDS dataset around them
 stages.py    the stages in order and where they keep their files
 report.py    the cleaning report merged from the stages' stats

@@ -2,16 +2,18 @@
 
     filter        T tasks  read -> count -> quality rules -> count -> (jsonl, exact signatures)
     exact_find    1 task   duplicate hashes across all tasks' signatures
-    exact_filter  T tasks  jsonl -> drop exact copies -> count -> (jsonl, MinHash signatures)
-    near_buckets  b tasks  pairs sharing a band, per band
-    near_cluster  1 task   pairs -> clusters -> the documents to remove
+    exact_filter  T tasks  jsonl -> drop exact copies -> count -> (jsonl, MinHash signatures, shingle hashes)
+    near_buckets  b tasks  candidate pairs: documents sharing a band, per band
+    near_cluster  1 task   candidates -> exact Jaccard >= threshold -> clusters -> the documents to remove
     write         T tasks  jsonl -> drop near copies -> count -> hash split -> ArrayRecord shards
 
 A stage whose dedup is off is left out, and the stage before it writes the shards. Each
 `T`-task stage's task `r` reads what task `r` of the stage before wrote, so the document
 indices datatrove's dedup stages record stay valid. Memory: a task holds one document at
-a time plus its own signature array (tens of bytes per document of its share); the
-finders stream sorted signature files; the cluster stage holds the duplicate pairs only.
+a time plus its own signature array and shingle offsets (tens of bytes per document of its
+share); the finders stream sorted signature files; the cluster stage holds one band's
+candidates and the verified pairs' clusters, and memory-maps the shingle hashes
+(`lm.data.build.near`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from datatrove.pipeline.dedup import (
     ExactDedupSignature,
     ExactFindDedups,
     MinhashDedupBuckets,
-    MinhashDedupCluster,
     MinhashDedupFilter,
 )
 from datatrove.pipeline.readers import JsonlReader
@@ -33,6 +34,7 @@ from datatrove.pipeline.writers import JsonlWriter
 
 from lm.data.build import dedup
 from lm.data.build.filters import Count, QualityRules
+from lm.data.build.near import VerifiedCluster
 from lm.data.build.read import ReadFiles
 from lm.data.build.shards import WriteShards
 
@@ -102,12 +104,12 @@ def stages(files: tuple[str, ...], options: dict, layout: Layout, tasks: int) ->
     if not near:
         return result + [Stage("exact_filter", unique + write, tasks)]
     minhash = dedup.minhash_config(dd)
-    signatures = dedup.ShingleSignature(layout.near_sigs, minhash, dd["num_perm"])
+    signatures = dedup.ShingleSignature(layout.near_sigs, minhash, dd["num_perm"], layout.near_shingles)
     result += [Stage("exact_filter" if exact else "filter", unique + [_jsonl(layout.unique), signatures], tasks),
                Stage("near_buckets", [MinhashDedupBuckets(layout.near_sigs, layout.near_buckets, config=minhash)],
                      minhash.num_buckets),
-               Stage("near_cluster", [MinhashDedupCluster(layout.near_buckets, layout.near_remove, config=minhash)],
-                     1),
+               Stage("near_cluster", [VerifiedCluster(layout.near_buckets, layout.near_remove, layout.near_shingles,
+                                                      dd["near_threshold"])], 1),
                Stage("write", [ReadTask(layout.unique), MinhashDedupFilter(layout.near_remove), Count("kept")]
                      + write, tasks)]
     return result
