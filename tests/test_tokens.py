@@ -75,6 +75,36 @@ def test_parallel_tokenizing_gives_encodes_ids_and_documents_in_order(tmp_path, 
                                                            ("tokens.npy", "docs.npy", "json"))  # parts removed
 
 
+def test_a_failed_tokenizing_leaves_no_cache_and_a_rerun_redoes_only_the_unfinished_parts(tmp_path, monkeypatch):
+    config = small_config(tmp_path, [tmp_path / "docs.jsonl"], data__tokenizer="char")
+    write_corpus(tmp_path / "docs.jsonl", 300)
+    built = corpus.builders(config)
+    builder, tokenizer = built["speeches"], corpus.fit_tokenizer(config, built)
+    infos = {s: (builder.info.splits[s].num_examples, builder.info.splits[s].num_bytes) for s in SPLITS}
+    parts, cache = token_stage.plan(infos, part_bytes=8_000), str(tmp_path / "tokens")
+    calls, encode_batch, failing = [], tokenizers.CharTokenizer.encode_batch, [True]
+
+    def failing_third(self, texts):  # each part is one chunk of records: one call a part
+        calls.append(len(texts))
+        if failing and len(calls) == 3:
+            raise RuntimeError("the third part failed")
+        return encode_batch(self, texts)
+
+    monkeypatch.setattr(tokenizers.CharTokenizer, "encode_batch", failing_third)
+    with pytest.raises(RuntimeError, match="the third part failed"):
+        token_stage.tokenize(builder.data_dir, infos, tokenizer, cache, workers=1, part_bytes=8_000)
+    assert not any(token_cache.is_cached(cache, split) for split in SPLITS)
+    calls.clear()
+    failing.clear()
+    token_stage.tokenize(builder.data_dir, infos, tokenizer, cache, workers=1, part_bytes=8_000)
+    assert len(calls) == len(parts) - 2  # the two finished parts were kept
+    for split in SPLITS:
+        stream, docs, _ = token_cache.load(cache, split)
+        want_stream, want_docs = reference(tokenizer, list(corpus.texts(builder.as_data_source()[split])))
+        assert np.array_equal(stream, want_stream) and np.array_equal(docs, want_docs)
+    assert not [name for name in os.listdir(cache) if name.startswith("incomplete")]
+
+
 class CountingSource:
     """A built split's data source that counts the documents read through it."""
 

@@ -207,5 +207,7 @@ def tokenize(dataset_dir: str, splits: dict[str, tuple[int, int]], tokenizer: to
         for split, totals in result.items():
             print(f"  {split}: {totals['documents']:,} documents, {totals['tokens']:,} tokens: "
                   f"{token_cache.paths(cache_dir, split)['tokens.npy']}", flush=True)
-    shutil.rmtree(layout.work, ignore_errors=True)
+    for name in os.listdir(cache_dir):  # this run's parts, and any an earlier run of other splits left
+        if name.startswith("incomplete.tokens-"):
+            shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
     return result
