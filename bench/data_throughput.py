@@ -25,7 +25,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from lm.config import parse_flags, validated_config  # noqa: E402
 from lm.data import batches, rows, tokenizers  # noqa: E402
-from lm.data.corpus import builders, prepare, token_stream  # noqa: E402
+from lm.data.corpus import builders, prepare, token_streams  # noqa: E402
 from lm.errors import UsageError, exit_with_error, quiet_logging, reject_positional  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe to measure.", lock_config=True)
@@ -39,10 +39,10 @@ def main(argv):
     try:
         with tempfile.TemporaryDirectory() as tmp:
             corpus = prepare(config, os.path.join(tmp, "tokenizer.json"))  # builds, trains, caches
-            source = next(iter(builders(config).values())).as_data_source()["train"]  # the first source
+            builder = next(iter(builders(config).values()))  # the first source
             start = time.perf_counter()
-            tokens, documents, num_bytes = token_stream(
-                source, corpus.tokenizer, os.path.join(tmp, "fresh"), "train", config.data.num_threads)
+            tokens, documents, num_bytes = token_streams(
+                builder, corpus.tokenizer, os.path.join(tmp, "fresh"))["train"]  # and validation
             tokenize_s = time.perf_counter() - start
     except UsageError as e:
         exit_with_error(str(e))

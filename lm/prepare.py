@@ -1,16 +1,23 @@
-"""Build a config's corpus: read, normalise, filter, deduplicate, split, write TFDS.
+"""Prepare a config's corpus: build it (read, normalise, filter, deduplicate, split, write
+TFDS), fit its tokenizer and store its tokens.
 
     python -m lm.prepare --config=configs/shakespeare_bpe.py
 
 Prints the cleaning report (documents and characters read, dropped by each rule,
-duplicates removed, kept per split) and where the dataset and its report live. Training
-builds the corpus the same way on first use; this command lets you inspect and tune the
-cleaning first. A built corpus is reused until its files or options change.
+duplicates removed, kept per split) and where the dataset and its report live; then fits
+the tokenizer (SentencePiece on a bounded sample of the train documents, cached in the
+data cache) and tokenizes each split once with `--workers` processes (a progress line,
+and documents, tokens and tokens/s per split), printing where the tokens are. A run of
+the same config then starts without tokenizing anything. Training prepares the corpus
+the same way on first use; this command does it ahead, and lets you inspect and tune the
+cleaning first. A built corpus and its tokens are reused until the files or options
+change; `--tokenize=false` builds only.
 
 With `--config.data.build=datatrove` (and `data.split=hash`) the build runs as datatrove
 stages in bounded memory (`lm.data.build`), on this machine (`--workers=N`, with a
 progress line), on Slurm (`--executor=slurm --slurm_partition=...`; `--dry_run` prints
-the sbatch scripts) or on Ray (`--executor=ray [--ray_address=...]`):
+the sbatch scripts) or on Ray (`--executor=ray [--ray_address=...]`), and so does the
+tokenizing (on this machine after a Slurm build: rerun once the jobs are done):
 
     python -m lm.prepare --config=my_corpus.py --config.data.build=datatrove --workers=16
 """
@@ -35,6 +42,7 @@ _WORKERS = flags.DEFINE_integer("workers", 0, "data.build=datatrove: tasks run a
                                 "(Slurm: no limit).", lower_bound=0)
 _TASKS = flags.DEFINE_integer("tasks", 0, "data.build=datatrove: parts the files are read in; 0 = one per "
                               "file (memory per task: one file).", lower_bound=0)
+_TOKENIZE = flags.DEFINE_bool("tokenize", True, "Also fit the tokenizer and store each split's tokens.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "--executor=slurm: print the sbatch scripts, submit nothing.")
 _SLURM = {
     "partition": flags.DEFINE_string("slurm_partition", "", "Slurm partition (required for --executor=slurm)."),
@@ -89,6 +97,14 @@ def build_options(config) -> dict:
                 executor_options=options)
 
 
+def tokenize_options(options: dict) -> dict:
+    """`lm.data.corpus.prepare`'s tokenizing options from the build's: Ray tokenizes on Ray,
+    anything else on this machine."""
+    ray = options.get("executor") == "ray"
+    return dict(executor="ray" if ray else "local", workers=_WORKERS.value,
+                executor_options=options["executor_options"] if ray else {}, verbose=True)
+
+
 def main(argv: list[str]) -> None:
     reject_positional(argv)
     quiet_logging()
@@ -108,6 +124,15 @@ def main(argv: list[str]) -> None:
         if not os.path.exists(path):
             atomic.write_json(path, report, indent=2)
         print(f"dataset: {builder.data_dir}\nreport: {path}")
+    if _TOKENIZE.value and len(built) == len(corpus.sources(config)) and not options.get("dry_run"):
+        try:
+            prepared = corpus.prepare(config, None, **tokenize_options(options))
+        except UsageError as e:
+            exit_with_error(str(e))
+        tokenizer = prepared.tokenizer
+        print(f"tokenizer: {tokenizer.kind}, {tokenizer.vocab_size:,} ids")
+        for builder in built.values():
+            print(f"tokens: {corpus.token_dir(config, builder, tokenizer)}")
 
 
 if __name__ == "__main__":

@@ -108,11 +108,17 @@ def wait_for_checkpoint(process: subprocess.Popen, directory, step: int, timeout
 
 
 @pytest.mark.resume
-def test_a_packed_sentencepiece_run_killed_and_restarted_ends_exactly_like_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("build", ["memory", "datatrove"])
+def test_a_packed_sentencepiece_run_killed_and_restarted_ends_exactly_like_an_uninterrupted_one(tmp_path, build):
     """The packed pipeline's position survives kill -9 (test_reliability kills the
-    character recipe several times, mid-save too)."""
+    character recipe several times, mid-save too); on a datatrove build, `lm.prepare`
+    tokenizes first and the runs read its tokens without rewriting them."""
     config = BPE_CONFIG
     flags = cli_flags(train__steps=40, train__log_every=1, train__eval_every=20, train__checkpoint_every=10)
+    if build == "datatrove":  # a corpus built and tokenized anew
+        flags += [f"--config.data.build={build}", f"--config.data.data_dir={tmp_path / 'data'}"]
+        tokens = run_cli("lm.prepare", config, *flags).stdout.split("tokens: ")[-1].strip()
+        stored = os.stat(os.path.join(tokens, "train.tokens.npy")).st_mtime_ns
     whole = tmp_path / "uninterrupted"
     expected = run_cli("lm.main", config, f"--workdir={whole}", *flags)
 
@@ -132,6 +138,8 @@ def test_a_packed_sentencepiece_run_killed_and_restarted_ends_exactly_like_an_un
     want, got = by_step(read_metrics(whole)), by_step(read_metrics(resumed))
     for step in range(21, 41):  # every step after the restart repeats the same loss, bit for bit
         assert got[step]["train/loss"] == want[step]["train/loss"], step
+    if build == "datatrove":
+        assert os.stat(os.path.join(tokens, "train.tokens.npy")).st_mtime_ns == stored
 
 
 def run_bench(script: str, *flags: str) -> tuple[str, dict[str, str]]:

@@ -1,10 +1,13 @@
 """The corpus: build each source's TFDS dataset, fit the tokenizer, tokenize each split once.
 
-`prepare(config, tokenizer_path)` returns a `Corpus`. Each split is cached as one token
-stream, its documents joined by `<eos>`, plus each document's (start, length), under
-`<data_dir>/tokens/<dataset>/<tokenizer id>/`; the cache is keyed by the dataset's
-fingerprint and the tokenizer's, so a change to either tokenizes afresh. Rows
-(`lm.data.rows`) and batches (`lm.data.batches`) are read from these streams.
+`prepare(config, tokenizer_path)` returns a `Corpus`. Each split is stored once as one
+token stream, its documents joined by `<eos>`, plus each document's (start, length),
+under `<data_dir>/tokens/<dataset>/<tokenizer id>/` (`lm.data.token_cache`); the cache
+is keyed by the dataset's fingerprint and the tokenizer's, so a change to either
+tokenizes afresh. Tokenizing is `lm.data.build.tokens`: parallel tasks over the
+dataset's records, joined by streaming, in memory that does not grow with the corpus.
+`python -m lm.prepare` does it ahead of training; a run's start-up then only reads the
+cache. Rows (`lm.data.rows`) and batches (`lm.data.batches`) are read from these streams.
 """
 
 from __future__ import annotations
@@ -12,21 +15,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import functools
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 
-import grain
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
 from lm.config import resolve_files
-from lm.data import text_files, tokenizers
+from lm.data import text_files, token_cache, tokenizers, vocabulary
 from lm.data.documents import CorpusError
-from lm.files import atomic
 
 SPLITS = ("train", "validation")
 
@@ -94,23 +93,20 @@ def _with_build(config: ml_collections.ConfigDict, options: dict) -> dict:
     return options if config.data.build == "memory" else {**options, "build": config.data.build}
 
 
-def train_texts(built: dict[str, text_files.TextFiles]) -> Iterator[str]:
-    """Every source's train documents, source after source."""
-    for builder in built.values():
-        yield from texts(builder.as_data_source()["train"])
+def prepare(config: ml_collections.ConfigDict, tokenizer_path: str | None, **tokenize) -> Corpus:
+    """Builds the corpus datasets, fits the tokenizer and tokenizes each split once.
 
-
-def prepare(config: ml_collections.ConfigDict, tokenizer_path: str) -> Corpus:
-    """Builds the corpus datasets and their token streams.
-
-    The tokenizer is fitted to the train split(s) (or loaded from data.sentencepiece.model)
-    and saved at `tokenizer_path`; if that file exists (a resumed run), it is loaded
-    instead, so ids never change under a run. Processes preparing into one data cache take
-    turns (a sweep's parallel runs): TFDS renames a finished build into place, and two
-    builds of one dataset at once collide.
+    The tokenizer is fitted to the train split(s) (or loaded from data.sentencepiece.model,
+    or from its cache: `lm.data.vocabulary`) and saved at `tokenizer_path`; if that file
+    exists (a resumed run), it is loaded instead, so ids never change under a run.
+    `tokenizer_path=None` (`lm.prepare`, which has no run) saves it nowhere: the cached
+    tokenizer is the one a run then fits, and so are its token caches. `tokenize`:
+    `token_streams`' options (executor, workers, verbose). Processes preparing into one
+    data cache take turns (a sweep's parallel runs): TFDS renames a finished build into
+    place, and two builds of one dataset at once collide.
     """
     with _exclusive(data_dir(config)):
-        return _prepare(config, tokenizer_path)
+        return _prepare(config, tokenizer_path, tokenize)
 
 
 @contextlib.contextmanager
@@ -124,20 +120,19 @@ def _exclusive(directory: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _prepare(config: ml_collections.ConfigDict, tokenizer_path: str) -> Corpus:
+def _prepare(config: ml_collections.ConfigDict, tokenizer_path: str | None, tokenize: dict) -> Corpus:
     built = builders(config)
-    if os.path.exists(tokenizer_path):
+    if tokenizer_path and os.path.exists(tokenizer_path):
         tokenizer = tokenizers.load(tokenizer_path)
     else:
         tokenizer = fit_tokenizer(config, built)
-        tokenizers.save(tokenizer, tokenizer_path)
+        if tokenizer_path:
+            tokenizers.save(tokenizer, tokenizer_path)
     per_source = {split: [] for split in SPLITS}
     for builder in built.values():
-        data_sources = builder.as_data_source()
-        cache = os.path.join(data_dir(config), "tokens", builder.builder_config.name, _tokenizer_id(tokenizer))
+        streams = token_streams(builder, tokenizer, token_dir(config, builder, tokenizer), **tokenize)
         for split in SPLITS:
-            per_source[split].append(token_stream(data_sources[split], tokenizer, cache, split,
-                                                   config.data.num_threads))
+            per_source[split].append(streams[split])
     tokens, documents, bytes_per_token = {}, {}, {}
     for split in SPLITS:
         tokens[split], documents[split] = _join([(t, d) for t, d, _ in per_source[split]], tokenizer.eos_id)
@@ -147,6 +142,12 @@ def _prepare(config: ml_collections.ConfigDict, tokenizer_path: str) -> Corpus:
     mixture = tuple((w, t, d) for w, (t, d, _) in zip(weights, per_source["train"])) if len(weights) > 1 else ()
     reports = {name: text_files.report(builder) for name, builder in built.items()}
     return Corpus(tokenizer, tokens, documents, bytes_per_token, reports, mixture)
+
+
+def token_dir(config: ml_collections.ConfigDict, builder: text_files.TextFiles,
+              tokenizer: tokenizers.Tokenizer) -> str:
+    """Where a built dataset's token cache for `tokenizer` lives."""
+    return os.path.join(data_dir(config), "tokens", builder.builder_config.name, _tokenizer_id(tokenizer))
 
 
 def _join(streams: list[tuple[np.ndarray, np.ndarray]], eos_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -176,40 +177,11 @@ def _check_split(config: ml_collections.ConfigDict, split: str, tokens: np.ndarr
 
 
 def fit_tokenizer(config: ml_collections.ConfigDict, built: dict[str, text_files.TextFiles]) -> tokenizers.Tokenizer:
-    """The config's tokenizer, trained on the train split(s) where it needs training."""
-    d = config.data
-    if d.tokenizer != "sentencepiece":
-        return tokenizers.train(d.tokenizer, train_texts(built))
-    if d.sentencepiece.model:
-        return tokenizers.SentencePieceTokenizer.from_file(d.sentencepiece.model)
-    settings = d.sentencepiece.to_dict()
-    settings["user_defined_symbols"] = list(settings["user_defined_symbols"])
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    corpus_id = "+".join(b.builder_config.name for b in built.values())
-    path = os.path.join(data_dir(config), "tokenizers", corpus_id, f"{key}.model")
-    if not os.path.exists(path):
-        tokenizer = train_sentencepiece(config, built)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic.write_bytes(path, tokenizer.model_proto)
-    return tokenizers.SentencePieceTokenizer.from_file(path)
+    """The config's tokenizer for `built`, fitted once and cached (`lm.data.vocabulary.fit`)."""
+    return vocabulary.fit(config, built, os.path.join(data_dir(config), "tokenizers"))
 
 
-def train_sentencepiece(config: ml_collections.ConfigDict,
-                        built: dict[str, text_files.TextFiles]) -> tokenizers.SentencePieceTokenizer:
-    """SentencePiece trained per `config.data.sentencepiece` on every source's train split."""
-    sp = config.data.sentencepiece
-    try:
-        return tokenizers.train_sentencepiece(train_texts(built), sp.vocab_size, sp.model_type, sp.byte_fallback,
-                                              sp.user_defined_symbols, sp.max_sentences,
-                                              max(config.data.num_threads, 1))
-    except ValueError as e:
-        raise CorpusError(f"config.data.sentencepiece.vocab_size={sp.vocab_size}: {e}") from None
-
-
-def texts(source) -> Iterator[str]:
-    """The documents of one split of a built dataset (`builder.as_data_source()[split]`), in order."""
-    for i in range(len(source)):
-        yield source[i]["text"].decode("utf-8")
+train_sentencepiece, train_texts, texts = vocabulary.train_sentencepiece, vocabulary.train_texts, vocabulary.texts
 
 
 def _tokenizer_id(tokenizer: tokenizers.Tokenizer) -> str:
@@ -217,46 +189,19 @@ def _tokenizer_id(tokenizer: tokenizers.Tokenizer) -> str:
     return f"{tokenizer.kind}_{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
 
 
-RECORDS_PER_CHUNK = 256  # records read (one array_record batch read) and encoded per task
+def token_streams(builder: text_files.TextFiles, tokenizer: tokenizers.Tokenizer, cache_dir: str,
+                  **tokenize) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+    """split -> (stream, documents, UTF-8 bytes) of the built dataset, read from its token
+    cache in `cache_dir` (the stream memory-mapped).
 
+    Splits not cached yet are tokenized first, by `lm.data.build.tokens.tokenize` (parallel
+    tasks over the records, joined by streaming; `tokenize`: its executor, workers,
+    executor_options, verbose, part_bytes); the ids are `tokenizer.encode`'s."""
+    missing = {split: (builder.info.splits[split].num_examples, builder.info.splits[split].num_bytes)
+               for split in SPLITS if not token_cache.is_cached(cache_dir, split)}
+    if missing:
+        from lm.data.build import tokens  # datatrove: imported when there is something to tokenize
 
-def token_stream(source, tokenizer, cache_dir: str, split: str, num_threads: int):
-    """(stream, documents, UTF-8 bytes) of the split, tokenized in order; cached as .npy.
-
-    Grain threads each read a chunk of records at once and encode it in one tokenizer
-    call: per-record reads and calls cost more than the tokenizing itself.
-    """
-    paths = {name: os.path.join(cache_dir, f"{split}.{name}") for name in ("tokens.npy", "docs.npy", "json")}
-    if not all(os.path.exists(p) for p in paths.values()):
-        chunks = -(-len(source) // RECORDS_PER_CHUNK)
-        encode = functools.partial(_encode_chunk, tokenizer, source)
-        encoded = grain.MapDataset.range(chunks).map(encode).to_iter_dataset(
-            grain.ReadOptions(num_threads=max(num_threads, 1), prefetch_buffer_size=4))
-        ids, lengths, num_bytes = [], [], 0
-        eos = np.array([tokenizer.eos_id], np.int32)
-        for chunk_ids, chunk_bytes in encoded:
-            for doc_ids in chunk_ids:
-                ids.extend((doc_ids, eos))
-                lengths.append(len(doc_ids))
-            num_bytes += chunk_bytes
-        stream = np.concatenate(ids[:-1]) if ids else np.zeros((0,), np.int32)
-        lengths = np.asarray(lengths, np.int64)
-        docs = np.stack([np.cumsum(lengths + 1) - lengths - 1, lengths], axis=1) if len(lengths) else \
-            np.zeros((0, 2), np.int64)
         os.makedirs(cache_dir, exist_ok=True)
-        for name, array in (("tokens.npy", stream), ("docs.npy", docs)):
-            with atomic.replacing(paths[name], "wb") as f:
-                np.save(f, array)
-        atomic.write_text(paths["json"], json.dumps({"bytes": num_bytes}))
-    with open(paths["json"]) as f:
-        num_bytes = json.load(f)["bytes"]
-    return np.load(paths["tokens.npy"], mmap_mode="r"), np.load(paths["docs.npy"]), num_bytes
-
-
-def _encode_chunk(tokenizer: tokenizers.Tokenizer, source, chunk: int) -> tuple[list[np.ndarray], int]:
-    records = source.__getitems__(range(chunk * RECORDS_PER_CHUNK,
-                                        min((chunk + 1) * RECORDS_PER_CHUNK, len(source))))
-    texts = [r["text"] for r in records]
-    return tokenizer.encode_batch([t.decode("utf-8") for t in texts]), sum(map(len, texts))
-
-
+        tokens.tokenize(builder.data_dir, missing, tokenizer, cache_dir, **tokenize)
+    return {split: token_cache.load(cache_dir, split) for split in SPLITS}
