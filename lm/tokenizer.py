@@ -22,7 +22,7 @@ from ml_collections import config_flags
 
 from lm import config as config_lib
 from lm.config import parse_flags
-from lm.data import corpus, tokenizers
+from lm.data import corpus, tokenizers, vocabulary
 from lm.errors import UsageError, exit_with_error, quiet_logging
 from lm.files import atomic, paths
 
@@ -46,7 +46,7 @@ def compression(tokenizer: tokenizers.SentencePieceTokenizer, texts: list[str]) 
 
 def train(config, built: dict, output: str) -> tokenizers.SentencePieceTokenizer:
     start = time.perf_counter()
-    tokenizer = corpus.train_sentencepiece(config, built)
+    tokenizer = vocabulary.train_sentencepiece(config, built)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     atomic.write_bytes(output, tokenizer.model_proto)
     print(f"trained {config.data.sentencepiece.model_type} tokenizer, {tokenizer.vocab_size:,} pieces, in "

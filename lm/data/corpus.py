@@ -181,7 +181,7 @@ def fit_tokenizer(config: ml_collections.ConfigDict, built: dict[str, text_files
     return vocabulary.fit(config, built, os.path.join(data_dir(config), "tokenizers"))
 
 
-train_sentencepiece, train_texts, texts = vocabulary.train_sentencepiece, vocabulary.train_texts, vocabulary.texts
+texts = vocabulary.texts  # a built split's documents: read here by the commands, tests and benches
 
 
 def _tokenizer_id(tokenizer: tokenizers.Tokenizer) -> str:
