@@ -122,19 +122,24 @@ def _forkserver():
     the parent runs as `__main__` (multiprocessing's "main fixup"): `lm.prepare` or
     `lm.main` bring JAX, ~135 MB more in every worker, and a script without a main guard
     would run again. The build's steps live in `lm.data.build`, so `__main__` is hidden
-    from the workers while they start. (datatrove's manager process still forks this one:
-    started from the forkserver it measured 60 MB larger.)"""
+    from the workers while they start. datatrove's Manager process forks this one (from
+    the forkserver it measured 60 MB larger), except in a process that imported JAX (a
+    run tokenizing at start-up), which must not fork: there it starts from the forkserver."""
     import multiprocess
 
     multiprocess.set_forkserver_preload(["lm.data.build"])
     main = sys.modules["__main__"]
     hidden = {key: main.__dict__.pop(key) for key in ("__spec__", "__file__") if key in main.__dict__}
     main.__spec__ = None  # no module name and no file: nothing for a worker to import as main
+    default = multiprocess.get_start_method(allow_none=True)
+    if "jax" in sys.modules:  # a training run tokenizing at start-up: JAX's threads make fork unsafe
+        multiprocess.set_start_method("forkserver", force=True)  # for datatrove's Manager too
     try:
         yield
     finally:
         del main.__spec__
         main.__dict__.update(hidden)
+        multiprocess.set_start_method(default, force=True)
 
 
 @contextlib.contextmanager
