@@ -75,14 +75,11 @@ def report_lines(report: dict) -> list[str]:
 
 def build_options(config) -> dict:
     """`lm.data.build.run`'s options from the flags; {} for the in-memory build. Raises
-    UsageError for executor flags the config's build does not take."""
+    UsageError (one message with the whole fix) for flags the config's build or the
+    executor does not take."""
+    _refuse_unused_flags(config)
     if config.data.build != "datatrove":
-        if _EXECUTOR.value != "local" or _DRY_RUN.value:
-            raise UsageError(f"--executor={_EXECUTOR.value}{' --dry_run' if _DRY_RUN.value else ''} runs the "
-                             "datatrove build. Fix: add --config.data.build=datatrove --config.data.split=hash.")
         return {}
-    if _DRY_RUN.value and _EXECUTOR.value != "slurm":
-        raise UsageError("--dry_run prints Slurm's sbatch scripts. Fix: add --executor=slurm.")
     options = {}
     if _EXECUTOR.value == "slurm":
         options = {key: flag.value for key, flag in _SLURM.items()}
@@ -95,6 +92,32 @@ def build_options(config) -> dict:
         options = {key: flag.value for key, flag in _RAY.items()}
     return dict(executor=_EXECUTOR.value, workers=_WORKERS.value, tasks=_TASKS.value, dry_run=_DRY_RUN.value,
                 executor_options=options)
+
+
+def _refuse_unused_flags(config) -> None:
+    """Raises UsageError for flags that would have no effect: executor flags without the
+    datatrove build, --tasks with the in-memory build, --slurm_*/--ray_* without their
+    executor; and --dry_run's whole fix at once (the build, Slurm, a partition)."""
+    datatrove = config.data.build == "datatrove"
+    slurm = _DRY_RUN.value or _EXECUTOR.value == "slurm"
+    given = [name for name, used in (("--dry_run", _DRY_RUN.value), (f"--executor={_EXECUTOR.value}",
+             _EXECUTOR.value != "local"), ("--tasks", _TASKS.present)) if used]
+    missing = [fix for fix, needed in (
+        ("--config.data.build=datatrove --config.data.split=hash", given and not datatrove),
+        ("--executor=slurm", _DRY_RUN.value and _EXECUTOR.value != "slurm"),
+        ("--slurm_partition=<partition>", slurm and not _SLURM["partition"].value)) if needed]
+    if missing:
+        runs = "the datatrove build" + (" on Slurm" if slurm else "") + (" (printing its sbatch scripts)"
+                                                                         if _DRY_RUN.value else "")
+        raise UsageError(f"{' '.join(given)} {'run' if len(given) > 1 else 'runs'} {runs}. Fix: add "
+                         f"{' '.join(missing)}{'' if slurm else ', or drop ' + ' '.join(given)}.")
+    for executor, group in (("slurm", _SLURM), ("ray", _RAY)):
+        given = [f"--{flag.name}" for flag in group.values() if flags.FLAGS[flag.name].present]
+        if given and _EXECUTOR.value != executor:
+            raise UsageError(f"{' '.join(given)}: no effect without --executor={executor}. Fix: add "
+                             f"--executor={executor}"
+                             f"{'' if datatrove else ' --config.data.build=datatrove --config.data.split=hash'}, "
+                             f"or drop {' '.join(given)}.")
 
 
 def tokenize_options(options: dict) -> dict:

@@ -341,3 +341,72 @@ def test_a_slurm_build_is_not_submitted_again_while_its_jobs_run_and_a_resubmiss
     builders(config, **slurm)
     assert len(calls.read_text().splitlines()) > len(submitted)
     assert "the last attempt's" not in capsys.readouterr().out  # its failure was reported once
+
+
+def test_a_build_waits_for_another_holding_the_data_cache_then_reuses_its_dataset(tmp_path):
+    import threading
+
+    from lm.data import corpus as corpus_lib
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document {i} " + "word " * 30}) + "\n" for i in range(40)))
+    config = tiny_config(data__files=(str(path),), data__split="hash", data__data_dir=str(tmp_path / "data"))
+    results = {}
+
+    def build(key):
+        results[key] = builders(config)[config.data.name].data_dir
+
+    with corpus_lib._exclusive(str(tmp_path / "data")):  # another build holds the cache
+        waiting = threading.Thread(target=build, args=("waiting",))
+        waiting.start()
+        waiting.join(timeout=1.0)
+        assert waiting.is_alive() and not results  # it waits rather than building beside the other
+    waiting.join(timeout=120)
+    racing = [threading.Thread(target=build, args=(key,)) for key in ("a", "b")]
+    for thread in racing:
+        thread.start()
+    for thread in racing:
+        thread.join(timeout=120)
+    assert results["waiting"] == results["a"] == results["b"]
+    assert os.path.exists(os.path.join(results["a"], "dataset_info.json"))
+
+
+@pytest.mark.parametrize("where", ["config", "env"])
+def test_a_data_cache_that_is_a_file_is_one_error_naming_where_it_came_from(tmp_path, monkeypatch, where):
+    cache = tmp_path / "cache"
+    cache.write_text("precious")
+    paths = planted_corpus(tmp_path, files=1)[0]
+    config = config_for(tmp_path, paths, "memory")
+    config.data.data_dir = str(cache) if where == "config" else ""
+    monkeypatch.setenv("LM_DATA_DIR", str(cache))
+    field = "config.data.data_dir" if where == "config" else r"\$LM_DATA_DIR"
+    with pytest.raises(CorpusError, match=rf"^{field}='{cache}' cannot be the data cache: it is a file"):
+        builders(config)
+    assert cache.read_text() == "precious"
+
+
+def test_a_ray_address_nothing_answers_is_one_error_naming_the_flag_at_once():
+    pytest.importorskip("ray")
+    from helpers import free_port
+
+    from lm.data.build import executors
+    from lm.errors import UsageError
+
+    for address in (f"127.0.0.1:{free_port()}", f"ray://127.0.0.1:{free_port()}"):
+        with pytest.raises(UsageError, match=rf"^--ray_address='{address}': no Ray cluster answers"):
+            executors.init_ray(address, timeout=2.0)
+
+
+@pytest.mark.parametrize("flags, fix", [
+    (["--ray_address=127.0.0.1:1"], "--executor=ray --config.data.build=datatrove --config.data.split=hash"),
+    (["--slurm_qos=high", "--config.data.build=datatrove", "--config.data.split=hash"], "--executor=slurm"),
+    (["--tasks=4"], "--config.data.build=datatrove --config.data.split=hash"),
+    (["--dry_run"], "--config.data.build=datatrove --config.data.split=hash --executor=slurm "
+                    "--slurm_partition=<partition>"),
+])
+def test_a_flag_without_effect_is_refused_with_the_whole_fix_in_one_line(tmp_path, flags, fix):
+    result = run_cli("lm.prepare", "--config=configs/shakespeare_char.py", f"--config.data.data_dir={tmp_path}",
+                     *flags, check=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("lm: error: ") and f"Fix: add {fix}" in result.stderr
+    assert os.listdir(tmp_path) == []  # refused before any work

@@ -4,6 +4,9 @@ same documents, metadata filters, globs over many shards, and one message per ba
 import gzip
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import datasets
 import ml_collections
@@ -217,3 +220,74 @@ def test_mixed_schemas_across_shards_name_a_shard_of_each_kind_and_leave_no_data
     with pytest.raises(CorpusError, match=r"c_no_score\.parquet has no column 'score'"):
         builders(corpus_config(tmp_path, shards, data__where="score >= 1"))
     assert [root for root, _, files in os.walk(tmp_path / "data") if "dataset_info.json" in files] == []
+
+
+def test_an_input_reached_twice_through_links_or_a_link_loop_is_read_once(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    path = write_as("jsonl", rows_of(fillers(20)), corpus / "sub" / "a")
+    os.symlink(corpus, corpus / "sub" / "loop")  # a directory link back up: a loop
+    os.symlink(path, tmp_path / "link.jsonl")  # the same file under another name
+    patterns = [str(corpus), str(tmp_path / "link.jsonl"), path]
+    assert sources.expand(patterns) == [path]
+    assert config_lib.resolve_files(patterns) == [path]
+    config = corpus_config(tmp_path, patterns)
+    report, texts = built_texts(config)
+    assert report["read"]["documents"] == 20 and sorted(texts) == sorted(fillers(20))
+
+
+def _unprivileged(code: str) -> subprocess.CompletedProcess:
+    """`code` run by a Python without root's override of file permissions (setpriv drops it
+    when this runs as root; otherwise chmod alone makes a file unreadable)."""
+    command = [sys.executable, "-c", code]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv: cannot make a file unreadable to root")
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=os.getcwd())
+
+
+def test_an_input_that_cannot_be_read_or_listed_is_one_error_naming_it(tmp_path):
+    unreadable = write_as("jsonl", rows_of(fillers(3)), tmp_path / "secret")
+    folder = tmp_path / "closed"
+    folder.mkdir()
+    write_as("jsonl", rows_of(fillers(3)), folder / "inside")
+    os.chmod(unreadable, 0)
+    os.chmod(folder, 0)
+    try:
+        result = _unprivileged(
+            "from lm.config import ConfigError, resolve_files\n"
+            "from lm.data import sources, text_files\nfrom lm.data.documents import CorpusError\n"
+            f"for call in (lambda: text_files.fingerprint([{unreadable!r}], {{}}), "
+            f"lambda: sources.expand([{str(folder)!r}]), lambda: resolve_files([{str(folder)!r}])):\n"
+            "    try:\n        call()\n    except (CorpusError, ConfigError) as e:\n        print(e)\n")
+    finally:
+        os.chmod(folder, 0o755)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3, result.stdout
+    assert lines[0].startswith(f"cannot read {unreadable}: Permission denied. Fix:")
+    assert lines[1].startswith(f"cannot read {folder}: Permission denied. Fix:")
+    assert "cannot be read" in lines[2] and "Permission denied" in lines[2] and "matches no" not in lines[2]
+
+
+@pytest.mark.parametrize("build", ["memory", "datatrove"])
+def test_a_bad_input_of_any_source_stops_the_build_before_any_source_is_built_and_names_it(tmp_path, build):
+    good = write_as("jsonl", rows_of(fillers(30)), tmp_path / "good")
+    bad = write_as("parquet", [{"content": t} for t in fillers(5)], tmp_path / "bad")
+    config = corpus_config(tmp_path, [good], data__build=build)
+    config.data.sources = ml_collections.ConfigDict({"a": dict(files=(good,), weight=1.0),
+                                                     "b": dict(files=(bad,), weight=1.0)})
+    with pytest.raises(CorpusError, match=r"^config\.data\.sources\.b: .*bad\.parquet has no column 'text'"):
+        builders(config, **({"workers": 1} if build == "datatrove" else {}))
+    assert not any("dataset_info.json" in files for _, _, files in os.walk(tmp_path / "data"))
+
+
+@pytest.mark.parametrize("build", ["memory", "datatrove"])
+def test_a_filter_that_keeps_nothing_is_named_by_both_builds_in_one_message(tmp_path, build):
+    path = write_as("jsonl", rows_of(fillers(10)), tmp_path / "rows")
+    config = corpus_config(tmp_path, [path], data__build=build, data__where="score > 100")
+    with pytest.raises(CorpusError) as failed:
+        builders(config, **({"workers": 1} if build == "datatrove" else {}))
+    assert str(failed.value) == (f"no document of {path} survived cleaning (0 read). Fix: check the files have "
+                                 "text, or relax config.data.where / config.data.filters / config.data.dedup.")

@@ -15,6 +15,7 @@ import ast
 import glob
 import json
 import os
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 from lm.config.choices import CORPUS_SUFFIXES
@@ -53,20 +54,47 @@ def hf_splits(path: str) -> list[str]:
 def matches(pattern: str) -> list[str]:
     """The corpus inputs `pattern` names, sorted: a file; a `save_to_disk` folder; every file
     ending in a `CORPUS_SUFFIXES` suffix and every `save_to_disk` folder under a directory
-    (recursively); or what a glob (`**` recurses) matches of those. `~` is expanded and the
-    paths are absolute. Raises ValueError (the caller's error type wraps it) for a
-    `DatasetDict` folder, whose splits must be named one by one."""
+    (recursively, following links, each real folder once: a link loop ends); or what a glob
+    (`**` recurses) matches of those. `~` is expanded and the paths are absolute; an input
+    reached by several paths (links) is named once. Raises ValueError (the caller's error
+    type wraps it) for a `DatasetDict` folder, whose splits must be named one by one, and
+    OSError for a directory that cannot be listed."""
     expanded = os.path.abspath(os.path.expanduser(pattern))
     if os.path.isdir(expanded) and not is_hf_dataset(expanded):
         _refuse_splits(expanded)
-        expanded = os.path.join(expanded, "**", "*")
-    found = set()
-    for path in glob.glob(expanded, recursive=True):
+        candidates = _walk(expanded)
+    else:
+        candidates = glob.glob(expanded, recursive=True)
+    found: dict[str, str] = {}
+    for path in sorted(candidates):
         _refuse_splits(path)
         inside_hf = is_hf_dataset(os.path.dirname(path))  # a save_to_disk folder's own files
         if (os.path.isfile(path) and path.endswith(CORPUS_SUFFIXES) and not inside_hf) or is_hf_dataset(path):
-            found.add(path)
-    return sorted(found)
+            found.setdefault(os.path.realpath(path), path)
+    return sorted(found.values())
+
+
+def unique(paths: Iterable[str], into: dict[str, str]) -> None:
+    """Adds `paths` to `into` (real path -> the path first named), so an input named twice,
+    or through a link, is read once, at its first place."""
+    for path in paths:
+        into.setdefault(os.path.realpath(path), path)
+
+
+def _walk(top: str) -> Iterator[str]:
+    """The paths under `top` as `glob(top/**/*)` finds them (no hidden names), but entering
+    each real directory once. Raises OSError for a directory that cannot be listed."""
+    def unlistable(error: OSError) -> None:
+        raise error
+
+    visited = set()
+    for root, dirs, names in os.walk(top, followlinks=True, onerror=unlistable):
+        if os.path.realpath(root) in visited:
+            dirs[:] = []
+            continue
+        visited.add(os.path.realpath(root))
+        dirs[:] = [name for name in dirs if not name.startswith(".")]
+        yield from (os.path.join(root, name) for name in dirs + names if not name.startswith("."))
 
 
 def _refuse_splits(path: str) -> None:

@@ -105,22 +105,25 @@ def _get(config: ml_collections.ConfigDict, field: str) -> Any:
 def resolve_files(patterns: Iterable[str], field: str = "data.files") -> list[str]:
     """Expands `data.files` (paths, directories or globs, `~` allowed) to the corpus inputs
     (`lm.config.inputs.matches`): each pattern's matches sorted, in the patterns' order, an
-    input named twice kept at its first place.
+    input named twice (or through a link) kept at its first place.
 
     Raises ConfigError naming the pattern that matched nothing, or a DatasetDict folder.
     """
-    files: dict[str, None] = {}
+    files: dict[str, str] = {}
     for pattern in patterns:
         try:
             found = inputs.matches(pattern)
         except ValueError as e:
             fail(field, pattern, "names no single dataset", str(e))
+        except OSError as e:
+            fail(field, pattern, f"names a directory that cannot be read ({e.filename}: {e.strerror})",
+                 "check it exists and this user may list it (its permissions)")
         if not found:
             fail(field, pattern, f"matches no corpus file (looked for {os.path.abspath(os.path.expanduser(pattern))} "
                  f"ending in {', '.join(choices.CORPUS_SUFFIXES)}, or a datasets save_to_disk folder)",
                  f"point {field} at existing corpus files, e.g. --config.{field}='(\"/path/to/corpus.txt\",)'")
-        files.update(dict.fromkeys(found))
-    return list(files)
+        inputs.unique(found, files)
+    return list(files.values())
 
 
 def check_where(field: str, text: Any) -> None:

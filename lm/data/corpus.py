@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import threading
 
 import ml_collections
 import numpy as np
@@ -26,6 +28,7 @@ import tensorflow_datasets as tfds
 from lm.config import resolve_files
 from lm.data import text_files, token_cache, tokenizers, vocabulary
 from lm.data.documents import CorpusError
+from lm.data.sources import check_inputs
 
 SPLITS = ("train", "validation")
 
@@ -67,24 +70,41 @@ def builders(config: ml_collections.ConfigDict, **build_options) -> dict[str, te
     (`config.data.name`, or `<name>_<source>` for each of `config.data.sources`) -> builder.
     With `config.data.build="datatrove"`, `lm.data.build.run` builds it (`build_options`:
     its executor, workers, tasks...); a build queued on Slurm is left out until it is done.
-    Raises CorpusError (naming the file and the fix) for a file that cannot be read."""
-    built = {}
+    Every source's inputs are hashed, and checked if not built, (`lm.data.sources.check_inputs`) before
+    any is built. Builds into one data cache take turns (`_exclusive`): a second build of
+    the same corpus waits, then reuses the first's dataset. Raises CorpusError (naming the
+    source, the file and the fix) for a data cache or a file that cannot be used."""
     tfds.disable_progress_bar()
-    for (name, files, _), source in zip(sources(config), list(config.data.sources) or [""]):
-        options = _with_build(config, text_files.corpus_options(config.data, source))
-        builder = text_files.builder(name, resolve_files(files), options, data_dir(config))
-        try:
-            if config.data.build == "datatrove":
-                from lm.data import build  # datatrove: imported by the builds that use it
+    with _exclusive(data_dir(config), _data_dir_field(config)):
+        planned = {}
+        for (name, files, _), source in zip(sources(config), list(config.data.sources) or [""]):
+            with _naming(source):
+                options = _with_build(config, text_files.corpus_options(config.data, source))
+                builder = text_files.builder(name, resolve_files(files), options, data_dir(config))
+                if not text_files.is_built(builder):
+                    check_inputs(builder.builder_config.files, options)
+            planned[name] = (source, builder)
+        built = {}
+        for name, (source, builder) in planned.items():
+            with _naming(source):
+                if config.data.build == "datatrove":
+                    from lm.data import build  # datatrove: imported by the builds that use it
 
-                build.run(builder, **build_options)
-                if not build.is_built(builder):
-                    continue
-            builder.download_and_prepare()
-        except CorpusError as e:
-            raise CorpusError(str(e)) from None
-        built[name] = builder
-    return built
+                    build.run(builder, **build_options)
+                    if not build.is_built(builder):
+                        continue
+                builder.download_and_prepare()
+            built[name] = builder
+        return built
+
+
+@contextlib.contextmanager
+def _naming(source: str):
+    """A CorpusError raised inside, as one message naming the source (`config.data.sources.<source>`)."""
+    try:
+        yield
+    except CorpusError as e:
+        raise CorpusError(f"config.data.sources.{source}: {e}" if source else str(e)) from None
 
 
 def _with_build(config: ml_collections.ConfigDict, options: dict) -> dict:
@@ -105,19 +125,49 @@ def prepare(config: ml_collections.ConfigDict, tokenizer_path: str | None, **tok
     data cache take turns (a sweep's parallel runs): TFDS renames a finished build into
     place, and two builds of one dataset at once collide.
     """
-    with _exclusive(data_dir(config)):
+    with _exclusive(data_dir(config), _data_dir_field(config)):
         return _prepare(config, tokenizer_path, tokenize)
 
 
+_held = threading.local()  # the data caches this thread holds the lock of: `_exclusive` is re-entrant
+
+
 @contextlib.contextmanager
-def _exclusive(directory: str):
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, ".lock"), "a", encoding="utf-8") as handle:
+def _exclusive(directory: str, field: str = "config.data.data_dir"):
+    """Holds `directory`'s lock (`.lock` in it, created with the directory): other processes
+    (and threads) wait; the holding thread may enter again (`prepare` runs `builders`). Raises
+    CorpusError naming `field` when the directory cannot be created or written."""
+    key = os.path.realpath(directory)
+    held = vars(_held).setdefault("dirs", set())
+    if key in held:
+        yield
+        return
+    try:
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise NotADirectoryError(errno.ENOTDIR, "it is a file, not a directory")
+        os.makedirs(directory, exist_ok=True)
+        handle = open(os.path.join(directory, ".lock"), "a", encoding="utf-8")
+        if not os.access(directory, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as e:
+        raise CorpusError(f"{field}={directory!r} cannot be the data cache: {e.strerror or e}. Fix: set "
+                          "config.data.data_dir (or $LM_DATA_DIR) to a directory this user can create and "
+                          "write.") from None
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # released by the kernel if the process dies
+        held.add(key)
         try:
             yield
         finally:
+            held.discard(key)
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _data_dir_field(config: ml_collections.ConfigDict) -> str:
+    """Where the data cache's path came from, for errors about it."""
+    if config.data.data_dir:
+        return "config.data.data_dir"
+    return "$LM_DATA_DIR" if os.environ.get("LM_DATA_DIR") else "the default data cache (config.data.data_dir)"
 
 
 def _prepare(config: ml_collections.ConfigDict, tokenizer_path: str | None, tokenize: dict) -> Corpus:

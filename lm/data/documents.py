@@ -53,14 +53,24 @@ class Document:
     source: str  # "path" or "path:line", for reports and errors
 
 
+def input_error(path: str, error: OSError | EOFError) -> CorpusError:
+    """The one error for an input that cannot be read, hashed or listed: an OSError with an
+    errno (missing, no permission, a directory...) names its text; others (a truncated or
+    not-gzip `.gz`: gzip.BadGzipFile, EOFError) say the file is damaged."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return CorpusError(f"cannot read {path}: {error.strerror}. Fix: check it exists and this user may read it "
+                           "(its permissions, and its folders').")
+    return CorpusError(f"cannot read {path}: {error}. Fix: check the file is complete "
+                       "(a .gz file must be gzip-compressed).")
+
+
 def read_bytes(path: str) -> bytes:
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
             return f.read()
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
-        raise CorpusError(f"cannot read {path}: {e}. Fix: check the file is complete "
-                          "(a .gz file must be gzip-compressed).") from None
+        raise input_error(path, e) from None
 
 
 def encoding_of(data: bytes) -> str:
@@ -121,10 +131,17 @@ def file_digest(path: str) -> str:
     """SHA-256 (hex) of a file's bytes, read in chunks (a shard may be GBs); for a folder
     (a `datasets` save_to_disk folder), of its files' relative names and digests."""
     if not os.path.isdir(path):
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        try:
+            with open(path, "rb") as f:
+                return hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError as e:
+            raise input_error(path, e) from None
     digest = hashlib.sha256()
-    for root, dirs, names in os.walk(path):
+
+    def unlistable(error: OSError) -> None:
+        raise input_error(error.filename or path, error) from None
+
+    for root, dirs, names in os.walk(path, onerror=unlistable):
         dirs.sort()
         for name in sorted(names):
             full = os.path.join(root, name)

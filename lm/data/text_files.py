@@ -101,18 +101,24 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
         tagged = _documents_with_splits(self.builder_config.files, options)
         for doc, split in cleaning.clean(tagged, rules, dedup, report, text=lambda pair: pair[0].text):
             by_split[split].append(doc)
-        if not any(by_split.values()):
-            raise CorpusError(f"no document of {', '.join(self.builder_config.files)} survived cleaning "
-                              f"({report.read.documents} read). Fix: check the files have text, or relax "
-                              "config.data.where / config.data.filters / config.data.dedup.")
-        for split, docs in by_split.items():
-            if not docs:
-                raise CorpusError(f"the {split} split is empty ({report.kept.documents} documents kept in "
-                                  "all). Fix: use more documents, or change config.data.validation_fraction "
-                                  "or config.data.split.")
+        check_kept(self.builder_config.files, options, report.read.documents,
+                   {split: len(docs) for split, docs in by_split.items()})
         self.info.metadata["report"] = {**report.to_json(), "splits": {
             s: {"documents": len(d), "chars": sum(len(x.text) for x in d)} for s, d in by_split.items()}}
         return by_split
+
+
+def check_kept(files: Sequence[str], options: dict, read: int, kept: dict[str, int]) -> None:
+    """Raises CorpusError (both builds: one message) when no document, or none of a split,
+    survived cleaning; `kept`: split -> documents kept. The fix names `data.where` when set."""
+    if not sum(kept.values()):
+        where = "config.data.where / " if options.get("where") else ""
+        raise CorpusError(f"no document of {', '.join(files)} survived cleaning ({read} read). Fix: check the "
+                          f"files have text, or relax {where}config.data.filters / config.data.dedup.")
+    for split, count in kept.items():
+        if not count:
+            raise CorpusError(f"the {split} split is empty ({sum(kept.values())} documents kept in all). Fix: "
+                              "use more documents, or change config.data.validation_fraction or config.data.split.")
 
 
 def _file_documents(path: str, options: dict) -> Iterator[Document]:
@@ -177,6 +183,11 @@ def builder(name: str, files: Sequence[str], options: dict, data_dir: str) -> Te
     config = TextFilesConfig(name=f"{name}_{fingerprint(files, built_by)}", files=files,
                              options=json.dumps(options, sort_keys=True))
     return TextFiles(config=config, data_dir=data_dir, file_format="array_record")
+
+
+def is_built(builder: TextFiles) -> bool:
+    """Whether the builder's dataset is in place (either build writes its info last)."""
+    return os.path.exists(os.path.join(builder.data_dir, "dataset_info.json"))
 
 
 def report(built: TextFiles) -> dict:

@@ -20,9 +20,9 @@ from datatrove.pipeline.base import PipelineStep
 from lm.data import cleaning, text_files
 from lm.data.build import executors, report, shards
 from lm.data.build.dedup import MAX_TASKS
-from lm.data.build.read import Progress, check_inputs
+from lm.data.build.read import Progress
 from lm.data.build.stages import Layout, Stage, stages
-from lm.data.documents import CorpusError
+from lm.data.sources import check_inputs
 
 
 def layout_of(builder: text_files.TextFiles, tasks: int) -> Layout:
@@ -30,8 +30,7 @@ def layout_of(builder: text_files.TextFiles, tasks: int) -> Layout:
     return Layout(os.path.join(os.path.dirname(builder.data_dir), f"incomplete.datatrove-{tasks}"))
 
 
-def is_built(builder: text_files.TextFiles) -> bool:
-    return os.path.exists(os.path.join(builder.data_dir, "dataset_info.json"))
+is_built = text_files.is_built
 
 
 def finish(builder: text_files.TextFiles, layout: Layout, stage_names: list[str]) -> str:
@@ -43,14 +42,8 @@ def finish(builder: text_files.TextFiles, layout: Layout, stage_names: list[str]
     counts = report.merged_counts(os.path.join(layout.logs(name), "stats") for name in stage_names)
     rules = [name for name, _ in cleaning.quality_rules(ml_collections.ConfigDict(options["filters"]))]
     result = report.build_report(counts, rules)
-    files = ", ".join(builder.builder_config.files)
-    if not result["kept"]["documents"]:
-        raise CorpusError(f"no document of {files} survived cleaning ({result['read']['documents']} read). "
-                          "Fix: check the files have text, or relax config.data.filters / config.data.dedup.")
-    for split, tally in result["splits"].items():
-        if not tally["documents"]:
-            raise CorpusError(f"the {split} split is empty ({result['kept']['documents']} documents kept in all). "
-                              "Fix: use more documents, or change config.data.validation_fraction.")
+    text_files.check_kept(builder.builder_config.files, options, result["read"]["documents"],
+                          {split: tally["documents"] for split, tally in result["splits"].items()})
     shards.assemble(builder, layout.shards, layout.dataset, result, report.split_bytes(counts))
     os.rename(layout.dataset, builder.data_dir)  # the one step that makes it look complete
     shutil.rmtree(layout.work, ignore_errors=True)

@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +32,7 @@ from datatrove.executor.slurm import SlurmPipelineExecutor
 from lm.data.build.read import Progress
 from lm.data.build.stages import Layout, Stage
 from lm.data.documents import CorpusError
+from lm.errors import UsageError
 
 EXECUTORS = ("local", "slurm", "ray")
 # Executor options (`lm.prepare` flags without their `slurm_`/`ray_` prefix) and defaults.
@@ -184,17 +186,40 @@ def run_local(stages: Sequence[Stage], layout: Layout, workers: int) -> None:
 
 def run_ray(stages: Sequence[Stage], layout: Layout, workers: int, options: dict) -> None:
     """Runs the stages on a Ray cluster (started by the caller, or found at `options["address"]`)."""
-    import ray
-
     options = {**RAY_DEFAULTS, **options}
-    if not ray.is_initialized():
-        ray.init(address=options["address"] or None)
+    init_ray(options["address"])
     with _quiet_datatrove():
         for stage in stages:
             executor = _RayTasks(stage.pipeline, tasks=stage.tasks, workers=max(1, min(workers, stage.tasks)),
                                  logging_dir=layout.logs(stage.name), cpus_per_task=options["cpus_per_task"],
                                  mem_per_cpu_gb=options["mem_per_cpu_gb"])
             _run_stage(stage, stages, layout, executor)
+
+
+def init_ray(address: str, timeout: float = 5.0) -> None:
+    """Connects to the Ray cluster at `address` ('' or "auto": the one `ray.init` finds),
+    unless connected. Raises UsageError naming --ray_address when nothing answers at the
+    address (checked first: Ray itself retries an unanswered address for a long time)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address and address not in ("auto", "local"):
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+        except (OSError, ValueError) as e:
+            raise _ray_error(address, str(e) or type(e).__name__) from None
+    try:
+        ray.init(address=address or None)
+    except (ConnectionError, TimeoutError, RuntimeError) as e:
+        raise _ray_error(address, str(e)) from None
+
+
+def _ray_error(address: str, problem: str) -> UsageError:
+    return UsageError(f"--ray_address={address!r}: no Ray cluster answers ({problem}). Fix: give the address of a "
+                      "running cluster's head (host:6379, or ray://host:10001), or leave --ray_address out to start "
+                      "a local one.")
 
 
 def slurm_executors(stages: Sequence[Stage], layout: Layout, workers: int, options: dict, job_name: str):

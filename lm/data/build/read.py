@@ -45,17 +45,6 @@ def file_texts(path: str, options: dict) -> Iterator[str]:
         yield text
 
 
-def check_inputs(files: Sequence[str], options: dict) -> None:
-    """Before any task starts: one CorpusError for Parquet or `datasets` inputs whose schemas
-    do not fit the text column and filter, or disagree (`lm.data.sources.check_schemas`)."""
-    text_column, where = options.get("text_column", "text"), options.get("where", "")
-    if all(path.endswith(documents.SUFFIXES) for path in files) and text_column == "text" and not where:
-        return  # text files: nothing columnar to check
-    from lm.data import sources
-
-    sources.check_schemas(files, text_column, where)
-
-
 class ReadFiles(PipelineStep):
     """Reads this task's files (`task_files`) as documents tagged with the task's rank.
 

@@ -7,7 +7,8 @@
   `.parquet` and folders written by `datasets`' `Dataset.save_to_disk` (the text in
   column `text_column`; `columnar` says how they are read).
 - `check_schemas(paths, text_column, where)`: before reading, one error for Parquet or
-  `datasets` inputs whose schemas disagree (naming a shard of each kind).
+  `datasets` inputs whose schemas disagree (naming a shard of each kind); `check_inputs`
+  does it for a corpus's files and options (both builds, every source before any is built).
 
 Text is normalised as `lm.data.documents` does for `.txt` and `.jsonl`: LF line ends
 (CRLF and lone CR in the text become LF), then the Unicode normal form `normalize`. A
@@ -27,7 +28,7 @@ from lm.data import documents
 from lm.data.documents import CorpusError
 from lm.data.sources import columnar, filters, jsonl
 
-__all__ = ["expand", "read", "check_schemas", "Condition"]
+__all__ = ["expand", "read", "check_schemas", "check_inputs", "Condition"]
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 TEXT_SUFFIXES = (".txt", ".txt.gz")
@@ -36,21 +37,23 @@ TEXT_SUFFIXES = (".txt", ".txt.gz")
 def expand(patterns: Iterable[str]) -> list[str]:
     """The inputs that `patterns` name (`lm.config.inputs.matches`: files with a corpus
     suffix and save_to_disk folders, directories searched recursively, globs with `**`):
-    each pattern's matches sorted, the patterns in their order, an input named twice kept
-    at its first place. Absolute paths. Raises CorpusError naming a pattern that matches
+    each pattern's matches sorted, the patterns in their order, an input named twice (or
+    through a link) kept at its first place. Absolute paths. Raises CorpusError naming a pattern that matches
     nothing, or a DatasetDict folder (name one of its splits)."""
-    found: dict[str, None] = {}
+    found: dict[str, str] = {}
     for pattern in patterns:
         try:
             matched = inputs.matches(pattern)
         except ValueError as e:
             raise CorpusError(f"{e}.") from None
+        except OSError as e:
+            raise documents.input_error(e.filename or pattern, e) from None
         if not matched:
             raise CorpusError(f"{pattern!r} matches no corpus input (files ending in "
                               f"{', '.join(inputs.CORPUS_SUFFIXES)}, or datasets save_to_disk folders). "
                               "Fix: correct the path or glob, or check the files exist.")
-        found.update(dict.fromkeys(matched))
-    return list(found)
+        inputs.unique(matched, found)
+    return list(found.values())
 
 
 def read(path: str, text_column: str = "text", where: str | Sequence[Condition] | None = None, *,
@@ -142,3 +145,12 @@ def check_schemas(paths: Sequence[str], text_column: str = "text",
     raise CorpusError(f"the shards' schemas differ: {path} {wrong}, while {good} reads with text column "
                       f"{text_column!r}{' and the filter' if conds else ''}. Fix: give the shards one schema, or "
                       f"read each kind as its own config.data.sources entry; else {_fix(wrong)}.")
+
+
+def check_inputs(files: Sequence[str], options: dict) -> None:
+    """Before a corpus is built: one CorpusError for Parquet or `datasets` inputs whose schemas
+    do not fit its options' text column and filter, or disagree (`check_schemas`)."""
+    text_column, where = options.get("text_column", "text"), options.get("where", "")
+    if all(path.endswith(documents.SUFFIXES) for path in files) and text_column == "text" and not where:
+        return  # text files: nothing columnar to check
+    check_schemas(files, text_column, where)
