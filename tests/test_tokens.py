@@ -5,10 +5,12 @@ without tokenizing."""
 import json
 import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from helpers import run_cli, tiny_config
+from helpers import cli_env, run_cli, tiny_config
 
 from lm.data import corpora, corpus, token_cache, tokenizers, vocabulary
 from lm.data.build import tokens as token_stage
@@ -181,3 +183,27 @@ def test_a_corpus_lm_prepare_tokenized_starts_training_without_tokenizing(tmp_pa
     assert text.any() and np.isin(first[0]["tokens"][text], stored).all()
     tokenizer = tokenizers.load(str(tmp_path / "run" / "tokenizer.json"))
     assert corpus._tokenizer_id(tokenizer) == os.path.basename(token_dir)  # noqa: SLF001
+
+
+def test_a_process_running_jax_tokenizes_in_worker_processes_without_forking_itself(tmp_path):
+    """A run that finds no tokens tokenizes at start-up, after JAX started its threads: no
+    process may be forked from it (JAX warns that fork can deadlock); workers and datatrove's
+    Manager start from the forkserver."""
+    files = [tmp_path / f"part-{i}.jsonl" for i in range(2)]
+    for seed, path in enumerate(files):
+        write_corpus(path, 150, seed)
+    script = f"""
+import lm, jax.numpy as jnp
+from helpers import tiny_config
+from lm.data import corpus
+from lm.data.build import tokens
+jnp.ones(3).block_until_ready()
+tokens.PART_BYTES = 8_000  # several parts a split: worker processes
+config = tiny_config(data__files={tuple(map(str, files))!r}, data__split="hash", data__build="datatrove",
+                     data__data_dir={str(tmp_path / 'data')!r})
+corpus.prepare(config, {str(tmp_path / 'tokenizer.json')!r}, workers=2)
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(__file__), env=cli_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "os.fork()" not in result.stderr
