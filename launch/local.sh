@@ -8,12 +8,15 @@
 #   launch/local.sh --dry_run ...                          # print the commands, run nothing
 #
 # --extra=cuda|tpu installs JAX for that accelerator (setup.cfg extras).
+# Call it from any directory: lm.main runs in yours, so a relative --config, --workdir or
+# data path means what it means in your shell; the .venv and the default recipe are the
+# repository's (found next to this script).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+repo="$(cd "$(dirname "$0")/.." && pwd)"
 
 dry_run=0
 extra=""
-config="configs/shakespeare_char.py"
+config="$repo/configs/shakespeare_char.py"
 workdir=""
 passthrough=()
 for arg in "$@"; do
@@ -30,16 +33,16 @@ if [[ -z "$workdir" ]]; then
   name="$(basename "${config%%:*}" .py)"
   workdir="/tmp/lm/${name}"
 fi
-package="."
-[[ -n "$extra" ]] && package=".[${extra}]"
+package="$repo"
+[[ -n "$extra" ]] && package="${repo}[${extra}]"
 
 run() {
   echo "+ $*"
   if [[ "$dry_run" == 0 ]]; then "$@"; fi
 }
 
-if [[ ! -x .venv/bin/python || "$dry_run" == 1 ]]; then
-  run python3 -m venv .venv
-  run .venv/bin/pip install -e "$package"
+if [[ ! -x "$repo/.venv/bin/python" || "$dry_run" == 1 ]]; then
+  run python3 -m venv "$repo/.venv"
+  run "$repo/.venv/bin/pip" install -e "$package"
 fi
-run .venv/bin/python -m lm.main --config="$config" --workdir="$workdir" "${passthrough[@]}"
+run "$repo/.venv/bin/python" -m lm.main --config="$config" --workdir="$workdir" "${passthrough[@]}"

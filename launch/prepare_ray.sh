@@ -11,10 +11,13 @@
 #   --dry_run            print the lm.prepare command, run nothing
 # The config's data_dir must be on a file system every Ray node sees. The script sets
 # data.build="datatrove" and data.split="hash".
+# Call it from any directory: lm.prepare runs in yours, so a relative --config or data path
+# means what it means in your shell. It runs the repository's .venv/bin/python (found next
+# to this script), or the interpreter LM_PYTHON names.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+repo="$(cd "$(dirname "$0")/.." && pwd)"
 
-python="${LM_PYTHON:-.venv/bin/python}"
+python="${LM_PYTHON:-$repo/.venv/bin/python}"
 flags=(--executor=ray) dry_run=0
 while [[ $# -gt 0 ]]; do
   case "$1" in

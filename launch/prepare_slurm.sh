@@ -14,10 +14,12 @@
 # the virtualenv LM_VENV names, and read and write the config's data_dir: put it on a
 # file system every node sees. The script sets data.build="datatrove" and
 # data.split="hash".
+# Call it from any directory: lm.prepare runs in yours and the jobs start there too (SLURM's
+# default), so a relative --config or data path means what it means in your shell.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+repo="$(cd "$(dirname "$0")/.." && pwd)"
 
-venv="${LM_VENV:-$PWD/.venv}"
+venv="${LM_VENV:-$repo/.venv}"
 flags=(--executor=slurm "--slurm_venv=$venv/bin/activate")
 while [[ $# -gt 0 ]]; do
   case "$1" in

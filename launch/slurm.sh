@@ -11,9 +11,11 @@
 #   --dry_run            print the sbatch command, then what process 0 of the job would
 #                        run and use (SLURM's variables simulated), and submit nothing
 # The nodes run the repository's .venv/bin/python (made by the README's install), or
-# the interpreter LM_PYTHON names.
+# the interpreter LM_PYTHON names. Call it from any directory: the job starts in yours
+# (SLURM's default), so a relative --config or data path means what it means in your shell;
+# the repository is found next to this script and passed to the job as LM_REPO.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+repo="$(cd "$(dirname "$0")/.." && pwd)"
 
 nodes=1 gpus=8 per_node=0 dry_run=0
 sbatch_extra=()
@@ -37,7 +39,7 @@ if [[ $# -eq 0 ]]; then
 fi
 tasks_per_node=$(( per_node == 1 ? 1 : gpus ))
 command=(sbatch --nodes="$nodes" --ntasks-per-node="$tasks_per_node" --gpus-per-node="$gpus"
-         "${sbatch_extra[@]}" launch/slurm.sbatch "$@")
+         "${sbatch_extra[@]}" "--export=ALL,LM_REPO=$repo" "$repo/launch/slurm.sbatch" "$@")
 echo "+ ${command[*]}"
 if [[ "$dry_run" == 0 ]]; then
   exec "${command[@]}"
@@ -45,4 +47,4 @@ fi
 # What the job's first process would run, with the variables SLURM would give it.
 SLURM_JOB_ID=12345 SLURM_NNODES="$nodes" SLURM_JOB_NODELIST="node[001-$(printf '%03d' "$nodes")]" \
 SLURM_NTASKS=$(( nodes * tasks_per_node )) SLURM_NTASKS_PER_NODE="$tasks_per_node" SLURM_PROCID=0 SLURM_LOCALID=0 \
-LM_DRY_RUN=1 bash launch/slurm.sbatch "$@"
+LM_REPO="$repo" LM_DRY_RUN=1 bash "$repo/launch/slurm.sbatch" "$@"

@@ -18,11 +18,18 @@
 #                               checkout, as `git archive HEAD`, with `gcloud ... scp`)
 #   --dry_run                   print every command, run none (assumes the slice does not exist yet)
 #   --delete                    delete the slice after the run
+# Call it from any directory. The hosts run lm.main in their copy of the repository (~/lm),
+# so the --config you give (relative to your directory, as in your shell) must be a file of
+# this checkout, committed (the hosts get `git archive HEAD`, or the --repo branch): it is
+# passed on as its path in the repository; a config outside the checkout is refused, since
+# the hosts cannot read it. Other paths in the flags (--workdir, data files) are used on the
+# hosts as given (a relative one means ~/lm/...): make them absolute paths on a file system
+# every host shares.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+repo="$(cd "$(dirname "$0")/.." && pwd -P)"
 
 name="" zone="" accelerator="v5litepod-16" version="v2-alpha-tpuv5-lite" project=""
-queued=0 spot=0 repo="" branch="main" dry_run=0 delete=0
+queued=0 spot=0 repo_url="" branch="main" dry_run=0 delete=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --name=*) name="${1#*=}" ;;
@@ -32,7 +39,7 @@ while [[ $# -gt 0 ]]; do
     --project=*) project="${1#*=}" ;;
     --queued) queued=1 ;;
     --spot) spot=1 ;;
-    --repo=*) repo="${1#*=}" ;;
+    --repo=*) repo_url="${1#*=}" ;;
     --branch=*) branch="${1#*=}" ;;
     --dry_run) dry_run=1 ;;
     --delete) delete=1 ;;
@@ -51,6 +58,37 @@ if [[ $# -eq 0 ]]; then
   echo "tpu_pod.sh: no lm.main flags after --. Fix: e.g. -- --config=configs/shakespeare_char.py:gpu --workdir=/mnt/bucket/run" >&2
   exit 2
 fi
+
+# The config as its path in the repository (keeping its `:argument`), for the hosts' copy.
+config_in_repo() {
+  local file="${1%%:*}" argument="" dir
+  [[ "$1" == *:* ]] && argument=":${1#*:}"
+  if ! [[ -f "$file" ]] || ! dir="$(cd "$(dirname "$file")" && pwd -P)"; then
+    echo "tpu_pod.sh: --config=$file: no such file (from $PWD). Fix: give the recipe's path from this directory, e.g. --config=$repo/configs/shakespeare_char.py." >&2
+    exit 2
+  fi
+  case "$dir/" in
+    "$repo"/*) relative="${dir#"$repo"}/$(basename "$file")"; relative="${relative#/}" ;;
+    *) echo "tpu_pod.sh: --config=$file is outside the repository ($repo), so the TPU hosts cannot read it. Fix: move it into the repository (e.g. configs/) and commit it." >&2
+       exit 2 ;;
+  esac
+  if [[ -z "$repo_url" ]] && ! git -C "$repo" cat-file -e "HEAD:$relative" 2>/dev/null; then
+    echo "tpu_pod.sh: --config=$file is not committed, and the hosts get this checkout's HEAD (git archive). Fix: git add $relative && git commit." >&2
+    exit 2
+  fi
+  if [[ -z "$repo_url" ]] && ! git -C "$repo" diff --quiet HEAD -- "$relative"; then
+    echo "# note: $relative has uncommitted changes; the hosts run its committed version" >&2
+  fi
+  config="$relative$argument"
+}
+main_args=() config_next=0
+for arg in "$@"; do
+  if [[ "$config_next" == 1 ]]; then config_in_repo "$arg"; arg="$config"; config_next=0
+  elif [[ "$arg" == --config=* ]]; then config_in_repo "${arg#--config=}"; arg="--config=$config"
+  elif [[ "$arg" == --config ]]; then config_next=1
+  fi
+  main_args+=("$arg")
+done
 
 # Hosts of a slice: 4 chips per host (v4 and v5p count 2 TensorCores per chip in their names).
 hosts_of() {
@@ -102,17 +140,17 @@ if [[ "$dry_run" == 1 ]] || ! "${gcloud_tpu[@]}" tpu-vm describe "$name" "${comm
 fi
 
 # 2. The code, on every host.
-if [[ -n "$repo" ]]; then
-  on_all_hosts "if [ -d lm ]; then cd lm && git fetch origin && git checkout $branch && git pull; else git clone --branch $branch $repo lm; fi"
+if [[ -n "$repo_url" ]]; then
+  on_all_hosts "if [ -d lm ]; then cd lm && git fetch origin && git checkout $branch && git pull; else git clone --branch $branch $repo_url lm; fi"
 else
-  run git archive --format=tar.gz -o /tmp/lm-code.tar.gz HEAD
+  run git -C "$repo" archive --format=tar.gz -o /tmp/lm-code.tar.gz HEAD
   run "${gcloud_tpu[@]}" tpu-vm scp /tmp/lm-code.tar.gz "$name":lm-code.tar.gz "${common[@]}" --worker=all
   on_all_hosts "mkdir -p lm && tar -xzf lm-code.tar.gz -C lm"
 fi
 
 # 3. Install, 4. run the same command on all hosts.
 on_all_hosts "cd lm && python3 -m venv .venv && .venv/bin/pip install -q -e '.[tpu]'"
-on_all_hosts "cd lm && .venv/bin/python -m lm.main --distributed $(quote "$@")"
+on_all_hosts "cd lm && .venv/bin/python -m lm.main --distributed $(quote "${main_args[@]}")"
 
 if [[ "$delete" == 1 ]]; then
   run "${gcloud_tpu[@]}" tpu-vm delete "$name" "${common[@]}" --quiet

@@ -195,7 +195,7 @@ def _submit(workdir: str, pending: list[sweeps.Point]) -> list[str]:
     if _LAUNCHER.value == "slurm":
         points_file = os.path.join(workdir, "slurm_points.txt")
         lines = [shlex.join(main_args(workdir, p, _config_path())) for p in pending]
-        submit = ["sbatch", f"--array=0-{len(pending) - 1}%{_PARALLEL.value}", *extra,
+        submit = ["sbatch", f"--array=0-{len(pending) - 1}%{_PARALLEL.value}", *extra, f"--export=ALL,LM_REPO={REPO}",
                   os.path.join(REPO, "launch", "slurm_sweep.sbatch"), points_file]
         commands = [submit]
         if not _DRY_RUN.value:

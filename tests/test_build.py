@@ -4,6 +4,7 @@ documents, report and TFDS dataset; near-dedup recall; the Ray and Slurm executo
 import json
 import os
 import random
+import shutil
 import string
 import struct
 import subprocess
@@ -266,6 +267,22 @@ def test_slurm_dry_run_prints_one_sbatch_script_per_stage_and_builds_nothing(tmp
     assert out.count("launch_pickled_pipeline") == len(stages)
     assert "#SBATCH --array=0-2" in out  # the files' three tasks
     assert not any("dataset_info.json" in files for _, _, files in os.walk(tmp_path / "data"))
+
+
+def test_prepare_slurm_from_another_directory_reads_relative_paths_from_there(tmp_path, corpus):
+    """The launch scripts don't cd: a relative --config, data file or data_dir means what it means in the caller's
+    shell (here tmp_path), not the repository root."""
+    paths, _ = corpus
+    shutil.copy(os.path.join(REPO, "configs", "shakespeare_char.py"), tmp_path / "my_corpus.py")
+    files = ",".join(repr(os.path.relpath(p, tmp_path)) for p in paths)
+    env = {**cli_env(), "LM_VENV": sys.prefix, "PYTHONPATH": REPO}  # this checkout's lm, as in the repository's venv
+    result = subprocess.run(["bash", os.path.join(REPO, "launch", "prepare_slurm.sh"), "--partition=cpu", "--dry_run",
+                             "--", "--config=my_corpus.py", f"--config.data.files=({files},)",
+                             "--config.data.data_dir=data"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "#SBATCH --array=0-2" in result.stdout  # the files' three tasks: config and files were found
+    assert str(tmp_path / "data") in result.stdout and REPO + "/data" not in result.stdout
 
 
 def test_the_datatrove_build_with_the_tail_split_is_one_config_error():

@@ -155,10 +155,13 @@ def test_llama3_8b_compiles_with_the_tpu_compiler_for_a_v5p_128_and_fits_its_95_
     assert re.search(r"FLOPs per step: compiled program [\d.e+]+ \(per device x 64\), lm's count", result.stdout)
 
 
-def run_launcher(*args: str) -> str:
-    result = subprocess.run(["bash", *args], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+def run_launcher(*args: str, cwd: str = REPO, check: bool = True) -> str:
+    result = subprocess.run(["bash", *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=60)
+    if check:
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+    assert result.returncode == 2, result.stdout
+    return result.stdout + result.stderr
 
 
 def test_tpu_pod_dry_run_prints_every_command_of_a_4_host_job():
@@ -179,9 +182,9 @@ def test_slurm_dry_run_prints_the_submission_and_what_each_process_will_use():
     out = run_launcher("launch/slurm.sh", "--dry_run", "--nodes=4", "--gpus_per_node=8", "--",
                        "--config=configs/gpt2_small.py", "--workdir=/shared/gpt2")
     lines = out.splitlines()
-    assert lines[0] == ("+ sbatch --nodes=4 --ntasks-per-node=8 --gpus-per-node=8 launch/slurm.sbatch "
-                        "--config=configs/gpt2_small.py --workdir=/shared/gpt2")
-    assert lines[1] == ("+ srun --kill-on-bad-exit=1 --cpu-bind=none .venv/bin/python -m lm.main --distributed "
+    assert lines[0] == (f"+ sbatch --nodes=4 --ntasks-per-node=8 --gpus-per-node=8 --export=ALL,LM_REPO={REPO} "
+                        f"{REPO}/launch/slurm.sbatch --config=configs/gpt2_small.py --workdir=/shared/gpt2")
+    assert lines[1] == (f"+ srun --kill-on-bad-exit=1 --cpu-bind=none {REPO}/.venv/bin/python -m lm.main --distributed "
                         "--config=configs/gpt2_small.py --workdir=/shared/gpt2")
     assert "4 nodes (node[001-004]), 32 processes" in lines[2]
     assert lines[3] == f"slurm: process 0 of 32, coordinator node001:{61000 + 12345 % 4096}, local devices [0]"
@@ -191,5 +194,17 @@ def test_slurm_dry_run_prints_the_submission_and_what_each_process_will_use():
 
 def test_local_dry_run_prints_setup_and_the_training_command():
     out = run_launcher("launch/local.sh", "--dry_run", "--config.train.steps=5")
-    assert out.splitlines()[-1] == (".venv/bin/python -m lm.main --config=configs/shakespeare_char.py "
-                                    "--workdir=/tmp/lm/shakespeare_char --config.train.steps=5").join(["+ ", ""])
+    assert out.splitlines()[-1] == (f"+ {REPO}/.venv/bin/python -m lm.main --config={REPO}/configs/shakespeare_char.py "
+                                    "--workdir=/tmp/lm/shakespeare_char --config.train.steps=5")
+
+
+def test_tpu_pod_passes_a_config_given_from_another_directory_as_its_path_in_the_repository(tmp_path):
+    """The hosts run lm.main in their copy of the repository: a relative --config from the caller's directory
+    becomes its path there; one outside the repository, which the hosts cannot read, is refused."""
+    pod = [os.path.join(REPO, "launch", "tpu_pod.sh"), "--dry_run", "--name=lm-pod", "--zone=us-central2-b", "--"]
+    config = os.path.relpath(os.path.join(REPO, "configs", "gpt2_small.py"), tmp_path)
+    out = run_launcher(*pod, f"--config={config}:gpu", "--workdir=/mnt/run", cwd=str(tmp_path))
+    assert out.splitlines()[-1].endswith("--distributed --config=configs/gpt2_small.py:gpu --workdir=/mnt/run'")
+    (tmp_path / "my_model.py").write_text("")
+    refused = run_launcher(*pod, "--config=my_model.py", cwd=str(tmp_path), check=False)
+    assert "--config=my_model.py is outside the repository" in refused and "gcloud" not in refused

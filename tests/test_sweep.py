@@ -36,6 +36,7 @@ def test_a_dry_run_prints_each_points_training_command_or_the_slurm_array_submis
     slurm = run_cli("lm.sweep", SWEEP, f"--workdir={tmp_path}", "--dry_run", "--launcher=slurm",
                     "--parallel=2", "--launcher_args=--gpus-per-node=1").stdout
     assert "sbatch --array=0-2%2 --gpus-per-node=1 " in slurm and "launch/slurm_sweep.sbatch" in slurm
+    assert f"--export=ALL,LM_REPO={REPO} " in slurm  # the job finds launch/slurm.sbatch from any directory
     pod = run_cli("lm.sweep", SWEEP, f"--workdir={tmp_path}", "--dry_run", "--launcher=tpu_pod",
                   "--launcher_args=--name=pod,--zone=us-central2-b").stdout
     assert pod.count("launch/tpu_pod.sh --name=pod --zone=us-central2-b -- --config=") == 3

@@ -79,14 +79,23 @@ def load_error(error: Exception, argv: list[str]) -> str:
     text = str(inner.args[0]) if inner.args else str(inner)
     missing_file = re.search(r"No such file or directory: '([^']+)'", text)
     if isinstance(error, OSError) and missing_file:
-        return (f"--config={missing_file.group(1)}: no such file. Fix: give a recipe file, e.g. "
-                "--config=configs/shakespeare_char.py (the recipes are in configs/).")
+        recipes = _recipes_dir()
+        return (f"--config={missing_file.group(1)}: no such file. Fix: give a recipe file's path from this "
+                f"directory ({os.getcwd()}), e.g. --config={recipes}/shakespeare_char.py (the recipes are in "
+                f"{recipes}/).")
     if isinstance(error, AttributeError | KeyError):
         unknown = re.match(r"'([^']+)'", text)
         if unknown:
             return _unknown_field(unknown.group(1), re.search(r'Did you mean "([^"]+)"', text), argv)
     return (f"could not load the config ({type(error).__name__}: {text.splitlines()[0] if text else ''}). "
             f"Fix: check the --config file and the --config.* overrides (the fields are in {_schema(argv)}).")
+
+
+def _recipes_dir() -> str:
+    """The repository's configs/, as a path from the current directory when it is below it."""
+    recipes = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+    relative = os.path.relpath(recipes)
+    return recipes if relative.startswith("..") else relative
 
 
 def _unknown_field(name: str, suggestion: re.Match | None, argv: list[str]) -> str:
