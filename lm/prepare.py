@@ -37,9 +37,10 @@ from lm.files import atomic
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe whose config.data to build.", lock_config=True)
 _EXECUTOR = flags.DEFINE_enum("executor", "local", ["local", "slurm", "ray"],
                               "data.build=datatrove: where the stages run.")
-_WORKERS = flags.DEFINE_integer("workers", 0, "data.build=datatrove: tasks run at once (local: processes; "
-                                "Slurm: the job array's limit; Ray: tasks in flight); 0 = one per core "
-                                "(Slurm: no limit).", lower_bound=0)
+_WORKERS = flags.DEFINE_integer("workers", 0, "Tasks run at once, of the datatrove build and of tokenizing "
+                                "(local: processes; Slurm: the job array's limit; Ray: tasks in flight); 0 = one "
+                                "per core (Slurm: no limit; tokenizing a small corpus: this process).",
+                                lower_bound=0)
 _TASKS = flags.DEFINE_integer("tasks", 0, "data.build=datatrove: parts the files are read in; 0 = one per "
                               "file (memory per task: one file).", lower_bound=0)
 _TOKENIZE = flags.DEFINE_bool("tokenize", True, "Also fit the tokenizer and store each split's tokens.")
