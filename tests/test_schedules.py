@@ -5,12 +5,14 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import REPO, cli_env, tiny_config
 
 from lm import config as config_lib
 from lm.training import optim, schedules
@@ -198,3 +200,17 @@ def test_a_run_stopped_after_a_checkpoint_and_rerun_repeats_the_same_losses_bit_
     train_and_evaluate(config, str(stopped))
     assert [s for s, _ in want] == list(range(1, 9)) and len({loss for _, loss in want}) == 8  # it trained
     assert read_losses(stopped) == want  # resumed at step 4 (no step twice), then the same losses bit for bit
+
+
+@pytest.mark.bench
+def test_the_schedules_bench_prints_every_schedule_over_the_recipes_run():
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "schedules.py"),
+                             "--config=configs/shakespeare_char.py", "--points=5"], cwd=REPO, env=cli_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("  ")[0]: line.split()[-5:] for line in result.stdout.splitlines()[2:]}
+    assert result.stdout.splitlines()[1].split()[1:] == ["0", "500", "1000", "1500", "2000"]
+    assert set(rows) == {"cosine", "linear", "constant", "rsqrt", "wsd linear", "wsd cosine", "wsd 1-sqrt",
+                         "step (1000, 1500)", "cyclical triangular", "cyclical one_cycle", "cosine_restarts"}
+    assert rows["wsd 1-sqrt"] == ["0.00e+00", "1.00e-03", "1.00e-03", "1.00e-03", "1.00e-04"]
+    assert rows["step (1000, 1500)"][2:] == ["1.00e-04", "1.00e-05", "1.00e-05"]
