@@ -58,8 +58,10 @@ def test_the_1_sqrt_cooldown_is_hagele_et_al_s_formula():
 
 def test_a_wsd_run_is_a_stable_run_branched_at_its_cooldown_start():
     """Runs of 1x, 2x and 4x 500 steps share their stable phase: each equals the longest
-    run until its own cooldown starts, at 80% of its length."""
+    run (and a constant-rate run) until its own cooldown starts, at 80% of its length."""
     longest = rates("wsd", total=2000, cooldown_fraction=0.2, cooldown_shape="1-sqrt")
+    stable = rates("constant", total=2000)  # the stable run itself may be a constant-rate run
+    np.testing.assert_array_equal(stable[:1600], longest[:1600])
     for total in (500, 1000):
         r = rates("wsd", total=total, cooldown_fraction=0.2, cooldown_shape="1-sqrt")
         start = schedules.cooldown_start(total, 0.2)
@@ -145,7 +147,8 @@ def test_an_unknown_kind_is_a_value_error_naming_the_kinds():
                                                                     r"steps .*2 < b1 < b2 < \.\.\. < 60"),
     (dict(optim__schedule="step", optim__step_boundaries=(40, 30)), r"step_boundaries=\(40, 30\) must be increasing"),
     (dict(optim__schedule="step", optim__step_boundaries=(2, 30)), r"step_boundaries=\(2, 30\) must be increasing"),
-    (dict(optim__schedule="step"), r"step_boundaries=\(\) must be increasing.*e\.g\. \(31, 45\)"),
+    (dict(optim__schedule="step"), r"step_boundaries=\(\) must be increasing.*e\.g\. \(30, 45\)"),
+    (dict(optim__schedule="step", optim__warmup_steps=40), r"step_boundaries=\(\) .*40 < b1.*e\.g\. \(50, 55\)"),
     (dict(optim__schedule="step", optim__step_boundaries=(30,), optim__step_gamma=0.0), r"step_gamma=0\.0 must be "
                                                                                          r"positive"),
     (dict(optim__schedule="cyclical", optim__cycle_mode="exp_range"), r"cycle_mode='exp_range' is not a known choice"

@@ -98,7 +98,9 @@ def _step(o: ml_collections.ConfigDict, total: int) -> Problem | None:
 
 
 def _example(o: ml_collections.ConfigDict, total: int) -> tuple[int, ...]:
-    """Boundaries at 50% and 75% of the steps after the warmup (nothing if there is no room)."""
+    """Boundaries at 50% and 75% of the run, or of the steps after the warmup if it is longer."""
+    if total // 2 > o.warmup_steps:
+        return total // 2, 3 * total // 4
     room = total - o.warmup_steps
     return tuple(sorted({o.warmup_steps + room // 2, o.warmup_steps + 3 * room // 4} - {o.warmup_steps}))
 
