@@ -8,6 +8,8 @@
   naming the field, its value and the fix; `validated_config` for commands.
 - `finetune`: `validate_finetune(config)`, the same for a fine-tuning config
   (configs/finetune/base.py).
+- `schedule_fields`: the learning-rate schedule's fields in steps (WSD's `cooldown_start`,
+  SGDR's `restart_periods`) and their checks, which `validate` runs.
 - `flags`: `parse_flags`, the command-line parser of every command taking `--config`.
 - `resume`: which fields a rerun on a workdir with checkpoints may change (`RESUME`,
   `resume_conflicts`).
@@ -19,7 +21,9 @@ config_lib.validate(...)` or `from lm.config import ConfigError, MESH_AXES`.
 from lm.config.choices import (
     ACTIVATIONS,
     ATTENTIONS,
+    COOLDOWN_SHAPES,
     CORPUS_SUFFIXES,
+    CYCLE_MODES,
     DTYPES,
     FAMILIES,
     FINETUNE_METHODS,
@@ -63,6 +67,7 @@ from lm.config.validation import (
 __all__ = [
     "ACTIVATIONS", "CORPUS_SUFFIXES", "DTYPES", "FAMILIES", "MESH_AXES", "NORMAL_FORMS", "NORMS",
     "ATTENTIONS", "OBJECTIVE_FAMILIES", "OBJECTIVES", "PACKINGS", "POSITIONS", "REMAT_POLICIES", "SCHEDULES",
+    "COOLDOWN_SHAPES", "CYCLE_MODES",
     "SP_MODEL_TYPES", "SP_RESERVED", "SPLIT_MODES", "TEXT_SUFFIXES", "TOKENIZERS", "UNITS",
     "d_ff", "head_dim", "num_kv_heads",
     "FINETUNE_METHODS", "POOLINGS", "TASK_BUILDERS", "TASK_KINDS",

@@ -27,7 +27,10 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTIONS = ("auto", "xla", "splash", "cudnn")  # lm.model.attention
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
-SCHEDULES = ("cosine", "linear", "constant", "rsqrt")
+# The learning-rate schedules (lm.training.schedules) and their choice fields.
+SCHEDULES = ("cosine", "linear", "constant", "rsqrt", "wsd", "step", "cyclical", "cosine_restarts")
+COOLDOWN_SHAPES = ("linear", "cosine", "1-sqrt")  # WSD's cooldown
+CYCLE_MODES = ("triangular", "one_cycle")  # the "cyclical" schedule
 MESH_AXES = ("data", "fsdp", "tensor")
 OBJECTIVES = ("causal", "prefix_lm", "masked_lm", "span_corruption", "mixture")
 # The model families each objective trains.

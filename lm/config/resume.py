@@ -74,7 +74,9 @@ RESUME: dict[str, OnResume] = {
         "mixture.preset", "mixture.denoisers")},
     "objective.extra_ids": OnResume(False, _STATE + " (the vocabulary)"),
     **{f"optim.{f}": OnResume(True, _SCHEDULE) for f in (
-        "lr", "schedule", "warmup_steps", "decay_steps", "final_lr", "b1", "b2", "eps", "weight_decay")},
+        "lr", "schedule", "warmup_steps", "decay_steps", "final_lr", "b1", "b2", "eps", "weight_decay",
+        "cooldown_fraction", "cooldown_shape", "step_boundaries", "step_gamma", "cycle_mode", "cycle_steps",
+        "restart_steps", "restart_mult")},
     "optim.grad_clip": OnResume(False, "clipping on or off changes the optimizer's state tree; its threshold "
                                        "may change", key=bool),
     "train.steps": OnResume(True, "a longer run extends the same one"),

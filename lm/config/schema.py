@@ -245,10 +245,23 @@ def _optim() -> ml_collections.ConfigDict:
     """AdamW and its learning-rate schedule."""
     o = ml_collections.ConfigDict()
     o.lr = 1e-3  # peak learning rate
-    o.schedule = "cosine"  # "cosine", "linear", "constant" or "rsqrt", after linear warmup
+    # After linear warmup: "cosine", "linear", "constant", "rsqrt", "wsd", "step", "cyclical"
+    # or "cosine_restarts" (lm.training.schedules; the README's table).
+    o.schedule = "cosine"
     o.warmup_steps = 100
     o.decay_steps = 0  # steps of warmup + decay; 0: train.steps
-    o.final_lr = 1e-4  # learning rate at the end of the cosine or linear decay
+    o.final_lr = 1e-4  # the rate at the end of a decay or cooldown, and the trough of a cycle
+    # wsd (warmup, stable, decay): the cooldown is the last fraction of the decay length,
+    # in (0, 1). 0.2 and "1-sqrt" are Hägele et al. 2024's choice: a 20% 1-sqrt cooldown
+    # matched or beat cosine, ahead of linear ("linear" and "cosine" are also allowed).
+    o.cooldown_fraction = 0.2
+    o.cooldown_shape = "1-sqrt"
+    o.step_boundaries = ()  # step: the steps (after the warmup, increasing) where the rate is
+    o.step_gamma = 0.1  # multiplied by this
+    o.cycle_mode = "triangular"  # cyclical: "triangular" (Smith 2017) or "one_cycle" (Smith & Topin 2018)
+    o.cycle_steps = 1000  # triangular: the period, lr -> final_lr -> lr; one_cycle rises over the warmup
+    o.restart_steps = 1000  # cosine_restarts (SGDR): the first period, cosine from lr to final_lr,
+    o.restart_mult = 2.0  # each next period this many times longer (SGDR's T_mult; 1: equal periods)
     o.b1 = 0.9
     o.b2 = 0.99  # nanoGPT's choice for small models; 0.95 is usual at scale
     o.eps = 1e-8

@@ -16,7 +16,7 @@ from typing import Any
 
 import ml_collections
 
-from lm.config import choices, inputs
+from lm.config import choices, inputs, schedule_fields
 from lm.errors import UsageError, exit_with_error
 
 
@@ -301,7 +301,6 @@ def _validate_objective(config: ml_collections.ConfigDict) -> None:
 
 def _validate_optim(config: ml_collections.ConfigDict) -> None:
     o = config.optim
-    require_choice(config, "optim.schedule", choices.SCHEDULES)
     require_positive(config, "optim.lr")
     require_positive(config, "optim.final_lr", allow_zero=True)
     require_positive(config, "optim.warmup_steps", allow_zero=True)
@@ -311,10 +310,9 @@ def _validate_optim(config: ml_collections.ConfigDict) -> None:
     for field in ("b1", "b2"):
         if not 0.0 <= o[field] < 1.0:
             fail(f"optim.{field}", o[field], "must lie in [0, 1)", "use e.g. 0.9")
-    decay_steps = o.decay_steps or config.train.steps
-    if o.warmup_steps > decay_steps or (o.warmup_steps == decay_steps and o.schedule == "cosine"):
-        fail("optim.warmup_steps", o.warmup_steps, f"leaves no room to decay in the decay length ({decay_steps} steps)",
-             "shorten the warmup or lengthen optim.decay_steps / train.steps")
+    found = schedule_fields.problem(o, config.train.steps)  # the schedule's own fields, and room for the warmup
+    if found:
+        fail(*found)
 
 
 def _validate_distill(config: ml_collections.ConfigDict) -> None:

@@ -5,37 +5,26 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import ml_collections
 import optax
 
 from lm.model import param_kinds
+from lm.training import schedules
 
 
 def schedule(optim: ml_collections.ConfigDict, train_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to `lr`, then cosine/linear decay to `final_lr`, constant,
-    or inverse square root, over `decay_steps` (default: the whole run)."""
-    return learning_rate_schedule(optim.schedule, optim.lr, optim.warmup_steps, optim.decay_steps or train_steps,
-                                  optim.final_lr)
+    """`optim.schedule` after linear warmup, over `decay_steps` (default: the whole run):
+    one of lm.training.schedules' kinds, with its fields from `optim`."""
+    return schedules.from_config(optim, train_steps)
 
 
-def learning_rate_schedule(kind: str, lr: float, warmup: int, total: int, final_lr: float) -> optax.Schedule:
+def learning_rate_schedule(kind: str, lr: float, warmup: int, total: int, final_lr: float,
+                           **options) -> optax.Schedule:
     """The rate at each step: linear warmup from 0 to `lr` over `warmup` steps, then
-    `kind`: "cosine" or "linear" decay to `final_lr` at step `total`, "constant", or
-    "rsqrt" (inverse square root of the step, from the warmup's end). Raises ValueError
-    for another `kind`."""
-    if kind == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total, end_value=final_lr)
-    warmup_fn = optax.linear_schedule(0.0, lr, warmup)
-    if kind == "linear":
-        after = optax.linear_schedule(lr, final_lr, total - warmup)
-    elif kind == "constant":
-        after = optax.constant_schedule(lr)
-    elif kind == "rsqrt":
-        after = lambda step: lr * jax.lax.rsqrt((step + max(warmup, 1)) / max(warmup, 1))
-    else:
-        raise ValueError(f"unknown schedule {kind!r}")
-    return optax.join_schedules([warmup_fn, after], [warmup])
+    `kind`, e.g. "cosine" or "linear" decay to `final_lr` at step `total`, "constant", or
+    "rsqrt" (inverse square root of the step, from the warmup's end); `options` are the
+    other kinds' fields (`lm.training.schedules.FIELDS`). Raises ValueError for an unknown `kind`."""
+    return schedules.build(kind, lr, warmup, total, final_lr, **options)
 
 
 def decay_mask(params: Any) -> Any:

@@ -1,0 +1,200 @@
+"""Learning-rate schedules (lm.training.schedules): values at their key steps against
+closed forms, their shapes, the config's errors, and exact resume under each new one."""
+
+import json
+import math
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import tiny_config
+
+from lm import config as config_lib
+from lm.training import optim, schedules
+from lm.training.loop import train_and_evaluate
+
+LR, FINAL, WARMUP, TOTAL = 1e-3, 1e-4, 100, 1000
+
+
+def rates(kind, total=TOTAL, warmup=WARMUP, **options) -> np.ndarray:
+    """The schedule at steps 0..total + 10 (past the end too), evaluated under jit."""
+    schedule = schedules.build(kind, LR, warmup, total, FINAL, **options)
+    return np.asarray(jax.jit(jax.vmap(schedule))(jnp.arange(total + 11)), np.float64)
+
+
+def falls(values) -> bool:
+    return bool(np.all(np.diff(values) <= 1e-9))
+
+
+def rises(values) -> bool:
+    return bool(np.all(np.diff(values) >= -1e-9))
+
+
+# --- values at the key steps, against closed forms ---
+
+@pytest.mark.parametrize("shape, at_half", [
+    ("linear", (LR + FINAL) / 2), ("cosine", (LR + FINAL) / 2), ("1-sqrt", FINAL + (LR - FINAL) * (1 - 0.5 ** 0.5))])
+def test_wsd_warms_up_holds_lr_then_cools_down_over_the_last_fraction(shape, at_half):
+    r = rates("wsd", cooldown_fraction=0.2, cooldown_shape=shape)
+    start = schedules.cooldown_start(TOTAL, 0.2)
+    assert start == 800
+    assert r[0] == 0 and r[50] == pytest.approx(LR / 2) and r[WARMUP] == pytest.approx(LR)
+    assert np.all(r[WARMUP:start] == np.float32(LR)) and r[start] == pytest.approx(LR)  # the cooldown's first step
+    assert r[900] == pytest.approx(at_half, rel=1e-5)  # halfway through the cooldown
+    assert r[TOTAL] == pytest.approx(FINAL) and np.all(r[TOTAL:] == r[TOTAL])
+    assert rises(r[:WARMUP + 1]) and falls(r[WARMUP:]) and r[start + 1] < LR
+
+
+def test_the_1_sqrt_cooldown_is_hagele_et_al_s_formula():
+    r = rates("wsd", cooldown_fraction=0.2, cooldown_shape="1-sqrt")
+    for t in (801, 850, 937, 999):
+        assert r[t] == pytest.approx(FINAL + (LR - FINAL) * (1 - math.sqrt((t - 800) / 200)), rel=1e-5)
+
+
+def test_a_wsd_run_is_a_stable_run_branched_at_its_cooldown_start():
+    """Runs of 1x, 2x and 4x 500 steps share their stable phase: each equals the longest
+    run until its own cooldown starts, at 80% of its length."""
+    longest = rates("wsd", total=2000, cooldown_fraction=0.2, cooldown_shape="1-sqrt")
+    for total in (500, 1000):
+        r = rates("wsd", total=total, cooldown_fraction=0.2, cooldown_shape="1-sqrt")
+        start = schedules.cooldown_start(total, 0.2)
+        assert start == total * 4 // 5
+        np.testing.assert_array_equal(r[:start], longest[:start])  # the steps a branch inherits
+        assert r[start] == longest[start] == np.float32(LR) and r[start + 1] < longest[start + 1]
+
+
+def test_cooldown_start_rounds_half_up():
+    assert [schedules.cooldown_start(t, 0.25) for t in (10, 14, 1000)] == [8, 11, 750]  # 7.5 -> 8, 10.5 -> 11
+
+
+def test_step_decay_multiplies_by_gamma_at_each_boundary():
+    r = rates("step", step_boundaries=(500, 800), step_gamma=0.1)
+    assert r[WARMUP] == pytest.approx(LR) and np.all(r[WARMUP:500] == np.float32(LR))
+    assert r[500] == pytest.approx(LR * 0.1) and r[799] == pytest.approx(LR * 0.1)
+    assert r[800] == pytest.approx(LR * 0.01) and r[-1] == pytest.approx(LR * 0.01)
+    assert falls(r[WARMUP:])
+
+
+def test_triangular_cycles_between_lr_and_final_lr_from_the_warmups_end():
+    r = rates("cyclical", cycle_mode="triangular", cycle_steps=200)
+    for cycle_start in (100, 300, 500, 700, 900):
+        assert r[cycle_start] == pytest.approx(LR)
+        assert r[cycle_start + 50] == pytest.approx((LR + FINAL) / 2)
+        assert r[cycle_start + 100] == pytest.approx(FINAL)
+        assert falls(r[cycle_start:cycle_start + 101]) and rises(r[cycle_start + 100:cycle_start + 201])
+    np.testing.assert_allclose(np.diff(r[100:200]), -(LR - FINAL) / 100, rtol=1e-3)  # straight lines
+
+
+def test_one_cycle_rises_over_the_warmup_and_falls_to_final_lr():
+    r = rates("cyclical", cycle_mode="one_cycle", cycle_steps=200)
+    assert r[0] == pytest.approx(LR / 25) and r[WARMUP] == pytest.approx(LR) and r[TOTAL] == pytest.approx(FINAL)
+    assert r[WARMUP // 2] == pytest.approx((LR / 25 + LR) / 2)  # cosine rise, halfway
+    assert r[550] == pytest.approx((LR + FINAL) / 2, rel=1e-4)  # cosine fall, halfway
+    assert rises(r[:WARMUP + 1]) and falls(r[WARMUP:])
+
+
+def test_cosine_restarts_restart_at_lr_with_periods_growing_by_the_multiplier():
+    r = rates("cosine_restarts", restart_steps=100, restart_mult=2.0)
+    assert schedules.restart_periods(TOTAL - WARMUP, 100, 2.0) == [100, 200, 400, 800]
+    period_cos = lambda t, period: FINAL + (LR - FINAL) * (1 + math.cos(math.pi * t / period)) / 2
+    for start, period in ((100, 100), (200, 200), (400, 400), (800, 800)):  # the last one outlasts the run
+        assert r[start] == pytest.approx(LR)  # a restart
+        end = min(start + period, len(r))
+        if start + period // 2 < end:
+            assert r[start + period // 2] == pytest.approx((LR + FINAL) / 2, rel=1e-4)
+        assert falls(r[start:end])
+        assert r[end - 1] == pytest.approx(period_cos(end - 1 - start, period), rel=1e-4)
+
+
+def test_restart_periods_with_a_multiplier_of_one_are_equal():
+    assert schedules.restart_periods(1000, 300, 1.0) == [300, 300, 300, 300]
+    assert schedules.restart_periods(1000, 300, 1.5) == [300, 450, 675]
+
+
+def test_the_config_builds_the_same_schedule_as_its_fields():
+    c = tiny_config(train__steps=1000, optim__warmup_steps=100, optim__schedule="wsd", optim__cooldown_fraction=0.3,
+                    optim__cooldown_shape="linear")
+    from_config = optim.schedule(c.optim, c.train.steps)
+    assert float(from_config(700)) == pytest.approx(LR) and float(from_config(850)) == pytest.approx((LR + FINAL) / 2)
+    c.optim.decay_steps = 500  # the decay length, not train.steps, is the run the schedule spans
+    assert float(optim.schedule(c.optim, c.train.steps)(500)) == pytest.approx(FINAL)
+
+
+def test_an_unknown_kind_is_a_value_error_naming_the_kinds():
+    with pytest.raises(ValueError, match="unknown schedule 'wsd2'.*'cosine_restarts'"):
+        schedules.build("wsd2", LR, WARMUP, TOTAL, FINAL)
+
+
+# --- bad input: one message naming the field, its value and what is allowed ---
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(optim__schedule="warmup_stable_decay"), r"schedule='warmup_stable_decay' is not a known choice.*"
+                                                  r"'wsd', 'step', 'cyclical', 'cosine_restarts'"),
+    (dict(optim__schedule="wsd", optim__cooldown_fraction=1.0), r"cooldown_fraction=1\.0 must lie in \(0, 1\)"),
+    (dict(optim__schedule="wsd", optim__cooldown_fraction=0.0), r"cooldown_fraction=0\.0 must lie in \(0, 1\)"),
+    (dict(optim__schedule="wsd", optim__cooldown_fraction=0.005), r"cooldown_fraction=0\.005 leaves no cooldown step"),
+    (dict(optim__schedule="wsd", optim__cooldown_shape="sqrt"), r"cooldown_shape='sqrt' is not a known choice.*"
+                                                                 r"'linear', 'cosine', '1-sqrt'"),
+    (dict(optim__schedule="wsd", optim__warmup_steps=50), r"warmup_steps=50 runs past the cooldown's start \(step 48"),
+    (dict(optim__schedule="step", optim__step_boundaries=(20, 60)), r"step_boundaries=\(20, 60\) must be increasing "
+                                                                    r"steps .*2 < b1 < b2 < \.\.\. < 60"),
+    (dict(optim__schedule="step", optim__step_boundaries=(40, 30)), r"step_boundaries=\(40, 30\) must be increasing"),
+    (dict(optim__schedule="step", optim__step_boundaries=(2, 30)), r"step_boundaries=\(2, 30\) must be increasing"),
+    (dict(optim__schedule="step"), r"step_boundaries=\(\) must be increasing.*e\.g\. \(31, 45\)"),
+    (dict(optim__schedule="step", optim__step_boundaries=(30,), optim__step_gamma=0.0), r"step_gamma=0\.0 must be "
+                                                                                         r"positive"),
+    (dict(optim__schedule="cyclical", optim__cycle_mode="exp_range"), r"cycle_mode='exp_range' is not a known choice"
+                                                                      r".*'triangular', 'one_cycle'"),
+    (dict(optim__schedule="cyclical", optim__cycle_steps=0), r"cycle_steps=0 must be a positive number of steps"),
+    (dict(optim__schedule="cosine_restarts", optim__restart_steps=-5), r"restart_steps=-5 must be a positive"),
+    (dict(optim__schedule="cosine_restarts", optim__restart_mult=0.5), r"restart_mult=0\.5 must be >= 1"),
+    (dict(optim__schedule="cosine_restarts", optim__restart_steps=1, optim__restart_mult=1.0, train__steps=5000),
+     r"restart_steps=1 gives more than 1000 restart periods"),
+    (dict(optim__schedule="cosine_restarts", optim__warmup_steps=60), r"warmup_steps=60 leaves no room to decay"),
+])
+def test_bad_schedule_fields_are_named_with_what_is_allowed(overrides, message):
+    config = tiny_config(**{"train__steps": 60, **overrides})
+    with pytest.raises(config_lib.ConfigError, match=r"config\.optim\." + message):
+        config_lib.validate(config)
+
+
+def test_another_schedules_fields_are_not_checked():
+    config_lib.validate(tiny_config(optim__schedule="cosine", optim__cooldown_fraction=5.0, optim__restart_mult=0.1))
+
+
+# --- each new schedule trains, checkpoints and resumes exactly ---
+
+def read_losses(workdir) -> list[tuple[int, float]]:
+    """(step, train loss) of each record, in the order logged."""
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    return [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    dict(optim__schedule="wsd", optim__cooldown_fraction=0.5),  # the cooldown starts at the checkpoint
+    dict(optim__schedule="step", optim__step_boundaries=(3, 6)),
+    dict(optim__schedule="cyclical", optim__cycle_steps=4),
+    dict(optim__schedule="cyclical", optim__cycle_mode="one_cycle"),
+    dict(optim__schedule="cosine_restarts", optim__restart_steps=2, optim__restart_mult=2.0),  # restarts at 4
+], ids=lambda o: "-".join(v for v in o.values() if isinstance(v, str)))
+def test_a_run_stopped_after_a_checkpoint_and_rerun_repeats_the_same_losses_bit_for_bit(tmp_path, overrides):
+    config = tiny_config(train__steps=8, train__log_every=1, train__checkpoint_every=4, train__keep_checkpoints=3,
+                         optim__lr=3e-3, mesh__cpu_devices=1, eval__num_batches=1,
+                         **overrides)
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    train_and_evaluate(config, str(whole))
+    # The run as if it had died after its checkpoint at step 4: the same workdir without
+    # what came later. The rerun resumes there with the same config.
+    shutil.copytree(whole, stopped)
+    shutil.rmtree(stopped / "checkpoints" / "8")
+    want = read_losses(whole)
+    with open(stopped / "metrics.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"step": s, "train/loss": loss}) + "\n" for s, loss in want if s <= 4)
+    train_and_evaluate(config, str(stopped))
+    assert [s for s, _ in want] == list(range(1, 9)) and len({loss for _, loss in want}) == 8  # it trained
+    assert read_losses(stopped) == want  # resumed at step 4 (no step twice), then the same losses bit for bit
