@@ -275,7 +275,7 @@ def _submit_array(workdir: str, points: list[sweeps.Point], name: str, extra: li
         for line in lines:
             print(f"#   {line}")
     output = _launch(submit, capture=parsable)
-    return output.strip().split(";")[0] if output else f"<job id of {name}>"
+    return output.strip().split(";")[0] if output else "FIRST_JOB_ID"  # a dry run has none
 
 
 def _launch(cmd: list[str], capture: bool = False) -> str:

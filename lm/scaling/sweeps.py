@@ -52,8 +52,9 @@ class Point:
         return f"sweep point {self.index} ({json.dumps(self.overrides, sort_keys=True)})"
 
     def flags(self) -> list[str]:
-        return [f"--config.{key}={value!r}" if isinstance(value, str) else f"--config.{key}={value}"
-                for key, value in self.overrides.items()]
+        """lm.main's `--config.<field>=<value>` arguments (each one argument, never split by a
+        shell: a string goes as it is, since ml_collections would keep quotes around it)."""
+        return [f"--config.{key}={value}" for key, value in self.overrides.items()]
 
 
 def load(config_arg: str) -> tuple[ml_collections.ConfigDict, list[Point]]:
