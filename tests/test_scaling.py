@@ -177,3 +177,18 @@ def test_a_cell_that_is_not_a_positive_number_is_named_by_row_and_column_and_sho
     lines = fits.report(one_size, fitted, intervals, skipped, 1e15)
     assert any(line.startswith("  L(D): E=0.0000 (not fitted: under 4 frontier points)") for line in lines)
     assert "kaplan L(C): skipped: its frontier has 1 point(s)" in "\n".join(lines)
+
+
+def test_the_wsd_bench_matches_budgets_by_tokens_and_divides_the_compute_spent():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("wsd_bench", os.path.join(os.path.dirname(__file__), "..",
+                                                                            "bench", "wsd_branches.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    branches = [{"tokens": 200, "val_loss": 2.0, "spent_flops": 180.0},  # 16 stable + 2 cooldown steps
+                {"tokens": 100, "val_loss": 2.5, "spent_flops": 100.0}]
+    cosine = [{"tokens": 100, "val_loss": 2.49, "flops": 100.0}, {"tokens": 200, "val_loss": 2.05, "flops": 200.0}]
+    lines, ratio, gap = bench.compare(branches, cosine, tokens_per_step=10)
+    assert lines[2].startswith("| 10 | 2.5000 | 2.4900 | +0.0100 |") and lines[3].startswith("| 20 | 2.0000 |")
+    assert ratio == pytest.approx(280 / 300) and gap == pytest.approx(0.05)
