@@ -12,11 +12,18 @@ tokens D, FLOPs C, final train and validation loss, wall time, the overrides. Th
 `--launcher=slurm` submits the unfinished points as one SLURM array job instead
 (`launch/slurm_sweep.sbatch`), `--launcher=tpu_pod` runs them one after another on a TPU
 pod through `launch/tpu_pod.sh`; `--dry_run` prints what would run or be submitted.
+
+A point that branches from another's checkpoint (`train.branch_from=points/<name>`, as
+`lm.scaling.designs.wsd_branches` writes) starts once that checkpoint is on disk: locally
+it waits in the queue while its parent trains; on SLURM, branches of unfinished parents are
+a second array job that depends on the first (`--dependency=afterok`); on a TPU pod they
+run after the other points.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import shlex
 import shutil
@@ -31,7 +38,8 @@ from lm.config import parse_flags, validate
 from lm.errors import PREEMPTED, UsageError, exit_with_error, quiet_logging, reject_positional
 from lm.files import atomic, paths
 from lm.parallel import runtime
-from lm.scaling import sweeps
+from lm.runs import checkpoint
+from lm.scaling import branches, sweeps
 
 _CONFIG = flags.DEFINE_string("config", None, "A config file with get_config() and get_sweep(), [path[:arg]].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The sweep's directory (points/, results.csv).")
@@ -58,12 +66,17 @@ def main(argv: list[str]) -> None:
         points, steps, pending = _plan(workdir)
         print(f"sweep {_CONFIG.value}: {len(points)} points, {len(points) - len(pending)} finished, "
               f"{len(pending)} to run", flush=True)
-        failed = _run_local(workdir, pending) if _LAUNCHER.value == "local" else _submit(workdir, pending)
+        failed = (_run_local(workdir, pending, points, steps) if _LAUNCHER.value == "local"
+                  else _submit(workdir, pending))
         if not _DRY_RUN.value and _LAUNCHER.value == "local":
             finished = [p for p in points if sweeps.is_finished(workdir, p, steps[p.name])]
-            if finished:
-                path = sweeps.write_results(workdir, [sweeps.result_row(workdir, p) for p in finished])
-                print(f"results: {len(finished)} of {len(points)} points in {path}", flush=True)
+            rows = sweeps.result_rows(workdir, finished, points, steps)
+            if rows:
+                path = sweeps.write_results(workdir, rows)
+                stable = len(branches.parents(points))
+                print(f"results: {len(rows)} of {len(points) - stable} points in {path}"
+                      + (f" ({stable} stable run(s) counted in their branches' spent columns)" if stable else ""),
+                      flush=True)
     except UsageError as e:
         exit_with_error(str(e))
     if failed:
@@ -90,15 +103,15 @@ def _plan(workdir: str) -> tuple[list[sweeps.Point], dict[str, int], list[sweeps
 def _checked_points(config_arg: str) -> tuple[list[sweeps.Point], dict[str, int]]:
     """The points, each validated with its overrides applied, and their step counts."""
     base, points = sweeps.load(config_arg)
-    steps = {}
+    configs = {}
     for point in points:
-        config = sweeps.apply(base, point)
+        configs[point.name] = config = sweeps.apply(base, point)
         try:
             validate(config)
         except UsageError as e:
             raise UsageError(f"{point.label}: {e}") from None
-        steps[point.name] = config.train.steps
-    return points, steps
+    branches.check(points, configs)
+    return points, {name: config.train.steps for name, config in configs.items()}
 
 
 def command(workdir: str, point: sweeps.Point, cpu_devices: int = 0) -> list[str]:
@@ -108,8 +121,9 @@ def command(workdir: str, point: sweeps.Point, cpu_devices: int = 0) -> list[str
 
 def main_args(workdir: str, point: sweeps.Point, config_path: str, cpu_devices: int = 0) -> list[str]:
     """lm.main's arguments for `point` (the config path as given, for a launcher's hosts)."""
+    resolved = dataclasses.replace(point, overrides=branches.resolved(point.overrides, workdir))
     args = [f"--config={config_path}{_config_arg()}", f"--workdir={sweeps.point_dir(workdir, point)}",
-            *point.flags()]
+            *resolved.flags()]
     if cpu_devices and "mesh.cpu_devices" not in point.overrides:
         args.append(f"--config.mesh.cpu_devices={cpu_devices}")
     return args
@@ -124,8 +138,10 @@ def _config_arg() -> str:
     return f":{arg}" if arg else ""
 
 
-def _run_local(workdir: str, pending: list[sweeps.Point]) -> list[str]:
-    """Trains the pending points, `--parallel` at a time; returns the names that failed."""
+def _run_local(workdir: str, pending: list[sweeps.Point], points: list[sweeps.Point], steps: dict[str, int]
+               ) -> list[str]:
+    """Trains the pending points, `--parallel` at a time, each branch once its parent's
+    checkpoint is on disk; returns the names that failed."""
     cpu_devices = max(1, runtime.available_cores() // _PARALLEL.value) if _PARALLEL.value > 1 else 0
     if _DRY_RUN.value:
         for point in pending:
@@ -142,7 +158,9 @@ def _run_local(workdir: str, pending: list[sweeps.Point]) -> list[str]:
     try:
         while running or (queue and not stopping):
             while queue and len(running) < _PARALLEL.value and not stopping:
-                point = queue.pop(0)
+                point = _next_startable(workdir, queue, running, failed)
+                if point is None:  # every queued point is a branch waiting for its parent's checkpoint
+                    break
                 running[point.name] = (_start(workdir, point, cpu_devices), point, time.monotonic())
                 print(f"started {point.name} ({len(pending) - len(queue)} of {len(pending)} to run): "
                       f"{' '.join(point.flags())}", flush=True)
@@ -154,10 +172,7 @@ def _run_local(workdir: str, pending: list[sweeps.Point]) -> list[str]:
                 seconds = time.monotonic() - started
                 sweeps.add_wall_seconds(workdir, point, seconds)
                 if process.returncode == 0:
-                    row = sweeps.result_row(workdir, point)
-                    sweeps.write_results(workdir, [row])
-                    print(f"finished {name} in {seconds:.0f} s: N={row['parameters']:,} D={row['tokens']:,} "
-                          f"C={row['flops']:.3g} val loss {row['val_loss']:.4f}", flush=True)
+                    _report_finished(workdir, point, points, steps, seconds)
                 elif not stopping:  # a point stopped by our signal resumes on the rerun
                     failed.append(name)
                     print(f"FAILED {name} (exit {process.returncode}); see {sweeps.point_dir(workdir, point)}"
@@ -169,6 +184,39 @@ def _run_local(workdir: str, pending: list[sweeps.Point]) -> list[str]:
         exit_with_error("stopped by a signal; every running point saved a checkpoint. Rerun the same command "
                         "to resume the sweep.", code=PREEMPTED)
     return failed
+
+
+def _next_startable(workdir: str, queue: list[sweeps.Point], running: dict, failed: list[str]
+                    ) -> sweeps.Point | None:
+    """Takes from `queue` the first point that can start: one that is no branch, or whose
+    parent has written its branch step, or whose parent will not run here (lm.main then
+    names the missing checkpoint). Branches of failed parents fail without running."""
+    waiting = set(running) | {p.name for p in queue}
+    for point in list(queue):
+        parent = branches.parent_name(point.overrides)
+        if parent in failed:
+            queue.remove(point)
+            failed.append(point.name)
+            print(f"FAILED {point.name}: it branches from {parent}, which failed", file=sys.stderr, flush=True)
+            continue
+        directory = os.path.join(workdir, "points", parent or "", "checkpoints")
+        if parent is None or parent not in waiting or branches.ready(point, checkpoint.finished_steps(directory)):
+            queue.remove(point)
+            return point
+    return None
+
+
+def _report_finished(workdir: str, point: sweeps.Point, points: list[sweeps.Point], steps: dict[str, int],
+                     seconds: float) -> None:
+    """Adds a finished point's row to the results (a stable run has none) and prints it."""
+    rows = sweeps.result_rows(workdir, [point], points, steps)
+    if not rows:
+        print(f"finished {point.name} in {seconds:.0f} s: the stable run of its branches", flush=True)
+        return
+    row = rows[0]
+    sweeps.write_results(workdir, [row])
+    print(f"finished {point.name} in {seconds:.0f} s: N={row['parameters']:,} D={row['tokens']:,} "
+          f"C={row['flops']:.3g} val loss {row['val_loss']:.4f}", flush=True)
 
 
 def _start(workdir: str, point: sweeps.Point, cpu_devices: int) -> subprocess.Popen:
@@ -188,35 +236,60 @@ def _terminate_with_parent() -> None:
 
 
 def _submit(workdir: str, pending: list[sweeps.Point]) -> list[str]:
-    """Submits the pending points through a launch script (or prints how, with --dry_run)."""
+    """Submits the pending points through a launch script (or prints how, with --dry_run):
+    on SLURM one array job, and a second one after it (`--dependency=afterok`) for the
+    branches of points in the first; on a TPU pod one run after another, branches last."""
     if not pending:
         return []
     extra = list(_LAUNCHER_ARGS.value)
     if _LAUNCHER.value == "slurm":
-        points_file = os.path.join(workdir, "slurm_points.txt")
-        lines = [shlex.join(main_args(workdir, p, _config_path())) for p in pending]
-        submit = ["sbatch", f"--array=0-{len(pending) - 1}%{_PARALLEL.value}", *extra, f"--export=ALL,LM_REPO={REPO}",
-                  os.path.join(REPO, "launch", "slurm_sweep.sbatch"), points_file]
-        commands = [submit]
-        if not _DRY_RUN.value:
-            os.makedirs(workdir, exist_ok=True)
-            atomic.write_text(points_file, "\n".join(lines) + "\n")
-        else:
-            print(f"# {points_file}, one line per array task:")
-            for line in lines:
-                print(f"#   {line}")
+        names = {p.name for p in pending}
+        later = [p for p in pending if branches.parent_name(p.overrides) in names]
+        first = [p for p in pending if p not in later]
+        job = _submit_array(workdir, first, "slurm_points.txt", extra, parsable=bool(later))
+        if later:
+            _submit_array(workdir, later, "slurm_branches.txt", [*extra, f"--dependency=afterok:{job}"])
     else:
-        commands = [["bash", os.path.join(REPO, "launch", "tpu_pod.sh"), *extra, "--",
-                     *main_args(workdir, p, _config_path())] for p in pending]
-    for cmd in commands:
-        print(("" if _DRY_RUN.value else "+ ") + shlex.join(cmd), flush=True)
-        if not _DRY_RUN.value and (code := subprocess.run(cmd).returncode):
-            exit_with_error(f"`{shlex.join(cmd[:1])}` exited {code}; its output is above. Fix: see that output, "
-                            "then rerun the same command (finished points are not submitted again).", code=1)
+        for point in sorted(pending, key=lambda p: branches.parent_name(p.overrides) is not None):
+            _launch(["bash", os.path.join(REPO, "launch", "tpu_pod.sh"), *extra, "--",
+                     *main_args(workdir, point, _config_path())])
     if not _DRY_RUN.value:
         print(f"submitted; when the points finish, rerun this command with --launcher=local to collect "
               f"{workdir}/results.csv (finished points are not rerun).", flush=True)
     return []
+
+
+def _submit_array(workdir: str, points: list[sweeps.Point], name: str, extra: list[str], parsable: bool = False
+                  ) -> str:
+    """Writes the points file `name` (one line of lm.main arguments per point) and submits
+    it as one array job; returns its job id (`parsable`: sbatch prints it) or a placeholder."""
+    points_file = os.path.join(workdir, name)
+    lines = [shlex.join(main_args(workdir, p, _config_path())) for p in points]
+    submit = ["sbatch", f"--array=0-{len(points) - 1}%{_PARALLEL.value}", *(["--parsable"] if parsable else []),
+              *extra, f"--export=ALL,LM_REPO={REPO}", os.path.join(REPO, "launch", "slurm_sweep.sbatch"), points_file]
+    if not _DRY_RUN.value:
+        os.makedirs(workdir, exist_ok=True)
+        atomic.write_text(points_file, "\n".join(lines) + "\n")
+    else:
+        print(f"# {points_file}, one line per array task:")
+        for line in lines:
+            print(f"#   {line}")
+    output = _launch(submit, capture=parsable)
+    return output.strip().split(";")[0] if output else "FIRST_JOB_ID"  # a dry run has none
+
+
+def _launch(cmd: list[str], capture: bool = False) -> str:
+    """Runs (or, with --dry_run, prints) a submission command; its stdout when `capture`."""
+    print(("" if _DRY_RUN.value else "+ ") + shlex.join(cmd), flush=True)
+    if _DRY_RUN.value:
+        return ""
+    done = subprocess.run(cmd, stdout=subprocess.PIPE if capture else None, text=True)
+    if done.returncode:
+        exit_with_error(f"`{shlex.join(cmd[:1])}` exited {done.returncode}; its output is above. Fix: see that "
+                        "output, then rerun the same command (finished points are not submitted again).", code=1)
+    if capture:
+        print(done.stdout, end="", flush=True)
+    return done.stdout or ""
 
 
 if __name__ == "__main__":

@@ -54,6 +54,46 @@ def test_grid_and_learning_rate_designs_cross_every_size_with_every_token_count_
     assert [p["optim.lr"] for p in swept] == [1e-3, 3e-3, 1e-3, 3e-3] and swept[1]["model.d_model"] == 32
 
 
+def test_wsd_branches_give_each_size_one_stable_run_and_a_cooldown_branch_per_budget():
+    from lm.configs import shakespeare_char
+    from lm.scaling import branches
+    from lm.scaling.sweeps import point_name
+
+    config = shakespeare_char.get_config()  # warmup 100 steps, 12 x 64 tokens a step
+    per_step = config.train.batch_size * config.data.seq_len
+    points = designs.wsd_branches(config, [2e4, 1e5], [k * 500 * per_step for k in (4, 1, 2, 3)])
+    assert len(points) == 10
+    for size in (32, 64):
+        stable, *cooldowns = [p for p in points if p["model.d_model"] == size]
+        # The WSD run of the largest budget (2000 steps), stopped where its cooldown starts.
+        assert stable["optim.schedule"] == "wsd" and stable["optim.decay_steps"] == 2000
+        assert stable["train.steps"] == 1600 and stable["train.keep_steps"] == (400, 800, 1200, 1600)
+        assert "train.branch_from" not in stable
+        assert [(p["train.steps"], p["train.branch_step"]) for p in cooldowns] == [
+            (500, 400), (1000, 800), (1500, 1200), (2000, 1600)]
+        assert {p["train.branch_from"] for p in cooldowns} == {branches.PREFIX + point_name(stable)}
+        assert all(p["optim.schedule"] == "wsd" and p["optim.cooldown_fraction"] == 0.2 for p in cooldowns)
+    with pytest.raises(ValueError, match=r"the token budget 76800 \(100 steps\) would branch at step 80, inside the "
+                                         r"stable run's warmup \(config.optim.warmup_steps=100\). Fix: drop budgets "
+                                         r"below 125 steps \(96000 tokens\) from `tokens`"):
+        designs.wsd_branches(config, [2e4], [100 * per_step, 1000 * per_step])
+
+
+def test_a_branchs_row_counts_its_cooldown_and_the_stable_steps_since_the_previous_branch_point():
+    from lm.scaling import branches
+    from lm.scaling.sweeps import Point
+
+    stable = Point("s", {"train.steps": 16})
+    cooldowns = [Point(name, {"train.branch_from": "points/s", "train.branch_step": at, "train.steps": steps})
+                 for name, at, steps in (("b20", 16, 20), ("b10", 8, 10), ("b5", 4, 5))]
+    points = [stable, *cooldowns]
+    steps = {p.name: p.overrides["train.steps"] for p in points}
+    spent = {p.name: branches.spent_steps(p, points, steps) for p in cooldowns}
+    assert spent == {"b5": 1 + 4, "b10": 2 + 4, "b20": 4 + 8}
+    assert sum(spent.values()) == 16 + 1 + 2 + 4  # the stable run counted once
+    assert branches.spent_steps(stable, points, steps) == 16 and branches.parents(points) == {"s"}
+
+
 TRUE = laws.Parametric(E=1.7, A=400.0, B=1200.0, alpha=0.34, beta=0.30)
 
 
@@ -137,3 +177,18 @@ def test_a_cell_that_is_not_a_positive_number_is_named_by_row_and_column_and_sho
     lines = fits.report(one_size, fitted, intervals, skipped, 1e15)
     assert any(line.startswith("  L(D): E=0.0000 (not fitted: under 4 frontier points)") for line in lines)
     assert "kaplan L(C): skipped: its frontier has 1 point(s)" in "\n".join(lines)
+
+
+def test_the_wsd_bench_matches_budgets_by_tokens_and_divides_the_compute_spent():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("wsd_bench", os.path.join(os.path.dirname(__file__), "..",
+                                                                            "bench", "wsd_branches.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    branches = [{"tokens": 200, "val_loss": 2.0, "spent_flops": 180.0},  # 16 stable + 2 cooldown steps
+                {"tokens": 100, "val_loss": 2.5, "spent_flops": 100.0}]
+    cosine = [{"tokens": 100, "val_loss": 2.49, "flops": 100.0}, {"tokens": 200, "val_loss": 2.05, "flops": 200.0}]
+    lines, ratio, gap = bench.compare(branches, cosine, tokens_per_step=10)
+    assert lines[2].startswith("| 10 | 2.5000 | 2.4900 | +0.0100 |") and lines[3].startswith("| 20 | 2.0000 |")
+    assert ratio == pytest.approx(280 / 300) and gap == pytest.approx(0.05)

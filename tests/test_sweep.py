@@ -159,3 +159,71 @@ def test_the_sweep_cli_checks_its_workdir_and_launcher_before_anything_runs(tmp_
         assert result.returncode == 2 and result.stderr.startswith("lm: error: ") and problem in result.stderr
         assert result.stderr.count("\n") == 1 and "Fix:" in result.stderr, result.stderr
     assert os.listdir(tmp_path) == ["afile"]
+
+
+WSD = f"--config={os.path.join(REPO, 'tests', 'data', 'tiny_wsd_sweep.py')}"
+
+
+def test_wsd_branches_run_after_their_stable_run_locally_and_as_a_dependent_slurm_array(tmp_path):
+    local = run_cli("lm.sweep", WSD, f"--workdir={tmp_path}", "--dry_run").stdout
+    stable, *cooldowns = [line for line in local.splitlines() if " -m lm.main " in line]
+    assert "--config.train.keep_steps=(8, 16)" in stable and "branch_from" not in stable
+    assert len(cooldowns) == 2 and all(f"{tmp_path}/points/" in line for line in cooldowns)  # absolute for lm.main
+    assert "--config.train.branch_step=8" in cooldowns[0] and "--config.train.branch_step=16" in cooldowns[1]
+    slurm = run_cli("lm.sweep", WSD, f"--workdir={tmp_path}", "--dry_run", "--launcher=slurm").stdout
+    first, then = [line for line in slurm.splitlines() if line.startswith("sbatch ")]
+    assert "--array=0-0%1 --parsable " in first and first.endswith("slurm_points.txt")
+    assert "--array=0-1%1 --dependency=afterok:FIRST_JOB_ID " in then
+    assert then.endswith("slurm_branches.txt")
+
+    early = run_cli("lm.sweep", f"{WSD}:inside_warmup", f"--workdir={tmp_path}", check=False)
+    assert early.returncode == 2 and early.stderr.count("\n") == 1
+    assert ("the token budget 128 (1 steps) would branch at step 1, inside the stable run's warmup "
+            "(config.optim.warmup_steps=2)") in early.stderr
+
+
+def test_a_branch_of_no_point_or_of_a_step_its_parent_never_keeps_is_refused(tmp_path):
+    from lm.scaling import branches
+
+    base = sweeps.load(WSD.partition("=")[2])[0]
+    for bad, problem in (({"train.branch_from": "points/nothere"}, "which is no point of the sweep"),
+                         ({"train.branch_step": 12}, "branches at step 12 of sweep point 0")):
+        overrides = [{"train.steps": 16, "train.keep_steps": (8,)},
+                     {"train.steps": 20, "train.branch_from": "points/", "train.branch_step": 8}]
+        overrides[1]["train.branch_from"] += sweeps.point_name(overrides[0])
+        overrides[1].update(bad)
+        points = sweeps.name_points(overrides, base)
+        with pytest.raises(branches.BranchError, match=problem):
+            branches.check(points, {p.name: sweeps.apply(base, p) for p in points})
+
+
+@pytest.mark.slow
+@pytest.mark.resume
+def test_a_wsd_sweep_killed_with_a_branch_pending_resumes_and_writes_a_row_per_budget(tmp_path):
+    runner = subprocess.Popen([sys.executable, "-m", "lm.sweep", WSD, f"--workdir={tmp_path}", "--parallel=2"],
+                              cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = []
+    for line in runner.stdout:  # the branches wait for the stable run's checkpoints at 8 and 16
+        out.append(line)
+        if "the stable run of its branches" in line:
+            break
+    runner.kill()  # -9, with the branch of budget 20 at most just started: it is pending
+    runner.wait()
+    assert any(line.startswith("finished ") for line in out), "".join(out)
+
+    finished = run_cli("lm.sweep", WSD, f"--workdir={tmp_path}", "--parallel=2", timeout=300)
+    assert re.search(r"3 points, [12] finished, [12] to run", finished.stdout), finished.stdout
+    assert "results: 2 of 2 points" in finished.stdout and "1 stable run(s) counted in" in finished.stdout
+    logs = "".join(open(os.path.join(d, "sweep.log"), encoding="utf-8").read() for d in _point_dirs(tmp_path))
+    assert "branching from the checkpoint at step 8 in" in logs and "at step 16 in" in logs
+    with open(tmp_path / "results.csv", encoding="utf-8") as f:
+        rows = sorted(csv.DictReader(f), key=lambda r: int(r["tokens"]))
+    per_step = 8 * 16
+    assert [int(r["tokens"]) for r in rows] == [10 * per_step, 20 * per_step]  # each row: a run of its budget
+    # The compute spent: the cooldown, and the stable steps since the previous branch point.
+    assert [int(r["spent_tokens"]) for r in rows] == [(2 + 8) * per_step, (4 + 8) * per_step]
+    for row in rows:
+        assert float(row["spent_flops"]) / float(row["flops"]) == pytest.approx(
+            int(row["spent_tokens"]) / int(row["tokens"]))
+        assert len(row["parent"]) == 8 and float(row["val_loss"]) > 0
+    assert "3 finished, 0 to run" in run_cli("lm.sweep", WSD, f"--workdir={tmp_path}").stdout

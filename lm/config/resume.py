@@ -85,7 +85,10 @@ RESUME: dict[str, OnResume] = {
     "train.microbatches": OnResume(True, "gradient accumulation gives the full batch's update"),
     "train.peak_flops_per_device": OnResume(True, "only the logged MFU"),
     **{f"train.{f}": OnResume(True, _CADENCE) for f in (
-        "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "permanent_checkpoint_every")},
+        "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "permanent_checkpoint_every",
+        "keep_steps")},
+    **{f"train.{f}": OnResume(True, "where a branch started; once it has checkpoints of its own it resumes "
+                                    "from them") for f in ("branch_from", "branch_step")},
     "train.max_nonfinite_steps": OnResume(True, "a stopping rule: allowing more skipped steps and resuming is a "
                                                 "documented cure for a divergence"),
     "eval.batch_size": OnResume(True, _CADENCE),

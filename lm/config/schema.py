@@ -289,6 +289,16 @@ def _train() -> ml_collections.ConfigDict:
     # Permanent checkpoints: every step that is a multiple of this is saved and never
     # deleted (0: none), beside the newest keep_checkpoints frequent ones.
     t.permanent_checkpoint_every = 0
+    # Steps whose checkpoints are also saved and never deleted, e.g. a WSD stable run's branch
+    # points (lm.scaling.designs.wsd_branches): a tuple of steps, () for none.
+    t.keep_steps = ()
+    # A branch: a run in a new workdir starts from the checkpoint at step branch_step of the
+    # run in workdir branch_from (its parameters, optimizer state, step and data position,
+    # so it sees the batches that run would have), then trains to `steps` under this
+    # config's schedule. Once the branch has checkpoints of its own it resumes from them.
+    # "": no branch, a fresh start.
+    t.branch_from = ""
+    t.branch_step = 0
     # A step with a NaN/Inf loss or gradient never updates the state. Up to this many such
     # steps are skipped; one more stops the run (exit status 3). 0: stop at the first.
     t.max_nonfinite_steps = 0

@@ -340,6 +340,15 @@ def _validate_train(config: ml_collections.ConfigDict) -> None:
                   "train.max_nonfinite_steps",
                   "sample.max_new_tokens", "sample.top_k", "sample.temperature"):
         require_positive(config, field, allow_zero=True)
+    _validate_branch(config.train)
+
+
+def _validate_branch(t: ml_collections.ConfigDict) -> None:
+    if not all(isinstance(s, int) and 0 < s <= t.steps for s in t.keep_steps):
+        fail("train.keep_steps", t.keep_steps, f"must hold steps from 1 to train.steps={t.steps}", "e.g. (400, 800)")
+    if bool(t.branch_from) != (isinstance(t.branch_step, int) and 0 < t.branch_step < t.steps):
+        fail("train.branch_step", t.branch_step, f"must be a step below train.steps={t.steps} when train.branch_from "
+             f"is set ({t.branch_from!r}), else 0", "give the step of the checkpoint to branch from, or both unset")
 
 
 def _validate_mesh_fields(config: ml_collections.ConfigDict) -> None:

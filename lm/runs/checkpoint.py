@@ -1,7 +1,8 @@
 """Checkpoints with orbax: the train state, the data iterator's position and metadata.
 
 Two tiers: the newest `keep` checkpoints (frequent, for resuming), and every step that
-is a multiple of `permanent_every` (sparse, kept forever). Orbax writes each step into
+is a multiple of `permanent_every` or one of `keep_steps` (sparse, kept forever: a WSD
+run's branch points). Orbax writes each step into
 a temporary directory and renames it when complete, so a run killed mid-save never
 leaves a checkpoint that looks finished; leftover temporary directories are removed
 when the next run opens the directory.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -28,7 +30,7 @@ DATA = "data"  # the data iterator's position, one JSON file per process
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 1, permanent_every: int = 0, read_only: bool = False,
-                 asynchronous: bool = True):
+                 asynchronous: bool = True, keep_steps: Sequence[int] = ()):
         """`read_only` for readers (sampling, export) of a workdir a run may be writing:
         they read step directories with a synchronous orbax Checkpointer and hold no
         CheckpointManager, so they can neither save, delete nor clean up anything (and
@@ -39,9 +41,9 @@ class Checkpointer:
         if read_only:
             self._reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
             return
-        kept = policies.LatestN(keep)
-        if permanent_every:
-            kept = policies.AnyPreservationPolicy([kept, policies.EveryNSteps(permanent_every)])
+        kept = [policies.LatestN(keep)] + ([policies.EveryNSteps(permanent_every)] if permanent_every else []) + (
+            [policies.CustomSteps(keep_steps)] if keep_steps else [])
+        kept = kept[0] if len(kept) == 1 else policies.AnyPreservationPolicy(kept)
         self._manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
             preservation_policy=kept, create=True, cleanup_tmp_directories=True,
             enable_async_checkpointing=asynchronous))
@@ -54,7 +56,7 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         """Steps of the finished checkpoints on disk (orbax never lists an unfinished save)."""
         if self._manager is None:
-            return sorted(ocp.utils.checkpoint_steps(self.directory)) if os.path.isdir(self.directory) else []
+            return finished_steps(self.directory)
         self._manager.reload()
         return list(self._manager.all_steps())
 
@@ -68,12 +70,13 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: Any, data_iterator: grain.DatasetIterator) -> tuple[Any, dict]:
         """Restores onto the shardings in `abstract_state` (ShapeDtypeStructs), whatever
-        mesh or process count wrote it, and moves `data_iterator` to the saved position."""
+        mesh or process count wrote it, and moves `data_iterator` to the saved position.
+        Read-only checkpointers restore too (a branch starts from another run's checkpoint)."""
         args = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
         data_state = self._data_state_from_other_process_count(step)
         if data_state is None:
             args[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self._writer().restore(step, args=ocp.args.Composite(**args))
+        restored = self._read(step, **args)
         if data_state is not None:
             data_iterator.set_state(data_state)
         return restored["state"], restored["meta"]
@@ -152,6 +155,12 @@ class Checkpointer:
         for opened in (self._manager, self._reader):
             if opened is not None:
                 opened.close()
+
+
+def finished_steps(directory: str) -> list[int]:
+    """Steps of the finished checkpoints in `directory` ([] when it does not exist), opening
+    nothing: what a sweep polls while a branch waits for its parent's checkpoint."""
+    return sorted(ocp.utils.checkpoint_steps(directory)) if os.path.isdir(directory) else []
 
 
 def stored_shapes(directory: str) -> dict[str, tuple[tuple[int, ...], str]]:

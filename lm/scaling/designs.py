@@ -9,6 +9,10 @@ rounding never leaks into a fit.
 Every point is a flat dict of dotted config fields (`{"model.d_model": 64, ...}`);
 `sweep.*` fields are bookkeeping the results table carries (the IsoFLOP budget, the
 target size), not settings.
+
+`wsd_branches` gives each size one stable run and cooldown branches that start from its
+checkpoints (`lm.scaling.branches`): the losses at many token budgets for little more
+than the compute of the largest.
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ from collections.abc import Iterable, Sequence
 import ml_collections
 import numpy as np
 
+from lm.config.schedule_fields import cooldown_start
 from lm.model import ModelConfig
 from lm.model.counting import train_flops_per_token
+from lm.scaling import branches
+from lm.scaling.sweeps import point_name
 
 
 def shape_for(non_embedding: float, aspect_ratio: float = 32.0, head_dim: int = 16) -> dict[str, int]:
@@ -91,3 +98,48 @@ def size_by_tokens(config: ml_collections.ConfigDict, sizes: Iterable[float], to
 def learning_rates(points: Iterable[dict], lrs: Iterable[float]) -> list[dict]:
     """Each point at each peak learning rate (a learning-rate sweep per size)."""
     return [{**point, "optim.lr": float(lr)} for point, lr in itertools.product(points, lrs)]
+
+
+def wsd_branches(config: ml_collections.ConfigDict, sizes: Iterable[float] | None, tokens: Iterable[float],
+                 cooldown_fraction: float = 0.2, aspect_ratio: float = 32.0, head_dim: int = 16) -> list[dict]:
+    """WSD cooldown branches (Hägele et al. 2024): for each model size, one stable run and
+    one branch per token budget D in `tokens`. A WSD run of B steps is constant (after the
+    warmup) until its cooldown starts at step s(B) = (1 - `cooldown_fraction`) B
+    (`cooldown_start`), so it equals the stable run's checkpoint at s(B) cooled down over
+    the remaining steps. The stable run is the WSD run of the largest budget stopped at
+    its cooldown's start, keeping the checkpoint at every branch point (`train.keep_steps`);
+    each branch trains to B = D / (tokens per step) under WSD from there, and its results
+    row is that of a B-step run. All points share `config`'s `optim.warmup_steps`.
+    `sizes`: target non-embedding parameter counts (`shape_for`), or None for `config`'s model.
+
+    Raises ValueError naming `tokens` and `optim.warmup_steps` for a budget whose branch
+    point falls inside the warmup, and for budgets that round to the same steps."""
+    warmup, budgets = config.optim.warmup_steps, {}
+    for d in tokens:
+        steps = steps_for(config, d)
+        if cooldown_start(steps, cooldown_fraction) < warmup:
+            least = next(s for s in itertools.count(steps) if cooldown_start(s, cooldown_fraction) >= warmup)
+            raise ValueError(
+                f"wsd_branches: the token budget {d:g} ({steps} steps) would branch at step "
+                f"{cooldown_start(steps, cooldown_fraction)}, inside the stable run's warmup (config.optim."
+                f"warmup_steps={warmup}). Fix: drop budgets below {least} steps "
+                f"({least * config.train.batch_size * config.data.seq_len} tokens) from `tokens`, or shorten "
+                "optim.warmup_steps.")
+        if steps in budgets:
+            raise ValueError(f"wsd_branches: the token budgets {budgets[steps]:g} and {d:g} are both {steps} steps. "
+                             "Fix: give `tokens` distinct budgets.")
+        budgets[steps] = d
+    schedule = {"optim.schedule": "wsd", "optim.cooldown_fraction": float(cooldown_fraction)}
+    points = []
+    longest = max(budgets)
+    models = [{}] if sizes is None else [{**model_overrides(shape_for(n, aspect_ratio, head_dim)),
+                                          "sweep.target_parameters": float(n)} for n in sizes]
+    for model in models:
+        stable = {**model, **schedule, "optim.decay_steps": longest,
+                  "train.steps": cooldown_start(longest, cooldown_fraction),
+                  "train.keep_steps": tuple(sorted({cooldown_start(b, cooldown_fraction) for b in budgets}))}
+        points.append(stable)
+        parent = branches.PREFIX + point_name(stable)
+        points += [{**model, **schedule, "optim.decay_steps": 0, "train.steps": b, "train.branch_from": parent,
+                    "train.branch_step": cooldown_start(b, cooldown_fraction)} for b in sorted(budgets)]
+    return points

@@ -5,6 +5,10 @@ Layout of a sweep directory:
     points/<name>/      the point's lm.main workdir (checkpoints, metrics, final_metrics.json)
     points/<name>/sweep.json   its overrides, and wall seconds summed over attempts
     results.csv, results.jsonl  one row per finished point (rows are never dropped)
+
+A point may branch from another's checkpoint (`lm.scaling.branches`): its row is that of a
+run of its own steps, and `spent_tokens` / `spent_flops` say what the sweep actually spent
+for it (the stable run it branches from counted once over its branches, which has no row).
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ import ml_collections
 
 from lm.errors import UsageError
 from lm.files import atomic, paths
+from lm.scaling import branches
 
 SCALARS = (bool, int, float, str)
 COLUMNS = ("name", "parameters", "non_embedding_parameters", "tokens", "flops", "budget", "target_parameters",
-           "train_loss", "val_loss", "val_bits_per_byte", "wall_seconds", "overrides")
+           "train_loss", "val_loss", "val_bits_per_byte", "wall_seconds", "spent_tokens", "spent_flops", "parent",
+           "overrides")
 
 
 class SweepError(UsageError):
@@ -46,8 +52,9 @@ class Point:
         return f"sweep point {self.index} ({json.dumps(self.overrides, sort_keys=True)})"
 
     def flags(self) -> list[str]:
-        return [f"--config.{key}={value!r}" if isinstance(value, str) else f"--config.{key}={value}"
-                for key, value in self.overrides.items()]
+        """lm.main's `--config.<field>=<value>` arguments (each one argument, never split by a
+        shell: a string goes as it is, since ml_collections would keep quotes around it)."""
+        return [f"--config.{key}={value}" for key, value in self.overrides.items()]
 
 
 def load(config_arg: str) -> tuple[ml_collections.ConfigDict, list[Point]]:
@@ -97,13 +104,18 @@ def name_points(overrides: list[dict], config: ml_collections.ConfigDict) -> lis
     for i, point in enumerate(overrides):
         for key, value in point.items():
             _check_override(config, key, value, i)
-        digest = hashlib.sha1(json.dumps(point, sort_keys=True).encode()).hexdigest()[:8]
+        digest = point_name(point)
         if digest in seen:
             raise UsageError(f"sweep points {seen[digest]} and {i} are the same run ({json.dumps(point)}). "
                               "Fix: remove the duplicate, or make the points differ (e.g. the seed).")
         seen[digest] = i
         points.append(Point(digest, dict(point), i))
     return points
+
+
+def point_name(overrides: dict[str, Any]) -> str:
+    """A point's name and directory: a hash of its overrides."""
+    return hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def _check_override(config: ml_collections.ConfigDict, key: str, value: Any, index: int) -> None:
@@ -114,9 +126,9 @@ def _check_override(config: ml_collections.ConfigDict, key: str, value: Any, ind
     if not isinstance(node, ml_collections.ConfigDict) or field not in node:
         raise UsageError(f"sweep point {index} sets {key!r}, which is not a config field. Fix: use a dotted "
                           "field of lm/config/schema.py, e.g. 'model.d_model'.")
-    if not isinstance(value, SCALARS):
-        raise UsageError(f"sweep point {index} sets {key}={value!r}; a sweep overrides single values only. "
-                          "Fix: use a number, string or bool.")
+    if not isinstance(value, SCALARS) and not (isinstance(value, tuple) and all(isinstance(v, SCALARS) for v in value)):
+        raise UsageError(f"sweep point {index} sets {key}={value!r}; a sweep overrides single values and tuples "
+                          "of them only. Fix: use a number, string, bool or a tuple of them.")
 
 
 def apply(config: ml_collections.ConfigDict, point: Point) -> ml_collections.ConfigDict:
@@ -149,8 +161,9 @@ def add_wall_seconds(sweep_dir: str, point: Point, seconds: float) -> None:
     atomic.write_json(path, record, indent=2)
 
 
-def result_row(sweep_dir: str, point: Point) -> dict[str, Any]:
-    """The results-table row of a finished point."""
+def result_row(sweep_dir: str, point: Point, spent_steps: int | None = None) -> dict[str, Any]:
+    """The results-table row of a finished point. `spent_steps` (lm.scaling.branches.spent_steps,
+    default: the point's own steps) gives the compute the sweep spent for it."""
     directory = point_dir(sweep_dir, point)
     final = _read_record(directory, "final_metrics.json")
     config = _read_record(directory, "config.json")
@@ -163,13 +176,24 @@ def result_row(sweep_dir: str, point: Point) -> dict[str, Any]:
             except json.JSONDecodeError:  # a line cut short by a kill; the resumed run logged on after it
                 continue
     sweep = config.get("sweep", {})
+    spent = (final["step"] if spent_steps is None else spent_steps) / final["step"]
     return {"name": point.name, "parameters": final["parameters"],
             "non_embedding_parameters": final["non_embedding_parameters"], "tokens": final["train_tokens"],
             "flops": final["train_flops"], "budget": sweep.get("budget", 0.0),
             "target_parameters": sweep.get("target_parameters", 0.0), "train_loss": train_loss,
             "val_loss": final["validation/loss"], "val_bits_per_byte": final.get("validation/bits_per_byte"),
             "wall_seconds": round(record.get("wall_seconds", 0.0), 1),
+            "spent_tokens": round(final["train_tokens"] * spent), "spent_flops": final["train_flops"] * spent,
+            "parent": branches.parent_name(point.overrides) or "",
             "overrides": json.dumps(point.overrides, sort_keys=True)}
+
+
+def result_rows(sweep_dir: str, done: list[Point], points: list[Point], steps: dict[str, int]) -> list[dict[str, Any]]:
+    """The rows of the finished points `done` of the sweep's `points` (whose train.steps
+    are `steps`, by name), with the compute spent for each (`branches.spent_steps`); a
+    stable run that others branch from has no row: its compute is in theirs."""
+    stable = branches.parents(points)
+    return [result_row(sweep_dir, p, branches.spent_steps(p, points, steps)) for p in done if p.name not in stable]
 
 
 def read_results(sweep_dir: str) -> dict[str, dict[str, Any]]:

@@ -191,7 +191,8 @@ def _describe_run(run: Run, progress: Progress, start: int) -> None:
         f"{run.config.data.packing} rows")
     progress.message(f"memory per device (estimate): {memory.describe(run.memory)}")
     if start:
-        progress.message(f"resuming from the checkpoint at step {start} in {run.workdir}")
+        progress.message(f"branching from the checkpoint at step {start} in {run.branch}" if run.branch else
+                         f"resuming from the checkpoint at step {start} in {run.workdir}")
 
 
 def _log_train(run: Run, progress: Progress, step: int, metrics: Metrics, last_log: tuple[int, float],
@@ -223,8 +224,9 @@ def _log_eval(run: Run, progress: Progress, step: int, params: Any) -> dict[str,
 
 
 def _checkpoint_due(c: ml_collections.ConfigDict, step: int) -> bool:
-    """A frequent (kept while among the newest) or a permanent checkpoint falls on `step`."""
-    return any(every and step % every == 0 for every in (c.checkpoint_every, c.permanent_checkpoint_every))
+    """A frequent (kept while among the newest) or a permanent checkpoint (`keep_steps`) falls on `step`."""
+    return step in c.keep_steps or any(every and step % every == 0
+                                       for every in (c.checkpoint_every, c.permanent_checkpoint_every))
 
 
 def _save(run: Run, state: TrainState, data_iterator) -> None:

@@ -1,6 +1,7 @@
 """A run before its first step: the workdir's lock and resume checks, the corpus, the
 distillation teacher, the memory check, config.json, the compiled `Trainer`, and the
-state to start from (the newest checkpoint that restores, or a fresh one)."""
+state to start from (the newest checkpoint that restores, a branch's checkpoint of
+another run (`train.branch_from`), or a fresh one)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ class Run:
     memory: dict[str, int]  # estimated bytes per device (lm.training.memory.estimate)
     lock: WorkdirLock | None  # held by process 0 while the run lives
     corpus_record: dict[str, list]  # corpus_fingerprints(config), saved with each checkpoint
+    branch: str | None = None  # a branch's first start: the checkpoints directory it starts from
 
     def close(self) -> None:
         """Ends the run's hold on the workdir: saves under way finish, orbax's threads stop."""
@@ -103,8 +105,11 @@ def _prepare_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shar
     reader = checkpoint.Checkpointer(directory, read_only=True)
     try:
         check_resumable(config, reader, corpus_record, workdir)
+        branch = None if reader.all_steps() else check_branch(config, corpus_record)
     finally:
         reader.close()
+    if branch and is_main:  # the parent's ids: a tokenizer fitted again could differ (SentencePiece)
+        _copy_tokenizer(os.path.dirname(branch), workdir)
     corpus = prepare_corpus(config, workdir)
     model_cfg = ModelConfig.for_run(config, corpus.tokenizer.vocab_size)
     vocab_size = objectives.model_vocab_size(config.objective, corpus.tokenizer.vocab_size)
@@ -121,9 +126,10 @@ def _prepare_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shar
     # Last: orbax's manager starts background threads (temporary-directory clean-up) that
     # print tracebacks if the process exits on one of the errors above while they run.
     checkpointer = checkpoint.Checkpointer(directory, config.train.keep_checkpoints,
-                                           config.train.permanent_checkpoint_every)
+                                           config.train.permanent_checkpoint_every,
+                                           keep_steps=config.train.keep_steps)
     return Run(config, workdir, corpus, trainer, MetricWriter(workdir, enabled=is_main), checkpointer, is_main,
-               estimate, lock, corpus_record)
+               estimate, lock, corpus_record, branch)
 
 
 def _remove_new_workdir(workdir: str, created: bool) -> None:
@@ -166,17 +172,58 @@ def check_resumable(config: ml_collections.ConfigDict, checkpointer: checkpoint.
     saved = _newest_metadata(checkpointer)
     if saved is None or "config" not in saved:
         return
+    if conflicts := _conflicts(config, saved, corpus_record):
+        raise UsageError(
+            f"{workdir} holds checkpoints (newest: step {saved['step']}) of a run whose config differs in fields "
+            f"that cannot change on resume: {'; '.join(conflicts)}. Fix: rerun with the checkpoint's values "
+            f"(the run's config is {os.path.join(workdir, 'config.json')}), or pass a new --workdir for a new run.")
+
+
+def _conflicts(config: ml_collections.ConfigDict, saved: dict, corpus_record: dict[str, list]) -> list[str]:
+    """The fields of `config` that may not differ from a checkpoint's `saved` metadata's
+    (lm.config.RESUME), the corpus compared by fingerprint where the checkpoint recorded it."""
     recorded = "corpus" in saved
     conflicts = config_lib.resume_conflicts(saved["config"], json.loads(config.to_json_best_effort()),
                                             ignore=("data.files", "data.sources") if recorded else ())
     if recorded and saved["corpus"] != corpus_record:
         conflicts.append(f"the corpus (config.data.files or data.sources: [content fingerprint, weight]) was "
                          f"{saved['corpus']}, now {corpus_record} (the training data)")
+    return conflicts
+
+
+def check_branch(config: ml_collections.ConfigDict, corpus_record: dict[str, list]) -> str | None:
+    """The checkpoints directory a branch starts from (`train.branch_from`, at
+    `train.branch_step`), or None for no branch. Raises UsageError when that run keeps no
+    checkpoint at the step (listing the steps it has), or when this config differs from
+    the one that wrote it in a field a resumed run may not change (lm.config.RESUME): the
+    branch must continue that run's model, data order and optimizer state."""
+    t = config.train
+    if not t.branch_from:
+        return None
+    directory = os.path.join(os.path.abspath(os.path.expanduser(t.branch_from)), "checkpoints")
+    reader = checkpoint.Checkpointer(directory, read_only=True)
+    try:
+        steps = reader.all_steps()
+        if t.branch_step not in steps:
+            raise UsageError(
+                f"config.train.branch_from={t.branch_from!r} has no checkpoint at config.train.branch_step="
+                f"{t.branch_step} (its checkpoints: {', '.join(map(str, steps)) or 'none'}). Fix: branch from a "
+                f"step that run keeps, or train it with {t.branch_step} in its config.train.keep_steps.")
+        conflicts = _conflicts(config, reader.metadata(t.branch_step), corpus_record)
+    finally:
+        reader.close()
     if conflicts:
-        raise UsageError(
-            f"{workdir} holds checkpoints (newest: step {saved['step']}) of a run whose config differs in fields "
-            f"that cannot change on resume: {'; '.join(conflicts)}. Fix: rerun with the checkpoint's values "
-            f"(the run's config is {os.path.join(workdir, 'config.json')}), or pass a new --workdir for a new run.")
+        raise UsageError(f"this branch of {t.branch_from} differs from that run in fields a branch cannot change: "
+                         f"{'; '.join(conflicts)}. Fix: branch with that run's values "
+                         f"({os.path.join(t.branch_from, 'config.json')}); change only the schedule and steps.")
+    return directory
+
+
+def _copy_tokenizer(parent: str, workdir: str) -> None:
+    source, target = os.path.join(parent, "tokenizer.json"), os.path.join(workdir, "tokenizer.json")
+    if os.path.exists(source) and not os.path.exists(target):
+        with open(source, encoding="utf-8") as f:
+            atomic.write_text(target, f.read())
 
 
 def _newest_metadata(checkpointer: checkpoint.Checkpointer) -> dict | None:
@@ -246,6 +293,8 @@ def restore_or_init(run: Run, data_iterator) -> TrainState:
     `check_resumable` could not name) raises UsageError listing them, without a restore."""
     steps = sorted(run.checkpointer.all_steps(), reverse=True)
     abstract = run.trainer.abstract_state()
+    if not steps and run.branch:
+        return _restore_branch(run, abstract, data_iterator)
     first_error = None
     for step in steps:
         try:
@@ -268,3 +317,17 @@ def restore_or_init(run: Run, data_iterator) -> TrainState:
     raise UsageError(
         f"no checkpoint in {run.workdir} restores; the newest, step {step}, fails with {type(e).__name__}: "
         f"{str(e).splitlines()[0][:300]}. Fix: use a new --workdir, or the config that wrote the checkpoints.")
+
+
+def _restore_branch(run: Run, abstract: TrainState, data_iterator) -> TrainState:
+    """The state at `train.branch_step` of the run a branch starts from, with its data position."""
+    reader, step = checkpoint.Checkpointer(run.branch, read_only=True), run.config.train.branch_step
+    try:
+        if mismatches := reader.state_mismatches(step, abstract):
+            raise UsageError(f"the checkpoint at step {step} in {run.branch} holds a train state that this "
+                             f"config's does not match: {'; '.join(mismatches)}. Fix: branch with the config that "
+                             "wrote it, changing only the schedule and steps.")
+        state, _ = reader.restore(step, abstract, data_iterator)
+        return state
+    finally:
+        reader.close()

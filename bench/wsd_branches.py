@@ -1,0 +1,87 @@
+"""WSD cooldown branches against separate cosine runs: the loss at each budget, and the compute.
+
+    .venv/bin/python bench/wsd_branches.py --workdir=/tmp/wsd_bench --parallel=2
+
+Runs the two sweeps of configs/scaling/shakespeare_wsd.py with lm.sweep (each resumes if
+rerun): "branches", one stable WSD run and a 20% cooldown branch per budget of 1, 2, 3
+and 4 x --steps_unit steps, and "cosine", a separate warmup + cosine run per budget, with
+the same seed, data order and warmup. Prints, per budget, both final validation losses
+and their difference, and the compute ratio: the FLOPs the branches' sweep spent (the
+stable run counted once: results.csv's spent_flops) over the cosine runs'. Issue 23 asks
+for a ratio of at most 0.60 (0.52 by construction) and differences within 0.02 nats at
+--steps_unit=500 (the default; 7,600 steps in all, an estimated 15-20 minutes on 2 cores
+from the recipe's 4 minutes per 2,000). --steps_unit=20 checks the
+bench itself in a few minutes (its losses mean little).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from absl import app, flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SWEEP = os.path.join(REPO, "configs", "scaling", "shakespeare_wsd.py")
+MAX_RATIO, MAX_GAP = 0.60, 0.02  # issue 23, acceptance 3
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    """Defined when run, not on import (tests import `compare` beside other commands' flags)."""
+    flags.DEFINE_string("workdir", None, "Directory for the two sweeps (branches/, cosine/).")
+    flags.DEFINE_integer("steps_unit", 500, "Budgets are 1, 2, 3 and 4 times this many steps.", lower_bound=5)
+    flags.DEFINE_integer("parallel", 1, "lm.sweep --parallel: points trained at once.", lower_bound=1)
+
+
+def run_sweep(kind: str, workdir: str) -> list[dict]:
+    """Runs (or resumes) one sweep and returns its results rows."""
+    directory = os.path.join(workdir, kind)
+    command = [sys.executable, "-m", "lm.sweep", f"--config={SWEEP}:{kind},{FLAGS.steps_unit}",
+               f"--workdir={directory}", f"--parallel={FLAGS.parallel}"]
+    print("+", " ".join(command), flush=True)
+    if subprocess.run(command, cwd=REPO).returncode:
+        sys.exit(f"the {kind} sweep failed; its points' logs are {directory}/points/*/sweep.log. Rerun to resume.")
+    with open(os.path.join(directory, "results.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def compare(branches: list[dict], cosine: list[dict], tokens_per_step: int) -> tuple[list[str], float, float]:
+    """The table's lines (one per budget, matched by tokens), the compute ratio, and the
+    largest loss difference."""
+    by_tokens = {row["tokens"]: row for row in cosine}
+    lines = ["| budget (steps) | WSD branch val loss | cosine val loss | difference | branch FLOPs spent | "
+             "cosine FLOPs |", "|---:|---:|---:|---:|---:|---:|"]
+    gaps = []
+    for row in sorted(branches, key=lambda r: r["tokens"]):
+        other = by_tokens[row["tokens"]]
+        gaps.append(row["val_loss"] - other["val_loss"])
+        lines.append(f"| {row['tokens'] // tokens_per_step} | {row['val_loss']:.4f} | {other['val_loss']:.4f} | "
+                     f"{gaps[-1]:+.4f} | {row['spent_flops']:.3g} | {other['flops']:.3g} |")
+    ratio = sum(r["spent_flops"] for r in branches) / sum(by_tokens[r["tokens"]]["flops"] for r in branches)
+    return lines, ratio, max(map(abs, gaps))
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1 or not FLAGS.workdir:
+        sys.exit("usage: bench/wsd_branches.py --workdir=DIR [--steps_unit=500] [--parallel=1]")
+    sys.path.insert(0, REPO)
+    from lm.configs import shakespeare_char
+
+    config = shakespeare_char.get_config()
+    workdir = os.path.abspath(FLAGS.workdir)
+    branches, cosine = run_sweep("branches", workdir), run_sweep("cosine", workdir)
+    lines, ratio, gap = compare(branches, cosine, config.train.batch_size * config.data.seq_len)
+    print("\n".join(lines))
+    print(f"compute ratio (branches' sweep / cosine runs): {ratio:.3f} (at most {MAX_RATIO}: "
+          f"{'yes' if ratio <= MAX_RATIO else 'NO'})")
+    print(f"largest |difference| in validation loss: {gap:.4f} nats (at most {MAX_GAP}: "
+          f"{'yes' if gap <= MAX_GAP else 'NO'})")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,51 @@
+"""WSD cooldown branches against separate cosine runs, on the character-level Shakespeare
+model (configs/shakespeare_char.py as it is): token budgets of 1, 2, 3 and 4 x 500 steps.
+
+    python -m lm.sweep --config=configs/scaling/shakespeare_wsd.py:branches --workdir=/tmp/wsd/branches
+    python -m lm.sweep --config=configs/scaling/shakespeare_wsd.py:cosine --workdir=/tmp/wsd/cosine
+
+"branches" (lm.scaling.designs.wsd_branches): one stable WSD run of the largest budget,
+stopped where its cooldown starts (step 1600), keeping steps 400, 800, 1200 and 1600, and
+four cooldown branches of 20% (steps 400-500, 800-1000, 1200-1500, 1600-2000): 2,600 steps
+in all. "cosine": four separate warmup + cosine runs of 500 to 2,000 steps: 5,000 steps.
+Same seed, data order and warmup everywhere. bench/wsd_branches.py runs both and prints
+each budget's two validation losses and the compute ratio (52% by construction).
+
+The argument is "kind" or "kind,unit": `:branches,20` shrinks the budgets to 1-4 x 20
+steps (the warmup to a fifth of the unit) for a quick check.
+"""
+
+from lm.configs import shakespeare_char
+from lm.scaling import designs
+
+BUDGETS = (1, 2, 3, 4)  # in units of steps
+KINDS = ("branches", "cosine")
+
+
+def _parse(arg: str) -> tuple[str, int]:
+    kind, _, unit = arg.partition(",")
+    if kind not in KINDS or not (unit or "500").isdigit():
+        raise ValueError(f"unknown argument {arg!r}: use branches or cosine, optionally with a step unit, "
+                         "e.g. configs/scaling/shakespeare_wsd.py:branches,500")
+    return kind, int(unit or 500)
+
+
+def get_config(arg: str = "branches"):
+    _, unit = _parse(arg)
+    config = shakespeare_char.get_config()
+    config.optim.warmup_steps = min(config.optim.warmup_steps, unit // 5)
+    config.train.eval_every = 0  # the final validation loss only
+    config.train.checkpoint_every = unit
+    config.train.keep_checkpoints = 1
+    config.sample.max_new_tokens = 50
+    return config
+
+
+def get_sweep(arg: str = "branches"):
+    kind, unit = _parse(arg)
+    config = get_config(arg)
+    steps = [k * unit for k in BUDGETS]
+    if kind == "cosine":
+        return [{"train.steps": s} for s in steps]
+    tokens_per_step = config.train.batch_size * config.data.seq_len
+    return designs.wsd_branches(config, None, [s * tokens_per_step for s in steps], cooldown_fraction=0.2)
