@@ -150,6 +150,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _validate_objective(config)
     _validate_train(config)  # before the schedule, which is measured in train.steps
     _validate_optim(config)
+    _validate_optimizer(config)
     _validate_distill(config)
     _validate_mesh_fields(config)
 
@@ -297,6 +298,23 @@ def _validate_objective(config: ml_collections.ConfigDict) -> None:
     if ob.name in ("span_corruption", "mixture") and config.data.packing != "stream":
         fail("data.packing", config.data.packing, f"is not supported by objective {ob.name!r} (rows are "
              "corrupted whole)", "use config.data.packing='stream'")
+
+
+def _validate_optimizer(config: ml_collections.ConfigDict) -> None:
+    o = config.optim
+    require_choice(config, "optim.name", choices.OPTIMIZERS)
+    if o.name == "schedule_free_adamw" and (o.schedule != "constant" or o.b1 == 0.0):
+        fail(*(("optim.schedule", o.schedule) if o.schedule != "constant" else ("optim.b1", o.b1)),
+             "does not suit optim.name='schedule_free_adamw', which averages instead of decaying (weight b1 > 0)",
+             "use --config.optim.schedule=constant (the warmup stays) and optim.b1 in (0, 1), or another optim.name")
+    for field in ("sgd.momentum", "muon.momentum"):
+        if not 0.0 <= _get(o, field) < 1.0:
+            fail(f"optim.{field}", _get(o, field), "must lie in [0, 1)", "use e.g. 0.9")
+    require_positive(config, "optim.muon.ns_steps")
+    for name in choices.PARAM_GROUPS:  # weight_decay -1: optim.weight_decay
+        require_positive(config, f"optim.groups.{name}.lr_scale")
+        if o.groups[name].weight_decay != -1.0:
+            require_positive(config, f"optim.groups.{name}.weight_decay", allow_zero=True)
 
 
 def _validate_optim(config: ml_collections.ConfigDict) -> None:
