@@ -25,7 +25,8 @@ from lm.finetuning import tasks
 from lm.model import FAMILIES, ModelConfig, build, param_kinds, presets
 from lm.model.counting import abstract_params
 from lm.model.layers import LoRA
-from lm.training import loop, optim, param_groups
+from lm.runs import artifacts, checkpoint
+from lm.training import loop, optim, param_groups, setup
 
 
 def lr(config, step):
@@ -357,3 +358,31 @@ def test_every_optimizer_trains_checkpoints_and_resumes_bit_for_bit(name, tmp_pa
     assert second == first
     for got, expected in zip(stored_state(tmp_path, 4), want, strict=True):
         np.testing.assert_array_equal(got, expected)
+
+
+def test_schedule_free_evaluates_samples_and_exports_its_averaged_parameters(tmp_path):
+    config = tiny_config(optim__name="schedule_free_adamw", optim__schedule="constant", optim__lr=1e-2,
+                         train__steps=4, sample__max_new_tokens=2)
+    final = loop.train_and_evaluate(config, str(tmp_path))
+    checkpointer = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), read_only=True)
+    loaded = artifacts.load(str(tmp_path), eval_params=optim.eval_params_reader)
+    abstract_opt_state, _ = optim.eval_params_reader(config, loaded.params)
+    raw, opt_state = checkpointer.restore_params_and_opt_state(4, loaded.params, abstract_opt_state)
+    checkpointer.close()
+    averaged = optax.contrib.schedule_free_eval_params(opt_state[-1], raw)  # optax's own, on the saved state
+    for got, want in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(averaged), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+    run = setup.setup_run(config, str(tmp_path))
+    try:
+        on_average, on_raw = run.eval_metrics(averaged)["loss"], run.eval_metrics(raw)["loss"]
+    finally:
+        run.close()
+    assert final["loss"] == pytest.approx(on_average, rel=1e-6)  # the run's own evaluation used the average
+    assert abs(on_raw - on_average) > 1e-3  # ... which is not the raw iterate's
+    with pytest.raises(ValueError, match="raw iterate.*eval_params"):
+        artifacts.load(str(tmp_path))  # a reader that forgets the average is stopped
+    artifacts.export(str(tmp_path), str(tmp_path / "export"), eval_params=optim.eval_params_reader)
+    for got, want in zip(jax.tree.leaves(artifacts.load(str(tmp_path / "export")).params), jax.tree.leaves(averaged),
+                         strict=True):
+        np.testing.assert_array_equal(got, want)
