@@ -264,7 +264,7 @@ def muon_moved(scan_layers: bool) -> set:
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_muon_updates_exactly_the_hidden_matrices(scan_layers):
     layer = "layers" if scan_layers else "layer_{}"
-    hidden = [f"{layer}/attn/qkv/kernel", f"{layer}/attn/out/kernel", f"{layer}/mlp/wi/kernel", f"{layer}/mlp/wo/kernel"]
+    hidden = [f"{layer}/{kernel}/kernel" for kernel in ("attn/qkv", "attn/out", "mlp/wi", "mlp/wo")]
     expected = set(hidden) if scan_layers else {name.format(i) for name in hidden for i in range(2)}
     moved = muon_moved(scan_layers)
     assert moved == expected  # not embed/embedding, unembed/kernel, pos_embed, norms or biases
