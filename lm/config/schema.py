@@ -247,8 +247,9 @@ def _optim() -> ml_collections.ConfigDict:
     """The optimizer, its parameter groups and its learning-rate schedule (lm.training.optim)."""
     o = ml_collections.ConfigDict()
     # "adamw"; "adam" and "sgd" (weight decay as L2 on the gradient, PyTorch's); "adafactor";
-    # "lion" (b1, b2; usually 3-10x lower lr than AdamW); "muon" (Muon on hidden matrices, AdamW
-    # with b1, b2, eps on embeddings, head, norms and biases); "schedule_free_adamw" (b1 is its
+    # "lion" (b1, b2; usually 3-10x lower lr than AdamW); "muon" (Muon on hidden matrices at lr,
+    # often ~0.02; AdamW with b1, b2, eps on embeddings, head, norms and biases, at lr times their
+    # groups' lr_scale); "schedule_free_adamw" (b1 is its
     # averaging beta; schedule must be "constant": warmup, then no decay; evaluation, samples and
     # exports use its averaged parameters). All from optax.
     o.name = "adamw"

@@ -153,8 +153,9 @@ def _muon(optim, rate, settings: Mapping[str, Setting]) -> optax.GradientTransfo
     here is by what a parameter is, and every matrix gets its dimension numbers."""
     matrix = settings["matrix"]
     m = optim.muon
+    # Every parameter it sees has dimension numbers, so its own Adam branch stays empty.
     hidden = contrib.muon(param_groups.scaled(rate, matrix.lr_scale), ns_steps=m.ns_steps, beta=m.momentum,
-                          eps=optim.eps, weight_decay=matrix.weight_decay, nesterov=m.nesterov,
+                          weight_decay=matrix.weight_decay, nesterov=m.nesterov,
                           muon_weight_dimension_numbers=muon_dimensions)
     rest = {name: s for name, s in settings.items() if name != "matrix"}
     return optax.partition({"muon": hidden, "adamw": _grouped(_adamw, optim, rate, rest)}, muon_labels)
