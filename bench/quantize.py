@@ -18,6 +18,7 @@ from lm.evaluation import scoring
 from lm.inference import quantize
 from lm.parallel import runtime
 from lm.runs import artifacts
+from lm.training import optim
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run (or an export).", required=True)
 _MAX_WINDOWS = flags.DEFINE_integer("max_windows", 0, "Score at most this many windows; 0 = the whole split.")
@@ -27,7 +28,7 @@ def main(argv: list[str]) -> None:
     del argv
     quiet_logging()
     runtime.enable_compilation_cache()
-    loaded = artifacts.load(_WORKDIR.value)
+    loaded = artifacts.load(_WORKDIR.value, eval_params=optim.eval_params_reader)
     tokens, num_bytes = scoring.corpus_split(loaded, _WORKDIR.value, "validation")
     float32 = scoring.perplexity(loaded, tokens, num_bytes, max_windows=_MAX_WINDOWS.value)
     quantized = quantize.quantize(loaded.params)

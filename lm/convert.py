@@ -35,6 +35,7 @@ from lm.model import ModelConfig, build
 from lm.model.counting import abstract_params, param_counts
 from lm.parallel import runtime
 from lm.runs import artifacts, version
+from lm.training import optim
 
 HF_CONFIG, HF_WEIGHTS, HF_INDEX, HF_TOKENIZER = ("config.json", "model.safetensors", "model.safetensors.index.json",
                                                  "tokenizer.json")
@@ -234,7 +235,7 @@ def export_hf(path: str, output: str, step: int | None = None) -> dict:
     from safetensors.numpy import save_file
 
     artifacts.check_new_directory(output)
-    loaded = artifacts.load(path, step)
+    loaded = artifacts.load(path, step, eval_params=optim.eval_params_reader)
     model = ml_collections.ConfigDict(dataclasses.asdict(loaded.model_cfg))
     arch = hf.exportable_architecture(model)
     params = jax.tree.map(np.asarray, unstack_layers(loaded.params, model.num_layers))

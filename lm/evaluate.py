@@ -33,6 +33,7 @@ from lm.evaluation import fairness, metrics, scoring, tasks, weat
 from lm.files import atomic, paths
 from lm.parallel import runtime
 from lm.runs import artifacts
+from lm.training import optim
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir or an export (not needed for --predictions).")
 _STEP = flags.DEFINE_integer("step", None, "A workdir's checkpoint; default the latest.", lower_bound=0)
@@ -164,7 +165,7 @@ def run() -> dict[str, dict]:
         paths.check_output_file(_OUTPUT.value, "--output")
     inputs = read_inputs()
     if any(model_evaluations):
-        loaded = artifacts.load(_WORKDIR.value, _STEP.value)
+        loaded = artifacts.load(_WORKDIR.value, _STEP.value, eval_params=optim.eval_params_reader)
         if loaded.model_cfg.family != "decoder":
             raise UsageError(f"{_WORKDIR.value} holds a {loaded.model_cfg.family!r} model; these evaluations score "
                               "a decoder's next-token probabilities. Fix: point --workdir at a decoder.")

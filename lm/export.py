@@ -16,6 +16,7 @@ from lm.config import parse_flags
 from lm.errors import UsageError, exit_with_error, quiet_logging, reject_positional
 from lm.parallel import runtime
 from lm.runs import artifacts
+from lm.training import optim
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir (holds config.json and checkpoints/).")
 _OUTPUT = flags.DEFINE_string("output", None, "The export's directory; must not exist or be empty.")
@@ -32,7 +33,8 @@ def main(argv: list[str]) -> None:
         exit_with_error(f"{_WORKDIR.value} is already an export. Fix: point --workdir at a training workdir.")
     runtime.enable_compilation_cache()
     try:
-        info = artifacts.export(_WORKDIR.value, _OUTPUT.value, _STEP.value, _DTYPE.value)
+        info = artifacts.export(_WORKDIR.value, _OUTPUT.value, _STEP.value, _DTYPE.value,
+                                      eval_params=optim.eval_params_reader)
     except UsageError as e:
         exit_with_error(str(e))
     print(f"exported step {info['step']}: {info['parameters']:,} parameters in {info['dtype']} to {_OUTPUT.value}",

@@ -26,6 +26,7 @@ from lm.errors import UsageError, exit_with_error, quiet_logging, reject_positio
 from lm.inference import beam, decode
 from lm.parallel import runtime
 from lm.runs import artifacts
+from lm.training import optim
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir (holds config.json and checkpoints/) or an "
                                "export written by lm.export.")
@@ -54,7 +55,7 @@ def main(argv: list[str]) -> None:
                         "and at most that many --num_samples.")
     runtime.enable_compilation_cache()
     try:
-        run = artifacts.load(_WORKDIR.value, _STEP.value)
+        run = artifacts.load(_WORKDIR.value, _STEP.value, eval_params=optim.eval_params_reader)
     except UsageError as e:
         exit_with_error(str(e))
     if run.model_cfg.family == "encoder":

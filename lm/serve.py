@@ -30,6 +30,7 @@ def main(argv: list[str]) -> None:
     from lm.errors import exit_with_error, quiet_logging, reject_positional
     from lm.parallel import runtime
     from lm.runs import artifacts
+    from lm.training import optim
 
     reject_positional(argv)
     quiet_logging()
@@ -45,7 +46,7 @@ def main(argv: list[str]) -> None:
         print(warning, file=sys.stderr, flush=True)
     runtime.enable_compilation_cache()
     try:
-        loaded = artifacts.load(f.workdir)
+        loaded = artifacts.load(f.workdir, eval_params=optim.eval_params_reader)
     except UsageError as e:
         exit_with_error(str(e))
     if loaded.model_cfg.family != "decoder":

@@ -1,23 +1,32 @@
 """Learning-rate schedules and AdamW's weight-decay mask."""
 
 import dataclasses
+import functools
+import json
+import os
+import re
+import shutil
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 from helpers import tiny_config
 
+from lm import config as config_lib
+from lm.config import choices
 from lm.configs.finetune import base as finetune_base
 from lm.finetuning import optim as finetune_optim
 from lm.finetuning import tasks
 from lm.model import FAMILIES, ModelConfig, build, param_kinds, presets
 from lm.model.counting import abstract_params
 from lm.model.layers import LoRA
-from lm.training import optim
+from lm.runs import artifacts, checkpoint
+from lm.training import loop, optim, param_groups, setup
 
 
 def lr(config, step):
@@ -192,3 +201,188 @@ def test_fine_tuning_decays_the_head_kernel_and_lora_factors_but_not_norms_or_bi
     updates, _ = tx.update(zeros, state, trainable)
     moved = {"/".join(path) for path, u in flat(updates).items() if np.any(u != 0)}
     assert moved == {"backbone/layers/mlp/wi/kernel", "head/kernel", "lora/layers/mlp/wi/a", "lora/layers/mlp/wi/b"}
+
+
+# --- optim.name: every optimizer, parameter groups, Muon's matrices, schedule-free's averages ---
+
+@functools.cache
+def tiny_params(scan_layers: bool, **overrides):
+    """A tiny decoder's parameter tree, biases and an untied head included, filled with
+    seeded normal values (shapes from the model; its eager init takes seconds)."""
+    cfg = ModelConfig(vocab_size=64, max_len=16, num_layers=2, num_heads=2, d_model=32, head_dim=16, d_ff=64,
+                      use_bias=True, scan_layers=scan_layers, tie_embeddings=False, **overrides)
+    rng = np.random.default_rng(0)
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.1, s.shape), s.dtype),
+                        nn.meta.unbox(boxed_params(cfg)))
+
+
+def test_the_default_optimizer_is_todays_adamw_bit_for_bit_with_the_same_state_tree():
+    c = tiny_config()
+    params = tiny_params(scan_layers=True)
+    grads = jax.tree.map(lambda p: jnp.cos(p) * 0.1, params)
+    today = optim.adamw(optim.schedule(c.optim, 6), c.optim.weight_decay, c.optim.grad_clip, c.optim.b1, c.optim.b2,
+                        c.optim.eps)
+    new = optim.make(c.optim, 6)
+    states = [today.init(params), new.init(params)]
+    assert jax.tree.structure(states[0]) == jax.tree.structure(states[1])  # old checkpoints restore
+    steps = [jax.jit(today.update), jax.jit(new.update)]
+    for _ in range(3):
+        (u_today, states[0]), (u_new, states[1]) = (step(grads, state, params) for step, state in zip(steps, states))
+        for a, b in zip(jax.tree.leaves(u_today), jax.tree.leaves(u_new), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_group_settings_scale_the_rate_and_set_the_decay_of_each_group():
+    c = tiny_config(optim__lr=0.1, optim__weight_decay=0.5, optim__warmup_steps=0, optim__schedule="constant")
+    c.optim.groups.embedding.lr_scale = 0.25  # decay stays optim.weight_decay (-1)
+    c.optim.groups.norm.weight_decay = 0.2
+    c.optim.groups.head.weight_decay = 0.0
+    params = tiny_params(scan_layers=False)
+    tx = optim.make(c.optim, c.train.steps)
+    updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    # Zero gradients: each parameter moves by -lr * lr_scale * weight_decay * p, nothing else.
+    expected = {"embedding": 0.1 * 0.25 * 0.5, "matrix": 0.1 * 0.5, "norm": 0.1 * 0.2, "head": 0.0, "bias": 0.0}
+    for path, update in flat(updates).items():
+        group = param_groups.group(path)
+        np.testing.assert_allclose(update, -expected[group] * flat(params)[path], rtol=1e-6, err_msg="/".join(path))
+    assert {param_groups.group(p) for p in flat(params)} == set(expected)
+
+
+def muon_moved(scan_layers: bool) -> set:
+    """The parameters whose update is Muon's: with the Adam side's rate at 0 (lr_scale of
+    every other group ~0), only Muon's parameters move."""
+    c = tiny_config(optim__name="muon", optim__warmup_steps=0, optim__schedule="constant", optim__weight_decay=0.0)
+    for name in ("embedding", "head", "norm", "bias"):
+        c.optim.groups[name].lr_scale = 1e-30
+    params = tiny_params(scan_layers)
+    grads = jax.tree.map(lambda p: jnp.sin(jnp.arange(p.size, dtype=p.dtype).reshape(p.shape)), params)
+    tx = optim.make(c.optim, 6)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    return {"/".join(path) for path, u in flat(updates).items() if np.max(np.abs(u)) > 1e-6}
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_muon_updates_exactly_the_hidden_matrices(scan_layers):
+    layer = "layers" if scan_layers else "layer_{}"
+    hidden = [f"{layer}/{kernel}/kernel" for kernel in ("attn/qkv", "attn/out", "mlp/wi", "mlp/wo")]
+    expected = set(hidden) if scan_layers else {name.format(i) for name in hidden for i in range(2)}
+    moved = muon_moved(scan_layers)
+    assert moved == expected  # not embed/embedding, unembed/kernel, pos_embed, norms or biases
+    labels = flat(optim.muon_labels(tiny_params(scan_layers)))
+    assert {"/".join(p) for p, label in labels.items() if label == "muon"} == expected
+
+
+def test_muon_orthogonalizes_each_layer_and_each_of_q_k_v_as_its_own_matrix():
+    c = tiny_config(optim__name="muon", optim__warmup_steps=0, optim__schedule="constant", optim__weight_decay=0.0)
+    stacked = tiny_params(scan_layers=True, activation="swiglu")
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(p.size), p.shape), stacked)
+    tx = optim.make(c.optim, 6)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(stacked), stacked)
+    plain = optax.contrib.muon(c.optim.lr, beta=c.optim.muon.momentum, ns_steps=c.optim.muon.ns_steps)
+
+    @jax.jit
+    def alone(grad_2d):  # optax's Muon on one 2-D matrix
+        return plain.update(grad_2d, plain.init(grad_2d), grad_2d)[0]
+
+    qkv = grads["layers"]["attn"]["qkv"]["kernel"]  # [layers, embed, 3, heads, head_dim]
+    for layer in range(2):
+        for part in range(3):  # Q, K and V: each [embed, heads * head_dim]
+            want = alone(qkv[layer, :, part].reshape(32, -1)).reshape(32, 2, 16)
+            np.testing.assert_allclose(updates["layers"]["attn"]["qkv"]["kernel"][layer, :, part], want, atol=1e-6)
+        out = grads["layers"]["attn"]["out"]["kernel"][layer]  # [heads, head_dim, embed]: two input axes
+        np.testing.assert_allclose(updates["layers"]["attn"]["out"]["kernel"][layer],
+                                   alone(out.reshape(-1, 32)).reshape(out.shape), atol=1e-6)
+        wi = grads["layers"]["mlp"]["wi"]["kernel"][layer]  # SwiGLU [embed, 2, mlp]: gate and up
+        for part in range(2):
+            np.testing.assert_allclose(updates["layers"]["mlp"]["wi"]["kernel"][layer, :, part], alone(wi[:, part]),
+                                       atol=1e-6)
+
+
+def test_schedule_free_is_optax_schedule_free_adamw_with_lms_decay_mask():
+    c = tiny_config(optim__name="schedule_free_adamw", optim__schedule="constant", optim__warmup_steps=2,
+                    optim__grad_clip=0.0, optim__weight_decay=0.1)
+    for name in ("norm", "bias"):  # decay everything: what optax's schedule_free_adamw does
+        c.optim.groups[name].weight_decay = -1.0
+    params = tiny_params(scan_layers=False)
+    grads = jax.tree.map(lambda p: jnp.cos(p) * 0.1, params)
+    ours = optim.make(c.optim, 6)
+    theirs = optax.contrib.schedule_free_adamw(optim.schedule(c.optim, 6), b1=c.optim.b1, b2=c.optim.b2,
+                                               eps=c.optim.eps, weight_decay=0.1)
+    states, steps = [ours.init(params), theirs.init(params)], [jax.jit(ours.update), jax.jit(theirs.update)]
+    for _ in range(3):
+        (a, states[0]), (b, states[1]) = (step(grads, state, params) for step, state in zip(steps, states))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_array_equal(x, y)
+    assert optim.eval_params(c.optim, states[0], params) is not params
+    assert optim.eval_params(tiny_config().optim, states[0], params) is params  # identity for the others
+
+
+@pytest.mark.parametrize("overrides, field, message", [
+    (dict(optim__name="adagrad"), "optim.name", "is not a known choice.*'adamw', 'adam', 'sgd', 'adafactor', 'lion', "
+                                                "'muon', 'schedule_free_adamw'"),
+    (dict(optim__name="schedule_free_adamw"), "optim.schedule", "does not suit.*schedule=constant"),
+    (dict(optim__name="schedule_free_adamw", optim__schedule="constant", optim__b1=0.0), "optim.b1", "b1 > 0"),
+    (dict(optim__sgd__momentum=1.0), "optim.sgd.momentum", r"must lie in \[0, 1\)"),
+    (dict(optim__groups__embedding__lr_scale=0.0), "optim.groups.embedding.lr_scale", "Fix"),
+    (dict(optim__groups__norm__weight_decay=-0.5), "optim.groups.norm.weight_decay", "Fix"),
+])
+def test_bad_optimizer_settings_name_the_field_and_the_fix(overrides, field, message):
+    with pytest.raises(config_lib.ConfigError, match=rf"config\.{re.escape(field)}=.*{message}"):
+        config_lib.validate(tiny_config(**overrides))
+
+
+def losses(workdir) -> list[tuple[int, float]]:
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [(r["step"], r["train/loss"]) for r in map(json.loads, f) if "train/loss" in r]
+
+
+def stored_state(workdir, step: int) -> list[np.ndarray]:
+    restored = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+    return [np.asarray(x) for x in jax.tree.leaves(restored)]
+
+
+@pytest.mark.parametrize("name", choices.OPTIMIZERS)
+def test_every_optimizer_trains_checkpoints_and_resumes_bit_for_bit(name, tmp_path):
+    """Four steps with a checkpoint at 2; the checkpoint of step 4 is deleted and the run
+    rerun: it resumes at 2, and steps 3-4 repeat their losses and their state bit for bit."""
+    config = tiny_config(optim__name=name, optim__schedule="constant" if name == "schedule_free_adamw" else "cosine",
+                         optim__lr=1e-2 if name in ("sgd", "adafactor") else 1e-3, train__steps=4, train__log_every=1,
+                         train__checkpoint_every=2, train__keep_checkpoints=5, sample__max_new_tokens=2)
+    first = loop.train_and_evaluate(config, str(tmp_path))
+    want = stored_state(tmp_path, 4)
+    shutil.rmtree(tmp_path / "checkpoints" / "4")
+    second = loop.train_and_evaluate(config, str(tmp_path))
+    logged = losses(tmp_path)
+    assert [step for step, _ in logged] == [1, 2, 3, 4, 3, 4]  # the rerun resumed at step 2
+    assert logged[2:4] == logged[4:] and len({loss for _, loss in logged}) > 1
+    assert second == first
+    for got, expected in zip(stored_state(tmp_path, 4), want, strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_schedule_free_evaluates_samples_and_exports_its_averaged_parameters(tmp_path):
+    config = tiny_config(optim__name="schedule_free_adamw", optim__schedule="constant", optim__lr=1e-2,
+                         train__steps=4, sample__max_new_tokens=2)
+    final = loop.train_and_evaluate(config, str(tmp_path))
+    checkpointer = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), read_only=True)
+    loaded = artifacts.load(str(tmp_path), eval_params=optim.eval_params_reader)
+    abstract_opt_state, _ = optim.eval_params_reader(config, loaded.params)
+    raw, opt_state = checkpointer.restore_params_and_opt_state(4, loaded.params, abstract_opt_state)
+    checkpointer.close()
+    averaged = optax.contrib.schedule_free_eval_params(opt_state[-1], raw)  # optax's own, on the saved state
+    for got, want in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(averaged), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+    run = setup.setup_run(config, str(tmp_path))
+    try:
+        on_average, on_raw = run.eval_metrics(averaged)["loss"], run.eval_metrics(raw)["loss"]
+    finally:
+        run.close()
+    assert final["loss"] == pytest.approx(on_average, rel=1e-6)  # the run's own evaluation used the average
+    assert abs(on_raw - on_average) > 1e-3  # ... which is not the raw iterate's
+    with pytest.raises(ValueError, match="raw iterate.*eval_params"):
+        artifacts.load(str(tmp_path))  # a reader that forgets the average is stopped
+    artifacts.export(str(tmp_path), str(tmp_path / "export"), eval_params=optim.eval_params_reader)
+    for got, want in zip(jax.tree.leaves(artifacts.load(str(tmp_path / "export")).params), jax.tree.leaves(averaged),
+                         strict=True):
+        np.testing.assert_array_equal(got, want)

@@ -27,6 +27,10 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTIONS = ("auto", "xla", "splash", "cudnn")  # lm.model.attention
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "lion", "muon", "schedule_free_adamw")  # lm.training.optim
+# Optimizers whose train-state parameters are not the ones to evaluate (lm.training.optim.eval_params).
+AVERAGED_OPTIMIZERS = ("schedule_free_adamw",)
+PARAM_GROUPS = ("matrix", "embedding", "head", "norm", "bias")  # lm.training.param_groups
 # The learning-rate schedules (lm.training.schedules) and their choice fields.
 SCHEDULES = ("cosine", "linear", "constant", "rsqrt", "wsd", "step", "cyclical", "cosine_restarts")
 COOLDOWN_SHAPES = ("linear", "cosine", "1-sqrt")  # WSD's cooldown

@@ -15,7 +15,7 @@ from typing import Any
 import ml_collections
 
 from lm.config import schema
-from lm.config.choices import d_ff, head_dim, num_kv_heads
+from lm.config.choices import PARAM_GROUPS, d_ff, head_dim, num_kv_heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +77,13 @@ RESUME: dict[str, OnResume] = {
         "lr", "schedule", "warmup_steps", "decay_steps", "final_lr", "b1", "b2", "eps", "weight_decay",
         "cooldown_fraction", "cooldown_shape", "step_boundaries", "step_gamma", "cycle_mode", "cycle_steps",
         "restart_steps", "restart_mult")},
+    "optim.name": OnResume(False, "another optimizer has another state (moments, averages) to resume"),
+    **{f"optim.{f}": OnResume(True, _SCHEDULE) for f in ("sgd.nesterov", "muon.momentum", "muon.ns_steps",
+                                                          "muon.nesterov")},
+    "optim.sgd.momentum": OnResume(False, "momentum on or off changes SGD's state tree", key=bool),
+    # A change that splits or merges the groups' optimizers changes the state tree; restoring
+    # then names the mismatched arrays (lm.training.setup.restore_or_init).
+    **{f"optim.groups.{g}.{f}": OnResume(True, _SCHEDULE) for g in PARAM_GROUPS for f in ("lr_scale", "weight_decay")},
     "optim.grad_clip": OnResume(False, "clipping on or off changes the optimizer's state tree; its threshold "
                                        "may change", key=bool),
     "train.steps": OnResume(True, "a longer run extends the same one"),

@@ -17,6 +17,8 @@ import os
 
 import ml_collections
 
+from lm.config import choices
+
 # The corpora shipped with lm (lm/data/corpora/<name>/input.txt), found from this file's
 # place in the package rather than through lm.data, which sits above lm.config.
 EMBEDDED_CORPORA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "corpora")
@@ -242,8 +244,27 @@ def _objective() -> ml_collections.ConfigDict:
 
 
 def _optim() -> ml_collections.ConfigDict:
-    """AdamW and its learning-rate schedule."""
+    """The optimizer, its parameter groups and its learning-rate schedule (lm.training.optim)."""
     o = ml_collections.ConfigDict()
+    # "adamw"; "adam" and "sgd" (weight decay as L2 on the gradient, PyTorch's); "adafactor";
+    # "lion" (b1, b2; usually 3-10x lower lr than AdamW); "muon" (Muon on hidden matrices at lr,
+    # often ~0.02; AdamW with b1, b2, eps on embeddings, head, norms and biases, at lr times their
+    # groups' lr_scale); "schedule_free_adamw" (b1 is its
+    # averaging beta; schedule must be "constant": warmup, then no decay; evaluation, samples and
+    # exports use its averaged parameters). All from optax.
+    o.name = "adamw"
+    o.sgd = ml_collections.ConfigDict(dict(momentum=0.9, nesterov=False))  # momentum 0: plain SGD
+    # Muon's momentum (beta), Newton-Schulz iterations and Nesterov momentum (optax.contrib.muon).
+    o.muon = ml_collections.ConfigDict(dict(momentum=0.95, ns_steps=5, nesterov=True))
+    # Parameter groups (lm.training.param_groups), by what a parameter is: matrix (hidden
+    # kernels), embedding (token and position tables; the head too when tied), head (the untied
+    # unembed kernel), norm (norm scales and biases), bias (dense biases). lr_scale multiplies
+    # the schedule's rate; weight_decay is the group's decoupled decay, -1: optim.weight_decay.
+    # The defaults are lm's AdamW: one rate, decay on matrices, embeddings and head only.
+    o.groups = ml_collections.ConfigDict({
+        name: ml_collections.ConfigDict(dict(lr_scale=1.0, weight_decay=-1.0 if name in ("matrix", "embedding",
+                                                                                        "head") else 0.0))
+        for name in choices.PARAM_GROUPS})
     o.lr = 1e-3  # peak learning rate
     # After linear warmup: "cosine", "linear", "constant", "rsqrt", "wsd", "step", "cyclical"
     # or "cosine_restarts" (lm.training.schedules; the README's table).
@@ -265,7 +286,7 @@ def _optim() -> ml_collections.ConfigDict:
     o.b1 = 0.9
     o.b2 = 0.99  # nanoGPT's choice for small models; 0.95 is usual at scale
     o.eps = 1e-8
-    o.weight_decay = 0.1  # decoupled (AdamW); never applied to norms or biases
+    o.weight_decay = 0.1  # decoupled (AdamW); by default never applied to norms or biases (optim.groups)
     o.grad_clip = 1.0  # global-norm clip; 0 disables
     return o
 

@@ -1,4 +1,5 @@
-"""Config validation: one pass before any work, with errors that name the field and the fix.
+"""Config validation: one pass before any work, with errors that name the field and the fix
+(the primitives: `lm.config.checks`).
 
 `validate(config)` checks values that need nothing but the config and the filesystem, and
 raises `ConfigError`. Checks that need the devices (mesh shape, batch divisibility) live
@@ -8,7 +9,6 @@ in `lm.parallel.sharding` and raise its `MeshError`.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from collections.abc import Iterable
@@ -17,58 +17,15 @@ from typing import Any
 import ml_collections
 
 from lm.config import choices, inputs, schedule_fields
-from lm.errors import UsageError, exit_with_error
-
-
-class ConfigError(UsageError):
-    """A config that cannot run. The message names the field, its value and the fix."""
-
-
-def fail(field: str, value: Any, problem: str, fix: str) -> None:
-    """Raises ConfigError "config.FIELD=VALUE PROBLEM. Fix: FIX."."""
-    raise ConfigError(f"config.{field}={value!r} {problem}. Fix: {fix}.")
-
-
-def require_choice(config: ml_collections.ConfigDict, field: str, allowed: Iterable[str]) -> None:
-    """Raises ConfigError, listing `allowed`, unless the dotted `field` holds one of them."""
-    value = _get(config, field)
-    if value not in allowed:
-        fail(field, value, "is not a known choice", f"use one of {', '.join(map(repr, allowed))}")
-
-
-def require_positive(config: ml_collections.ConfigDict, field: str, allow_zero: bool = False) -> None:
-    """Raises ConfigError unless the dotted `field` is a finite number > 0 (>= 0 with `allow_zero`)."""
-    value = _get(config, field)
-    _require_finite_value(field, value)
-    if not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
-        fail(field, value, "must be " + ("zero or positive" if allow_zero else "positive"),
-             "set a value " + (">= 0" if allow_zero else "> 0"))
-
-
-def require_finite(config: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError naming the first float of `config` (sections, tuples and dicts
-    inside it included) that is NaN or infinite. No field of lm's configs means anything
-    there, and range checks pass NaN (every comparison with it is false): a NaN learning
-    rate would train until the run diverged, after writing checkpoints."""
-    for field, value in _leaves(config):
-        _require_finite_value(field, value)
-
-
-def _require_finite_value(field: str, value: Any) -> None:
-    if isinstance(value, float) and not math.isfinite(value):
-        fail(field, value, "is not a finite number", "give a finite number (nan and inf are no field's value)")
-
-
-def _leaves(node: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
-    """(dotted field, value) of every leaf below `node`; tuple items are named `field[i]`."""
-    if isinstance(node, (ml_collections.ConfigDict, dict)):
-        for key, value in node.items():
-            yield from _leaves(value, f"{prefix}.{key}" if prefix else str(key))
-    elif isinstance(node, (tuple, list)):
-        for i, value in enumerate(node):
-            yield from _leaves(value, f"{prefix}[{i}]")
-    else:
-        yield prefix, node
+from lm.config.checks import (  # noqa: F401  (ConfigError and the checks: imported from here too)
+    ConfigError,
+    fail,
+    field_value,
+    require_choice,
+    require_finite,
+    require_positive,
+)
+from lm.errors import exit_with_error
 
 
 def check_user_defined_symbols(symbols: Any) -> None:
@@ -93,13 +50,6 @@ def check_user_defined_symbols(symbols: Any) -> None:
                  "holds no whitespace (nor '▁', SentencePiece's space)", f"use e.g. {example}")
     if len(set(symbols)) != len(symbols):
         fail(field, symbols, "repeats a symbol", "list each symbol once")
-
-
-def _get(config: ml_collections.ConfigDict, field: str) -> Any:
-    node = config
-    for part in field.split("."):
-        node = node[part]
-    return node
 
 
 def resolve_files(patterns: Iterable[str], field: str = "data.files") -> list[str]:
@@ -150,6 +100,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _validate_objective(config)
     _validate_train(config)  # before the schedule, which is measured in train.steps
     _validate_optim(config)
+    _validate_optimizer(config)
     _validate_distill(config)
     _validate_mesh_fields(config)
 
@@ -297,6 +248,23 @@ def _validate_objective(config: ml_collections.ConfigDict) -> None:
     if ob.name in ("span_corruption", "mixture") and config.data.packing != "stream":
         fail("data.packing", config.data.packing, f"is not supported by objective {ob.name!r} (rows are "
              "corrupted whole)", "use config.data.packing='stream'")
+
+
+def _validate_optimizer(config: ml_collections.ConfigDict) -> None:
+    o = config.optim
+    require_choice(config, "optim.name", choices.OPTIMIZERS)
+    if o.name == "schedule_free_adamw" and (o.schedule != "constant" or o.b1 == 0.0):
+        fail(*(("optim.schedule", o.schedule) if o.schedule != "constant" else ("optim.b1", o.b1)),
+             "does not suit optim.name='schedule_free_adamw', which averages instead of decaying (weight b1 > 0)",
+             "use --config.optim.schedule=constant (the warmup stays) and optim.b1 in (0, 1), or another optim.name")
+    for field in ("sgd.momentum", "muon.momentum"):
+        if not 0.0 <= field_value(o, field) < 1.0:
+            fail(f"optim.{field}", field_value(o, field), "must lie in [0, 1)", "use e.g. 0.9")
+    require_positive(config, "optim.muon.ns_steps")
+    for name in choices.PARAM_GROUPS:  # weight_decay -1: optim.weight_decay
+        require_positive(config, f"optim.groups.{name}.lr_scale")
+        if o.groups[name].weight_decay != -1.0:
+            require_positive(config, f"optim.groups.{name}.weight_decay", allow_zero=True)
 
 
 def _validate_optim(config: ml_collections.ConfigDict) -> None:

@@ -31,6 +31,7 @@ from lm.finetuning.workdir import check_workdir
 from lm.model import ModelConfig, build
 from lm.model.counting import param_counts
 from lm.runs import artifacts, version
+from lm.training import optim as training_optim
 from lm.training.step import apply_gradients
 
 RESULTS = "finetune_results.json"
@@ -51,7 +52,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     """Everything a run needs, checked before any training."""
     ft, task = config.finetune, config.task
     validate_finetune(config)
-    base = artifacts.load(config.init_from)
+    base = artifacts.load(config.init_from, eval_params=training_optim.eval_params_reader)
     if base.model_cfg.family != "decoder":
         raise UsageError(f"init_from holds a {base.model_cfg.family!r} model; fine-tuning takes a decoder. "
                           "Fix: point it at a decoder run.")

@@ -32,6 +32,12 @@ scales, norm biases and biases are never decayed (BERT's optimizer, nanoGPT): de
 would pull a scale toward 0 rather than its identity value 1, and a bias adds no
 capacity that needs regularising.
 
+Optimizer parameter groups (`lm.training.param_groups`) also need what `kind` does not say:
+whether a kernel is the output head (`is_head`: `unembed`, the untied vocabulary projection,
+which Muon leaves to AdamW like the embedding) and, for a hidden kernel, which of its axes
+are the matrix's input (reduction) and output axes (`matrix_axes`); every other axis (the
+scanned `layers` axis, the `fused` axis of qkv, kv and SwiGLU's wi) stacks separate matrices.
+
 An unknown name raises `UnknownParameterError`: a new layer cannot be decayed (or
 spared) by accident; it must be named as above or given a rule here.
 """
@@ -124,12 +130,17 @@ def path_names(keypath: Sequence[Any]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def map_kinds(fn: Callable[[Kind], Any], params: Any) -> Any:
-    """`params` with each leaf replaced by fn(its kind). Leaves may be arrays, abstract
-    values or flax's boxed (logically partitioned) parameters; only their paths count."""
+def map_paths(fn: Callable[[tuple[str, ...]], Any], params: Any) -> Any:
+    """`params` with each leaf replaced by fn(its path of names). Leaves may be arrays,
+    abstract values or flax's boxed (logically partitioned) parameters; only their paths
+    count. Empty subtrees (optax's MaskedNode) stay as they are."""
     is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
-    return jax.tree_util.tree_map_with_path(lambda keypath, _: fn(kind(path_names(keypath))), params,
-                                            is_leaf=is_box)
+    return jax.tree_util.tree_map_with_path(lambda keypath, _: fn(path_names(keypath)), params, is_leaf=is_box)
+
+
+def map_kinds(fn: Callable[[Kind], Any], params: Any) -> Any:
+    """`params` with each leaf replaced by fn(its kind) (see `map_paths`)."""
+    return map_paths(lambda path: fn(kind(path)), params)
 
 
 def kinds(params: Any) -> Any:
@@ -140,3 +151,32 @@ def kinds(params: Any) -> Any:
 def decay_mask(params: Any) -> Any:
     """The tree of `params` with True where weight decay applies (optax's `mask`)."""
     return map_kinds(lambda k: k.decayed, params)
+
+
+HEADS = ("unembed",)  # lm.model.transformer: the untied output projection [embed, vocab]
+# Kernels whose first axis after the layers is the input and whose next axis stacks
+# separate matrices side by side: qkv [embed, 3, heads, head_dim], kv [embed, 2, kv_heads,
+# head_dim], SwiGLU's wi [embed, 2, mlp] (gate and up; GELU's wi is [embed, mlp]).
+FUSED_KERNELS = ("qkv", "kv", "wi")
+MULTI_INPUT_KERNELS = {"out": 2}  # attention's output [heads, head_dim, embed]: two input axes
+
+
+def is_head(path: Sequence[str]) -> bool:
+    """Whether the parameter at `path` is the output head's kernel (`unembed/kernel`)."""
+    path = tuple(str(key) for key in path)
+    return len(path) >= 2 and path[-1] == "kernel" and path[-2] in HEADS
+
+
+def matrix_axes(path: Sequence[str], ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(input axes, output axes) of the kernel at `path` with `ndim` axes: the matrix a
+    layer multiplies by, flattened input x output. Axes in neither (the leading `layers`
+    axis of a scanned stack, the fused axis of qkv/kv/SwiGLU wi) stack separate matrices.
+    E.g. a scanned qkv [layers, embed, 3, heads, head_dim]: ((1,), (3, 4)). Raises
+    ValueError for a parameter that is not a kernel."""
+    if kind(path) is not Kind.KERNEL:
+        raise ValueError(f"{'/'.join(map(str, path))} is a {kind(path).value}, not a kernel: it has no matrix axes")
+    first, module = layer_axes(path), str(path[-2]) if len(path) > 1 else ""
+    inputs = MULTI_INPUT_KERNELS.get(module, 1)
+    fused = module in FUSED_KERNELS and ndim - first == 3 + (module != "wi")
+    outputs_from = first + inputs + int(fused)
+    return tuple(range(first, first + inputs)), tuple(range(outputs_from, ndim))

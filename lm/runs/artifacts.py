@@ -23,7 +23,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from lm.config import schema
+from lm.config import choices, schema
 from lm.data import tokenizers
 from lm.data.tokenizers import Tokenizer
 from lm.errors import UsageError
@@ -32,6 +32,12 @@ from lm.files.paths import read_json
 from lm.model import ModelConfig, build
 from lm.model.counting import abstract_params, param_counts
 from lm.runs import checkpoint, version, workdir
+
+# What a workdir's reader passes to `load` (lm.training.optim.eval_params_reader): given a
+# run's config and its parameters' abstract values, None when a checkpoint's parameters are
+# what to evaluate, else the optimizer state's abstract values to restore with them and the
+# function of (opt_state, params) that gives the evaluation parameters (schedule-free's).
+EvalParamsReader = Callable[[ml_collections.ConfigDict, Any], "tuple[Any, Callable[[Any, Any], Any]] | None"]
 
 
 class RunError(UsageError):
@@ -97,12 +103,15 @@ def load_tokenizer(path: str) -> Tokenizer:
         raise RunError(f"{tokenizer_path} does not describe an lm tokenizer ({_first_line(e)}). Fix: {fix}") from None
 
 
-def load(path: str, step: int | None = None) -> Loaded:
+def load(path: str, step: int | None = None, eval_params: EvalParamsReader | None = None) -> Loaded:
     """The model and parameters of a workdir (checkpoint `step`, default the newest that
     restores) or of an export, on the first local device, whatever mesh trained them. The
-    returned config is the run's own, as saved (its mesh included). Raises RunError, naming
-    the file and the fix, for a fine-tuning workdir, a damaged config.json, tokenizer.json or
-    checkpoint, or parameters that config.json does not describe."""
+    returned config is the run's own, as saved (its mesh included). A checkpoint's
+    parameters are those `eval_params` (lm.training.optim.eval_params_reader) says to
+    evaluate: schedule-free's average, not its raw iterate; an export holds them already.
+    Raises RunError, naming the file and the fix, for a fine-tuning workdir, a damaged
+    config.json, tokenizer.json or checkpoint, or parameters that config.json does not
+    describe; ValueError for a schedule-free run's checkpoint without `eval_params`."""
     _check_not_finetuning(path)
     config = load_config(path)
     tokenizer = load_tokenizer(path)
@@ -113,7 +122,8 @@ def load(path: str, step: int | None = None) -> Loaded:
     if is_export(path):
         params, step = _load_export_params(path, model_cfg, config.data.seq_len, device)
     else:
-        params, step = _load_checkpoint_params(path, model_cfg, config.data.seq_len, step, device)
+        reader = _reader(config, eval_params, lambda: abstract_params_on(model_cfg, config.data.seq_len, device))
+        params, step = _load_checkpoint_params(path, model_cfg, config.data.seq_len, step, device, reader)
     return Loaded(config, model_cfg, build(model_cfg), params, tokenizer, step)
 
 
@@ -138,8 +148,27 @@ def abstract_params_on(model_cfg: ModelConfig, seq_len: int, device: jax.Device,
                         nn.meta.unbox(abstract_params(build(model_cfg), seq_len)))
 
 
+def _reader(config: ml_collections.ConfigDict, eval_params: EvalParamsReader | None, target: Callable[[], Any]
+            ) -> tuple[Any, Callable[[Any, Any], Any]] | None:
+    """`eval_params`'s answer for this run, its abstract optimizer state placed as the
+    parameters' abstract values `target()` are."""
+    if eval_params is None:
+        if config.optim.name in choices.AVERAGED_OPTIMIZERS:
+            raise ValueError(f"a {config.optim.name} checkpoint holds the raw iterate, not the parameters to "
+                             "evaluate: pass eval_params=lm.training.optim.eval_params_reader to load")
+        return None
+    params = target()
+    reader = eval_params(config, params)
+    if reader is None:
+        return None
+    placed = jax.tree.leaves(params)[0].sharding
+    abstract_opt_state, average = reader
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed), abstract_opt_state), average
+
+
 def _load_checkpoint_params(path: str, model_cfg: ModelConfig, seq_len: int, step: int | None,
-                            device: jax.Device) -> tuple[Any, int]:
+                            device: jax.Device, reader: tuple[Any, Callable[[Any, Any], Any]] | None = None
+                            ) -> tuple[Any, int]:
     """The parameters of checkpoint `step`, or of the newest one that restores: a damaged
     newest checkpoint is skipped with a warning, as lm.main does when it resumes."""
     checkpointer = checkpoint.Checkpointer(os.path.join(path, "checkpoints"), read_only=True)
@@ -154,7 +183,7 @@ def _load_checkpoint_params(path: str, model_cfg: ModelConfig, seq_len: int, ste
         failures = []
         for candidate in [step] if step is not None else sorted(steps, reverse=True):
             try:
-                return _restore_checked(checkpointer, candidate, target, path), candidate
+                return _restore_checked(checkpointer, candidate, target, path, reader), candidate
             except RunError:
                 raise
             except Exception as e:  # orbax raises many types for missing or truncated files
@@ -182,16 +211,22 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
-def _restore_checked(checkpointer: checkpoint.Checkpointer, step: int, target: Any, path: str) -> Any:
+def _restore_checked(checkpointer: checkpoint.Checkpointer, step: int, target: Any, path: str,
+                     reader: tuple[Any, Callable[[Any, Any], Any]] | None = None) -> Any:
     """Restores step `step`'s parameters onto `target`, first checking their stored shapes
     against config.json's model (a mismatch is a RunError listing the differences, not a
-    failed restore)."""
+    failed restore); with `reader` (abstract optimizer state, average), the optimizer
+    state too, and returns average(opt_state, params)."""
     mismatches = checkpointer.params_mismatches(step, target)
     if mismatches:
         raise RunError(f"the checkpoint at step {step} in {path} holds parameters that {path}/config.json does "
                        f"not describe: {'; '.join(mismatches)}. Fix: restore the config.json the run wrote "
                        "(lm.finetune or an edit may have replaced it).")
-    return checkpointer.restore_params(step, target)
+    if reader is None:
+        return checkpointer.restore_params(step, target)
+    abstract_opt_state, average = reader
+    params, opt_state = checkpointer.restore_params_and_opt_state(step, target, abstract_opt_state)
+    return average(opt_state, params)
 
 
 def _load_export_params(path: str, model_cfg: ModelConfig, seq_len: int, device: jax.Device) -> tuple[Any, int]:
@@ -257,14 +292,16 @@ def write_export(output: str, params: Any, config: ml_collections.ConfigDict, to
     publish_directory(output, fill)
 
 
-def export(workdir: str, output: str, step: int | None = None, dtype: str = "float32") -> dict:
+def export(workdir: str, output: str, step: int | None = None, dtype: str = "float32",
+           eval_params: EvalParamsReader | None = None) -> dict:
     """Writes the parameters of `workdir`'s checkpoint `step` (default the latest) in
-    `dtype` to the new directory `output`, with what loading needs. Returns export.json's
-    content. The directory appears whole or not at all."""
+    `dtype` to the new directory `output`, with what loading needs: the evaluation
+    parameters (`load`'s `eval_params`). Returns export.json's content. The directory
+    appears whole or not at all."""
     if dtype not in EXPORT_DTYPES:
         raise RunError(f"--dtype={dtype!r} is not supported. Fix: use one of {EXPORT_DTYPES}.")
     check_new_directory(output)
-    loaded = load(workdir, step)
+    loaded = load(workdir, step, eval_params)
     params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), loaded.params)
     meta = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).metadata(loaded.step)
     info = {"step": loaded.step, "dtype": dtype, "parameters": param_counts(params)["total"],

@@ -115,6 +115,15 @@ class Checkpointer:
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
         return restored["state"]["params"]
 
+    def restore_params_and_opt_state(self, step: int, abstract_params: Any, abstract_opt_state: Any
+                                     ) -> tuple[Any, Any]:
+        """`restore_params` with the optimizer state too (what schedule-free's evaluation
+        parameters are computed from), without the step count, RNG or data position."""
+        target = {"params": abstract_params, "opt_state": abstract_opt_state}
+        restored = self._read(step, state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+        return restored["state"]["params"], restored["state"]["opt_state"]
+
     def metadata(self, step: int) -> dict:
         """The JSON metadata saved with `step`: step, config, code version."""
         return self._read(step, meta=ocp.args.JsonRestore())["meta"]

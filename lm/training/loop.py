@@ -21,7 +21,7 @@ from lm.files import atomic
 from lm.inference import decode
 from lm.model.counting import param_counts, train_flops_per_token
 from lm.runs import version
-from lm.training import goodput, memory
+from lm.training import goodput, memory, optim
 from lm.training.logs import Progress
 from lm.training.peak import peak_flops_per_device
 from lm.training.setup import Run, restore_or_init, setup_run
@@ -60,7 +60,7 @@ def _train(run: Run, timeline: goodput.Timeline) -> dict[str, float]:
                                     train_flops_per_token(run.trainer.model_cfg, config.data.seq_len),
                                     jax.device_count(), peak)
     timeline.switch(goodput.OTHER)
-    _compile_eval(run, state.params, timeline)
+    _compile_eval(run, eval_params(run, state), timeline)
     try:
         with StopSignals() as signals, _finishing_saves(run):
             state = _steps(run, state, data_iterator, progress, throughput, timeline, signals)
@@ -70,7 +70,7 @@ def _train(run: Run, timeline: goodput.Timeline) -> dict[str, float]:
                         "stopped", start)
         raise
     with timeline.part(goodput.EVALUATION):
-        final = _log_eval(run, progress, c.steps, state.params)
+        final = _log_eval(run, progress, c.steps, eval_params(run, state))
     with timeline.part(goodput.CHECKPOINTING):
         if run.checkpointer.latest_step() != c.steps:
             _save(run, state, data_iterator)
@@ -121,7 +121,7 @@ def _steps(run: Run, state: TrainState, data_iterator, progress: Progress, throu
                 jax.block_until_ready(state)
             if evaluating:
                 with timeline.part(goodput.EVALUATION):
-                    _log_eval(run, progress, done, state.params)
+                    _log_eval(run, progress, done, eval_params(run, state))
             if saving:
                 with timeline.part(goodput.CHECKPOINTING):
                     _save(run, state, data_iterator)
@@ -215,6 +215,11 @@ def _log_train(run: Run, progress: Progress, step: int, metrics: Metrics, last_l
     return step, now
 
 
+def eval_params(run: Run, state: TrainState) -> Any:
+    """The parameters evaluation and samples use (`optim.eval_params`: schedule-free's average)."""
+    return optim.eval_params(run.config.optim, state.opt_state, state.params)
+
+
 def _log_eval(run: Run, progress: Progress, step: int, params: Any) -> dict[str, float]:
     metrics = run.eval_metrics(params)
     run.writer.write(step, "validation", metrics)
@@ -252,7 +257,7 @@ def _finish(run: Run, state: TrainState, final: dict[str, float], timeline: good
     samples = run.trainer.model_cfg.family == "decoder"  # encoders and T5 models do not continue text
     if samples:
         with timeline.part(goodput.EVALUATION):
-            text = decode.sample_text(run.trainer.model, state.params, run.corpus.tokenizer, s.prompt,
+            text = decode.sample_text(run.trainer.model, eval_params(run, state), run.corpus.tokenizer, s.prompt,
                                       max_new_tokens=s.max_new_tokens, max_len=run.config.data.seq_len,
                                       temperature=s.temperature, top_k=s.top_k, seed=run.config.seed)
     if run.is_main and samples:

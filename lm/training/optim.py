@@ -1,15 +1,27 @@
 """Optimizer and learning-rate schedule from config (optax); fine-tuning builds its
-optimizer from the same pieces (`learning_rate_schedule`, `adamw`)."""
+optimizer from the same pieces (`learning_rate_schedule`, `adamw`).
+
+`optim.name` picks the optimizer, all optax's own: AdamW (lm's default), Adam and SGD
+(L2 weight decay added to the gradient, PyTorch's `weight_decay`), Adafactor, Lion, Muon
+(`optax.contrib.muon` on the hidden matrices, AdamW on the rest) and schedule-free AdamW
+(`optax.contrib.schedule_free`, whose evaluation parameters `eval_params` gives). Parameter
+groups (`lm.training.param_groups`) set each group's rate multiplier and weight decay.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import ml_collections
 import optax
+from optax import contrib
 
+from lm.config import choices
 from lm.model import param_kinds
-from lm.training import schedules
+from lm.training import param_groups, schedules
+from lm.training.param_groups import Setting
 
 
 def schedule(optim: ml_collections.ConfigDict, train_steps: int) -> optax.Schedule:
@@ -46,6 +58,133 @@ def adamw(learning_rate: optax.ScalarOrSchedule, weight_decay: float, grad_clip:
     return optax.chain(optax.clip_by_global_norm(grad_clip), transform)
 
 
-def make(optim: ml_collections.ConfigDict, train_steps: int) -> optax.GradientTransformation:
-    """AdamW with decoupled weight decay, after global-norm gradient clipping."""
-    return adamw(schedule(optim, train_steps), optim.weight_decay, optim.grad_clip, optim.b1, optim.b2, optim.eps)
+Builder = Callable[[ml_collections.ConfigDict, optax.ScalarOrSchedule, float, Any], optax.GradientTransformation]
+
+
+def make(optim: ml_collections.ConfigDict, train_steps: int, lr_multipliers: Mapping[str, float] | None = None
+         ) -> optax.GradientTransformation:
+    """`optim.name`'s optimizer on `schedule`'s rate, with each parameter group's rate
+    multiplier and weight decay (`param_groups.resolve`; `lr_multipliers` scales groups'
+    rates further, e.g. µP's), after global-norm gradient clipping to `optim.grad_clip`
+    (0: none). The defaults are lm's AdamW, the same transformation and state as ever."""
+    rate = schedule(optim, train_steps)
+    settings = param_groups.resolve(optim, lr_multipliers)
+    if optim.name == "muon":
+        transform = _muon(optim, rate, settings)
+    elif optim.name == "schedule_free_adamw":
+        transform = _schedule_free_adamw(optim, rate, settings)
+    else:
+        transform = _grouped(_BUILDERS[optim.name], optim, rate, settings)
+    if not optim.grad_clip:
+        return transform
+    return optax.chain(optax.clip_by_global_norm(optim.grad_clip), transform)
+
+
+def _grouped(build: Builder, optim: ml_collections.ConfigDict, rate: optax.ScalarOrSchedule,
+             settings: Mapping[str, Setting]) -> optax.GradientTransformation:
+    """One optimizer with a decay mask when the groups allow it (the defaults do), else one
+    optimizer per group (optax.partition) with the group's rate and decay."""
+    if param_groups.uniform(settings):
+        decay = max(s.weight_decay for s in settings.values())
+        scale = next(iter(settings.values())).lr_scale
+        return build(optim, param_groups.scaled(rate, scale), decay, param_groups.decay_mask(settings))
+    return optax.partition({name: build(optim, param_groups.scaled(rate, s.lr_scale), s.weight_decay, None)
+                            for name, s in settings.items()}, param_groups.labels)
+
+
+def _adamw(optim, rate, decay, mask) -> optax.GradientTransformation:
+    return optax.adamw(rate, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=decay, mask=mask)
+
+
+def _adam(optim, rate, decay, mask) -> optax.GradientTransformation:
+    # Adam has no decoupled decay: the decay joins the gradient (L2), as PyTorch's Adam does.
+    return optax.chain(optax.add_decayed_weights(decay, mask),
+                       optax.adam(rate, b1=optim.b1, b2=optim.b2, eps=optim.eps))
+
+
+def _sgd(optim, rate, decay, mask) -> optax.GradientTransformation:
+    return optax.chain(optax.add_decayed_weights(decay, mask),
+                       optax.sgd(rate, momentum=optim.sgd.momentum or None, nesterov=optim.sgd.nesterov))
+
+
+def _lion(optim, rate, decay, mask) -> optax.GradientTransformation:
+    return optax.lion(rate, b1=optim.b1, b2=optim.b2, weight_decay=decay, mask=mask)
+
+
+def _adafactor(optim, rate, decay, mask) -> optax.GradientTransformation:
+    # optax's Adafactor adds its decay after the learning rate; times the rate here, it is
+    # decoupled decay as AdamW's (optim.weight_decay means the same for every optimizer).
+    decay_rate = (lambda step: decay * rate(step)) if callable(rate) else decay * rate
+    return optax.adafactor(rate, weight_decay_rate=decay_rate, weight_decay_mask=mask)
+
+
+_BUILDERS: dict[str, Builder] = {"adamw": _adamw, "adam": _adam, "sgd": _sgd, "lion": _lion, "adafactor": _adafactor}
+
+
+def muon_dimensions(params: Any) -> Any:
+    """`optax.contrib.MuonDimensionNumbers` of each kernel in `params` (`param_kinds.
+    matrix_axes`: input axes are Muon's reduction axes, output axes its output axes, the
+    layer stack and fused axes its batch of separate matrices)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda keypath, x: contrib.MuonDimensionNumbers(*param_kinds.matrix_axes(param_kinds.path_names(keypath),
+                                                                                  x.ndim)), params)
+
+
+def muon_labels(params: Any) -> Any:
+    """"muon" for the hidden matrices (the `matrix` group), "adamw" for every other parameter."""
+    return param_kinds.map_paths(lambda path: "muon" if param_groups.group(path) == "matrix" else "adamw", params)
+
+
+def _muon(optim, rate, settings: Mapping[str, Setting]) -> optax.GradientTransformation:
+    """Muon (Jordan et al. 2024) on the hidden matrices, AdamW on embeddings, head, norms and
+    biases, each group at its own rate and decay. optax's own split is by rank, which would
+    send the embedding and head to Muon and every fused or scanned kernel to Adam: the split
+    here is by what a parameter is, and every matrix gets its dimension numbers."""
+    matrix = settings["matrix"]
+    m = optim.muon
+    # Every parameter it sees has dimension numbers, so its own Adam branch stays empty.
+    hidden = contrib.muon(param_groups.scaled(rate, matrix.lr_scale), ns_steps=m.ns_steps, beta=m.momentum,
+                          weight_decay=matrix.weight_decay, nesterov=m.nesterov,
+                          muon_weight_dimension_numbers=muon_dimensions)
+    rest = {name: s for name, s in settings.items() if name != "matrix"}
+    return optax.partition({"muon": hidden, "adamw": _grouped(_adamw, optim, rate, rest)}, muon_labels)
+
+
+def _schedule_free_adamw(optim, rate, settings: Mapping[str, Setting]) -> optax.GradientTransformation:
+    """Schedule-free AdamW (Defazio et al. 2024): `optax.contrib.schedule_free_adamw`'s
+    composition, with lm's decay mask and groups, which that function takes no argument
+    for (it would decay norms and biases). One averaging over every group; the groups'
+    rates and decays act on the base step."""
+    if param_groups.uniform(settings):
+        scale = next(iter(settings.values())).lr_scale
+        step = optax.chain(optax.add_decayed_weights(max(s.weight_decay for s in settings.values()),
+                                                     param_groups.decay_mask(settings)),
+                           optax.scale_by_learning_rate(param_groups.scaled(rate, scale)))
+    else:
+        step = optax.partition({name: optax.chain(optax.add_decayed_weights(s.weight_decay),
+                                                  optax.scale_by_learning_rate(param_groups.scaled(rate, s.lr_scale)))
+                                for name, s in settings.items()}, param_groups.labels)
+    base = optax.chain(optax.scale_by_rms(decay=optim.b2, eps=optim.eps, eps_in_sqrt=False, bias_correction=True),
+                       step)
+    return contrib.schedule_free(base, learning_rate=rate, b1=optim.b1)
+
+
+def eval_params(optim: ml_collections.ConfigDict, opt_state: Any, params: Any) -> Any:
+    """The parameters to evaluate, sample and export: `params` itself, except under
+    schedule-free AdamW, whose train state holds the iterate y that gradients are taken at
+    and the evaluation point is optax's `schedule_free_eval_params` (the average x)."""
+    if optim.name not in choices.AVERAGED_OPTIMIZERS:
+        return params
+    state = opt_state if isinstance(opt_state, contrib.ScheduleFreeState) else opt_state[-1]
+    return contrib.schedule_free_eval_params(state, params)
+
+
+def eval_params_reader(config: ml_collections.ConfigDict, abstract_params: Any
+                       ) -> tuple[Any, Callable[[Any, Any], Any]] | None:
+    """For `lm.runs.artifacts.load` (its `eval_params`): None when a checkpoint's parameters
+    are the ones to evaluate; else the run's optimizer state as abstract values (to restore
+    beside the parameters) and `eval_params` of it, as (opt_state, params) -> params."""
+    if config.optim.name not in choices.AVERAGED_OPTIMIZERS:
+        return None
+    abstract_opt_state = jax.eval_shape(make(config.optim, config.train.steps).init, abstract_params)
+    return abstract_opt_state, lambda opt_state, params: eval_params(config.optim, opt_state, params)

@@ -27,7 +27,7 @@ from lm.model import ModelConfig
 from lm.parallel import sharding
 from lm.runs import artifacts, checkpoint
 from lm.runs.workdir import LOCK_NAME, WorkdirLock, check_for_training
-from lm.training import memory
+from lm.training import memory, optim
 from lm.training.logs import MetricWriter
 from lm.training.step import EvalTotals, TrainState
 from lm.training.trainer import Trainer, evaluate, make_trainer
@@ -241,7 +241,7 @@ def load_teacher(config: ml_collections.ConfigDict, tokenizer) -> Any:
     """Distillation's teacher (lm.runs.artifacts.Loaded), or None; it must share the tokenizer."""
     if not config.distill.teacher:
         return None
-    teacher = artifacts.load(config.distill.teacher)
+    teacher = artifacts.load(config.distill.teacher, eval_params=optim.eval_params_reader)
     check_teacher(config, teacher.model_cfg)
     if teacher.tokenizer.to_json() != tokenizer.to_json():
         raise UsageError(f"config.distill.teacher={config.distill.teacher!r} has another tokenizer than this "

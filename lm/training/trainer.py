@@ -81,8 +81,13 @@ def make_trainer(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh
     sharding.check_divisibility(boxed, mesh, rules)
     param_shardings = sharding.tree_shardings(mesh, rules, boxed)
     abstract_opt_state = jax.eval_shape(optimizer.init, nn.meta.unbox(boxed))
-    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt_state, param_shardings,
-                                          transform_non_params=lambda _: replicated)
+    # A state array shaped like its parameter is sharded like it. Parameter groups and Muon
+    # partition the parameters: a group's state keeps MaskedNode (no array) where another
+    # group's are; Adafactor's factored moments are smaller arrays, replicated.
+    masked = lambda x: isinstance(x, optax.MaskedNode)
+    place = lambda x, param, s: x if masked(x) else s if x.shape == param.shape else replicated
+    opt_shardings = optax.tree_map_params(optimizer, place, abstract_opt_state, nn.meta.unbox(boxed), param_shardings,
+                                          transform_non_params=lambda _: replicated, is_leaf=masked)
     state_shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
                                  rng=replicated, nonfinite_steps=replicated)
     batch_sharding = sharding.logical_sharding(mesh, rules, ("batch", "length"))
