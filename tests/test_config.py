@@ -265,7 +265,7 @@ def test_config_error_is_raised_and_defined_only_under_lm_config():
                     defined[path] = node.name
     assert raised, "found no `raise ConfigError` at all: the walk is looking in the wrong place"
     assert {p for p in raised if not p.startswith(os.path.join("lm", "config") + os.sep)} == set(), raised
-    assert defined == {os.path.join("lm", "config", "validation.py"): "ConfigError"}
+    assert defined == {os.path.join("lm", "config", "checks.py"): "ConfigError"}
     assert issubclass(config_lib.ConfigError, UsageError)
 
 
