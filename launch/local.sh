@@ -13,6 +13,8 @@
 # repository's (found next to this script).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=launch/options.sh
+source "$repo/launch/options.sh"
 
 dry_run=0
 extra=""
@@ -25,7 +27,7 @@ for arg in "$@"; do
     --extra=*) extra="${arg#--extra=}" ;;
     --config=*) config="${arg#--config=}" ;;
     --workdir=*) workdir="${arg#--workdir=}" ;;
-    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
+    -h|--help) print_help "$0"; exit 0 ;;
     *) passthrough+=("$arg") ;;
   esac
 done

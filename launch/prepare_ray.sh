@@ -16,6 +16,8 @@
 # to this script), or the interpreter LM_PYTHON names.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=launch/options.sh
+source "$repo/launch/options.sh"
 
 python="${LM_PYTHON:-$repo/.venv/bin/python}"
 flags=(--executor=ray) dry_run=0
@@ -25,16 +27,12 @@ while [[ $# -gt 0 ]]; do
     --workers=*) flags+=("$1") ;;
     --dry_run) dry_run=1 ;;
     --) shift; break ;;
-    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
-    *) echo "prepare_ray.sh: unknown option $1. Fix: see launch/prepare_ray.sh --help; lm.prepare flags go after --." >&2
-       exit 2 ;;
+    -h|--help) print_help "$0"; exit 0 ;;
+    *) unknown_option "$0" "$1" lm.prepare ;;
   esac
   shift
 done
-if [[ $# -eq 0 ]]; then
-  echo "prepare_ray.sh: no lm.prepare flags after --. Fix: e.g. -- --config=my_corpus.py" >&2
-  exit 2
-fi
+require_command_flags "$0" $# lm.prepare "--config=my_corpus.py"
 defaults=(--config.data.build=datatrove --config.data.split=hash)
 command=("$python" -m lm.prepare "$@" "${defaults[@]}" "${flags[@]}")
 echo "+ ${command[*]}"

@@ -18,6 +18,8 @@
 # default), so a relative --config or data path means what it means in your shell.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=launch/options.sh
+source "$repo/launch/options.sh"
 
 venv="${LM_VENV:-$repo/.venv}"
 flags=(--executor=slurm "--slurm_venv=$venv/bin/activate")
@@ -27,16 +29,12 @@ while [[ $# -gt 0 ]]; do
     --account=*) flags+=("--slurm_sbatch_arg=account=${1#*=}") ;;
     --workers=*|--dry_run) flags+=("$1") ;;
     --) shift; break ;;
-    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
-    *) echo "prepare_slurm.sh: unknown option $1. Fix: see launch/prepare_slurm.sh --help; lm.prepare flags go after --." >&2
-       exit 2 ;;
+    -h|--help) print_help "$0"; exit 0 ;;
+    *) unknown_option "$0" "$1" lm.prepare ;;
   esac
   shift
 done
-if [[ $# -eq 0 ]]; then
-  echo "prepare_slurm.sh: no lm.prepare flags after --. Fix: e.g. -- --config=my_corpus.py" >&2
-  exit 2
-fi
+require_command_flags "$0" $# lm.prepare "--config=my_corpus.py"
 defaults=(--config.data.build=datatrove --config.data.split=hash)
 command=("$venv/bin/python" -m lm.prepare "$@" "${defaults[@]}" "${flags[@]}")
 echo "+ ${command[*]}"

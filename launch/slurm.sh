@@ -16,6 +16,8 @@
 # the repository is found next to this script and passed to the job as LM_REPO.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=launch/options.sh
+source "$repo/launch/options.sh"
 
 nodes=1 gpus=8 per_node=0 dry_run=0
 sbatch_extra=()
@@ -27,16 +29,12 @@ while [[ $# -gt 0 ]]; do
     --partition=*|--time=*|--account=*) sbatch_extra+=("$1") ;;
     --dry_run) dry_run=1 ;;
     --) shift; break ;;
-    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
-    *) echo "slurm.sh: unknown option $1. Fix: see launch/slurm.sh --help; lm.main flags go after --." >&2
-       exit 2 ;;
+    -h|--help) print_help "$0"; exit 0 ;;
+    *) unknown_option "$0" "$1" lm.main ;;
   esac
   shift
 done
-if [[ $# -eq 0 ]]; then
-  echo "slurm.sh: no lm.main flags after --. Fix: e.g. -- --config=configs/shakespeare_char.py:gpu --workdir=/shared/run" >&2
-  exit 2
-fi
+require_command_flags "$0" $# lm.main "--config=configs/shakespeare_char.py:gpu --workdir=/shared/run"
 tasks_per_node=$(( per_node == 1 ? 1 : gpus ))
 command=(sbatch --nodes="$nodes" --ntasks-per-node="$tasks_per_node" --gpus-per-node="$gpus"
          "${sbatch_extra[@]}" "--export=ALL,LM_REPO=$repo" "$repo/launch/slurm.sbatch" "$@")

@@ -27,6 +27,8 @@
 # every host shares.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd -P)"
+# shellcheck source=launch/options.sh
+source "$repo/launch/options.sh"
 
 name="" zone="" accelerator="v5litepod-16" version="v2-alpha-tpuv5-lite" project=""
 queued=0 spot=0 repo_url="" branch="main" dry_run=0 delete=0
@@ -44,9 +46,8 @@ while [[ $# -gt 0 ]]; do
     --dry_run) dry_run=1 ;;
     --delete) delete=1 ;;
     --) shift; break ;;
-    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
-    *) echo "tpu_pod.sh: unknown option $1. Fix: see launch/tpu_pod.sh --help; lm.main flags go after --." >&2
-       exit 2 ;;
+    -h|--help) print_help "$0"; exit 0 ;;
+    *) unknown_option "$0" "$1" lm.main ;;
   esac
   shift
 done
@@ -54,10 +55,7 @@ if [[ -z "$name" || -z "$zone" ]]; then
   echo "tpu_pod.sh: --name and --zone are required. Fix: e.g. --name=lm-v5e --zone=us-west4-a" >&2
   exit 2
 fi
-if [[ $# -eq 0 ]]; then
-  echo "tpu_pod.sh: no lm.main flags after --. Fix: e.g. -- --config=configs/shakespeare_char.py:gpu --workdir=/mnt/bucket/run" >&2
-  exit 2
-fi
+require_command_flags "$0" $# lm.main "--config=configs/shakespeare_char.py:gpu --workdir=/mnt/bucket/run"
 
 # The config as its path in the repository (keeping its `:argument`), for the hosts' copy.
 config_in_repo() {
