@@ -17,6 +17,7 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
 from lm.data import documents
+from lm.files import atomic
 
 PROGRESS_SECONDS = 2.0  # how often a task records its progress for the parent's progress line
 
@@ -66,18 +67,18 @@ class ReadFiles(PipelineStep):
                 count += 1
                 num_bytes += len(text.encode("utf-8"))
                 if self.progress_dir and time.monotonic() - last > PROGRESS_SECONDS:
-                    self._record(rank, count, num_bytes)
+                    record_progress(self.progress_dir, rank, count, num_bytes)
                     last = time.monotonic()
                 yield Document(text=text, id=f"{rank}/{count - 1}", metadata={"task": rank})
         if self.progress_dir:
-            self._record(rank, count, num_bytes)
+            record_progress(self.progress_dir, rank, count, num_bytes)
 
-    def _record(self, rank: int, count: int, num_bytes: int) -> None:
-        os.makedirs(self.progress_dir, exist_ok=True)
-        path = os.path.join(self.progress_dir, f"{rank:05d}.json")
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump({"documents": count, "bytes": num_bytes}, f)
-        os.replace(path + ".tmp", path)  # the parent never reads a half-written file
+
+def record_progress(progress_dir: str, rank: int, documents: int, num_bytes: int) -> None:
+    """Task `rank`'s progress so far (documents, UTF-8 bytes), which `Progress` sums into the
+    progress line; replaced whole, so the parent never reads a half-written record."""
+    os.makedirs(progress_dir, exist_ok=True)
+    atomic.write_json(os.path.join(progress_dir, f"{rank:05d}.json"), {"documents": documents, "bytes": num_bytes})
 
 
 class Progress:

@@ -33,12 +33,12 @@ from datatrove.pipeline.base import PipelineStep
 
 from lm.data import token_cache, tokenizers
 from lm.data.build import executors
+from lm.data.build.read import PROGRESS_SECONDS, record_progress
 from lm.data.build.stages import Layout, Stage
 
 PART_BYTES = 32 << 20  # record bytes a task encodes: parallelism, and what a killed task redoes
 RECORDS_PER_CHUNK = 256  # records read (one array_record batch read) and encoded at a time
 BLOCK = 1 << 22  # tokens copied at a time when joining the parts
-PROGRESS_SECONDS = 2.0  # how often a task records its progress for the progress line
 
 
 def plan(splits: dict[str, tuple[int, int]], part_bytes: int = PART_BYTES) -> list[tuple[str, int, int]]:
@@ -92,9 +92,9 @@ class EncodeRecords(PipelineStep):
                 totals["tokens"] += sum(len(doc) + 1 for doc in ids)
                 totals["bytes"] += sum(map(len, texts))
                 if time.monotonic() - last > PROGRESS_SECONDS:
-                    self._record(rank, totals)
+                    record_progress(self.progress_dir, rank, totals["documents"], totals["bytes"])
                     last = time.monotonic()
-        self._record(rank, totals)
+        record_progress(self.progress_dir, rank, totals["documents"], totals["bytes"])
         with open(temporary["json"], "w", encoding="utf-8") as f:
             json.dump(totals, f)
         for name, path in temporary.items():  # json last: a part is whole once its json exists
@@ -102,14 +102,6 @@ class EncodeRecords(PipelineStep):
         self.stat_update("documents", value=totals["documents"])
         self.stat_update("tokens", value=totals["tokens"])
         yield from ()
-
-    def _record(self, rank: int, totals: dict) -> None:
-        """The task's progress so far, in the form `lm.data.build.read.Progress` sums."""
-        os.makedirs(self.progress_dir, exist_ok=True)
-        path = os.path.join(self.progress_dir, f"{rank:05d}.json")
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump({"documents": totals["documents"], "bytes": totals["bytes"]}, f)
-        os.replace(path + ".tmp", path)
 
 
 def join(part_dir: str, ranks: list[int], cache_dir: str, split: str, staging: str) -> dict:
