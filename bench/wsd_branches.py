@@ -16,12 +16,13 @@ bench itself in a few minutes (its losses mean little).
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 
-from absl import app, flags
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/sweep_runs.py, when loaded by path
+
+import sweep_runs  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = os.path.join(REPO, "configs", "scaling", "shakespeare_wsd.py")
@@ -39,14 +40,7 @@ def _define_flags() -> None:
 
 def run_sweep(kind: str, workdir: str) -> list[dict]:
     """Runs (or resumes) one sweep and returns its results rows."""
-    directory = os.path.join(workdir, kind)
-    command = [sys.executable, "-m", "lm.sweep", f"--config={SWEEP}:{kind},{FLAGS.steps_unit}",
-               f"--workdir={directory}", f"--parallel={FLAGS.parallel}"]
-    print("+", " ".join(command), flush=True)
-    if subprocess.run(command, cwd=REPO).returncode:
-        sys.exit(f"the {kind} sweep failed; its points' logs are {directory}/points/*/sweep.log. Rerun to resume.")
-    with open(os.path.join(directory, "results.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return sweep_runs.run_sweep(f"{SWEEP}:{kind},{FLAGS.steps_unit}", os.path.join(workdir, kind), FLAGS.parallel)
 
 
 def compare(branches: list[dict], cosine: list[dict], tokens_per_step: int) -> tuple[list[str], float, float]:

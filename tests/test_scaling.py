@@ -2,6 +2,7 @@
 synthetic runs by every approach, within the intervals each reports."""
 
 import csv
+import json
 import os
 
 import numpy as np
@@ -192,3 +193,25 @@ def test_the_wsd_bench_matches_budgets_by_tokens_and_divides_the_compute_spent()
     lines, ratio, gap = bench.compare(branches, cosine, tokens_per_step=10)
     assert lines[2].startswith("| 10 | 2.5000 | 2.4900 | +0.0100 |") and lines[3].startswith("| 20 | 2.0000 |")
     assert ratio == pytest.approx(280 / 300) and gap == pytest.approx(0.05)
+
+
+def test_the_optimizer_table_gives_each_optimizers_best_rate_and_marks_one_at_its_sweeps_edge():
+    import importlib.util
+
+    bench_dir = os.path.join(os.path.dirname(__file__), "..", "bench")
+    spec = importlib.util.spec_from_file_location("optimizer_table", os.path.join(bench_dir, "optimizer_table.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    spec = importlib.util.spec_from_file_location("sweep", os.path.join(bench_dir, "..", "configs", "scaling",
+                                                                        "shakespeare_optimizers.py"))
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    row = lambda name, rate, loss: {"overrides": json.dumps(sweep.point(name, rate)), "val_loss": loss}
+    rows = [row("adamw", 1e-3, 1.80), row("adamw", 2e-3, 1.75), row("adamw", 4e-3, 1.78),
+            row("muon", 0.01, 1.70), row("muon", 0.02, 1.72)]
+    lines = bench.table(rows, sweep.rate_of, list(sweep.RATES))
+    assert lines[2] == "| adamw | 1.7500 | 0.002 | 0.001: 1.8000, 0.002: 1.7500, 0.004: 1.7800 |"
+    assert lines[3].startswith("| muon | 1.7000 | 0.01 (edge) |")  # Muon's rate is the matrices'
+    assert sweep.point("muon", 0.02)["optim.groups.matrix.lr_scale"] == pytest.approx(20)
+    assert all(sweep.point(n, r)["optim.final_lr"] == pytest.approx(sweep.point(n, r)["optim.lr"] / 10)
+               for n, rates in sweep.RATES.items() for r in rates)
