@@ -16,6 +16,7 @@ import pytest
 from helpers import REPO, cli_env, tiny_config
 
 from lm import config as config_lib
+from lm import convert
 from lm.data import corpora, tokenizers
 from lm.inference import decode
 from lm.inference.sampling import Sampling
@@ -124,15 +125,22 @@ def test_the_matrix_groups_adam_step_is_one_over_m_through_the_real_optimizer():
         assert _get(ratios, path) == pytest.approx(1.0), path
 
 
-@pytest.mark.parametrize("fields", [
+HF_SHAPED = [
     dict(positions="learned", norm="layernorm", activation="gelu_tanh", use_bias=True),  # GPT-2: fused, tied
-    dict(norm="rmsnorm", activation="swiglu", num_kv_heads=1, tie_embeddings=False),  # LLaMA: q and kv, untied
-])
+    dict(positions="rope", norm="rmsnorm", activation="swiglu", num_kv_heads=1, tie_embeddings=False),  # LLaMA
+]
+
+
+def perturbed(params: dict) -> dict:
+    """`params` plus noise: random norms and biases, so a missed fold cannot hide."""
+    rng = np.random.default_rng(1)
+    return jax.tree.map(lambda p: np.asarray(p) + 0.05 * rng.standard_normal(p.shape, np.float32), params)
+
+
+@pytest.mark.parametrize("fields", HF_SHAPED)
 def test_the_hugging_face_export_folds_mup_into_weights_of_a_standard_model_with_the_same_logits(fields):
     mup_cfg = model_cfg(d_model=64, base=16, **fields)
-    params = jax.tree.map(lambda p: np.asarray(p) + 0.05 * np.random.default_rng(1).standard_normal(p.shape,
-                                                                                                 np.float32),
-                          init(mup_cfg))  # random norms and biases, so a missed fold cannot hide
+    params = perturbed(init(mup_cfg))
     model = ml_collections.ConfigDict(dataclasses.asdict(mup_cfg))  # as lm.convert.export_hf reads it
     arch = huggingface.exportable_architecture(model)
     before = jax.tree.map(np.copy, params)
@@ -170,6 +178,26 @@ def test_cached_decoding_and_an_export_give_the_training_forwards_logits(tmp_pat
     assert loaded.model_cfg.parametrization == "mup" and loaded.model_cfg.logit_scale == 0.25
     np.testing.assert_array_equal(jax.jit(loaded.model.apply)({"params": loaded.params}, TOKENS_BL),
                                   logits(run_cfg, params))
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("fields", HF_SHAPED)
+def test_transformers_gives_an_exported_mup_models_logits(fields, tmp_path):
+    from tests.hf_models import hf_logits, lm_logits, require_interop, transformers
+
+    require_interop()
+    config = tiny_config(model__d_model=64, model__parametrization="mup", model__mup_base_width=16,
+                         data__seq_len=16, **{f"model__{k}": v for k, v in fields.items()})
+    with open(corpora.path("tinyshakespeare"), encoding="utf-8") as f:
+        tokenizer = tokenizers.CharTokenizer.train([f.read()])
+    run_cfg = ModelConfig.for_run(config, tokenizer.vocab_size)
+    artifacts.write_export(str(tmp_path / "lm"), perturbed(init(run_cfg)), config, tokenizer,
+                           {"step": 0, "dtype": "float32", "parameters": 0})
+    convert.export_hf(str(tmp_path / "lm"), str(tmp_path / "hf"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    tokens_BL = np.asarray(TOKENS_BL)
+    np.testing.assert_allclose(hf_logits(model, tokens_BL), lm_logits(str(tmp_path / "lm"), tokens_BL),
+                               rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.bench
