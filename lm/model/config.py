@@ -50,6 +50,9 @@ class ModelConfig:
             raise attention_kernels.AttentionError(
                 f"ModelConfig.attention={self.attention!r} is not a resolved kernel. Fix: build it with "
                 "ModelConfig.for_run or from_config, or pass lm.model.attention.resolve(choice, platform).")
+        if self.parametrization == "mup" and self.mup_base_width <= 0:
+            raise ValueError(f"ModelConfig.parametrization='mup' needs mup_base_width > 0, not {self.mup_base_width}. "
+                             "Fix: set model.mup_base_width to the width the hyperparameters were tuned at.")
 
     @property
     def kv_heads(self) -> int:
