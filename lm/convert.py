@@ -239,6 +239,7 @@ def export_hf(path: str, output: str, step: int | None = None) -> dict:
     model = ml_collections.ConfigDict(dataclasses.asdict(loaded.model_cfg))
     arch = hf.exportable_architecture(model)
     params = jax.tree.map(np.asarray, unstack_layers(loaded.params, model.num_layers))
+    params = hf.fold_mup(params, model)  # µP's attention and logit multipliers, into the weights
     tensors = hf.to_hf_tensors(arch.rules(model, model.vocab_size), params)
     hf_config = arch.hf_config(model, model.vocab_size, model.max_len)
     dtype = str(next(iter(tensors.values())).dtype)

@@ -26,6 +26,9 @@ NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTIONS = ("auto", "xla", "splash", "cudnn")  # lm.model.attention
+PARAMETRIZATIONS = ("standard", "mup")  # lm.model.mup
+# The optimizers µP's rate rule (Adam's) holds for; lm.model.mup.MUP_OPTIMIZERS says why.
+MUP_OPTIMIZERS = ("adamw", "adam", "lion", "schedule_free_adamw")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "lion", "muon", "schedule_free_adamw")  # lm.training.optim
 # Optimizers whose train-state parameters are not the ones to evaluate (lm.training.optim.eval_params).

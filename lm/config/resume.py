@@ -64,7 +64,7 @@ RESUME: dict[str, OnResume] = {
     **{f"model.{f}": OnResume(False, _STATE) for f in (
         "family", "num_decoder_layers", "num_layers", "num_heads", "d_model", "head_dim", "d_ff", "vocab_size",
         "positions", "rope_theta", "norm", "norm_eps", "activation", "use_bias", "tie_embeddings", "dropout",
-        "init_std", "num_kv_heads", "scan_layers")},
+        "init_std", "num_kv_heads", "scan_layers", "parametrization", "mup_base_width")},
     "model.dtype": OnResume(True, "the compute dtype of the same float32 parameters (what the hardware suits)"),
     "model.remat": OnResume(True, "recomputation trades memory for time and gives the same gradients"),
     "model.attention": OnResume(True, "each kernel computes the same attention of the same parameters"),

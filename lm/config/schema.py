@@ -219,6 +219,11 @@ def _model() -> ml_collections.ConfigDict:
     # TPU, cuDNN on GPU; XLA elsewhere), "xla" (jax.nn.dot_product_attention's XLA path,
     # which holds the [B, H, L, L] scores), "splash" (TPU, Pallas) or "cudnn" (GPU).
     m.attention = "auto"
+    # "standard" or "mup" (µP, lm.model.mup: hidden init / sqrt(m), hidden Adam rate / m,
+    # attention q.k / head_dim, logits / m, with m = d_model / mup_base_width), so that
+    # learning rate and init tuned at mup_base_width transfer to wider models.
+    m.parametrization = "standard"
+    m.mup_base_width = 0  # µP: the d_model hyperparameters were tuned at; 0 = unset
     return m
 
 

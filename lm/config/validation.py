@@ -191,6 +191,22 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     if not 0.0 <= m.dropout < 1.0:
         fail("model.dropout", m.dropout, "must lie in [0, 1)", "use e.g. 0.0 or 0.1")
     require_positive(config, "model.init_std")
+    _validate_parametrization(config)
+
+
+def _validate_parametrization(config: ml_collections.ConfigDict) -> None:
+    m, name = config.model, config.optim.name
+    require_choice(config, "model.parametrization", choices.PARAMETRIZATIONS)
+    if not isinstance(m.mup_base_width, int) or m.mup_base_width < 0:
+        fail("model.mup_base_width", m.mup_base_width, "must be a whole width >= 0", "e.g. 128, or 0 when unset")
+    if m.parametrization == "mup" and not m.mup_base_width:
+        fail("model.mup_base_width", m.mup_base_width, "must be set when model.parametrization='mup' (µP scales "
+             "by d_model / mup_base_width)", "set --config.model.mup_base_width to the d_model the "
+             f"hyperparameters were tuned at (e.g. {m.d_model}, this model's, for the base model itself)")
+    if m.parametrization == "mup" and name not in choices.MUP_OPTIMIZERS:
+        fail("optim.name", name, "has no µP learning-rate rule here (model.parametrization='mup' scales Adam-type "
+             "rates)", f"use one of {', '.join(map(repr, choices.MUP_OPTIMIZERS))}, or "
+             "model.parametrization='standard'")
 
 
 def _validate_mixture(config: ml_collections.ConfigDict) -> None:

@@ -13,10 +13,12 @@ import dataclasses
 import math
 from collections.abc import Callable
 
+import jax
 import ml_collections
 import numpy as np
 
 from lm.errors import UsageError
+from lm.model import mup
 
 # Buffers some versions of `transformers` save that are not parameters.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
@@ -247,6 +249,38 @@ def exportable_architecture(model: ml_collections.ConfigDict) -> Architecture:
     raise UsageError("this model is neither GPT-2 nor LLaMA shaped: "
                       + "; ".join(f"as {name}: {', '.join(r)}" for name, r in reasons.items())
                       + ". Fix: train with a gpt2 or llama preset's model fields.")
+
+
+def fold_mup(params: dict, model: ml_collections.ConfigDict) -> dict:
+    """A µP decoder's parameters (`lm.model.mup`; layers unstacked) as a standard-
+    parametrised decoder's that computes the same logits, for formats without µP's
+    multipliers (Hugging Face GPT-2 and LLaMA); `params` itself when `model` is standard.
+
+    Both folds are exact up to float rounding, since each multiplier follows a map whose
+    output reaches only it: the queries' 1/sqrt(head_dim) goes into the query kernel (and
+    bias), before RoPE's rotation, which is linear; the logits' 1/m goes into the final
+    norm's scale (and bias), whose output feeds only the head, so tied and untied
+    embeddings both fold. Raises UsageError for a tree without those parameters."""
+    if not mup.is_mup(model):
+        return params
+    out = jax.tree.map(np.array, params)  # copies: the folds below write into `out` alone
+    if "scale" not in out.get("final_norm", {}):
+        raise UsageError("this µP model has no final_norm/scale to fold its logit multiplier into, so Hugging "
+                          "Face's formats cannot express it. Fix: keep it as an lm export (python -m lm.export).")
+    for value in out["final_norm"].values():
+        _scale_in_place(value, 1.0 / mup.width_multiplier(model), ...)
+    query_scale = (model.head_dim or model.d_model // model.num_heads) ** -0.5
+    for i in range(model.num_layers):
+        attn = out[f"layer_{i}"]["attn"]
+        for value in attn.get("qkv", {}).values():  # kernel [D, 3, H, K], bias [3, H, K]: the q slice
+            _scale_in_place(value, query_scale, (slice(None),) * (value.ndim - 3) + (0,))
+        for value in attn.get("q", {}).values():
+            _scale_in_place(value, query_scale, ...)
+    return out
+
+
+def _scale_in_place(value: np.ndarray, factor: float, where) -> None:
+    value[where] = (value[where].astype(np.float32) * factor).astype(value.dtype)
 
 
 def to_lm_params(rules: list[Rule], tensors: dict[str, np.ndarray], expected: dict) -> dict:

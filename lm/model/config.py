@@ -12,6 +12,7 @@ from lm import objectives
 from lm.config import d_ff as resolve_d_ff
 from lm.config import head_dim as resolve_head_dim
 from lm.model import attention as attention_kernels
+from lm.model import mup
 from lm.model.layers import LoRA
 
 
@@ -41,12 +42,17 @@ class ModelConfig:
     family: str = "decoder"  # "decoder", "encoder" or "encoder_decoder"
     num_decoder_layers: int = 0  # encoder-decoder: decoder depth; 0 = num_layers
     lora: LoRA | None = None  # fine-tuning: low-rank adapters on the matching dense layers
+    parametrization: str = "standard"  # "standard" or "mup" (lm.model.mup)
+    mup_base_width: int = 0  # µP: the d_model whose hyperparameters transfer; 0 = unset
 
     def __post_init__(self):
         if self.attention not in attention_kernels.KERNELS:
             raise attention_kernels.AttentionError(
                 f"ModelConfig.attention={self.attention!r} is not a resolved kernel. Fix: build it with "
                 "ModelConfig.for_run or from_config, or pass lm.model.attention.resolve(choice, platform).")
+        if self.parametrization == "mup" and self.mup_base_width <= 0:
+            raise ValueError(f"ModelConfig.parametrization='mup' needs mup_base_width > 0, not {self.mup_base_width}. "
+                             "Fix: set model.mup_base_width to the width the hyperparameters were tuned at.")
 
     @property
     def kv_heads(self) -> int:
@@ -57,9 +63,29 @@ class ModelConfig:
         return jnp.dtype(self.dtype)
 
     @property
+    def hidden_init_std(self) -> float:
+        """The init std of hidden matrices (q, k, v, MLP in): init_std, µP's / sqrt(m)."""
+        if self.parametrization != "mup":
+            return self.init_std
+        return self.init_std * mup.init_scale(self)
+
+    @property
     def residual_init_std(self) -> float:
-        """GPT-2's scaling of the projections that write into the residual stream."""
-        return self.init_std / (2 * self.num_layers) ** 0.5
+        """GPT-2's scaling of the projections that write into the residual stream (µP: also
+        / sqrt(m); lm.model.mup)."""
+        std = self.init_std / (2 * self.num_layers) ** 0.5
+        return std if self.parametrization != "mup" else std * mup.init_scale(self)
+
+    @property
+    def query_scale(self) -> float:
+        """µP's multiplier on the queries, 1/sqrt(head_dim): with the kernels' own
+        1/sqrt(head_dim), scores are q.k / head_dim. 1.0 when standard (never applied)."""
+        return 1.0 / self.head_dim ** 0.5 if self.parametrization == "mup" else 1.0
+
+    @property
+    def logit_scale(self) -> float:
+        """µP's output multiplier 1/m on the logits; 1.0 when standard (never applied)."""
+        return 1.0 / mup.width_multiplier(self)
 
     @classmethod
     def from_config(cls, model: ml_collections.ConfigDict, vocab_size: int, max_len: int,

@@ -35,7 +35,7 @@ class Encoder(nn.Module):
         x_BLD = embed_inputs(self, embed, tokens_BL, positions_BL, deterministic)
         x_BLD = run_blocks(c, deterministic, x_BLD, positions_BL, segment_ids_BL, None, causal=False)
         x_BLD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "final_norm")(x_BLD)
-        h_BLD = Dense((c.d_model,), ("embed", "mlp"), init_std=c.init_std, use_bias=True,
+        h_BLD = Dense((c.d_model,), ("embed", "mlp"), init_std=c.hidden_init_std, use_bias=True,
                       dtype=c.compute_dtype, name="mlm_dense")(x_BLD)
         h_BLD = norm(c.norm, c.norm_eps, c.use_bias, c.compute_dtype, "mlm_norm")(ACTIVATIONS["gelu"](h_BLD))
         bias_V = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vocab",)),

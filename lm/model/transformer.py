@@ -84,8 +84,9 @@ class Attention(nn.Module):
         """With `decode`, keys and values are appended to a KV cache (the "cache"
         collection) and the queries attend to every valid cache position up to their own."""
         c = self.cfg
-        dense = lambda x, features, axes, name: Dense(features, axes, init_std=c.init_std, use_bias=c.use_bias,
-                                                      dtype=c.compute_dtype, lora=c.lora, name=name)(x)
+        dense = lambda x, features, axes, name: Dense(features, axes, init_std=c.hidden_init_std,
+                                                      use_bias=c.use_bias, dtype=c.compute_dtype, lora=c.lora,
+                                                      name=name)(x)
         if c.kv_heads == c.num_heads and not self.cross:  # one fused matmul for q, k and v
             qkv_BL3HK = dense(x_BLD, (3, c.num_heads, c.head_dim), ("embed", "fused", "heads", "head_dim"), "qkv")
             q_BLHK, k_BSGK, v_BSGK = (qkv_BL3HK[:, :, i] for i in range(3))
@@ -102,6 +103,8 @@ class Attention(nn.Module):
             sin_BLK2, cos_BLK2 = rotary_angles(positions_BL, c.head_dim, c.max_len, c.rope_theta)
             q_BLHK = rotary(q_BLHK, sin_BLK2, cos_BLK2)
             k_BSGK = rotary(k_BSGK, sin_BLK2, cos_BLK2)
+        if c.parametrization == "mup":  # scores q.k / K on every path below, which all divide by sqrt(K)
+            q_BLHK = q_BLHK * jnp.asarray(c.query_scale, q_BLHK.dtype)
         q_BLHK = nn.with_logical_constraint(q_BLHK, ("batch", "length", "act_heads", "head_dim"))
         if decode and not self.cross:
             out_BLHK = attend_cache(q_BLHK, *self._extend_cache(k_BSGK, v_BSGK, valid_BL))
@@ -191,12 +194,12 @@ class MLP(nn.Module):
     def __call__(self, x_BLD: Array, deterministic: bool) -> Array:
         c = self.cfg
         if c.activation == "swiglu":
-            gate_up_BL2F = Dense((2, c.d_ff), ("embed", "fused", "mlp"), init_std=c.init_std,
+            gate_up_BL2F = Dense((2, c.d_ff), ("embed", "fused", "mlp"), init_std=c.hidden_init_std,
                                  use_bias=c.use_bias, dtype=c.compute_dtype, lora=c.lora, name="wi")(x_BLD)
             h_BLF = jax.nn.silu(gate_up_BL2F[:, :, 0]) * gate_up_BL2F[:, :, 1]
         else:
             h_BLF = ACTIVATIONS[c.activation](Dense(
-                (c.d_ff,), ("embed", "mlp"), init_std=c.init_std, use_bias=c.use_bias,
+                (c.d_ff,), ("embed", "mlp"), init_std=c.hidden_init_std, use_bias=c.use_bias,
                 dtype=c.compute_dtype, lora=c.lora, name="wi")(x_BLD))
         h_BLF = nn.with_logical_constraint(h_BLF, ("batch", "length", "act_mlp"))
         out_BLD = Dense((c.d_model,), ("mlp", "embed"), init_std=c.residual_init_std,
@@ -303,10 +306,14 @@ def embed_inputs(module: nn.Module, embed: Embed, tokens_BL: Array, positions_BL
 
 
 def output_logits(c: ModelConfig, embed: Embed, x_BLD: Array) -> Array:
-    """float32 logits: the tied embedding transposed, or a separate `unembed` matrix."""
+    """float32 logits: the tied embedding transposed, or a separate `unembed` matrix (µP:
+    times the output multiplier 1/m, lm.model.mup)."""
     if c.tie_embeddings:
         logits_BLV = embed.attend(x_BLD)
     else:
         logits_BLV = Dense((c.vocab_size,), ("embed", "vocab"), init_std=c.init_std,
                            dtype=c.compute_dtype, lora=c.lora, name="unembed")(x_BLD)
-    return nn.with_logical_constraint(logits_BLV.astype(jnp.float32), ("batch", "length", "act_vocab"))
+    logits_BLV = logits_BLV.astype(jnp.float32)
+    if c.parametrization == "mup":
+        logits_BLV = logits_BLV * c.logit_scale
+    return nn.with_logical_constraint(logits_BLV, ("batch", "length", "act_vocab"))

@@ -19,7 +19,7 @@ import optax
 from optax import contrib
 
 from lm.config import choices
-from lm.model import param_kinds
+from lm.model import mup, param_kinds
 from lm.training import param_groups, schedules
 from lm.training.param_groups import Setting
 
@@ -186,5 +186,6 @@ def eval_params_reader(config: ml_collections.ConfigDict, abstract_params: Any
     beside the parameters) and `eval_params` of it, as (opt_state, params) -> params."""
     if config.optim.name not in choices.AVERAGED_OPTIMIZERS:
         return None
-    abstract_opt_state = jax.eval_shape(make(config.optim, config.train.steps).init, abstract_params)
+    optimizer = make(config.optim, config.train.steps, mup.lr_multipliers(config.model))  # the run's own
+    abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
     return abstract_opt_state, lambda opt_state, params: eval_params(config.optim, opt_state, params)

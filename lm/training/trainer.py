@@ -17,7 +17,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from lm import objectives
-from lm.model import ModelConfig, build
+from lm.model import ModelConfig, build, mup
 from lm.model.counting import abstract_params
 from lm.parallel import sharding
 from lm.training import optim
@@ -73,7 +73,7 @@ def make_trainer(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh
     distillation with `config.distill`'s temperature and alpha."""
     model = build(model_cfg)
     schedule = optim.schedule(config.optim, config.train.steps)
-    optimizer = optim.make(config.optim, config.train.steps)
+    optimizer = optim.make(config.optim, config.train.steps, mup.lr_multipliers(model_cfg))
     rules = sharding.rules_from_config(config)
     replicated = sharding.replicated(mesh)
 

@@ -1,0 +1,66 @@
+"""µP, the maximal update parametrization (Yang et al. 2022, "Tensor Programs V", Table 3
+and Table 8's practitioners' form; EleutherAI and Cerebras, "The practitioner's guide to
+µP"), with config `model.parametrization = "mup"` and `model.mup_base_width`.
+
+With the width multiplier m = d_model / mup_base_width, relative to standard (lm's GPT-2
+init, Adam-type optimizers):
+
+| what                                           | standard           | µP                      |
+|------------------------------------------------|--------------------|-------------------------|
+| token and position embeddings: init std, rate  | init_std, lr       | unchanged               |
+| hidden matrices (q, k, v, MLP in): init std    | init_std           | init_std / sqrt(m)      |
+| residual projections (attention out, MLP out)  | init_std/sqrt(2L)  | init_std/sqrt(2L)/sqrt(m) |
+| hidden matrices: learning rate (`matrix` group)| lr                 | lr / m                  |
+| attention scores                               | q.k / sqrt(head_dim) | q.k / head_dim        |
+| logits (tied or untied head)                   | h W                | h W / m (output multiplier) |
+| untied head: init std, rate; norms, biases     | init_std, lr       | unchanged               |
+
+GPT-2's depth rule for the residual projections is kept: its factor 1/sqrt(2L) does not
+depend on width, so it commutes with µP's 1/sqrt(m), and at m = 1 the two
+parametrizations initialise identically. At m = 1 they then differ only in the attention
+scale (1/head_dim against 1/sqrt(head_dim)). The attention scale is one multiplier
+1/sqrt(head_dim) on the queries before any kernel (XLA, cuDNN, splash, the KV cache),
+which each then scale by 1/sqrt(head_dim) themselves.
+
+The rates: `lr_multipliers` is passed to `lm.training.optim.make` wherever a run's
+optimizer is built (training and `eval_params_reader`). Decoupled weight decay in optax
+is multiplied by the group's rate, so the matrices' decay per step shrinks by 1/m too
+(as with PyTorch's AdamW under the `mup` package). The rule is Adam's: SGD and Muon
+scale differently and Adafactor scales its updates by the parameters' size, so
+validation accepts µP with `lm.config.choices.MUP_OPTIMIZERS` only (Adam-like: the size
+of an update does not depend on the gradient's scale). Fine-tuning (lm.finetune) builds its
+own AdamW without these multipliers: its rate is chosen for the model being fine-tuned,
+not transferred from a base width, and its heads and adapters are not µP-parametrised. The
+forward pass (attention and logit scaling) is the model's and applies everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def is_mup(model: Any) -> bool:
+    """Whether `model` (a ModelConfig or a config's `model` block) is µP."""
+    return getattr(model, "parametrization", "standard") == "mup"
+
+
+def width_multiplier(model: Any) -> float:
+    """m = d_model / mup_base_width under µP; 1.0 under the standard parametrization."""
+    if not is_mup(model):
+        return 1.0
+    return model.d_model / model.mup_base_width
+
+
+def lr_multipliers(model: Any) -> dict[str, float]:
+    """Each parameter group's learning-rate multiplier (`lm.training.param_groups`) for
+    `model` (a ModelConfig or a config's `model` block): under µP the `matrix` group's is
+    1/m and the others' 1; under the standard parametrization none ({})."""
+    if not is_mup(model):
+        return {}
+    return {"matrix": 1.0 / width_multiplier(model)}
+
+
+def init_scale(model: Any) -> float:
+    """The factor on the hidden matrices' init std: 1/sqrt(m) (1.0 when standard)."""
+    return 1.0 / math.sqrt(width_multiplier(model))
