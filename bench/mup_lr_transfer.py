@@ -15,10 +15,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 
-from absl import app, flags
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/sweep_runs.py, when loaded by path
+
+import sweep_runs  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = os.path.join(REPO, "configs", "scaling", "shakespeare_mup.py")
@@ -36,15 +38,8 @@ def _define_flags() -> None:
 
 def run_sweep(parametrization: str, workdir: str) -> list[dict]:
     """Runs (or resumes) one sweep and returns its results rows."""
-    directory = os.path.join(workdir, parametrization)
-    command = [sys.executable, "-m", "lm.sweep", f"--config={SWEEP}:{parametrization},{FLAGS.steps}",
-               f"--workdir={directory}", f"--parallel={FLAGS.parallel}"]
-    print("+", " ".join(command), flush=True)
-    if subprocess.run(command, cwd=REPO).returncode:
-        sys.exit(f"the {parametrization} sweep failed; its points' logs are {directory}/points/*/sweep.log. "
-                 "Rerun to resume.")
-    with open(os.path.join(directory, "results.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return sweep_runs.run_sweep(f"{SWEEP}:{parametrization},{FLAGS.steps}", os.path.join(workdir, parametrization),
+                                FLAGS.parallel)
 
 
 def losses(rows: list[dict]) -> dict[tuple[float, int], float]:
