@@ -122,3 +122,12 @@ def test_microbatch_slices_take_strided_rows_so_each_device_keeps_its_own():
     rows = np.arange(8)[:, None] * np.ones((1, 3), int)
     slices = np.asarray(microbatch_slices(rows, 4))
     assert slices.shape == (4, 2, 3) and slices[1, :, 0].tolist() == [1, 5]
+
+
+def test_a_run_with_max_new_tokens_0_trains_and_writes_no_sample(tmp_path):
+    """sample.max_new_tokens=0 (a sweep point's usual wish) means no sample, not a decode error."""
+    from lm.training import loop
+
+    final = loop.train_and_evaluate(tiny_config(train__steps=4, sample__max_new_tokens=0), str(tmp_path))
+    assert np.isfinite(final["loss"]) and (tmp_path / "final_metrics.json").exists()
+    assert not (tmp_path / "samples.txt").exists()

@@ -50,7 +50,7 @@ def get_config(arg: str = "mup"):
     config.train.checkpoint_every = 0  # one checkpoint, at the end
     config.train.keep_checkpoints = 1
     config.eval.num_batches = 4
-    config.sample.max_new_tokens = 20
+    config.sample.max_new_tokens = 0  # no sample
     return config
 
 

@@ -77,7 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.sample = s = ml_collections.ConfigDict()
     s.prompt = "\n"  # printed sample at the end of training starts from this text
-    s.max_new_tokens = 300
+    s.max_new_tokens = 300  # 0: no sample (e.g. the points of a sweep)
     s.temperature = 0.8
     s.top_k = 200  # 0: sample from the full distribution
 

@@ -254,7 +254,8 @@ def _scale(run: Run, step: int) -> dict[str, float]:
 def _finish(run: Run, state: TrainState, final: dict[str, float], timeline: goodput.Timeline) -> None:
     """Prints a sample (an evaluation, in the goodput) and the final validation loss, and stores the sample."""
     s = run.config.sample
-    samples = run.trainer.model_cfg.family == "decoder"  # encoders and T5 models do not continue text
+    # Encoders and T5 models do not continue text; max_new_tokens 0 asks for no sample.
+    samples = run.trainer.model_cfg.family == "decoder" and s.max_new_tokens > 0
     if samples:
         with timeline.part(goodput.EVALUATION):
             text = decode.sample_text(run.trainer.model, eval_params(run, state), run.corpus.tokenizer, s.prompt,
