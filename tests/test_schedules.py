@@ -1,10 +1,8 @@
 """Learning-rate schedules (lm.training.schedules): values at their key steps against
-closed forms, their shapes, the config's errors, and exact resume under each new one."""
+closed forms, their shapes, the config's errors (exact resume under each: tests/test_resume_optimizers.py)."""
 
-import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -16,7 +14,6 @@ from helpers import REPO, cli_env, tiny_config
 
 from lm import config as config_lib
 from lm.training import optim, schedules
-from lm.training.loop import train_and_evaluate
 
 LR, FINAL, WARMUP, TOTAL = 1e-3, 1e-4, 100, 1000
 
@@ -168,41 +165,6 @@ def test_bad_schedule_fields_are_named_with_what_is_allowed(overrides, message):
 
 def test_another_schedules_fields_are_not_checked():
     config_lib.validate(tiny_config(optim__schedule="cosine", optim__cooldown_fraction=5.0, optim__restart_mult=0.1))
-
-
-# --- each new schedule trains, checkpoints and resumes exactly ---
-
-def read_losses(workdir) -> list[tuple[int, float]]:
-    """(step, train loss) of each record, in the order logged."""
-    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-        records = [json.loads(line) for line in f]
-    return [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("overrides", [
-    dict(optim__schedule="wsd", optim__cooldown_fraction=0.5),  # the cooldown starts at the checkpoint
-    dict(optim__schedule="step", optim__step_boundaries=(3, 6)),
-    dict(optim__schedule="cyclical", optim__cycle_steps=4),
-    dict(optim__schedule="cyclical", optim__cycle_mode="one_cycle"),
-    dict(optim__schedule="cosine_restarts", optim__restart_steps=2, optim__restart_mult=2.0),  # restarts at 4
-], ids=lambda o: "-".join(v for v in o.values() if isinstance(v, str)))
-def test_a_run_stopped_after_a_checkpoint_and_rerun_repeats_the_same_losses_bit_for_bit(tmp_path, overrides):
-    config = tiny_config(train__steps=8, train__log_every=1, train__checkpoint_every=4, train__keep_checkpoints=3,
-                         optim__lr=3e-3, mesh__cpu_devices=1, eval__num_batches=1,
-                         **overrides)
-    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    train_and_evaluate(config, str(whole))
-    # The run as if it had died after its checkpoint at step 4: the same workdir without
-    # what came later. The rerun resumes there with the same config.
-    shutil.copytree(whole, stopped)
-    shutil.rmtree(stopped / "checkpoints" / "8")
-    want = read_losses(whole)
-    with open(stopped / "metrics.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"step": s, "train/loss": loss}) + "\n" for s, loss in want if s <= 4)
-    train_and_evaluate(config, str(stopped))
-    assert [s for s, _ in want] == list(range(1, 9)) and len({loss for _, loss in want}) == 8  # it trained
-    assert read_losses(stopped) == want  # resumed at step 4 (no step twice), then the same losses bit for bit
 
 
 @pytest.mark.bench
