@@ -23,8 +23,14 @@ pytestmark = pytest.mark.slow
 
 
 def read_metrics(workdir) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+    """metrics.jsonl's records ([] before it exists). Safe while a run writes: a line still
+    being written has no newline yet and is left out (a kill -9's torn line is cut by the
+    rerun's lm.training.logs.cut_torn_line)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
 
 
 @pytest.fixture(scope="module")

@@ -214,3 +214,18 @@ def test_a_data_parallel_checkpoint_restores_onto_fsdp_x_tensor_and_takes_the_sa
     assert kernel.addressable_shards[0].data.shape == (8, 64)  # embed over fsdp=4, mlp over tensor=2
     _, metrics = fsdp_tp.step(restored, batches.to_global(data[2], fsdp_tp.batch_sharding))
     np.testing.assert_allclose(float(metrics["loss"]), float(expected["loss"]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("before", ["", '{"step": 1, "train/loss": 3.0}\n'])
+def test_a_metrics_line_torn_by_a_kill_is_dropped_so_the_rerun_appends_whole_records(tmp_path, before):
+    """kill -9 mid-write can leave a last line without its newline; the rerun's first record
+    must not be glued onto it (both would be lost to every reader)."""
+    from lm.training.logs import MetricWriter
+
+    (tmp_path / "metrics.jsonl").write_text(before + '{"step": 2, "train/lo')
+    writer = MetricWriter(str(tmp_path))
+    writer.write(2, "train", {"loss": 2.5})
+    writer.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [json.loads(x) for x in before.splitlines()] + [
+        {"step": 2, "train/loss": 2.5}]

@@ -4,7 +4,6 @@ ends in the same state, bit for bit. Most cases stop in-process (the checkpoints
 resume point are deleted, as if the run had died after it); one is a real kill -9 of
 `python -m lm.main`."""
 
-import json
 import os
 import shutil
 import time
@@ -85,24 +84,9 @@ def test_a_run_stopped_after_a_checkpoint_and_rerun_repeats_its_losses_and_state
         np.testing.assert_array_equal(got, expected)
 
 
-def logged_so_far(workdir) -> list[tuple[int, float, float]]:
-    """`logged`, read while a run writes or after it was killed: a line cut short (being
-    written, or torn by the kill and then continued by the rerun) is skipped, as
-    lm.scaling.sweeps' reader does."""
-    path, records = os.path.join(workdir, "metrics.jsonl"), []
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-    return [(r["step"], r["train/loss"], r["train/lr"]) for r in records if "train/loss" in r]
-
-
 def wait_for_logged_step(process, workdir, step: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while not any(s >= step for s, _, _ in logged_so_far(workdir)):
+    while not any(s >= step for s, _, _ in logged(workdir)):
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, f"step {step} not logged in {timeout} s"
         time.sleep(0.02)
@@ -125,7 +109,7 @@ def test_a_muon_wsd_run_killed_with_sigkill_and_rerun_ends_bitwise_like_an_unint
     process.communicate()
     assert process.returncode == -9
     saved = max(int(n) for n in os.listdir(killed / "checkpoints") if n.isdigit())
-    stopped = max(s for s, _, _ in logged_so_far(killed))
+    stopped = max(s for s, _, _ in logged(killed))
     assert saved == every and saved < stopped < steps, (saved, stopped)  # killed mid-run, in the stable phase
     finished = run_cli("lm.main", CONFIG, f"--workdir={killed}", *flags)
 
@@ -133,7 +117,7 @@ def test_a_muon_wsd_run_killed_with_sigkill_and_rerun_ends_bitwise_like_an_unint
     final_line = lambda out: [line for line in out.splitlines() if line.startswith("final validation loss")][0]
     assert final_line(finished.stdout) == final_line(expected.stdout)
     want = {step: (loss, lr) for step, loss, lr in logged(whole)}
-    got = {step: (loss, lr) for step, loss, lr in logged_so_far(killed)}  # the rerun's records come last and win
+    got = {step: (loss, lr) for step, loss, lr in logged(killed)}  # the rerun's records come last and win
     assert sorted(want) == list(range(1, steps + 1))
     assert [got[s] for s in range(saved + 1, steps + 1)] == [want[s] for s in range(saved + 1, steps + 1)]
     for got_array, want_array in zip(stored_state(killed, steps), stored_state(whole, steps), strict=True):

@@ -22,7 +22,9 @@ class MetricWriter:
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled
         if enabled:
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+            path = os.path.join(workdir, "metrics.jsonl")
+            cut_torn_line(path)
+            self._jsonl = open(path, "a", encoding="utf-8")
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
@@ -39,6 +41,25 @@ class MetricWriter:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+
+
+def cut_torn_line(path: str) -> None:
+    """Drops a last line without its newline, which a run killed mid-write (kill -9) can
+    leave: appended to, it would glue the next record onto it and lose both."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if not size:
+            return
+        start = max(0, size - (1 << 16))  # a record is far shorter than 64 KiB
+        f.seek(start)
+        tail = f.read()
+        if tail.endswith(b"\n"):
+            return
+        newline = tail.rfind(b"\n")
+        if newline >= 0 or start == 0:
+            f.truncate(start + newline + 1)  # newline -1 at start 0: the only line is torn
 
 
 class Progress:
