@@ -16,10 +16,11 @@ from test_end_to_end import CONFIG
 
 from lm import config as config_lib
 from lm.configs import base
+from lm.errors import UsageError
 from lm.model import ModelConfig
 from lm.parallel import sharding
 from lm.runs import checkpoint
-from lm.training.setup import corpus_fingerprints
+from lm.training.setup import check_state_fits, corpus_fingerprints
 from lm.training.trainer import make_trainer
 
 # A GPT-2-shaped tiny run (learned positions, biases), so `lm.convert export` accepts it.
@@ -85,6 +86,20 @@ def test_turning_gradient_clipping_off_is_refused_as_it_changes_the_optimizer_st
     assert len(conflicts) == 1 and conflicts[0].startswith("config.optim.grad_clip was 1.0, now 0.0 (")
 
 
+def test_groups_may_change_rates_but_not_split_or_merge_their_optimizers():
+    """One optimizer for every group and one per group hold different states (the trial's
+    resume with only the embedding's lr_scale changed failed on 112 arrays' paths)."""
+    mixed = config_json(optim__groups__embedding__lr_scale=0.5)
+    for saved, new in ((config_json(), mixed), (mixed, config_json())):
+        conflicts = config_lib.resume_conflicts(saved, new)
+        assert len(conflicts) == 1 and conflicts[0].startswith("config.optim.groups gave "), conflicts
+    assert config_lib.resume_conflicts(mixed, config_json(optim__groups__embedding__lr_scale=0.25)) == []
+    muon = dict(optim__name="muon")  # Muon's matrices are apart: their rate may differ from the rest's
+    faster_matrices = config_json(**muon, optim__groups__matrix__lr_scale=20.0)
+    assert config_lib.resume_conflicts(config_json(**muon), faster_matrices) == []
+    assert config_lib.resume_conflicts(config_json(), config_json(optim__weight_decay=0.05)) == []
+
+
 def test_a_field_the_checkpoint_predates_counts_as_its_default():
     saved = config_json()
     del saved["model"]["scan_layers"], saved["sweep"]  # a checkpoint written before these fields existed
@@ -118,6 +133,11 @@ def test_a_stored_state_of_other_shapes_is_described_by_path_without_a_restore(t
     mismatches = reader.state_mismatches(1, trainer(64).abstract_state())
     assert "params/embed/embedding is stored as (64, 32) float32, this config needs (64, 64) float32" in mismatches
     assert mismatches[-1].startswith("and ") and mismatches[-1].endswith(" more")
+    for branch_step in (None, 1):  # a resume's newest checkpoint; a new branch's parent's
+        with pytest.raises(UsageError, match=r"the checkpoint at step 1 in .* holds a train state that this config's "
+                                             r"does not match: params/embed/embedding is stored as \(64, 32\)"):
+            check_state_fits(trainer(64).abstract_state(), str(tmp_path), branch_step)
+    check_state_fits(saved.abstract_state(), str(tmp_path), None)
 
 
 @pytest.fixture(scope="module")

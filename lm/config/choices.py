@@ -8,6 +8,8 @@ reads the files `CORPUS_SUFFIXES` names).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import ml_collections
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")  # the files lm.data.documents reads
@@ -34,6 +36,7 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "lion", "muon", "schedule_fre
 # Optimizers whose train-state parameters are not the ones to evaluate (lm.training.optim.eval_params).
 AVERAGED_OPTIMIZERS = ("schedule_free_adamw",)
 PARAM_GROUPS = ("matrix", "embedding", "head", "norm", "bias")  # lm.training.param_groups
+SAME_AS_OPTIM = -1.0  # a group's weight_decay that means optim.weight_decay
 # The learning-rate schedules (lm.training.schedules) and their choice fields.
 SCHEDULES = ("cosine", "linear", "constant", "rsqrt", "wsd", "step", "cyclical", "cosine_restarts")
 COOLDOWN_SHAPES = ("linear", "cosine", "1-sqrt")  # WSD's cooldown
@@ -71,3 +74,11 @@ def d_ff(model: ml_collections.ConfigDict) -> int:
 def num_kv_heads(model: ml_collections.ConfigDict) -> int:
     """The key/value heads: `model.num_kv_heads`, or 0 for num_heads (multi-head attention)."""
     return model.num_kv_heads or model.num_heads
+
+
+def groups_share_one_optimizer(lr_scales: Iterable[float], weight_decays: Iterable[float]) -> bool:
+    """Whether one optimizer with a decay mask serves parameter groups of these rate
+    multipliers and decoupled weight decays: one multiplier and at most one nonzero decay.
+    Else each group gets an optimizer of its own (lm.training.param_groups), and the
+    optimizer state another tree."""
+    return len(set(lr_scales)) == 1 and len(set(weight_decays) - {0.0}) <= 1

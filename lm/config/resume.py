@@ -15,7 +15,7 @@ from typing import Any
 import ml_collections
 
 from lm.config import schema
-from lm.config.choices import PARAM_GROUPS, d_ff, head_dim, num_kv_heads
+from lm.config.choices import PARAM_GROUPS, SAME_AS_OPTIM, d_ff, groups_share_one_optimizer, head_dim, num_kv_heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +81,7 @@ RESUME: dict[str, OnResume] = {
     **{f"optim.{f}": OnResume(True, _SCHEDULE) for f in ("sgd.nesterov", "muon.momentum", "muon.ns_steps",
                                                           "muon.nesterov")},
     "optim.sgd.momentum": OnResume(False, "momentum on or off changes SGD's state tree", key=bool),
-    # A change that splits or merges the groups' optimizers changes the state tree; restoring
-    # then names the mismatched arrays (lm.training.setup.restore_or_init).
+    # Each may change, but not so as to split or merge the groups' optimizers (`_one_optimizer`).
     **{f"optim.groups.{g}.{f}": OnResume(True, _SCHEDULE) for g in PARAM_GROUPS for f in ("lr_scale", "weight_decay")},
     "optim.grad_clip": OnResume(False, "clipping on or off changes the optimizer's state tree; its threshold "
                                        "may change", key=bool),
@@ -124,6 +123,19 @@ def _resolved_model(fields: dict[str, Any]) -> dict[str, Any]:
     return dict(zip(_ZERO_DEFAULTS, (head_dim(model), d_ff(model), num_kv_heads(model))))
 
 
+def _one_optimizer(fields: dict[str, Any]) -> bool:
+    """Whether the parameter groups share one optimizer (`groups_share_one_optimizer`),
+    from config fields: their rate multipliers (µP's 1/m on the matrices' included) and
+    decays. Muon's matrices have Muon to themselves, so only its AdamW side's groups count."""
+    groups = [g for g in PARAM_GROUPS if not (fields["optim.name"] == "muon" and g == "matrix")]
+    mup = fields["model.parametrization"] == "mup" and fields["model.mup_base_width"] > 0
+    width_multiplier = fields["model.d_model"] / fields["model.mup_base_width"] if mup else 1.0
+    scales = [fields[f"optim.groups.{g}.lr_scale"] / (width_multiplier if g == "matrix" else 1.0) for g in groups]
+    decays = [fields["optim.weight_decay"] if fields[f"optim.groups.{g}.weight_decay"] == SAME_AS_OPTIM
+              else fields[f"optim.groups.{g}.weight_decay"] for g in groups]
+    return groups_share_one_optimizer(scales, decays)
+
+
 def config_fields(config_json: dict, prefix: str = "") -> dict[str, Any]:
     """A config as JSON (`ConfigDict.to_json_best_effort`), flattened to `RESUME`'s dotted
     names: a nested dict is a section unless `RESUME` names it as one field."""
@@ -158,4 +170,10 @@ def resume_conflicts(saved: dict, new: dict, ignore: Iterable[str] = ()) -> list
         before, after = old.get(field), new.get(field)
         if rule.key(before) != rule.key(after):
             conflicts.append(f"config.{field} was {before!r}, now {after!r} ({rule.reason})")
+    if _one_optimizer(old) != _one_optimizer(new):
+        said = {True: "one rate multiplier and weight decay for every group", False: "groups of different rates "
+                "or weight decays"}
+        conflicts.append(f"config.optim.groups gave {said[_one_optimizer(old)]}, now {said[_one_optimizer(new)]} "
+                         "(one optimizer for every group and one per group hold different optimizer states; "
+                         "keep the groups' lr_scale and weight_decay as uniform or as varied as before)")
     return conflicts

@@ -25,9 +25,8 @@ import ml_collections
 import optax
 
 from lm.config.choices import PARAM_GROUPS as GROUPS
+from lm.config.choices import SAME_AS_OPTIM, groups_share_one_optimizer
 from lm.model import param_kinds
-
-SAME_AS_OPTIM = -1.0  # a group's weight_decay that means optim.weight_decay
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +74,8 @@ def resolve(optim: ml_collections.ConfigDict, lr_multipliers: Mapping[str, float
 def uniform(settings: Mapping[str, Setting]) -> bool:
     """Whether one optimizer with a decay mask serves every group: one rate multiplier, and
     at most one nonzero weight decay."""
-    return (len({s.lr_scale for s in settings.values()}) == 1
-            and len({s.weight_decay for s in settings.values()} - {0.0}) <= 1)
+    return groups_share_one_optimizer((s.lr_scale for s in settings.values()),
+                                      (s.weight_decay for s in settings.values()))
 
 
 def decay_mask(settings: Mapping[str, Setting]):

@@ -121,6 +121,7 @@ def _prepare_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shar
     trainer = make_trainer(config, model_cfg, mesh, corpus.tokenizer.pad_id, corpus.tokenizer.vocab_size,
                            teacher=load_teacher(config, corpus.tokenizer))
     estimate = check_memory(trainer, config)
+    check_state_fits(trainer.abstract_state(), branch or directory, config.train.branch_step if branch else None)
     if is_main:  # only now: a config that fails a check above never replaces the run's own
         atomic.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     # Last: orbax's manager starts background threads (temporary-directory clean-up) that
@@ -307,10 +308,7 @@ def restore_or_init(run: Run, data_iterator) -> TrainState:
             logging.warning("lm: the checkpoint at step %d in %s does not restore (%s: %s); trying an older one.",
                             step, run.workdir, type(e).__name__, str(e).splitlines()[0][:300])
             continue
-        raise UsageError(
-            f"the checkpoint at step {step} in {run.workdir} holds a train state that this config's does not "
-            f"match: {'; '.join(mismatches)}. Fix: rerun with the config that wrote it ({run.workdir}/config.json "
-            "before this run), or pass a new --workdir for a new run.")
+        raise mismatch_error(step, run.checkpointer.directory, mismatches, branching=False)
     if first_error is None:
         return run.trainer.init()
     step, e = first_error
@@ -324,10 +322,39 @@ def _restore_branch(run: Run, abstract: TrainState, data_iterator) -> TrainState
     reader, step = checkpoint.Checkpointer(run.branch, read_only=True), run.config.train.branch_step
     try:
         if mismatches := reader.state_mismatches(step, abstract):
-            raise UsageError(f"the checkpoint at step {step} in {run.branch} holds a train state that this "
-                             f"config's does not match: {'; '.join(mismatches)}. Fix: branch with the config that "
-                             "wrote it, changing only the schedule and steps.")
+            raise mismatch_error(step, run.branch, mismatches, branching=True)
         state, _ = reader.restore(step, abstract, data_iterator)
         return state
     finally:
         reader.close()
+
+
+def check_state_fits(abstract: TrainState, directory: str, branch_step: int | None) -> None:
+    """Raises `mismatch_error` when the checkpoint a run starts from stores arrays that
+    `abstract` does not fit: the newest in the checkpoints `directory`, or a new branch's
+    parent's at `branch_step`. Checked before config.json is rewritten (a resume) or the
+    workdir kept (a new branch). A checkpoint whose metadata does not read is left to
+    `restore_or_init`, which skips damaged ones."""
+    reader = checkpoint.Checkpointer(directory, read_only=True)
+    try:
+        step = reader.latest_step() if branch_step is None else branch_step
+        if step is None:
+            return
+        try:
+            mismatches = reader.state_mismatches(step, abstract)
+        except Exception:  # orbax raises many types for missing or truncated files
+            return
+    finally:
+        reader.close()
+    if mismatches:
+        raise mismatch_error(step, directory, mismatches, branching=branch_step is not None)
+
+
+def mismatch_error(step: int, directory: str, mismatches: list[str], branching: bool) -> UsageError:
+    """The error for a checkpoint (at `step` in the checkpoints `directory`) whose arrays do
+    not fit this config's train state, listing `mismatches`."""
+    run_dir = os.path.dirname(os.path.abspath(directory))
+    fix = ("branch with the config that wrote it, changing only the schedule and steps" if branching else
+           f"rerun with the config that wrote it ({run_dir}/config.json), or pass a new --workdir for a new run")
+    return UsageError(f"the checkpoint at step {step} in {directory} holds a train state that this config's does "
+                      f"not match: {'; '.join(mismatches)}. Fix: {fix}.")
