@@ -7,9 +7,10 @@ sweep: the README's optimizer table.
 
 The second command runs the first (or resumes it) and prints the table: per optimizer, its
 best validation loss, the rate that reached it, and every rate tried. Same seed, data order
-and model everywhere; validation at the end only, on the whole held-out 10%. Expected on 2
-cores with --parallel=2: about 30 minutes for the 21 runs; AdamW's best near the recipe's
-1.77.
+and model everywhere; validation at the end only, on the whole held-out 10%. 25 runs of
+about 2 minutes each on 2 cores. Measured (the README's table): Muon best at 1.578 (0.01),
+schedule-free AdamW 1.683, AdamW 1.728 (2e-3; 1.775 at the recipe's 1e-3), Adam 1.732,
+Lion 1.754, SGD 1.873, Adafactor 1.946.
 
 Per optimizer, what differs from the recipe:
 - adam, sgd: weight decay 0. Theirs is L2 on the gradient (PyTorch's), which at the
@@ -27,7 +28,7 @@ from lm.configs import shakespeare_char
 
 MUON_OTHERS_LR = 1e-3  # AdamW's rate for Muon's non-matrix parameters: the recipe's
 # Each optimizer's rates: 2-3x apart around where its authors and optax's docs put them,
-# widened where the best fell at an edge (adam, adafactor and muon had a fourth point added).
+# widened where the best fell at an edge (adam, adafactor, muon and schedule-free got a fourth).
 RATES = {
     "adamw": (1e-3, 2e-3, 4e-3),
     "adam": (1e-3, 2e-3, 4e-3, 8e-3),
@@ -35,7 +36,7 @@ RATES = {
     "adafactor": (3e-3, 1e-2, 3e-2, 0.1),
     "lion": (1e-4, 3e-4, 1e-3),
     "muon": (0.005, 0.01, 0.02, 0.04),
-    "schedule_free_adamw": (1e-3, 2e-3, 4e-3),
+    "schedule_free_adamw": (1e-3, 2e-3, 4e-3, 8e-3),
 }
 SETTINGS = {  # what each optimizer changes besides its rate
     "adam": {"optim.weight_decay": 0.0},
