@@ -215,6 +215,17 @@ def test_the_coordinate_check_prints_each_parametrizations_table_and_the_verdict
     assert figures["mup_every_layer_within_2x"] in ("yes", "no")
 
 
+@pytest.mark.parametrize("bad, flag", [(["--widths=64,130"], "--heads=4"), (["--base_width=0"], "--base_width=0"),
+                                       (["--heads=3", "--widths=32,64"], "--heads=3"), (["--widths=abc"], "'abc'")])
+def test_a_bad_coordinate_check_flag_is_one_line_naming_the_benchs_flag_and_exits_2(bad, flag):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "mup_coord_check.py"), "--steps=1", *bad],
+                            cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lm: error: "), result.stderr
+    assert flag in lines[0] and "Fix:" in lines[0] and "--config." not in lines[0], lines[0]
+
+
 def test_the_lr_transfer_sweep_covers_both_widths_at_rates_2x_apart_and_the_bench_finds_each_best():
     sys.path.insert(0, os.path.join(REPO, "bench"))
     import mup_lr_transfer
