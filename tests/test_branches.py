@@ -71,6 +71,19 @@ def test_keep_steps_and_branch_fields_are_checked_with_one_message_naming_the_fi
     validate(tiny_config(train__steps=20, train__keep_steps=(4, 20), train__branch_from="/x", train__branch_step=4))
 
 
+def test_a_branch_from_a_missing_directory_or_one_that_is_no_run_says_so_before_any_step(tmp_path):
+    from lm.errors import UsageError
+    from lm.training.setup import check_branch
+
+    (tmp_path / "notes").mkdir()
+    for parent, problem in (("nonexistent", "does not exist"), ("notes", "is not a run's workdir: it has no "
+                                                                         "checkpoints/")):
+        config = tiny_config(train__steps=40, train__branch_from=str(tmp_path / parent), train__branch_step=20)
+        with pytest.raises(UsageError, match=f"config.train.branch_from='{tmp_path / parent}' {problem}. Fix: "):
+            check_branch(config, {})
+    assert not os.path.exists(tmp_path / "nonexistent") and os.listdir(tmp_path / "notes") == []
+
+
 def test_orbax_keeps_the_keep_steps_beside_the_newest_checkpoints(tmp_path):
     keeper = checkpoint.Checkpointer(str(tmp_path), keep=2, keep_steps=(3, 5), asynchronous=False)
     data = iter(grain.MapDataset.range(100).to_iter_dataset())
