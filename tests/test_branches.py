@@ -63,10 +63,10 @@ def test_keep_steps_and_branch_fields_are_checked_with_one_message_naming_the_fi
     with pytest.raises(ConfigError, match=r"config.train.keep_steps=\(0, 30\) must hold steps from 1 to "
                                           r"train.steps=20"):
         validate(tiny_config(train__steps=20, train__keep_steps=(0, 30)))
-    with pytest.raises(ConfigError, match=r"config.train.branch_step=20 must be a step below train.steps=20 when "
-                                          r"train.branch_from is set \('/x'\)"):
+    with pytest.raises(ConfigError, match=r"config.train.branch_step=20 must be a step from 1 to train.steps-1=19 "
+                                          r"when train.branch_from is set \('/x'\)"):
         validate(tiny_config(train__steps=20, train__branch_from="/x", train__branch_step=20))
-    with pytest.raises(ConfigError, match="config.train.branch_step=4 must be a step below"):
+    with pytest.raises(ConfigError, match="config.train.branch_step=4 is set but train.branch_from is not"):
         validate(tiny_config(train__steps=20, train__branch_step=4))
     validate(tiny_config(train__steps=20, train__keep_steps=(4, 20), train__branch_from="/x", train__branch_step=4))
 
