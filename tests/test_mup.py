@@ -200,6 +200,15 @@ def test_transformers_gives_an_exported_mup_models_logits(fields, tmp_path):
                                rtol=1e-4, atol=1e-4)
 
 
+def test_the_start_up_line_names_the_optimizer_schedule_and_mu_p_base_width():
+    from lm.training import loop  # its line is checked as printed in test_end_to_end.py
+
+    assert loop.describe_training(tiny_config()) == "optimizer adamw (cosine, lr 0.001)"  # no µP clause
+    config = tiny_config(model__parametrization="mup", model__mup_base_width=16, optim__name="lion",
+                         optim__schedule="wsd", optim__lr=3e-4)
+    assert loop.describe_training(config) == "optimizer lion (wsd, lr 0.0003), µP (base width 16, m 2)"
+
+
 @pytest.mark.bench
 def test_the_coordinate_check_prints_each_parametrizations_table_and_the_verdict():
     result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "mup_coord_check.py"), "--widths=16,32",
