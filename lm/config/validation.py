@@ -286,7 +286,8 @@ def _validate_optimizer(config: ml_collections.ConfigDict) -> None:
         decay = o.groups[name].weight_decay
         if not isinstance(decay, int | float) or not (decay == -1 or decay >= 0):
             fail(f"optim.groups.{name}.weight_decay", decay, "must be >= 0, or -1, which means "
-                 f"optim.weight_decay (here {o.weight_decay!r})", f"set it >= 0 (0 for no decay of the {name} group), or -1")
+                 f"optim.weight_decay (here {o.weight_decay!r})",
+                 f"set it >= 0 (0 for no decay of the {name} group), or -1")
 
 
 def _validate_optim(config: ml_collections.ConfigDict) -> None:
