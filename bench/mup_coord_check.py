@@ -29,11 +29,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from lm.config import validate  # noqa: E402
+from lm.config import ConfigError, parse_flags, validate  # noqa: E402
 from lm.configs import shakespeare_char  # noqa: E402
 from lm.data import batches  # noqa: E402
 from lm.data.corpus import prepare  # noqa: E402
-from lm.errors import quiet_logging, reject_positional  # noqa: E402
+from lm.errors import exit_with_error, quiet_logging, reject_positional  # noqa: E402
 from lm.model import ModelConfig  # noqa: E402
 from lm.parallel import runtime, sharding  # noqa: E402
 from lm.training.trainer import make_trainer  # noqa: E402
@@ -42,14 +42,43 @@ MAX_RATIO = 2.0  # issue 23, acceptance 4
 PARAMETRIZATIONS = ("standard", "mup")
 
 _WIDTHS = flags.DEFINE_list("widths", ["64", "128", "256", "512", "1024"], "d_model of each model.")
-_BASE = flags.DEFINE_integer("base_width", 64, "µP's model.mup_base_width.")
+_BASE = flags.DEFINE_integer("base_width", 64, "µP's model.mup_base_width.", lower_bound=1)
 _STEPS = flags.DEFINE_integer("steps", 10, "Training steps before the last record.", lower_bound=1)
 _LAYERS = flags.DEFINE_integer("layers", 2, "Transformer blocks.", lower_bound=1)
 _HEADS = flags.DEFINE_integer("heads", 4, "Attention heads at every width.", lower_bound=1)
 _LR = flags.DEFINE_float("lr", 1e-2, "The (base) learning rate, constant.")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Rows per step.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "Tokens per row.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Rows per step.", lower_bound=1)
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "Tokens per row.", lower_bound=1)
 
+
+def widths_problem(widths: list[str], heads: int) -> str | None:
+    """What is wrong with --widths (each a whole d_model, distinct, a multiple of --heads),
+    or None. Checked by absl when the flags are parsed, so a bad value is one line naming
+    the bench's flag (lm.config.parse_flags), not a traceback or a --config.model message."""
+    if not widths:
+        return "lists no width. Fix: give at least one, e.g. --widths=64,128,256."
+    bad = [w for w in widths if not w.strip().isdigit() or int(w) < 1]
+    if bad:
+        return f"has {bad[0]!r}, not a whole d_model >= 1. Fix: give whole widths, e.g. --widths=64,128,256."
+    values = [int(w) for w in widths]
+    if len(set(values)) < len(values):
+        return "lists a width twice. Fix: give each width once."
+    off = [w for w in values if w % heads]
+    if off:  # each head gets d_model / heads dimensions
+        return (f"has width {off[0]}, not a multiple of --heads={heads}. Fix: give multiples of --heads "
+                f"(e.g. {heads * max(1, round(off[0] / heads))}), or change --heads.")
+    return None
+
+
+def _check_widths(values: dict) -> bool:
+    problem = widths_problem(values["widths"], values["heads"] or 1)
+    if problem:
+        raise flags.ValidationError(problem)
+    return True
+
+
+flags.register_multi_flags_validator(["widths", "heads"], _check_widths)
+flags.register_validator("lr", lambda lr: lr > 0, "must be a learning rate > 0. Fix: e.g. --lr=0.01.")
 
 def run_config(parametrization: str, width: int):
     """The Shakespeare recipe at `width` under `parametrization`, sized by the flags."""
@@ -117,7 +146,13 @@ def main(argv: list[str]) -> None:
     reject_positional(argv)
     quiet_logging()
     widths = [int(w) for w in _WIDTHS.value]
-    base_config = run_config("standard", widths[0])
+    try:  # whatever the flags' checks above let through, as one line
+        base_config = run_config("standard", widths[0])
+        for p in PARAMETRIZATIONS:
+            for w in widths:
+                run_config(p, w)
+    except ConfigError as e:
+        exit_with_error(f"these flags give a model lm refuses: {e}")
     runtime.setup(base_config)
     mesh = sharding.make_mesh(base_config)
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,4 +174,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -63,12 +63,25 @@ def test_keep_steps_and_branch_fields_are_checked_with_one_message_naming_the_fi
     with pytest.raises(ConfigError, match=r"config.train.keep_steps=\(0, 30\) must hold steps from 1 to "
                                           r"train.steps=20"):
         validate(tiny_config(train__steps=20, train__keep_steps=(0, 30)))
-    with pytest.raises(ConfigError, match=r"config.train.branch_step=20 must be a step below train.steps=20 when "
-                                          r"train.branch_from is set \('/x'\)"):
+    with pytest.raises(ConfigError, match=r"config.train.branch_step=20 must be a step from 1 to train.steps-1=19 "
+                                          r"when train.branch_from is set \('/x'\)"):
         validate(tiny_config(train__steps=20, train__branch_from="/x", train__branch_step=20))
-    with pytest.raises(ConfigError, match="config.train.branch_step=4 must be a step below"):
+    with pytest.raises(ConfigError, match="config.train.branch_step=4 is set but train.branch_from is not"):
         validate(tiny_config(train__steps=20, train__branch_step=4))
     validate(tiny_config(train__steps=20, train__keep_steps=(4, 20), train__branch_from="/x", train__branch_step=4))
+
+
+def test_a_branch_from_a_missing_directory_or_one_that_is_no_run_says_so_before_any_step(tmp_path):
+    from lm.errors import UsageError
+    from lm.training.setup import check_branch
+
+    (tmp_path / "notes").mkdir()
+    for parent, problem in (("nonexistent", "does not exist"), ("notes", "is not a run's workdir: it has no "
+                                                                         "checkpoints/")):
+        config = tiny_config(train__steps=40, train__branch_from=str(tmp_path / parent), train__branch_step=20)
+        with pytest.raises(UsageError, match=f"config.train.branch_from='{tmp_path / parent}' {problem}. Fix: "):
+            check_branch(config, {})
+    assert not os.path.exists(tmp_path / "nonexistent") and os.listdir(tmp_path / "notes") == []
 
 
 def test_orbax_keeps_the_keep_steps_beside_the_newest_checkpoints(tmp_path):

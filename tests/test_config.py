@@ -162,6 +162,24 @@ def test_a_non_finite_float_inside_a_tuple_of_dicts_is_named_by_its_index():
         config_lib.validate(config)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (dict(optim__groups__norm__weight_decay=-2.0), r"config\.optim\.groups\.norm\.weight_decay=-2\.0 must be >= 0, "
+     r"or -1, which means optim\.weight_decay \(here 0\.1\)\. Fix: set it >= 0 \(0 for no decay of the norm group\), "
+     r"or -1\.$"),
+    (dict(optim__name="schedule_free_adamw", optim__schedule="constant", optim__b1=0.0),
+     r"config\.optim\.b1=0\.0 does not suit optim\.name='schedule_free_adamw'.*Fix: use optim\.b1 in \(0, 1\), "
+     r"e\.g\. 0\.9\.$"),
+    (dict(train__steps=40, train__branch_from="/x"), r"config\.train\.branch_step=0 must be a step from 1 to "
+     r"train\.steps-1=39 when train\.branch_from is set \('/x'\)\. Fix: "),
+    (dict(train__steps=40, train__branch_step=4), r"config\.train\.branch_step=4 is set but train\.branch_from is "
+     r"not\. Fix: set train\.branch_from"),
+])
+def test_an_optimizer_or_branch_field_names_its_allowed_values_and_only_its_own_fix(overrides, message):
+    with pytest.raises(config_lib.ConfigError, match=rf"^{message}") as refused:
+        config_lib.validate(tiny_config(**overrides))
+    assert "schedule=constant" not in str(refused.value)  # a fix for what is set already misleads
+
+
 @pytest.mark.parametrize("steps", [0, -5])
 def test_train_steps_that_are_not_positive_are_named_before_the_schedule(steps):
     with pytest.raises(config_lib.ConfigError, match=rf"^config\.train\.steps={steps} must be positive"):

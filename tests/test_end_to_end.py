@@ -46,6 +46,7 @@ def finished_run(tmp_path_factory):
 def test_a_run_writes_checkpoints_metrics_events_config_and_a_sample(finished_run):
     workdir, result = finished_run
     assert "final validation loss" in result.stdout and "--- sample (step 8) ---" in result.stdout
+    assert "non-embedding), optimizer adamw (cosine, lr 0.001); " in result.stdout  # the start-up line
     assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "8"]
     records = read_metrics(workdir)
     assert [r["step"] for r in records if "train/loss" in r] == [2, 4, 6, 8]

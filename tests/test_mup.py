@@ -200,6 +200,15 @@ def test_transformers_gives_an_exported_mup_models_logits(fields, tmp_path):
                                rtol=1e-4, atol=1e-4)
 
 
+def test_the_start_up_line_names_the_optimizer_schedule_and_mu_p_base_width():
+    from lm.training import loop  # its line is checked as printed in test_end_to_end.py
+
+    assert loop.describe_training(tiny_config()) == "optimizer adamw (cosine, lr 0.001)"  # no µP clause
+    config = tiny_config(model__parametrization="mup", model__mup_base_width=16, optim__name="lion",
+                         optim__schedule="wsd", optim__lr=3e-4)
+    assert loop.describe_training(config) == "optimizer lion (wsd, lr 0.0003), µP (base width 16, m 2)"
+
+
 @pytest.mark.bench
 def test_the_coordinate_check_prints_each_parametrizations_table_and_the_verdict():
     result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "mup_coord_check.py"), "--widths=16,32",
@@ -213,6 +222,17 @@ def test_the_coordinate_check_prints_each_parametrizations_table_and_the_verdict
     figures = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line and not line.startswith(" "))
     assert float(figures["standard_max_ratio"].split()[0]) >= 1.0
     assert figures["mup_every_layer_within_2x"] in ("yes", "no")
+
+
+@pytest.mark.parametrize("bad, flag", [(["--widths=64,130"], "--heads=4"), (["--base_width=0"], "--base_width=0"),
+                                       (["--heads=3", "--widths=32,64"], "--heads=3"), (["--widths=abc"], "'abc'")])
+def test_a_bad_coordinate_check_flag_is_one_line_naming_the_benchs_flag_and_exits_2(bad, flag):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "mup_coord_check.py"), "--steps=1", *bad],
+                            cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lm: error: "), result.stderr
+    assert flag in lines[0] and "Fix:" in lines[0] and "--config." not in lines[0], lines[0]
 
 
 def test_the_lr_transfer_sweep_covers_both_widths_at_rates_2x_apart_and_the_bench_finds_each_best():

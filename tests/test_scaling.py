@@ -80,6 +80,24 @@ def test_wsd_branches_give_each_size_one_stable_run_and_a_cooldown_branch_per_bu
         designs.wsd_branches(config, [2e4], [100 * per_step, 1000 * per_step])
 
 
+def test_wsd_branches_refuse_a_budget_whose_cooldown_rounds_to_no_step_naming_the_least_that_works():
+    from lm.configs import shakespeare_char
+
+    config = shakespeare_char.get_config()
+    config.optim.warmup_steps = 0
+    per_step = config.train.batch_size * config.data.seq_len
+    with pytest.raises(ValueError, match=rf"the token budget {2 * per_step} \(2 steps\) leaves its cooldown no step "
+                                         rf".*it would branch at step 2, its last\). Fix: drop budgets below 3 steps "
+                                         rf"\({3 * per_step} tokens\)"):
+        designs.wsd_branches(config, None, [2 * per_step, 10 * per_step])
+    assert designs.wsd_branches(config, None, [3 * per_step])[1]["train.branch_step"] == 2
+    for fraction in (0.0, 1.0):
+        with pytest.raises(ValueError, match=r"cooldown_fraction=.* Fix: give one in \(0, 1\)"):
+            designs.wsd_branches(config, None, [10 * per_step], cooldown_fraction=fraction)
+    with pytest.raises(ValueError, match="`tokens` is empty"):
+        designs.wsd_branches(config, None, [])
+
+
 def test_a_branchs_row_counts_its_cooldown_and_the_stable_steps_since_the_previous_branch_point():
     from lm.scaling import branches
     from lm.scaling.sweeps import Point

@@ -182,6 +182,23 @@ def test_wsd_branches_run_after_their_stable_run_locally_and_as_a_dependent_slur
             "(config.optim.warmup_steps=2)") in early.stderr
 
 
+def test_the_wsd_recipe_refuses_a_step_unit_with_no_room_for_warmup_and_cooldown_naming_the_argument():
+    from lm.config import validate
+    from lm.scaling import branches
+
+    recipe = os.path.join(REPO, "configs", "scaling", "shakespeare_wsd.py")
+    for unit in (0, 4):
+        with pytest.raises(sweeps.SweepError, match=f"the argument 'branches,{unit}' gives a step unit of {unit}, "
+                                                    "below 5") as refused:
+            sweeps.load(f"{recipe}:branches,{unit}")
+        assert str(refused.value).count("Fix:") == 1, refused.value
+    base, points = sweeps.load(f"{recipe}:branches,5")  # the least unit: every point is a valid run
+    configs = {p.name: sweeps.apply(base, p) for p in points}
+    for config in configs.values():
+        validate(config)
+    branches.check(points, configs)
+
+
 def test_a_branch_of_no_point_or_of_a_step_its_parent_never_keeps_is_refused(tmp_path):
     from lm.scaling import branches
 

@@ -30,13 +30,19 @@ BUDGETS = (1, 2, 3, 4)  # in units of steps
 KINDS = ("branches", "cosine")
 
 
+MIN_UNIT = 5  # the shortest budget (1 unit) then has a 1-step warmup (a fifth) and a 1-step cooldown (20%)
+
+
 def _parse(arg: str) -> tuple[str, int]:
     kind, _, unit = arg.partition(",")
     if kind not in KINDS or not (unit or "500").isdigit():
         raise ValueError(f"unknown argument {arg!r}: use branches or cosine, optionally with a step unit, "
                          "e.g. configs/scaling/shakespeare_wsd.py:branches,500")
+    if int(unit or 500) < MIN_UNIT:
+        raise ValueError(f"the argument {arg!r} gives a step unit of {unit}, below {MIN_UNIT}, the least that leaves "
+                         f"the shortest budget (1 unit) a warmup of a fifth and a cooldown of 20%, each of 1 step at "
+                         f"least. Fix: give a unit >= {MIN_UNIT}, e.g. configs/scaling/shakespeare_wsd.py:{kind},20")
     return kind, int(unit or 500)
-
 
 def get_config(arg: str = "branches"):
     _, unit = _parse(arg)

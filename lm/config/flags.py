@@ -21,6 +21,7 @@ FINETUNE_SCHEMA = "configs/finetune/base.py"  # lm.finetune's recipes start from
 # What ml_collections puts before the traceback of a recipe's get_config() that raised
 # ValueError or TypeError (e.g. an argument after ':' the recipe rejects).
 _RECIPE_RAISED = "Error whilst parsing config file"
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # lm/, where the commands are
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -55,6 +56,8 @@ class _ReturnedNone:
 def _flag_error(text: str, argv: list[str]) -> str:
     """One line for a flag absl refused; a recipe that raised is named with its own message."""
     if _RECIPE_RAISED not in text:
+        if "Fix:" in text:  # a validator's message that already says the fix
+            return text
         return f"{text.rstrip('.')}. Fix: see the flags in `{_command(argv)} --help`."
     flag, _, trace = text.partition(f": {_RECIPE_RAISED}")
     # The exception's own line: the first one at column 0 after the last traceback header.
@@ -66,7 +69,10 @@ def _flag_error(text: str, argv: list[str]) -> str:
 
 
 def _command(argv: list[str]) -> str:
-    """`python -m lm.<name>` from the running module's path (argv[0])."""
+    """`python -m lm.<name>` from the running module's path (argv[0]); `python <argv[0]>` for
+    a script outside lm/ (a bench)."""
+    if argv and argv[0].endswith(".py") and os.path.dirname(os.path.abspath(argv[0])) != _PACKAGE:
+        return f"python {argv[0]}"
     name = os.path.splitext(os.path.basename(argv[0]))[0] if argv else "main"
     return f"python -m lm.{name}"
 

@@ -269,18 +269,25 @@ def _validate_objective(config: ml_collections.ConfigDict) -> None:
 def _validate_optimizer(config: ml_collections.ConfigDict) -> None:
     o = config.optim
     require_choice(config, "optim.name", choices.OPTIMIZERS)
-    if o.name == "schedule_free_adamw" and (o.schedule != "constant" or o.b1 == 0.0):
-        fail(*(("optim.schedule", o.schedule) if o.schedule != "constant" else ("optim.b1", o.b1)),
-             "does not suit optim.name='schedule_free_adamw', which averages instead of decaying (weight b1 > 0)",
-             "use --config.optim.schedule=constant (the warmup stays) and optim.b1 in (0, 1), or another optim.name")
+    if o.name == "schedule_free_adamw" and o.schedule != "constant":
+        fail("optim.schedule", o.schedule, "does not suit optim.name='schedule_free_adamw', which averages the "
+             "iterates instead of decaying the rate", "use --config.optim.schedule=constant (the warmup stays), or "
+             "another optim.name")
+    if o.name == "schedule_free_adamw" and o.b1 == 0.0:  # each fault on its own: the fix names only what is wrong
+        fail("optim.b1", o.b1, "does not suit optim.name='schedule_free_adamw': its b1 weighs the averaged "
+             "iterate in the point where gradients are taken, and its evaluation parameters divide by it "
+             "(optax.contrib.schedule_free_eval_params), so it needs b1 > 0", "use optim.b1 in (0, 1), e.g. 0.9")
     for field in ("sgd.momentum", "muon.momentum"):
         if not 0.0 <= field_value(o, field) < 1.0:
             fail(f"optim.{field}", field_value(o, field), "must lie in [0, 1)", "use e.g. 0.9")
     require_positive(config, "optim.muon.ns_steps")
-    for name in choices.PARAM_GROUPS:  # weight_decay -1: optim.weight_decay
+    for name in choices.PARAM_GROUPS:
         require_positive(config, f"optim.groups.{name}.lr_scale")
-        if o.groups[name].weight_decay != -1.0:
-            require_positive(config, f"optim.groups.{name}.weight_decay", allow_zero=True)
+        decay = o.groups[name].weight_decay
+        if not isinstance(decay, int | float) or not (decay == -1 or decay >= 0):
+            fail(f"optim.groups.{name}.weight_decay", decay, "must be >= 0, or -1, which means "
+                 f"optim.weight_decay (here {o.weight_decay!r})",
+                 f"set it >= 0 (0 for no decay of the {name} group), or -1")
 
 
 def _validate_optim(config: ml_collections.ConfigDict) -> None:
@@ -330,9 +337,13 @@ def _validate_train(config: ml_collections.ConfigDict) -> None:
 def _validate_branch(t: ml_collections.ConfigDict) -> None:
     if not all(isinstance(s, int) and 0 < s <= t.steps for s in t.keep_steps):
         fail("train.keep_steps", t.keep_steps, f"must hold steps from 1 to train.steps={t.steps}", "e.g. (400, 800)")
-    if bool(t.branch_from) != (isinstance(t.branch_step, int) and 0 < t.branch_step < t.steps):
-        fail("train.branch_step", t.branch_step, f"must be a step below train.steps={t.steps} when train.branch_from "
-             f"is set ({t.branch_from!r}), else 0", "give the step of the checkpoint to branch from, or both unset")
+    if t.branch_from and not (isinstance(t.branch_step, int) and 0 < t.branch_step < t.steps):
+        fail("train.branch_step", t.branch_step, f"must be a step from 1 to train.steps-1={t.steps - 1} when "
+             f"train.branch_from is set ({t.branch_from!r})", "give the step of the checkpoint to branch from "
+             "(one that run keeps), or unset train.branch_from")
+    if not t.branch_from and t.branch_step != 0:
+        fail("train.branch_step", t.branch_step, "is set but train.branch_from is not", "set train.branch_from to "
+             "the workdir of the run to branch from, or leave train.branch_step at 0")
 
 
 def _validate_mesh_fields(config: ml_collections.ConfigDict) -> None:

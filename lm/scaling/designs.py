@@ -112,23 +112,22 @@ def wsd_branches(config: ml_collections.ConfigDict, sizes: Iterable[float] | Non
     row is that of a B-step run. All points share `config`'s `optim.warmup_steps`.
     `sizes`: target non-embedding parameter counts (`shape_for`), or None for `config`'s model.
 
-    Raises ValueError naming `tokens` and `optim.warmup_steps` for a budget whose branch
-    point falls inside the warmup, and for budgets that round to the same steps."""
-    warmup, budgets = config.optim.warmup_steps, {}
+    Raises ValueError naming `cooldown_fraction` outside (0, 1), and naming `tokens` (with
+    the least budget that works) for a budget whose branch point falls inside the warmup or
+    whose cooldown rounds to no step, and for budgets that round to the same steps."""
+    if not 0 < cooldown_fraction < 1:
+        raise ValueError(f"wsd_branches: cooldown_fraction={cooldown_fraction!r} is not a fraction of a run. Fix: "
+                         "give one in (0, 1), e.g. 0.2.")
+    budgets = {}
     for d in tokens:
         steps = steps_for(config, d)
-        if cooldown_start(steps, cooldown_fraction) < warmup:
-            least = next(s for s in itertools.count(steps) if cooldown_start(s, cooldown_fraction) >= warmup)
-            raise ValueError(
-                f"wsd_branches: the token budget {d:g} ({steps} steps) would branch at step "
-                f"{cooldown_start(steps, cooldown_fraction)}, inside the stable run's warmup (config.optim."
-                f"warmup_steps={warmup}). Fix: drop budgets below {least} steps "
-                f"({least * config.train.batch_size * config.data.seq_len} tokens) from `tokens`, or shorten "
-                "optim.warmup_steps.")
+        _check_budget(config, d, steps, cooldown_fraction)
         if steps in budgets:
             raise ValueError(f"wsd_branches: the token budgets {budgets[steps]:g} and {d:g} are both {steps} steps. "
                              "Fix: give `tokens` distinct budgets.")
         budgets[steps] = d
+    if not budgets:
+        raise ValueError("wsd_branches: `tokens` is empty. Fix: give at least one token budget.")
     schedule = {"optim.schedule": "wsd", "optim.cooldown_fraction": float(cooldown_fraction)}
     points = []
     longest = max(budgets)
@@ -143,3 +142,29 @@ def wsd_branches(config: ml_collections.ConfigDict, sizes: Iterable[float] | Non
         points += [{**model, **schedule, "optim.decay_steps": 0, "train.steps": b, "train.branch_from": parent,
                     "train.branch_step": cooldown_start(b, cooldown_fraction)} for b in sorted(budgets)]
     return points
+
+
+def _check_budget(config: ml_collections.ConfigDict, tokens: float, steps: int, fraction: float) -> None:
+    """Raises ValueError naming the budget `tokens` (`steps` steps) if its branch point,
+    `cooldown_start(steps, fraction)`, is inside the warmup (or at step 0) or is its last
+    step (a cooldown of no step), with the least budget that has neither fault."""
+    warmup = config.optim.warmup_steps
+
+    def branch_point_fits(s: int) -> bool:
+        return max(warmup, 1) <= cooldown_start(s, fraction) < s
+
+    if branch_point_fits(steps):
+        return
+    least = next(s for s in itertools.count(steps) if branch_point_fits(s))
+    start, fix_other = cooldown_start(steps, fraction), "shorten optim.warmup_steps"
+    if start == 0:
+        problem = "would branch at step 0, before the stable run has trained"
+    elif start < warmup:
+        problem = f"would branch at step {start}, inside the stable run's warmup (config.optim.warmup_steps={warmup})"
+    else:
+        problem = (f"leaves its cooldown no step ({fraction:g} of {steps} steps rounds to 0: it would branch at step "
+                   f"{start}, its last)")
+        fix_other = "raise cooldown_fraction"
+    raise ValueError(f"wsd_branches: the token budget {tokens:g} ({steps} steps) {problem}. Fix: drop budgets below "
+                     f"{least} steps ({least * config.train.batch_size * config.data.seq_len} tokens) from `tokens`, "
+                     f"or {fix_other}.")

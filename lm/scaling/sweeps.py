@@ -90,8 +90,9 @@ def _run_user_code(path: str, failed: str, call: Callable[[], Any]) -> Any:
             frames = [f for f in traceback.extract_tb(e.__traceback__)
                       if os.path.abspath(f.filename) == os.path.abspath(path)]
             detail, line = (str(e).splitlines() or [""])[0], frames[-1].lineno if frames else None
-        raise SweepError(f"the sweep config {path} {failed}: {type(e).__name__}: {detail}"
-                         f"{f' (line {line})' if line else ''}. Fix: correct the file.") from None
+        fix = "" if "Fix:" in detail else " Fix: correct the file."  # the user's message may say its own fix
+        raise SweepError(f"the sweep config {path} {failed}: {type(e).__name__}: {detail.rstrip('.')}"
+                         f"{f' (line {line})' if line else ''}.{fix}") from None
 
 
 def name_points(overrides: list[dict], config: ml_collections.ConfigDict) -> list[Point]:

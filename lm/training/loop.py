@@ -19,6 +19,7 @@ from lm.data import batches
 from lm.errors import PREEMPTED
 from lm.files import atomic
 from lm.inference import decode
+from lm.model import mup
 from lm.model.counting import param_counts, train_flops_per_token
 from lm.runs import version
 from lm.training import goodput, memory, optim
@@ -183,7 +184,7 @@ def _describe_run(run: Run, progress: Progress, start: int) -> None:
     mesh = " x ".join(f"{a}={s}" for a, s in run.trainer.mesh.shape.items())
     progress.message(
         f"lm {version.describe(version.code_version())}: {counts['total']:,} parameters "
-        f"({counts['non_embedding']:,} non-embedding); "
+        f"({counts['non_embedding']:,} non-embedding), {describe_training(run.config)}; "
         f"{jax.device_count()} {jax.devices()[0].platform} devices, mesh {mesh}; "
         f"vocab {run.corpus.tokenizer.vocab_size} ({run.corpus.tokenizer.kind}); "
         f"{len(run.corpus.tokens['train']):,} train / {len(run.corpus.tokens['validation']):,} validation tokens "
@@ -193,6 +194,17 @@ def _describe_run(run: Run, progress: Progress, start: int) -> None:
     if start:
         progress.message(f"branching from the checkpoint at step {start} in {run.branch}" if run.branch else
                          f"resuming from the checkpoint at step {start} in {run.workdir}")
+
+
+def describe_training(config: ml_collections.ConfigDict) -> str:
+    """The start-up line's clause naming the optimizer, schedule, peak rate and, under µP,
+    the base width and width multiplier m, e.g. "optimizer muon (wsd, lr 0.02), µP (base
+    width 128, m 4)": a log says which recipe ran without its config.json."""
+    o, m = config.optim, config.model
+    text = f"optimizer {o.name} ({o.schedule}, lr {o.lr:g})"
+    if mup.is_mup(m):
+        text += f", µP (base width {m.mup_base_width}, m {mup.width_multiplier(m):g})"
+    return text
 
 
 def _log_train(run: Run, progress: Progress, step: int, metrics: Metrics, last_log: tuple[int, float],

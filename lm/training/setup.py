@@ -194,14 +194,20 @@ def _conflicts(config: ml_collections.ConfigDict, saved: dict, corpus_record: di
 
 def check_branch(config: ml_collections.ConfigDict, corpus_record: dict[str, list]) -> str | None:
     """The checkpoints directory a branch starts from (`train.branch_from`, at
-    `train.branch_step`), or None for no branch. Raises UsageError when that run keeps no
-    checkpoint at the step (listing the steps it has), or when this config differs from
-    the one that wrote it in a field a resumed run may not change (lm.config.RESUME): the
-    branch must continue that run's model, data order and optimizer state."""
+    `train.branch_step`), or None for no branch. Raises UsageError when `train.branch_from`
+    does not exist or has no checkpoints/, when that run keeps no checkpoint at the step
+    (listing the steps it has), or when this config differs from the one that wrote it in
+    a field a resumed run may not change (lm.config.RESUME): the branch must continue that
+    run's model, data order and optimizer state."""
     t = config.train
     if not t.branch_from:
         return None
-    directory = os.path.join(os.path.abspath(os.path.expanduser(t.branch_from)), "checkpoints")
+    parent = os.path.abspath(os.path.expanduser(t.branch_from))
+    directory = os.path.join(parent, "checkpoints")
+    if not os.path.isdir(directory):  # a mistyped path, or not a workdir at all: say which before the steps
+        problem = "is not a run's workdir: it has no checkpoints/" if os.path.exists(parent) else "does not exist"
+        raise UsageError(f"config.train.branch_from={t.branch_from!r} {problem}. Fix: give the workdir (--workdir) "
+                         "of the run to branch from, whose checkpoints/ holds config.train.branch_step.")
     reader = checkpoint.Checkpointer(directory, read_only=True)
     try:
         steps = reader.all_steps()
