@@ -91,5 +91,9 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from lm.config import parse_flags
+
     _define_flags()
-    app.run(main)
+    flags.mark_flag_as_required("workdir")
+    app.run(main, flags_parser=parse_flags)  # a bad flag: one line naming it, exit 2
