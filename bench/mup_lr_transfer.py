@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/sweep_runs.py, when loaded by path
 
 import sweep_runs  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = os.path.join(REPO, "configs", "scaling", "shakespeare_mup.py")
@@ -31,9 +31,8 @@ FLAGS = flags.FLAGS
 
 def _define_flags() -> None:
     """Defined when run, not on import (a test may import `best_rates` beside other flags)."""
-    flags.DEFINE_string("workdir", None, "Directory for the two sweeps (standard/, mup/).")
+    sweep_runs.define_flags("Directory for the two sweeps (standard/, mup/).")
     flags.DEFINE_integer("steps", 200, "Training steps of every point.", lower_bound=10)
-    flags.DEFINE_integer("parallel", 1, "lm.sweep --parallel: points trained at once.", lower_bound=1)
 
 
 def run_sweep(parametrization: str, workdir: str) -> list[dict]:
@@ -79,7 +78,7 @@ def _log2(lr: float) -> str:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1 or not FLAGS.workdir:
+    if len(argv) > 1:
         sys.exit("usage: bench/mup_lr_transfer.py --workdir=DIR [--steps=200] [--parallel=1]")
     workdir = os.path.abspath(FLAGS.workdir)
     results = {p: losses(run_sweep(p, workdir)) for p in PARAMETRIZATIONS}
@@ -91,9 +90,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from lm.config import parse_flags
-
     _define_flags()
-    flags.mark_flag_as_required("workdir")
-    app.run(main, flags_parser=parse_flags)  # a bad flag: one line naming it, exit 2
+    sweep_runs.run(main)

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/sweep_ru
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import sweep_runs  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 SWEEP = os.path.join(sweep_runs.REPO, "configs", "scaling", "shakespeare_optimizers.py")
 
@@ -29,8 +29,7 @@ FLAGS = flags.FLAGS
 
 def _define_flags() -> None:
     """Defined when run, not on import (tests import `table`)."""
-    flags.DEFINE_string("workdir", None, "Directory of the sweep.")
-    flags.DEFINE_integer("parallel", 1, "lm.sweep --parallel: points trained at once.", lower_bound=1)
+    sweep_runs.define_flags("Directory of the sweep.")
     flags.DEFINE_bool("quick", False, "20 steps a point: checks the bench, its losses mean little.")
 
 
@@ -54,7 +53,7 @@ def table(rows: list[dict], rate_of, order: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1 or not FLAGS.workdir:
+    if len(argv) > 1:
         sys.exit("usage: bench/optimizer_table.py --workdir=DIR [--parallel=1] [--quick]")
     spec = importlib.util.spec_from_file_location("shakespeare_optimizers", SWEEP)
     sweep = importlib.util.module_from_spec(spec)
@@ -65,9 +64,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from lm.config import parse_flags
-
     _define_flags()
-    flags.mark_flag_as_required("workdir")
-    app.run(main, flags_parser=parse_flags)  # a bad flag: one line naming it, exit 2
+    sweep_runs.run(main)

@@ -6,6 +6,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+
+from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,3 +25,18 @@ def run_sweep(config_arg: str, directory: str, parallel: int = 1) -> list[dict]:
                  "Rerun to resume.")
     with open(os.path.join(directory, "results.jsonl"), encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def define_flags(workdir_help: str) -> None:
+    """The flags every sweep bench has: --workdir (required) and --parallel."""
+    flags.DEFINE_string("workdir", None, workdir_help)
+    flags.mark_flag_as_required("workdir")
+    flags.DEFINE_integer("parallel", 1, "lm.sweep --parallel: points trained at once.", lower_bound=1)
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+    """absl's app.run with lm's flag parser: a bad or missing flag is one line, exit 2."""
+    sys.path.insert(0, REPO)
+    from lm.config import parse_flags
+
+    app.run(main, flags_parser=parse_flags)

@@ -22,7 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/sweep_runs.py, when loaded by path
 
 import sweep_runs  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = os.path.join(REPO, "configs", "scaling", "shakespeare_wsd.py")
@@ -33,9 +33,8 @@ FLAGS = flags.FLAGS
 
 def _define_flags() -> None:
     """Defined when run, not on import (tests import `compare` beside other commands' flags)."""
-    flags.DEFINE_string("workdir", None, "Directory for the two sweeps (branches/, cosine/).")
+    sweep_runs.define_flags("Directory for the two sweeps (branches/, cosine/).")
     flags.DEFINE_integer("steps_unit", 500, "Budgets are 1, 2, 3 and 4 times this many steps.", lower_bound=5)
-    flags.DEFINE_integer("parallel", 1, "lm.sweep --parallel: points trained at once.", lower_bound=1)
 
 
 def run_sweep(kind: str, workdir: str) -> list[dict]:
@@ -60,7 +59,7 @@ def compare(branches: list[dict], cosine: list[dict], tokens_per_step: int) -> t
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1 or not FLAGS.workdir:
+    if len(argv) > 1:
         sys.exit("usage: bench/wsd_branches.py --workdir=DIR [--steps_unit=500] [--parallel=1]")
     sys.path.insert(0, REPO)
     from lm.configs import shakespeare_char
@@ -77,9 +76,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from lm.config import parse_flags
-
     _define_flags()
-    flags.mark_flag_as_required("workdir")
-    app.run(main, flags_parser=parse_flags)  # a bad flag: one line naming it, exit 2
+    sweep_runs.run(main)
