@@ -9,9 +9,9 @@ the same seed, data order and warmup. Prints, per budget, both final validation 
 and their difference, and the compute ratio: the FLOPs the branches' sweep spent (the
 stable run counted once: results.csv's spent_flops) over the cosine runs'. Issue 23 asks
 for a ratio of at most 0.60 (0.52 by construction) and differences within 0.02 nats at
---steps_unit=500 (the default; 7,600 steps in all, an estimated 15-20 minutes on 2 cores
-from the recipe's 4 minutes per 2,000). --steps_unit=20 checks the
-bench itself in a few minutes (its losses mean little).
+--steps_unit=500 (the default; 7,600 steps in all: about 13 minutes on 2 cores with
+--parallel=2, measured; the README has the table). --steps_unit=20 checks the bench itself
+in a few minutes (its losses mean little).
 """
 
 from __future__ import annotations
