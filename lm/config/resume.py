@@ -170,7 +170,9 @@ def resume_conflicts(saved: dict, new: dict, ignore: Iterable[str] = ()) -> list
         before, after = old.get(field), new.get(field)
         if rule.key(before) != rule.key(after):
             conflicts.append(f"config.{field} was {before!r}, now {after!r} ({rule.reason})")
-    if _one_optimizer(old) != _one_optimizer(new):
+    # Only when what else shapes the groups is unchanged: a change there is refused above by name.
+    causes = ("optim.name", "model.parametrization", "model.mup_base_width", "model.d_model")
+    if all(old[f] == new[f] for f in causes) and _one_optimizer(old) != _one_optimizer(new):
         said = {True: "one rate multiplier and weight decay for every group", False: "groups of different rates "
                 "or weight decays"}
         conflicts.append(f"config.optim.groups gave {said[_one_optimizer(old)]}, now {said[_one_optimizer(new)]} "
