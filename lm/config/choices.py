@@ -41,7 +41,7 @@ SAME_AS_OPTIM = -1.0  # a group's weight_decay that means optim.weight_decay
 SCHEDULES = ("cosine", "linear", "constant", "rsqrt", "wsd", "step", "cyclical", "cosine_restarts")
 COOLDOWN_SHAPES = ("linear", "cosine", "1-sqrt")  # WSD's cooldown
 CYCLE_MODES = ("triangular", "one_cycle")  # the "cyclical" schedule
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("stage", "data", "fsdp", "tensor")  # outermost first: stages cross the slowest links
 OBJECTIVES = ("causal", "prefix_lm", "masked_lm", "span_corruption", "mixture")
 # The model families each objective trains.
 OBJECTIVE_FAMILIES = {"causal": ("decoder",), "prefix_lm": ("decoder",), "masked_lm": ("encoder",),

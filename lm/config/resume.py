@@ -88,7 +88,8 @@ RESUME: dict[str, OnResume] = {
     "train.steps": OnResume(True, "a longer run extends the same one"),
     "train.batch_size": OnResume(False, "the checkpoint's data position counts batches of the old size: a new "
                                         "size would skip or repeat rows, and a step would mean other tokens"),
-    "train.microbatches": OnResume(True, "gradient accumulation gives the full batch's update"),
+    "train.microbatches": OnResume(True, "gradient accumulation (or a pipeline's microbatches) gives the full "
+                                         "batch's update"),
     "train.peak_flops_per_device": OnResume(True, "only the logged MFU"),
     **{f"train.{f}": OnResume(True, _CADENCE) for f in (
         "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "permanent_checkpoint_every",
@@ -107,6 +108,7 @@ RESUME: dict[str, OnResume] = {
     "mesh.shape": OnResume(True, "checkpoints restore onto any mesh"),
     "mesh.dcn_shape": OnResume(True, "checkpoints restore onto any mesh"),
     "mesh.cpu_devices": OnResume(True, "checkpoints restore onto any mesh"),
+    "mesh.pipeline_repeats": OnResume(True, "parameters keep their layer order whatever the pipeline"),
     "sharding.rules": OnResume(True, "a layout: restoring reshards the state"),
 }
 

@@ -44,7 +44,9 @@ DEFAULT_RULES = (
     ("fused", None),
     ("position", None),
     ("norm", None),
-    ("layers", None),  # the stacked-layer axis of scanned parameters
+    # The stacked-layer axis of scanned parameters: pipeline stages hold consecutive layers
+    # (lm.model.pipeline). With stage=1 (the default mesh) it shards nothing.
+    ("layers", "stage"),
 )
 
 
@@ -303,6 +305,8 @@ def _train() -> ml_collections.ConfigDict:
     t.batch_size = 12  # global rows per step, across all devices and processes
     # Gradient accumulation: the step runs the batch in this many slices (a lax.scan),
     # holding one slice's activations at a time; the update equals the full batch's.
+    # With pipeline stages (mesh.shape.stage > 1) they are the pipeline's microbatches
+    # instead, all in flight in one step (at least as many as stages).
     t.microbatches = 1
     # Peak FLOP/s of one device for the MFU in the training log and the goodput; 0 looks the device
     # up in lm.model.counting.PEAK_FLOPS (TPUs, recent NVIDIA GPUs), measures it on CPU
@@ -336,10 +340,17 @@ def _mesh() -> ml_collections.ConfigDict:
     mesh = ml_collections.ConfigDict()
     # Devices per mesh axis; -1 takes the devices the other axes leave. data x fsdp
     # splits the batch; fsdp also shards parameters; tensor shards heads and MLP.
-    mesh.shape = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # stage > 1 is pipeline parallelism (lm.model.pipeline): the layers split into that many
+    # stages of consecutive layers, train.microbatches flowing through them.
+    mesh.shape = ml_collections.ConfigDict(dict(stage=1, data=-1, fsdp=1, tensor=1))
     # Across TPU slices or GPU nodes (the data-center network): slices per axis, usually
-    # dict(data=<slices>, fsdp=1, tensor=1). `shape` is then the mesh within one slice.
-    mesh.dcn_shape = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+    # dict(data=<slices>) or dict(stage=<slices>) (pipeline stages over the slow links, only
+    # activations crossing them). `shape` is then the mesh within one slice.
+    mesh.dcn_shape = ml_collections.ConfigDict(dict(stage=1, data=1, fsdp=1, tensor=1))
+    # A circular (interleaved) pipeline: each device runs this many stages (virtual stages)
+    # of num_layers / (stages x repeats) layers, the bubble shrinking to
+    # (S - 1) / (M R + S - 1). 1: GPipe.
+    mesh.pipeline_repeats = 1
     # CPU only: how many XLA devices to split the host into. One device per core runs
     # the step's ops in parallel (XLA's CPU runtime executes each op on one core);
     # 0 picks the core count, lowered to divide train and eval batch sizes.

@@ -350,7 +350,7 @@ def _validate_mesh_fields(config: ml_collections.ConfigDict) -> None:
     shape = dict(config.mesh.shape)
     if set(shape) != set(choices.MESH_AXES):
         fail("mesh.shape", shape, f"must name exactly the axes {choices.MESH_AXES}",
-             "give a size for each, e.g. dict(data=-1, fsdp=1, tensor=1)")
+             "give a size for each, e.g. dict(stage=1, data=-1, fsdp=1, tensor=1)")
     for axis, size in shape.items():
         if not isinstance(size, int) or (size < 1 and size != -1):
             fail(f"mesh.shape.{axis}", size, "must be a positive device count or -1",
@@ -360,8 +360,9 @@ def _validate_mesh_fields(config: ml_collections.ConfigDict) -> None:
     dcn = dict(config.mesh.dcn_shape)
     if set(dcn) != set(choices.MESH_AXES) or not all(isinstance(v, int) and v >= 1 for v in dcn.values()):
         fail("mesh.dcn_shape", dcn, f"must give a positive slice count for each of {choices.MESH_AXES}",
-             "e.g. dict(data=2, fsdp=1, tensor=1) for two slices or nodes")
+             "e.g. dict(stage=1, data=2, fsdp=1, tensor=1) for two slices or nodes")
     require_positive(config, "mesh.cpu_devices", allow_zero=True)
+    require_positive(config, "mesh.pipeline_repeats")
     for rule in config.sharding.rules:
         axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
         unknown = [a for a in axes if a is not None and a not in choices.MESH_AXES]

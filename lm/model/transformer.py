@@ -41,6 +41,7 @@ import numpy as np
 from lm.model import attention
 from lm.model.config import ModelConfig
 from lm.model.layers import ACTIVATIONS, REMAT_POLICIES, Dense, Embed, norm
+from lm.model import pipeline
 
 Array = jax.Array
 
@@ -260,10 +261,24 @@ def run_blocks(cfg: ModelConfig, deterministic: bool, x_BLD: Array, *context: Ar
                           split_rngs={"params": True, "dropout": True},
                           in_axes=(nn.broadcast,) * len(context), length=num_layers,
                           metadata_params={nn.PARTITION_NAME: "layers"})
-        return scanned(cfg, deterministic, causal, cross, decode, name=f"{name}s")(x_BLD, *context)[0]
+        layers = scanned(cfg, deterministic, causal, cross, decode, name=f"{name}s")
+        if cfg.pipeline_stages > 1 and not decode and not layers.is_initializing():
+            return _pipelined(layers, block(cfg, deterministic, causal, cross, parent=None), x_BLD, context)
+        return layers(x_BLD, *context)[0]
     for i in range(num_layers):
         x_BLD, _ = block(cfg, deterministic, causal, cross, decode, name=f"{name}_{i}")(x_BLD, *context)
     return x_BLD
+
+
+def _pipelined(layers: nn.Module, block: nn.Module, x_BLD: Array, context: tuple) -> Array:
+    """The scanned `layers`' stacked variables run by lm.parallel.pipeline's schedule, one
+    `block` (unbound) applied per layer. Initialisation takes the scan (same parameters)."""
+    c = block.cfg
+    rng = None if block.deterministic else layers.make_rng("dropout")
+    apply_layer = lambda variables, x_bLD, context_bL, key: block.apply(
+        variables, x_bLD, *context_bL, rngs=None if key is None else {"dropout": key})[0]
+    return pipeline.run(apply_layer, layers.variables, x_BLD, context, stages=c.pipeline_stages,
+                        repeats=c.pipeline_repeats, microbatches=c.pipeline_microbatches, rng=rng)
 
 
 class Decoder(nn.Module):

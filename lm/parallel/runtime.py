@@ -40,7 +40,7 @@ def cpu_device_count(config: ml_collections.ConfigDict, cores: int | None = None
     fixed = math.prod(s for s in sizes if s != -1)
     for n in range(max((cores or available_cores()) // fixed, 1), 0, -1):
         batch_shards = math.prod(n if size == -1 else size
-                                 for axis, size in config.mesh.shape.items() if axis != "tensor")
+                                 for axis, size in config.mesh.shape.items() if axis in ("data", "fsdp"))
         if config.train.batch_size % batch_shards == 0 and config.eval.batch_size % batch_shards == 0:
             return n * fixed
     return fixed

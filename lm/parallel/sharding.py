@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from lm.config import MESH_AXES
 from lm.errors import UsageError
+from lm.model import pipeline
 
 
 class MeshError(UsageError):
@@ -32,7 +33,7 @@ def mesh_shape(shape: dict[str, int], num_devices: int) -> tuple[int, ...]:
     """Resolves a -1 axis and checks the product equals the device count."""
     sizes = {axis: shape[axis] for axis in MESH_AXES}
     fixed = math.prod(s for s in sizes.values() if s != -1)
-    described = _describe(sizes)
+    described = describe(sizes)
     if -1 in sizes.values():
         if num_devices % fixed:
             raise MeshError(
@@ -65,7 +66,7 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] |
         return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
     if len(devices) % granules:
         raise MeshError(
-            f"config.mesh.dcn_shape ({_describe(dict(zip(MESH_AXES, dcn)))}) makes {granules} slices or nodes, "
+            f"config.mesh.dcn_shape ({describe(dict(zip(MESH_AXES, dcn)))}) makes {granules} slices or nodes, "
             f"which does not divide the {len(devices)} devices. Fix: make its sizes multiply to the number of "
             "slices (TPU multislice) or nodes.")
     ici = mesh_shape(dict(config.mesh.shape), len(devices) // granules)
@@ -75,7 +76,7 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] |
     processes = len({d.process_index for d in devices})
     if by_process and processes != granules:
         raise MeshError(
-            f"config.mesh.dcn_shape ({_describe(dict(zip(MESH_AXES, dcn)))}) spreads the mesh over {granules} "
+            f"config.mesh.dcn_shape ({describe(dict(zip(MESH_AXES, dcn)))}) spreads the mesh over {granules} "
             f"slices or nodes, but these {len(devices)} devices form {slices} slice(s) in {processes} process(es). "
             "Fix: keep dcn_shape at 1 on one slice or node, or run one process a node on that many nodes (for "
             f"an ahead-of-time check: --topology=<TPU slice> --num_slices={granules}).")
@@ -96,7 +97,17 @@ def batch_shards(mesh: Mesh, rules: Rules) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
+def pipeline_stages(mesh: Mesh) -> int:
+    """Pipeline stages: the `stage` axis's size (slices x devices within one)."""
+    return dict(mesh.shape).get(pipeline.STAGE_AXIS, 1)
+
+
 def check_batch_sizes(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """Raises MeshError (or a PipelineError) when the batch sizes, microbatches or pipeline
+    do not fit the mesh."""
+    stages = pipeline_stages(mesh)
+    pipeline.check(config.model.num_layers, stages, config.mesh.pipeline_repeats, config.train.microbatches,
+                   config.model.scan_layers, config.model.family)
     shards = batch_shards(mesh, rules_from_config(config))
     for field in ("train.batch_size", "eval.batch_size"):
         section, name = field.split(".")
@@ -104,19 +115,25 @@ def check_batch_sizes(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         if value % shards:
             raise MeshError(
                 f"config.{field}={value} is not divisible by the {shards} batch shards of the mesh "
-                f"({_describe(mesh.shape)}). Fix: use a multiple of {shards}, or change config.mesh.shape.")
+                f"({describe(mesh.shape)}). Fix: use a multiple of {shards}, or change config.mesh.shape.")
     micro = config.train.microbatches
     if config.train.batch_size % (micro * shards):
         raise MeshError(
             f"config.train.batch_size={config.train.batch_size} does not split into "
             f"config.train.microbatches={micro} slices of a multiple of the {shards} batch shards "
-            f"({_describe(mesh.shape)}). Fix: use a batch size that is a multiple of {micro * shards}, "
+            f"({describe(mesh.shape)}). Fix: use a batch size that is a multiple of {micro * shards}, "
             "or fewer microbatches.")
+    if stages > 1 and config.eval.batch_size % (micro * shards):  # evaluation runs through the pipeline too
+        raise MeshError(
+            f"config.eval.batch_size={config.eval.batch_size} does not split into the pipeline's "
+            f"config.train.microbatches={micro} slices of a multiple of the {shards} batch shards "
+            f"({describe(mesh.shape)}). Fix: use an eval batch size that is a multiple of {micro * shards}.")
 
 
 FIXES = {  # logical axis -> the config field that sets its size
     "heads": "config.model.num_heads", "kv_heads": "config.model.num_kv_heads", "embed": "config.model.d_model",
     "mlp": "config.model.d_ff", "vocab": "config.model.vocab_size (the tokenizer's ids plus padding)",
+    "layers": "config.model.num_layers",
 }
 
 
@@ -138,8 +155,12 @@ def check_divisibility(boxed_params: Any, mesh: Mesh, rules: Rules) -> None:
                     f"{FIXES.get(name, 'that dimension')} a multiple of {ways}, or change config.mesh.shape.")
 
 
-def _describe(sizes: Mapping[str, int]) -> str:
-    return " x ".join(f"{axis}={size}" for axis, size in sizes.items())
+def describe(sizes: Mapping[str, int]) -> str:
+    """`data=2 x fsdp=4 x tensor=1`; the stage axis only when it pipelines (not 1)."""
+    return " x ".join(f"{axis}={size}" for axis, size in sizes.items()
+                      if axis != pipeline.STAGE_AXIS or size != 1)
+
+
 
 
 def logical_sharding(mesh: Mesh, rules: Rules, axes: Sequence[str | None]) -> NamedSharding:

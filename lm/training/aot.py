@@ -152,7 +152,7 @@ def _print_header(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mes
                   slices: topologies.Slices | None, parameters: int) -> None:
     """The first line of the report: the model, the devices, the mesh and the attention
     kernel that serves (and the one chosen, where it falls back)."""
-    layout = " x ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
+    layout = sharding.describe(mesh.shape)
     where = slices.describe() if slices else f"{mesh.size} {jax.devices()[0].platform} devices"
     served = memory.attention_kernel(model_cfg, config)
     fallback = f" ({model_cfg.attention} falls back to it here)" if served != model_cfg.attention else ""

@@ -19,8 +19,9 @@ from lm.data import batches
 from lm.errors import PREEMPTED
 from lm.files import atomic
 from lm.inference import decode
-from lm.model import mup
+from lm.model import mup, pipeline
 from lm.model.counting import param_counts, train_flops_per_token
+from lm.parallel import sharding
 from lm.runs import version
 from lm.training import goodput, memory, optim
 from lm.training.logs import Progress
@@ -181,7 +182,7 @@ def _stop_for_preemption(run: Run, progress: Progress, state: TrainState, data_i
 
 def _describe_run(run: Run, progress: Progress, start: int) -> None:
     counts = param_counts(run.trainer.abstract_state().params)
-    mesh = " x ".join(f"{a}={s}" for a, s in run.trainer.mesh.shape.items())
+    mesh = sharding.describe(run.trainer.mesh.shape)
     progress.message(
         f"lm {version.describe(version.code_version())}: {counts['total']:,} parameters "
         f"({counts['non_embedding']:,} non-embedding), {describe_training(run.config)}; "
@@ -191,6 +192,9 @@ def _describe_run(run: Run, progress: Progress, start: int) -> None:
         f"in {len(run.corpus.documents['train']):,} / {len(run.corpus.documents['validation']):,} documents, "
         f"{run.config.data.packing} rows")
     progress.message(f"memory per device (estimate): {memory.describe(run.memory)}")
+    cfg = run.trainer.model_cfg
+    if cfg.pipeline_stages > 1:
+        progress.message(pipeline.describe(cfg.pipeline_stages, cfg.pipeline_microbatches, cfg.pipeline_repeats))
     if start:
         progress.message(f"branching from the checkpoint at step {start} in {run.branch}" if run.branch else
                          f"resuming from the checkpoint at step {start} in {run.workdir}")

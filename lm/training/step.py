@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from lm import objectives
+from lm.model.pipeline import microbatch_slices
 from lm.objectives.distillation import distillation_kl_sum
 
 Batch = dict[str, jax.Array]
@@ -97,16 +98,6 @@ def train_step(state: TrainState, batch: Batch, teacher_params: Any = None, *, m
                               nonfinite_steps=state.nonfinite_steps + (~update.finite).astype(jnp.int32))
     return new_state, {"loss": loss, "grad_norm": update.grad_norm, "lr": schedule(state.step),
                        "nonfinite_steps": new_state.nonfinite_steps}
-
-
-def microbatch_slices(x_B: jax.Array, microbatches: int) -> jax.Array:
-    """[B, ...] -> [M, B/M, ...], slice m holding rows m, m + M, m + 2M, ...
-
-    Strided rather than contiguous: each device's rows of the batch split evenly across
-    the slices, so no slice has to move between devices.
-    """
-    rows = x_B.shape[0]
-    return x_B.reshape(rows // microbatches, microbatches, *x_B.shape[1:]).swapaxes(0, 1)
 
 
 def _accumulate(grad_fn, params: Any, example: objectives.Example, dropout_rng: jax.Array,

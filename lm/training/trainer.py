@@ -71,6 +71,7 @@ def make_trainer(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh
     follow the tokenizer's `tokenizer_vocab_size` ids (default: the model's vocabulary
     minus `config.objective.extra_ids`). `teacher` (an lm.runs.artifacts.Loaded) turns on
     distillation with `config.distill`'s temperature and alpha."""
+    model_cfg = pipelined(model_cfg, config, mesh)
     model = build(model_cfg)
     schedule = optim.schedule(config.optim, config.train.steps)
     optimizer = optim.make(config.optim, config.train.steps, mup.lr_multipliers(model_cfg))
@@ -104,7 +105,7 @@ def make_trainer(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh
     make_example = objectives.for_config(config.objective, config.model.family, pad_id, tokenizer_vocab)
     step_fn = functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule,
                                 make_example=make_example, z_loss=config.objective.z_loss,
-                                microbatches=config.train.microbatches,
+                                microbatches=1 if model_cfg.pipeline_stages > 1 else config.train.microbatches,
                                 teacher=teacher.model if teacher else None,
                                 distill_temperature=config.distill.temperature, distill_alpha=config.distill.alpha)
     eval_fn = functools.partial(eval_step, model=model, make_example=make_example)
@@ -117,6 +118,17 @@ def make_trainer(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh
         _eval=jax.jit(eval_fn, in_shardings=(param_shardings, batch_sharding, replicated),
                       out_shardings=replicated, donate_argnums=2),
         teacher_params=_place(teacher.params, replicated) if teacher else None)
+
+
+def pipelined(model_cfg: ModelConfig, config: ml_collections.ConfigDict, mesh: Mesh) -> ModelConfig:
+    """`model_cfg` running its layers as a pipeline over the mesh's `stage` axis (when it has
+    more than one stage), with the config's repeats and microbatches (lm.model.pipeline).
+    The train step then leaves microbatching to the pipeline."""
+    stages = sharding.pipeline_stages(mesh)
+    if stages == 1:
+        return model_cfg
+    return dataclasses.replace(model_cfg, pipeline_stages=stages, pipeline_repeats=config.mesh.pipeline_repeats,
+                               pipeline_microbatches=config.train.microbatches)
 
 
 def _place(tree: Any, target: jax.sharding.Sharding) -> Any:

@@ -1,0 +1,183 @@
+"""Pipeline parallelism: the decoder's layers split into stages over the `stage` mesh axis,
+microbatches flowing through them in a GPipe or a circular (interleaved) schedule.
+
+Plain JAX under `jax.jit`, after MaxText's circular pipeline (and GSPMD's, Xu et al. 2021,
+section 3.3): one loop iteration runs every stage at once, as a `vmap` over a leading
+stage axis whose arrays are sharded over the `stage` mesh axis; between iterations each
+stage's output shifts to the next stage (a collective permute, the only traffic between
+stages). The backward pass is the loop's autodiff: all microbatches forward, then all
+backward (GPipe's order).
+
+Schedule. S stages, R repeats (virtual stages per device), M microbatches (M >= S), L
+layers in chunks of L / (S R). Chunk c = r S + s runs on stage s in repeat r, so a
+microbatch passes stages 0..S-1 R times; it reaches stage s of repeat r at iteration
+t = r M + m + s. The loop runs M R + S - 1 iterations, each stage idle for S - 1 of them:
+a bubble fraction of (S - 1) / (M R + S - 1) (R = 1 is GPipe). The last stage's output
+of repeat r waits in the microbatch buffer until stage 0 takes it for repeat r + 1,
+M - S + 1 iterations later (hence M >= S).
+
+Layout. Parameters keep the layout-free stacked axis [L, ...] of `scan_layers` in layer
+order, sharded over `stage` by the `layers -> stage` rule: stage s holds layers
+s L/S .. (s+1) L/S - 1, and a checkpoint restores onto any stage count. The pipeline
+views the axis as [R, S, L/(S R)] (chunk r S + s at [r, s]); with R = 1 that view is
+free, with R > 1 each step first moves (R - 1)/R of the layer weights between stages
+to their chunk's stage (and their gradients back).
+
+Shape letters (lm.model.transformer's legend, plus): M microbatches, S stages, R
+repeats; b = B / M rows of one microbatch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from lm.errors import UsageError
+
+Array = jax.Array
+STAGE_AXIS = "stage"  # the mesh axis stages are spread over
+
+
+class PipelineError(UsageError):
+    """A pipeline the model, the batch or the mesh cannot run; the message names the field and the fix."""
+
+
+def iterations(stages: int, microbatches: int, repeats: int = 1) -> int:
+    """The schedule's loop trip count: M R + S - 1."""
+    return microbatches * repeats + stages - 1
+
+
+def bubble_fraction(stages: int, microbatches: int, repeats: int = 1) -> float:
+    """The share of stage-iterations spent idle, (S - 1) / (M R + S - 1) (GPipe, Huang et
+    al. 2019, section 2.2 with R = 1; the circular schedule divides the idle time by R)."""
+    return (stages - 1) / iterations(stages, microbatches, repeats)
+
+
+def describe(stages: int, microbatches: int, repeats: int = 1) -> str:
+    """The training log's line: the schedule, its loop trip count and its bubble fraction."""
+    schedule = "GPipe" if repeats == 1 else f"circular, {repeats} repeats"
+    return (f"pipeline: {stages} stages ({schedule}), {microbatches} microbatches: "
+            f"{iterations(stages, microbatches, repeats)} iterations a step, bubble fraction "
+            f"{bubble_fraction(stages, microbatches, repeats):.4f} = (S - 1) / (M R + S - 1)")
+
+
+def check(num_layers: int, stages: int, repeats: int, microbatches: int, scan_layers: bool, family: str) -> None:
+    """Raises PipelineError, naming the config field and the fix, for a pipeline of
+    `stages` x `repeats` that this model or batch split cannot run."""
+    if repeats < 1:
+        raise PipelineError(f"config.mesh.pipeline_repeats={repeats} must be at least 1. Fix: 1 (GPipe) or the "
+                            "number of virtual stages per device of a circular schedule.")
+    if stages == 1:
+        if repeats > 1:
+            raise PipelineError(f"config.mesh.pipeline_repeats={repeats} needs a pipeline, but config.mesh.shape."
+                                "stage=1. Fix: set mesh.shape.stage (or dcn_shape.stage) above 1, or "
+                                "pipeline_repeats=1.")
+        return
+    if family == "encoder_decoder":
+        raise PipelineError(f"config.mesh.shape.stage={stages}: the encoder_decoder family has no pipeline (its "
+                            "decoder's every layer reads the encoder's output). Fix: mesh.shape.stage=1, with "
+                            "fsdp or tensor axes to split the model.")
+    if not scan_layers:
+        raise PipelineError(f"config.mesh.shape.stage={stages} needs config.model.scan_layers=True: stages hold "
+                            "slices of the stacked layer axis. Fix: set model.scan_layers=True.")
+    if num_layers % (stages * repeats):
+        raise PipelineError(
+            f"config.model.num_layers={num_layers} does not split into {stages} stages x {repeats} repeats "
+            f"(config.mesh.shape.stage x config.mesh.pipeline_repeats = {stages * repeats} chunks of equal depth). "
+            f"Fix: a layer count that is a multiple of {stages * repeats}, or fewer stages or repeats.")
+    if microbatches < stages:
+        raise PipelineError(
+            f"config.train.microbatches={microbatches} is fewer than the {stages} pipeline stages "
+            f"(config.mesh.shape.stage): some stages would never work. Fix: train.microbatches >= {stages} "
+            f"(the bubble fraction is (S - 1) / (M R + S - 1): more microbatches, a smaller bubble).")
+
+
+def microbatch_slices(x_B: Array, microbatches: int) -> Array:
+    """[B, ...] -> [M, B/M, ...], slice m holding rows m, m + M, m + 2M, ...
+
+    Strided rather than contiguous: each device's rows of the batch split evenly across
+    the slices, so no slice has to move between devices.
+    """
+    rows = x_B.shape[0]
+    return x_B.reshape(rows // microbatches, microbatches, *x_B.shape[1:]).swapaxes(0, 1)
+
+
+def merge_microbatches(x_M: Array) -> Array:
+    """The inverse of `microbatch_slices`: [M, B/M, ...] -> [B, ...]."""
+    return x_M.swapaxes(0, 1).reshape(-1, *x_M.shape[2:])
+
+
+def _on_stages(x: Array) -> Array:
+    """Pins the leading axis of `x` to the `stage` mesh axis (the others left to the
+    compiler); outside a mesh with that axis, `x` as it is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or STAGE_AXIS not in mesh.axis_names:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(STAGE_AXIS, *[P.UNCONSTRAINED] * (x.ndim - 1)))
+
+
+def stage_chunks(layers_L: Any, stages: int, repeats: int) -> Any:
+    """Stacked layer variables [L, ...] -> [S, R, L/(S R), ...]: entry [s, r] is chunk
+    r S + s, the layers stage s runs in repeat r."""
+    def split(v):
+        chunk = v.shape[0] // (stages * repeats)
+        return _on_stages(v.reshape(repeats, stages, chunk, *v.shape[1:]).swapaxes(0, 1))
+    return jax.tree.map(split, layers_L)
+
+
+LayerFn = Callable[[Any, Array, tuple, Array | None], Array]
+
+
+def run(layer_fn: LayerFn, layers_L: Any, x_BLD: Array, context_BL: tuple, *, stages: int, repeats: int,
+        microbatches: int, rng: Array | None = None) -> Array:
+    """The layers applied to `x_BLD` [B, L, D] in order, by the pipeline schedule.
+
+    `layer_fn(variables, x_bLD, context_bL, rng)` applies one layer (its `variables`: one
+    slice of `layers_L`'s stacked [L, ...] leaves) to one microbatch; `context_BL` holds
+    per-row [B, L] arrays or None (positions, segment ids, prefix), split like `x_BLD`.
+    `rng` (dropout; None when deterministic) is folded with the microbatch and the layer.
+    Returns [B, L, D], equal to applying the L layers in turn to the whole batch.
+    """
+    S, R, M = stages, repeats, microbatches
+    chunks_SR = stage_chunks(layers_L, S, R)
+    depth = jax.tree.leaves(layers_L)[0].shape[0] // (S * R)
+    x_MbLD = microbatch_slices(x_BLD, M)
+    context_MbL = tuple(None if c is None else microbatch_slices(c, M) for c in context_BL)
+
+    def stage(chunks_R, repeat, x_bLD, context_bL, first_layer, micro):
+        """One stage's work in one iteration: its chunk of the current repeat, layer by layer."""
+        chunk = jax.tree.map(lambda v: jax.lax.dynamic_index_in_dim(v, repeat, keepdims=False), chunks_R)
+
+        def one_layer(x, inputs):
+            variables, i = inputs
+            key = None if rng is None else jax.random.fold_in(jax.random.fold_in(rng, micro), first_layer + i)
+            return layer_fn(variables, x, context_bL, key), None
+
+        return jax.lax.scan(one_layer, x_bLD, (chunk, jnp.arange(depth)))[0]
+
+    def iteration(carry, t):
+        outputs_SbLD, buffer_MbLD = carry
+        s_S = jnp.arange(S)
+        k_S = t - s_S  # the (repeat, microbatch) step each stage is at: k = r M + m
+        micro_S, repeat_S = k_S % M, jnp.clip(k_S // M, 0, R - 1)
+        first_bLD = jax.lax.dynamic_index_in_dim(buffer_MbLD, t % M, keepdims=False)
+        inputs_SbLD = _on_stages(jnp.concatenate([first_bLD[None], outputs_SbLD[:-1]]))  # stage s reads s - 1
+        context_SbL = tuple(None if c is None else jnp.take(c, micro_S, axis=0) for c in context_MbL)
+        outputs_SbLD = jax.vmap(stage, spmd_axis_name=STAGE_AXIS)(
+            chunks_SR, repeat_S, inputs_SbLD, context_SbL, (repeat_S * S + s_S) * depth, micro_S)
+        outputs_SbLD = _on_stages(outputs_SbLD)
+        done = t - (S - 1)  # the step the last stage finished: its output goes back to the buffer
+        slot = done % M
+        finished = (done >= 0) & (done < M * R)
+        kept = jax.lax.dynamic_index_in_dim(buffer_MbLD, slot, keepdims=False)
+        buffer_MbLD = jax.lax.dynamic_update_index_in_dim(
+            buffer_MbLD, jnp.where(finished, outputs_SbLD[-1], kept), slot, axis=0)
+        return (outputs_SbLD, buffer_MbLD), None
+
+    start = (_on_stages(jnp.zeros((S, *x_MbLD.shape[1:]), x_MbLD.dtype)), x_MbLD)
+    (_, buffer_MbLD), _ = jax.lax.scan(iteration, start, jnp.arange(iterations(S, M, R)))
+    return merge_microbatches(buffer_MbLD)
