@@ -96,6 +96,13 @@ def test_parameter_groups_and_muon_stay_right_with_layers_on_the_stage_axis():
     assert states and all(x.sharding == kernel.sharding for x in states)  # moments live with their layers
 
 
+def test_the_encoder_family_pipelines_too():
+    encoder = dict(model__family="encoder", objective__name="masked_lm", objective__extra_ids=1)
+    single = train_three_steps(ONE_DEVICE, jax.devices()[:1], **PIPELINE, **encoder)[0]
+    staged = train_three_steps(dict(stage=2, data=4, fsdp=1, tensor=1), jax.devices(), **PIPELINE, **encoder)[0]
+    np.testing.assert_allclose(staged, single, rtol=0, atol=1e-5)
+
+
 def compiled_trip_counts(text: str) -> set[int]:
     return {int(n) for n in re.findall(r'known_trip_count":\{"n":"(\d+)"', text)}
 
@@ -113,11 +120,13 @@ def test_the_compiled_step_loops_m_r_plus_s_minus_1_times_and_the_log_prints_tha
     assert trips <= {schedule, 8 // (stages * repeats)}  # else only each stage's scan over its layers
 
     config = tiny_config(**{**PIPELINE, **overrides}, mesh__pipeline_repeats=repeats, train__steps=3,
-                         eval__num_batches=1, sample__max_new_tokens=0)
+                         eval__num_batches=1, sample__max_new_tokens=4)  # the sample decodes layer by layer
     config.mesh.shape.update(shape)
     loop.train_and_evaluate(config, str(tmp_path))
+    out = capsys.readouterr().out
+    assert "--- sample (step 3) ---" in out
     line = re.search(r"pipeline: (\d+) stages .*, (\d+) microbatches: (\d+) iterations a step, bubble fraction "
-                     r"([\d.]+)", capsys.readouterr().out)
+                     r"([\d.]+)", out)
     assert line, "no pipeline line in the log"
     assert [int(x) for x in line.groups()[:3]] == [stages, microbatches, schedule]
     assert float(line.group(4)) == pytest.approx((stages - 1) / schedule, abs=5e-5)

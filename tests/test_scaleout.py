@@ -155,6 +155,22 @@ def test_llama3_8b_compiles_with_the_tpu_compiler_for_a_v5p_128_and_fits_its_95_
     assert re.search(r"FLOPs per step: compiled program [\d.e+]+ \(per device x 64\), lm's count", result.stdout)
 
 
+def test_llama3_8b_compiles_with_pipeline_stages_across_two_v5p_128_slices_and_each_stage_holds_half_the_layers():
+    result = run_cli("lm.main", "--config=configs/llama3_8b.py", "--compile_only", "--topology=v5p-128",
+                     "--num_slices=2", "--config.mesh.dcn_shape.stage=2", "--config.train.batch_size=128",
+                     "--config.eval.batch_size=128", "--config.train.microbatches=2", timeout=900)
+    out = result.stdout
+    assert "for v5p-128 x 2 slices: 128 TPU v5p chips, 95 GiB of HBM each, mesh stage=2 x data=1 x fsdp=64" in out
+    assert "pipeline: 2 stages (GPipe), 2 microbatches: 3 iterations a step, bubble fraction 0.3333" in out
+    embedding_and_head = 2 * 128_256 * 4_096  # replicated over the stages, split over fsdp's 64 chips
+    layers = 8_030_261_248 - embedding_and_head - 4_096  # split over the 2 stages and fsdp: 1/128 each
+    per_chip = (embedding_and_head / 64 + layers / 128) * 4 / 2**20  # float32 parameters, MiB
+    estimate = re.search(r"per device, estimated: parameters ([\d.]+) MiB", out)
+    assert estimate and abs(float(estimate.group(1)) / per_chip - 1) < 0.005, out
+    assert re.search(r"per device, compiled \(TPU compiler\): arguments .* total [\d.]+ GiB", out)
+    assert "memory: the step fits in a TPU v5p chip's 95.00 GiB of HBM" in out
+
+
 def run_launcher(*args: str, cwd: str = REPO, check: bool = True) -> str:
     result = subprocess.run(["bash", *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=60)
     if check:

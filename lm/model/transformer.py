@@ -38,10 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm.model import attention
+from lm.model import attention, pipeline
 from lm.model.config import ModelConfig
 from lm.model.layers import ACTIVATIONS, REMAT_POLICIES, Dense, Embed, norm
-from lm.model import pipeline
 
 Array = jax.Array
 

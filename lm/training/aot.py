@@ -25,7 +25,7 @@ import jax
 import ml_collections
 
 from lm.data import corpus
-from lm.model import ModelConfig, build
+from lm.model import ModelConfig, build, pipeline
 from lm.model.counting import abstract_params, param_counts, peak_flops, train_flops_per_token
 from lm.parallel import sharding, topologies
 from lm.runs import artifacts
@@ -119,7 +119,7 @@ def compile_and_report(config: ml_collections.ConfigDict, slices: topologies.Sli
     model_cfg = ModelConfig.for_run(config, tokenizer_vocab, platform)
     trainer = make_trainer(config, model_cfg, mesh, pad_id=0, tokenizer_vocab_size=tokenizer_vocab,
                            teacher=abstract_teacher(config, tokenizer_vocab, platform))
-    abstract = trainer.abstract_state()
+    abstract, model_cfg = trainer.abstract_state(), trainer.model_cfg  # the model as trained: pipelined or not
     _print_header(config, model_cfg, mesh, slices, param_counts(abstract.params)["total"])
     estimate = memory.estimate(abstract, model_cfg, config, dict(mesh.shape))
     limit = slices.chip.hbm_bytes if slices else memory.device_limit(jax.devices()[0])
@@ -158,6 +158,9 @@ def _print_header(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mes
     fallback = f" ({model_cfg.attention} falls back to it here)" if served != model_cfg.attention else ""
     print(f"compiling the train step: {parameters:,} parameters for {where}, mesh {layout}, {served} attention"
           f"{fallback}", flush=True)
+    if model_cfg.pipeline_stages > 1:
+        print(pipeline.describe(model_cfg.pipeline_stages, model_cfg.pipeline_microbatches,
+                                model_cfg.pipeline_repeats), flush=True)
 
 
 def _compile(trainer: Any, config: ml_collections.ConfigDict, slices: topologies.Slices | None,
@@ -203,7 +206,8 @@ def _mesh(config: ml_collections.ConfigDict, slices: topologies.Slices | None) -
         return sharding.make_mesh(config)
     granules = math.prod(dict(config.mesh.dcn_shape).values())
     if granules != slices.num_slices:
-        fix = (f"--config.mesh.dcn_shape.data={slices.num_slices} (data parallel across the slices over DCN)"
+        fix = (f"--config.mesh.dcn_shape.data={slices.num_slices} (data parallel across the slices over DCN), "
+               f"or --config.mesh.dcn_shape.stage={slices.num_slices} (pipeline stages across them)"
                if slices.num_slices > 1 else
                f"--num_slices={granules} to compile for {granules} slices, or dcn_shape sizes of 1 for one")
         raise topologies.TopologyError(
@@ -231,9 +235,15 @@ def flop_differences(model_cfg: ModelConfig, config: ml_collections.ConfigDict) 
     kernel = memory.attention_kernel(model_cfg, config)
     if model_cfg.family != "encoder" and kernel == "xla":
         reasons.append("XLA counts causal attention's score matmuls in full, lm at half")
-    if model_cfg.scan_layers:
+    stages, repeats = model_cfg.pipeline_stages, model_cfg.pipeline_repeats
+    if stages > 1:
+        depth, trips = model_cfg.num_layers // (stages * repeats), pipeline.iterations(
+            stages, config.train.microbatches, repeats)
+        reasons.append(f"XLA counts the pipeline loop's body (every stage, {depth} scanned layers each) once, "
+                       f"not {trips} times, bubble included")
+    elif model_cfg.scan_layers:
         reasons.append(f"XLA counts the scanned layers' loop body once, not {model_cfg.num_layers} times")
-    if config.train.microbatches > 1:
+    if config.train.microbatches > 1 and stages == 1:
         reasons.append(f"XLA counts the microbatch loop's body once, not {config.train.microbatches} times")
     if kernel != "xla":
         reasons.append(f"XLA's cost analysis cannot see inside the {kernel} attention kernel")

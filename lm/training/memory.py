@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from lm.errors import UsageError
-from lm.model import ModelConfig, attention
+from lm.model import ModelConfig, attention, pipeline
 
 GiB = 1024**3
 
@@ -39,7 +39,9 @@ def attention_kernel(cfg: ModelConfig, config: ml_collections.ConfigDict) -> str
 
 
 def activation_bytes(cfg: ModelConfig, config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> int:
-    """Estimated activations one device keeps for the backward pass of one microbatch."""
+    """Estimated activations one device keeps for the backward pass of one microbatch; in a
+    pipeline (lm.model.pipeline), of every loop iteration of its stage: M R + S - 1 passes
+    through L / (S R) layers, the bubble's included, and the head's over the whole batch."""
     batch_shards = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
     tensor = mesh_shape.get("tensor", 1)
     tokens = config.train.batch_size // config.train.microbatches // batch_shards * config.data.seq_len
@@ -56,7 +58,12 @@ def activation_bytes(cfg: ModelConfig, config: ml_collections.ConfigDict, mesh_s
     layers = cfg.num_layers + (cfg.num_decoder_layers or cfg.num_layers if cfg.family == "encoder_decoder" else 0)
     recomputed = whole_layer if cfg.remat != "none" else 0  # one layer rebuilt at a time in the backward pass
     logits = 2 * cfg.vocab_size * 4  # float32 logits and their gradient
-    return int(tokens * ((layers * kept + recomputed) * width + logits))
+    logit_tokens = tokens
+    if cfg.pipeline_stages > 1:  # every microbatch's activations are held at once (GPipe's order)
+        stages, repeats = cfg.pipeline_stages, cfg.pipeline_repeats
+        layers = pipeline.iterations(stages, cfg.pipeline_microbatches, repeats) * (layers // (stages * repeats))
+        logit_tokens = tokens * cfg.pipeline_microbatches
+    return int(tokens * (layers * kept + recomputed) * width + logit_tokens * logits)
 
 
 def estimate(abstract_state: Any, cfg: ModelConfig, config: ml_collections.ConfigDict,
@@ -89,7 +96,10 @@ def does_not_fit(needed: int, limit: int, breakdown: str, config: ml_collections
     rows = config.train.batch_size // (mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1))
     ratio = (needed - state_bytes) / max(limit - state_bytes, 1) * config.train.microbatches
     wanted = next((m for m in range(1, rows + 1) if rows % m == 0 and m >= ratio), 0)
-    if wanted > config.train.microbatches:
+    if cfg.pipeline_stages > 1:  # a pipeline holds every microbatch at once: more of them do not help
+        fixes.append(f"more pipeline stages (config.mesh.shape.stage; now {cfg.pipeline_stages}), each holding "
+                     "fewer layers")
+    elif wanted > config.train.microbatches:
         fixes.append(f"hold fewer rows at once (config.train.microbatches={wanted}: {rows // wanted} of the "
                      f"{rows} rows a device at once; now {config.train.microbatches} microbatch(es))")
     elif limit > state_bytes:
