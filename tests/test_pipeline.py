@@ -8,6 +8,7 @@ import shutil
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -18,6 +19,7 @@ from test_train import STREAM, train_three_steps
 from lm import objectives
 from lm.data import batches, rows
 from lm.model import ModelConfig, pipeline
+from lm.model.layers import remat_policy
 from lm.model.pipeline import PipelineError
 from lm.parallel import sharding
 from lm.runs import artifacts, checkpoint
@@ -28,10 +30,10 @@ from lm.training.trainer import make_trainer
 PIPELINE = dict(model__num_layers=4, model__scan_layers=True, model__num_heads=4, train__microbatches=4,
                 eval__batch_size=16)
 ONE_DEVICE = dict(stage=1, data=1, fsdp=1, tensor=1)
-LAYOUTS = {  # name -> (mesh shape on 8 devices, pipeline repeats)
-    "stage4_data2": (dict(stage=4, data=2, fsdp=1, tensor=1), 1),
-    "stage2_fsdp2_tensor2": (dict(stage=2, data=1, fsdp=2, tensor=2), 1),
-    "stage2_circular2_data4": (dict(stage=2, data=4, fsdp=1, tensor=1), 2),
+LAYOUTS = {  # name -> (mesh shape on 8 devices, pipeline repeats, remat policy)
+    "stage4_data2": (dict(stage=4, data=2, fsdp=1, tensor=1), 1, "none"),
+    "stage2_fsdp2_tensor2_remat": (dict(stage=2, data=1, fsdp=2, tensor=2), 1, "dots_with_no_batch_dims_saveable"),
+    "stage2_circular2_data4_remat": (dict(stage=2, data=4, fsdp=1, tensor=1), 2, "full"),
 }
 
 
@@ -44,9 +46,9 @@ def trainer_for(mesh_shape: dict, devices, repeats: int = 1, vocab_size: int = 6
     return config, make_trainer(config, model_cfg, mesh, pad_id=0)
 
 
-def loss_and_gradients(mesh_shape: dict, devices, repeats: int = 1):
+def loss_and_gradients(mesh_shape: dict, devices, repeats: int = 1, **overrides):
     """The first batch's loss and gradients at the initial parameters."""
-    config, trainer = trainer_for(mesh_shape, devices, repeats)
+    config, trainer = trainer_for(mesh_shape, devices, repeats, **overrides)
     data = batches.per_process(rows.train_rows(STREAM, config.data.seq_len, seed=0), config.train.batch_size)
     batch = batches.to_global(data[0], trainer.batch_sharding)
     make_example = objectives.for_config(config.objective, config.model.family, 0, 64)
@@ -70,10 +72,11 @@ def one_device():
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUTS.keys())
 def test_each_pipeline_layout_trains_like_one_device(one_device, layout):
-    mesh_shape, repeats = LAYOUTS[layout]
-    losses, state = train_three_steps(mesh_shape, jax.devices(), **PIPELINE, mesh__pipeline_repeats=repeats)
+    mesh_shape, repeats, remat = LAYOUTS[layout]
+    losses, state = train_three_steps(mesh_shape, jax.devices(), **PIPELINE, mesh__pipeline_repeats=repeats,
+                                      model__remat=remat)
     np.testing.assert_allclose(losses, one_device[0], rtol=0, atol=1e-5)
-    loss, grads = loss_and_gradients(mesh_shape, jax.devices(), repeats)
+    loss, grads = loss_and_gradients(mesh_shape, jax.devices(), repeats, model__remat=remat)
     np.testing.assert_allclose(loss, one_device[1][0], rtol=0, atol=1e-5)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(one_device[1][1]), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)  # test_model's scan-vs-loop tolerance
@@ -101,6 +104,38 @@ def test_the_encoder_family_pipelines_too():
     single = train_three_steps(ONE_DEVICE, jax.devices()[:1], **PIPELINE, **encoder)[0]
     staged = train_three_steps(dict(stage=2, data=4, fsdp=1, tensor=1), jax.devices(), **PIPELINE, **encoder)[0]
     np.testing.assert_allclose(staged, single, rtol=0, atol=1e-5)
+
+
+def test_outside_the_pipeline_each_stage_computes_the_head_for_its_share_of_the_rows():
+    config, trainer = trainer_for(dict(stage=2, data=1, fsdp=4, tensor=1), jax.devices(), vocab_size=997)
+    assert dict(trainer.rules)["batch"] == ("stage", "data", "fsdp")
+    text = trainer.compile_step(config.train.batch_size, config.data.seq_len).as_text()
+    rows = {int(r) for r in re.findall(rf"f32\[(\d+),{config.data.seq_len},997\]", text)}  # [rows, L, V] logits
+    assert max(rows) == 16 // 8, rows  # 16 rows over 2 stages x 4 fsdp shards, never all 4 of an fsdp shard
+    config, trainer = trainer_for(dict(stage=2, data=1, fsdp=4, tensor=1), jax.devices(), train__microbatches=3,
+                                  train__batch_size=24, eval__batch_size=12)
+    assert dict(trainer.rules)["batch"] == ("data", "fsdp")  # 12 rows do not split 8 ways: every stage has all
+
+
+def test_in_a_pipeline_the_no_batch_dims_remat_policy_still_saves_the_weight_matmuls():
+    """Inside the vmap over stages every matmul has the stage axis as a batch dimension, so
+    JAX's dots_with_no_batch_dims_saveable would save none (full remat, silently)."""
+    def layer(x_LD, w_DF):
+        scores_LL = jnp.einsum("ld,md->lm", x_LD, x_LD)  # no batch dimension before the vmap
+        heads_HLL = jnp.einsum("hld,hmd->hlm", x_LD[None], x_LD[None])  # one: like attention's heads
+        return x_LD @ w_DF, scores_LL, heads_HLL
+
+    x_SLD, w_SDF = jnp.ones((2, 4, 8)), jnp.ones((2, 8, 16))
+    dots = [e for e in jax.make_jaxpr(jax.vmap(layer))(x_SLD, w_SDF).eqns if e.primitive is jax.lax.dot_general_p]
+    saved = lambda policy: {e.outvars[0].aval.shape: policy(e.primitive, *[v.aval for v in e.invars], **e.params)
+                            for e in dots}
+    weights, scores, heads = (2, 4, 16), (2, 4, 4), (2, 1, 4, 4)
+    assert saved(jax.checkpoint_policies.dots_with_no_batch_dims_saveable) == {weights: False, scores: False,
+                                                                              heads: False}
+    assert saved(remat_policy("dots_with_no_batch_dims_saveable", pipelined=True)) == {weights: True, scores: True,
+                                                                                      heads: False}
+    assert remat_policy("dots_with_no_batch_dims_saveable", pipelined=False) is \
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
 
 def compiled_trip_counts(text: str) -> set[int]:

@@ -203,3 +203,22 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def dots_with_only_a_stage_batch_dim_saveable(prim, *_, **params) -> bool:
+    """`dots_with_no_batch_dims_saveable` for a layer run inside a pipeline's vmap over
+    stages (lm.model.pipeline), where every matmul gains the stage axis as a batch
+    dimension: saves the matmuls batched over that axis alone (the weight matmuls), not
+    those with more (attention's scores, batched over rows and heads too)."""
+    if prim is not jax.lax.dot_general_p:
+        return False
+    (_, _), (lhs_batch, rhs_batch) = params["dimension_numbers"]
+    return len(lhs_batch) <= 1 and len(rhs_batch) <= 1
+
+
+def remat_policy(name: str, pipelined: bool) -> Callable | None:
+    """The `jax.checkpoint` policy of `REMAT_POLICIES[name]`, for a layer run in a pipeline
+    or not."""
+    if pipelined and name == "dots_with_no_batch_dims_saveable":
+        return dots_with_only_a_stage_batch_dim_saveable
+    return REMAT_POLICIES[name]

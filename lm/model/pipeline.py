@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -178,6 +179,22 @@ def run(layer_fn: LayerFn, layers_L: Any, x_BLD: Array, context_BL: tuple, *, st
             buffer_MbLD, jnp.where(finished, outputs_SbLD[-1], kept), slot, axis=0)
         return (outputs_SbLD, buffer_MbLD), None
 
-    start = (_on_stages(jnp.zeros((S, *x_MbLD.shape[1:]), x_MbLD.dtype)), x_MbLD)
-    (_, buffer_MbLD), _ = jax.lax.scan(iteration, start, jnp.arange(iterations(S, M, R)))
+    with replicated_over_stages():  # `stage` is the vmap's inside
+        start = (_on_stages(jnp.zeros((S, *x_MbLD.shape[1:]), x_MbLD.dtype)), x_MbLD)
+        (_, buffer_MbLD), _ = jax.lax.scan(iteration, start, jnp.arange(iterations(S, M, R)))
     return merge_microbatches(buffer_MbLD)
+
+
+def replicated_over_stages():
+    """A context in which the logical axis rules leave the `stage` mesh axis out
+    (`without_stages`): the pipeline's inside."""
+    return nn.logical_axis_rules(without_stages(nn.get_logical_axis_rules()))
+
+
+def without_stages(rules: tuple) -> tuple:
+    """The logical axis rules with the `stage` mesh axis taken out of every rule: inside the
+    pipeline the stage axis is the vmap's (a rule splitting the batch over the stages
+    outside it, lm.parallel.sharding.step_rules, must not apply there)."""
+    drop = lambda axes: (tuple(a for a in axes if a != STAGE_AXIS) or None) if isinstance(axes, tuple) else (
+        None if axes == STAGE_AXIS else axes)
+    return tuple((name, drop(axes)) for name, axes in rules)

@@ -40,7 +40,7 @@ import numpy as np
 
 from lm.model import attention, pipeline
 from lm.model.config import ModelConfig
-from lm.model.layers import ACTIVATIONS, REMAT_POLICIES, Dense, Embed, norm
+from lm.model.layers import ACTIVATIONS, Dense, Embed, norm, remat_policy
 
 Array = jax.Array
 
@@ -244,7 +244,7 @@ def remat_block(cfg: ModelConfig) -> type:
     """`Block`, rematerialised per `cfg.remat` (activations recomputed in the backward pass)."""
     if cfg.remat == "none":
         return Block
-    return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    return nn.remat(Block, policy=remat_policy(cfg.remat, cfg.pipeline_stages > 1), prevent_cse=not cfg.scan_layers)
 
 
 def run_blocks(cfg: ModelConfig, deterministic: bool, x_BLD: Array, *context: Array | None,

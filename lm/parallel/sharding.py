@@ -102,6 +102,27 @@ def pipeline_stages(mesh: Mesh) -> int:
     return dict(mesh.shape).get(pipeline.STAGE_AXIS, 1)
 
 
+def batch_splits_over_stages(config: ml_collections.ConfigDict, mesh_shape: Mapping[str, int]) -> bool:
+    """Whether a pipelined step splits its batch over the stages outside the pipeline: the
+    train and eval batches divide into stages x batch shards (data x fsdp)."""
+    stages = mesh_shape.get(pipeline.STAGE_AXIS, 1)
+    ways = stages * mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
+    return stages > 1 and config.train.batch_size % ways == 0 and config.eval.batch_size % ways == 0
+
+
+def step_rules(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[tuple[str, Any], ...]:
+    """The rules the train and eval steps run under. In a pipeline whose batch divides
+    (`batch_splits_over_stages`), the batch is split over `stage` too outside the pipeline:
+    each stage computes the embedding, the head and the loss for its share of the rows,
+    not all of them (the pipeline itself sees every row: lm.model.pipeline drops `stage`
+    from the rules inside)."""
+    rules = rules_from_config(config)
+    if not batch_splits_over_stages(config, dict(mesh.shape)):
+        return rules
+    as_tuple = lambda axes: axes if isinstance(axes, tuple) else (axes,) if axes else ()
+    return tuple((name, (pipeline.STAGE_AXIS, *as_tuple(axes)) if name == "batch" else axes) for name, axes in rules)
+
+
 def check_batch_sizes(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     """Raises MeshError (or a PipelineError) when the batch sizes, microbatches or pipeline
     do not fit the mesh."""

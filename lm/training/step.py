@@ -70,7 +70,7 @@ def train_step(state: TrainState, batch: Batch, teacher_params: Any = None, *, m
     """
     step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     objective_rng, dropout_rng = jax.random.split(step_rng)
-    example = make_example(batch, objective_rng)
+    example = laid_out(make_example(batch, objective_rng))
 
     def loss_sum_fn(params, example, dropout_rng):
         logits_BLV = apply(model, params, example, deterministic=False, rngs={"dropout": dropout_rng})
@@ -116,6 +116,15 @@ def _accumulate(grad_fn, params: Any, example: objectives.Example, dropout_rng: 
     return ce_sum, grads_sum
 
 
+def laid_out(example: objectives.Example) -> objectives.Example:
+    """`example` with its targets and weights on the logits' batch layout. Where the step's
+    rules split the batch further than the input arrives (over pipeline stages:
+    lm.parallel.sharding.step_rules), the loss's gather of each target logit, and its
+    scatter-add in the backward pass, then stay on each stage's own rows."""
+    on_rows = lambda x_BL: nn.with_logical_constraint(x_BL, ("batch", "length"))
+    return example._replace(targets_BL=on_rows(example.targets_BL), weights_BL=on_rows(example.weights_BL))
+
+
 def apply(model: nn.Module, params: Any, example: objectives.Example, **kwargs) -> jax.Array:
     """The model's logits for an example's inputs (with its packing and prefix, if any)."""
     if example.decoder_inputs_BL is not None:  # encoder-decoder: encoder inputs, decoder inputs
@@ -137,7 +146,7 @@ def eval_step(params: Any, batch: Batch, totals: EvalTotals, *, model: nn.Module
     Carrying the totals through the step chains consecutive eval steps by data
     dependency, so the device runs them in order, with no eager ops between them.
     """
-    example = make_example(batch, jax.random.key(EVAL_RNG_SEED))
+    example = laid_out(make_example(batch, jax.random.key(EVAL_RNG_SEED)))
     logits_BLV = apply(model, params, example)
     loss_sum, weight_sum = objectives.weighted_cross_entropy(logits_BLV, example.targets_BL, example.weights_BL)
     return totals[0] + loss_sum, totals[1] + weight_sum

@@ -110,7 +110,8 @@ def make_trainer(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh
                                 distill_temperature=config.distill.temperature, distill_alpha=config.distill.alpha)
     eval_fn = functools.partial(eval_step, model=model, make_example=make_example)
     return Trainer(
-        model=model, model_cfg=model_cfg, mesh=mesh, rules=rules, state_shardings=state_shardings,
+        model=model, model_cfg=model_cfg, mesh=mesh, rules=sharding.step_rules(config, mesh),
+        state_shardings=state_shardings,
         batch_sharding=batch_sharding,
         _init=jax.jit(init_state, out_shardings=state_shardings),
         _step=jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, replicated),
