@@ -17,6 +17,7 @@ from test_resume_optimizers import logged
 from test_train import STREAM, train_three_steps
 
 from lm import objectives
+from lm.config import validation
 from lm.data import batches, rows
 from lm.model import ModelConfig, pipeline
 from lm.model.layers import remat_policy
@@ -226,3 +227,11 @@ def test_pipeline_repeats_without_stages_is_refused():
     with pytest.raises(PipelineError, match=r"config\.mesh\.pipeline_repeats=2 needs a pipeline, but "
                                             r"config\.mesh\.shape\.stage=1"):
         trainer_for(dict(stage=1, data=8, fsdp=1, tensor=1), jax.devices(), repeats=2)
+
+
+def test_a_config_written_before_stages_existed_still_validates_and_has_one_stage():
+    config = tiny_config()
+    config.mesh.shape = dict(data=2, fsdp=4, tensor=1)  # the three axes of older configs
+    config.mesh.dcn_shape = dict(data=1, fsdp=1, tensor=1)
+    validation.validate(config)
+    assert dict(sharding.make_mesh(config, jax.devices()).shape) == dict(stage=1, data=2, fsdp=4, tensor=1)

@@ -16,7 +16,7 @@ from lm.parallel import sharding
 from lm.runs import artifacts, checkpoint
 from lm.training.trainer import make_trainer
 
-FSDP_X_TENSOR = dict(data=1, fsdp=4, tensor=2)
+FSDP_X_TENSOR = dict(stage=1, data=1, fsdp=4, tensor=2)
 
 
 def write_run(workdir: str, step: int) -> dict:

@@ -348,8 +348,8 @@ def _validate_branch(t: ml_collections.ConfigDict) -> None:
 
 def _validate_mesh_fields(config: ml_collections.ConfigDict) -> None:
     shape = dict(config.mesh.shape)
-    if set(shape) != set(choices.MESH_AXES):
-        fail("mesh.shape", shape, f"must name exactly the axes {choices.MESH_AXES}",
+    if not _names_mesh_axes(shape):
+        fail("mesh.shape", shape, f"must name exactly the axes {choices.MESH_AXES} (stage may be left out: 1)",
              "give a size for each, e.g. dict(stage=1, data=-1, fsdp=1, tensor=1)")
     for axis, size in shape.items():
         if not isinstance(size, int) or (size < 1 and size != -1):
@@ -358,7 +358,7 @@ def _validate_mesh_fields(config: ml_collections.ConfigDict) -> None:
     if list(shape.values()).count(-1) > 1:
         fail("mesh.shape", shape, "has more than one axis set to -1", "give explicit sizes to all but one")
     dcn = dict(config.mesh.dcn_shape)
-    if set(dcn) != set(choices.MESH_AXES) or not all(isinstance(v, int) and v >= 1 for v in dcn.values()):
+    if not _names_mesh_axes(dcn) or not all(isinstance(v, int) and v >= 1 for v in dcn.values()):
         fail("mesh.dcn_shape", dcn, f"must give a positive slice count for each of {choices.MESH_AXES}",
              "e.g. dict(stage=1, data=2, fsdp=1, tensor=1) for two slices or nodes")
     require_positive(config, "mesh.cpu_devices", allow_zero=True)
@@ -369,6 +369,12 @@ def _validate_mesh_fields(config: ml_collections.ConfigDict) -> None:
         if unknown:
             fail("sharding.rules", rule, f"maps to unknown mesh axes {unknown}",
                  f"map logical axes to {choices.MESH_AXES} or None")
+
+
+def _names_mesh_axes(sizes: dict) -> bool:
+    """Whether a mesh shape names every mesh axis, but for `stage`, which configs written
+    before pipeline parallelism leave out (it is then 1)."""
+    return set(sizes) in (set(choices.MESH_AXES), set(choices.MESH_AXES) - {"stage"})
 
 
 def validated_config(config: ml_collections.ConfigDict | None, example: str) -> ml_collections.ConfigDict:

@@ -44,7 +44,7 @@ class ModelConfig:
     lora: LoRA | None = None  # fine-tuning: low-rank adapters on the matching dense layers
     parametrization: str = "standard"  # "standard" or "mup" (lm.model.mup)
     mup_base_width: int = 0  # µP: the d_model whose hyperparameters transfer; 0 = unset
-    # Pipeline parallelism (lm.parallel.pipeline), set by the trainer from the mesh: stages
+    # Pipeline parallelism (lm.model.pipeline), set by the trainer from the mesh: stages
     # (mesh.shape.stage x dcn_shape.stage), virtual stages per device and microbatches.
     # Decoding and every command outside training run the layers in turn (1, 1, 1).
     pipeline_stages: int = 1

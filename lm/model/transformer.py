@@ -270,7 +270,7 @@ def run_blocks(cfg: ModelConfig, deterministic: bool, x_BLD: Array, *context: Ar
 
 
 def _pipelined(layers: nn.Module, block: nn.Module, x_BLD: Array, context: tuple) -> Array:
-    """The scanned `layers`' stacked variables run by lm.parallel.pipeline's schedule, one
+    """The scanned `layers`' stacked variables run by lm.model.pipeline's schedule, one
     `block` (unbound) applied per layer. Initialisation takes the scan (same parameters)."""
     c = block.cfg
     rng = None if block.deterministic else layers.make_rng("dropout")

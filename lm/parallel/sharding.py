@@ -31,7 +31,7 @@ Rules = Sequence[tuple[str, Any]]
 
 def mesh_shape(shape: dict[str, int], num_devices: int) -> tuple[int, ...]:
     """Resolves a -1 axis and checks the product equals the device count."""
-    sizes = {axis: shape[axis] for axis in MESH_AXES}
+    sizes = {axis: shape.get(axis, 1) for axis in MESH_AXES}  # a config from before stages has none
     fixed = math.prod(s for s in sizes.values() if s != -1)
     described = describe(sizes)
     if -1 in sizes.values():
@@ -59,7 +59,7 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] |
     # Auto axes: GSPMD propagates shardings from the logical constraints, so no op has
     # to name its output sharding (Explicit axes would demand that of every matmul).
     axis_types = (AxisType.Auto,) * len(MESH_AXES)
-    dcn = tuple(dict(config.mesh.dcn_shape)[axis] for axis in MESH_AXES)
+    dcn = tuple(dict(config.mesh.dcn_shape).get(axis, 1) for axis in MESH_AXES)
     granules = math.prod(dcn)
     if granules == 1:
         shape = mesh_shape(dict(config.mesh.shape), len(devices))
