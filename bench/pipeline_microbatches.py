@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from lm.errors import quiet_logging, reject_positional  # noqa: E402
+from lm.errors import UsageError, quiet_logging, reject_positional  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("stages", 4, "Pipeline stages S.", lower_bound=2)
@@ -82,6 +82,15 @@ def time_steps(stages: int, microbatches: int) -> float:
 def main(argv):
     reject_positional(argv)
     quiet_logging()
+    try:
+        run()
+    except UsageError as e:  # flags whose mesh or pipeline cannot work: lm's own message, no traceback
+        sys.exit(f"bench/pipeline_microbatches.py: {e}".replace("config.mesh.shape.stage x config.mesh.dcn_shape"
+                                                                 ".stage", "--stages"))
+
+
+def run() -> None:
+    """Prints the table (see the module docstring)."""
     import jax
 
     from lm.model import pipeline

@@ -82,6 +82,8 @@ def test_cpu_devices_default_to_cores_that_divide_the_batch():
     (["--config.mesh.shape.data=3", "--config.mesh.cpu_devices=2"], "needs 3 devices, but 2 are available"),
     (["--workdir=gs://bucket/run"], "--workdir=gs://bucket/run is a URL"),
     (["--coordinator_address=127.0.0.1:9999"], "--num_processes --process_id missing"),
+    (["--config.mesh.pipeline_repeats=1.5"], "--config.mesh.pipeline_repeats=1.5: invalid literal for int() with "
+                                             "base 10: '1.5'. Fix: give that field a whole number."),
 ])
 def test_cli_fails_before_training_with_one_clear_message(tmp_path, flags, expected):
     workdir = tmp_path / "run"

@@ -113,9 +113,6 @@ def test_outside_the_pipeline_each_stage_computes_the_head_for_its_share_of_the_
     text = trainer.compile_step(config.train.batch_size, config.data.seq_len).as_text()
     rows = {int(r) for r in re.findall(rf"f32\[(\d+),{config.data.seq_len},997\]", text)}  # [rows, L, V] logits
     assert max(rows) == 16 // 8, rows  # 16 rows over 2 stages x 4 fsdp shards, never all 4 of an fsdp shard
-    config, trainer = trainer_for(dict(stage=2, data=1, fsdp=4, tensor=1), jax.devices(), train__microbatches=3,
-                                  train__batch_size=24, eval__batch_size=12)
-    assert dict(trainer.rules)["batch"] == ("data", "fsdp")  # 12 rows do not split 8 ways: every stage has all
 
 
 def test_in_a_pipeline_the_no_batch_dims_remat_policy_still_saves_the_weight_matmuls():
@@ -208,15 +205,18 @@ def test_a_checkpoint_saved_with_4_stages_restores_with_1_and_2_bit_for_bit_and_
 
 @pytest.mark.parametrize("overrides,message", [
     (dict(model__num_layers=6, mesh__pipeline_repeats=2),
-     r"config\.model\.num_layers=6 does not split into 2 stages x 2 repeats .* Fix: a layer count that is a "
+     r"config\.model\.num_layers=6 does not split into 2 stages .* x 2 repeats .* Fix: a layer count that is a "
      r"multiple of 4"),
-    (dict(train__microbatches=1), r"config\.train\.microbatches=1 is fewer than the 2 pipeline stages .* Fix: "
+    (dict(train__microbatches=1), r"config\.train\.microbatches=1 is fewer than the 2 pipeline stages "
+                                  r"\(config\.mesh\.shape\.stage x config\.mesh\.dcn_shape\.stage\).* Fix: "
                                   r"train\.microbatches >= 2"),
+    (dict(train__microbatches=3, train__batch_size=24, eval__batch_size=24),
+     r"config\.train\.microbatches=3 is not a multiple of the 2 pipeline stages .* Fix: train\.microbatches=4 or 2"),
     (dict(model__family="encoder_decoder", objective__name="span_corruption", objective__extra_ids=4),
-     r"config\.mesh\.shape\.stage=2: the encoder_decoder family has no pipeline .* Fix: mesh\.shape\.stage=1"),
-    (dict(model__scan_layers=False), r"config\.mesh\.shape\.stage=2 needs config\.model\.scan_layers=True"),
-    (dict(eval__batch_size=12), r"config\.eval\.batch_size=12 does not split into the pipeline's "
-                                r"config\.train\.microbatches=4 slices of a multiple of the 4 batch shards"),
+     r"2 pipeline stages .*: the encoder_decoder family has no pipeline .* Fix: mesh\.shape\.stage=1"),
+    (dict(model__scan_layers=False), r"2 pipeline stages .* need config\.model\.scan_layers=True"),
+    (dict(eval__batch_size=12), r"config\.eval\.batch_size=12 is not a multiple of config\.train\.microbatches=4 "
+                                r"x the 4 batch shards .* = 16: evaluation runs through the pipeline's microbatches"),
 ])
 def test_a_pipeline_that_cannot_run_fails_before_compiling_with_one_message_naming_the_field(overrides, message):
     with pytest.raises(sharding.MeshError if "eval" in message else PipelineError, match=message):
@@ -235,3 +235,22 @@ def test_a_config_written_before_stages_existed_still_validates_and_has_one_stag
     config.mesh.dcn_shape = dict(data=1, fsdp=1, tensor=1)
     validation.validate(config)
     assert dict(sharding.make_mesh(config, jax.devices()).shape) == dict(stage=1, data=2, fsdp=4, tensor=1)
+
+
+def test_a_length_rule_that_does_not_divide_the_input_rows_fails_before_anything_is_written():
+    config = tiny_config(**PIPELINE)  # rows of seq_len + 1 = 65 tokens
+    config.sharding.rules = tuple((name, "tensor" if name == "length" else axes)
+                                  for name, axes in config.sharding.rules)
+    config.mesh.shape.update(dict(stage=1, data=4, fsdp=1, tensor=2))
+    with pytest.raises(sharding.MeshError, match=r"config.sharding.rules map 'length' to \('tensor',\) \(2 devices\), "
+                                                 r"which does not divide the batch's rows of data.seq_len \+ 1 = 65 "
+                                                 r"tokens .* Fix: the rule \('length', None\)"):
+        sharding.check_batch_sizes(config, sharding.make_mesh(config, jax.devices()))
+
+
+def test_a_pipeline_whose_rules_keep_layers_off_the_stage_axis_is_warned_about(caplog):
+    config = tiny_config(**PIPELINE)
+    config.sharding.rules = tuple((name, None if name == "layers" else axes) for name, axes in config.sharding.rules)
+    config.mesh.shape.update(dict(stage=2, data=4, fsdp=1, tensor=1))
+    sharding.check_batch_sizes(config, sharding.make_mesh(config, jax.devices()))
+    assert "does not map 'layers' to 'stage': every one of the 2 pipeline stages holds every layer" in caplog.text

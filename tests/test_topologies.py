@@ -5,6 +5,7 @@ import importlib.util
 import re
 import sys
 
+import jax
 import pytest
 from helpers import tiny_config
 
@@ -166,6 +167,21 @@ def test_a_dcn_shape_over_more_slices_than_the_devices_form_is_one_error():
     with pytest.raises(sharding.MeshError, match=r"spreads the mesh over 2 slices or nodes, but these 8 devices form "
                                                  r"1 slice\(s\) in 1 process\(es\)\. Fix: .*--num_slices=2"):
         sharding.make_mesh(config)
+
+
+def test_a_stage_axis_across_slices_on_one_host_is_refused_for_its_dcn_shape_not_its_shape():
+    config = _tpu_config(mesh__shape={"stage": 2, "data": -1, "fsdp": 1, "tensor": 1},
+                         mesh__dcn_shape={"stage": 2, "data": 1, "fsdp": 1, "tensor": 1})
+    with pytest.raises(sharding.MeshError, match=r"config.mesh.dcn_shape \(stage=2 x data=1 x fsdp=1 x tensor=1\) "
+                                                 r"spreads the mesh over 2 slices or nodes, but these 2 devices form"):
+        sharding.make_mesh(config, jax.devices()[:2])
+
+
+def test_a_dcn_shape_for_other_slices_than_num_slices_names_the_product_it_must_have():
+    config = _tpu_config(mesh__dcn_shape={"stage": 2, "data": 1, "fsdp": 1, "tensor": 1})
+    with pytest.raises(TopologyError, match=r"--num_slices=4 but .* over 2 slice\(s\)\. Fix: make "
+                                            r"config.mesh.dcn_shape's sizes multiply to 4: "):
+        aot.compile_and_report(config, topologies.parse("v5e-4", num_slices=4))
 
 
 def test_when_the_kernel_falls_back_the_report_names_the_one_that_serves(capsys):

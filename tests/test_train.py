@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import run_cli, tiny_config
 
 from lm import objectives
 from lm.data import batches, rows
@@ -107,6 +107,19 @@ def test_evaluation_is_the_mean_loss_over_every_target_once_on_any_mesh():
         example.weights_BL)
     assert float(count) == windows * 16
     np.testing.assert_allclose(losses, float(total) / float(count), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_whole_validation_split_in_small_batches_on_2_cpu_devices_evaluates_to_the_end(tmp_path):
+    """Found by a trial: with every evaluation step dispatched at once, the ~110 batches of
+    the Shakespeare recipe's validation split on 2 XLA:CPU devices deadlocked in a
+    collective's rendezvous and aborted the run (exit 134) after its last training step."""
+    result = run_cli("lm.main", "--config=configs/shakespeare_char.py", f"--workdir={tmp_path}",
+                     "--config.train.steps=2", "--config.optim.warmup_steps=1", "--config.train.eval_every=0",
+                     "--config.train.batch_size=16", "--config.eval.batch_size=16", "--config.mesh.cpu_devices=2",
+                     "--config.sample.max_new_tokens=0", timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "final validation loss" in result.stdout
 
 
 def test_gradient_accumulation_over_4_microbatches_equals_the_full_batch_step():

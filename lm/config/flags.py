@@ -58,6 +58,8 @@ def _flag_error(text: str, argv: list[str]) -> str:
     if _RECIPE_RAISED not in text:
         if "Fix:" in text:  # a validator's message that already says the fix
             return text
+        if "invalid literal for int()" in text:  # an integer field given 1.5 or a word
+            return f"{text.rstrip('.')}. Fix: give that field a whole number."
         return f"{text.rstrip('.')}. Fix: see the flags in `{_command(argv)} --help`."
     flag, _, trace = text.partition(f": {_RECIPE_RAISED}")
     # The exception's own line: the first one at column 0 after the last traceback header.

@@ -4,11 +4,13 @@ microbatches flowing through them in a GPipe or a circular (interleaved) schedul
 Plain JAX under `jax.jit`, after MaxText's circular pipeline (and GSPMD's, Xu et al. 2021,
 section 3.3): one loop iteration runs every stage at once, as a `vmap` over a leading
 stage axis whose arrays are sharded over the `stage` mesh axis; between iterations each
-stage's output shifts to the next stage (a collective permute, the only traffic between
-stages). The backward pass is the loop's autodiff: all microbatches forward, then all
+stage's output shifts to the next stage (`jax.lax.ppermute`), and the last stage's goes
+back to every stage (a masked `psum`) for the first to take in the next repeat or for the
+head after the loop. The backward pass is the loop's autodiff: all microbatches forward, then all
 backward (GPipe's order).
 
-Schedule. S stages, R repeats (virtual stages per device), M microbatches (M >= S), L
+Schedule. S stages, R repeats (virtual stages per device), M microbatches (a multiple of
+S: outside the pipeline each stage takes an equal share of the rows), L
 layers in chunks of L / (S R). Chunk c = r S + s runs on stage s in repeat r, so a
 microbatch passes stages 0..S-1 R times; it reaches stage s of repeat r at iteration
 t = r M + m + s. The loop runs M R + S - 1 iterations, each stage idle for S - 1 of them:
@@ -41,6 +43,7 @@ from lm.errors import UsageError
 
 Array = jax.Array
 STAGE_AXIS = "stage"  # the mesh axis stages are spread over
+_STAGES = "(config.mesh.shape.stage x config.mesh.dcn_shape.stage)"  # the fields that set the stage count
 
 
 class PipelineError(UsageError):
@@ -79,22 +82,28 @@ def check(num_layers: int, stages: int, repeats: int, microbatches: int, scan_la
                                 "pipeline_repeats=1.")
         return
     if family == "encoder_decoder":
-        raise PipelineError(f"config.mesh.shape.stage={stages}: the encoder_decoder family has no pipeline (its "
-                            "decoder's every layer reads the encoder's output). Fix: mesh.shape.stage=1, with "
-                            "fsdp or tensor axes to split the model.")
+        raise PipelineError(f"{stages} pipeline stages {_STAGES}: the encoder_decoder family has no pipeline (its "
+                            "decoder's every layer reads the encoder's output). Fix: mesh.shape.stage=1 and "
+                            "dcn_shape.stage=1, with fsdp or tensor axes to split the model.")
     if not scan_layers:
-        raise PipelineError(f"config.mesh.shape.stage={stages} needs config.model.scan_layers=True: stages hold "
+        raise PipelineError(f"{stages} pipeline stages {_STAGES} need config.model.scan_layers=True: stages hold "
                             "slices of the stacked layer axis. Fix: set model.scan_layers=True.")
     if num_layers % (stages * repeats):
         raise PipelineError(
-            f"config.model.num_layers={num_layers} does not split into {stages} stages x {repeats} repeats "
-            f"(config.mesh.shape.stage x config.mesh.pipeline_repeats = {stages * repeats} chunks of equal depth). "
+            f"config.model.num_layers={num_layers} does not split into {stages} stages {_STAGES} x {repeats} repeats "
+            f"(config.mesh.pipeline_repeats): {stages * repeats} chunks of equal depth. "
             f"Fix: a layer count that is a multiple of {stages * repeats}, or fewer stages or repeats.")
     if microbatches < stages:
         raise PipelineError(
-            f"config.train.microbatches={microbatches} is fewer than the {stages} pipeline stages "
-            f"(config.mesh.shape.stage): some stages would never work. Fix: train.microbatches >= {stages} "
-            f"(the bubble fraction is (S - 1) / (M R + S - 1): more microbatches, a smaller bubble).")
+            f"config.train.microbatches={microbatches} is fewer than the {stages} pipeline stages {_STAGES}: "
+            f"some stages would never work. Fix: train.microbatches >= {stages}, a multiple of {stages} (the bubble "
+            "fraction is (S - 1) / (M R + S - 1): more microbatches, a smaller bubble).")
+    if microbatches % stages:
+        raise PipelineError(
+            f"config.train.microbatches={microbatches} is not a multiple of the {stages} pipeline stages {_STAGES}: "
+            "outside the pipeline each stage takes an equal share of the microbatches' rows (the embedding, the "
+            f"head and the loss). Fix: train.microbatches={microbatches + stages - microbatches % stages} or "
+            f"{microbatches - microbatches % stages}.")
 
 
 def microbatch_slices(x_B: Array, microbatches: int) -> Array:
@@ -112,13 +121,58 @@ def merge_microbatches(x_M: Array) -> Array:
     return x_M.swapaxes(0, 1).reshape(-1, *x_M.shape[2:])
 
 
-def _on_stages(x: Array) -> Array:
-    """Pins the leading axis of `x` to the `stage` mesh axis (the others left to the
-    compiler); outside a mesh with that axis, `x` as it is."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or STAGE_AXIS not in mesh.axis_names:
+ACTIVATION_AXES = ("batch", "length", "act_embed")  # the logical axes of a microbatch's x_bLD
+
+
+def _laid_out(x: Array, lead: str | None, names: tuple[str, ...] = ()) -> Array:
+    """`x` with its leading axis on the `lead` mesh axis (None: replicated) and the others
+    on the mesh axes the current rules give `names` (left to the compiler without names);
+    outside a mesh with a `stage` axis, `x` as it is. Pinning every axis keeps the compiler
+    from splitting a microbatch's rows over the stages inside the loop, which turns the
+    stage-to-stage shift into all-to-alls (and deadlocks XLA:CPU's collectives)."""
+    if _stage_mesh() is None:
         return x
-    return jax.lax.with_sharding_constraint(x, P(STAGE_AXIS, *[P.UNCONSTRAINED] * (x.ndim - 1)))
+    rest = tuple(nn.logical_to_mesh_axes(names)) if names else (P.UNCONSTRAINED,) * (x.ndim - 1)
+    return jax.lax.with_sharding_constraint(x, P(lead, *rest))
+
+
+def _on_stages(x: Array, names: tuple[str, ...] = ()) -> Array:
+    """`x` [S, ...] with its stage axis on the `stage` mesh axis (`_laid_out`)."""
+    return _laid_out(x, STAGE_AXIS, names)
+
+
+def _stage_mesh():
+    """The context's mesh if it has a `stage` axis, else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or STAGE_AXIS not in mesh.axis_names else mesh
+
+
+def _shift_to_next_stage(x_S: Array) -> Array:
+    """[S, ...] -> [S, ...] with entry s holding x[s - 1] (and entry 0 x[S - 1]): under a
+    mesh, one collective permute over `stage` (`jax.lax.ppermute` in a `jax.shard_map`
+    manual over that axis alone). Left to the partitioner, the slice-and-concatenate
+    becomes all-to-alls, which deadlock XLA:CPU's in-process collectives in a loop."""
+    mesh = _stage_mesh()
+    if mesh is None:
+        return jnp.roll(x_S, 1, axis=0)
+    stages = x_S.shape[0]
+    send = lambda x: jax.lax.ppermute(x, STAGE_AXIS, [(s, (s + 1) % stages) for s in range(stages)])
+    return jax.shard_map(send, in_specs=P(STAGE_AXIS), out_specs=P(STAGE_AXIS), axis_names={STAGE_AXIS})(x_S)
+
+
+def _last_stage(x_S: Array) -> Array:
+    """x[S - 1], on every stage: under a mesh, the last stage's entry summed over `stage`
+    with the others' zeros (one all-reduce of one entry)."""
+    mesh = _stage_mesh()
+    if mesh is None:
+        return x_S[-1]
+    stages = x_S.shape[0]
+
+    def broadcast(x):
+        mine = jnp.where(jax.lax.axis_index(STAGE_AXIS) == stages - 1, x[0], jnp.zeros_like(x[0]))
+        return jax.lax.psum(mine, STAGE_AXIS)
+
+    return jax.shard_map(broadcast, in_specs=P(STAGE_AXIS), out_specs=P(), axis_names={STAGE_AXIS})(x_S)
 
 
 def stage_chunks(layers_L: Any, stages: int, repeats: int) -> Any:
@@ -166,21 +220,24 @@ def run(layer_fn: LayerFn, layers_L: Any, x_BLD: Array, context_BL: tuple, *, st
         k_S = t - s_S  # the (repeat, microbatch) step each stage is at: k = r M + m
         micro_S, repeat_S = k_S % M, jnp.clip(k_S // M, 0, R - 1)
         first_bLD = jax.lax.dynamic_index_in_dim(buffer_MbLD, t % M, keepdims=False)
-        inputs_SbLD = _on_stages(jnp.concatenate([first_bLD[None], outputs_SbLD[:-1]]))  # stage s reads s - 1
+        from_previous_SbLD = _shift_to_next_stage(outputs_SbLD)  # stage s reads s - 1's output
+        inputs_SbLD = _on_stages(jnp.where((s_S == 0)[:, None, None, None], first_bLD[None], from_previous_SbLD),
+                                 ACTIVATION_AXES)
         context_SbL = tuple(None if c is None else jnp.take(c, micro_S, axis=0) for c in context_MbL)
         outputs_SbLD = jax.vmap(stage, spmd_axis_name=STAGE_AXIS)(
             chunks_SR, repeat_S, inputs_SbLD, context_SbL, (repeat_S * S + s_S) * depth, micro_S)
-        outputs_SbLD = _on_stages(outputs_SbLD)
+        outputs_SbLD = _on_stages(outputs_SbLD, ACTIVATION_AXES)
         done = t - (S - 1)  # the step the last stage finished: its output goes back to the buffer
         slot = done % M
         finished = (done >= 0) & (done < M * R)
         kept = jax.lax.dynamic_index_in_dim(buffer_MbLD, slot, keepdims=False)
-        buffer_MbLD = jax.lax.dynamic_update_index_in_dim(
-            buffer_MbLD, jnp.where(finished, outputs_SbLD[-1], kept), slot, axis=0)
+        buffer_MbLD = _laid_out(jax.lax.dynamic_update_index_in_dim(
+            buffer_MbLD, jnp.where(finished, _last_stage(outputs_SbLD), kept), slot, axis=0), None, ACTIVATION_AXES)
         return (outputs_SbLD, buffer_MbLD), None
 
     with replicated_over_stages():  # `stage` is the vmap's inside
-        start = (_on_stages(jnp.zeros((S, *x_MbLD.shape[1:]), x_MbLD.dtype)), x_MbLD)
+        start = (_on_stages(jnp.zeros((S, *x_MbLD.shape[1:]), x_MbLD.dtype), ACTIVATION_AXES),
+                 _laid_out(x_MbLD, None, ACTIVATION_AXES))
         (_, buffer_MbLD), _ = jax.lax.scan(iteration, start, jnp.arange(iterations(S, M, R)))
     return merge_microbatches(buffer_MbLD)
 

@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import ml_collections
+from absl import logging
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -69,7 +70,6 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] |
             f"config.mesh.dcn_shape ({describe(dict(zip(MESH_AXES, dcn)))}) makes {granules} slices or nodes, "
             f"which does not divide the {len(devices)} devices. Fix: make its sizes multiply to the number of "
             "slices (TPU multislice) or nodes.")
-    ici = mesh_shape(dict(config.mesh.shape), len(devices) // granules)
     # TPU multislice: slices are the granules. GPUs and CPUs report one slice: nodes (processes) are.
     slices = len({getattr(d, "slice_index", 0) for d in devices})
     by_process = slices < granules
@@ -80,6 +80,7 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] |
             f"slices or nodes, but these {len(devices)} devices form {slices} slice(s) in {processes} process(es). "
             "Fix: keep dcn_shape at 1 on one slice or node, or run one process a node on that many nodes (for "
             f"an ahead-of-time check: --topology=<TPU slice> --num_slices={granules}).")
+    ici = mesh_shape(dict(config.mesh.shape), len(devices) // granules)
     array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process)
     return Mesh(array, MESH_AXES, axis_types=axis_types)
 
@@ -92,9 +93,7 @@ def rules_from_config(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any
 
 def batch_shards(mesh: Mesh, rules: Rules) -> int:
     """How many ways the batch dimension is split (the product of its mesh axes)."""
-    spec = nn.logical_to_mesh_axes(("batch",), rules)[0]
-    axes = spec if isinstance(spec, tuple) else (spec,) if spec else ()
-    return math.prod(mesh.shape[a] for a in axes)
+    return math.prod(mesh.shape[a] for a in _axes_of("batch", rules))
 
 
 def pipeline_stages(mesh: Mesh) -> int:
@@ -102,22 +101,14 @@ def pipeline_stages(mesh: Mesh) -> int:
     return dict(mesh.shape).get(pipeline.STAGE_AXIS, 1)
 
 
-def batch_splits_over_stages(config: ml_collections.ConfigDict, mesh_shape: Mapping[str, int]) -> bool:
-    """Whether a pipelined step splits its batch over the stages outside the pipeline: the
-    train and eval batches divide into stages x batch shards (data x fsdp)."""
-    stages = mesh_shape.get(pipeline.STAGE_AXIS, 1)
-    ways = stages * mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
-    return stages > 1 and config.train.batch_size % ways == 0 and config.eval.batch_size % ways == 0
-
-
 def step_rules(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[tuple[str, Any], ...]:
-    """The rules the train and eval steps run under. In a pipeline whose batch divides
-    (`batch_splits_over_stages`), the batch is split over `stage` too outside the pipeline:
-    each stage computes the embedding, the head and the loss for its share of the rows,
-    not all of them (the pipeline itself sees every row: lm.model.pipeline drops `stage`
-    from the rules inside)."""
+    """The rules the train and eval steps run under. In a pipeline, the batch is split over
+    `stage` too outside the pipeline: each stage computes the embedding, the head and the
+    loss for its share of the rows, not all of them (the pipeline itself sees every row:
+    lm.model.pipeline drops `stage` from the rules inside). `check_batch_sizes` makes sure
+    the rows divide (microbatches are a multiple of the stages)."""
     rules = rules_from_config(config)
-    if not batch_splits_over_stages(config, dict(mesh.shape)):
+    if pipeline_stages(mesh) == 1:
         return rules
     as_tuple = lambda axes: axes if isinstance(axes, tuple) else (axes,) if axes else ()
     return tuple((name, (pipeline.STAGE_AXIS, *as_tuple(axes)) if name == "batch" else axes) for name, axes in rules)
@@ -129,7 +120,12 @@ def check_batch_sizes(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     stages = pipeline_stages(mesh)
     pipeline.check(config.model.num_layers, stages, config.mesh.pipeline_repeats, config.train.microbatches,
                    config.model.scan_layers, config.model.family)
-    shards = batch_shards(mesh, rules_from_config(config))
+    rules = rules_from_config(config)
+    check_row_length(config, mesh, rules)
+    if stages > 1 and pipeline.STAGE_AXIS not in _axes_of("layers", rules):
+        logging.warning("lm: config.sharding.rules does not map 'layers' to 'stage': every one of the %d pipeline "
+                        "stages holds every layer's weights. Fix: the rule ('layers', 'stage').", stages)
+    shards = batch_shards(mesh, rules)
     for field in ("train.batch_size", "eval.batch_size"):
         section, name = field.split(".")
         value = config[section][name]
@@ -146,9 +142,30 @@ def check_batch_sizes(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
             "or fewer microbatches.")
     if stages > 1 and config.eval.batch_size % (micro * shards):  # evaluation runs through the pipeline too
         raise MeshError(
-            f"config.eval.batch_size={config.eval.batch_size} does not split into the pipeline's "
-            f"config.train.microbatches={micro} slices of a multiple of the {shards} batch shards "
-            f"({describe(mesh.shape)}). Fix: use an eval batch size that is a multiple of {micro * shards}.")
+            f"config.eval.batch_size={config.eval.batch_size} is not a multiple of config.train.microbatches="
+            f"{micro} x the {shards} batch shards ({describe(mesh.shape)}) = {micro * shards}: evaluation runs through "
+            f"the pipeline's microbatches too. Fix: an eval batch size that is a multiple of {micro * shards}.")
+
+
+def _axes_of(logical: str, rules: Rules) -> tuple[str, ...]:
+    """The mesh axes the rules map a logical axis to."""
+    spec = nn.logical_to_mesh_axes((logical,), rules)[0]
+    return spec if isinstance(spec, tuple) else (spec,) if spec else ()
+
+
+def check_row_length(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules) -> None:
+    """A batch arrives as rows of data.seq_len + 1 tokens (inputs and their shifted targets)
+    placed by the rules' ("batch", "length") layout: a rule splitting `length` over mesh
+    axes must divide that length, else MeshError naming the rule and the fix."""
+    axes = _axes_of("length", rules)
+    ways = math.prod(mesh.shape[a] for a in axes)
+    row = config.data.seq_len + 1
+    if row % ways:
+        raise MeshError(
+            f"config.sharding.rules map 'length' to {axes} ({ways} devices), which does not divide the batch's "
+            f"rows of data.seq_len + 1 = {row} tokens (inputs and their shifted targets). Fix: the rule "
+            "('length', None) (activations inside the model follow the act_* rules), or a data.seq_len + 1 that "
+            f"is a multiple of {ways}.")
 
 
 FIXES = {  # logical axis -> the config field that sets its size

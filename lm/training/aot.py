@@ -206,8 +206,9 @@ def _mesh(config: ml_collections.ConfigDict, slices: topologies.Slices | None) -
         return sharding.make_mesh(config)
     granules = math.prod(dict(config.mesh.dcn_shape).values())
     if granules != slices.num_slices:
-        fix = (f"--config.mesh.dcn_shape.data={slices.num_slices} (data parallel across the slices over DCN), "
-               f"or --config.mesh.dcn_shape.stage={slices.num_slices} (pipeline stages across them)"
+        fix = (f"make config.mesh.dcn_shape's sizes multiply to {slices.num_slices}: "
+               f"--config.mesh.dcn_shape.data={slices.num_slices} (data parallel across the slices over DCN) or "
+               f"--config.mesh.dcn_shape.stage={slices.num_slices} (pipeline stages across them), the other axes at 1"
                if slices.num_slices > 1 else
                f"--num_slices={granules} to compile for {granules} slices, or dcn_shape sizes of 1 for one")
         raise topologies.TopologyError(

@@ -17,7 +17,6 @@ import ml_collections
 
 from lm.errors import UsageError
 from lm.model import ModelConfig, attention, pipeline
-from lm.parallel.sharding import batch_splits_over_stages
 
 GiB = 1024**3
 
@@ -63,8 +62,7 @@ def activation_bytes(cfg: ModelConfig, config: ml_collections.ConfigDict, mesh_s
     if cfg.pipeline_stages > 1:  # every microbatch's activations are held at once (GPipe's order)
         stages, repeats = cfg.pipeline_stages, cfg.pipeline_repeats
         layers = pipeline.iterations(stages, cfg.pipeline_microbatches, repeats) * (layers // (stages * repeats))
-        split = stages if batch_splits_over_stages(config, mesh_shape) else 1  # the head's rows, over the stages
-        logit_tokens = tokens * cfg.pipeline_microbatches // split
+        logit_tokens = tokens * cfg.pipeline_microbatches // stages  # the head's rows are split over the stages
     return int(tokens * (layers * kept + recomputed) * width + logit_tokens * logits)
 
 

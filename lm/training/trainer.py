@@ -138,12 +138,21 @@ def _place(tree: Any, target: jax.sharding.Sharding) -> Any:
                         if isinstance(x, jax.ShapeDtypeStruct) else jax.device_put(x, target), tree)
 
 
+# Evaluation steps dispatched ahead of the device at most. Unbounded, a long validation split
+# on several XLA:CPU devices (a CPU run's mesh) queued a hundred steps whose collectives then
+# deadlocked in XLA's in-process rendezvous (a 40 s timeout, then abort: data=2, eval batch
+# 16, about 110 batches); on accelerators a few steps ahead already keep the device busy.
+EVAL_STEPS_IN_FLIGHT = 8
+
+
 def evaluate(trainer: Trainer, params: Any, dataset) -> float:
     """Mean token loss over every batch of `dataset` (summed on device, fetched once)."""
     from lm.data import batches  # late: lm.data brings Grain and TFDS, which the step itself never needs
 
     totals = tuple(jax.device_put(np.zeros((), np.float32), sharding.replicated(trainer.mesh)) for _ in range(2))
-    for local_batch in dataset:
+    for index, local_batch in enumerate(dataset, start=1):
         totals = trainer.eval_step(params, batches.to_global(local_batch, trainer.batch_sharding), totals)
+        if index % EVAL_STEPS_IN_FLIGHT == 0:
+            jax.block_until_ready(totals)
     loss_sum, weight_sum = jax.device_get(totals)
     return float(loss_sum) / max(float(weight_sum), 1.0)
