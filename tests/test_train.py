@@ -110,11 +110,16 @@ def test_evaluation_is_the_mean_loss_over_every_target_once_on_any_mesh():
 
 
 @pytest.mark.slow
-def test_a_whole_validation_split_in_small_batches_on_2_cpu_devices_evaluates_to_the_end(tmp_path):
-    """Found by a trial: with every evaluation step dispatched at once, the ~110 batches of
+@pytest.mark.parametrize("layout", [["--config.mesh.shape.data=2"],
+                                    ["--config.mesh.shape.stage=2", "--config.mesh.shape.data=1",
+                                     "--config.model.scan_layers=True", "--config.train.microbatches=2"]],
+                         ids=["data2", "stage2"])
+def test_a_whole_validation_split_in_small_batches_on_2_cpu_devices_evaluates_to_the_end(tmp_path, layout):
+    """Found by trials: with every evaluation step dispatched at once, the ~110 batches of
     the Shakespeare recipe's validation split on 2 XLA:CPU devices deadlocked in a
-    collective's rendezvous and aborted the run (exit 134) after its last training step."""
-    result = run_cli("lm.main", "--config=configs/shakespeare_char.py", f"--workdir={tmp_path}",
+    collective's rendezvous and aborted the run (exit 134) after its last training step;
+    so did a pipeline's stage-to-stage shift when the partitioner made it all-to-alls."""
+    result = run_cli("lm.main", "--config=configs/shakespeare_char.py", f"--workdir={tmp_path}", *layout,
                      "--config.train.steps=2", "--config.optim.warmup_steps=1", "--config.train.eval_every=0",
                      "--config.train.batch_size=16", "--config.eval.batch_size=16", "--config.mesh.cpu_devices=2",
                      "--config.sample.max_new_tokens=0", timeout=300, check=False)

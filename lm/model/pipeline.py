@@ -124,21 +124,14 @@ def merge_microbatches(x_M: Array) -> Array:
 ACTIVATION_AXES = ("batch", "length", "act_embed")  # the logical axes of a microbatch's x_bLD
 
 
-def _laid_out(x: Array, lead: str | None, names: tuple[str, ...] = ()) -> Array:
-    """`x` with its leading axis on the `lead` mesh axis (None: replicated) and the others
-    on the mesh axes the current rules give `names` (left to the compiler without names);
-    outside a mesh with a `stage` axis, `x` as it is. Pinning every axis keeps the compiler
-    from splitting a microbatch's rows over the stages inside the loop, which turns the
-    stage-to-stage shift into all-to-alls (and deadlocks XLA:CPU's collectives)."""
+def _on_stages(x_S: Array, names: tuple[str, ...] = ()) -> Array:
+    """`x_S` [S, ...] with its stage axis on the `stage` mesh axis and the others on the
+    mesh axes the current rules give `names` (left to the compiler without names); outside
+    a mesh with a `stage` axis, `x_S` as it is."""
     if _stage_mesh() is None:
-        return x
-    rest = tuple(nn.logical_to_mesh_axes(names)) if names else (P.UNCONSTRAINED,) * (x.ndim - 1)
-    return jax.lax.with_sharding_constraint(x, P(lead, *rest))
-
-
-def _on_stages(x: Array, names: tuple[str, ...] = ()) -> Array:
-    """`x` [S, ...] with its stage axis on the `stage` mesh axis (`_laid_out`)."""
-    return _laid_out(x, STAGE_AXIS, names)
+        return x_S
+    rest = tuple(nn.logical_to_mesh_axes(names)) if names else (P.UNCONSTRAINED,) * (x_S.ndim - 1)
+    return jax.lax.with_sharding_constraint(x_S, P(STAGE_AXIS, *rest))
 
 
 def _stage_mesh():
@@ -231,13 +224,13 @@ def run(layer_fn: LayerFn, layers_L: Any, x_BLD: Array, context_BL: tuple, *, st
         slot = done % M
         finished = (done >= 0) & (done < M * R)
         kept = jax.lax.dynamic_index_in_dim(buffer_MbLD, slot, keepdims=False)
-        buffer_MbLD = _laid_out(jax.lax.dynamic_update_index_in_dim(
-            buffer_MbLD, jnp.where(finished, _last_stage(outputs_SbLD), kept), slot, axis=0), None, ACTIVATION_AXES)
+        buffer_MbLD = jax.lax.dynamic_update_index_in_dim(
+            buffer_MbLD, jnp.where(finished, _last_stage(outputs_SbLD), kept), slot, axis=0)
         return (outputs_SbLD, buffer_MbLD), None
 
     with replicated_over_stages():  # `stage` is the vmap's inside
         start = (_on_stages(jnp.zeros((S, *x_MbLD.shape[1:]), x_MbLD.dtype), ACTIVATION_AXES),
-                 _laid_out(x_MbLD, None, ACTIVATION_AXES))
+                 x_MbLD)
         (_, buffer_MbLD), _ = jax.lax.scan(iteration, start, jnp.arange(iterations(S, M, R)))
     return merge_microbatches(buffer_MbLD)
 
