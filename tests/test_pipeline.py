@@ -238,18 +238,18 @@ def test_a_config_written_before_stages_existed_still_validates_and_has_one_stag
 
 
 def test_a_length_rule_that_does_not_divide_the_input_rows_fails_before_anything_is_written():
-    config = tiny_config(**PIPELINE)  # rows of seq_len + 1 = 65 tokens
+    config = tiny_config(**PIPELINE)  # rows of seq_len + 1 = 17 tokens
     config.sharding.rules = tuple((name, "tensor" if name == "length" else axes)
                                   for name, axes in config.sharding.rules)
     config.mesh.shape.update(dict(stage=1, data=4, fsdp=1, tensor=2))
     with pytest.raises(sharding.MeshError, match=r"config.sharding.rules map 'length' to \('tensor',\) \(2 devices\), "
-                                                 r"which does not divide the batch's rows of data.seq_len \+ 1 = 65 "
+                                                 r"which does not divide the batch's rows of data.seq_len \+ 1 = 17 "
                                                  r"tokens .* Fix: the rule \('length', None\)"):
         sharding.check_batch_sizes(config, sharding.make_mesh(config, jax.devices()))
 
 
 def test_a_pipeline_whose_rules_keep_layers_off_the_stage_axis_is_warned_about(caplog):
-    config = tiny_config(**PIPELINE)
+    config = tiny_config(**PIPELINE, train__batch_size=16)
     config.sharding.rules = tuple((name, None if name == "layers" else axes) for name, axes in config.sharding.rules)
     config.mesh.shape.update(dict(stage=2, data=4, fsdp=1, tensor=1))
     sharding.check_batch_sizes(config, sharding.make_mesh(config, jax.devices()))
