@@ -69,6 +69,13 @@ def describe(stages: int, microbatches: int, repeats: int = 1) -> str:
             f"{bubble_fraction(stages, microbatches, repeats):.4f} = (S - 1) / (M R + S - 1)")
 
 
+def describe_model(cfg) -> str | None:
+    """`describe` for a pipelined ModelConfig (its pipeline_* fields); None without stages."""
+    if cfg.pipeline_stages == 1:
+        return None
+    return describe(cfg.pipeline_stages, cfg.pipeline_microbatches, cfg.pipeline_repeats)
+
+
 def check(num_layers: int, stages: int, repeats: int, microbatches: int, scan_layers: bool, family: str) -> None:
     """Raises PipelineError, naming the config field and the fix, for a pipeline of
     `stages` x `repeats` that this model or batch split cannot run."""
@@ -128,16 +135,16 @@ def _on_stages(x_S: Array, names: tuple[str, ...] = ()) -> Array:
     """`x_S` [S, ...] with its stage axis on the `stage` mesh axis and the others on the
     mesh axes the current rules give `names` (left to the compiler without names); outside
     a mesh with a `stage` axis, `x_S` as it is."""
-    if _stage_mesh() is None:
+    if not _under_stage_mesh():
         return x_S
     rest = tuple(nn.logical_to_mesh_axes(names)) if names else (P.UNCONSTRAINED,) * (x_S.ndim - 1)
     return jax.lax.with_sharding_constraint(x_S, P(STAGE_AXIS, *rest))
 
 
-def _stage_mesh():
-    """The context's mesh if it has a `stage` axis, else None."""
+def _under_stage_mesh() -> bool:
+    """Whether the context's mesh has a `stage` axis."""
     mesh = jax.sharding.get_abstract_mesh()
-    return None if mesh.empty or STAGE_AXIS not in mesh.axis_names else mesh
+    return not mesh.empty and STAGE_AXIS in mesh.axis_names
 
 
 def _shift_to_next_stage(x_S: Array) -> Array:
@@ -145,8 +152,7 @@ def _shift_to_next_stage(x_S: Array) -> Array:
     mesh, one collective permute over `stage` (`jax.lax.ppermute` in a `jax.shard_map`
     manual over that axis alone). Left to the partitioner, the slice-and-concatenate
     becomes all-to-alls, which deadlock XLA:CPU's in-process collectives in a loop."""
-    mesh = _stage_mesh()
-    if mesh is None:
+    if not _under_stage_mesh():
         return jnp.roll(x_S, 1, axis=0)
     stages = x_S.shape[0]
     send = lambda x: jax.lax.ppermute(x, STAGE_AXIS, [(s, (s + 1) % stages) for s in range(stages)])
@@ -156,8 +162,7 @@ def _shift_to_next_stage(x_S: Array) -> Array:
 def _last_stage(x_S: Array) -> Array:
     """x[S - 1], on every stage: under a mesh, the last stage's entry summed over `stage`
     with the others' zeros (one all-reduce of one entry)."""
-    mesh = _stage_mesh()
-    if mesh is None:
+    if not _under_stage_mesh():
         return x_S[-1]
     stages = x_S.shape[0]
 

@@ -110,8 +110,8 @@ def step_rules(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[tuple[str
     rules = rules_from_config(config)
     if pipeline_stages(mesh) == 1:
         return rules
-    as_tuple = lambda axes: axes if isinstance(axes, tuple) else (axes,) if axes else ()
-    return tuple((name, (pipeline.STAGE_AXIS, *as_tuple(axes)) if name == "batch" else axes) for name, axes in rules)
+    batch = (pipeline.STAGE_AXIS, *_axes_of("batch", rules))
+    return tuple((name, batch if name == "batch" else axes) for name, axes in rules)
 
 
 def check_batch_sizes(config: ml_collections.ConfigDict, mesh: Mesh) -> None:

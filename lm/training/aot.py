@@ -158,9 +158,9 @@ def _print_header(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mes
     fallback = f" ({model_cfg.attention} falls back to it here)" if served != model_cfg.attention else ""
     print(f"compiling the train step: {parameters:,} parameters for {where}, mesh {layout}, {served} attention"
           f"{fallback}", flush=True)
-    if model_cfg.pipeline_stages > 1:
-        print(pipeline.describe(model_cfg.pipeline_stages, model_cfg.pipeline_microbatches,
-                                model_cfg.pipeline_repeats), flush=True)
+    schedule = pipeline.describe_model(model_cfg)
+    if schedule:
+        print(schedule, flush=True)
 
 
 def _compile(trainer: Any, config: ml_collections.ConfigDict, slices: topologies.Slices | None,

@@ -192,9 +192,9 @@ def _describe_run(run: Run, progress: Progress, start: int) -> None:
         f"in {len(run.corpus.documents['train']):,} / {len(run.corpus.documents['validation']):,} documents, "
         f"{run.config.data.packing} rows")
     progress.message(f"memory per device (estimate): {memory.describe(run.memory)}")
-    cfg = run.trainer.model_cfg
-    if cfg.pipeline_stages > 1:
-        progress.message(pipeline.describe(cfg.pipeline_stages, cfg.pipeline_microbatches, cfg.pipeline_repeats))
+    schedule = pipeline.describe_model(run.trainer.model_cfg)
+    if schedule:
+        progress.message(schedule)
     if start:
         progress.message(f"branching from the checkpoint at step {start} in {run.branch}" if run.branch else
                          f"resuming from the checkpoint at step {start} in {run.workdir}")

@@ -41,7 +41,7 @@ def attention_kernel(cfg: ModelConfig, config: ml_collections.ConfigDict) -> str
 def activation_bytes(cfg: ModelConfig, config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> int:
     """Estimated activations one device keeps for the backward pass of one microbatch; in a
     pipeline (lm.model.pipeline), of every loop iteration of its stage: M R + S - 1 passes
-    through L / (S R) layers, the bubble's included, and the head's over the whole batch."""
+    through L / (S R) layers, the bubble's included, and the head's over its 1/S of the rows."""
     batch_shards = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
     tensor = mesh_shape.get("tensor", 1)
     tokens = config.train.batch_size // config.train.microbatches // batch_shards * config.data.seq_len
