@@ -1,6 +1,6 @@
 """WSD cooldown branches against separate cosine runs: the loss at each budget, and the compute.
 
-    .venv/bin/python bench/wsd_branches.py --workdir=/tmp/wsd_bench --parallel=2
+    .venv/bin/python bench/wsd_branches.py --workdir=/tmp/wsd_bench --parallel=2 [--seeds=0,1,2]
 
 Runs the two sweeps of configs/scaling/shakespeare_wsd.py with lm.sweep (each resumes if
 rerun): "branches", one stable WSD run and a 20% cooldown branch per budget of 1, 2, 3
@@ -33,13 +33,23 @@ FLAGS = flags.FLAGS
 
 def _define_flags() -> None:
     """Defined when run, not on import (tests import `compare` beside other commands' flags)."""
-    sweep_runs.define_flags("Directory for the two sweeps (branches/, cosine/).")
+    sweep_runs.define_flags("Directory for the sweeps (branches/, cosine/; seed<N>/ for seeds but 0).")
     flags.DEFINE_integer("steps_unit", 500, "Budgets are 1, 2, 3 and 4 times this many steps.", lower_bound=5)
+    flags.DEFINE_list("seeds", ["0"], "config.seed of each pair of sweeps (both kinds share it); with several, "
+                      "the table of each and one of the mean over seeds.")
+    flags.DEFINE_enum("cooldown_shape", "1-sqrt", ["1-sqrt", "linear", "cosine"], "The branches' cooldown.")
 
 
-def run_sweep(kind: str, workdir: str) -> list[dict]:
-    """Runs (or resumes) one sweep and returns its results rows."""
-    return sweep_runs.run_sweep(f"{SWEEP}:{kind},{FLAGS.steps_unit}", os.path.join(workdir, kind), FLAGS.parallel)
+def run_sweep(kind: str, workdir: str, seed: int) -> list[dict]:
+    """Runs (or resumes) one sweep and returns its results rows. Seed 0's sweeps are
+    workdir/branches and workdir/cosine, another's workdir/seed<N>/...; a cooldown shape
+    other than 1-sqrt names its own branches/ directory."""
+    shape = FLAGS.cooldown_shape if kind == "branches" else "1-sqrt"
+    shaped = shape != "1-sqrt"  # the default's arguments and directories are those of earlier runs
+    arg = f"{SWEEP}:{kind},{FLAGS.steps_unit}" + (f",shape={shape}" if shaped else "")
+    arg += f",seed={seed}" if seed else ""
+    directory = os.path.join(workdir, f"seed{seed}" if seed else "", kind + (f"_{shape}" if shaped else ""))
+    return sweep_runs.run_sweep(arg, directory, FLAGS.parallel)
 
 
 def compare(branches: list[dict], cosine: list[dict], tokens_per_step: int) -> tuple[list[str], float, float]:
@@ -58,6 +68,24 @@ def compare(branches: list[dict], cosine: list[dict], tokens_per_step: int) -> t
     return lines, ratio, max(map(abs, gaps))
 
 
+def mean_over_seeds(pairs: list[tuple[list[dict], list[dict]]], tokens_per_step: int) -> tuple[list[str], float]:
+    """The table of each budget's mean validation losses over seeds (one (branches,
+    cosine) pair of results rows per seed), the mean difference and each seed's, and the
+    largest |mean difference|."""
+    lines = ["| budget (steps) | WSD branch, mean | cosine, mean | mean difference | each seed's difference |",
+             "|---:|---:|---:|---:|---|"]
+    largest = 0.0
+    for tokens in sorted(row["tokens"] for row in pairs[0][0]):
+        wsd = [next(r["val_loss"] for r in branches if r["tokens"] == tokens) for branches, _ in pairs]
+        cos = [next(r["val_loss"] for r in cosine if r["tokens"] == tokens) for _, cosine in pairs]
+        gaps = [w - c for w, c in zip(wsd, cos)]
+        mean = sum(gaps) / len(gaps)
+        largest = max(largest, abs(mean))
+        lines.append(f"| {tokens // tokens_per_step} | {sum(wsd) / len(wsd):.4f} | {sum(cos) / len(cos):.4f} | "
+                     f"{mean:+.4f} | {', '.join(f'{g:+.4f}' for g in gaps)} |")
+    return lines, largest
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         sys.exit("usage: bench/wsd_branches.py --workdir=DIR [--steps_unit=500] [--parallel=1]")
@@ -65,14 +93,26 @@ def main(argv: list[str]) -> None:
     from lm.configs import shakespeare_char
 
     config = shakespeare_char.get_config()
-    workdir = os.path.abspath(FLAGS.workdir)
-    branches, cosine = run_sweep("branches", workdir), run_sweep("cosine", workdir)
-    lines, ratio, gap = compare(branches, cosine, config.train.batch_size * config.data.seq_len)
-    print("\n".join(lines))
-    print(f"compute ratio (branches' sweep / cosine runs): {ratio:.3f} (at most {MAX_RATIO}: "
-          f"{'yes' if ratio <= MAX_RATIO else 'NO'})")
-    print(f"largest |difference| in validation loss: {gap:.4f} nats (at most {MAX_GAP}: "
-          f"{'yes' if gap <= MAX_GAP else 'NO'})")
+    workdir, tokens_per_step = os.path.abspath(FLAGS.workdir), config.train.batch_size * config.data.seq_len
+    seeds = _seeds(FLAGS.seeds)
+    pairs = [(run_sweep("branches", workdir, seed), run_sweep("cosine", workdir, seed)) for seed in seeds]
+    for seed, (branches, cosine) in zip(seeds, pairs):
+        lines, ratio, gap = compare(branches, cosine, tokens_per_step)
+        print(f"\nseed {seed}, {FLAGS.cooldown_shape} cooldown:\n" + "\n".join(lines))
+        print(f"compute ratio (branches' sweep / cosine runs): {ratio:.3f} (at most {MAX_RATIO}: "
+              f"{'yes' if ratio <= MAX_RATIO else 'NO'})")
+        print(f"largest |difference| in validation loss: {gap:.4f} nats (at most {MAX_GAP}: "
+              f"{'yes' if gap <= MAX_GAP else 'NO'})")
+    if len(pairs) > 1:
+        lines, gap = mean_over_seeds(pairs, tokens_per_step)
+        print(f"\nmean over seeds {', '.join(map(str, seeds))}:\n" + "\n".join(lines))
+        print(f"largest |mean difference|: {gap:.4f} nats (at most {MAX_GAP}: {'yes' if gap <= MAX_GAP else 'NO'})")
+
+
+def _seeds(given: list[str]) -> list[int]:
+    if not all(s.isdigit() for s in given) or len(set(given)) != len(given):
+        sys.exit(f"--seeds={','.join(given)}: give distinct whole numbers >= 0, e.g. --seeds=0,1,2")
+    return [int(s) for s in given]
 
 
 if __name__ == "__main__":

@@ -204,8 +204,8 @@ def test_fine_tuning_decays_the_head_kernel_and_lora_factors_but_not_norms_or_bi
 def tiny_params(scan_layers: bool, **overrides):
     """A tiny decoder's parameter tree, biases and an untied head included, filled with
     seeded normal values (shapes from the model; its eager init takes seconds)."""
-    cfg = ModelConfig(vocab_size=64, max_len=16, num_layers=2, num_heads=2, d_model=32, head_dim=16, d_ff=64,
-                      use_bias=True, scan_layers=scan_layers, tie_embeddings=False, **overrides)
+    cfg = ModelConfig(**{**dict(vocab_size=64, max_len=16, num_layers=2, num_heads=2, d_model=32, head_dim=16, d_ff=64,
+                                use_bias=True, scan_layers=scan_layers, tie_embeddings=False), **overrides})
     rng = np.random.default_rng(0)
     return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.1, s.shape), s.dtype),
                         nn.meta.unbox(boxed_params(cfg)))
@@ -241,6 +241,20 @@ def test_group_settings_scale_the_rate_and_set_the_decay_of_each_group():
         group = param_groups.group(path)
         np.testing.assert_allclose(update, -expected[group] * flat(params)[path], rtol=1e-6, err_msg="/".join(path))
     assert {param_groups.group(p) for p in flat(params)} == set(expected)
+
+
+def test_a_group_set_for_parameters_the_model_lacks_is_warned_about_when_the_run_is_set_up(tmp_path, caplog):
+    tied_no_bias = tiny_params(scan_layers=True, use_bias=False, tie_embeddings=True)
+    c = tiny_config()
+    assert param_groups.configured_but_empty(c.optim, tied_no_bias) == []  # defaults: nothing to warn about
+    c.optim.groups.head.lr_scale, c.optim.groups.bias.weight_decay, c.optim.groups.norm.lr_scale = 0.5, 0.1, 2.0
+    assert param_groups.configured_but_empty(c.optim, tied_no_bias) == ["head", "bias"]
+    assert param_groups.configured_but_empty(c.optim, tiny_params(scan_layers=True)) == []
+
+    config = tiny_config(optim__groups__head__lr_scale=0.5)  # the tiny model ties its head
+    setup.setup_run(config, str(tmp_path)).close()
+    assert ("config.optim.groups.head is set but this model has no parameter in the group 'head' (the head is the "
+            "token embedding when model.tie_embeddings=True; group 'embedding' sets it)") in caplog.text
 
 
 def muon_moved(scan_layers: bool) -> set:

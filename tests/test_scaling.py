@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from lm.scaling import designs, laws
+from lm.scaling import designs, laws, sweeps
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "chinchilla", "svg_extracted_data.csv")
 
@@ -211,6 +211,30 @@ def test_the_wsd_bench_matches_budgets_by_tokens_and_divides_the_compute_spent()
     lines, ratio, gap = bench.compare(branches, cosine, tokens_per_step=10)
     assert lines[2].startswith("| 10 | 2.5000 | 2.4900 | +0.0100 |") and lines[3].startswith("| 20 | 2.0000 |")
     assert ratio == pytest.approx(280 / 300) and gap == pytest.approx(0.05)
+
+
+def test_the_wsd_bench_averages_each_budgets_difference_over_seeds_and_lists_each_seeds():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("wsd_bench", os.path.join(os.path.dirname(__file__), "..",
+                                                                            "bench", "wsd_branches.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pair = lambda wsd, cos: ([{"tokens": 100, "val_loss": wsd}], [{"tokens": 100, "val_loss": cos}])
+    lines, largest = bench.mean_over_seeds([pair(2.0, 2.03), pair(2.1, 2.11)], tokens_per_step=10)
+    assert lines[2] == "| 10 | 2.0500 | 2.0700 | -0.0200 | -0.0300, -0.0100 |"
+    assert largest == pytest.approx(0.02)
+
+
+def test_the_wsd_recipe_takes_a_cooldown_shape_for_its_branches_and_one_seed_for_both_kinds():
+    recipe = os.path.join(os.path.dirname(__file__), "..", "configs", "scaling", "shakespeare_wsd.py")
+    base, points = sweeps.load(f"{recipe}:branches,20,shape=linear,seed=3")
+    assert (base.seed, base.optim.cooldown_shape, len(points)) == (3, "linear", 5)
+    assert sweeps.load(f"{recipe}:cosine,seed=2")[0].seed == 2
+    for bad in ("cosine,20,shape=linear", "branches,20,shape=square", "branches,20,seed=x", "branches,20,30"):
+        with pytest.raises(sweeps.SweepError, match=f"unknown argument '{bad}'.*shakespeare_wsd.py:branches,500,"
+                                                    "shape=linear,seed=1"):
+            sweeps.load(f"{recipe}:{bad}")
 
 
 def test_the_optimizer_table_gives_each_optimizers_best_rate_and_marks_one_at_its_sweeps_edge():

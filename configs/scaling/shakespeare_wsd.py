@@ -19,8 +19,10 @@ schedule that holds the peak longer gains from it: at 1e-3 every WSD branch beat
 cosine run by 0.039-0.048 nats; at 3e-3 the 500-step pair is 1.995 vs 1.997. Both kinds
 use 3e-3, cooling or decaying to a tenth of it.
 
-The argument is "kind" or "kind,unit": `:branches,20` shrinks the budgets to 1-4 x 20
-steps (the warmup to a fifth of the unit) for a quick check.
+The argument is "kind[,unit][,shape=S][,seed=N]": `:branches,20` shrinks the budgets to
+1-4 x 20 steps (the warmup to a fifth of the unit) for a quick check; `shape` is the
+branches' cooldown (1-sqrt, the default, linear or cosine); `seed` (0) is config.seed, for
+both kinds alike.
 """
 
 from lm.configs import shakespeare_char
@@ -28,25 +30,38 @@ from lm.scaling import designs
 
 BUDGETS = (1, 2, 3, 4)  # in units of steps
 KINDS = ("branches", "cosine")
-
-
+SHAPES = ("1-sqrt", "linear", "cosine")  # the cooldown's; the first is the default
 MIN_UNIT = 5  # the shortest budget (1 unit) then has a 1-step warmup (a fifth) and a 1-step cooldown (20%)
+USAGE = ("use branches or cosine, then optionally a step unit, the branches' cooldown shape and a seed, e.g. "
+         "configs/scaling/shakespeare_wsd.py:branches,500,shape=linear,seed=1")
 
 
-def _parse(arg: str) -> tuple[str, int]:
-    kind, _, unit = arg.partition(",")
-    if kind not in KINDS or not (unit or "500").isdigit():
-        raise ValueError(f"unknown argument {arg!r}: use branches or cosine, optionally with a step unit, "
-                         "e.g. configs/scaling/shakespeare_wsd.py:branches,500")
-    if int(unit or 500) < MIN_UNIT:
-        raise ValueError(f"the argument {arg!r} gives a step unit of {unit}, below {MIN_UNIT}, the least that leaves "
-                         f"the shortest budget (1 unit) a warmup of a fifth and a cooldown of 20%, each of 1 step at "
-                         f"least. Fix: give a unit >= {MIN_UNIT}, e.g. configs/scaling/shakespeare_wsd.py:{kind},20")
-    return kind, int(unit or 500)
+def _parse(arg: str) -> dict:
+    """"kind[,unit][,shape=S][,seed=N]" -> {"kind", "unit", "shape", "seed"}; ValueError naming the fix."""
+    kind, *rest = arg.split(",")
+    parsed = {"kind": kind, "unit": 500, "shape": SHAPES[0], "seed": 0}
+    for i, part in enumerate(rest):
+        key, _, value = part.rpartition("=")
+        key = key or ("unit" if i == 0 else "")
+        if key not in ("unit", "shape", "seed") or (key != "shape" and not value.isdigit()):
+            raise ValueError(f"unknown argument {arg!r} (at {part!r}): {USAGE}")
+        parsed[key] = value if key == "shape" else int(value)
+    if kind not in KINDS or parsed["shape"] not in SHAPES or (kind == "cosine" and "shape=" in arg):
+        raise ValueError(f"unknown argument {arg!r}: {USAGE}; shape is one of {', '.join(SHAPES)}, for branches only")
+    if parsed["unit"] < MIN_UNIT:
+        raise ValueError(f"the argument {arg!r} gives a step unit of {parsed['unit']}, below {MIN_UNIT}, the least "
+                         f"that leaves the shortest budget (1 unit) a warmup of a fifth and a cooldown of 20%, each of "
+                         f"1 step at least. Fix: give a unit >= {MIN_UNIT}, e.g. "
+                         f"configs/scaling/shakespeare_wsd.py:{kind},20")
+    return parsed
+
 
 def get_config(arg: str = "branches"):
-    _, unit = _parse(arg)
+    parsed = _parse(arg)
+    unit = parsed["unit"]
     config = shakespeare_char.get_config()
+    config.seed = parsed["seed"]
+    config.optim.cooldown_shape = parsed["shape"]  # read by the branches' wsd schedule only
     config.optim.lr, config.optim.final_lr = 3e-3, 3e-4  # a tuned rate for every budget (above)
     config.optim.warmup_steps = min(config.optim.warmup_steps, unit // 5)
     config.train.eval_every = 0  # the final validation loss only
@@ -57,8 +72,8 @@ def get_config(arg: str = "branches"):
 
 
 def get_sweep(arg: str = "branches"):
-    kind, unit = _parse(arg)
-    config = get_config(arg)
+    parsed, config = _parse(arg), get_config(arg)
+    kind, unit = parsed["kind"], parsed["unit"]
     steps = [k * unit for k in BUDGETS]
     if kind == "cosine":
         return [{"train.steps": s} for s in steps]

@@ -21,6 +21,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import ml_collections
 import optax
 
@@ -69,6 +70,23 @@ def resolve(optim: ml_collections.ConfigDict, lr_multipliers: Mapping[str, float
         decay = optim.weight_decay if g.weight_decay == SAME_AS_OPTIM else g.weight_decay
         settings[name] = Setting(g.lr_scale * multipliers.get(name, 1.0), decay)
     return settings
+
+
+# Why a group can hold no parameter, for the trainer's warning.
+EMPTY_BECAUSE = {"matrix": "no hidden kernels", "embedding": "no embedding tables",
+                 "head": "the head is the token embedding when model.tie_embeddings=True; group 'embedding' sets it",
+                 "norm": "no norm parameters", "bias": "biases come with model.use_bias=True"}
+
+
+def configured_but_empty(optim: ml_collections.ConfigDict, params: Any) -> list[str]:
+    """The groups whose `optim.groups` entry differs from the default (lm.config.schema)
+    but that hold no parameter of `params` (e.g. `head` with tied embeddings, `bias` in a
+    model without biases): their setting has no effect, which the trainer logs."""
+    from lm.config import schema  # late: a config module, only needed here
+
+    default = schema.get_config().optim.groups
+    present = set(jax.tree_util.tree_leaves(labels(params)))
+    return [name for name in GROUPS if name not in present and optim.groups[name].to_dict() != default[name].to_dict()]
 
 
 def uniform(settings: Mapping[str, Setting]) -> bool:

@@ -27,7 +27,7 @@ from lm.model import ModelConfig
 from lm.parallel import sharding
 from lm.runs import artifacts, checkpoint
 from lm.runs.workdir import LOCK_NAME, WorkdirLock, check_for_training
-from lm.training import memory, optim
+from lm.training import memory, optim, param_groups
 from lm.training.logs import MetricWriter
 from lm.training.step import EvalTotals, TrainState
 from lm.training.trainer import Trainer, evaluate, make_trainer
@@ -121,6 +121,9 @@ def _prepare_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shar
     trainer = make_trainer(config, model_cfg, mesh, corpus.tokenizer.pad_id, corpus.tokenizer.vocab_size,
                            teacher=load_teacher(config, corpus.tokenizer))
     estimate = check_memory(trainer, config)
+    for name in param_groups.configured_but_empty(config.optim, trainer.abstract_state().params):
+        logging.warning("lm: config.optim.groups.%s is set but this model has no parameter in the group %r (%s); "
+                        "the setting has no effect.", name, name, param_groups.EMPTY_BECAUSE[name])
     check_state_fits(trainer.abstract_state(), branch or directory, config.train.branch_step if branch else None)
     if is_main:  # only now: a config that fails a check above never replaces the run's own
         atomic.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
