@@ -222,7 +222,7 @@ def test_the_wsd_bench_averages_each_budgets_difference_over_seeds_and_lists_eac
     spec.loader.exec_module(bench)
     pair = lambda wsd, cos: ([{"tokens": 100, "val_loss": wsd}], [{"tokens": 100, "val_loss": cos}])
     lines, largest = bench.mean_over_seeds([pair(2.0, 2.03), pair(2.1, 2.11)], tokens_per_step=10)
-    assert lines[2] == "| 10 | 2.0500 | 2.0700 | -0.0200 | -0.0300, -0.0100 |"
+    assert lines[2] == "| 10 | 2.0500 | 2.0700 | -0.0200 | 0.0100 | -0.0300, -0.0100 |"  # sd 0.0141 / sqrt 2
     assert largest == pytest.approx(0.02)
 
 
