@@ -85,8 +85,9 @@ def configured_but_empty(optim: ml_collections.ConfigDict, params: Any) -> list[
     from lm.config import schema  # late: a config module, only needed here
 
     default = schema.get_config().optim.groups
-    present = set(jax.tree_util.tree_leaves(labels(params)))
-    return [name for name in GROUPS if name not in present and optim.groups[name].to_dict() != default[name].to_dict()]
+    changed = [name for name in GROUPS if optim.groups[name].to_dict() != default[name].to_dict()]
+    present = set(jax.tree_util.tree_leaves(labels(params))) if changed else set()  # defaults: no labelling at all
+    return [name for name in changed if name not in present]
 
 
 def uniform(settings: Mapping[str, Setting]) -> bool:
