@@ -28,9 +28,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/sweep_ru
 import sweep_runs  # noqa: E402
 from absl import flags  # noqa: E402
 
+from lm.config.choices import COOLDOWN_SHAPES  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = os.path.join(REPO, "configs", "scaling", "shakespeare_wsd.py")
 MAX_RATIO, MAX_GAP = 0.60, 0.02  # issue 23, acceptance 3
+DEFAULT_SHAPE = "1-sqrt"  # the recipe's (and the schema's) cooldown shape
 
 FLAGS = flags.FLAGS
 
@@ -41,15 +44,15 @@ def _define_flags() -> None:
     flags.DEFINE_integer("steps_unit", 500, "Budgets are 1, 2, 3 and 4 times this many steps.", lower_bound=5)
     flags.DEFINE_list("seeds", ["0"], "config.seed of each pair of sweeps (both kinds share it); with several, "
                       "the table of each and one of the mean over seeds.")
-    flags.DEFINE_enum("cooldown_shape", "1-sqrt", ["1-sqrt", "linear", "cosine"], "The branches' cooldown.")
+    flags.DEFINE_enum("cooldown_shape", DEFAULT_SHAPE, COOLDOWN_SHAPES, "The branches' cooldown.")
 
 
 def run_sweep(kind: str, workdir: str, seed: int) -> list[dict]:
     """Runs (or resumes) one sweep and returns its results rows. Seed 0's sweeps are
     workdir/branches and workdir/cosine, another's workdir/seed<N>/...; a cooldown shape
     other than 1-sqrt names its own branches/ directory."""
-    shape = FLAGS.cooldown_shape if kind == "branches" else "1-sqrt"
-    shaped = shape != "1-sqrt"  # the default's arguments and directories are those of earlier runs
+    shape = FLAGS.cooldown_shape if kind == "branches" else DEFAULT_SHAPE
+    shaped = shape != DEFAULT_SHAPE  # the default's arguments and directories are those of earlier runs
     arg = f"{SWEEP}:{kind},{FLAGS.steps_unit}" + (f",shape={shape}" if shaped else "")
     arg += f",seed={seed}" if seed else ""
     directory = os.path.join(workdir, f"seed{seed}" if seed else "", kind + (f"_{shape}" if shaped else ""))
@@ -93,7 +96,8 @@ def mean_over_seeds(pairs: list[tuple[list[dict], list[dict]]], tokens_per_step:
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        sys.exit("usage: bench/wsd_branches.py --workdir=DIR [--steps_unit=500] [--parallel=1]")
+        sys.exit("usage: bench/wsd_branches.py --workdir=DIR [--steps_unit=500] [--parallel=1] [--seeds=0,1,2] "
+                 "[--cooldown_shape=1-sqrt]")
     sys.path.insert(0, REPO)
     from lm.configs import shakespeare_char
 

@@ -27,12 +27,13 @@ branches' cooldown (1-sqrt, the default, linear or cosine); `seed` (0) is config
 both kinds alike.
 """
 
+from lm.config.choices import COOLDOWN_SHAPES
 from lm.configs import shakespeare_char
 from lm.scaling import designs
 
 BUDGETS = (1, 2, 3, 4)  # in units of steps
 KINDS = ("branches", "cosine")
-SHAPES = ("1-sqrt", "linear", "cosine")  # the cooldown's; the first is the default
+DEFAULT_SHAPE = "1-sqrt"  # the schema's cooldown_shape (Hägele et al.'s)
 MIN_UNIT = 5  # the shortest budget (1 unit) then has a 1-step warmup (a fifth) and a 1-step cooldown (20%)
 USAGE = ("use branches or cosine, then optionally a step unit, the branches' cooldown shape and a seed, e.g. "
          "configs/scaling/shakespeare_wsd.py:branches,500,shape=linear,seed=1")
@@ -41,15 +42,16 @@ USAGE = ("use branches or cosine, then optionally a step unit, the branches' coo
 def _parse(arg: str) -> dict:
     """"kind[,unit][,shape=S][,seed=N]" -> {"kind", "unit", "shape", "seed"}; ValueError naming the fix."""
     kind, *rest = arg.split(",")
-    parsed = {"kind": kind, "unit": 500, "shape": SHAPES[0], "seed": 0}
+    parsed = {"kind": kind, "unit": 500, "shape": DEFAULT_SHAPE, "seed": 0}
     for i, part in enumerate(rest):
         key, _, value = part.rpartition("=")
         key = key or ("unit" if i == 0 else "")
         if key not in ("unit", "shape", "seed") or (key != "shape" and not value.isdigit()):
             raise ValueError(f"unknown argument {arg!r} (at {part!r}): {USAGE}")
         parsed[key] = value if key == "shape" else int(value)
-    if kind not in KINDS or parsed["shape"] not in SHAPES or (kind == "cosine" and "shape=" in arg):
-        raise ValueError(f"unknown argument {arg!r}: {USAGE}; shape is one of {', '.join(SHAPES)}, for branches only")
+    if kind not in KINDS or parsed["shape"] not in COOLDOWN_SHAPES or (kind == "cosine" and "shape=" in arg):
+        raise ValueError(f"unknown argument {arg!r}: {USAGE}; shape is one of {', '.join(COOLDOWN_SHAPES)}, "
+                         "for branches only")
     if parsed["unit"] < MIN_UNIT:
         raise ValueError(f"the argument {arg!r} gives a step unit of {parsed['unit']}, below {MIN_UNIT}, the least "
                          f"that leaves the shortest budget (1 unit) a warmup of a fifth and a cooldown of 20%, each of "
