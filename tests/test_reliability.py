@@ -133,6 +133,7 @@ def test_sigterm_checkpoints_at_the_next_step_and_exits_75_and_the_rerun_resumes
     resumed = run_cli("lm.main", CONFIG, f"--workdir={tmp_path}",
                       *cli_flags(train__steps=stopped_at + 2, train__log_every=1, optim__warmup_steps=2))
     assert f"resuming from the checkpoint at step {stopped_at}" in resumed.stdout
+    assert sorted(last_loss_per_step(tmp_path)) == list(range(1, stopped_at + 3))  # the stop's own step is logged
     # Each attempt's goodput is kept; the run's counts the stopped one and the time between.
     attempts = [json.loads(line) for line in (tmp_path / "goodput.jsonl").read_text().splitlines()]
     assert [a["ended"] for a in attempts] == ["stopped", "finished"]

@@ -112,6 +112,9 @@ def _steps(run: Run, state: TrainState, data_iterator, progress: Progress, throu
         if done % c.log_every == 0 or done == c.steps:
             pending = (done, metrics)
         if signals.stop_requested(done):
+            if pending is not None:  # its metrics are written before the run stops, not lost with the process
+                with timeline.part(goodput.TRAINING):
+                    _log_train(run, progress, *pending, last_log, throughput, clock)
             with timeline.part(goodput.CHECKPOINTING):
                 _stop_for_preemption(run, progress, state, data_iterator, signals.received)
         evaluating = c.eval_every and done % c.eval_every == 0 and done != c.steps
