@@ -80,17 +80,18 @@ def test_wsd_branches_give_each_size_one_stable_run_and_a_cooldown_branch_per_bu
         designs.wsd_branches(config, [2e4], [100 * per_step, 1000 * per_step])
 
 
-def test_wsd_branches_refuse_a_budget_whose_cooldown_rounds_to_no_step_naming_the_least_that_works():
+def test_wsd_branches_refuse_a_budget_whose_cooldown_rounds_to_under_two_steps_naming_the_least_that_works():
     from lm.configs import shakespeare_char
 
     config = shakespeare_char.get_config()
     config.optim.warmup_steps = 0
     per_step = config.train.batch_size * config.data.seq_len
-    with pytest.raises(ValueError, match=rf"the token budget {2 * per_step} \(2 steps\) leaves its cooldown no step "
-                                         rf".*it would branch at step 2, its last\). Fix: drop budgets below 3 steps "
-                                         rf"\({3 * per_step} tokens\)"):
-        designs.wsd_branches(config, None, [2 * per_step, 10 * per_step])
-    assert designs.wsd_branches(config, None, [3 * per_step])[1]["train.branch_step"] == 2
+    for steps, cooldown in ((2, 0), (7, 1)):  # a 1-step cooldown's one update is at the peak: it cools nothing
+        with pytest.raises(ValueError, match=rf"the token budget {steps * per_step} \({steps} steps\) leaves its "
+                                             rf"cooldown {cooldown} step\(s\) .*Fix: drop budgets below 8 steps "
+                                             rf"\({8 * per_step} tokens\)"):
+            designs.wsd_branches(config, None, [steps * per_step, 10 * per_step])
+    assert designs.wsd_branches(config, None, [8 * per_step])[1]["train.branch_step"] == 6
     for fraction in (0.0, 1.0):
         with pytest.raises(ValueError, match=r"cooldown_fraction=.* Fix: give one in \(0, 1\)"):
             designs.wsd_branches(config, None, [10 * per_step], cooldown_fraction=fraction)

@@ -3,6 +3,7 @@ closed forms, their shapes, the config's errors (exact resume under each: tests/
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -136,7 +137,7 @@ def test_an_unknown_kind_is_a_value_error_naming_the_kinds():
                                                   r"'wsd', 'step', 'cyclical', 'cosine_restarts'"),
     (dict(optim__schedule="wsd", optim__cooldown_fraction=1.0), r"cooldown_fraction=1\.0 must lie in \(0, 1\)"),
     (dict(optim__schedule="wsd", optim__cooldown_fraction=0.0), r"cooldown_fraction=0\.0 must lie in \(0, 1\)"),
-    (dict(optim__schedule="wsd", optim__cooldown_fraction=0.005), r"cooldown_fraction=0\.005 leaves no cooldown step"),
+    (dict(optim__schedule="wsd", optim__cooldown_fraction=0.005), r"cooldown_fraction=0\.005 leaves 0 cooldown step"),
     (dict(optim__schedule="wsd", optim__cooldown_shape="sqrt"), r"cooldown_shape='sqrt' is not a known choice.*"
                                                                  r"'linear', 'cosine', '1-sqrt'"),
     (dict(optim__schedule="wsd", optim__warmup_steps=50), r"warmup_steps=50 runs past the cooldown's start \(step 48"),
@@ -161,6 +162,19 @@ def test_bad_schedule_fields_are_named_with_what_is_allowed(overrides, message):
     config = tiny_config(**{"train__steps": 60, **overrides})
     with pytest.raises(config_lib.ConfigError, match=r"config\.optim\." + message):
         config_lib.validate(config)
+
+
+@pytest.mark.parametrize("steps", [7, 40, 60, 999, 3000])
+def test_a_cooldown_too_short_to_lower_the_rate_is_refused_and_the_fraction_suggested_is_accepted(steps):
+    one_step = tiny_config(train__steps=steps, optim__warmup_steps=0, optim__schedule="wsd",
+                           optim__cooldown_fraction=1.2 / steps)  # rounds to a 1-step cooldown, at the peak
+    with pytest.raises(config_lib.ConfigError, match=r"leaves 1 cooldown step\(s\).*first update is at the peak") as e:
+        config_lib.validate(one_step)
+    suggested = float(re.search(r"use a fraction >= ([0-9.e-]+)", str(e.value)).group(1))
+    config_lib.validate(tiny_config(train__steps=steps, optim__warmup_steps=0, optim__schedule="wsd",
+                                    optim__cooldown_fraction=suggested))
+    lrs = rates("wsd", total=steps, warmup=0, cooldown_fraction=suggested, cooldown_shape="linear")
+    assert lrs[steps - 1] < LR  # the last update (count steps - 1) is below the peak
 
 
 def test_another_schedules_fields_are_not_checked():

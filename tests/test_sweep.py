@@ -187,12 +187,12 @@ def test_the_wsd_recipe_refuses_a_step_unit_with_no_room_for_warmup_and_cooldown
     from lm.scaling import branches
 
     recipe = os.path.join(REPO, "configs", "scaling", "shakespeare_wsd.py")
-    for unit in (0, 4):
+    for unit in (0, 9):
         with pytest.raises(sweeps.SweepError, match=f"the argument 'branches,{unit}' gives a step unit of {unit}, "
-                                                    "below 5") as refused:
+                                                    "below 10") as refused:
             sweeps.load(f"{recipe}:branches,{unit}")
         assert str(refused.value).count("Fix:") == 1, refused.value
-    base, points = sweeps.load(f"{recipe}:branches,5")  # the least unit: every point is a valid run
+    base, points = sweeps.load(f"{recipe}:branches,10")  # the least unit: every point is a valid run
     configs = {p.name: sweeps.apply(base, p) for p in points}
     for config in configs.values():
         validate(config)

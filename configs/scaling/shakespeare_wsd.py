@@ -34,7 +34,7 @@ from lm.scaling import designs
 BUDGETS = (1, 2, 3, 4)  # in units of steps
 KINDS = ("branches", "cosine")
 DEFAULT_SHAPE = "1-sqrt"  # the schema's cooldown_shape (Hägele et al.'s)
-MIN_UNIT = 5  # the shortest budget (1 unit) then has a 1-step warmup (a fifth) and a 1-step cooldown (20%)
+MIN_UNIT = 10  # the shortest budget (1 unit) then has a 2-step warmup (a fifth) and a 2-step cooldown (20%)
 USAGE = ("use branches or cosine, then optionally a step unit, the branches' cooldown shape and a seed, e.g. "
          "configs/scaling/shakespeare_wsd.py:branches,500,shape=linear,seed=1")
 
@@ -55,7 +55,7 @@ def _parse(arg: str) -> dict:
     if parsed["unit"] < MIN_UNIT:
         raise ValueError(f"the argument {arg!r} gives a step unit of {parsed['unit']}, below {MIN_UNIT}, the least "
                          f"that leaves the shortest budget (1 unit) a warmup of a fifth and a cooldown of 20%, each of "
-                         f"1 step at least. Fix: give a unit >= {MIN_UNIT}, e.g. "
+                         f"2 steps at least (the first step of each is at its start's rate, 0 or the peak). Fix: give a unit >= {MIN_UNIT}, e.g. "
                          f"configs/scaling/shakespeare_wsd.py:{kind},20")
     return parsed
 

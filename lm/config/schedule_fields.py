@@ -23,6 +23,10 @@ MAX_RESTART_PERIODS = 1000
 # Schedules that may spend the whole decay length warming up (the others need a step after it).
 _MAY_END_AT_WARMUP = ("linear", "constant", "rsqrt")
 
+# Update c of a run trains at schedule(c), c = 0 .. total - 1 (optax's count), and a cooldown
+# reaches final_lr at total: its first update is at the peak, so one step would cool nothing.
+MIN_COOLDOWN_STEPS = 2
+
 Problem = tuple[str, Any, str, str]  # field, value, problem, fix: validation.fail's arguments
 
 
@@ -74,9 +78,11 @@ def _wsd(o: ml_collections.ConfigDict, total: int) -> Problem | None:
         return ("optim.cooldown_fraction", fraction, "must lie in (0, 1): the share of the run spent cooling down",
                 "use e.g. 0.2 (Hägele et al. 2024: a 20% cooldown matches a cosine run)")
     start = cooldown_start(total, fraction)
-    if start >= total:
-        return ("optim.cooldown_fraction", fraction, f"leaves no cooldown step in a decay length of {total} steps",
-                f"use a fraction >= {0.5 / total:.3g}, or lengthen optim.decay_steps / train.steps")
+    if total - start < MIN_COOLDOWN_STEPS:
+        return ("optim.cooldown_fraction", fraction, f"leaves {total - start} cooldown step(s) in a decay length of "
+                f"{total} steps; the cooldown's first update is at the peak rate, so it takes "
+                f"{MIN_COOLDOWN_STEPS} to lower the rate at all",
+                f"use a fraction >= {MIN_COOLDOWN_STEPS / total:.3g}, or lengthen optim.decay_steps / train.steps")
     if o.warmup_steps > start:
         return ("optim.warmup_steps", o.warmup_steps, f"runs past the cooldown's start (step {start} of {total})",
                 "shorten the warmup or lower optim.cooldown_fraction")

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 import ml_collections
 import numpy as np
 
-from lm.config.schedule_fields import cooldown_start
+from lm.config.schedule_fields import MIN_COOLDOWN_STEPS, cooldown_start
 from lm.model import ModelConfig
 from lm.model.counting import train_flops_per_token
 from lm.scaling import branches
@@ -114,7 +114,8 @@ def wsd_branches(config: ml_collections.ConfigDict, sizes: Iterable[float] | Non
 
     Raises ValueError naming `cooldown_fraction` outside (0, 1), and naming `tokens` (with
     the least budget that works) for a budget whose branch point falls inside the warmup or
-    whose cooldown rounds to no step, and for budgets that round to the same steps."""
+    whose cooldown rounds to fewer than MIN_COOLDOWN_STEPS steps, and for budgets that round
+    to the same steps."""
     if not 0 < cooldown_fraction < 1:
         raise ValueError(f"wsd_branches: cooldown_fraction={cooldown_fraction!r} is not a fraction of a run. Fix: "
                          "give one in (0, 1), e.g. 0.2.")
@@ -146,12 +147,12 @@ def wsd_branches(config: ml_collections.ConfigDict, sizes: Iterable[float] | Non
 
 def _check_budget(config: ml_collections.ConfigDict, tokens: float, steps: int, fraction: float) -> None:
     """Raises ValueError naming the budget `tokens` (`steps` steps) if its branch point,
-    `cooldown_start(steps, fraction)`, is inside the warmup (or at step 0) or is its last
-    step (a cooldown of no step), with the least budget that has neither fault."""
+    `cooldown_start(steps, fraction)`, is inside the warmup (or at step 0) or leaves fewer
+    than MIN_COOLDOWN_STEPS to cool down, with the least budget that has neither fault."""
     warmup = config.optim.warmup_steps
 
     def branch_point_fits(s: int) -> bool:
-        return max(warmup, 1) <= cooldown_start(s, fraction) < s
+        return max(warmup, 1) <= cooldown_start(s, fraction) <= s - MIN_COOLDOWN_STEPS
 
     if branch_point_fits(steps):
         return
@@ -162,8 +163,8 @@ def _check_budget(config: ml_collections.ConfigDict, tokens: float, steps: int, 
     elif start < warmup:
         problem = f"would branch at step {start}, inside the stable run's warmup (config.optim.warmup_steps={warmup})"
     else:
-        problem = (f"leaves its cooldown no step ({fraction:g} of {steps} steps rounds to 0: it would branch at step "
-                   f"{start}, its last)")
+        problem = (f"leaves its cooldown {steps - start} step(s) ({fraction:g} of {steps} steps, rounded), and a "
+                   f"cooldown's first update is at the peak rate: it takes {MIN_COOLDOWN_STEPS} to cool at all")
         fix_other = "raise cooldown_fraction"
     raise ValueError(f"wsd_branches: the token budget {tokens:g} ({steps} steps) {problem}. Fix: drop budgets below "
                      f"{least} steps ({least * config.train.batch_size * config.data.seq_len} tokens) from `tokens`, "
