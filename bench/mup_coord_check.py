@@ -6,8 +6,8 @@ standard parametrization and under µP.
 
 For each width of --widths (d_model; --heads heads, so head_dim grows with the width and
 the attention scale matters) the character Shakespeare model (configs/shakespeare_char.py,
---layers layers) trains --steps steps through lm's own trainer (the same data, seed and
---lr, a constant rate without warmup), once as `model.parametrization="standard"` and once
+--layers layers) trains --steps steps of --optimizer (adamw) through lm's own trainer (the
+same data, seed and --lr, a constant rate without warmup), once as `model.parametrization="standard"` and once
 as "mup" with `mup_base_width` = --base_width. After step 1 and after the last step it
 records, on one fixed batch, the RMS of the embedding output, each block's attention
 output, MLP output and residual stream, and the logits (Flax's capture_intermediates; the
@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from lm.config import ConfigError, parse_flags, validate  # noqa: E402
+from lm.config.choices import OPTIMIZERS  # noqa: E402
 from lm.configs import shakespeare_char  # noqa: E402
 from lm.data import batches  # noqa: E402
 from lm.data.corpus import prepare  # noqa: E402
@@ -47,6 +48,8 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Training steps before the last recor
 _LAYERS = flags.DEFINE_integer("layers", 2, "Transformer blocks.", lower_bound=1)
 _HEADS = flags.DEFINE_integer("heads", 4, "Attention heads at every width.", lower_bound=1)
 _LR = flags.DEFINE_float("lr", 1e-2, "The (base) learning rate, constant.")
+_OPTIMIZER = flags.DEFINE_enum("optimizer", "adamw", list(OPTIMIZERS), "optim.name; each has its own µP rate rule "
+                               "(lm.config.choices.MUP_RATE_EXPONENTS).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Rows per step.", lower_bound=1)
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "Tokens per row.", lower_bound=1)
 
@@ -88,6 +91,7 @@ def run_config(parametrization: str, width: int):
     m.parametrization, m.mup_base_width = parametrization, _BASE.value if parametrization == "mup" else 0
     config.data.seq_len, config.train.batch_size, config.train.steps = _SEQ_LEN.value, _BATCH.value, _STEPS.value
     config.optim.lr, config.optim.schedule, config.optim.warmup_steps = _LR.value, "constant", 0
+    config.optim.name = _OPTIMIZER.value
     validate(config)
     return config
 
@@ -158,7 +162,8 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         corpus = prepare(base_config, os.path.join(tmp, "tokenizer.json"))
     print(f"coordinate check: widths {widths}, {_LAYERS.value} layers, {_HEADS.value} heads, {_STEPS.value} steps "
-          f"at lr {_LR.value:g} (constant), batch {_BATCH.value} x {_SEQ_LEN.value}, µP base width {_BASE.value}",
+          f"of {_OPTIMIZER.value} at lr {_LR.value:g} (constant), batch {_BATCH.value} x {_SEQ_LEN.value}, "
+          f"µP base width {_BASE.value}",
           flush=True)
     records = {p: {w: train_and_record(p, w, corpus, mesh) for w in widths} for p in PARAMETRIZATIONS}
     worst = {}

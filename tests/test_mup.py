@@ -17,6 +17,7 @@ from helpers import REPO, cli_env, tiny_config
 
 from lm import config as config_lib
 from lm import convert
+from lm.config import choices
 from lm.data import corpora, tokenizers
 from lm.inference import decode
 from lm.inference.sampling import Sampling
@@ -53,9 +54,6 @@ def test_mup_without_a_base_width_or_with_an_unknown_name_is_one_error_naming_th
     with pytest.raises(config_lib.ConfigError, match=r"config\.model\.parametrization='mu' is not a known choice\. "
                        r"Fix: use one of 'standard', 'mup'"):
         config_lib.validate(tiny_config(model__parametrization="mu"))
-    with pytest.raises(config_lib.ConfigError, match=r"config\.optim\.name='sgd' has no µP learning-rate rule.*"
-                       r"'adamw', 'adam', 'lion', 'schedule_free_adamw'"):
-        config_lib.validate(tiny_config(model__parametrization="mup", model__mup_base_width=32, optim__name="sgd"))
     config_lib.validate(tiny_config(model__parametrization="mup", model__mup_base_width=16))
 
 
@@ -64,6 +62,15 @@ def test_a_resumed_run_may_not_change_the_parametrization_or_the_base_width():
     new = json.loads(tiny_config(model__parametrization="mup", model__mup_base_width=16).to_json_best_effort())
     conflicts = config_lib.resume_conflicts(saved, new)
     assert [c.split(" was ")[0] for c in conflicts] == ["config.model.mup_base_width", "config.model.parametrization"]
+    wider = json.loads(tiny_config(model__parametrization="mup", model__mup_base_width=32).to_json_best_effort())
+    assert [c.split(" was ")[0] for c in config_lib.resume_conflicts(new, wider)] == ["config.model.mup_base_width"]
+
+
+def test_a_base_width_without_mup_means_nothing_so_a_resumed_standard_run_may_drop_or_change_it():
+    saved = json.loads(tiny_config(model__mup_base_width=64).to_json_best_effort())
+    for width in (0, 16):
+        assert config_lib.resume_conflicts(saved, json.loads(tiny_config(model__mup_base_width=width)
+                                                              .to_json_best_effort())) == []
 
 
 def test_at_the_base_width_mup_is_the_standard_model_with_queries_scaled_by_one_over_sqrt_head_dim():
@@ -105,24 +112,48 @@ def test_logits_are_the_head_output_times_one_over_m(tie):
         assert np.std(params["unembed"]["kernel"]) == pytest.approx(0.02, rel=0.1)
 
 
-def test_the_matrix_groups_adam_step_is_one_over_m_through_the_real_optimizer():
+def test_every_optimizer_with_a_mup_rate_rule_validates_under_mup_and_sgd_without_one_is_refused_naming_them():
+    assert set(choices.MUP_RATE_EXPONENTS) == set(choices.OPTIMIZERS) - {"sgd"}
+    for name in choices.MUP_RATE_EXPONENTS:
+        config_lib.validate(tiny_config(model__parametrization="mup", model__mup_base_width=16, optim__name=name,
+                                        optim__schedule="constant"))
+        assert mup.lr_multipliers(model_cfg("standard"), name) == {}
+    with pytest.raises(config_lib.ConfigError, match=r"config\.optim\.name='sgd' has no µP learning-rate rule.*"
+                       r"'adamw', 'adam', 'lion', 'schedule_free_adamw', 'muon', 'adafactor'"):
+        config_lib.validate(tiny_config(model__parametrization="mup", model__mup_base_width=32, optim__name="sgd"))
+
+
+# With m = 4: each group's first update under µP over the same update without multipliers
+# (lm.model.mup's rules: Adam's hidden 1/m, Muon's none, Adafactor's hidden 1/sqrt(m)).
+FIRST_STEP_RATIOS = {
+    "adamw": {"matrix": 0.25, "embedding": 1.0, "head": 1.0, "norm": 1.0},
+    "lion": {"matrix": 0.25, "embedding": 1.0, "head": 1.0, "norm": 1.0},
+    "muon": {"matrix": 1.0, "embedding": 1.0, "head": 1.0, "norm": 1.0},
+    "adafactor": {"matrix": 0.5, "embedding": 1.0, "head": 1.0, "norm": 1.0},
+}
+GROUP_PATHS = {"matrix": [("layer_0", "attn", "qkv", "kernel"), ("layer_1", "mlp", "wo", "kernel")],
+               "embedding": [("embed", "embedding")], "head": [("unembed", "kernel")],
+               "norm": [("final_norm", "scale")]}
+
+
+@pytest.mark.parametrize("name", sorted(FIRST_STEP_RATIOS))
+def test_each_groups_first_step_scales_by_its_optimizers_mup_rule_through_the_real_optimizer(name):
     config = tiny_config(model__d_model=64, model__parametrization="mup", model__mup_base_width=16,
-                         optim__schedule="constant", optim__warmup_steps=0, model__tie_embeddings=False)
+                         optim__schedule="constant", optim__warmup_steps=0, model__tie_embeddings=False,
+                         optim__name=name)
     cfg = ModelConfig.from_config(config.model, VOCAB, LENGTH, platform="cpu")
-    assert mup.lr_multipliers(cfg) == {"matrix": 0.25} and mup.lr_multipliers(model_cfg("standard")) == {}
     params = init(cfg)
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), params)
 
     def first_update(multipliers):
         optimizer = optim.make(config.optim, config.train.steps, multipliers)
-        return optimizer.update(grads, optimizer.init(params), params)[0]
+        return jax.jit(lambda g, p: optimizer.update(g, optimizer.init(p), p)[0])(grads, params)  # eager is slow
 
-    scaled, plain = first_update(mup.lr_multipliers(cfg)), first_update({})
+    scaled, plain = first_update(mup.lr_multipliers(cfg, name)), first_update({})
     ratios = jax.tree.map(lambda a, b: float(np.mean(np.asarray(a) / np.asarray(b))), scaled, plain)
-    assert ratios["layer_0"]["attn"]["qkv"]["kernel"] == pytest.approx(0.25)
-    assert ratios["layer_1"]["mlp"]["wo"]["kernel"] == pytest.approx(0.25)
-    for path in (("embed", "embedding"), ("unembed", "kernel"), ("final_norm", "scale")):
-        assert _get(ratios, path) == pytest.approx(1.0), path
+    for group, expected in FIRST_STEP_RATIOS[name].items():
+        for path in GROUP_PATHS[group]:
+            assert _get(ratios, path) == pytest.approx(expected, rel=1e-5), (group, path)
 
 
 HF_SHAPED = [

@@ -29,8 +29,15 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTIONS = ("auto", "xla", "splash", "cudnn")  # lm.model.attention
 PARAMETRIZATIONS = ("standard", "mup")  # lm.model.mup
-# The optimizers µP's rate rule (Adam's) holds for; lm.model.mup.MUP_OPTIMIZERS says why.
-MUP_OPTIMIZERS = ("adamw", "adam", "lion", "schedule_free_adamw")
+# µP's rate rule of each optimizer (lm.model.mup gives each one's source): a group's rate is
+# multiplied by m**e, m = d_model / mup_base_width, e its exponent here (groups not named: 1).
+# An optimizer not here has no µP rule in lm (validation refuses the pair; lm.model.mup says why).
+_ADAM_MUP_RULE = {"matrix": -1.0}
+MUP_RATE_EXPONENTS = {
+    "adamw": _ADAM_MUP_RULE, "adam": _ADAM_MUP_RULE, "lion": _ADAM_MUP_RULE, "schedule_free_adamw": _ADAM_MUP_RULE,
+    "muon": {},
+    "adafactor": {"matrix": -0.5},
+}
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "lion", "muon", "schedule_free_adamw")  # lm.training.optim
 # Optimizers whose train-state parameters are not the ones to evaluate (lm.training.optim.eval_params).

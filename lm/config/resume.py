@@ -15,7 +15,15 @@ from typing import Any
 import ml_collections
 
 from lm.config import schema
-from lm.config.choices import PARAM_GROUPS, SAME_AS_OPTIM, d_ff, groups_share_one_optimizer, head_dim, num_kv_heads
+from lm.config.choices import (
+    MUP_RATE_EXPONENTS,
+    PARAM_GROUPS,
+    SAME_AS_OPTIM,
+    d_ff,
+    groups_share_one_optimizer,
+    head_dim,
+    num_kv_heads,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,25 +122,28 @@ RESUME: dict[str, OnResume] = {
 
 _UNCLASSIFIED = OnResume(False, "not classified in lm.config.RESUME, so refused to be safe")
 
-# Fields whose 0 stands for a value derived from the other model fields (lm.config.choices).
-_ZERO_DEFAULTS = ("model.head_dim", "model.d_ff", "model.num_kv_heads")
+# Fields whose 0 stands for a value derived from the other model fields (lm.config.choices),
+# and the µP base width, which means nothing under the standard parametrization.
+_RESOLVED = ("model.head_dim", "model.d_ff", "model.num_kv_heads", "model.mup_base_width")
 
 
 def _resolved_model(fields: dict[str, Any]) -> dict[str, Any]:
-    """The values of `_ZERO_DEFAULTS` that `fields` (config_fields) stand for: 0 means a
-    value derived from the other model fields."""
+    """The values of `_RESOLVED` that `fields` (config_fields) stand for: 0 means a value
+    derived from the other model fields; a base width without µP stands for none (0)."""
     model = ml_collections.ConfigDict({k[len("model."):]: v for k, v in fields.items() if k.startswith("model.")})
-    return dict(zip(_ZERO_DEFAULTS, (head_dim(model), d_ff(model), num_kv_heads(model))))
+    base_width = model.mup_base_width if model.parametrization == "mup" else 0
+    return dict(zip(_RESOLVED, (head_dim(model), d_ff(model), num_kv_heads(model), base_width)))
 
 
 def _one_optimizer(fields: dict[str, Any]) -> bool:
     """Whether the parameter groups share one optimizer (`groups_share_one_optimizer`),
-    from config fields: their rate multipliers (µP's 1/m on the matrices' included) and
+    from config fields: their rate multipliers (µP's, `MUP_RATE_EXPONENTS`, included) and
     decays. Muon's matrices have Muon to themselves, so only its AdamW side's groups count."""
     groups = [g for g in PARAM_GROUPS if not (fields["optim.name"] == "muon" and g == "matrix")]
     mup = fields["model.parametrization"] == "mup" and fields["model.mup_base_width"] > 0
-    width_multiplier = fields["model.d_model"] / fields["model.mup_base_width"] if mup else 1.0
-    scales = [fields[f"optim.groups.{g}.lr_scale"] / (width_multiplier if g == "matrix" else 1.0) for g in groups]
+    m = fields["model.d_model"] / fields["model.mup_base_width"] if mup else 1.0
+    exponents = MUP_RATE_EXPONENTS.get(fields["optim.name"], {})
+    scales = [fields[f"optim.groups.{g}.lr_scale"] * m ** exponents.get(g, 0.0) for g in groups]
     decays = [fields["optim.weight_decay"] if fields[f"optim.groups.{g}.weight_decay"] == SAME_AS_OPTIM
               else fields[f"optim.groups.{g}.weight_decay"] for g in groups]
     return groups_share_one_optimizer(scales, decays)
@@ -160,14 +171,14 @@ def resume_conflicts(saved: dict, new: dict, ignore: Iterable[str] = ()) -> list
     """
     defaults = config_fields(json.loads(schema.get_config().to_json_best_effort()))
     old, new = {**defaults, **config_fields(saved)}, config_fields(new)
-    # A zero default spelled out (head_dim=16 where 0 meant 16) is no change.
+    # A zero default spelled out (head_dim=16 where 0 meant 16), or a base width without µP, is no change.
     resolved_old, resolved_new = _resolved_model(old), _resolved_model(new)
     conflicts = []
     for field in sorted(set(old) | set(new)):
         rule = RESUME.get(field, _UNCLASSIFIED)
         if field in ignore or rule.may_change:
             continue
-        if field in _ZERO_DEFAULTS and resolved_old[field] == resolved_new[field]:
+        if field in _RESOLVED and resolved_old[field] == resolved_new[field]:
             continue
         before, after = old.get(field), new.get(field)
         if rule.key(before) != rule.key(after):

@@ -195,7 +195,7 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate_parametrization(config: ml_collections.ConfigDict) -> None:
-    m, name = config.model, config.optim.name
+    m = config.model
     require_choice(config, "model.parametrization", choices.PARAMETRIZATIONS)
     if not isinstance(m.mup_base_width, int) or m.mup_base_width < 0:
         fail("model.mup_base_width", m.mup_base_width, "must be a whole width >= 0", "e.g. 128, or 0 when unset")
@@ -203,10 +203,9 @@ def _validate_parametrization(config: ml_collections.ConfigDict) -> None:
         fail("model.mup_base_width", m.mup_base_width, "must be set when model.parametrization='mup' (µP scales "
              "by d_model / mup_base_width)", "set --config.model.mup_base_width to the d_model the "
              f"hyperparameters were tuned at (e.g. {m.d_model}, this model's, for the base model itself)")
-    if m.parametrization == "mup" and name not in choices.MUP_OPTIMIZERS:
-        fail("optim.name", name, "has no µP learning-rate rule here (model.parametrization='mup' scales Adam-type "
-             "rates)", f"use one of {', '.join(map(repr, choices.MUP_OPTIMIZERS))}, or "
-             "model.parametrization='standard'")
+    if m.parametrization == "mup" and config.optim.name not in choices.MUP_RATE_EXPONENTS:
+        fail("optim.name", config.optim.name, "has no µP learning-rate rule in lm (lm.model.mup says why)",
+             f"use one of {', '.join(map(repr, choices.MUP_RATE_EXPONENTS))}, or model.parametrization='standard'")
 
 
 def _validate_mixture(config: ml_collections.ConfigDict) -> None:

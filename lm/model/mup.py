@@ -3,7 +3,7 @@ and Table 8's practitioners' form; EleutherAI and Cerebras, "The practitioner's 
 µP"), with config `model.parametrization = "mup"` and `model.mup_base_width`.
 
 With the width multiplier m = d_model / mup_base_width, relative to standard (lm's GPT-2
-init, Adam-type optimizers):
+init; the rates are Adam's, each optimizer's rule is below):
 
 | what                                           | standard           | µP                      |
 |------------------------------------------------|--------------------|-------------------------|
@@ -23,12 +23,27 @@ scale (1/head_dim against 1/sqrt(head_dim)). The attention scale is one multipli
 which each then scale by 1/sqrt(head_dim) themselves.
 
 The rates: `lr_multipliers` is passed to `lm.training.optim.make` wherever a run's
-optimizer is built (training and `eval_params_reader`). Decoupled weight decay in optax
-is multiplied by the group's rate, so the matrices' decay per step shrinks by 1/m too
-(as with PyTorch's AdamW under the `mup` package). The rule is Adam's: SGD and Muon
-scale differently and Adafactor scales its updates by the parameters' size, so
-validation accepts µP with `lm.config.choices.MUP_OPTIMIZERS` only (Adam-like: the size
-of an update does not depend on the gradient's scale). Fine-tuning (lm.finetune) builds its
+optimizer is built (training and `eval_params_reader`). Each optimizer has its own rule,
+`lm.config.choices.MUP_RATE_EXPONENTS`: a group's rate is multiplied by m to the power
+given (none: unchanged).
+
+- adamw, adam, lion, schedule_free_adamw: hidden matrices lr / m (Table 3: the size of an
+  update does not depend on the gradient's scale).
+- muon: no change. Muon's orthogonalised update has a spectral norm that does not depend on
+  width, which is what µP asks of a hidden matrix (Yang, Simon & Bernstein 2023, "A
+  spectral condition for feature learning"); the AdamW on the rest follows Adam's rule,
+  which leaves those groups alone.
+- adafactor: hidden matrices lr / sqrt(m). optax's Adafactor multiplies an Adam-like update
+  by the parameter's RMS, which µP's init makes init_std / sqrt(m) for hidden matrices and
+  leaves alone for the rest.
+
+`bench/mup_coord_check.py --optimizer=NAME` checks each rule. SGD has none here: its rule
+(Table 3; the `mup` package's MuSGD) multiplies the embeddings', head's, norms' and
+biases' rates by m, and its L2 decay, which joins the gradient, would then shrink those
+groups m times faster per step unless divided by m, as MuSGD does; without that the
+coordinate check fails (embeddings shrink with width), so validation refuses the pair. Decoupled weight decay in
+optax is multiplied by the group's rate, so a group's decay per step scales with its rate
+(as with PyTorch's AdamW under the `mup` package). Fine-tuning (lm.finetune) builds its
 own AdamW without these multipliers: its rate is chosen for the model being fine-tuned,
 not transferred from a base width, and its heads and adapters are not µP-parametrised. The
 forward pass (attention and logit scaling) is the model's and applies everywhere.
@@ -38,6 +53,8 @@ from __future__ import annotations
 
 import math
 from typing import Any
+
+from lm.config.choices import MUP_RATE_EXPONENTS
 
 
 def is_mup(model: Any) -> bool:
@@ -52,13 +69,16 @@ def width_multiplier(model: Any) -> float:
     return model.d_model / model.mup_base_width
 
 
-def lr_multipliers(model: Any) -> dict[str, float]:
+def lr_multipliers(model: Any, optimizer: str) -> dict[str, float]:
     """Each parameter group's learning-rate multiplier (`lm.training.param_groups`) for
-    `model` (a ModelConfig or a config's `model` block): under µP the `matrix` group's is
-    1/m and the others' 1; under the standard parametrization none ({})."""
+    `model` (a ModelConfig or a config's `model` block) trained by `optimizer` (an
+    `optim.name`): under µP, m ** MUP_RATE_EXPONENTS[optimizer][group] (e.g. Adam's matrix
+    group 1/m); under the standard parametrization none ({}). Raises KeyError for an
+    optimizer with no rule (a test keeps every `lm.config.choices.OPTIMIZERS` in the table)."""
     if not is_mup(model):
         return {}
-    return {"matrix": 1.0 / width_multiplier(model)}
+    m = width_multiplier(model)
+    return {group: m ** exponent for group, exponent in MUP_RATE_EXPONENTS[optimizer].items()}
 
 
 def init_scale(model: Any) -> float:

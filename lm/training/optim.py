@@ -186,6 +186,7 @@ def eval_params_reader(config: ml_collections.ConfigDict, abstract_params: Any
     beside the parameters) and `eval_params` of it, as (opt_state, params) -> params."""
     if config.optim.name not in choices.AVERAGED_OPTIMIZERS:
         return None
-    optimizer = make(config.optim, config.train.steps, mup.lr_multipliers(config.model))  # the run's own
+    # The run's own optimizer, µP's rates included.
+    optimizer = make(config.optim, config.train.steps, mup.lr_multipliers(config.model, config.optim.name))
     abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
     return abstract_opt_state, lambda opt_state, params: eval_params(config.optim, opt_state, params)

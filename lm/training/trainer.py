@@ -74,7 +74,7 @@ def make_trainer(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh
     model_cfg = pipelined(model_cfg, config, mesh)
     model = build(model_cfg)
     schedule = optim.schedule(config.optim, config.train.steps)
-    optimizer = optim.make(config.optim, config.train.steps, mup.lr_multipliers(model_cfg))
+    optimizer = optim.make(config.optim, config.train.steps, mup.lr_multipliers(model_cfg, config.optim.name))
     rules = sharding.rules_from_config(config)
     replicated = sharding.replicated(mesh)
 
