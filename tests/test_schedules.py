@@ -181,6 +181,18 @@ def test_another_schedules_fields_are_not_checked():
     config_lib.validate(tiny_config(optim__schedule="cosine", optim__cooldown_fraction=5.0, optim__restart_mult=0.1))
 
 
+def test_resuming_a_cooled_down_wsd_run_with_more_steps_warns_that_the_rate_jumps_back_up(tmp_path):
+    from helpers import cli_flags, run_cli
+    from test_end_to_end import CONFIG
+
+    wsd = dict(optim__schedule="wsd", optim__warmup_steps=1, optim__cooldown_fraction=0.5, train__checkpoint_every=4)
+    first = run_cli("lm.main", CONFIG, f"--workdir={tmp_path}", *cli_flags(train__steps=4, **wsd))
+    assert "learning rate of" not in first.stderr
+    longer = run_cli("lm.main", CONFIG, f"--workdir={tmp_path}", *cli_flags(train__steps=8, **wsd))
+    assert ("resuming at step 4 at a learning rate of 0.001, where the checkpoint's run (train.steps 4) was at "
+            "0.0001: the schedule is recomputed over train.steps=8") in longer.stderr
+
+
 @pytest.mark.bench
 def test_the_schedules_bench_prints_every_schedule_over_the_recipes_run():
     result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "schedules.py"),

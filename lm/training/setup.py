@@ -181,6 +181,25 @@ def check_resumable(config: ml_collections.ConfigDict, checkpointer: checkpoint.
             f"{workdir} holds checkpoints (newest: step {saved['step']}) of a run whose config differs in fields "
             f"that cannot change on resume: {'; '.join(conflicts)}. Fix: rerun with the checkpoint's values "
             f"(the run's config is {os.path.join(workdir, 'config.json')}), or pass a new --workdir for a new run.")
+    _warn_if_the_rate_jumps(config, saved)
+
+
+def _warn_if_the_rate_jumps(config: ml_collections.ConfigDict, saved: dict) -> None:
+    """Logs a warning when the rate of the first resumed update differs from the one the
+    checkpoint's own run would have used there: a longer `train.steps` (or new schedule
+    fields) recomputes the schedule over the new length, so a decayed or cooled-down run
+    jumps back up, which a resume should not do silently."""
+    step, old = saved["step"], ml_collections.ConfigDict(saved["config"])
+    try:
+        before = float(optim.schedule(old.optim, old.train.steps)(step))
+    except (AttributeError, KeyError, TypeError, ValueError):  # an older lm's config, without today's fields
+        return
+    after = float(optim.schedule(config.optim, config.train.steps)(step))
+    if not np.isclose(before, after, rtol=1e-5, atol=0.0):
+        logging.warning("lm: resuming at step %d at a learning rate of %.4g, where the checkpoint's run (train.steps "
+                        "%d) was at %.4g: the schedule is recomputed over train.steps=%d. To continue a WSD run "
+                        "from its stable phase, branch from a checkpoint before its cooldown (train.branch_from).",
+                        step, after, old.train.steps, before, config.train.steps)
 
 
 def _conflicts(config: ml_collections.ConfigDict, saved: dict, corpus_record: dict[str, list]) -> list[str]:
