@@ -334,6 +334,9 @@ def test_schedule_free_is_optax_schedule_free_adamw_with_lms_decay_mask():
     (dict(optim__sgd__momentum=1.0), "optim.sgd.momentum", r"must lie in \[0, 1\)"),
     (dict(optim__groups__embedding__lr_scale=0.0), "optim.groups.embedding.lr_scale", "Fix"),
     (dict(optim__groups__norm__weight_decay=-0.5), "optim.groups.norm.weight_decay", "Fix"),
+    (dict(optim__eps=0.0), "optim.eps", r"must be positive\. Fix: set a value > 0"),
+    (dict(optim__eps=-1.0), "optim.eps", "must be positive"),
+    (dict(optim__name="muon", optim__muon__ns_steps=1000), "optim.muon.ns_steps", r"at most 20.*Fix: use 5"),
 ])
 def test_bad_optimizer_settings_name_the_field_and_the_fix(overrides, field, message):
     with pytest.raises(config_lib.ConfigError, match=rf"config\.{re.escape(field)}=.*{message}"):

@@ -27,7 +27,9 @@ from lm.training.trainer import make_trainer
 RUN = dict(model__positions="learned", model__use_bias=True, train__checkpoint_every=2)
 # absl's log lines (W1130 02:03:28.75 ... file.py:12]), Python's logging.warning from
 # absl, and the asyncio noise of a failed orbax restore: none belongs in a healthy output.
-NOISE = re.compile(r"^[IWEF]\d{4} |WARNING:absl|checkpoint_manager|orbax|Event loop is closed|Traceback", re.M)
+# Library chatter; lm's own warnings ("...] lm: ...") say something to the user and may appear.
+NOISE = re.compile(r"^[IWEF]\d{4} (?!.*\] lm: )|WARNING:absl|checkpoint_manager|orbax|Event loop is closed|Traceback",
+                   re.M)
 
 
 def config_json(**overrides) -> dict:
@@ -165,6 +167,18 @@ def test_a_rerun_with_a_changed_model_exits_2_with_one_line_naming_each_field_an
 
 
 @pytest.mark.slow
+def test_a_rerun_with_fewer_steps_than_its_newest_checkpoint_exits_2_naming_both_and_touches_nothing(trained, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    before = tree_bytes(workdir)
+    result = run_cli("lm.main", CONFIG, f"--workdir={workdir}", *cli_flags(**{**RUN, "train__steps": 4}), check=False)
+    assert result.returncode == 2, result.stderr
+    assert ("holds a checkpoint at step 6, past config.train.steps=4" in result.stderr
+            and "Fix: set --config.train.steps >= 6" in result.stderr), result.stderr
+    assert tree_bytes(workdir) == {**before, ".lock": tree_bytes(workdir)[".lock"]}  # config.json included
+
+
+@pytest.mark.slow
 def test_a_rerun_on_another_mesh_with_more_steps_resumes(trained, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(trained, workdir)
@@ -172,6 +186,7 @@ def test_a_rerun_on_another_mesh_with_more_steps_resumes(trained, tmp_path):
         **RUN, train__steps=8, mesh__cpu_devices=2, mesh__shape__fsdp=2, train__eval_every=1, optim__lr=5e-4))
     assert "2 cpu devices, mesh data=1 x fsdp=2 x tensor=1" in result.stdout
     assert "resuming from the checkpoint at step 6" in result.stdout
+    assert "lm: resuming at step 6 at a learning rate of 0.0002, where the checkpoint's run" in result.stderr
     assert sorted(map(int, os.listdir(workdir / "checkpoints"))) == [4, 6, 8]
     assert not NOISE.search(result.stderr), result.stderr
 

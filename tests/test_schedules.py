@@ -157,6 +157,9 @@ def test_an_unknown_kind_is_a_value_error_naming_the_kinds():
     (dict(optim__schedule="cosine_restarts", optim__restart_steps=1, optim__restart_mult=1.0, train__steps=5000),
      r"restart_steps=1 gives more than 1000 restart periods"),
     (dict(optim__schedule="cosine_restarts", optim__warmup_steps=60), r"warmup_steps=60 leaves no room to decay"),
+    (dict(optim__lr=5e-5), r"final_lr=0\.0001 is above optim\.lr=5e-05: schedule 'cosine' goes from lr down.*"
+                           r"Fix: set optim\.final_lr <= optim\.lr, e\.g\. 5e-06"),
+    (dict(optim__schedule="wsd", optim__final_lr=0.01), r"final_lr=0\.01 is above optim\.lr=0\.001"),
 ])
 def test_bad_schedule_fields_are_named_with_what_is_allowed(overrides, message):
     config = tiny_config(**{"train__steps": 60, **overrides})
@@ -179,6 +182,7 @@ def test_a_cooldown_too_short_to_lower_the_rate_is_refused_and_the_fraction_sugg
 
 def test_another_schedules_fields_are_not_checked():
     config_lib.validate(tiny_config(optim__schedule="cosine", optim__cooldown_fraction=5.0, optim__restart_mult=0.1))
+    config_lib.validate(tiny_config(optim__schedule="constant", optim__lr=5e-5))  # final_lr 1e-4: not read
 
 
 def test_resuming_a_cooled_down_wsd_run_with_more_steps_warns_that_the_rate_jumps_back_up(tmp_path):

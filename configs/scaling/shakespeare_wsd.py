@@ -55,7 +55,8 @@ def _parse(arg: str) -> dict:
     if parsed["unit"] < MIN_UNIT:
         raise ValueError(f"the argument {arg!r} gives a step unit of {parsed['unit']}, below {MIN_UNIT}, the least "
                          f"that leaves the shortest budget (1 unit) a warmup of a fifth and a cooldown of 20%, each of "
-                         f"2 steps at least (the first step of each is at its start's rate, 0 or the peak). Fix: give a unit >= {MIN_UNIT}, e.g. "
+                         f"2 steps at least (the first step of each is at its start's rate, 0 or the peak). "
+                         f"Fix: give a unit >= {MIN_UNIT}, e.g. "
                          f"configs/scaling/shakespeare_wsd.py:{kind},20")
     return parsed
 

@@ -20,6 +20,9 @@ from lm.config import choices
 # graph: more would only slow the compile (restart every few steps? use "cyclical").
 MAX_RESTART_PERIODS = 1000
 
+# Schedules that go from lr down to final_lr (the others do not read final_lr).
+_READ_FINAL_LR = ("cosine", "linear", "wsd", "cyclical", "cosine_restarts")
+
 # Schedules that may spend the whole decay length warming up (the others need a step after it).
 _MAY_END_AT_WARMUP = ("linear", "constant", "rsqrt")
 
@@ -58,6 +61,10 @@ def problem(optim: ml_collections.ConfigDict, train_steps: int) -> Problem | Non
     if o.warmup_steps > total or (o.warmup_steps == total and o.schedule not in _MAY_END_AT_WARMUP):
         return ("optim.warmup_steps", o.warmup_steps, f"leaves no room to decay in the decay length ({total} steps)",
                 "shorten the warmup or lengthen optim.decay_steps / train.steps")
+    if o.schedule in _READ_FINAL_LR and o.final_lr > o.lr:
+        return ("optim.final_lr", o.final_lr, f"is above optim.lr={o.lr!r}: schedule {o.schedule!r} goes from lr "
+                "down to final_lr, so it would rise instead", f"set optim.final_lr <= optim.lr, e.g. {o.lr / 10:g} "
+                "(a tenth of the peak; final_lr is a rate, not a fraction, so it does not follow a new lr)")
     checks = {"wsd": _wsd, "step": _step, "cyclical": _cyclical, "cosine_restarts": _restarts}
     return checks[o.schedule](o, total) if o.schedule in checks else None
 

@@ -265,6 +265,9 @@ def _validate_objective(config: ml_collections.ConfigDict) -> None:
              "corrupted whole)", "use config.data.packing='stream'")
 
 
+MAX_NS_STEPS = 20  # Muon's Newton-Schulz iterations: 5 in Jordan et al. 2024; 10 is already generous
+
+
 def _validate_optimizer(config: ml_collections.ConfigDict) -> None:
     o = config.optim
     require_choice(config, "optim.name", choices.OPTIMIZERS)
@@ -280,6 +283,10 @@ def _validate_optimizer(config: ml_collections.ConfigDict) -> None:
         if not 0.0 <= field_value(o, field) < 1.0:
             fail(f"optim.{field}", field_value(o, field), "must lie in [0, 1)", "use e.g. 0.9")
     require_positive(config, "optim.muon.ns_steps")
+    if o.muon.ns_steps > MAX_NS_STEPS:
+        fail("optim.muon.ns_steps", o.muon.ns_steps, f"is more Newton-Schulz iterations than any use needs (at most "
+             f"{MAX_NS_STEPS}; each is unrolled into the step, so the compile grows with them)",
+             "use 5, the Muon authors' choice")
     for name in choices.PARAM_GROUPS:
         require_positive(config, f"optim.groups.{name}.lr_scale")
         decay = o.groups[name].weight_decay
@@ -300,6 +307,9 @@ def _validate_optim(config: ml_collections.ConfigDict) -> None:
     for field in ("b1", "b2"):
         if not 0.0 <= o[field] < 1.0:
             fail(f"optim.{field}", o[field], "must lie in [0, 1)", "use e.g. 0.9")
+    # Adam's, schedule-free AdamW's and Adafactor's denominator: at 0 a parameter that never
+    # gets a gradient (an unused token's embedding row) divides 0 by 0; below 0 it ascends.
+    require_positive(config, "optim.eps")
     found = schedule_fields.problem(o, config.train.steps)  # the schedule's own fields, and room for the warmup
     if found:
         fail(*found)

@@ -181,6 +181,11 @@ def check_resumable(config: ml_collections.ConfigDict, checkpointer: checkpoint.
             f"{workdir} holds checkpoints (newest: step {saved['step']}) of a run whose config differs in fields "
             f"that cannot change on resume: {'; '.join(conflicts)}. Fix: rerun with the checkpoint's values "
             f"(the run's config is {os.path.join(workdir, 'config.json')}), or pass a new --workdir for a new run.")
+    if saved["step"] > config.train.steps:
+        raise UsageError(
+            f"{workdir} holds a checkpoint at step {saved['step']}, past config.train.steps={config.train.steps}: "
+            f"resuming would report the step-{saved['step']} model as step {config.train.steps}. Fix: set "
+            f"--config.train.steps >= {saved['step']} (equal: the run is finished), or pass a new --workdir.")
     _warn_if_the_rate_jumps(config, saved)
 
 
