@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 
+import ml_collections
 from absl import app, flags
 
 from lm.config import parse_flags, validate
@@ -94,14 +95,19 @@ def _plan(workdir: str) -> tuple[list[sweeps.Point], dict[str, int], list[sweeps
         raise UsageError(f"--launcher={_LAUNCHER.value} submits with `{program}`, which is not installed here. "
                          f"Fix: run the sweep on a machine with {where}, print the commands with --dry_run, "
                          "or train here with --launcher=local.")
-    points, steps = _checked_points(_CONFIG.value)
+    points, configs = _checked_points(_CONFIG.value)
+    if changed := sweeps.changed_points(workdir, points, configs):
+        raise UsageError(f"{len(changed)} point(s) in {workdir} ran with another config than this sweep gives them "
+                         f"(point names hash only the overrides): {' | '.join(changed)}. Fix: rerun with the "
+                         "sweep file and argument they ran with, or give this sweep its own --workdir.")
     if _LAUNCHER.value == "local" and not _DRY_RUN.value:
         sweeps.read_results(workdir)  # a damaged table fails now, not once the first point has trained
+    steps = {name: config.train.steps for name, config in configs.items()}
     return points, steps, [p for p in points if not sweeps.is_finished(workdir, p, steps[p.name])]
 
 
-def _checked_points(config_arg: str) -> tuple[list[sweeps.Point], dict[str, int]]:
-    """The points, each validated with its overrides applied, and their step counts."""
+def _checked_points(config_arg: str) -> tuple[list[sweeps.Point], dict[str, ml_collections.ConfigDict]]:
+    """The points, each validated with its overrides applied, and their configs by name."""
     base, points = sweeps.load(config_arg)
     configs = {}
     for point in points:
@@ -111,7 +117,7 @@ def _checked_points(config_arg: str) -> tuple[list[sweeps.Point], dict[str, int]
         except UsageError as e:
             raise UsageError(f"{point.label}: {e}") from None
     branches.check(points, configs)
-    return points, {name: config.train.steps for name, config in configs.items()}
+    return points, configs
 
 
 def command(workdir: str, point: sweeps.Point, cpu_devices: int = 0) -> list[str]:

@@ -73,6 +73,12 @@ def test_a_sweep_killed_midway_resumes_and_collects_one_row_per_point(tmp_path):
         assert float(row["flops"]) > 6 * int(row["parameters"]) * int(row["tokens"]) * 0.5
     again = run_cli("lm.sweep", SWEEP, f"--workdir={tmp_path}")
     assert "3 finished, 0 to run" in again.stdout  # finished points are skipped
+    table = (tmp_path / "results.csv").read_bytes()
+    reseeded = run_cli("lm.sweep", f"{SWEEP}:seed1", f"--workdir={tmp_path}", check=False)
+    assert reseeded.returncode == 2 and reseeded.stderr.count("\n") == 1, reseeded.stderr
+    assert ("3 point(s) in" in reseeded.stderr and "ran with another config than this sweep gives them"
+            in reseeded.stderr and reseeded.stderr.count("config.seed was 0, now 1") == 3), reseeded.stderr
+    assert (tmp_path / "results.csv").read_bytes() == table  # the old results are not reported as the new sweep's
 
 
 def _point_dirs(sweep_dir) -> list[str]:

@@ -26,6 +26,7 @@ from typing import Any
 
 import ml_collections
 
+from lm.config import config_fields
 from lm.errors import UsageError
 from lm.files import atomic, paths
 from lm.scaling import branches
@@ -151,6 +152,39 @@ def point_dir(sweep_dir: str, point: Point) -> str:
 def is_finished(sweep_dir: str, point: Point, steps: int) -> bool:
     final = _read_record(point_dir(sweep_dir, point), "final_metrics.json")
     return bool(final) and final.get("step") == steps
+
+
+# Fields a point's stored config may differ in from the sweep's: where it runs (lm.sweep sets
+# mesh.cpu_devices from --parallel) and how its layout is sharded, not what it computes.
+_WHERE_IT_RAN = ("mesh.", "sharding.")
+
+
+def changed_points(sweep_dir: str, points: list[Point], configs: dict[str, ml_collections.ConfigDict]
+                   ) -> list[str]:
+    """For each point that has run in `sweep_dir` (its config.json exists) with a config
+    other than `configs[name]`, the one it would run now: "LABEL: config.F was OLD, now
+    NEW; ..." (at most 3 fields a point). Point names hash only the overrides, so an edited
+    sweep file or another recipe argument (a seed, a shape) names the same points: without
+    this check a finished point would be reported with the old config's results."""
+    found = []
+    for point in points:
+        stored = _read_record(point_dir(sweep_dir, point), "config.json")
+        if stored is None:
+            continue
+        old = config_fields(stored)
+        new = config_fields(json.loads(configs[point.name].to_json_best_effort()))
+        diffs = [f"config.{f} was {old.get(f)!r}, now {new.get(f)!r}" for f in sorted(set(old) | set(new))
+                 if not f.startswith(_WHERE_IT_RAN) and f != "train.branch_from"  # a path, made absolute
+                 and _comparable(old.get(f)) != _comparable(new.get(f))]
+        if diffs:
+            more = f"; and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+            found.append(f"{point.label}: {'; '.join(diffs[:3])}{more}")
+    return found
+
+
+def _comparable(value: Any) -> Any:
+    """JSON's lists and Python's tuples as one kind, so a round trip through config.json is no change."""
+    return tuple(map(_comparable, value)) if isinstance(value, list | tuple) else value
 
 
 def add_wall_seconds(sweep_dir: str, point: Point, seconds: float) -> None:
