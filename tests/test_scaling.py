@@ -4,6 +4,7 @@ synthetic runs by every approach, within the intervals each reports."""
 import csv
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -97,6 +98,20 @@ def test_wsd_branches_refuse_a_budget_whose_cooldown_rounds_to_under_two_steps_n
             designs.wsd_branches(config, None, [10 * per_step], cooldown_fraction=fraction)
     with pytest.raises(ValueError, match="`tokens` is empty"):
         designs.wsd_branches(config, None, [])
+
+
+@pytest.mark.parametrize("design, call", [
+    ("wsd_branches", lambda c, v: designs.wsd_branches(c, [v], [1e6])),
+    ("wsd_branches", lambda c, v: designs.wsd_branches(c, None, [v])),
+    ("isoflop", lambda c, v: designs.isoflop(c, [v])),
+    ("size_by_tokens", lambda c, v: designs.size_by_tokens(c, [1e5], [v])),
+])
+@pytest.mark.parametrize("value", [0, -1e5, float("nan"), float("inf")])
+def test_designs_refuse_sizes_tokens_and_budgets_that_are_not_positive_naming_the_argument(design, call, value):
+    from lm.configs import shakespeare_char
+
+    with pytest.raises(ValueError, match=rf"{design}: `\w+` holds {re.escape(repr(value))}, not a finite number > 0"):
+        call(shakespeare_char.get_config(), value)
 
 
 def test_a_branchs_row_counts_its_cooldown_and_the_stable_steps_since_the_previous_branch_point():

@@ -139,6 +139,10 @@ def test_a_sweep_config_that_fails_or_returns_no_list_of_dicts_is_one_line_namin
         path.write_text(base + body)
         with pytest.raises(sweeps.SweepError, match=re.escape(problem)):
             sweeps.load(str(path))
+    path.write_text(base + "def get_sweep(arg=''):\n    raise ValueError(f'unknown argument {arg!r}')\n")
+    with pytest.raises(sweeps.SweepError, match=re.escape("unknown argument 'bad' (line 4). Fix: correct the file "
+                                                          "or its argument 'bad'.")):
+        sweeps.load(f"{path}:bad")  # the argument may be what is wrong, not the file
     assert sweeps.Point("71488681", {"model.d_model": 33}, 2).label == 'sweep point 2 ({"model.d_model": 33})'
 
 

@@ -35,7 +35,7 @@ BUDGETS = (1, 2, 3, 4)  # in units of steps
 KINDS = ("branches", "cosine")
 DEFAULT_SHAPE = "1-sqrt"  # the schema's cooldown_shape (Hägele et al.'s)
 MIN_UNIT = 10  # the shortest budget (1 unit) then has a 2-step warmup (a fifth) and a 2-step cooldown (20%)
-USAGE = ("use branches or cosine, then optionally a step unit, the branches' cooldown shape and a seed, e.g. "
+USAGE = ("Fix: use branches or cosine, then optionally a step unit, the branches' cooldown shape and a seed, e.g. "
          "configs/scaling/shakespeare_wsd.py:branches,500,shape=linear,seed=1")
 
 
@@ -47,10 +47,10 @@ def _parse(arg: str) -> dict:
         key, _, value = part.rpartition("=")
         key = key or ("unit" if i == 0 else "")
         if key not in ("unit", "shape", "seed") or (key != "shape" and not value.isdigit()):
-            raise ValueError(f"unknown argument {arg!r} (at {part!r}): {USAGE}")
+            raise ValueError(f"unknown argument {arg!r} (at {part!r}). {USAGE}")
         parsed[key] = value if key == "shape" else int(value)
     if kind not in KINDS or parsed["shape"] not in COOLDOWN_SHAPES or (kind == "cosine" and "shape=" in arg):
-        raise ValueError(f"unknown argument {arg!r}: {USAGE}; shape is one of {', '.join(COOLDOWN_SHAPES)}, "
+        raise ValueError(f"unknown argument {arg!r}. {USAGE}; shape is one of {', '.join(COOLDOWN_SHAPES)}, "
                          "for branches only")
     if parsed["unit"] < MIN_UNIT:
         raise ValueError(f"the argument {arg!r} gives a step unit of {parsed['unit']}, below {MIN_UNIT}, the least "

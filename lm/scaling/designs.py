@@ -31,6 +31,17 @@ from lm.scaling import branches
 from lm.scaling.sweeps import point_name
 
 
+def _positive(design: str, argument: str, values: Iterable[float]) -> list[float]:
+    """`values` as a list, or ValueError naming `design`'s `argument` and its first value that
+    is not a finite number > 0 (a count of parameters, tokens or FLOPs)."""
+    values = list(values)
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{design}: `{argument}` holds {v!r}, not a finite number > 0. Fix: give positive "
+                             f"{argument}, e.g. [1e6, 4e6].")
+    return values
+
+
 def shape_for(non_embedding: float, aspect_ratio: float = 32.0, head_dim: int = 16) -> dict[str, int]:
     """Model fields whose non-embedding parameter count is nearest `non_embedding` (in
     log), with d_model / num_layers near `aspect_ratio` and heads of `head_dim`."""
@@ -75,7 +86,7 @@ def isoflop(config: ml_collections.ConfigDict, budgets: Sequence[float], sizes: 
     each trained on D = C / (FLOPs per token) tokens. Targets that round to a shape already
     in the profile are dropped."""
     points = []
-    for budget in budgets:
+    for budget in _positive("isoflop", "budgets", budgets):
         centre, shapes = math.sqrt(budget / (6 * tokens_per_parameter)), []
         for target in np.geomspace(centre / span, centre * span, sizes):
             shape = shape_for(target, aspect_ratio, head_dim)
@@ -91,6 +102,7 @@ def isoflop(config: ml_collections.ConfigDict, budgets: Sequence[float], sizes: 
 def size_by_tokens(config: ml_collections.ConfigDict, sizes: Iterable[float], tokens: Iterable[float],
                    aspect_ratio: float = 32.0, head_dim: int = 16) -> list[dict]:
     """Every model size trained on every token count (Kaplan's grid)."""
+    sizes, tokens = _positive("size_by_tokens", "sizes", sizes), _positive("size_by_tokens", "tokens", tokens)
     return [{**model_overrides(shape_for(n, aspect_ratio, head_dim)), **_training(config, steps_for(config, d)),
              "sweep.target_parameters": float(n)} for n, d in itertools.product(sizes, tokens)]
 
@@ -120,7 +132,8 @@ def wsd_branches(config: ml_collections.ConfigDict, sizes: Iterable[float] | Non
         raise ValueError(f"wsd_branches: cooldown_fraction={cooldown_fraction!r} is not a fraction of a run. Fix: "
                          "give one in (0, 1), e.g. 0.2.")
     budgets = {}
-    for d in tokens:
+    sizes = None if sizes is None else _positive("wsd_branches", "sizes", sizes)
+    for d in _positive("wsd_branches", "tokens", tokens):
         steps = steps_for(config, d)
         _check_budget(config, d, steps, cooldown_fraction)
         if steps in budgets:

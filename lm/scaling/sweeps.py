@@ -70,17 +70,18 @@ def load(config_arg: str) -> tuple[ml_collections.ConfigDict, list[Point]]:
         raise UsageError(f"{path} has no get_sweep(). Fix: define get_sweep() beside get_config(), returning a "
                           "list of override dicts (see lm.scaling.designs).")
     args = (arg,) if arg else ()
-    config = _run_user_code(path, "failed in get_config()", lambda: module.get_config(*args))
-    overrides = _run_user_code(path, "failed in get_sweep()", lambda: module.get_sweep(*args))
+    config = _run_user_code(path, "failed in get_config()", lambda: module.get_config(*args), arg)
+    overrides = _run_user_code(path, "failed in get_sweep()", lambda: module.get_sweep(*args), arg)
     if not isinstance(overrides, list | tuple) or not all(isinstance(point, dict) for point in overrides):
         raise SweepError(f"get_sweep() of {path} returned {json.dumps(overrides, default=repr)[:80]}. Fix: return a "
                          "list of override dicts, e.g. [{\"model.d_model\": 64}, {\"model.d_model\": 128}].")
     return config, name_points(list(overrides), config)
 
 
-def _run_user_code(path: str, failed: str, call: Callable[[], Any]) -> Any:
-    """`call()`, code of the sweep config `path`; whatever it raises is a SweepError saying it
-    `failed` (e.g. "failed in get_sweep()"), the error and its line in `path`."""
+def _run_user_code(path: str, failed: str, call: Callable[[], Any], arg: str = "") -> Any:
+    """`call()`, code of the sweep config `path` (given the argument `arg` after its ':');
+    whatever it raises is a SweepError saying it `failed` (e.g. "failed in get_sweep()"),
+    the error and its line in `path`."""
     try:
         return call()
     except Exception as e:  # the user's code: any error is theirs to fix
@@ -91,7 +92,8 @@ def _run_user_code(path: str, failed: str, call: Callable[[], Any]) -> Any:
             frames = [f for f in traceback.extract_tb(e.__traceback__)
                       if os.path.abspath(f.filename) == os.path.abspath(path)]
             detail, line = (str(e).splitlines() or [""])[0], frames[-1].lineno if frames else None
-        fix = "" if "Fix:" in detail else " Fix: correct the file."  # the user's message may say its own fix
+        # The user's message may say its own fix; else the file, or the argument it was given, is at fault.
+        fix = "" if "Fix:" in detail else f" Fix: correct the file{f' or its argument {arg!r}' if arg else ''}."
         raise SweepError(f"the sweep config {path} {failed}: {type(e).__name__}: {detail.rstrip('.')}"
                          f"{f' (line {line})' if line else ''}.{fix}") from None
 
