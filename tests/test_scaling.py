@@ -211,6 +211,17 @@ def test_a_cell_that_is_not_a_positive_number_is_named_by_row_and_column_and_sho
     assert skipped["kaplan L(N)"].startswith("its frontier has 1 point(s); a power law needs at least 3. Fix:")
     lines = fits.report(one_size, fitted, intervals, skipped, 1e15)
     assert any(line.startswith("  L(D): E=0.0000 (not fitted: under 4 frontier points)") for line in lines)
+    assert any(line.startswith("  L(D):") and line.endswith("(3 frontier points for 2 parameters: the fit has "
+                                                            "little to spare and its intervals mean little)")
+               for line in lines)
+    four = laws.Runs.of([1e6] * 4, [1e7, 2e7, 4e7, 8e7], [3.0, 2.9, 2.85, 2.82], c=[1e14 * k for k in (1, 2, 4, 8)])
+    fitted4 = fits.fit_all(four, 0, 0)[0]
+    l_d = [line for line in fits.report(four, fitted4, {}, {}, 1e15) if line.startswith("  L(D):")][0]
+    assert "E=0.0000" not in l_d and l_d.endswith("(4 frontier points for 3 parameters: the fit has little to spare "
+                                                  "and its intervals mean little)")
+    six = laws.Runs.of([1e6] * 6, [1e7 * 2 ** k for k in range(6)], [3.0, 2.9, 2.85, 2.82, 2.8, 2.79],
+                       c=[1e14 * 2 ** k for k in range(6)])
+    assert "to spare" not in "\n".join(fits.report(six, fits.fit_all(six, 0, 0)[0], {}, {}, 1e15))
     assert "kaplan L(C): skipped: its frontier has 1 point(s)" in "\n".join(lines)
 
 

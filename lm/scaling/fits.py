@@ -44,12 +44,17 @@ def report(runs: laws.Runs, fits: dict, intervals: dict, skipped: dict, budget: 
              f"C {runs.c.min():.3g}..{runs.c.max():.3g}, loss {runs.loss.min():.4f}..{runs.loss.max():.4f}"]
     if "kaplan" in fits:
         lines.append("Kaplan power laws on the frontier, L(X) = E + (X_c / X)^alpha (95% intervals):")
+        columns = {"N": runs.n, "D": runs.d, "C": runs.c}
         for x, law in fits["kaplan"].items():
             iv = intervals.get("kaplan", {})
             # E is exactly 0 only when not fitted: under 4 frontier points (laws.kaplan) fit Kaplan's own form.
             fixed = " (not fitted: under 4 frontier points)" if law.E == 0.0 else _interval(iv, f"{x}.E")
+            points, fitted = len(laws.frontier(columns[x], runs.loss)), 2 if law.E == 0.0 else 3
+            # A fit with under 2 points to spare passes near every point: its bootstrap says little.
+            spare = (f"  ({points} frontier points for {fitted} parameters: the fit has little to spare and its "
+                     "intervals mean little)" if points - fitted < 2 else "")
             lines.append(f"  L({x}): E={law.E:.4f}{fixed}  X_c={law.x_c:.4g}  "
-                         f"alpha={law.alpha:.4f}{_interval(iv, f'{x}.alpha')}")
+                         f"alpha={law.alpha:.4f}{_interval(iv, f'{x}.alpha')}{spare}")
     if "approach_2" in fits:
         f, iv = fits["approach_2"], intervals.get("approach_2", {})
         lines.append(f"Approach 2 (IsoFLOP, {len(f.budgets)} budgets): N_opt = {f.k_n:.4g} C^a, a={f.a:.4f}"
