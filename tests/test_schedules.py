@@ -157,6 +157,8 @@ def test_an_unknown_kind_is_a_value_error_naming_the_kinds():
     (dict(optim__schedule="cosine_restarts", optim__restart_steps=1, optim__restart_mult=1.0, train__steps=5000),
      r"restart_steps=1 gives more than 1000 restart periods"),
     (dict(optim__schedule="cosine_restarts", optim__warmup_steps=60), r"warmup_steps=60 leaves no room to decay"),
+    (dict(optim__schedule="constant", optim__warmup_steps=61), r"warmup_steps=61 leaves no room at the constant "
+                                                               r"rate in the decay length \(60 steps\)"),
     (dict(optim__lr=5e-5), r"final_lr=0\.0001 is above optim\.lr=5e-05: schedule 'cosine' goes from lr down.*"
                            r"Fix: set optim\.final_lr <= optim\.lr, e\.g\. 5e-06"),
     (dict(optim__schedule="wsd", optim__final_lr=0.01), r"final_lr=0\.01 is above optim\.lr=0\.001"),

@@ -59,7 +59,8 @@ def problem(optim: ml_collections.ConfigDict, train_steps: int) -> Problem | Non
     if o.schedule not in choices.SCHEDULES:
         return _not_a_choice("optim.schedule", o.schedule, choices.SCHEDULES)
     if o.warmup_steps > total or (o.warmup_steps == total and o.schedule not in _MAY_END_AT_WARMUP):
-        return ("optim.warmup_steps", o.warmup_steps, f"leaves no room to decay in the decay length ({total} steps)",
+        after = "to decay" if o.schedule not in ("constant", "rsqrt") else f"at the {o.schedule} rate"
+        return ("optim.warmup_steps", o.warmup_steps, f"leaves no room {after} in the decay length ({total} steps)",
                 "shorten the warmup or lengthen optim.decay_steps / train.steps")
     if o.schedule in _READ_FINAL_LR and o.final_lr > o.lr:
         return ("optim.final_lr", o.final_lr, f"is above optim.lr={o.lr!r}: schedule {o.schedule!r} goes from lr "
