@@ -257,6 +257,20 @@ def test_a_group_set_for_parameters_the_model_lacks_is_warned_about_when_the_run
             "token embedding when model.tie_embeddings=True; group 'embedding' sets it)") in caplog.text
 
 
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd", "muon"])
+def test_a_group_at_lr_scale_0_is_frozen_decay_included_while_the_others_train(name):
+    config = tiny_config(optim__name=name, optim__schedule="constant", optim__warmup_steps=0,
+                         optim__groups__embedding__lr_scale=0.0, optim__weight_decay=0.1)
+    config_lib.validate(config)
+    params = tiny_params(scan_layers=True)
+    grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.01, params)
+    tx = optim.make(config.optim, config.train.steps)
+    updates = jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0])(grads, params)
+    for path, update in flat(updates).items():
+        frozen = param_groups.group(path) == "embedding"
+        assert (np.abs(np.asarray(update)).max() == 0.0) == frozen, (name, "/".join(path))
+
+
 def muon_moved(scan_layers: bool) -> set:
     """The parameters whose update is Muon's: with the Adam side's rate at 0 (lr_scale of
     every other group ~0), only Muon's parameters move."""
@@ -332,7 +346,7 @@ def test_schedule_free_is_optax_schedule_free_adamw_with_lms_decay_mask():
     (dict(optim__name="schedule_free_adamw"), "optim.schedule", "does not suit.*schedule=constant"),
     (dict(optim__name="schedule_free_adamw", optim__schedule="constant", optim__b1=0.0), "optim.b1", "b1 > 0"),
     (dict(optim__sgd__momentum=1.0), "optim.sgd.momentum", r"must lie in \[0, 1\)"),
-    (dict(optim__groups__embedding__lr_scale=0.0), "optim.groups.embedding.lr_scale", "Fix"),
+    (dict(optim__groups__embedding__lr_scale=-0.5), "optim.groups.embedding.lr_scale", "must be zero or positive"),
     (dict(optim__groups__norm__weight_decay=-0.5), "optim.groups.norm.weight_decay", "Fix"),
     (dict(optim__eps=0.0), "optim.eps", r"must be positive\. Fix: set a value > 0"),
     (dict(optim__eps=-1.0), "optim.eps", "must be positive"),

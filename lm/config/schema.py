@@ -266,7 +266,7 @@ def _optim() -> ml_collections.ConfigDict:
     # Parameter groups (lm.training.param_groups), by what a parameter is: matrix (hidden
     # kernels), embedding (token and position tables; the head too when tied), head (the untied
     # unembed kernel), norm (norm scales and biases), bias (dense biases). lr_scale multiplies
-    # the schedule's rate; weight_decay is the group's decoupled decay, -1: optim.weight_decay.
+    # the schedule's rate (0 freezes the group); weight_decay is the group's decoupled decay, -1: optim.weight_decay.
     # The defaults are lm's AdamW: one rate, decay on matrices, embeddings and head only.
     o.groups = ml_collections.ConfigDict({
         name: ml_collections.ConfigDict(dict(lr_scale=1.0, weight_decay=-1.0 if name in ("matrix", "embedding",

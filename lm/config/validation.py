@@ -288,7 +288,7 @@ def _validate_optimizer(config: ml_collections.ConfigDict) -> None:
              f"{MAX_NS_STEPS}; each is unrolled into the step, so the compile grows with them)",
              "use 5, the Muon authors' choice")
     for name in choices.PARAM_GROUPS:
-        require_positive(config, f"optim.groups.{name}.lr_scale")
+        require_positive(config, f"optim.groups.{name}.lr_scale", allow_zero=True)  # 0 freezes the group
         decay = o.groups[name].weight_decay
         if not isinstance(decay, int | float) or not (decay == -1 or decay >= 0):
             fail(f"optim.groups.{name}.weight_decay", decay, "must be >= 0, or -1, which means "
