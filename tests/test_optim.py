@@ -271,6 +271,19 @@ def test_a_group_at_lr_scale_0_is_frozen_decay_included_while_the_others_train(n
         assert (np.abs(np.asarray(update)).max() == 0.0) == frozen, (name, "/".join(path))
 
 
+def test_another_optimizers_section_or_another_schedules_fields_set_are_warned_about_when_the_run_is_set_up(
+        tmp_path, caplog):
+    assert optim.ignored_fields(tiny_config().optim) == []
+    assert optim.ignored_fields(tiny_config(optim__name="sgd", optim__sgd__momentum=0.5).optim) == []
+    assert optim.ignored_fields(tiny_config(optim__schedule="step", optim__step_boundaries=(3, 4)).optim) == []
+    assert optim.ignored_fields(tiny_config(optim__sgd__momentum=0.5, optim__cycle_steps=10).optim) == [
+        ("optim.sgd", "optim.name='sgd'"), ("optim.cycle_steps", "optim.schedule='cyclical'")]
+
+    setup.setup_run(tiny_config(optim__step_boundaries=(3, 4)), str(tmp_path)).close()
+    assert ("config.optim.step_boundaries is set but only optim.schedule='step' reads it (this run has "
+            "optim.name='adamw', optim.schedule='cosine'); the setting has no effect.") in caplog.text
+
+
 def muon_moved(scan_layers: bool) -> set:
     """The parameters whose update is Muon's: with the Adam side's rate at 0 (lr_scale of
     every other group ~0), only Muon's parameters move."""

@@ -169,6 +169,27 @@ def _schedule_free_adamw(optim, rate, settings: Mapping[str, Setting]) -> optax.
     return contrib.schedule_free(base, learning_rate=rate, b1=optim.b1)
 
 
+# The sections of config.optim that one optimizer alone reads.
+_OWN_SECTIONS = ("sgd", "muon")
+
+
+def ignored_fields(optim: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+    """(field, what reads it) for each field of `optim` set away from its default
+    (lm.config.schema) that this run never reads: another optimizer's section (`optim.sgd`
+    under adamw) or another schedule's fields (`optim.step_boundaries` under cosine). The
+    run's set-up logs them, as it does a parameter group with no parameter."""
+    from lm.config import schema  # late: a config module, only needed here
+
+    default = schema.get_config().optim
+    same = lambda a, b: (list(a) == list(b)) if isinstance(a, list | tuple) else a == b
+    found = [(f"optim.{name}", f"optim.name={name!r}") for name in _OWN_SECTIONS
+             if optim.name != name and optim[name].to_dict() != default[name].to_dict()]
+    for kind, fields in schedules.FIELDS.items():
+        found += [(f"optim.{f}", f"optim.schedule={kind!r}") for f in fields
+                  if f not in schedules.FIELDS[optim.schedule] and not same(optim[f], default[f])]
+    return found
+
+
 def eval_params(optim: ml_collections.ConfigDict, opt_state: Any, params: Any) -> Any:
     """The parameters to evaluate, sample and export: `params` itself, except under
     schedule-free AdamW, whose train state holds the iterate y that gradients are taken at

@@ -124,6 +124,9 @@ def _prepare_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shar
     for name in param_groups.configured_but_empty(config.optim, trainer.abstract_state().params):
         logging.warning("lm: config.optim.groups.%s is set but this model has no parameter in the group %r (%s); "
                         "the setting has no effect.", name, name, param_groups.EMPTY_BECAUSE[name])
+    for field, reader in optim.ignored_fields(config.optim):
+        logging.warning("lm: config.%s is set but only %s reads it (this run has optim.name=%r, optim.schedule=%r); "
+                        "the setting has no effect.", field, reader, config.optim.name, config.optim.schedule)
     check_state_fits(trainer.abstract_state(), branch or directory, config.train.branch_step if branch else None)
     if is_main:  # only now: a config that fails a check above never replaces the run's own
         atomic.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
