@@ -214,7 +214,9 @@ def test_a_branch_of_no_point_or_of_a_step_its_parent_never_keeps_is_refused(tmp
 
     base = sweeps.load(WSD.partition("=")[2])[0]
     for bad, problem in (({"train.branch_from": "points/nothere"}, "which is no point of the sweep"),
-                         ({"train.branch_step": 12}, "branches at step 12 of sweep point 0")):
+                         ({"train.branch_step": 12}, "branches at step 12 of sweep point 0"),
+                         ({"model.d_model": 64}, r"differs from sweep point 0 .*, which it branches from, in fields "
+                                                 r"a branch cannot change: config\.model\.d_model was 32, now 64")):
         overrides = [{"train.steps": 16, "train.keep_steps": (8,)},
                      {"train.steps": 20, "train.branch_from": "points/", "train.branch_step": 8}]
         overrides[1]["train.branch_from"] += sweeps.point_name(overrides[0])

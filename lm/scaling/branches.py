@@ -11,10 +11,12 @@ how the compute a sweep spent splits over its rows (the parent's share counted o
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from lm.config import resume_conflicts
 from lm.errors import UsageError
 
 PREFIX = "points/"  # a branch's train.branch_from in a sweep: PREFIX + its parent's name
@@ -60,6 +62,12 @@ def check(points: Iterable, configs: Mapping[str, Any]) -> None:
             raise BranchError(f"{point.label} branches at step {step} of {by_name[parent].label}, which never keeps "
                               f"that checkpoint (its train.keep_steps={tuple(t.keep_steps)}). Fix: add {step} to "
                               "the parent's train.keep_steps.")
+        # The check lm.main makes when the branch starts, made before the parent has trained for it.
+        as_json = lambda config: json.loads(config.to_json_best_effort())
+        if conflicts := resume_conflicts(as_json(configs[parent]), as_json(configs[point.name])):
+            raise BranchError(f"{point.label} differs from {by_name[parent].label}, which it branches from, in "
+                              f"fields a branch cannot change: {'; '.join(conflicts)}. Fix: change only the "
+                              "schedule and steps in a branch (as lm.scaling.designs.wsd_branches does).")
 
 
 def ready(point, checkpoint_steps: Iterable[int]) -> bool:
