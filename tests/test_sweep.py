@@ -146,6 +146,21 @@ def test_a_sweep_config_that_fails_or_returns_no_list_of_dicts_is_one_line_namin
     assert sweeps.Point("71488681", {"model.d_model": 33}, 2).label == 'sweep point 2 ({"model.d_model": 33})'
 
 
+def test_a_points_stored_config_is_compared_with_the_sweeps_a_field_it_predates_counting_as_its_default(tmp_path):
+    base, points = sweeps.load(SWEEP.partition("=")[2])
+    configs = {p.name: sweeps.apply(base, p) for p in points}
+    stored = json.loads(configs[points[0].name].to_json_best_effort())
+    del stored["model"]["scan_layers"]  # written by an lm before the field existed
+    stored["mesh"]["cpu_devices"] = 2  # where it ran: lm.sweep --parallel
+    stored["retired_field"] = 1  # a field lm no longer has
+    os.makedirs(sweeps.point_dir(str(tmp_path), points[0]))
+    with open(os.path.join(sweeps.point_dir(str(tmp_path), points[0]), "config.json"), "w") as f:
+        json.dump(stored, f)
+    assert sweeps.changed_points(str(tmp_path), points, configs) == []
+    configs[points[0].name].seed = 7
+    assert sweeps.changed_points(str(tmp_path), points, configs) == [f"{points[0].label}: config.seed was 0, now 7"]
+
+
 def test_damaged_files_of_a_sweep_directory_are_named_with_the_fix_and_never_rewritten(tmp_path):
     point = sweeps.Point("abc", {"model.d_model": 32})
     os.makedirs(tmp_path / "points" / "abc")

@@ -40,10 +40,11 @@ given (none: unchanged).
 `bench/mup_coord_check.py --optimizer=NAME` checks each rule. SGD has none here: its rule
 (Table 3; the `mup` package's MuSGD) multiplies the embeddings', head's, norms' and
 biases' rates by m, and its L2 decay, which joins the gradient, would then shrink those
-groups m times faster per step unless divided by m, as MuSGD does; without that the
-coordinate check fails (embeddings shrink with width), so validation refuses the pair. Decoupled weight decay in
-optax is multiplied by the group's rate, so a group's decay per step scales with its rate
-(as with PyTorch's AdamW under the `mup` package). Fine-tuning (lm.finetune) builds its
+groups m times faster per step unless divided by m; without that the coordinate check
+fails (embeddings shrink with width), so validation refuses the pair.
+
+Weight decay: optax multiplies decoupled decay by the group's rate, so a group's decay per
+step scales with its µP rate (the matrices' by 1/m under Adam). Fine-tuning (lm.finetune) builds its
 own AdamW without these multipliers: its rate is chosen for the model being fine-tuned,
 not transferred from a base width, and its heads and adapters are not µP-parametrised. The
 forward pass (attention and logit scaling) is the model's and applies everywhere.
