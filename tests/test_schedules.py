@@ -196,7 +196,8 @@ def test_resuming_a_cooled_down_wsd_run_with_more_steps_warns_that_the_rate_jump
     assert "learning rate of" not in first.stderr
     longer = run_cli("lm.main", CONFIG, f"--workdir={tmp_path}", *cli_flags(train__steps=8, **wsd))
     assert ("resuming at step 4 at a learning rate of 0.001, where the checkpoint's run (train.steps 4) was at "
-            "0.0001: the schedule is recomputed over train.steps=8") in longer.stderr
+            "0.0001: the schedule is recomputed over train.steps=8. To continue a WSD run from its stable phase, "
+            "branch from a checkpoint before its cooldown") in longer.stderr
 
 
 @pytest.mark.bench

@@ -204,10 +204,11 @@ def _warn_if_the_rate_jumps(config: ml_collections.ConfigDict, saved: dict) -> N
         return
     after = float(optim.schedule(config.optim, config.train.steps)(step))
     if not np.isclose(before, after, rtol=1e-5, atol=0.0):
+        wsd = (" To continue a WSD run from its stable phase, branch from a checkpoint before its cooldown "
+               "(train.branch_from)." if old.optim.schedule == "wsd" else "")
         logging.warning("lm: resuming at step %d at a learning rate of %.4g, where the checkpoint's run (train.steps "
-                        "%d) was at %.4g: the schedule is recomputed over train.steps=%d. To continue a WSD run "
-                        "from its stable phase, branch from a checkpoint before its cooldown (train.branch_from).",
-                        step, after, old.train.steps, before, config.train.steps)
+                        "%d) was at %.4g: the schedule is recomputed over train.steps=%d.%s",
+                        step, after, old.train.steps, before, config.train.steps, wsd)
 
 
 def _conflicts(config: ml_collections.ConfigDict, saved: dict, corpus_record: dict[str, list]) -> list[str]:
