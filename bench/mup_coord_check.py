@@ -7,13 +7,14 @@ standard parametrization and under µP.
 For each width of --widths (d_model; --heads heads, so head_dim grows with the width and
 the attention scale matters) the character Shakespeare model (configs/shakespeare_char.py,
 --layers layers) trains --steps steps of --optimizer (adamw) through lm's own trainer (the
-same data, seed and --lr, a constant rate without warmup), once as `model.parametrization="standard"` and once
-as "mup" with `mup_base_width` = --base_width. After step 1 and after the last step it
-records, on one fixed batch, the RMS of the embedding output, each block's attention
-output, MLP output and residual stream, and the logits (Flax's capture_intermediates; the
-model is unchanged). It prints, per parametrization, the RMS per layer x width and each
-layer's max/min ratio across widths; Issue 23 asks for a ratio below 2 for every layer
-under µP after 10 steps. Widths 64-1024 at the defaults take a few minutes on 2 cores.
+same data, seed and --lr, a constant rate without warmup), once as
+`model.parametrization="standard"` and once as "mup" with `mup_base_width` = --base_width.
+After step 1 and after the last step it records, on one fixed batch, the RMS of the
+embedding output, each block's attention output, MLP output and residual stream, and the
+logits (Flax's capture_intermediates; the model is unchanged). It prints, per
+parametrization, the RMS per layer x width and each layer's max/min ratio across widths;
+Issue 23 asks for a ratio below 2 for every layer under µP after 10 steps. Widths 64-1024
+at the defaults take a few minutes on 2 cores.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ from lm.config.choices import (
 )
 from lm.config.finetune import validate_finetune
 from lm.config.flags import parse_flags
-from lm.config.resume import RESUME, OnResume, config_fields, resume_conflicts
+from lm.config.resume import RESUME, OnResume, config_fields, resume_conflicts, stored_fields
 from lm.config.validation import (
     ConfigError,
     check_user_defined_symbols,
@@ -71,7 +71,7 @@ __all__ = [
     "SP_MODEL_TYPES", "SP_RESERVED", "SPLIT_MODES", "TEXT_SUFFIXES", "TOKENIZERS", "UNITS",
     "d_ff", "head_dim", "num_kv_heads",
     "FINETUNE_METHODS", "POOLINGS", "TASK_BUILDERS", "TASK_KINDS",
-    "parse_flags", "RESUME", "OnResume", "config_fields", "resume_conflicts",
+    "parse_flags", "RESUME", "OnResume", "config_fields", "resume_conflicts", "stored_fields",
     "ConfigError", "check_user_defined_symbols", "fail", "require_choice", "require_finite",
     "require_positive", "resolve_files",
     "validate", "validated_config", "validate_finetune",

@@ -162,6 +162,13 @@ def config_fields(config_json: dict, prefix: str = "") -> dict[str, Any]:
     return fields
 
 
+def stored_fields(saved: dict) -> dict[str, Any]:
+    """`config_fields` of a stored config JSON (a checkpoint's, a workdir's config.json), a
+    field it lacks (added to lm after it was written) counted as its schema default."""
+    defaults = config_fields(json.loads(schema.get_config().to_json_best_effort()))
+    return {**defaults, **config_fields(saved)}
+
+
 def resume_conflicts(saved: dict, new: dict, ignore: Iterable[str] = ()) -> list[str]:
     """The fields (besides `ignore`) whose value in config JSON `new` may not replace the
     checkpoint's `saved` one, each as "config.F was OLD, now NEW (REASON)".
@@ -169,8 +176,7 @@ def resume_conflicts(saved: dict, new: dict, ignore: Iterable[str] = ()) -> list
     A field that `saved` lacks (added to lm after the checkpoint) counts as its default
     from the schema (`lm.config.schema`).
     """
-    defaults = config_fields(json.loads(schema.get_config().to_json_best_effort()))
-    old, new = {**defaults, **config_fields(saved)}, config_fields(new)
+    old, new = stored_fields(saved), config_fields(new)
     # A zero default spelled out (head_dim=16 where 0 meant 16), or a base width without µP, is no change.
     resolved_old, resolved_new = _resolved_model(old), _resolved_model(new)
     conflicts = []

@@ -26,7 +26,7 @@ from typing import Any
 
 import ml_collections
 
-from lm.config import config_fields, schema
+from lm.config import config_fields, stored_fields
 from lm.errors import UsageError
 from lm.files import atomic, paths
 from lm.scaling import branches
@@ -168,28 +168,22 @@ def changed_points(sweep_dir: str, points: list[Point], configs: dict[str, ml_co
     NEW; ..." (at most 3 fields a point). Point names hash only the overrides, so an edited
     sweep file or another recipe argument (a seed, a shape) names the same points: without
     this check a finished point would be reported with the old config's results."""
-    # A field the stored config predates (an older lm) counts as its default, as on resume;
-    # one it has that lm no longer knows is not compared.
-    defaults = config_fields(json.loads(schema.get_config().to_json_best_effort()))
     found = []
     for point in points:
         stored = _read_record(point_dir(sweep_dir, point), "config.json")
         if stored is None:
             continue
-        old = {**defaults, **config_fields(stored)}
+        # A field the stored config predates (an older lm) counts as its default, as on resume;
+        # one it has that lm no longer knows is not compared. Both sides are JSON (lists, not tuples).
+        old = stored_fields(stored)
         new = config_fields(json.loads(configs[point.name].to_json_best_effort()))
         diffs = [f"config.{f} was {old.get(f)!r}, now {new[f]!r}" for f in sorted(new)
                  if not f.startswith(_WHERE_IT_RAN) and f != "train.branch_from"  # a path, made absolute
-                 and _comparable(old.get(f)) != _comparable(new[f])]
+                 and old.get(f) != new[f]]
         if diffs:
             more = f"; and {len(diffs) - 3} more" if len(diffs) > 3 else ""
             found.append(f"{point.label}: {'; '.join(diffs[:3])}{more}")
     return found
-
-
-def _comparable(value: Any) -> Any:
-    """JSON's lists and Python's tuples as one kind, so a round trip through config.json is no change."""
-    return tuple(map(_comparable, value)) if isinstance(value, list | tuple) else value
 
 
 def add_wall_seconds(sweep_dir: str, point: Point, seconds: float) -> None:
