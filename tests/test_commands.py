@@ -3,6 +3,8 @@ paths commands had before the restructuring (issue 20) still run them."""
 
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 from helpers import REPO, run_cli
@@ -59,3 +61,13 @@ def test_config_load_errors_name_the_file_or_the_field_and_the_close_match():
     message = load_error(typo, ["prog", "--config=c.py", "--config.train.stepz=3"])
     assert message == ("--config.train.stepz: the config has no field 'stepz'. Fix: did you mean 'steps'? "
                        "The fields are listed in lm/config/schema.py.")
+
+
+def test_a_run_starts_and_logs_without_importing_torch_or_pandas_though_both_are_installed():
+    # tensorboardX imports torch and pyarrow.dataset imports pandas where they are installed:
+    # 2 s of every command's start-up that a run on text files never uses.
+    probe = ("import sys, tempfile, lm.main, lm.training.logs as logs; "
+             "logs.MetricWriter(tempfile.mkdtemp()).close(); "
+             "print(sorted({'torch', 'pandas'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "[]", result.stderr

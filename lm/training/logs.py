@@ -12,7 +12,21 @@ import time
 from collections.abc import Mapping
 
 import tqdm
-from tensorboardX import SummaryWriter
+
+
+def _summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter, imported without torch where torch is installed but not
+    yet imported: tensorboardX imports torch only to accept its tensors, which costs every
+    command 1.5 s of start-up (measured on a 2-core machine), and lm logs Python floats."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 class MetricWriter:
@@ -25,7 +39,7 @@ class MetricWriter:
             path = os.path.join(workdir, "metrics.jsonl")
             cut_torn_line(path)
             self._jsonl = open(path, "a", encoding="utf-8")
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
         if not self.enabled:

@@ -18,7 +18,6 @@ import os
 from collections.abc import Iterator, Sequence
 
 import pyarrow as pa
-import pyarrow.dataset as pds
 
 from lm.config import inputs
 from lm.config.inputs import Condition
@@ -26,10 +25,15 @@ from lm.data.documents import CorpusError
 from lm.data.sources import filters
 
 BATCH_ROWS = 256  # rows per record batch (and per batch read ahead): about 1 MB of web text
-# pre_buffer (pyarrow's default) reads row groups ahead of the consumer without bound: a
-# 550 MiB file peaked at 569 MiB of Arrow memory read this way, 32 MiB without it.
-_PARQUET = pds.ParquetFileFormat(default_fragment_scan_options=pds.ParquetFragmentScanOptions(pre_buffer=False))
 _FIX = "Fix: check the file is complete (re-download or rewrite it)"
+
+
+def _pyarrow_dataset():
+    """pyarrow.dataset, imported when a Parquet file is read: it imports pandas, 0.45 s of
+    every command's start-up otherwise."""
+    import pyarrow.dataset as pds
+
+    return pds
 
 
 def is_columnar(path: str) -> bool:
@@ -61,7 +65,7 @@ def schema(path: str) -> pa.Schema:
     """A Parquet file's schema (from its footer) or a save_to_disk folder's (its first file's)."""
     if path.endswith(".parquet"):
         with _errors(path):
-            return pds.dataset(path, format="parquet").schema
+            return _pyarrow_dataset().dataset(path, format="parquet").schema
     files = hf_files(path)
     if not files:
         raise CorpusError(f"{path} lists no Arrow files in its {inputs.HF_STATE}. Fix: save a non-empty dataset.")
@@ -84,7 +88,12 @@ def batches(path: str, columns: Sequence[str], conds: Sequence[Condition]) -> It
     expression = filters.expression(conds)
     if path.endswith(".parquet"):
         with _errors(path):
-            scan = pds.dataset(path, format=_PARQUET).to_batches(
+            pds = _pyarrow_dataset()
+            # pre_buffer (pyarrow's default) reads row groups ahead of the consumer without bound: a
+            # 550 MiB file peaked at 569 MiB of Arrow memory read this way, 32 MiB without it.
+            parquet = pds.ParquetFileFormat(default_fragment_scan_options=pds.ParquetFragmentScanOptions(
+                pre_buffer=False))
+            scan = pds.dataset(path, format=parquet).to_batches(
                 columns=list(columns), filter=expression, batch_size=BATCH_ROWS, batch_readahead=1,
                 fragment_readahead=1)
             yield from scan
