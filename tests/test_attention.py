@@ -148,6 +148,7 @@ def test_each_kernel_serves_the_masks_it_can_and_says_why_it_falls_back(kernel, 
     assert (reason is None) if expected[1] is None else (expected[1] in reason)
 
 
+@pytest.mark.optimized  # the memory a user's TPU compile needs
 def test_splash_needs_no_scores_in_hbm_for_a_train_step_compiled_for_a_tpu():
     """Per-chip temporaries of a 1-layer decoder's train step at context 8192 in bfloat16 on
     4 TPU v5e chips (one row each): XLA holds the [B, H, L, L] scores, splash does not."""

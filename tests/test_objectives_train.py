@@ -10,7 +10,7 @@ from helpers import REPO, run_cli, tiny_config
 
 from lm.data.corpus import prepare
 
-pytestmark = [pytest.mark.slow, pytest.mark.recipes]
+pytestmark = [pytest.mark.slow, pytest.mark.recipes, pytest.mark.optimized]  # 300 steps
 RECIPES = ["causal.py", "prefix_lm.py", "masked_lm.py", "span_corruption.py", "mixture.py", "mixture.py:decoder"]
 
 

@@ -135,6 +135,7 @@ def test_lm_distributed_reports_a_bad_cluster_environment_in_one_line():
 
 
 @pytest.mark.slow
+@pytest.mark.optimized  # the memory a user's TPU compile needs, as the next two
 def test_gpt2_small_compiles_with_the_tpu_compiler_for_a_v5e_16_and_fits_its_16_gib_chips():
     result = run_cli("lm.main", "--config=configs/gpt2_small.py", "--compile_only", "--topology=v5e-16",
                      timeout=600)
@@ -144,6 +145,7 @@ def test_gpt2_small_compiles_with_the_tpu_compiler_for_a_v5e_16_and_fits_its_16_
     assert "memory: the step fits in a TPU v5e chip's 16.00 GiB of HBM" in out, out
 
 
+@pytest.mark.optimized
 def test_llama3_8b_compiles_with_the_tpu_compiler_for_a_v5p_128_and_fits_its_95_gib_chips():
     result = run_cli("lm.main", "--config=configs/llama3_8b.py", "--compile_only", "--topology=v5p-128", timeout=900)
     assert "8,030,261,248 parameters for v5p-128: 64 TPU v5p chips, 95 GiB of HBM each, mesh data=1 x fsdp=64" \
@@ -155,6 +157,7 @@ def test_llama3_8b_compiles_with_the_tpu_compiler_for_a_v5p_128_and_fits_its_95_
     assert re.search(r"FLOPs per step: compiled program [\d.e+]+ \(per device x 64\), lm's count", result.stdout)
 
 
+@pytest.mark.optimized
 def test_llama3_8b_compiles_with_pipeline_stages_across_two_v5p_128_slices_and_each_stage_holds_half_the_layers():
     result = run_cli("lm.main", "--config=configs/llama3_8b.py", "--compile_only", "--topology=v5p-128",
                      "--num_slices=2", "--config.mesh.dcn_shape.stage=2", "--config.train.batch_size=128",

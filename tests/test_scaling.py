@@ -149,6 +149,7 @@ def within(interval: tuple[float, float], value: float) -> bool:
     return interval[0] <= value <= interval[1]
 
 
+@pytest.mark.optimized  # the fits' many iterations run faster optimised
 def test_every_approach_recovers_the_true_exponents_of_synthetic_runs_within_its_intervals():
     iso, grid = synthetic_runs()
     a, b = TRUE.beta / (TRUE.alpha + TRUE.beta), TRUE.alpha / (TRUE.alpha + TRUE.beta)

@@ -16,6 +16,8 @@ from lm.parallel.topologies import GiB, TopologyError
 from lm.training import aot, memory
 from lm.training.trainer import make_trainer
 
+pytestmark = pytest.mark.optimized  # the TPU compiler's view of a step, as a user's compile gives it
+
 
 @pytest.mark.parametrize("name, chips, hbm_gib", [
     ("v4-8", 4, 32), ("v5p-128", 64, 95), ("v5litepod-256", 256, 16), ("v5e-16", 16, 16), ("v6e-64", 64, 32),
