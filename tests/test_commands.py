@@ -63,11 +63,11 @@ def test_config_load_errors_name_the_file_or_the_field_and_the_close_match():
                        "The fields are listed in lm/config/schema.py.")
 
 
-def test_a_run_starts_and_logs_without_importing_torch_or_pandas_though_both_are_installed():
+def test_a_run_starts_and_logs_without_importing_torch_or_pandas_though_both_are_installed(tmp_path):
     # tensorboardX imports torch and pyarrow.dataset imports pandas where they are installed:
     # 2 s of every command's start-up that a run on text files never uses.
-    probe = ("import sys, tempfile, lm.main, lm.training.logs as logs; "
-             "logs.MetricWriter(tempfile.mkdtemp()).close(); "
+    probe = ("import sys, lm.main, lm.training.logs as logs; "
+             f"logs.MetricWriter({str(tmp_path)!r}).close(); "
              "print(sorted({'torch', 'pandas'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "[]", result.stderr
