@@ -290,3 +290,17 @@ def test_fine_tuning_evaluation_and_results_files_are_read_the_same_whatever_the
                                                                "val_loss": "3.5"}, name
         (tmp_path / f"{name}.txt").write_bytes(data)
         assert read_text(str(tmp_path / f"{name}.txt")) == table  # lm.evaluate --text_file, --weat
+
+
+def test_building_a_corpus_leaves_nothing_in_the_system_temporary_directory(tmp_path, monkeypatch):
+    # tfds's DatasetInfo.initialize_from_bucket makes an empty mkdtemp folder for every
+    # dataset not yet built and, with GCS off, never removes it: one per corpus and run.
+    scratch = tmp_path / "system_tmp"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in fillers(20)))
+    config = corpus_config(tmp_path, [corpus])
+    builders(config)  # builds the dataset
+    builders(config)  # opens the built one
+    assert os.listdir(scratch) == []

@@ -59,6 +59,15 @@ def corpus_options(data: ml_collections.ConfigDict, source: str = "") -> dict:
     return options
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+    """A local corpus's info, never looked up in TFDS's bucket of published datasets: tfds
+    (4.9) looks there for every dataset not yet built and, finding nothing, leaves behind
+    the empty temporary folder it made for the files (one in /tmp per corpus and run)."""
+
+    def initialize_from_bucket(self) -> None:
+        pass
+
+
 class TextFiles(tfds.core.GeneratorBasedBuilder):
     """Local corpus files as a TFDS dataset with `train` and `validation` splits."""
 
@@ -69,7 +78,7 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         # Built from `builder=self` directly: `dataset_info_from_configs` looks for
         # package metadata a builder outside a registered package does not have.
-        return tfds.core.DatasetInfo(
+        return _LocalDatasetInfo(
             builder=self,
             description="Local text/JSONL files as cleaned, deduplicated documents.",
             features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
