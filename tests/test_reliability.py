@@ -18,10 +18,13 @@ from test_end_to_end import CONFIG, read_metrics
 from test_train import STREAM
 
 from lm.data import batches, rows
+from lm.errors import PREEMPTED
 from lm.model import ModelConfig
 from lm.parallel import sharding
 from lm.runs import checkpoint
 from lm.runs.workdir import WorkdirLock
+from lm.training import loop, setup
+from lm.training.stopping import RunStopped
 from lm.training.trainer import make_trainer
 
 pytestmark = pytest.mark.slow
@@ -142,6 +145,59 @@ def test_sigterm_checkpoints_at_the_next_step_and_exits_75_and_the_rerun_resumes
     assert over["attempts"] == 2
     assert over["training_seconds"] == pytest.approx(sum(a["seconds"]["training_steps"] for a in attempts))
     assert over["span_seconds"] >= sum(a["wall_seconds"] for a in attempts) - 1e-6
+
+
+def test_sigterm_during_start_up_exits_75_at_once_saving_nothing_and_the_rerun_trains(tmp_path):
+    # config.json is written during set-up; the init, the eval step's and the first step's
+    # compiles follow, so the signal lands before any step (SLURM's TERM@120 during a long
+    # start-up: the default handler's status 143 would not have requeued the job).
+    flags = cli_flags(train__steps=6, train__checkpoint_every=3)
+    process = start_run(tmp_path, *flags)
+    while not (tmp_path / "config.json").exists():
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.005)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 75, stderr
+    assert time.monotonic() - sent < 15
+    assert "stopped by SIGTERM during start-up, before the first step" in stderr and "Traceback" not in stderr
+    assert finished_checkpoints(tmp_path / "checkpoints") == set()
+    resumed = run_cli("lm.main", CONFIG, f"--workdir={tmp_path}", *flags)
+    assert "final validation loss" in resumed.stdout
+    assert max(map(int, finished_checkpoints(tmp_path / "checkpoints"))) == 6
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_a_resumed_run_restores_stops_it_after_the_restore_saving_nothing(tmp_path, monkeypatch, sig):
+    loop.train_and_evaluate(tiny_config(train__steps=4), str(tmp_path))
+    restore, handlers = loop.restore_or_init, {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore_after_a_signal(*args):
+        os.kill(os.getpid(), sig)  # as a preemption during the restore: its handler runs before the next line
+        return restore(*args)
+
+    monkeypatch.setattr(loop, "restore_or_init", restore_after_a_signal)
+    with pytest.raises(RunStopped, match=f"stopped by {sig.name} during start-up") as stopped:
+        loop.train_and_evaluate(tiny_config(train__steps=6), str(tmp_path))
+    assert stopped.value.exit_code == PREEMPTED
+    assert finished_checkpoints(tmp_path / "checkpoints") == {"4"}
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # the process's own handlers are back
+    monkeypatch.undo()
+    loop.train_and_evaluate(tiny_config(train__steps=6), str(tmp_path))
+    assert max(map(int, finished_checkpoints(tmp_path / "checkpoints"))) == 6
+
+
+def test_a_signal_during_the_corpus_build_stops_the_build_at_once(tmp_path, monkeypatch):
+    def endless_build(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(600)  # a build of hours; the handler's exception ends the sleep
+
+    monkeypatch.setattr(setup, "prepare_corpus", endless_build)
+    began = time.monotonic()
+    with pytest.raises(RunStopped, match="stopped by SIGTERM during start-up") as stopped:
+        loop.train_and_evaluate(tiny_config(), str(tmp_path))
+    assert stopped.value.exit_code == PREEMPTED and time.monotonic() - began < 60
 
 
 def finite_params(step_dir) -> bool:

@@ -47,6 +47,12 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
             preservation_policy=kept, create=True, cleanup_tmp_directories=True,
             enable_async_checkpointing=asynchronous))
+        # The manager removes an earlier attempt's unfinished saves in a thread it starts;
+        # orbax 0.12 waits for it only before a save (not in close), so a process that ends
+        # first (a run stopped during start-up) prints the thread's traceback. Waited for here.
+        cleanup = getattr(self._manager, "_cleanup_tmp_directory_future", None)
+        if cleanup is not None:
+            cleanup.result()
 
     def latest_step(self) -> int | None:
         if self._manager is not None:

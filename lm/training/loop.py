@@ -41,19 +41,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, started:
     final_metrics.json, counts from `started` on `time.perf_counter`'s clock (lm.main
     passes the process's start) or, by default, from this call."""
     timeline = goodput.Timeline(started, part=goodput.STARTUP)
-    run = setup_run(config, workdir)
-    try:
-        return _train(run, timeline)
-    finally:
-        run.close()
+    with StopSignals() as signals:
+        run = setup_run(config, workdir)
+        try:
+            return _train(run, timeline, signals)
+        finally:
+            run.close()
 
 
-def _train(run: Run, timeline: goodput.Timeline) -> dict[str, float]:
+def _train(run: Run, timeline: goodput.Timeline, signals: StopSignals) -> dict[str, float]:
     """Start-up (until the eval step's compile), the steps, and the end of the run."""
     config, c = run.config, run.config.train
     data_iterator = batches.iterate(batches.train_data(config, run.corpus), config.data.num_threads,
                                     config.data.prefetch)
     state = jax.block_until_ready(restore_or_init(run, data_iterator))  # init's or restore's compute is start-up's
+    signals.stop_before_training()
     start = int(state.step)
     progress = Progress(c.steps, start, enabled=run.is_main)
     _describe_run(run, progress, start)
@@ -63,19 +65,21 @@ def _train(run: Run, timeline: goodput.Timeline) -> dict[str, float]:
                                     jax.device_count(), peak)
     timeline.switch(goodput.OTHER)
     _compile_eval(run, eval_params(run, state), timeline)
+    signals.stop_before_training()
     try:
-        with StopSignals() as signals, _finishing_saves(run):
+        with _finishing_saves(run):
             state = _steps(run, state, data_iterator, progress, throughput, timeline, signals)
     except RunStopped:  # a preempted attempt's goodput still counts toward the run's
         stopped_at = run.checkpointer.latest_step() or start
         _record_goodput(run, goodput.Goodput.of(timeline, max(stopped_at - start, 0), throughput, peak_source),
                         "stopped", start)
         raise
+    with timeline.part(goodput.CHECKPOINTING):
+        if run.checkpointer.latest_step() != c.steps:  # before the final evaluation: a stop during it loses no step
+            _save(run, state, data_iterator)
     with timeline.part(goodput.EVALUATION):
         final = _log_eval(run, progress, c.steps, eval_params(run, state))
     with timeline.part(goodput.CHECKPOINTING):
-        if run.checkpointer.latest_step() != c.steps:
-            _save(run, state, data_iterator)
         run.checkpointer.wait()
     progress.close()
     _finish(run, state, final, timeline)

@@ -30,6 +30,7 @@ from lm.runs.workdir import LOCK_NAME, WorkdirLock, check_for_training
 from lm.training import memory, optim, param_groups
 from lm.training.logs import MetricWriter
 from lm.training.step import EvalTotals, TrainState
+from lm.training.stopping import interruptible
 from lm.training.trainer import Trainer, evaluate, make_trainer
 
 
@@ -110,7 +111,8 @@ def _prepare_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shar
         reader.close()
     if branch and is_main:  # the parent's ids: a tokenizer fitted again could differ (SentencePiece)
         _copy_tokenizer(os.path.dirname(branch), workdir)
-    corpus = prepare_corpus(config, workdir)
+    with interruptible():  # the corpus build may take hours; a preemption ends it at once
+        corpus = prepare_corpus(config, workdir)
     model_cfg = ModelConfig.for_run(config, corpus.tokenizer.vocab_size)
     vocab_size = objectives.model_vocab_size(config.objective, corpus.tokenizer.vocab_size)
     if model_cfg.vocab_size < vocab_size:
@@ -130,8 +132,7 @@ def _prepare_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shar
     check_state_fits(trainer.abstract_state(), branch or directory, config.train.branch_step if branch else None)
     if is_main:  # only now: a config that fails a check above never replaces the run's own
         atomic.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
-    # Last: orbax's manager starts background threads (temporary-directory clean-up) that
-    # print tracebacks if the process exits on one of the errors above while they run.
+    # Last: a check above that refuses the run then leaves the checkpoints as they are.
     checkpointer = checkpoint.Checkpointer(directory, config.train.keep_checkpoints,
                                            config.train.permanent_checkpoint_every,
                                            keep_steps=config.train.keep_steps)

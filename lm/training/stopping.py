@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 
 import jax
 import ml_collections
 
-from lm.errors import DIVERGED
+from lm.errors import DIVERGED, PREEMPTED
 
 
 class RunStopped(Exception):
@@ -20,29 +21,63 @@ class RunStopped(Exception):
         self.exit_code = exit_code
 
 
+class _StopNow(BaseException):
+    """Raised by the signal handler inside `interruptible()`. A BaseException (as
+    KeyboardInterrupt is), so that no `except Exception` on its way takes it for a failure."""
+
+
 class StopSignals:
-    """SIGTERM (preemption) or SIGINT asks the loop to checkpoint at the next step boundary
-    and exit with `lm.errors.PREEMPTED`; a second SIGINT interrupts at once. With several
-    processes, JAX's preemption sync point makes every process stop at the same step."""
+    """SIGTERM (preemption) or SIGINT stops the run with `lm.errors.PREEMPTED`, so that a
+    launcher requeues it (launch/slurm.sbatch) and the rerun resumes.
+
+    Before the first step the run has trained nothing since the checkpoint it starts from,
+    so it stops saving nothing: at once inside `interruptible()` (the corpus build, which
+    may take hours), else at the next of the start-up's stages (`stop_before_training`:
+    after the restore and after the eval step's compile). Python code is never cut short
+    elsewhere: an exception raised by the handler inside JAX (mid-compile) can crash the
+    process as it exits. A second SIGINT interrupts at once (KeyboardInterrupt). From the
+    first step on, a signal asks the loop to checkpoint at the next step boundary
+    (`stop_requested`). With several processes, JAX's preemption notifier owns SIGTERM and
+    its sync point makes every process stop at the same step."""
+
+    active: StopSignals | None = None  # the one installed, for `interruptible`
 
     def __init__(self):
         self.received: str | None = None
         self._previous: dict = {}
+        self._interruptible = False
 
     def __enter__(self) -> StopSignals:
-        # Several processes: JAX's preemption notifier owns SIGTERM; a Python handler would replace it.
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
+            StopSignals.active = self
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, error, traceback) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if StopSignals.active is self:
+            StopSignals.active = None
+        if isinstance(error, _StopNow):
+            raise self._stopped_in_start_up() from None
 
     def _handle(self, signum: int, frame) -> None:
         self.received = signal.Signals(signum).name
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+        if self._interruptible:
+            raise _StopNow()
+
+    def _stopped_in_start_up(self) -> RunStopped:
+        return RunStopped(f"stopped by {self.received} during start-up, before the first step: nothing had trained "
+                          "since the run's newest checkpoint (if any), so nothing was saved. Rerun the same command "
+                          "to resume.", PREEMPTED)
+
+    def stop_before_training(self) -> None:
+        """Raises RunStopped if a signal came during start-up (one process; several stop at
+        the first step's sync point)."""
+        if self.received is not None:
+            raise self._stopped_in_start_up()
 
     def stop_requested(self, step: int) -> bool:
         if jax.process_count() > 1:
@@ -55,6 +90,23 @@ class StopSignals:
                 pass
             return False
         return self.received is not None
+
+
+@contextlib.contextmanager
+def interruptible():
+    """A start-up stage that a stop signal ends at once (see StopSignals): one of Python
+    and host code only, that leaves nothing half written when an exception interrupts it."""
+    signals = StopSignals.active
+    if signals is None or signals._interruptible:
+        yield
+        return
+    if signals.received:
+        raise _StopNow()
+    signals._interruptible = True
+    try:
+        yield
+    finally:
+        signals._interruptible = False
 
 
 def check_finite(config: ml_collections.ConfigDict, step: int, nonfinite_steps: int) -> None:
