@@ -14,7 +14,8 @@ import pytest
 from helpers import REPO, cli_env, tiny_config
 
 from lm import config as config_lib
-from lm.training import optim, schedules
+from lm.config import schedule_fields
+from lm.training import optim, schedules, setup
 
 LR, FINAL, WARMUP, TOTAL = 1e-3, 1e-4, 100, 1000
 
@@ -147,8 +148,10 @@ def test_an_unknown_kind_is_a_value_error_naming_the_kinds():
     (dict(optim__schedule="step", optim__step_boundaries=(2, 30)), r"step_boundaries=\(2, 30\) must be increasing"),
     (dict(optim__schedule="step"), r"step_boundaries=\(\) must be increasing.*e\.g\. \(30, 45\)"),
     (dict(optim__schedule="step", optim__warmup_steps=40), r"step_boundaries=\(\) .*40 < b1.*e\.g\. \(50, 55\)"),
-    (dict(optim__schedule="step", optim__step_boundaries=(30,), optim__step_gamma=0.0), r"step_gamma=0\.0 must be "
-                                                                                         r"positive"),
+    (dict(optim__schedule="step", optim__step_boundaries=(30,), optim__step_gamma=0.0), r"step_gamma=0\.0 must lie "
+                                                                                         r"in \(0, 1\]"),
+    (dict(optim__schedule="step", optim__step_boundaries=(30,), optim__step_gamma=10.0), r"step_gamma=10\.0 must lie "
+                                                                                          r"in \(0, 1\].*rise past"),
     (dict(optim__schedule="cyclical", optim__cycle_mode="exp_range"), r"cycle_mode='exp_range' is not a known choice"
                                                                       r".*'triangular', 'one_cycle'"),
     (dict(optim__schedule="cyclical", optim__cycle_steps=0), r"cycle_steps=0 must be a positive number of steps"),
@@ -180,6 +183,20 @@ def test_a_cooldown_too_short_to_lower_the_rate_is_refused_and_the_fraction_sugg
                                     optim__cooldown_fraction=suggested))
     lrs = rates("wsd", total=steps, warmup=0, cooldown_fraction=suggested, cooldown_shape="linear")
     assert lrs[steps - 1] < LR  # the last update (count steps - 1) is below the peak
+
+
+def test_a_cycle_or_restart_period_longer_than_the_run_is_warned_about_when_the_run_is_set_up(tmp_path, caplog):
+    doubts = lambda **o: schedule_fields.doubts(tiny_config(train__steps=60, **o).optim, 60)
+    assert doubts(optim__schedule="cyclical", optim__cycle_steps=58) == []  # 58 steps after the 2-step warmup
+    assert doubts(optim__schedule="cyclical", optim__cycle_mode="one_cycle") == []  # no period
+    assert doubts(optim__schedule="cosine") == []
+    assert doubts(optim__schedule="cyclical", optim__cycle_steps=59) == [
+        "config.optim.cycle_steps=59 is longer than the 58 steps after the warmup: its first cycle (lr -> final_lr "
+        "-> lr) is not over by the run's end. Shorten it (e.g. 14) to see the schedule repeat."]
+    assert "restart_steps=1000 is longer than the 58 steps" in doubts(optim__schedule="cosine_restarts")[0]
+
+    setup.setup_run(tiny_config(optim__schedule="cyclical"), str(tmp_path)).close()  # the default 1000-step cycle
+    assert "config.optim.cycle_steps=1000 is longer than the 4 steps after the warmup" in caplog.text
 
 
 def test_another_schedules_fields_are_not_checked():

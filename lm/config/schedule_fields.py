@@ -106,8 +106,9 @@ def _step(o: ml_collections.ConfigDict, total: int) -> Problem | None:
         return ("optim.step_boundaries", bounds, "must be increasing steps after the warmup and before the decay "
                 f"length's end: {o.warmup_steps} < b1 < b2 < ... < {total}",
                 f"give the steps at which to multiply the rate by optim.step_gamma, e.g. {_example(o, total)}")
-    if not o.step_gamma > 0:
-        return "optim.step_gamma", o.step_gamma, "must be positive", "use e.g. 0.1 (a tenth at each boundary)"
+    if not 0.0 < o.step_gamma <= 1.0:
+        return ("optim.step_gamma", o.step_gamma, "must lie in (0, 1]: the rate is multiplied by it at each boundary, "
+                "so above 1 it would rise past optim.lr", "use e.g. 0.1 (a tenth at each boundary)")
     return None
 
 
@@ -137,3 +138,23 @@ def _restarts(o: ml_collections.ConfigDict, total: int) -> Problem | None:
                 f"in {total - o.warmup_steps} steps", "lengthen the period, raise optim.restart_mult, or use "
                 "optim.schedule='cyclical'")
     return None
+
+
+def doubts(optim: ml_collections.ConfigDict, train_steps: int) -> list[str]:
+    """Warnings for a valid schedule (`problem` found none) that probably does not do what
+    was meant: a period longer than the steps after the warmup (the triangular cycle's
+    default 1000 in a short run), so the schedule never repeats."""
+    o, total = optim, optim.decay_steps or train_steps
+    after_warmup = total - o.warmup_steps
+    if o.schedule == "cyclical" and o.cycle_mode == "triangular":
+        field, period, effect = "optim.cycle_steps", o.cycle_steps, "its first cycle (lr -> final_lr -> lr) is not " \
+            "over by the run's end"
+    elif o.schedule == "cosine_restarts":
+        field, period, effect = "optim.restart_steps", o.restart_steps, "it never restarts: a single cosine decay " \
+            "that does not reach final_lr"
+    else:
+        return []
+    if period <= after_warmup:
+        return []
+    return [f"config.{field}={period} is longer than the {after_warmup} steps after the warmup: {effect}. Shorten "
+            f"it (e.g. {max(after_warmup // 4, 1)}) to see the schedule repeat."]

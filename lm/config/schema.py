@@ -285,7 +285,7 @@ def _optim() -> ml_collections.ConfigDict:
     o.cooldown_fraction = 0.2
     o.cooldown_shape = "1-sqrt"
     o.step_boundaries = ()  # step: the steps (after the warmup, increasing) where the rate is
-    o.step_gamma = 0.1  # multiplied by this
+    o.step_gamma = 0.1  # multiplied by this, in (0, 1]
     o.cycle_mode = "triangular"  # cyclical: "triangular" (Smith 2017) or "one_cycle" (Smith & Topin 2018)
     o.cycle_steps = 1000  # triangular's period (lr -> final_lr -> lr); one_cycle rises over warmup_steps
     o.restart_steps = 1000  # cosine_restarts (SGDR): the first period, cosine from lr to final_lr,

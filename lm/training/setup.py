@@ -19,6 +19,7 @@ from absl import logging
 
 from lm import config as config_lib
 from lm import objectives
+from lm.config import schedule_fields
 from lm.data import batches, documents
 from lm.data.corpus import Corpus, prepare
 from lm.errors import UsageError
@@ -129,6 +130,8 @@ def _prepare_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shar
     for field, reader in optim.ignored_fields(config.optim):
         logging.warning("lm: config.%s is set but only %s reads it (this run has optim.name=%r, optim.schedule=%r); "
                         "the setting has no effect.", field, reader, config.optim.name, config.optim.schedule)
+    for doubt in schedule_fields.doubts(config.optim, config.train.steps):
+        logging.warning("lm: %s", doubt)
     check_state_fits(trainer.abstract_state(), branch or directory, config.train.branch_step if branch else None)
     if is_main:  # only now: a config that fails a check above never replaces the run's own
         atomic.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
