@@ -18,7 +18,7 @@ import ml_collections
 import optax
 from optax import contrib
 
-from lm.config import choices
+from lm.config import choices, schedule_fields
 from lm.model import mup, param_kinds
 from lm.training import param_groups, schedules
 from lm.training.param_groups import Setting
@@ -188,6 +188,19 @@ def ignored_fields(optim: ml_collections.ConfigDict) -> list[tuple[str, str]]:
         found += [(f"optim.{f}", f"optim.schedule={kind!r}") for f in fields
                   if f not in schedules.FIELDS[optim.schedule] and not same(optim[f], default[f])]
     return found
+
+
+def doubts(config: ml_collections.ConfigDict, params: Any) -> list[str]:
+    """What the run's set-up warns about in its optimizer settings: a parameter group the
+    model (`params`) has no parameter in, a field only another optimizer or schedule reads
+    (`ignored_fields`), a schedule period longer than the run (`schedule_fields.doubts`)."""
+    o = config.optim
+    found = [f"config.optim.groups.{name} is set but this model has no parameter in the group {name!r} "
+             f"({param_groups.EMPTY_BECAUSE[name]}); the setting has no effect."
+             for name in param_groups.configured_but_empty(o, params)]
+    found += [f"config.{field} is set but only {reader} reads it (this run has optim.name={o.name!r}, "
+              f"optim.schedule={o.schedule!r}); the setting has no effect." for field, reader in ignored_fields(o)]
+    return found + schedule_fields.doubts(o, config.train.steps)
 
 
 def eval_params(optim: ml_collections.ConfigDict, opt_state: Any, params: Any) -> Any:

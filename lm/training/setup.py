@@ -19,7 +19,6 @@ from absl import logging
 
 from lm import config as config_lib
 from lm import objectives
-from lm.config import schedule_fields
 from lm.data import batches, documents
 from lm.data.corpus import Corpus, prepare
 from lm.errors import UsageError
@@ -28,7 +27,7 @@ from lm.model import ModelConfig
 from lm.parallel import sharding
 from lm.runs import artifacts, checkpoint
 from lm.runs.workdir import LOCK_NAME, WorkdirLock, check_for_training
-from lm.training import memory, optim, param_groups
+from lm.training import memory, optim
 from lm.training.logs import MetricWriter
 from lm.training.step import EvalTotals, TrainState
 from lm.training.stopping import interruptible
@@ -124,13 +123,7 @@ def _prepare_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shar
     trainer = make_trainer(config, model_cfg, mesh, corpus.tokenizer.pad_id, corpus.tokenizer.vocab_size,
                            teacher=load_teacher(config, corpus.tokenizer))
     estimate = check_memory(trainer, config)
-    for name in param_groups.configured_but_empty(config.optim, trainer.abstract_state().params):
-        logging.warning("lm: config.optim.groups.%s is set but this model has no parameter in the group %r (%s); "
-                        "the setting has no effect.", name, name, param_groups.EMPTY_BECAUSE[name])
-    for field, reader in optim.ignored_fields(config.optim):
-        logging.warning("lm: config.%s is set but only %s reads it (this run has optim.name=%r, optim.schedule=%r); "
-                        "the setting has no effect.", field, reader, config.optim.name, config.optim.schedule)
-    for doubt in schedule_fields.doubts(config.optim, config.train.steps):
+    for doubt in optim.doubts(config, trainer.abstract_state().params):
         logging.warning("lm: %s", doubt)
     check_state_fits(trainer.abstract_state(), branch or directory, config.train.branch_step if branch else None)
     if is_main:  # only now: a config that fails a check above never replaces the run's own
