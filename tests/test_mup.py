@@ -140,20 +140,41 @@ GROUP_PATHS = {"matrix": [("layer_0", "attn", "qkv", "kernel"), ("layer_1", "mlp
 def test_each_groups_first_step_scales_by_its_optimizers_mup_rule_through_the_real_optimizer(name):
     config = tiny_config(model__d_model=64, model__parametrization="mup", model__mup_base_width=16,
                          optim__schedule="constant", optim__warmup_steps=0, model__tie_embeddings=False,
-                         optim__name=name)
+                         optim__name=name, optim__weight_decay=0.0)
     cfg = ModelConfig.from_config(config.model, VOCAB, LENGTH, platform="cpu")
-    params = init(cfg)
-    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), params)
+    ratios = first_update_ratios(config, cfg, init(cfg), gradient=0.01)
+    for group, expected in FIRST_STEP_RATIOS[name].items():
+        for path in GROUP_PATHS[group]:
+            assert _get(ratios, path) == pytest.approx(expected, rel=1e-5), (group, path)
+
+
+def first_update_ratios(config, cfg, params, gradient: float):
+    """Each parameter's first update under µP's multipliers over its update without them,
+    from a gradient of `gradient` everywhere."""
+    grads = jax.tree.map(lambda p: jnp.full_like(p, gradient), params)
 
     def first_update(multipliers):
         optimizer = optim.make(config.optim, config.train.steps, multipliers)
         return jax.jit(lambda g, p: optimizer.update(g, optimizer.init(p), p)[0])(grads, params)  # eager is slow
 
-    scaled, plain = first_update(mup.lr_multipliers(cfg, name)), first_update({})
-    ratios = jax.tree.map(lambda a, b: float(np.mean(np.asarray(a) / np.asarray(b))), scaled, plain)
-    for group, expected in FIRST_STEP_RATIOS[name].items():
+    scaled, plain = first_update(mup.lr_multipliers(cfg, config.optim.name)), first_update({})
+    return jax.tree.map(lambda a, b: float(np.mean(np.asarray(a) / np.asarray(b))), scaled, plain)
+
+
+@pytest.mark.parametrize("name", ["adamw", "lion", "adafactor", "schedule_free_adamw"])
+def test_under_mup_each_groups_weight_decay_per_step_is_the_base_widths(name):
+    # With no gradient the first update is the decay alone, -rate x decay x p: under µP the
+    # hidden matrices' rate is m^e times the base's and their decay 1 / m^e times, as the
+    # mup package's MuAdamW has it, so the decay per step does not shrink with width.
+    config = tiny_config(model__d_model=64, model__parametrization="mup", model__mup_base_width=16,
+                         optim__schedule="constant", optim__warmup_steps=0, model__tie_embeddings=False,
+                         optim__name=name, optim__weight_decay=0.1)
+    cfg = ModelConfig.from_config(config.model, VOCAB, LENGTH, platform="cpu")
+    assert mup.lr_multipliers(cfg, name)["matrix"] < 1  # the rule does scale the matrices' rate
+    ratios = first_update_ratios(config, cfg, init(cfg), gradient=0.0)
+    for group in ("matrix", "embedding", "head"):
         for path in GROUP_PATHS[group]:
-            assert _get(ratios, path) == pytest.approx(expected, rel=1e-5), (group, path)
+            assert _get(ratios, path) == pytest.approx(1.0, rel=1e-5), (group, path)
 
 
 HF_SHAPED = [

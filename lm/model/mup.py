@@ -43,8 +43,11 @@ biases' rates by m, and its L2 decay, which joins the gradient, would then shrin
 groups m times faster per step unless divided by m; without that the coordinate check
 fails (embeddings shrink with width), so validation refuses the pair.
 
-Weight decay: optax multiplies decoupled decay by the group's rate, so a group's decay per
-step scales with its µP rate (the matrices' by 1/m under Adam). Fine-tuning (lm.finetune) builds its
+Weight decay: optax multiplies decoupled decay by the group's rate, so a group's decay is
+divided by its µP rate multiplier (`lm.training.param_groups.resolve`): the decay per step,
+rate x decay, is the base width's at every width, as in the `mup` package's MuAdamW (its
+default decoupled_wd=False) and as Wang & Aitchison (2024) find AdamW's decay timescale
+should be. Fine-tuning (lm.finetune) builds its
 own AdamW without these multipliers: its rate is chosen for the model being fine-tuned,
 not transferred from a base width, and its heads and adapters are not µP-parametrised. The
 forward pass (attention and logit scaling) is the model's and applies everywhere.

@@ -11,8 +11,8 @@ learning-rate multiplier and weight decay (config `optim.groups`).
 
 The defaults reproduce lm's AdamW exactly (`optim.decay_mask`'s rule, one rate). Muon
 (`optim.name="muon"`) updates the `matrix` group and AdamW the rest. µP scales the groups'
-rates by the width multiplier through `resolve`'s `lr_multipliers` (a run's config keeps
-the user's own `lr_scale`s).
+rates by the width multiplier, and their decay inversely, through `resolve`'s
+`lr_multipliers` (a run's config keeps the user's own `lr_scale`s).
 """
 
 from __future__ import annotations
@@ -59,7 +59,12 @@ def labels(params: Any) -> Any:
 def resolve(optim: ml_collections.ConfigDict, lr_multipliers: Mapping[str, float] | None = None
             ) -> dict[str, Setting]:
     """Each group's setting from `optim.groups` (weight_decay -1: optim.weight_decay),
-    its lr_scale multiplied by `lr_multipliers[group]` where given (µP's width scaling)."""
+    its lr_scale multiplied by `lr_multipliers[group]` where given (µP's width scaling)
+    and its weight decay divided by it: optax multiplies the decay by the rate, so the
+    decay per step (rate x decay) stays the base width's. That is the `mup` package's
+    (MuAdam and MuAdamW, decoupled_wd=False: weight_decay *= width_mult), and it keeps
+    AdamW's decay timescale 1 / (rate x decay) the same at every width (Wang & Aitchison
+    2024, "How to set AdamW's weight decay as you scale model and dataset size")."""
     multipliers = dict(lr_multipliers or {})
     unknown = set(multipliers) - set(GROUPS)
     if unknown:
@@ -68,7 +73,8 @@ def resolve(optim: ml_collections.ConfigDict, lr_multipliers: Mapping[str, float
     for name in GROUPS:
         g = optim.groups[name]
         decay = optim.weight_decay if g.weight_decay == SAME_AS_OPTIM else g.weight_decay
-        settings[name] = Setting(g.lr_scale * multipliers.get(name, 1.0), decay)
+        multiplier = multipliers.get(name, 1.0)
+        settings[name] = Setting(g.lr_scale * multiplier, decay / multiplier)
     return settings
 
 
