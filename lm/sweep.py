@@ -98,8 +98,8 @@ def _plan(workdir: str) -> tuple[list[sweeps.Point], dict[str, int], list[sweeps
     points, configs = _checked_points(_CONFIG.value)
     if changed := sweeps.changed_points(workdir, points, configs):
         raise UsageError(f"{len(changed)} point(s) in {workdir} ran with another config than this sweep gives them "
-                         f"(point names hash only the overrides): {' | '.join(changed)}. Fix: rerun with the "
-                         "sweep file and argument they ran with, or give this sweep its own --workdir.")
+                         f"(point names hash only the overrides): {sweeps.describe_changes(changed)}. Fix: rerun "
+                         "with the sweep file and argument they ran with, or give this sweep its own --workdir.")
     if _LAUNCHER.value == "local" and not _DRY_RUN.value:
         sweeps.read_results(workdir)  # a damaged table fails now, not once the first point has trained
     steps = {name: config.train.steps for name, config in configs.items()}

@@ -162,10 +162,10 @@ _WHERE_IT_RAN = ("mesh.", "sharding.")
 
 
 def changed_points(sweep_dir: str, points: list[Point], configs: dict[str, ml_collections.ConfigDict]
-                   ) -> list[str]:
+                   ) -> list[tuple[str, str]]:
     """For each point that has run in `sweep_dir` (its config.json exists) with a config
-    other than `configs[name]`, the one it would run now: "LABEL: config.F was OLD, now
-    NEW; ..." (at most 3 fields a point). Point names hash only the overrides, so an edited
+    other than `configs[name]`, the one it would run now: (its label, "config.F was OLD, now
+    NEW; ..." (at most 3 fields)). Point names hash only the overrides, so an edited
     sweep file or another recipe argument (a seed, a shape) names the same points: without
     this check a finished point would be reported with the old config's results."""
     found = []
@@ -182,8 +182,17 @@ def changed_points(sweep_dir: str, points: list[Point], configs: dict[str, ml_co
                  and old.get(f) != new[f]]
         if diffs:
             more = f"; and {len(diffs) - 3} more" if len(diffs) > 3 else ""
-            found.append(f"{point.label}: {'; '.join(diffs[:3])}{more}")
+            found.append((point.label, f"{'; '.join(diffs[:3])}{more}"))
     return found
+
+
+def describe_changes(changed: list[tuple[str, str]]) -> str:
+    """`changed_points`'s findings, one clause per distinct change with the points it
+    applies to (a reseeded sweep's points all say the same): "CHANGE (LABEL, LABEL) | ..."."""
+    by_change: dict[str, list[str]] = {}
+    for label, change in changed:
+        by_change.setdefault(change, []).append(label)
+    return " | ".join(f"{change} ({', '.join(labels)})" for change, labels in by_change.items())
 
 
 def add_wall_seconds(sweep_dir: str, point: Point, seconds: float) -> None:
