@@ -144,8 +144,8 @@ def doubts(optim: ml_collections.ConfigDict, train_steps: int) -> list[str]:
     """Warnings for a valid schedule (`problem` found none) that probably does not do what
     was meant: a period longer than the steps after the warmup (the triangular cycle's
     default 1000 in a short run), so the schedule never repeats."""
-    o, total = optim, optim.decay_steps or train_steps
-    after_warmup = total - o.warmup_steps
+    o = optim
+    after_warmup = min(o.decay_steps or train_steps, train_steps) - o.warmup_steps
     if o.schedule == "cyclical" and o.cycle_mode == "triangular":
         field, period, effect = "optim.cycle_steps", o.cycle_steps, "its first cycle (lr -> final_lr -> lr) is not " \
             "over by the run's end"

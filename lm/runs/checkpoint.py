@@ -51,8 +51,12 @@ class Checkpointer:
         # orbax 0.12 waits for it only before a save (not in close), so a process that ends
         # first (a run stopped during start-up) prints the thread's traceback. Waited for here.
         cleanup = getattr(self._manager, "_cleanup_tmp_directory_future", None)
-        if cleanup is not None:
-            cleanup.result()
+        try:
+            if cleanup is not None:
+                cleanup.result()
+        except BaseException:
+            self._manager.close()
+            raise
 
     def latest_step(self) -> int | None:
         if self._manager is not None:

@@ -162,9 +162,9 @@ _WHERE_IT_RAN = ("mesh.", "sharding.")
 
 
 def changed_points(sweep_dir: str, points: list[Point], configs: dict[str, ml_collections.ConfigDict]
-                   ) -> list[tuple[str, str]]:
+                   ) -> list[tuple[Point, str]]:
     """For each point that has run in `sweep_dir` (its config.json exists) with a config
-    other than `configs[name]`, the one it would run now: (its label, "config.F was OLD, now
+    other than `configs[name]`, the one it would run now: (the point, "config.F was OLD, now
     NEW; ..." (at most 3 fields)). Point names hash only the overrides, so an edited
     sweep file or another recipe argument (a seed, a shape) names the same points: without
     this check a finished point would be reported with the old config's results."""
@@ -182,17 +182,20 @@ def changed_points(sweep_dir: str, points: list[Point], configs: dict[str, ml_co
                  and old.get(f) != new[f]]
         if diffs:
             more = f"; and {len(diffs) - 3} more" if len(diffs) > 3 else ""
-            found.append((point.label, f"{'; '.join(diffs[:3])}{more}"))
+            found.append((point, f"{'; '.join(diffs[:3])}{more}"))
     return found
 
 
-def describe_changes(changed: list[tuple[str, str]]) -> str:
+def describe_changes(changed: list[tuple[Point, str]]) -> str:
     """`changed_points`'s findings, one clause per distinct change with the points it
-    applies to (a reseeded sweep's points all say the same): "CHANGE (LABEL, LABEL) | ..."."""
-    by_change: dict[str, list[str]] = {}
-    for label, change in changed:
-        by_change.setdefault(change, []).append(label)
-    return " | ".join(f"{change} ({', '.join(labels)})" for change, labels in by_change.items())
+    applies to (a reseeded sweep's points all say the same): "CHANGE (sweep point 3 (its
+    overrides))" for one point, "CHANGE (sweep points 0, 1, 2)" for several, joined by " | "."""
+    by_change: dict[str, list[Point]] = {}
+    for point, change in changed:
+        by_change.setdefault(change, []).append(point)
+    named = lambda points: points[0].label if len(points) == 1 else \
+        f"sweep points {', '.join(str(p.index) for p in points)}"
+    return " | ".join(f"{change} ({named(points)})" for change, points in by_change.items())
 
 
 def add_wall_seconds(sweep_dir: str, point: Point, seconds: float) -> None:

@@ -65,22 +65,18 @@ def _train(run: Run, timeline: goodput.Timeline, signals: StopSignals) -> dict[s
                                     jax.device_count(), peak)
     timeline.switch(goodput.OTHER)
     _compile_eval(run, eval_params(run, state), timeline)
+    if signals.received:
+        progress.close()  # the stop's message on a line of its own, not after the bar
     signals.stop_before_training()
     try:
         with _finishing_saves(run):
             state = _steps(run, state, data_iterator, progress, throughput, timeline, signals)
+            final = _save_and_evaluate(run, state, data_iterator, progress, timeline, signals)
     except RunStopped:  # a preempted attempt's goodput still counts toward the run's
         stopped_at = run.checkpointer.latest_step() or start
         _record_goodput(run, goodput.Goodput.of(timeline, max(stopped_at - start, 0), throughput, peak_source),
                         "stopped", start)
         raise
-    with timeline.part(goodput.CHECKPOINTING):
-        if run.checkpointer.latest_step() != c.steps:  # before the final evaluation: a stop during it loses no step
-            _save(run, state, data_iterator)
-    with timeline.part(goodput.EVALUATION):
-        final = _log_eval(run, progress, c.steps, eval_params(run, state))
-    with timeline.part(goodput.CHECKPOINTING):
-        run.checkpointer.wait()
     progress.close()
     _finish(run, state, final, timeline)
     summary = goodput.Goodput.of(timeline, int(state.step) - start, throughput, peak_source)
@@ -138,6 +134,25 @@ def _steps(run: Run, state: TrainState, data_iterator, progress: Progress, throu
         with timeline.part(goodput.TRAINING):
             _log_train(run, progress, *pending, last_log, throughput, clock)
     return state
+
+
+def _save_and_evaluate(run: Run, state: TrainState, data_iterator, progress: Progress, timeline: goodput.Timeline,
+                       signals: StopSignals) -> dict[str, float]:
+    """After the last step: its checkpoint (first, so that a stop during the evaluation
+    loses no step), then the final validation metrics. A stop signal received meanwhile
+    stops the run once the checkpoint is saved (a rerun evaluates it)."""
+    with timeline.part(goodput.CHECKPOINTING):
+        if run.checkpointer.latest_step() != run.config.train.steps:
+            _save(run, state, data_iterator)
+        if signals.received:
+            _stop_for_preemption(run, progress, state, data_iterator, signals.received)
+    with timeline.part(goodput.EVALUATION):
+        final = _log_eval(run, progress, run.config.train.steps, eval_params(run, state))
+    with timeline.part(goodput.CHECKPOINTING):
+        if signals.received:
+            _stop_for_preemption(run, progress, state, data_iterator, signals.received)
+        run.checkpointer.wait()
+    return final
 
 
 def _compile_eval(run: Run, params: Any, timeline: goodput.Timeline) -> None:

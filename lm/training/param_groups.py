@@ -60,11 +60,13 @@ def resolve(optim: ml_collections.ConfigDict, lr_multipliers: Mapping[str, float
             ) -> dict[str, Setting]:
     """Each group's setting from `optim.groups` (weight_decay -1: optim.weight_decay),
     its lr_scale multiplied by `lr_multipliers[group]` where given (µP's width scaling)
-    and its weight decay divided by it: optax multiplies the decay by the rate, so the
-    decay per step (rate x decay) stays the base width's. That is the `mup` package's
-    (MuAdam and MuAdamW, decoupled_wd=False: weight_decay *= width_mult), and it keeps
-    AdamW's decay timescale 1 / (rate x decay) the same at every width (Wang & Aitchison
-    2024, "How to set AdamW's weight decay as you scale model and dataset size")."""
+    and its weight decay divided by it. optax multiplies decoupled decay (adamw, lion,
+    adafactor, muon's AdamW, schedule-free) by the rate, so its decay per step (rate x
+    decay) stays the base width's, and AdamW's decay timescale 1 / (rate x decay) is the
+    same at every width (Wang & Aitchison 2024, "How to set AdamW's weight decay as you
+    scale model and dataset size"). That is the `mup` package's rule (MuAdamW and MuAdam,
+    decoupled_wd=False: weight_decay *= width_mult), which applies it to Adam's L2 decay
+    (added to the gradient before Adam normalises it) alike; lm does the same for `adam`."""
     multipliers = dict(lr_multipliers or {})
     unknown = set(multipliers) - set(GROUPS)
     if unknown:

@@ -90,10 +90,10 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> 
     fresh = is_main and set(os.listdir(workdir)) == {LOCK_NAME}  # all else in it is this run's, under the lock
     try:
         return _prepare_run(config, workdir, mesh, lock)
-    except UsageError:
+    except BaseException as e:  # a refused config, or a stop signal during the corpus build
         if lock is not None:
             lock.release()
-        if fresh:
+        if fresh and isinstance(e, UsageError):
             _remove_new_workdir(workdir, created)
         raise
 

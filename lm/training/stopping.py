@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 
@@ -45,20 +46,21 @@ class StopSignals:
     def __init__(self):
         self.received: str | None = None
         self._previous: dict = {}
+        self._outer: StopSignals | None = None
         self._interruptible = False
 
     def __enter__(self) -> StopSignals:
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
-            StopSignals.active = self
+            self._outer, StopSignals.active = StopSignals.active, self
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        if StopSignals.active is self:
-            StopSignals.active = None
+        if self._previous:
+            StopSignals.active = self._outer
         if isinstance(error, _StopNow):
             raise self._stopped_in_start_up() from None
 
@@ -66,7 +68,10 @@ class StopSignals:
         self.received = signal.Signals(signum).name
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
         if self._interruptible:
+            self._interruptible = False  # a second signal may not cut short the clean-up on the way out
             raise _StopNow()
+        os.write(2, f"lm: {self.received} received: stopping at the next safe point (after the start-up stage "
+                    "or step under way); a second Ctrl-C stops at once\n".encode())
 
     def _stopped_in_start_up(self) -> RunStopped:
         return RunStopped(f"stopped by {self.received} during start-up, before the first step: nothing had trained "
@@ -95,9 +100,12 @@ class StopSignals:
 @contextlib.contextmanager
 def interruptible():
     """A start-up stage that a stop signal ends at once (see StopSignals): one of Python
-    and host code only, that leaves nothing half written when an exception interrupts it."""
+    and host code only, that leaves nothing half written when an exception interrupts it.
+    An error that a library made of the handler's exception (SentencePiece turns one
+    raised in its input iterator into a RuntimeError, which lm reports as a corpus error)
+    is the stop too. A no-op off the main thread, where signals are not handled."""
     signals = StopSignals.active
-    if signals is None or signals._interruptible:
+    if signals is None or signals._interruptible or threading.current_thread() is not threading.main_thread():
         yield
         return
     if signals.received:
@@ -105,6 +113,10 @@ def interruptible():
     signals._interruptible = True
     try:
         yield
+    except BaseException:
+        if signals.received:
+            raise _StopNow() from None
+        raise
     finally:
         signals._interruptible = False
 
