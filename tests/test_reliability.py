@@ -201,21 +201,26 @@ def test_a_signal_during_the_corpus_build_stops_the_build_at_once(tmp_path, monk
     assert stopped.value.exit_code == PREEMPTED and time.monotonic() - began < 60
 
 
-def test_a_signal_during_the_final_evaluation_stops_with_75_after_the_last_steps_checkpoint(tmp_path, monkeypatch):
-    log_eval = loop._log_eval
+def test_a_signal_during_the_last_save_stops_with_75_and_one_during_the_final_evaluation_lets_the_run_end(
+        tmp_path, monkeypatch):
+    def after_a_signal(function):
+        def signalled(*args):
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler only notes it: the save or evaluation runs on
+            return function(*args)
+        return signalled
 
-    def evaluate_after_a_signal(*args):
-        os.kill(os.getpid(), signal.SIGTERM)  # the handler only notes it: the evaluation runs on
-        return log_eval(*args)
-
-    monkeypatch.setattr(loop, "_log_eval", evaluate_after_a_signal)
+    monkeypatch.setattr(loop, "_save", after_a_signal(loop._save))  # tiny_config saves only the last step
     with pytest.raises(RunStopped, match="stopped by SIGTERM at step 6; the checkpoint of step 6 is saved") as e:
-        loop.train_and_evaluate(tiny_config(), str(tmp_path))
-    assert e.value.exit_code == PREEMPTED and finished_checkpoints(tmp_path / "checkpoints") == {"6"}
-    assert not (tmp_path / "final_metrics.json").exists()
+        loop.train_and_evaluate(tiny_config(), str(tmp_path / "save"))
+    assert e.value.exit_code == PREEMPTED and finished_checkpoints(tmp_path / "save" / "checkpoints") == {"6"}
+    assert not (tmp_path / "save" / "final_metrics.json").exists()  # the evaluation is the rerun's
     monkeypatch.undo()
-    final = loop.train_and_evaluate(tiny_config(), str(tmp_path))  # the rerun evaluates the saved step
-    assert final["loss"] > 0 and (tmp_path / "final_metrics.json").exists()
+    assert loop.train_and_evaluate(tiny_config(), str(tmp_path / "save"))["loss"] > 0
+    assert (tmp_path / "save" / "final_metrics.json").exists()
+
+    monkeypatch.setattr(loop, "_log_eval", after_a_signal(loop._log_eval))  # what is left after it is short
+    assert loop.train_and_evaluate(tiny_config(), str(tmp_path / "evaluation"))["loss"] > 0
+    assert (tmp_path / "evaluation" / "final_metrics.json").exists()
 
 
 def test_a_signal_while_sentencepiece_reads_the_corpus_is_a_stop_not_a_corpus_error():

@@ -139,8 +139,9 @@ def _steps(run: Run, state: TrainState, data_iterator, progress: Progress, throu
 def _save_and_evaluate(run: Run, state: TrainState, data_iterator, progress: Progress, timeline: goodput.Timeline,
                        signals: StopSignals) -> dict[str, float]:
     """After the last step: its checkpoint (first, so that a stop during the evaluation
-    loses no step), then the final validation metrics. A stop signal received meanwhile
-    stops the run once the checkpoint is saved (a rerun evaluates it)."""
+    loses no step), then the final validation metrics. A stop signal received by the time
+    the checkpoint is saved stops the run there (a rerun evaluates it); one received
+    during the evaluation lets the run finish (what is left, a sample, is short)."""
     with timeline.part(goodput.CHECKPOINTING):
         if run.checkpointer.latest_step() != run.config.train.steps:
             _save(run, state, data_iterator)
@@ -149,8 +150,6 @@ def _save_and_evaluate(run: Run, state: TrainState, data_iterator, progress: Pro
     with timeline.part(goodput.EVALUATION):
         final = _log_eval(run, progress, run.config.train.steps, eval_params(run, state))
     with timeline.part(goodput.CHECKPOINTING):
-        if signals.received:
-            _stop_for_preemption(run, progress, state, data_iterator, signals.received)
         run.checkpointer.wait()
     return final
 

@@ -70,8 +70,9 @@ class StopSignals:
         if self._interruptible:
             self._interruptible = False  # a second signal may not cut short the clean-up on the way out
             raise _StopNow()
+        again = "; a second Ctrl-C stops at once" if signum == signal.SIGINT else ""
         os.write(2, f"lm: {self.received} received: stopping at the next safe point (after the start-up stage "
-                    "or step under way); a second Ctrl-C stops at once\n".encode())
+                    f"or step under way){again}\n".encode())
 
     def _stopped_in_start_up(self) -> RunStopped:
         return RunStopped(f"stopped by {self.received} during start-up, before the first step: nothing had trained "
