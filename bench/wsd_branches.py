@@ -11,10 +11,10 @@ compute ratio: the FLOPs the branches' sweep spent (the stable run counted once:
 results.csv's spent_flops) over the cosine runs'; with several seeds, each budget's mean
 difference and its standard error. Issue 23 asks for a ratio of at most 0.60 (0.52 by
 construction) and differences within 0.02 nats at --steps_unit=500 (the default; 7,600
-steps a seed: about 13 minutes on 2 cores with --parallel=2, measured; the README has the
-five seeds' table). A single seed decides little: a difference's standard deviation across
-seeds is up to 0.008 nats. --steps_unit=20 checks the bench itself in a few minutes (its
-losses mean little).
+steps a seed: 9-13 minutes on 2 cores with --parallel=2, measured; the README has two
+machines' tables of five seeds). A single seed decides little: a difference's standard
+deviation across seeds is up to 0.008 nats, and a seed's pair differs from machine to
+machine. --steps_unit=20 checks the bench itself in a few minutes (its losses mean little).
 """
 
 from __future__ import annotations

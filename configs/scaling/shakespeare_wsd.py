@@ -11,8 +11,9 @@ four cooldown branches of 20% (steps 400-500, 800-1000, 1200-1500, 1600-2000): 2
 in all. "cosine": four separate warmup + cosine runs of 500 to 2,000 steps: 5,000 steps.
 Same seed, data order and warmup everywhere. bench/wsd_branches.py runs both and prints
 each budget's two validation losses and the compute ratio (52% by construction).
-Expected, as the mean over seeds 0-4 (the README's table): every branch at least as good
-as its cosine run, better by 0.005 (500 steps) to 0.021 (1,500 steps) nats.
+Expected, as the mean over seeds 0-4 (the README's tables, two machines): every branch at
+least as good as its cosine run, better by 0.005-0.021 nats a budget (0.006-0.016 over the
+ten pairs of both machines); a single pair can be better by up to 0.028.
 
 The peak rate: Hägele et al. compare schedules each at a tuned rate. The recipe's 1e-3 is
 tuned for 2,000 steps of cosine and is far too low for the shorter budgets (cosine at 500
