@@ -24,7 +24,8 @@ class UsageError(ValueError):
 
 
 def exit_with_error(message: str, code: int = USAGE_ERROR) -> NoReturn:
-    print(f"lm: error: {message}", file=sys.stderr, flush=True)
+    # A preemption's stop is planned, not a failure: "lm: stopped by SIGTERM at step N; ...".
+    print(f"lm: {message}" if code == PREEMPTED else f"lm: error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
